@@ -1,0 +1,1 @@
+"""Checkpoint formats: safetensors I/O, explicit key maps per source architecture, mmlm's own folders."""

@@ -1,0 +1,46 @@
+"""The dual encoder behind CLIP and SigLIP: two towers mapped to one unit sphere, compared by cosine."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmlm.config import DualEncoderConfig
+from mmlm.encoders.text import TextTransformer
+from mmlm.encoders.vision import VisionTransformer
+
+
+class DualEncoder(nn.Module):
+    """Image tower f_I and text tower f_T; logits s_ij = exp(t)·⟨f̂_I(x_i), f̂_T(y_j)⟩ (+ b for SigLIP)."""
+
+    def __init__(self, cfg: DualEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision)
+        self.text = TextTransformer(cfg.text)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        bias = cfg.logit_bias_init
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Return image embeddings [B, D], L2-normalised unless `normalize=False`."""
+        x = self.visual(pixels)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Return text embeddings [B, D], L2-normalised unless `normalize=False`."""
+        x = self.text(ids)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Return image-to-text logits [N, M] from normalised embeddings."""
+        logits = self.logit_scale.exp() * image_emb @ text_emb.T
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return normalised (image, text) embeddings for a training batch."""
+        return self.encode_image(pixels), self.encode_text(ids)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the learned temperature in [0, logit_scale_max] (CLIP: ln 100); call after each optimiser step."""
+        self.logit_scale.clamp_(0, self.cfg.logit_scale_max)

@@ -1,0 +1,1 @@
+"""Modality encoders: the Vision Transformer and the CLIP/SigLIP text transformer."""

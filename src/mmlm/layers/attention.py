@@ -1,0 +1,106 @@
+"""Multi-head attention on F.scaled_dot_product_attention: self or cross, causal or not, grouped KV heads,
+an optional KV cache. Projections are plain nn.Linear modules so LoRA can wrap them."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer seen so far, [B, kv_heads, T, head_dim] each; owned by the caller."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Return the number of cached positions."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new keys/values along time and return everything cached so far."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention, softmax(q·kᵀ/√d)·v, with `heads` query heads and `kv_heads` key/value heads.
+
+    Self-attention projects q, k, v with one fused `qkv` linear; cross-attention (`cross=True`) projects q from
+    the sequence with `q` and k, v from the context with `kv`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        out_bias: bool | None = None,
+        cross: bool = False,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.kv_heads = kv_heads or heads
+        if heads % self.kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        self.head_dim = head_dim or dim // heads
+        self.cross = cross
+        q_dim, kv_dim = heads * self.head_dim, self.kv_heads * self.head_dim
+        if cross:
+            self.q = nn.Linear(dim, q_dim, bias=bias)
+            self.kv = nn.Linear(context_dim or dim, 2 * kv_dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=bias)
+        self.out = nn.Linear(q_dim, dim, bias=bias if out_bias is None else out_bias)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        # [B, L, n·hd] -> [B, n, L, hd]
+        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Return attention outputs [B, L, dim] for queries `x` [B, L, dim].
+
+        `mask` is boolean (True = may attend) or additive, broadcastable to [B, heads, L, S]. With `cache`,
+        the new keys/values are appended to it and the queries attend to all cached positions.
+        """
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(context).split([kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = self._heads(q, self.heads), self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if is_causal and (mask is not None or k.shape[2] != q.shape[2]):
+            # SDPA's is_causal aligns the triangle top-left; with a cache the queries are the last L positions.
+            causal = causal_mask(q.shape[2], k.shape[2], x.device)
+            mask = causal if mask is None else causal & mask
+            is_causal = False
+        is_causal = is_causal and q.shape[2] > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.kv_heads != self.heads
+        )
+        return self.out(y.transpose(1, 2).flatten(2))  # [B, H, L, hd] -> [B, L, H·hd] -> [B, L, dim]
+
+
+def causal_mask(query_len: int, key_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Return a [L, S] boolean mask where query i (the last L of S positions) sees keys up to its own position."""
+    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)

@@ -1,0 +1,29 @@
+"""LayerNorm and RMSNorm, chosen by name."""
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): x / sqrt(mean(x²) + eps) · w, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the normalised tensor in the input's dtype."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """Return a `layer` (LayerNorm) or `rms` (RMSNorm) norm over the last dimension."""
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rms":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; expected 'layer' or 'rms'")

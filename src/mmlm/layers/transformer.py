@@ -1,0 +1,93 @@
+"""The transformer block (pre-norm or post-norm, optional cross-attention) and a stack of them."""
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmlm.layers.attention import Attention, KVCache
+from mmlm.layers.mlp import MLP, GatedMLP
+from mmlm.layers.norm import make_norm
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, then MLP, each with a residual.
+
+    Pre-norm (ViT, CLIP, Llama): x + f(norm(x)). Post-norm (BERT, the Q-Former): norm(x + f(x)).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        act: str = "gelu",
+        norm: str = "layer",
+        eps: float = 1e-5,
+        prenorm: bool = True,
+        bias: bool = True,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        gated_mlp: bool = False,
+        cross_attention: bool = False,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.prenorm = prenorm
+        self.norm1 = make_norm(norm, dim, eps)
+        self.attn = Attention(dim, heads, kv_heads=kv_heads, head_dim=head_dim, bias=bias)
+        if cross_attention:
+            self.norm_cross = make_norm(norm, dim, eps)
+            self.cross_attn = Attention(
+                dim, heads, head_dim=head_dim, bias=bias, cross=True, context_dim=context_dim
+            )
+        self.norm2 = make_norm(norm, dim, eps)
+        self.mlp = GatedMLP(dim, mlp_dim, act, bias) if gated_mlp else MLP(dim, mlp_dim, act, bias)
+
+    def _residual(self, x: torch.Tensor, f, norm: nn.Module) -> torch.Tensor:
+        return x + f(norm(x)) if self.prenorm else norm(x + f(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the block output, same shape as `x` [B, L, dim]."""
+        x = self._residual(x, lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache), self.norm1)
+        if context is not None:
+            x = self._residual(
+                x, lambda h: self.cross_attn(h, context=context, mask=context_mask), self.norm_cross
+            )
+        return self._residual(x, self.mlp, self.norm2)
+
+
+class Transformer(nn.Module):
+    """A stack of identical blocks; optionally returns every layer's hidden states."""
+
+    def __init__(self, layers: int, **block_kwargs) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(**block_kwargs) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        caches: list[KVCache] | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Return (output, hidden states) where hidden_states[0] is the input and [i] the output of block i."""
+        hidden = [x] if output_hidden_states else None
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            if self.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, mask=mask, is_causal=is_causal, cache=cache)
+            if hidden is not None:
+                hidden.append(x)
+        return x, hidden
