@@ -1,0 +1,142 @@
+"""The `mmlm` command line: thin subcommands that call the library. Bad input exits 2 with one line."""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmlm.errors import InputError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a transformers-format or mmlm checkpoint folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _table(row_names: Sequence[str], col_names: Sequence[str], values) -> str:
+    width = max(len(n) for n in row_names)
+    cols = [max(len(c), 6) for c in col_names]
+    head = " " * width + "  " + "  ".join(c.rjust(w) for c, w in zip(col_names, cols, strict=True))
+    rows = [
+        name.ljust(width) + "  " + "  ".join(f"{v:.4f}".rjust(w) for v, w in zip(row, cols, strict=True))
+        for name, row in zip(row_names, values, strict=True)
+    ]
+    return "\n".join([head, *rows])
+
+
+def _load(args: argparse.Namespace):
+    import mmlm
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    return mmlm.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_similarity(args: argparse.Namespace) -> None:
+    """Print the probability of each text matching each image."""
+    model = _load(args)
+    if not args.text:
+        raise InputError("give at least one --text")
+    probs = model.probabilities(
+        model.logits(model.encode_image(args.image, args.batch_size), model.encode_text(args.text))
+    )
+    if args.json:
+        out = [
+            {"image": img, "scores": dict(zip(args.text, map(float, row), strict=True))}
+            for img, row in zip(args.image, probs.tolist(), strict=True)
+        ]
+        print(json.dumps(out, indent=2))
+    else:
+        kind = "sigmoid per pair" if model.config.family == "siglip" else "softmax over texts"
+        print(f"# {kind}")
+        print(_table([Path(p).name for p in args.image], args.text, probs.tolist()))
+
+
+def _templates(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise InputError(f"templates file {path} not found")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"templates file {path} has no templates")
+    return lines
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    """Print zero-shot class probabilities for each image."""
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if not labels:
+        raise InputError("--labels needs at least one class name, e.g. --labels cat,dog")
+    templates = _templates(args.templates)
+    model = _load(args)
+    probs = model.classify(args.image, labels, templates).tolist()
+    if args.json:
+        out = [
+            {
+                "image": img,
+                "label": labels[max(range(len(row)), key=row.__getitem__)],
+                "probabilities": dict(zip(labels, row, strict=True)),
+            }
+            for img, row in zip(args.image, probs, strict=True)
+        ]
+        print(json.dumps(out, indent=2))
+    else:
+        print(_table([Path(p).name for p in args.image], labels, probs))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Run the main demo job."""
+    from mmlm.demo import run_demo
+
+    run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="mmlm", description="multimodal language models: load, score, train, evaluate"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("similarity", help="score images against texts")
+    _model_args(p)
+    p.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
+    p.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("classify", help="zero-shot classification")
+    _model_args(p)
+    p.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
+    p.add_argument("--labels", required=True, help="comma-separated class names")
+    p.add_argument(
+        "--templates", help="a file with one prompt template per line, {} or {c} marking the class"
+    )
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("demo", help="the main demo job")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except InputError as e:
+        print(f"mmlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""A loaded contrastive model (CLIP or SigLIP): preprocessing + DualEncoder + similarity and zero-shot scoring."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mmlm.clip import DualEncoder
+from mmlm.errors import InputError
+from mmlm.processing.image import ImageSource, ImageProcessor, load_image
+from mmlm.processing.tokenizer import TextTokenizer
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def fill_template(template: str, name: str) -> str:
+    """Return `template` with the class name put where `{}` or `{c}` marks it."""
+    if "{c}" in template:
+        return template.replace("{c}", name)
+    if "{}" in template:
+        return template.replace("{}", name)
+    raise InputError(f"template {template!r} has no '{{}}' or '{{c}}' marking the class name")
+
+
+class ContrastiveModel:
+    """CLIP/SigLIP ready for use: `encode_image`, `encode_text`, `similarity`, `classify`, `save_pretrained`."""
+
+    def __init__(self, model: DualEncoder, tokenizer: TextTokenizer, image_processor: ImageProcessor) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    @property
+    def config(self):
+        """Return the model's DualEncoderConfig."""
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        """Return the device the weights live on."""
+        return self.model.logit_scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Return the weights' dtype."""
+        return self.model.logit_scale.dtype
+
+    @torch.inference_mode()
+    def encode_image(self, images: Sequence[ImageSource], batch_size: int = 32) -> torch.Tensor:
+        """Return L2-normalised image embeddings [N, D] (fp32, on the model's device) for PIL images or paths."""
+        if isinstance(images, (str, Path)) or not len(images):
+            raise InputError("encode_image expects a non-empty list of images or paths")
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = [load_image(x) for x in images[start : start + batch_size]]
+            pixels = self.image_processor(batch).to(self.device, self.dtype)
+            out.append(self.model.encode_image(pixels).float())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Return L2-normalised text embeddings [M, D] (fp32, on the model's device)."""
+        if isinstance(texts, str) or not len(texts):
+            raise InputError("encode_text expects a non-empty list of texts")
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+            out.append(self.model.encode_text(ids).float())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Return image-text logits [N, M] from normalised embeddings, with the checkpoint's scale (and bias)."""
+        return self.model.logits(image_emb.to(self.dtype), text_emb.to(self.dtype)).float()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return softmax over texts (CLIP) or an independent sigmoid per pair (SigLIP)."""
+        return logits.sigmoid() if self.config.family == "siglip" else logits.softmax(-1)
+
+    def similarity(self, images: Sequence[ImageSource], texts: Sequence[str]) -> torch.Tensor:
+        """Return probabilities [N, M] of each text matching each image."""
+        return self.probabilities(self.logits(self.encode_image(images), self.encode_text(texts)))
+
+    def class_embeddings(
+        self, class_names: Sequence[str], templates: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Return one embedding per class [K, D]: templates embedded, normalised, averaged, renormalised."""
+        if not len(class_names):
+            raise InputError("classify expects at least one class name")
+        templates = list(templates or DEFAULT_TEMPLATES)
+        prompts = [fill_template(t, c) for c in class_names for t in templates]
+        emb = self.encode_text(prompts).view(len(class_names), len(templates), -1).mean(1)
+        return torch.nn.functional.normalize(emb, dim=-1)
+
+    def classify(
+        self,
+        images: Sequence[ImageSource],
+        class_names: Sequence[str],
+        templates: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Return zero-shot probabilities [N, K] over the classes (softmax of the scaled cosines)."""
+        logits = self.logits(self.encode_image(images), self.class_embeddings(class_names, templates))
+        return logits.softmax(-1)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model as a transformers folder where transformers has its architecture, else mmlm's own."""
+        from mmlm.loading import save
+
+        return save(self, Path(folder))

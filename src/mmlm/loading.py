@@ -1,0 +1,155 @@
+"""`mmlm.load`: one entry point for transformers folders and mmlm's own, dispatched on config.json alone."""
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmlm.checkpoints.build import build_from_weights
+from mmlm.checkpoints.hf_clip import (
+    clip_config_from_hf,
+    clip_key_map,
+    config_to_hf,
+    siglip_config_from_hf,
+    siglip_key_map,
+)
+from mmlm.checkpoints.keymap import Rule, to_theirs
+from mmlm.checkpoints.safetensors_io import read_weights, write_weights
+from mmlm.clip import DualEncoder
+from mmlm.config import DualEncoderConfig, config_from_dict
+from mmlm.contrastive import ContrastiveModel
+from mmlm.errors import InputError
+from mmlm.processing.image import ImageProcessor
+from mmlm.processing.tokenizer import load_tokenizer
+
+MMLM_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class HFArchitecture:
+    """How to read one transformers model_type: its config translation and its key map."""
+
+    classes: tuple[str, ...]
+    config_from_hf: Callable[[dict[str, Any]], DualEncoderConfig]
+    key_map: Callable[[DualEncoderConfig], list[Rule]]
+
+
+HF_ARCHITECTURES = {
+    "clip": HFArchitecture(("CLIPModel",), clip_config_from_hf, clip_key_map),
+    "siglip": HFArchitecture(("SiglipModel",), siglip_config_from_hf, siglip_key_map),
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Return a JSON object read from `path`, or raise InputError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
+    return names[dtype]
+
+
+def load(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> ContrastiveModel:
+    """Return the model in a transformers-format folder (CLIP, SigLIP) or an mmlm checkpoint folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"model folder {folder} not found")
+    cfg_json = read_json(folder / "config.json")
+    dtype = _parse_dtype(dtype)
+    if "mmlm_version" in cfg_json:
+        if cfg_json.get("architecture") != "dual_encoder":
+            raise InputError(f"{folder}: unknown mmlm architecture {cfg_json.get('architecture')!r}")
+        cfg = config_from_dict(DualEncoderConfig, cfg_json["config"])
+        weights = read_weights(folder)
+        model = build_from_weights(
+            lambda: DualEncoder(cfg), weights, identity_key_map(weights), str(folder), device, dtype
+        )
+        processor = ImageProcessor.from_hf(read_json(folder / "preprocessor_config.json"))
+    else:
+        arch = HF_ARCHITECTURES.get(cfg_json.get("model_type"))
+        if arch is None:
+            known = ", ".join(sorted(HF_ARCHITECTURES))
+            raise InputError(
+                f"{folder}: model_type {cfg_json.get('model_type')!r} is not supported (mmlm reads {known})"
+            )
+        names = cfg_json.get("architectures") or list(arch.classes)
+        if not set(names) & set(arch.classes):
+            raise InputError(
+                f"{folder}: architectures {names} are not supported; expected one of {list(arch.classes)}"
+            )
+        cfg = arch.config_from_hf(cfg_json)
+        rules = arch.key_map(cfg)
+        model = build_from_weights(
+            lambda: DualEncoder(cfg), read_weights(folder), rules, str(folder), device, dtype
+        )
+        pre = folder / "preprocessor_config.json"
+        processor = ImageProcessor.from_hf(read_json(pre)) if pre.is_file() else default_processor(cfg)
+    tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
+    return ContrastiveModel(model, tokenizer, processor)
+
+
+def default_processor(cfg: DualEncoderConfig) -> ImageProcessor:
+    """Return the family's standard preprocessing at the model's resolution."""
+    size = cfg.vision.image_size
+    return ImageProcessor.siglip(size) if cfg.family == "siglip" else ImageProcessor.clip(size)
+
+
+def identity_key_map(weights: dict[str, torch.Tensor]) -> list[Rule]:
+    """Return rules that keep every name as it is (mmlm's own folders store our names)."""
+    return [Rule((k,), (k,)) for k in weights]
+
+
+def hf_family(cfg: DualEncoderConfig) -> str | None:
+    """Return the transformers model_type that represents `cfg` exactly, or None if none does."""
+    arch = HF_ARCHITECTURES[cfg.family] if cfg.family in HF_ARCHITECTURES else None
+    if arch is None:
+        return None
+    back = arch.config_from_hf(config_to_hf(cfg))
+    same = dataclasses.replace(back, logit_scale_init=cfg.logit_scale_init, logit_bias_init=cfg.logit_bias_init,
+                               logit_scale_max=cfg.logit_scale_max)  # fmt: skip
+    return cfg.family if same == cfg else None
+
+
+def save(loaded: ContrastiveModel, folder: Path) -> Path:
+    """Write `loaded` to `folder`: transformers format where it can represent the model, else mmlm's format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = loaded.config
+    state = {k: v.float() for k, v in loaded.model.state_dict().items()}
+    family = hf_family(cfg)
+    if family is not None:
+        config = config_to_hf(cfg)
+        write_weights(to_theirs(state, HF_ARCHITECTURES[family].key_map(cfg)), folder / "model.safetensors")
+    else:
+        config = {
+            "mmlm_version": MMLM_VERSION,
+            "architecture": "dual_encoder",
+            "config": dataclasses.asdict(cfg),
+        }
+        write_weights(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(loaded.image_processor.to_hf(), indent=2) + "\n"
+    )
+    loaded.tokenizer.save(folder)
+    return folder
