@@ -7,7 +7,7 @@ import torch
 
 from mmlm.clip import DualEncoder
 from mmlm.errors import InputError
-from mmlm.processing.image import ImageSource, ImageProcessor, load_image
+from mmlm.processing.image import ImageProcessor, ImageSource, load_image
 from mmlm.processing.tokenizer import TextTokenizer
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)

@@ -122,7 +122,7 @@ def identity_key_map(weights: dict[str, torch.Tensor]) -> list[Rule]:
 
 def hf_family(cfg: DualEncoderConfig) -> str | None:
     """Return the transformers model_type that represents `cfg` exactly, or None if none does."""
-    arch = HF_ARCHITECTURES[cfg.family] if cfg.family in HF_ARCHITECTURES else None
+    arch = HF_ARCHITECTURES.get(cfg.family)
     if arch is None:
         return None
     back = arch.config_from_hf(config_to_hf(cfg))
