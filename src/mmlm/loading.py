@@ -68,6 +68,16 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return names[dtype]
 
 
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device} requested but no CUDA GPU is available")
+    return device
+
+
 def load(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
 ) -> ContrastiveModel:
@@ -76,7 +86,7 @@ def load(
     if not folder.is_dir():
         raise InputError(f"model folder {folder} not found")
     cfg_json = read_json(folder / "config.json")
-    dtype = _parse_dtype(dtype)
+    dtype, device = _parse_dtype(dtype), _parse_device(device)
     if "mmlm_version" in cfg_json:
         if cfg_json.get("architecture") != "dual_encoder":
             raise InputError(f"{folder}: unknown mmlm architecture {cfg_json.get('architecture')!r}")
