@@ -2,6 +2,7 @@
 
 A rule pairs our names with theirs. Where one side holds several tensors (q, k, v in a checkpoint against
 our fused qkv), they are concatenated along dim 0 on that side and split by `sizes` on the other.
+A `transpose` rule stores a matrix the other way round (open_clip's `proj` [in, out] against our Linear [out, in]).
 """
 
 from dataclasses import dataclass
@@ -19,11 +20,14 @@ class Rule:
     theirs: tuple[str, ...]
     sizes: tuple[int, ...] | None = None  # rows of each tensor on the side that has several
     their_shape: tuple[int, ...] | None = None  # their shape where it differs from ours (e.g. [1] vs [])
+    transpose: bool = False  # one 2-D tensor on each side, theirs = oursᵀ
 
 
-def rename(ours: str, theirs: str, their_shape: tuple[int, ...] | None = None) -> Rule:
-    """Return a one-to-one rule."""
-    return Rule((ours,), (theirs,), their_shape=their_shape)
+def rename(
+    ours: str, theirs: str, their_shape: tuple[int, ...] | None = None, transpose: bool = False
+) -> Rule:
+    """Return a one-to-one rule (theirs = oursᵀ when `transpose`)."""
+    return Rule((ours,), (theirs,), their_shape=their_shape, transpose=transpose)
 
 
 def linear(ours: str, theirs: str, bias: bool = True) -> list[Rule]:
@@ -55,7 +59,8 @@ def to_ours(
                 f"{source}: tensor {missing[0]!r} is missing; the checkpoint does not match its config"
             )
         sizes = rule.sizes if len(rule.ours) > 1 else None
-        moved = _move([theirs[t] for t in rule.theirs], [our_shapes[o] for o in rule.ours], sizes)
+        src = [theirs[t].T if rule.transpose else theirs[t] for t in rule.theirs]
+        moved = _move(src, [our_shapes[o] for o in rule.ours], sizes)
         ours.update(zip(rule.ours, moved, strict=True))
         used.update(rule.theirs)
     unused = sorted(k for k in set(theirs) - used if not k.endswith("position_ids"))
@@ -68,7 +73,7 @@ def to_theirs(ours: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, tor
     """Return a checkpoint's state dict (their names and shapes) from ours."""
     out = {}
     for rule in rules:
-        src = [ours[o] for o in rule.ours]
+        src = [ours[o].T if rule.transpose else ours[o] for o in rule.ours]
         if len(rule.theirs) > 1:
             shapes = [(n, *src[0].shape[1:]) for n in rule.sizes]
         else:
