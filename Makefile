@@ -2,6 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_VENV := .bench-env
 
 .PHONY: install demo test lint bench clean
 
@@ -30,3 +31,16 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Reference libraries for parity benchmarks (open_clip needs torchvision, which mmlm itself must not need).
+# torch 2.14.1 / torchvision 0.29.1 are a matched pair on this machine's disk (~5.5 GB CUDA build).
+.PHONY: bench-env
+bench-env: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	test -d $(BENCH_VENV) || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BENCH_VENV)/bin/pip install -q open_clip_torch transformers
+	$(BENCH_VENV)/bin/pip install -q -e .
+	touch $@
