@@ -10,6 +10,7 @@ from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_clip import clip_config_from_hf, clip_key_map, siglip_config_from_hf, siglip_key_map
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.clip import DualEncoder
+from mmlm.errors import InputError
 
 CLIP_CASES = {
     "quickgelu-p8": dict(
@@ -139,3 +140,12 @@ def test_siglip_embeddings_and_logits_match_transformers(tmp_path, case):
     torch.testing.assert_close(img, out.image_embeds, atol=1e-5, rtol=0)
     torch.testing.assert_close(txt, out.text_embeds, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits, out.logits_per_image, atol=1e-4, rtol=0)
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused(tmp_path):
+    make_clip(tmp_path, CLIP_CASES["quickgelu-p8"])  # visual_projection is [24, 32]
+    cfg = clip_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    weights = read_weights(tmp_path)
+    weights["visual_projection.weight"] = weights["visual_projection.weight"].T.contiguous()
+    with pytest.raises(InputError, match=r"visual_projection.weight.*shape \[32, 24\], expected \[24, 32\]"):
+        build_from_weights(lambda: DualEncoder(cfg), weights, clip_key_map(cfg), str(tmp_path))

@@ -205,3 +205,23 @@ def test_tokenizer_follows_simple_tokenizers_bpe_on_a_tiny_merges_file(tmp_path)
     ids = tokenizer.encode("Hello’s  World").ids
     assert ids == [516, 515, 6, 256 + 82, 86, 78, 81, 75, 256 + 67, 517]
     assert tokenizer.decode(ids) == "hello 's world "  # SimpleTokenizer.decode: each </w> becomes a space
+
+
+def test_mmlm_load_reads_an_open_clip_folder_with_its_tokenizer(tmp_path):
+    import mmlm
+    from mmlm.checkpoints.open_clip import write_open_clip_tokenizer
+
+    config = {**SMALL, "text_cfg": {**SMALL["text_cfg"], "vocab_size": 520}}  # the tiny BPE below has 518 ids
+    model = random_model(config)
+    write_folder(tmp_path, config, to_theirs(model.state_dict(), open_clip_key_map(model.cfg)))
+    with pytest.raises(InputError, match="write_open_clip_tokenizer"):
+        mmlm.load(tmp_path)
+    bpe = tmp_path / "bpe.txt.gz"
+    bpe.write_bytes(gzip.compress(b"#version: 0.2\nh e\nl o</w>\nhe l\nhel lo</w>"))
+    write_open_clip_tokenizer(bpe, tmp_path, context_length=SMALL["text_cfg"]["context_length"])
+    loaded = mmlm.load(tmp_path)
+    ids = loaded.tokenizer(["hello world"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_text(["hello world"]), model.encode_text(ids), rtol=0, atol=0
+        )

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mmlm.checkpoints import open_clip
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_clip import (
     clip_config_from_hf,
@@ -85,8 +86,10 @@ def load(
     folder = Path(path)
     if not folder.is_dir():
         raise InputError(f"model folder {folder} not found")
-    cfg_json = read_json(folder / "config.json")
     dtype, device = _parse_dtype(dtype), _parse_device(device)
+    if not (folder / "config.json").is_file() and (folder / open_clip.CONFIG_NAME).is_file():
+        return load_open_clip(folder, device, dtype)
+    cfg_json = read_json(folder / "config.json")
     if "mmlm_version" in cfg_json:
         if cfg_json.get("architecture") != "dual_encoder":
             raise InputError(f"{folder}: unknown mmlm architecture {cfg_json.get('architecture')!r}")
@@ -116,6 +119,22 @@ def load(
         pre = folder / "preprocessor_config.json"
         processor = ImageProcessor.from_hf(read_json(pre)) if pre.is_file() else default_processor(cfg)
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
+    return ContrastiveModel(model, tokenizer, processor)
+
+
+def load_open_clip(folder: Path, device: torch.device, dtype: torch.dtype) -> ContrastiveModel:
+    """Return an open_clip hub folder (open_clip_config.json + open_clip_model.safetensors) as a ContrastiveModel."""
+    model = open_clip.load_open_clip_weights(folder, device, dtype)
+    if not (folder / "tokenizer.json").is_file():
+        raise InputError(
+            f"{folder}: open_clip folders carry no tokenizer; write its tokenizer.json once with "
+            "mmlm.checkpoints.open_clip.write_open_clip_tokenizer(<open_clip's bpe_simple_vocab_16e6.txt.gz>, folder)"
+        )
+    preprocess = read_json(folder / open_clip.CONFIG_NAME).get("preprocess_cfg") or {}
+    processor = default_processor(model.cfg)
+    mean, std = preprocess.get("mean", processor.mean), preprocess.get("std", processor.std)
+    processor = dataclasses.replace(processor, mean=tuple(mean), std=tuple(std))
+    tokenizer = load_tokenizer(folder, model.cfg.text.context_length, model.cfg.text.padding)
     return ContrastiveModel(model, tokenizer, processor)
 
 

@@ -60,7 +60,15 @@ def to_ours(
             )
         sizes = rule.sizes if len(rule.ours) > 1 else None
         src = [theirs[t].T if rule.transpose else theirs[t] for t in rule.theirs]
-        moved = _move(src, [our_shapes[o] for o in rule.ours], sizes)
+        shapes = [our_shapes[o] for o in rule.ours]
+        if rule.their_shape is None:  # a rename keeps the shape; a fused tensor keeps its trailing dims
+            got = (sum(t.shape[0] for t in src), *src[0].shape[1:]) if src[0].dim() else ()
+            want = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes[0]) else ()
+            if tuple(got) != tuple(want):
+                raise InputError(
+                    f"{source}: tensor {rule.theirs[0]!r} has shape {list(got)}, expected {list(want)}"
+                )
+        moved = _move(src, shapes, sizes)
         ours.update(zip(rule.ours, moved, strict=True))
         used.update(rule.theirs)
     unused = sorted(k for k in set(theirs) - used if not k.endswith("position_ids"))
