@@ -1,0 +1,1 @@
+"""Evaluation: metrics are pure functions of predictions and references."""

@@ -1,0 +1,100 @@
+"""Training configuration: a dataclass filled from YAML/JSON and `key=value` overrides on the command line."""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmlm.config import DualEncoderConfig, config_from_dict
+from mmlm.errors import InputError
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warmup + cosine schedule."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    accumulation: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """One contrastive training run."""
+
+    model: DualEncoderConfig = field(default_factory=DualEncoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000
+    batch_size: int = 128
+    seed: int = 0
+    out_dir: str = "runs/clip"
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    lock_image: int | None = (
+        None  # None: train; 0: freeze the whole tower; N: freeze all but the last N blocks
+    )
+    lock_text: int | None = None
+    grad_checkpointing: bool = False
+    compile: bool = False
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return `data` with dotted `key=value` overrides applied (values parsed as JSON where they parse)."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-4")
+        key, value = item.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override {item!r}: {p} is not a section")
+        node[leaf] = _parse_value(value)
+    return data
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Return the TrainConfig in a YAML or JSON file (or the defaults), with overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"training config {path} not found")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as e:  # both parsers raise their own error types
+            raise InputError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a mapping of settings")
+    cfg = config_from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise InputError(f"steps and batch_size must be positive, got {cfg.steps} and {cfg.batch_size}")
+    return cfg
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """Return a dataclass config as plain JSON-ready data."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,63 @@
+"""AdamW without weight decay on norms, biases, embeddings and the logit scale/bias; warmup + cosine schedule."""
+
+import math
+
+import torch
+from torch import nn
+
+from mmlm.train.config import OptimConfig
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Return True for parameters that weight decay should not shrink (gains, biases, embeddings, temperatures)."""
+    return (
+        param.ndim < 2
+        or "embed" in name
+        or "class_token" in name
+        or "logit_" in name
+        or name.endswith("probe")
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    """Return AdamW over the trainable parameters, with two groups: decayed and not decayed."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Return the learning-rate multiplier: linear warmup to 1, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Return the warmup + cosine LambdaLR for `total_steps` optimiser steps."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_schedule(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+
+
+def lock_tower(tower: nn.Module, unlocked_last: int) -> None:
+    """Freeze a tower (LiT), all of it (0) or all but its last `unlocked_last` blocks and what follows them."""
+    blocks = list(tower.transformer.blocks)
+    for p in tower.parameters():
+        p.requires_grad = False
+    if unlocked_last > 0:
+        keep = [*blocks[-unlocked_last:]]
+        for name, module in tower.named_children():
+            if name not in ("transformer", "patch_embed", "token_embed", "norm_pre") and isinstance(
+                module, nn.Module
+            ):
+                keep.append(module)
+        for module in keep:
+            for p in module.parameters():
+                p.requires_grad = True

@@ -1,0 +1,35 @@
+"""PNG plots of a training run: loss, learning rate, and the evaluation curves."""
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_training(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Write loss.png, lr.png and eval.png (if any evaluation ran) into `out`; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    written = []
+    for key, name, label in (("loss", "loss.png", "training loss"), ("lr", "lr.png", "learning rate")):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(steps, [r[key] for r in records])
+        ax.set(xlabel="step", ylabel=label, title=label)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+    evals = [r for r in records if "zero_shot_top1" in r]
+    if evals:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key in ("zero_shot_top1", "image_to_text_R@1", "text_to_image_R@1"):
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+        ax.set(xlabel="step", ylabel="score", ylim=(0, 1), title="held-out evaluation")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "eval.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "eval.png")
+    return written
