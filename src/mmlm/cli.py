@@ -90,6 +90,16 @@ def cmd_classify(args: argparse.Namespace) -> None:
         print(_table([Path(p).name for p in args.image], labels, probs))
 
 
+def cmd_train_clip(args: argparse.Namespace) -> None:
+    """Train a CLIP/SigLIP model from a training config file plus key=value overrides."""
+    from mmlm.train.config import load_train_config
+    from mmlm.train.run import run_clip_training
+
+    cfg = load_train_config(args.config, args.overrides)
+    loaded, records = run_clip_training(cfg, resume=args.resume)
+    print(json.dumps({"out_dir": cfg.out_dir, **records[-1]}))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Run the main demo job."""
     from mmlm.demo import run_demo
@@ -118,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--templates", help="a file with one prompt template per line, {} or {c} marking the class"
     )
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("train", help="train a model")
+    train_sub = p.add_subparsers(dest="what", required=True)
+    p = train_sub.add_parser("clip", help="contrastive image-text training (CLIP or SigLIP loss)")
+    p.add_argument("--config", help="a training config (YAML or JSON); defaults otherwise")
+    p.add_argument("--resume", help="'latest', or a checkpoint folder, to continue a run exactly")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value settings, e.g. optim.lr=3e-4 data.source=pairs.jsonl"
+    )
+    p.set_defaults(func=cmd_train_clip)
 
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")

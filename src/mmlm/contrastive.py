@@ -102,8 +102,8 @@ class ContrastiveModel:
         logits = self.logits(self.encode_image(images), self.class_embeddings(class_names, templates))
         return logits.softmax(-1)
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the model as a transformers folder where transformers has its architecture, else mmlm's own."""
+    def save_pretrained(self, folder: str | Path, format: str = "auto") -> Path:
+        """Write a transformers folder where transformers has the architecture (or `format="mmlm"`), else mmlm's."""
         from mmlm.loading import save
 
-        return save(self, Path(folder))
+        return save(self, Path(folder), format)

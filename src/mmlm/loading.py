@@ -160,12 +160,14 @@ def hf_family(cfg: DualEncoderConfig) -> str | None:
     return cfg.family if same == cfg else None
 
 
-def save(loaded: ContrastiveModel, folder: Path) -> Path:
-    """Write `loaded` to `folder`: transformers format where it can represent the model, else mmlm's format."""
+def save(loaded: ContrastiveModel, folder: Path, format: str = "auto") -> Path:
+    """Write `loaded` to `folder`: transformers format where it can represent the model (`auto`), else mmlm's."""
+    if format not in ("auto", "mmlm"):
+        raise InputError(f"unknown save format {format!r}; expected 'auto' or 'mmlm'")
     folder.mkdir(parents=True, exist_ok=True)
     cfg = loaded.config
     state = {k: v.float() for k, v in loaded.model.state_dict().items()}
-    family = hf_family(cfg)
+    family = hf_family(cfg) if format == "auto" else None
     if family is not None:
         config = config_to_hf(cfg)
         write_weights(to_theirs(state, HF_ARCHITECTURES[family].key_map(cfg)), folder / "model.safetensors")

@@ -17,7 +17,11 @@ def train_bpe(texts: Iterable[str], folder: Path, vocab_size: int = 1024, contex
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS],
+        special_tokens=[
+            PAD,
+            EOS,
+            BOS,
+        ],  # ids 0, 1, 2: transformers reads eos_token_id == 2 as old-style pooling
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

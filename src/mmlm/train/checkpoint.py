@@ -37,7 +37,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, training_s
                     export: Any = None) -> Path:  # fmt: skip
     """Write checkpoint `step-N` atomically and point `latest` at it; return its folder.
 
-    `export(folder)` may add loadable files (config, tokenizer, preprocessor) so `mmlm.load` reads the folder.
+    `export(folder)` writes the model as mmlm.load reads it (config.json, model.safetensors with our names,
+    tokenizer, preprocessor); without it only model.safetensors is written.
     """
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -45,7 +46,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, training_s
     tmp.mkdir(parents=True)
     if export is not None:
         export(tmp)
-    write_weights(model.state_dict(), tmp / "weights.safetensors")
+    else:
+        write_weights(model.state_dict(), tmp / "model.safetensors")
     torch.save({"step": step, **training_state, "rng": rng_state()}, tmp / "training_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -71,7 +73,7 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 
 def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load weights into `model`, restore the RNGs, and return the rest of the training state."""
-    model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
     state = torch.load(folder / "training_state.pt", weights_only=False)  # our own file, written above
     set_rng_state(state.pop("rng"))
     return state

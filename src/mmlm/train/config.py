@@ -25,11 +25,37 @@ class OptimConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where training pairs come from: the built-in shapes world, or files (see mmlm.data.readers.open_pairs)."""
+
+    source: str = "shapes"  # "shapes", or a manifest / CSV / TSV / tar shards / COCO JSON / Parquet path
+    format: str | None = (
+        None  # jsonl | csv | tsv | webdataset | coco | karpathy | parquet; default: by suffix
+    )
+    image_column: str | None = None  # CSV/TSV/Parquet
+    text_column: str | None = None
+    image_root: str | None = None  # COCO/Karpathy
+    split: str | None = None  # Karpathy
+    workers: int = 2
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop area range
+    flip: bool = False  # horizontal flips, never applied to captions that say left/right
+    shapes_samples: int = 30_000  # size of the generated shapes world
+    shapes_single_object: float = 0.5  # share of generated scenes with one object
+    shapes_partial_captions: float = 0.3  # share of one-object scenes captioned by colour or shape alone
+
+
+@dataclass
 class TrainConfig:
     """One contrastive training run."""
 
     model: DualEncoderConfig = field(default_factory=DualEncoderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    init: str | None = None  # start from this model folder (transformers or mmlm) instead of `model`
+    tokenizer: str | None = (
+        None  # a folder with tokenizer.json / spiece.model; None: train a BPE on the captions
+    )
+    vocab_size: int = 1024  # of a trained BPE
     steps: int = 1000
     batch_size: int = 128
     seed: int = 0

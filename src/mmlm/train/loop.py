@@ -7,28 +7,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.clip import DualEncoder
-from mmlm.losses import clip_loss, siglip_loss
 from mmlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.config import TrainConfig
+from mmlm.train.distributed import DistInfo, distributed_clip_loss, distributed_siglip_loss
 from mmlm.train.optim import build_optimizer, build_scheduler, lock_tower
 from mmlm.train.progress import Progress
 
 
-def contrastive_loss(model: DualEncoder, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Return the configured loss (CLIP's InfoNCE or SigLIP's sigmoid) of one batch."""
-    image, text = model(pixels, ids)
+def contrastive_loss(
+    net: torch.nn.Module, model: DualEncoder, pixels: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """Return this rank's share of the configured loss (CLIP's InfoNCE or SigLIP's sigmoid) on one batch."""
+    image, text = net(pixels, ids)  # `net` is `model`, or its DDP wrapper
     if model.cfg.family == "siglip":
-        return siglip_loss(image, text, model.logit_scale, model.logit_bias)
-    return clip_loss(image, text, model.logit_scale)
+        return distributed_siglip_loss(image, text, model.logit_scale, model.logit_bias)
+    return distributed_clip_loss(image, text, model.logit_scale)
 
 
 def resolve_device(name: str) -> torch.device:
     """Return the training device: `auto` picks CUDA when present."""
-    return torch.device(
-        "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
-    )
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _all_ranks(state: Any, dist: DistInfo) -> list[Any]:
+    if dist.world_size == 1:
+        return [state]
+    states = [None] * dist.world_size
+    torch_dist.all_gather_object(states, state)
+    return states
 
 
 def train(
@@ -38,16 +50,23 @@ def train(
     run_dir: Path,
     resume: str | None = None,
     evaluate: Callable[[DualEncoder, int], dict[str, float]] | None = None,
-    export: Callable[[Path], None] | None = None,
+    export: Callable[[Path], Any] | None = None,
     stop_after: int | None = None,
+    dist: DistInfo | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` for cfg.steps optimiser steps on batches of (pixels, ids); return the logged records."""
-    device = resolve_device(cfg.device)
+    dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
+    device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
     model.to(device).train()
     for tower, lock in ((model.visual, cfg.lock_image), (model.text, cfg.lock_text)):
         if lock is not None:
             lock_tower(tower, lock)
         tower.transformer.grad_checkpointing = cfg.grad_checkpointing
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.world_size > 1
+        else model
+    )
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
     step, records = 0, []
@@ -55,18 +74,22 @@ def train(
         state = load_checkpoint(find_checkpoint(run_dir, resume), model)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        data.load_state_dict(state["data"])
+        data.load_state_dict(state["data"][dist.rank])
         step, records = state["step"], state["records"]
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    forward = torch.compile(contrastive_loss) if cfg.compile else contrastive_loss
-    log = (run_dir / "metrics.jsonl").open("a")
-    batches, progress = iter(data), Progress(cfg.steps, initial=step, desc="train")
+    loss_fn = torch.compile(contrastive_loss) if cfg.compile else contrastive_loss
+    main = dist.rank == 0
+    log = (run_dir / "metrics.jsonl").open("a") if main else None
+    batches, progress = iter(data), Progress(cfg.steps, initial=step, desc="train", enabled=main)
+    samples_per_step = cfg.batch_size * cfg.optim.accumulation * dist.world_size
     last = time.perf_counter()
     while step < cfg.steps:
         for _ in range(cfg.optim.accumulation):
             pixels, ids = next(batches)
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                loss = forward(model, pixels.to(device, non_blocking=True), ids.to(device, non_blocking=True))
+                loss = loss_fn(
+                    net, model, pixels.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+                )
             (loss / cfg.optim.accumulation).backward()
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -77,23 +100,27 @@ def train(
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
-            rate = cfg.log_every * cfg.batch_size * cfg.optim.accumulation / (now - last)
-            last = now
             record = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                      "logit_scale": model.logit_scale.exp().item(), "samples_per_s": rate}  # fmt: skip
-            if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                      "logit_scale": model.logit_scale.exp().item(),
+                      "samples_per_s": cfg.log_every * samples_per_step / (now - last)}  # fmt: skip
+            if evaluate and main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 record.update(evaluate(model, step))
                 model.train()
+            last = time.perf_counter()
             records.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             progress.update(step, {k: record[k] for k in ("loss", "lr", "logit_scale", "samples_per_s")})
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            training_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                              "data": data.state_dict(), "records": records}  # fmt: skip
-            save_checkpoint(run_dir, step, model, training_state, export)
+            data_states = _all_ranks(data.state_dict(), dist)
+            if main:
+                training_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                  "data": data_states, "records": records}  # fmt: skip
+                save_checkpoint(run_dir, step, model, training_state, export)
         if stop_after is not None and step >= stop_after:
             break
     progress.close()
-    log.close()
+    if log is not None:
+        log.close()
     return records

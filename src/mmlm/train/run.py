@@ -1,0 +1,167 @@
+"""`mmlm train clip`: build tokenizer, data, model and optimiser from a TrainConfig, train, export, plot."""
+
+import contextlib
+import json
+import platform
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmlm.clip import DualEncoder
+from mmlm.contrastive import ContrastiveModel
+from mmlm.data import shapes
+from mmlm.data.augment import TrainTransform
+from mmlm.data.datasets import PairCollate, PairDataset, PairLoader
+from mmlm.data.readers import open_pairs
+from mmlm.processing.bpe import train_bpe
+from mmlm.processing.image import ImageProcessor
+from mmlm.processing.tokenizer import HFTokenizer, TextTokenizer, load_tokenizer
+from mmlm.train.config import DataConfig, TrainConfig, config_dict
+from mmlm.train.distributed import DistInfo, cleanup, init_distributed
+from mmlm.train.loop import train
+from mmlm.train.memory_data import InMemoryPairs
+from mmlm.train.plots import plot_training
+
+
+def shapes_pairs(cfg: DataConfig, image_size: int, seed: int) -> list[tuple[Any, str]]:
+    """Return the generated shapes-world training pairs (image, caption); held-out colour×shape pairs excluded.
+
+    A share of one-object scenes is captioned by colour or shape alone ("a red shape", "a star"), so each
+    attribute is supervised apart from the other: this is what lets unseen colour×shape pairs be recognised.
+    """
+    train_pairs, _ = shapes.split_combinations(seed, holdout_fraction=0.25)
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for i in range(cfg.shapes_samples):
+        max_objects = 1 if rng.random() < cfg.shapes_single_object else 3
+        s = shapes.make_sample(i, seed + 1, pairs=train_pairs, image_size=image_size, max_objects=max_objects)
+        text = s.caption
+        if len(s.scene.objects) == 1 and rng.random() < cfg.shapes_partial_captions:
+            o = s.scene.objects[0]
+            text = str(
+                rng.choice(
+                    [f"a {o.color} shape", f"a {o.shape}", f"a {o.size} {o.shape}", f"something {o.color}"]
+                )
+            )
+        out.append((s.image, text))
+    return out
+
+
+class LoaderStream:
+    """An endless stream of (pixels, ids) batches over a PairLoader's epochs, resumable through its state."""
+
+    def __init__(self, loader: PairLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            for batch in self.loader:
+                yield batch.pixels, batch.tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the loader's resume state."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the loader."""
+        self.loader.load_state_dict(state)
+
+
+def build_tokenizer(cfg: TrainConfig, run_dir: Path, captions: Iterator[str]) -> TextTokenizer:
+    """Return the configured tokenizer, or a byte-level BPE trained on the captions."""
+    text = cfg.model.text
+    if cfg.tokenizer is not None:
+        return load_tokenizer(Path(cfg.tokenizer), text.context_length, text.padding)
+    folder = train_bpe(captions, run_dir / "tokenizer", cfg.vocab_size, text.context_length)
+    return HFTokenizer(folder, context_length=text.context_length)
+
+
+def build_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo):
+    """Return (tokenizer, image processor, batch stream) for the configured data."""
+    size = cfg.model.vision.image_size
+    processor = ImageProcessor.clip(size)
+    if cfg.data.source == "shapes":
+        pairs = shapes_pairs(cfg.data, size, cfg.seed)
+        tokenizer = build_tokenizer(cfg, run_dir, (t for _, t in pairs))
+        pixels, ids = processor([p for p, _ in pairs]), tokenizer([t for _, t in pairs])
+        per_rank = slice(dist.rank, None, dist.world_size)
+        return tokenizer, processor, InMemoryPairs(pixels[per_rank], ids[per_rank], cfg.batch_size, cfg.seed)
+    options = {
+        k: v for k in ("image_column", "text_column", "image_root", "split") if (v := getattr(cfg.data, k))
+    }
+    reader = open_pairs(cfg.data.source, cfg.data.format, **options)
+    tokenizer = build_tokenizer(cfg, run_dir, (c for pair in reader for c in pair.captions))
+    transform = TrainTransform(size=size, scale=tuple(cfg.data.crop_scale), flip=cfg.data.flip)
+    dataset = PairDataset(reader, transform, seed=cfg.seed, batch_size=cfg.batch_size, rank=dist.rank,
+                          world_size=dist.world_size)  # fmt: skip
+    loader = PairLoader(dataset, num_workers=cfg.data.workers, collate=PairCollate(tokenizer),
+                        pin_memory=torch.cuda.is_available(), drop_last=True)  # fmt: skip
+    return tokenizer, processor, LoaderStream(loader)
+
+
+def run_info() -> dict[str, Any]:
+    """Return the git commit and package versions, written beside every run."""
+    try:
+        root = Path(__file__).resolve().parents[3]
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    versions = {}
+    for name in ("mmlm", "torch", "numpy", "tokenizers", "safetensors", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return {"git_commit": commit or None, "python": platform.python_version(), "versions": versions}
+
+
+def run_clip_training(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    evaluate: Callable[[ContrastiveModel, int], dict[str, float]] | None = None,
+    stop_after: int | None = None,
+) -> tuple[ContrastiveModel, list[dict[str, Any]]]:
+    """Train a CLIP/SigLIP model as configured; return (the trained model, the logged records).
+
+    `evaluate(model, step)` runs every cfg.eval_every steps; `stop_after` ends early (for tests of resume).
+    """
+    dist = init_distributed()
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if cfg.init is not None:
+        import mmlm
+
+        start = mmlm.load(cfg.init)
+        cfg = replace(cfg, model=start.config, tokenizer=cfg.tokenizer or cfg.init)
+    tokenizer, processor, data = build_data(cfg, run_dir, dist)
+    if cfg.init is None:
+        text = replace(cfg.model.text, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                       pad_token_id=tokenizer.pad_id)  # fmt: skip
+        cfg = replace(cfg, model=replace(cfg.model, text=text))
+        model = DualEncoder(cfg.model)
+    else:
+        model, processor = start.model, start.image_processor
+    loaded = ContrastiveModel(model, tokenizer, processor)
+    if dist.rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
+        (run_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    hook = (lambda _, step: evaluate(loaded, step)) if evaluate else None
+    records = train(cfg, model, data, run_dir, resume=resume, evaluate=hook, stop_after=stop_after,
+                    export=lambda folder: loaded.save_pretrained(folder, format="mmlm"), dist=dist)  # fmt: skip
+    skipped = getattr(getattr(data, "loader", None), "skipped", None)
+    if skipped and dist.rank == 0:
+        print(f"skipped {sum(skipped.values())} corrupt samples: {dict(skipped)}")
+    if dist.rank == 0 and (stop_after is None or stop_after >= cfg.steps):
+        loaded.save_pretrained(run_dir / "model")
+        plot_training(records, run_dir)
+    cleanup()
+    return loaded, records
