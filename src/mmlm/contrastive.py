@@ -7,7 +7,7 @@ import torch
 
 from mmlm.clip import DualEncoder
 from mmlm.errors import InputError
-from mmlm.processing.image import ImageProcessor, ImageSource, load_image
+from mmlm.processing.image import ImageProcessor, ImageSource
 from mmlm.processing.tokenizer import TextTokenizer
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -52,8 +52,7 @@ class ContrastiveModel:
             raise InputError("encode_image expects a non-empty list of images or paths")
         out = []
         for start in range(0, len(images), batch_size):
-            batch = [load_image(x) for x in images[start : start + batch_size]]
-            pixels = self.image_processor(batch).to(self.device, self.dtype)
+            pixels = self.image_processor(images[start : start + batch_size]).to(self.device, self.dtype)
             out.append(self.model.encode_image(pixels).float())
         return torch.cat(out)
 
