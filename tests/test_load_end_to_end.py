@@ -1,5 +1,7 @@
 """mmlm.load on complete transformers folders: text and images in, the same numbers as transformers out."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,34 @@ def test_bfloat16_load_stays_close(tmp_path):
     assert bf16.dtype == torch.bfloat16
     cos = (fp32.encode_image(photos()) * bf16.encode_image(photos())).sum(-1)
     assert cos.min() > 0.99
+
+
+def test_models_transformers_cannot_hold_round_trip_in_mmlm_format(tmp_path):
+    from fixtures_text import write_clip_tokenizer
+    from mmlm.clip import DualEncoder
+    from mmlm.config import DualEncoderConfig, TextConfig, VisionConfig
+    from mmlm.contrastive import ContrastiveModel
+    from mmlm.processing.image import ImageProcessor
+    from mmlm.processing.tokenizer import load_tokenizer
+
+    tok_dir, vocab = write_clip_tokenizer(tmp_path / "tok")
+    tokenizer = load_tokenizer(tok_dir)
+    vision = VisionConfig(
+        image_size=32, patch_size=4, width=16, layers=1, heads=2, mlp_dim=32, stem="conv", embed_dim=8
+    )
+    text = TextConfig(
+        vocab_size=vocab, width=16, layers=1, heads=2, mlp_dim=32, embed_dim=8, eos_token_id=tokenizer.eos_id
+    )
+    model = ContrastiveModel(
+        DualEncoder(DualEncoderConfig(vision, text)).eval(), tokenizer, ImageProcessor.clip(32)
+    )
+    model.save_pretrained(tmp_path / "out")  # a conv stem has no transformers counterpart
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "dual_encoder" and "mmlm_version" in config
+    again = mmlm.load(tmp_path / "out")
+    torch.testing.assert_close(again.encode_image(photos()), model.encode_image(photos()), atol=0, rtol=0)
+    torch.testing.assert_close(again.encode_text(TEXTS), model.encode_text(TEXTS), atol=0, rtol=0)
+    config["config"]["vision"]["stem"] = "patch"  # weights that do not fit the config: one clear error
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mmlm.InputError, match="has no place in the model"):
+        mmlm.load(tmp_path / "out")

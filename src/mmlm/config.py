@@ -25,6 +25,7 @@ class VisionConfig:
     channels: int = 3
     class_token: bool = True  # CLIP has one; SigLIP does not
     patch_bias: bool = False  # CLIP's patch conv has no bias; SigLIP's has one
+    stem: str = "patch"  # patch (one linear map per patch) | conv (early 3×3 convolutions, for small data)
     pre_norm: bool = True  # CLIP's LayerNorm before the blocks ("ln_pre")
     pool: str = "cls"  # cls | mean | map (SigLIP's multihead attention-pooling head)
     embed_dim: int | None = 512  # output projection size; None means no projection (SigLIP)

@@ -18,6 +18,29 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tup
     return grid.permute(0, 2, 3, 1).reshape(-1, dim)
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3×3 stride-2
+    convolutions down to the patch grid, then a 1×1 to the width; it trains faster from scratch than one patch
+    projection. [B, C, H, W] -> [B, D, H/p, W/p]."""
+
+    def __init__(self, channels: int, width: int, patch: int) -> None:
+        super().__init__()
+        steps = patch.bit_length() - 1
+        if patch != 2**steps or steps < 1:
+            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch}")
+        layers, c = [], channels
+        for i in range(steps):
+            out = max(width // 2 ** (steps - i), 16)
+            layers += [nn.Conv2d(c, out, 3, 2, 1), nn.GELU()]
+            c = out
+        layers.append(nn.Conv2d(c, width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Return the patch-grid features [B, D, H/p, W/p]."""
+        return self.layers(pixels)
+
+
 class AttentionPool(nn.Module):
     """SigLIP's multihead attention-pooling (MAP) head: a learned probe attends over all tokens, then an MLP."""
 
@@ -41,7 +64,10 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.width
-        self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.channels, d, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.class_token = nn.Parameter(torch.randn(d) * d**-0.5) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.randn(cfg.grid**2 + cfg.class_token, d) * 0.02)
         self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
@@ -56,7 +82,7 @@ class VisionTransformer(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Return patch tokens plus positions (class token first if any), [B, C, H, W] -> [B, N(+1), D]."""
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [B, D, H/p, W/p]
+        x = self.patch_embed(pixels.to(self.pos_embed.dtype))  # [B, D, H/p, W/p]
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
         pos = self.pos_embed
