@@ -103,7 +103,7 @@ def train(
             record = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                       "logit_scale": model.logit_scale.exp().item(),
                       "samples_per_s": cfg.log_every * samples_per_step / (now - last)}  # fmt: skip
-            if evaluate and main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if evaluate and main and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 record.update(evaluate(model, step))
                 model.train()
             last = time.perf_counter()
