@@ -128,3 +128,18 @@ def test_models_transformers_cannot_hold_round_trip_in_mmlm_format(tmp_path):
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
     with pytest.raises(mmlm.InputError, match="has no place in the model"):
         mmlm.load(tmp_path / "out")
+
+
+def test_sharded_checkpoint_loads_through_its_index(tmp_path):
+    ref = write_tiny_clip(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    ref.save_pretrained(tmp_path, max_shard_size="40KB")  # several shards and model.safetensors.index.json
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(
+        list(tmp_path.glob("model-*.safetensors"))
+    ) > 1
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    out = reference_features(ref, processor, tokenizer, photos(), TEXTS, padding=True)
+    m = mmlm.load(tmp_path)
+    torch.testing.assert_close(m.encode_image(photos()), out.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.encode_text(TEXTS), out.text_embeds, atol=1e-5, rtol=0)

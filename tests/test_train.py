@@ -62,12 +62,18 @@ def test_resume_after_kill_9_repeats_the_uninterrupted_losses(tmp_path):
 def test_training_on_a_jsonl_manifest_exports_a_loadable_model(tmp_path):
     manifest = shapes.write_dataset(tmp_path / "data", 64, seed=0, image_size=16)
     (tmp_path / "data" / "images" / "000003.png").write_bytes(b"broken")  # skipped and counted, never fatal
-    cfg = load_train_config(
-        None, [*TINY, "steps=4", f"out_dir={tmp_path / 'run'}", f"data.source={manifest}"]
-    )
+    overrides = [
+        f"out_dir={tmp_path / 'run'}",
+        f"data.source={manifest}",
+        f"val_data={manifest}",
+        "eval_every=2",
+    ]
+    cfg = load_train_config(None, [*TINY, "steps=4", *overrides])
     loaded, records = run_clip_training(cfg)
     assert len(records) == 4 and all(r["loss"] > 0 for r in records)
-    for name in ("loss.png", "lr.png", "metrics.jsonl", "config.json", "run_info.json"):
+    assert [r["step"] for r in records if "text_to_image_R@1" in r] == [2, 4]
+    assert 0 <= records[-1]["image_to_text_R@1"] <= records[-1]["image_to_text_R@10"] <= 1
+    for name in ("loss.png", "lr.png", "eval.png", "metrics.jsonl", "config.json", "run_info.json"):
         assert (tmp_path / "run" / name).is_file()
     exported = mmlm.load(tmp_path / "run" / "model")
     image = tmp_path / "data" / "images" / "000001.png"

@@ -62,7 +62,9 @@ def to_ours(
         src = [theirs[t].T if rule.transpose else theirs[t] for t in rule.theirs]
         strangers = [o for o in rule.ours if o not in our_shapes]
         if strangers:
-            raise InputError(f"{source}: tensor {strangers[0]!r} has no place in the model; does config.json match?")
+            raise InputError(
+                f"{source}: tensor {strangers[0]!r} has no place in the model; does config.json match?"
+            )
         shapes = [our_shapes[o] for o in rule.ours]
         if rule.their_shape is None:  # a rename keeps the shape; a fused tensor keeps its trailing dims
             got = (sum(t.shape[0] for t in src), *src[0].shape[1:]) if src[0].dim() else ()

@@ -49,3 +49,28 @@ def retrieval_metrics(
         out.update({f"{name}_R@{k}": v for k, v in recall.items()})
         out[f"{name}_mean_rank"], out[f"{name}_median_rank"] = mean_rank, median_rank
     return out
+
+
+def manifest_evaluator(source: str, limit: int = 1000, **options):
+    """Return evaluate(model, step) computing retrieval metrics on the first `limit` usable pairs of a dataset."""
+    from mmlm.data.readers import open_pairs
+    from mmlm.errors import InputError
+    from mmlm.processing.image import load_image
+
+    images, texts, text_to_image = [], [], []
+    for pair in open_pairs(source, **options):
+        if len(images) == limit:
+            break
+        try:
+            load_image(pair.image)  # corrupt samples are left out of evaluation, as out of training
+        except InputError:
+            continue
+        text_to_image += [len(images)] * len(pair.captions)
+        texts += list(pair.captions)
+        images.append(pair.image)
+
+    def evaluate(model, step: int) -> dict[str, float]:
+        model.model.eval()
+        return retrieval_metrics(model.encode_image(images), model.encode_text(texts), text_to_image)
+
+    return evaluate

@@ -56,6 +56,8 @@ class TrainConfig:
         None  # a folder with tokenizer.json / spiece.model; None: train a BPE on the captions
     )
     vocab_size: int = 1024  # of a trained BPE
+    val_data: str | None = None  # a JSONL manifest (or any data.source form) for retrieval evaluation
+    val_samples: int = 1000
     steps: int = 1000
     batch_size: int = 128
     seed: int = 0

@@ -21,12 +21,17 @@ def plot_training(records: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
-    evals = [r for r in records if "zero_shot_top1" in r]
-    if evals:
+    keys = [
+        k
+        for k in ("zero_shot_top1", "image_to_text_R@1", "text_to_image_R@1")
+        if any(k in r for r in records)
+    ]
+    if keys:
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        for key in ("zero_shot_top1", "image_to_text_R@1", "text_to_image_R@1"):
+        for key in keys:
+            evals = [r for r in records if key in r]
             ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key)
-        ax.set(xlabel="step", ylabel="score", ylim=(0, 1), title="held-out evaluation")
+        ax.set(xlabel="step", ylabel="score", ylim=(0, 1), title="evaluation")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "eval.png", dpi=110)

@@ -19,6 +19,7 @@ from mmlm.data import shapes
 from mmlm.data.augment import TrainTransform
 from mmlm.data.datasets import PairCollate, PairDataset, PairLoader
 from mmlm.data.readers import open_pairs
+from mmlm.eval.retrieval import manifest_evaluator
 from mmlm.processing.bpe import train_bpe
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import HFTokenizer, TextTokenizer, load_tokenizer
@@ -154,6 +155,8 @@ def run_clip_training(
         (run_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if evaluate is None and cfg.val_data:
+        evaluate = manifest_evaluator(cfg.val_data, cfg.val_samples)
     hook = (lambda _, step: evaluate(loaded, step)) if evaluate else None
     records = train(cfg, model, data, run_dir, resume=resume, evaluate=hook, stop_after=stop_after,
                     export=lambda folder: loaded.save_pretrained(folder, format="mmlm"), dist=dist)  # fmt: skip
