@@ -81,7 +81,8 @@ def run_demo(out: Path, steps: int = 450) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    example = shapes.Scene((shapes.ShapeObject("square", "blue", "large", 0.5, 0.5),))  # for the README's commands
+    # the README's commands use this image
+    example = shapes.Scene((shapes.ShapeObject("square", "blue", "large", 0.5, 0.5),))
     shapes.render(example, cfg.model.vision.image_size).save(out / "example.png")
     print(f"held-out zero-shot top-1 {summary['zero_shot_top1']:.3f} over {n_heldout} unseen colour×shape pairs "
           f"(64 classes, chance {1 / 64:.3f}); on pairs seen in training {metrics['zero_shot_seen_top1']:.3f}")  # fmt: skip
