@@ -104,3 +104,22 @@ def test_bad_training_config_is_one_line(tmp_path, capsys):
     assert "key=value" in capsys.readouterr().err
     assert main(["train", "clip", f"out_dir={tmp_path}", "--resume", "latest"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_in_memory_batches_equal_the_image_processor_and_resume_by_position():
+    import numpy as np
+    from PIL import Image
+
+    from mmlm.processing.image import ImageProcessor
+    from mmlm.train.memory_data import InMemoryPairs
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(10)]
+    processor = ImageProcessor.clip(16)
+    data = InMemoryPairs(images, torch.arange(10)[:, None], processor, batch_size=4, seed=3)
+    batches = [b for _, b in zip(range(5), data, strict=False)]
+    for pixels, ids in batches:  # every batch is the processor's output for the images its ids name
+        torch.testing.assert_close(pixels, processor([images[i] for i in ids[:, 0].tolist()]), atol=0, rtol=0)
+    again = InMemoryPairs(images, torch.arange(10)[:, None], processor, batch_size=4, seed=3)
+    again.load_state_dict({"position": 3})
+    assert [torch.equal(a[1], b[1]) for a, b in zip(batches[3:], iter(again), strict=False)] == [True, True]

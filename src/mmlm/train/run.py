@@ -23,6 +23,7 @@ from mmlm.eval.retrieval import manifest_evaluator
 from mmlm.processing.bpe import train_bpe
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import HFTokenizer, TextTokenizer, load_tokenizer
+from mmlm.train.checkpoint import find_checkpoint
 from mmlm.train.config import DataConfig, TrainConfig, config_dict
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loop import train
@@ -90,9 +91,13 @@ def build_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo):
     if cfg.data.source == "shapes":
         pairs = shapes_pairs(cfg.data, size, cfg.seed)
         tokenizer = build_tokenizer(cfg, run_dir, (t for _, t in pairs))
-        pixels, ids = processor([p for p, _ in pairs]), tokenizer([t for _, t in pairs])
-        per_rank = slice(dist.rank, None, dist.world_size)
-        return tokenizer, processor, InMemoryPairs(pixels[per_rank], ids[per_rank], cfg.batch_size, cfg.seed)
+        pairs = pairs[dist.rank :: dist.world_size]
+        ids = tokenizer([t for _, t in pairs])
+        return (
+            tokenizer,
+            processor,
+            InMemoryPairs([p for p, _ in pairs], ids, processor, cfg.batch_size, cfg.seed),
+        )
     options = {
         k: v for k in ("image_column", "text_column", "image_root", "split") if (v := getattr(cfg.data, k))
     }
@@ -134,6 +139,8 @@ def run_clip_training(
     """
     dist = init_distributed()
     run_dir = Path(cfg.out_dir)
+    if resume:
+        find_checkpoint(run_dir, resume)  # a missing checkpoint fails now, not after the data is built
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if cfg.init is not None:
