@@ -123,3 +123,25 @@ def test_in_memory_batches_equal_the_image_processor_and_resume_by_position():
     again = InMemoryPairs(images, torch.arange(10)[:, None], processor, batch_size=4, seed=3)
     again.load_state_dict({"position": 3})
     assert [torch.equal(a[1], b[1]) for a, b in zip(batches[3:], iter(again), strict=False)] == [True, True]
+
+
+def test_fine_tuning_a_siglip_checkpoint_keeps_its_format(tmp_path):
+    import transformers
+
+    from fixtures_models import write_tiny_siglip
+
+    write_tiny_siglip(tmp_path / "siglip")
+    manifest = shapes.write_dataset(tmp_path / "data", 32, seed=0, image_size=32)
+    overrides = [
+        "steps=2",
+        "batch_size=8",
+        "data.workers=0",
+        f"init={tmp_path / 'siglip'}",
+        f"out_dir={tmp_path / 'run'}",
+    ]
+    loaded, records = run_clip_training(load_train_config(None, [*overrides, f"data.source={manifest}"]))
+    assert loaded.config.family == "siglip" and len(records) == 2  # trained with the sigmoid loss
+    before = mmlm.load(tmp_path / "siglip").model.visual.pos_embed
+    assert not torch.equal(before, loaded.model.visual.pos_embed.detach())
+    again = transformers.SiglipModel.from_pretrained(tmp_path / "run" / "model")
+    torch.testing.assert_close(again.logit_bias.detach().reshape(()), loaded.model.logit_bias.detach())

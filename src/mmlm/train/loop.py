@@ -51,7 +51,6 @@ def train(
     resume: str | None = None,
     evaluate: Callable[[DualEncoder, int], dict[str, float]] | None = None,
     export: Callable[[Path], Any] | None = None,
-    stop_after: int | None = None,
     dist: DistInfo | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` for cfg.steps optimiser steps on batches of (pixels, ids); return the logged records."""
@@ -118,8 +117,6 @@ def train(
                 training_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                   "data": data_states, "records": records}  # fmt: skip
                 save_checkpoint(run_dir, step, model, training_state, export)
-        if stop_after is not None and step >= stop_after:
-            break
     progress.close()
     if log is not None:
         log.close()

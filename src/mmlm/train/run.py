@@ -84,31 +84,27 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path, captions: Iterator[str]) ->
     return HFTokenizer(folder, context_length=text.context_length)
 
 
-def build_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo):
-    """Return (tokenizer, image processor, batch stream) for the configured data."""
+def build_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, processor: ImageProcessor):
+    """Return (tokenizer, batch stream) for the configured data, preprocessed as `processor` does."""
     size = cfg.model.vision.image_size
-    processor = ImageProcessor.clip(size)
     if cfg.data.source == "shapes":
         pairs = shapes_pairs(cfg.data, size, cfg.seed)
         tokenizer = build_tokenizer(cfg, run_dir, (t for _, t in pairs))
         pairs = pairs[dist.rank :: dist.world_size]
         ids = tokenizer([t for _, t in pairs])
-        return (
-            tokenizer,
-            processor,
-            InMemoryPairs([p for p, _ in pairs], ids, processor, cfg.batch_size, cfg.seed),
-        )
+        return tokenizer, InMemoryPairs([p for p, _ in pairs], ids, processor, cfg.batch_size, cfg.seed)
     options = {
         k: v for k in ("image_column", "text_column", "image_root", "split") if (v := getattr(cfg.data, k))
     }
     reader = open_pairs(cfg.data.source, cfg.data.format, **options)
     tokenizer = build_tokenizer(cfg, run_dir, (c for pair in reader for c in pair.captions))
-    transform = TrainTransform(size=size, scale=tuple(cfg.data.crop_scale), flip=cfg.data.flip)
+    transform = TrainTransform(size=size, scale=tuple(cfg.data.crop_scale), flip=cfg.data.flip,
+                               mean=processor.mean, std=processor.std)  # fmt: skip
     dataset = PairDataset(reader, transform, seed=cfg.seed, batch_size=cfg.batch_size, rank=dist.rank,
                           world_size=dist.world_size)  # fmt: skip
     loader = PairLoader(dataset, num_workers=cfg.data.workers, collate=PairCollate(tokenizer),
                         pin_memory=torch.cuda.is_available(), drop_last=True)  # fmt: skip
-    return tokenizer, processor, LoaderStream(loader)
+    return tokenizer, LoaderStream(loader)
 
 
 def run_info() -> dict[str, Any]:
@@ -131,11 +127,10 @@ def run_clip_training(
     cfg: TrainConfig,
     resume: str | None = None,
     evaluate: Callable[[ContrastiveModel, int], dict[str, float]] | None = None,
-    stop_after: int | None = None,
 ) -> tuple[ContrastiveModel, list[dict[str, Any]]]:
     """Train a CLIP/SigLIP model as configured; return (the trained model, the logged records).
 
-    `evaluate(model, step)` runs every cfg.eval_every steps; `stop_after` ends early (for tests of resume).
+    `evaluate(model, step)` runs every cfg.eval_every steps and at the end; else `val_data` is evaluated.
     """
     dist = init_distributed()
     run_dir = Path(cfg.out_dir)
@@ -148,14 +143,17 @@ def run_clip_training(
 
         start = mmlm.load(cfg.init)
         cfg = replace(cfg, model=start.config, tokenizer=cfg.tokenizer or cfg.init)
-    tokenizer, processor, data = build_data(cfg, run_dir, dist)
+        processor = start.image_processor
+    else:
+        processor = ImageProcessor.clip(cfg.model.vision.image_size)
+    tokenizer, data = build_data(cfg, run_dir, dist, processor)
     if cfg.init is None:
         text = replace(cfg.model.text, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
                        pad_token_id=tokenizer.pad_id)  # fmt: skip
         cfg = replace(cfg, model=replace(cfg.model, text=text))
         model = DualEncoder(cfg.model)
     else:
-        model, processor = start.model, start.image_processor
+        model = start.model
     loaded = ContrastiveModel(model, tokenizer, processor)
     if dist.rank == 0:
         (run_dir / "config.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
@@ -165,12 +163,12 @@ def run_clip_training(
     if evaluate is None and cfg.val_data:
         evaluate = manifest_evaluator(cfg.val_data, cfg.val_samples)
     hook = (lambda _, step: evaluate(loaded, step)) if evaluate else None
-    records = train(cfg, model, data, run_dir, resume=resume, evaluate=hook, stop_after=stop_after,
+    records = train(cfg, model, data, run_dir, resume=resume, evaluate=hook,
                     export=lambda folder: loaded.save_pretrained(folder, format="mmlm"), dist=dist)  # fmt: skip
     skipped = getattr(getattr(data, "loader", None), "skipped", None)
     if skipped and dist.rank == 0:
         print(f"skipped {sum(skipped.values())} corrupt samples: {dict(skipped)}")
-    if dist.rank == 0 and (stop_after is None or stop_after >= cfg.steps):
+    if dist.rank == 0:
         loaded.save_pretrained(run_dir / "model")
         plot_training(records, run_dir)
     cleanup()
