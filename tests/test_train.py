@@ -134,6 +134,7 @@ def test_fine_tuning_a_siglip_checkpoint_keeps_its_format(tmp_path):
     manifest = shapes.write_dataset(tmp_path / "data", 32, seed=0, image_size=32)
     overrides = [
         "steps=2",
+        "log_every=1",
         "batch_size=8",
         "data.workers=0",
         f"init={tmp_path / 'siglip'}",
