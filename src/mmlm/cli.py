@@ -41,9 +41,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
     model = _load(args)
     if not args.text:
         raise InputError("give at least one --text")
-    probs = model.probabilities(
-        model.logits(model.encode_image(args.image, args.batch_size), model.encode_text(args.text))
-    )
+    probs = model.similarity(args.image, args.text, args.batch_size)
     if args.json:
         out = [
             {"image": img, "scores": dict(zip(args.text, map(float, row), strict=True))}
@@ -75,7 +73,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
         raise InputError("--labels needs at least one class name, e.g. --labels cat,dog")
     templates = _templates(args.templates)
     model = _load(args)
-    probs = model.classify(args.image, labels, templates).tolist()
+    probs = model.classify(args.image, labels, templates, args.batch_size).tolist()
     if args.json:
         out = [
             {

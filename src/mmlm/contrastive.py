@@ -76,9 +76,11 @@ class ContrastiveModel:
         """Return softmax over texts (CLIP) or an independent sigmoid per pair (SigLIP)."""
         return logits.sigmoid() if self.config.family == "siglip" else logits.softmax(-1)
 
-    def similarity(self, images: Sequence[ImageSource], texts: Sequence[str]) -> torch.Tensor:
+    def similarity(
+        self, images: Sequence[ImageSource], texts: Sequence[str], batch_size: int = 32
+    ) -> torch.Tensor:
         """Return probabilities [N, M] of each text matching each image."""
-        return self.probabilities(self.logits(self.encode_image(images), self.encode_text(texts)))
+        return self.probabilities(self.logits(self.encode_image(images, batch_size), self.encode_text(texts)))
 
     def class_embeddings(
         self, class_names: Sequence[str], templates: Sequence[str] | None = None
@@ -96,9 +98,11 @@ class ContrastiveModel:
         images: Sequence[ImageSource],
         class_names: Sequence[str],
         templates: Sequence[str] | None = None,
+        batch_size: int = 32,
     ) -> torch.Tensor:
         """Return zero-shot probabilities [N, K] over the classes (softmax of the scaled cosines)."""
-        logits = self.logits(self.encode_image(images), self.class_embeddings(class_names, templates))
+        image_emb = self.encode_image(images, batch_size)
+        logits = self.logits(image_emb, self.class_embeddings(class_names, templates))
         return logits.softmax(-1)
 
     def save_pretrained(self, folder: str | Path, format: str = "auto") -> Path:

@@ -37,8 +37,7 @@ def demo_config(out: Path, steps: int = 450, image_size: int = 32, patch_size: i
 
 def shapes_evaluation(image_size: int, seed: int = 0):
     """Return an evaluate(model, step) function on the held-out zero-shot set and the retrieval set."""
-    _, heldout = shapes.split_combinations(seed, holdout_fraction=0.25)
-    train_pairs = [p for p in shapes.all_pairs() if p not in heldout]
+    train_pairs, heldout = shapes.split_combinations(seed, holdout_fraction=0.25)
     zero_shot = shapes.zero_shot_set(10, heldout, seed=seed + 2, image_size=image_size)
     seen = shapes.zero_shot_set(
         3, train_pairs, seed=seed + 4, image_size=image_size
