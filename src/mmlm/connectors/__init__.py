@@ -1,0 +1,80 @@
+"""Connectors map vision-encoder tokens into the LM's embedding space; `build_connector` picks one by config.
+
+Every connector is an `nn.Module` taking patch tokens [B, N, Dv] (no class token) and returning visual
+tokens [B, N', D_lm], with `num_tokens(N) -> N'` so the processor can reserve exactly N' image tokens.
+A new connector (Q-Former, Perceiver, ...) is one file plus one `register_connector` call below.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from mmlm.connectors.pixel_shuffle import PixelShuffleConnector, pixel_shuffle
+from mmlm.connectors.projector import LLAVA_PROJECTOR_KEYS, LinearProjector, MLPProjector
+from mmlm.errors import InputError
+
+CONNECTOR_CONFIG_VERSION = 1
+
+
+@dataclass
+class ConnectorConfig:
+    """Which connector to build and its options; fields a kind does not use are ignored."""
+
+    kind: str = "mlp"  # linear (LLaVA v1) | mlp (LLaVA-1.5) | pixel_shuffle (Idefics3, nanoVLM)
+    act: str = "gelu"  # mlp: the activation between the two layers
+    bias: bool | None = None  # None: the reference's choice (linear, mlp: True; pixel_shuffle: False)
+    scale_factor: int = 2  # pixel_shuffle: r, the side of each block of patches merged into one token
+    version: int = CONNECTOR_CONFIG_VERSION
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """An nn.Module from patch tokens [B, N, Dv] to visual tokens [B, num_tokens(N), D_lm]."""
+
+    def num_tokens(self, num_patches: int) -> int: ...
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+ConnectorBuilder = Callable[[ConnectorConfig, int, int], nn.Module]
+CONNECTORS: dict[str, ConnectorBuilder] = {}
+
+
+def register_connector(kind: str, builder: ConnectorBuilder) -> None:
+    """Make `build_connector` build `builder(cfg, vision_dim, lm_dim)` for `cfg.kind == kind`."""
+    CONNECTORS[kind] = builder
+
+
+def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> nn.Module:
+    """Return the connector `cfg.kind` names, mapping vision width `vision_dim` to LM width `lm_dim`."""
+    if cfg.kind not in CONNECTORS:
+        raise InputError(f"connector.kind: got {cfg.kind!r}; expected one of {sorted(CONNECTORS)}")
+    return CONNECTORS[cfg.kind](cfg, vision_dim, lm_dim)
+
+
+def _bias(cfg: ConnectorConfig, default: bool) -> bool:
+    return default if cfg.bias is None else cfg.bias
+
+
+register_connector("linear", lambda cfg, dv, dl: LinearProjector(dv, dl, bias=_bias(cfg, True)))
+register_connector("mlp", lambda cfg, dv, dl: MLPProjector(dv, dl, act=cfg.act, bias=_bias(cfg, True)))
+register_connector(
+    "pixel_shuffle",
+    lambda cfg, dv, dl: PixelShuffleConnector(dv, dl, scale_factor=cfg.scale_factor, bias=_bias(cfg, False)),
+)
+
+__all__ = [
+    "CONNECTORS",
+    "LLAVA_PROJECTOR_KEYS",
+    "Connector",
+    "ConnectorConfig",
+    "LinearProjector",
+    "MLPProjector",
+    "PixelShuffleConnector",
+    "build_connector",
+    "pixel_shuffle",
+    "register_connector",
+]
