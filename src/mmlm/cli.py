@@ -1,12 +1,16 @@
 """The `mmlm` command line: thin subcommands that call the library. Bad input exits 2 with one line."""
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from mmlm.errors import InputError
+
+# Command groups that live beside the code they drive; each module has `register(subparsers)`.
+COMMAND_MODULES = ("mmlm.eval.commands", "mmlm.index.commands")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.set_defaults(func=cmd_demo)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -1,5 +1,6 @@
 """A loaded contrastive model (CLIP or SigLIP): preprocessing + DualEncoder + similarity and zero-shot scoring."""
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from mmlm.clip import DualEncoder
 from mmlm.errors import InputError
 from mmlm.processing.image import ImageProcessor, ImageSource
 from mmlm.processing.tokenizer import TextTokenizer
+from mmlm.train.progress import Progress
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -46,14 +48,23 @@ class ContrastiveModel:
         return self.model.logit_scale.dtype
 
     @torch.inference_mode()
-    def encode_image(self, images: Sequence[ImageSource], batch_size: int = 32) -> torch.Tensor:
-        """Return L2-normalised image embeddings [N, D] (fp32, on the model's device) for PIL images or paths."""
+    def encode_image(
+        self, images: Sequence[ImageSource], batch_size: int = 32, progress: bool = False
+    ) -> torch.Tensor:
+        """Return L2-normalised image embeddings [N, D] (fp32, on the model's device) for PIL images or paths.
+
+        With `progress`, a bar (or log lines off a terminal) shows images done and images/s.
+        """
         if isinstance(images, (str, Path)) or not len(images):
             raise InputError("encode_image expects a non-empty list of images or paths")
-        out = []
+        bar = Progress(len(images), desc="images", enabled=progress)
+        out, started = [], time.perf_counter()
         for start in range(0, len(images), batch_size):
             pixels = self.image_processor(images[start : start + batch_size]).to(self.device, self.dtype)
             out.append(self.model.encode_image(pixels).float())
+            done = min(start + batch_size, len(images))
+            bar.update(done, {"images/s": done / (time.perf_counter() - started)})
+        bar.close()
         return torch.cat(out)
 
     @torch.inference_mode()

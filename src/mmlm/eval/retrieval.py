@@ -1,65 +1,91 @@
 """Image-text retrieval metrics as CLIP_benchmark defines them, computed in chunks for bounded memory.
 
-A query scores 1 at K if at least one of its positives is among its top-K targets (ties broken in
-torch.topk order). A query's rank is that of its best-ranked positive, counting targets scored strictly higher.
+Recall@K: a query scores 1 if at least one of its positives is among its top-K targets, ties broken in
+`torch.topk` order (CLIP_benchmark's `recall_at_k(...) > 0`). A query's rank is that of its best-ranked
+positive, 1 + the number of targets scored strictly higher (ties count in the query's favour). The mean and
+median ranks follow open_clip: mean of the ranks, and floor(median(rank − 1)) + 1.
 """
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
+from mmlm.errors import InputError
 
-def _direction(queries: torch.Tensor, targets: torch.Tensor, positives: list[list[int]], ks, chunk: int):
-    hits = {k: 0 for k in ks}
+SCORE_BUDGET = 1 << 26  # scores held at once (256 MB in fp32): 100k × 500k runs in ~750 chunks
+
+
+def _direction(
+    queries: torch.Tensor, targets: torch.Tensor, positives: list[list[int]], ks: Sequence[int], chunk: int
+) -> tuple[dict[int, float], np.ndarray]:
+    """Return recall@k for each k and every query's rank, for `positives[i]` the targets query i matches."""
+    hits = dict.fromkeys(ks, 0)
     ranks = []
-    k_max = min(max(ks), targets.shape[0])
     for start in range(0, queries.shape[0], chunk):
-        scores = queries[start : start + chunk] @ targets.T  # [chunk, T]
-        top = scores.topk(k_max, dim=1).indices
-        for row, pos in enumerate(positives[start : start + chunk]):
-            pos_t = torch.tensor(pos, device=scores.device)
-            found = torch.isin(top[row], pos_t)
-            for k in ks:
-                hits[k] += bool(found[:k].any())
-            best = scores[row, pos_t].max()
-            ranks.append(int((scores[row] > best).sum()) + 1)
+        scores = queries[start : start + chunk] @ targets.T  # [C, T]
+        rows = positives[start : start + chunk]
+        row_ids = torch.tensor([r for r, pos in enumerate(rows) for _ in pos], device=scores.device)
+        col_ids = torch.tensor([t for pos in rows for t in pos], device=scores.device)
+        is_positive = torch.zeros_like(scores, dtype=torch.bool)
+        is_positive[row_ids, col_ids] = True
+        for k in ks:
+            # one topk per k, as CLIP_benchmark does: topk(5)[:1] may order ties unlike topk(1)
+            top = scores.topk(min(k, targets.shape[0]), dim=1).indices  # [C, k]
+            hits[k] += int(is_positive.gather(1, top).any(dim=1).sum())
+        best = scores.masked_fill(~is_positive, float("-inf")).amax(dim=1, keepdim=True)  # [C, 1]
+        ranks.append(((scores > best).sum(dim=1) + 1).cpu().numpy())
     n = queries.shape[0]
-    rank_t = torch.tensor(ranks, dtype=torch.float64)
-    return {k: hits[k] / n for k in ks}, rank_t.mean().item(), rank_t.median().item()
+    return {k: hits[k] / n for k in ks}, np.concatenate(ranks)
 
 
 def retrieval_metrics(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
-    text_to_image: list[int],
-    ks: tuple[int, ...] = (1, 5, 10),
-    chunk: int = 1024,
+    text_to_image: Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int | None = None,
 ) -> dict[str, float]:
-    """Return open_clip-named recall@K and mean/median ranks both ways.
+    """Return open_clip-named recall@K and mean/median ranks, image→text and text→image.
 
     `text_to_image[j]` is the index of the image that text j describes; an image may have several texts.
+    `chunk` queries are scored at a time (by default as many as fit SCORE_BUDGET scores).
     """
-    captions_of: list[list[int]] = [[] for _ in range(image_emb.shape[0])]
+    n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
+    if len(text_to_image) != n_texts:
+        raise InputError(f"text_to_image has {len(text_to_image)} entries for {n_texts} texts")
+    if image_emb.shape[1] != text_emb.shape[1]:
+        raise InputError(
+            f"image embeddings have {image_emb.shape[1]} dims, text embeddings {text_emb.shape[1]}"
+        )
+    captions_of: list[list[int]] = [[] for _ in range(n_images)]
     for j, i in enumerate(text_to_image):
+        if not 0 <= i < n_images:
+            raise InputError(f"text {j} points at image {i}, but there are {n_images} images")
         captions_of[i].append(j)
+    if not all(captions_of):
+        raise InputError(f"image {next(i for i, c in enumerate(captions_of) if not c)} has no caption")
     out: dict[str, float] = {}
     for name, q, t, pos in (
         ("image_to_text", image_emb, text_emb, captions_of),
         ("text_to_image", text_emb, image_emb, [[i] for i in text_to_image]),
     ):
-        recall, mean_rank, median_rank = _direction(q, t, pos, ks, chunk)
+        rows = chunk or max(1, SCORE_BUDGET // t.shape[0])
+        recall, ranks = _direction(q, t, pos, ks, rows)
         out.update({f"{name}_R@{k}": v for k, v in recall.items()})
-        out[f"{name}_mean_rank"], out[f"{name}_median_rank"] = mean_rank, median_rank
+        out[f"{name}_mean_rank"] = float(ranks.mean())
+        out[f"{name}_median_rank"] = float(np.floor(np.median(ranks - 1)) + 1)
     return out
 
 
-def manifest_evaluator(source: str, limit: int = 1000, **options):
-    """Return evaluate(model, step) computing retrieval metrics on the first `limit` usable pairs of a dataset."""
+def read_retrieval_set(source: str, limit: int | None = None, **options) -> tuple[list, list[str], list[int]]:
+    """Return (images, texts, text_to_image) of an image-text dataset; unusable images are left out."""
     from mmlm.data.readers import open_pairs
-    from mmlm.errors import InputError
     from mmlm.processing.image import load_image
 
     images, texts, text_to_image = [], [], []
     for pair in open_pairs(source, **options):
-        if len(images) == limit:
+        if limit is not None and len(images) == limit:
             break
         try:
             load_image(pair.image)  # corrupt samples are left out of evaluation, as out of training
@@ -68,6 +94,14 @@ def manifest_evaluator(source: str, limit: int = 1000, **options):
         text_to_image += [len(images)] * len(pair.captions)
         texts += list(pair.captions)
         images.append(pair.image)
+    if not images:
+        raise InputError(f"{source}: no usable image-text pairs")
+    return images, texts, text_to_image
+
+
+def manifest_evaluator(source: str, limit: int = 1000, **options):
+    """Return evaluate(model, step) computing retrieval metrics on the first `limit` usable pairs of a dataset."""
+    images, texts, text_to_image = read_retrieval_set(source, limit, **options)
 
     def evaluate(model, step: int) -> dict[str, float]:
         model.model.eval()
