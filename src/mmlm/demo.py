@@ -35,7 +35,23 @@ def demo_config(out: Path, steps: int = 450, image_size: int = 32, patch_size: i
     )  # fmt: skip
 
 
-def shapes_evaluation(image_size: int, seed: int = 0):
+def write_eval_sets(out: Path, zero_shot: shapes.ZeroShotSet, retrieval: list) -> None:
+    """Write the evaluation sets as files `mmlm eval` reads: class folders, a templates file, a manifest."""
+    root = out / "zero_shot"
+    for name in zero_shot.class_names:  # every class gets a folder, so `mmlm eval` sees all 64
+        (root / name.replace(" ", "_")).mkdir(parents=True, exist_ok=True)
+    for i, (sample, label) in enumerate(zip(zero_shot.samples, zero_shot.labels, strict=True)):
+        sample.image.save(root / zero_shot.class_names[label].replace(" ", "_") / f"{i:04d}.png")
+    (out / "templates.txt").write_text("".join(t + "\n" for t in TEMPLATES))
+    (out / "retrieval").mkdir(exist_ok=True)
+    rows = []
+    for i, sample in enumerate(retrieval):
+        sample.image.save(out / "retrieval" / f"{i:04d}.png")
+        rows.append(json.dumps({"image": f"retrieval/{i:04d}.png", "text": sample.caption}) + "\n")
+    (out / "retrieval.jsonl").write_text("".join(rows))
+
+
+def shapes_evaluation(image_size: int, seed: int = 0, write_to: Path | None = None):
     """Return an evaluate(model, step) function on the held-out zero-shot set and the retrieval set."""
     train_pairs, heldout = shapes.split_combinations(seed, holdout_fraction=0.25)
     zero_shot = shapes.zero_shot_set(10, heldout, seed=seed + 2, image_size=image_size)
@@ -43,6 +59,8 @@ def shapes_evaluation(image_size: int, seed: int = 0):
         3, train_pairs, seed=seed + 4, image_size=image_size
     )  # the generalisation gap
     retrieval = shapes.retrieval_set(500, seed=seed + 3, pairs=train_pairs, image_size=image_size)
+    if write_to is not None:
+        write_eval_sets(write_to, zero_shot, retrieval)
 
     def evaluate(loaded: ContrastiveModel, step: int) -> dict[str, float]:
         loaded.model.eval()
@@ -63,7 +81,7 @@ def run_demo(out: Path, steps: int = 450) -> dict:
     """Run the demo end to end; write and return runs/demo/summary.json."""
     start = time.perf_counter()
     cfg = demo_config(out, steps)
-    evaluate, n_heldout = shapes_evaluation(cfg.model.vision.image_size, cfg.seed)
+    evaluate, n_heldout = shapes_evaluation(cfg.model.vision.image_size, cfg.seed, write_to=out / "eval")
     print(f"shapes world: {cfg.data.shapes_samples} training pairs; {n_heldout} colour×shape pairs held out")
     loaded, records = run_clip_training(cfg, evaluate=evaluate)
     metrics = {k: v for k, v in records[-1].items() if k.startswith(("zero_shot", "image_to", "text_to"))}
