@@ -1,0 +1,278 @@
+"""The VLM processor: (conversation or prompt, images) -> input_ids, attention_mask, labels, pixel_values.
+
+The processor, not the model, decides how many image tokens each image gets: every `<image>` placeholder
+becomes tiles × `tokens_per_tile` copies of the image token id (tiles = 1 without dynamic resolution), so
+the model can fill them without a Python loop:
+
+    features = connector(vision(pixel_values))                    # [T, N', D], T = all tiles in the batch
+    inputs_embeds[input_ids == image_token_id] = features.reshape(-1, D)
+
+That works because the image tokens appear in the order of `pixel_values`: sample by sample in the batch,
+image by image in each prompt, and tile by tile (global view first) in each image.
+
+Labels are the input ids (not shifted; the model shifts) on assistant answers and their end-of-turn token,
+-100 everywhere else. A sample that `max_length` would cut inside its image tokens is dropped, not cut.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tokenizers import AddedToken, Tokenizer
+
+from mmlm.errors import InputError
+from mmlm.processing.anyres import DynamicResolution
+from mmlm.processing.chat import IMAGE_TOKEN, ChatTemplate, Message, check_messages, special_tokens_of
+from mmlm.processing.image import ImageProcessor, ImageSource, load_image
+
+IGNORE_INDEX = -100  # labels the loss skips (torch's cross_entropy default ignore_index)
+Prompt = str | Sequence[Message]
+PaddingSide = Literal["left", "right"]
+
+
+@dataclass
+class EncodedSample:
+    """One prompt, tokenised and expanded: ids and labels [L], its images' tiles [T, 3, H, W] and tile info."""
+
+    input_ids: torch.Tensor  # [L] long
+    labels: torch.Tensor  # [L] long, IGNORE_INDEX outside answers
+    pixel_values: torch.Tensor | None  # [T, 3, H, W] float32, T = sum(image_tiles); None without images
+    image_tiles: list[int] = field(default_factory=list)  # tiles per image, global view included
+    image_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) tiled; (0, 0) untiled
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (height, width)
+
+
+def add_image_token(tokenizer: Tokenizer, image_token: str = IMAGE_TOKEN) -> int:
+    """Return the id of `image_token`, adding it to `tokenizer` (in place) as a special token if missing."""
+    if tokenizer.token_to_id(image_token) is None:
+        tokenizer.add_special_tokens([AddedToken(image_token, special=True, normalized=False)])
+    return tokenizer.token_to_id(image_token)
+
+
+def images_in(messages: Sequence[Message]) -> list[Any]:
+    """Return the images carried by image parts ({"type": "image", "image" | "path": ...}), in order."""
+    found = []
+    for message in messages:
+        content = message["content"]
+        for part in content if not isinstance(content, str) else ():
+            source = part.get("image", part.get("path")) if part["type"] == "image" else None
+            if source is not None:
+                found.append(source)
+    return found
+
+
+class VLMProcessor:
+    """Tokenises prompts with a chat template, expands image placeholders, masks labels, preprocesses images."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        tokens_per_tile: int,
+        *,
+        chat_template: ChatTemplate | None = None,
+        image_token: str = IMAGE_TOKEN,
+        dynamic_resolution: DynamicResolution | None = None,
+        max_length: int | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+    ) -> None:
+        if tokens_per_tile < 1:
+            raise InputError(f"tokens_per_tile: got {tokens_per_tile}; expected at least 1")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.tokens_per_tile = tokens_per_tile
+        self.image_token = image_token
+        self.image_token_id = tokenizer.token_to_id(image_token)
+        if self.image_token_id is None or tokenizer.encode(image_token, add_special_tokens=False).ids != [
+            self.image_token_id
+        ]:
+            raise InputError(
+                f"image_token: {image_token!r} is not one token of the tokenizer; add it (add_image_token)"
+            )
+        self.special_tokens = dict(special_tokens or {})
+        self.chat_template = chat_template or self._builtin_template()
+        self.dynamic_resolution = dynamic_resolution
+        self.max_length = max_length
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
+        pad = self.special_tokens.get("pad_token") or self.eos_token
+        self.pad_token_id = (tokenizer.token_to_id(pad) if pad else None) or 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        image_processor: ImageProcessor,
+        tokens_per_tile: int,
+        **options: Any,
+    ) -> "VLMProcessor":
+        """Return a processor over a checkpoint folder's tokenizer.json, special tokens and chat template."""
+        folder = Path(folder)
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as error:  # tokenizers raises a bare Exception on a missing or bad file
+            raise InputError(
+                f"{folder / 'tokenizer.json'}: expected a tokenizers JSON file ({error})"
+            ) from error
+        image_token = options.get("image_token", IMAGE_TOKEN)
+        options.setdefault("chat_template", ChatTemplate.from_pretrained(folder, image_token))
+        options.setdefault("special_tokens", special_tokens_of(folder))
+        return cls(tokenizer, image_processor, tokens_per_tile, **options)
+
+    def _builtin_template(self) -> ChatTemplate:
+        # A vocabulary with ChatML's markers was trained on ChatML; otherwise LLaVA v1, ending turns with eos.
+        if self.tokenizer.token_to_id("<|im_start|>") is not None:
+            return ChatTemplate.chatml(self.image_token)
+        return ChatTemplate.llava_v1(self.special_tokens.get("eos_token", "</s>"), self.image_token)
+
+    def render(
+        self, prompt: Prompt, answer: str | None = None, add_generation_prompt: bool = False
+    ) -> tuple[str, tuple[tuple[int, int], ...]]:
+        """Return the prompt's text and its answers' character spans; a str is used as written (plus `answer`)."""
+        if isinstance(prompt, str):
+            if answer is None:
+                return prompt, ()
+            text = prompt + answer + (self.eos_token or "")
+            return text, ((len(prompt), len(text)),)
+        if answer is not None:
+            raise InputError("answer: only for a str prompt; put the answer in the conversation instead")
+        rendered = self.chat_template.render(prompt, add_generation_prompt=add_generation_prompt)
+        return rendered.text, rendered.answer_spans
+
+    def encode(
+        self,
+        prompt: Prompt,
+        images: Sequence[ImageSource] | None = None,
+        *,
+        answer: str | None = None,
+        add_generation_prompt: bool = False,
+    ) -> EncodedSample | None:
+        """Return one sample, or None when `max_length` would cut its image tokens or all its answer tokens."""
+        if not isinstance(prompt, str):
+            prompt = check_messages(prompt)
+            if images is None:
+                images = images_in(prompt)
+        images = list(images or [])
+        text, spans = self.render(prompt, answer, add_generation_prompt)
+        # transformers' processors add the tokenizer's specials unless the template already wrote bos.
+        add_special = not (self.bos_token and text.startswith(self.bos_token))
+        encoding = self.tokenizer.encode(text, add_special_tokens=add_special)
+        ids = torch.tensor(encoding.ids, dtype=torch.long)
+        offsets = torch.tensor(encoding.offsets, dtype=torch.long).reshape(-1, 2)  # [L, 2] characters
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        answer = torch.zeros_like(ids, dtype=torch.bool)
+        for start, end in spans:  # a token is an answer token if its characters overlap the answer
+            answer |= (starts < end) & (ends > start) & (ends > starts)
+        labels = torch.where(answer, ids, IGNORE_INDEX)
+
+        is_image = ids == self.image_token_id
+        if int(is_image.sum()) != len(images):
+            raise InputError(
+                f"images: got {len(images)} image(s) for {int(is_image.sum())} {self.image_token} placeholder(s)"
+            )
+        pixel_values, tiles, grids, sizes = self._images(images)
+        # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times, in image order
+        repeats = torch.ones_like(ids)
+        repeats[is_image] = torch.tensor([n * self.tokens_per_tile for n in tiles], dtype=torch.long)
+        ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+        labels[ids == self.image_token_id] = IGNORE_INDEX
+
+        if self.max_length is not None and len(ids) > self.max_length:
+            if bool((ids[self.max_length :] == self.image_token_id).any()):
+                return None  # cutting would leave a part of an image, or an image with no tokens
+            had_answer = bool((labels != IGNORE_INDEX).any())
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if had_answer and not bool((labels != IGNORE_INDEX).any()):
+                return None  # nothing left to learn from
+        return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes)
+
+    def _images(
+        self, images: Sequence[ImageSource]
+    ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+        if not images:
+            return None, [], [], []
+        views, tiles, grids, sizes = [], [], [], []
+        for source in images:
+            image = load_image(source, self.image_processor.max_pixels)  # InputError on a 0-pixel side
+            sizes.append((image.height, image.width))
+            if self.dynamic_resolution is None:
+                views.append(image)
+                tiles.append(1)
+                grids.append((0, 0))
+            else:
+                tiled = self.dynamic_resolution(image)
+                views.extend(tiled.tiles)
+                tiles.append(len(tiled.tiles))
+                grids.append(tiled.grid)
+        return self.image_processor(views), tiles, grids, sizes
+
+    def collate(
+        self, samples: Sequence[EncodedSample | None], padding_side: PaddingSide = "right"
+    ) -> dict[str, Any]:
+        """Return a padded batch of samples (right for training, left for generation); None samples are counted.
+
+        Keys: input_ids, attention_mask, labels [B, L] long; pixel_values [T, 3, H, W] float32 or None;
+        image_tiles [I], image_grid [I, 2], image_sizes [I, 2], images_per_sample [B] long; num_dropped int.
+        """
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side: got {padding_side!r}; expected 'left' or 'right'")
+        kept = [s for s in samples if s is not None]
+        length = max((len(s.input_ids) for s in kept), default=0)
+        input_ids = torch.full((len(kept), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(kept), length), dtype=torch.long)
+        for row, sample in enumerate(kept):
+            n = len(sample.input_ids)
+            where = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            input_ids[row, where], labels[row, where], attention_mask[row, where] = (
+                sample.input_ids,
+                sample.labels,
+                1,
+            )
+        pixels = [s.pixel_values for s in kept if s.pixel_values is not None]
+        if len({p.shape[1:] for p in pixels}) > 1:
+            raise InputError(
+                "pixel_values: tiles differ in size across the batch; use a fixed-size image processor"
+            )
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pixels) if pixels else None,
+            "image_tiles": torch.tensor([t for s in kept for t in s.image_tiles], dtype=torch.long),
+            "image_grid": torch.tensor([g for s in kept for g in s.image_grids], dtype=torch.long).reshape(
+                -1, 2
+            ),
+            "image_sizes": torch.tensor([z for s in kept for z in s.image_sizes], dtype=torch.long).reshape(
+                -1, 2
+            ),
+            "images_per_sample": torch.tensor([len(s.image_tiles) for s in kept], dtype=torch.long),
+            "num_dropped": len(samples) - len(kept),
+        }
+
+    def __call__(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        images: Sequence[ImageSource] | Sequence[Sequence[ImageSource]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        padding_side: PaddingSide = "left",
+    ) -> dict[str, Any]:
+        """Return a generation batch for one prompt (with its images) or a list of prompts (with a list per prompt)."""
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], Mapping))
+        if single:
+            prompts, images = [prompts], [images] if images is not None else None
+        if images is not None and len(images) != len(prompts):
+            raise InputError(f"images: got {len(images)} image lists for {len(prompts)} prompts")
+        samples = [
+            self.encode(
+                p, images[i] if images is not None else None, add_generation_prompt=add_generation_prompt
+            )
+            for i, p in enumerate(prompts)
+        ]
+        if any(s is None for s in samples):
+            raise InputError(f"max_length: a prompt's image tokens do not fit in {self.max_length} tokens")
+        return self.collate(samples, padding_side)
