@@ -135,11 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--data", required=True, help="an image-text manifest (.jsonl, .csv, ...)")
     p.add_argument("--out", required=True, help="the filtered JSONL manifest to write")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        "--min-similarity", type=float, help="drop pairs whose image-text cosine is below this"
-    )
-    group.add_argument("--keep-fraction", type=float, help="keep this fraction of pairs, most similar first")
+    # not an argparse exclusive group: CurateSettings.check gives a one-line error rather than a usage block
+    p.add_argument("--min-similarity", type=float, help="drop pairs whose image-text cosine is below this")
+    p.add_argument("--keep-fraction", type=float, help="keep this fraction of pairs, most similar first")
     p.add_argument(
         "--dedup-threshold", type=float, default=0.95, help="image cosine at which images are duplicates"
     )
