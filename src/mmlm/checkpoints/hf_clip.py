@@ -78,13 +78,30 @@ def clip_config_from_hf(hf: dict[str, Any]) -> DualEncoderConfig:
 
 def siglip_config_from_hf(hf: dict[str, Any]) -> DualEncoderConfig:
     """Return the DualEncoderConfig of a transformers SiglipModel config.json."""
-    vision = {**SIGLIP_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
     text = {**SIGLIP_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
-    pool = "map" if vision["vision_use_head"] else "mean"
-    v = _vision(vision, {}, class_token=False, patch_bias=True, pre_norm=False, pool=pool, embed_dim=None)
+    v = siglip_vision_config_from_hf(hf.get("vision_config") or {})
     proj = text.get("projection_size") or text["hidden_size"]
     t = _text(text, {}, causal=False, pool="last", padding="max_length", embed_dim=proj, proj_bias=True)
     return DualEncoderConfig.siglip(v, t)
+
+
+def clip_vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:
+    """Return the VisionConfig of a transformers CLIPVisionConfig dict, without projection (a VLM's tower)."""
+    return _vision(hf, CLIP_VISION_DEFAULTS, embed_dim=None)
+
+
+def siglip_vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:
+    """Return the VisionConfig of a transformers SiglipVisionConfig dict."""
+    vision = {**SIGLIP_VISION_DEFAULTS, **hf}
+    pool = "map" if vision["vision_use_head"] else "mean"
+    return _vision(vision, {}, class_token=False, patch_bias=True, pre_norm=False, pool=pool, embed_dim=None)
+
+
+def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
+    """Return a transformers vision_config dict (CLIP's, or SigLIP's when the tower has no class token)."""
+    if v.class_token:
+        return dict(_vision_hf(v), model_type="clip_vision_model")
+    return dict(_vision_hf(v), model_type="siglip_vision_model", vision_use_head=v.pool == "map")
 
 
 def _vision_hf(v: VisionConfig) -> dict[str, Any]:
@@ -134,19 +151,50 @@ def _text_embeddings() -> list[Rule]:
     ]
 
 
+def clip_vision_key_map(v: VisionConfig, ours: str = "visual", theirs: str = "vision_model") -> list[Rule]:
+    """Return the rules between a transformers CLIP vision tower (`theirs`) and a VisionTransformer (`ours`)."""
+    return [
+        rename(f"{ours}.class_token", f"{theirs}.embeddings.class_embedding"),
+        rename(f"{ours}.patch_embed.weight", f"{theirs}.embeddings.patch_embedding.weight"),
+        rename(f"{ours}.pos_embed", f"{theirs}.embeddings.position_embedding.weight"),
+        *linear(f"{ours}.norm_pre", f"{theirs}.pre_layrnorm"),  # sic: transformers' spelling
+        *_blocks(ours, theirs, v.layers, v.width),
+        *linear(f"{ours}.norm_post", f"{theirs}.post_layernorm"),
+    ]
+
+
+def siglip_vision_key_map(v: VisionConfig, ours: str = "visual", theirs: str = "vision_model") -> list[Rule]:
+    """Return the rules between a transformers SigLIP vision tower (`theirs`) and a VisionTransformer (`ours`)."""
+    rules = [
+        *linear(f"{ours}.patch_embed", f"{theirs}.embeddings.patch_embedding"),
+        rename(f"{ours}.pos_embed", f"{theirs}.embeddings.position_embedding.weight"),
+        *_blocks(ours, theirs, v.layers, v.width),
+        *linear(f"{ours}.norm_post", f"{theirs}.post_layernorm"),
+    ]
+    if v.pool == "map":
+        h, d, o = f"{theirs}.head", v.width, f"{ours}.head"
+        rules += [
+            rename(f"{o}.probe", f"{h}.probe"),
+            # nn.MultiheadAttention packs q, k, v in one in_proj; ours keeps q apart from the fused kv
+            Rule(
+                (f"{o}.attn.q.weight", f"{o}.attn.kv.weight"), (f"{h}.attention.in_proj_weight",), (d, 2 * d)
+            ),
+            Rule((f"{o}.attn.q.bias", f"{o}.attn.kv.bias"), (f"{h}.attention.in_proj_bias",), (d, 2 * d)),
+            *linear(f"{o}.attn.out", f"{h}.attention.out_proj"),
+            *linear(f"{o}.norm", f"{h}.layernorm"),
+            *linear(f"{o}.mlp.fc1", f"{h}.mlp.fc1"),
+            *linear(f"{o}.mlp.fc2", f"{h}.mlp.fc2"),
+        ]
+    return rules
+
+
 def clip_key_map(cfg: DualEncoderConfig) -> list[Rule]:
     """Return every rule between transformers' CLIPModel tensor names and DualEncoder's."""
-    v, t = cfg.vision, cfg.text
     return [
-        rename("visual.class_token", "vision_model.embeddings.class_embedding"),
-        rename("visual.patch_embed.weight", "vision_model.embeddings.patch_embedding.weight"),
-        rename("visual.pos_embed", "vision_model.embeddings.position_embedding.weight"),
-        *linear("visual.norm_pre", "vision_model.pre_layrnorm"),  # sic: transformers' spelling
-        *_blocks("visual", "vision_model", v.layers, v.width),
-        *linear("visual.norm_post", "vision_model.post_layernorm"),
+        *clip_vision_key_map(cfg.vision),
         rename("visual.proj.weight", "visual_projection.weight"),
         *_text_embeddings(),
-        *_blocks("text", "text_model", t.layers, t.width),
+        *_blocks("text", "text_model", cfg.text.layers, cfg.text.width),
         rename("text.proj.weight", "text_projection.weight"),
         rename("logit_scale", "logit_scale"),
     ]
@@ -154,29 +202,11 @@ def clip_key_map(cfg: DualEncoderConfig) -> list[Rule]:
 
 def siglip_key_map(cfg: DualEncoderConfig) -> list[Rule]:
     """Return every rule between transformers' SiglipModel tensor names and DualEncoder's."""
-    v, t = cfg.vision, cfg.text
-    rules = [
-        *linear("visual.patch_embed", "vision_model.embeddings.patch_embedding"),
-        rename("visual.pos_embed", "vision_model.embeddings.position_embedding.weight"),
-        *_blocks("visual", "vision_model", v.layers, v.width),
-        *linear("visual.norm_post", "vision_model.post_layernorm"),
+    return [
+        *siglip_vision_key_map(cfg.vision),
         *_text_embeddings(),
-        *_blocks("text", "text_model", t.layers, t.width),
+        *_blocks("text", "text_model", cfg.text.layers, cfg.text.width),
         *linear("text.proj", "text_model.head"),
         rename("logit_scale", "logit_scale", their_shape=(1,)),
         rename("logit_bias", "logit_bias", their_shape=(1,)),
     ]
-    if v.pool == "map":
-        h, d = "vision_model.head", v.width
-        rules += [
-            rename("visual.head.probe", f"{h}.probe"),
-            # nn.MultiheadAttention packs q, k, v in one in_proj; ours keeps q apart from the fused kv
-            Rule(("visual.head.attn.q.weight", "visual.head.attn.kv.weight"), (f"{h}.attention.in_proj_weight",),
-                 (d, 2 * d)),
-            Rule(("visual.head.attn.q.bias", "visual.head.attn.kv.bias"), (f"{h}.attention.in_proj_bias",), (d, 2 * d)),
-            *linear("visual.head.attn.out", f"{h}.attention.out_proj"),
-            *linear("visual.head.norm", f"{h}.layernorm"),
-            *linear("visual.head.mlp.fc1", f"{h}.mlp.fc1"),
-            *linear("visual.head.mlp.fc2", f"{h}.mlp.fc2"),
-        ]  # fmt: skip
-    return rules
