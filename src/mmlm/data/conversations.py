@@ -1,0 +1,131 @@
+"""The LLaVA conversations format: read it into chat messages, write it back, and serve it to a VLM processor.
+
+A file is a JSON list, or JSONL with one record per line:
+    {"id": ..., "image": "rel/path.png" | ["a.png", "b.png"] (optional),
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "a cat"}]}
+Image paths are relative to `image_folder` (default: the file's folder). Each `<image>` placeholder in the
+values stands for the next image of the record, so their counts must agree.
+"""
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from mmlm.errors import InputError
+from mmlm.processing.chat import IMAGE_TOKEN, Message
+from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
+
+# LLaVA / ShareGPT speaker names -> chat roles
+ROLE_OF_SPEAKER = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+SPEAKER_OF_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One record: chat messages (string content with `<image>` placeholders) and its image paths, in order."""
+
+    messages: list[Message]
+    images: list[Path]
+    id: str | None = None
+
+
+def _records(path: Path) -> Iterable[tuple[str, Any]]:
+    # (where, record): "file record i" (0-based) in a JSON list, "file line n" (1-based) in JSONL
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: expected a readable UTF-8 JSON or JSONL file ({error})") from error
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except ValueError as error:
+            raise InputError(f"{path}: not valid JSON ({error})") from error
+        yield from ((f"{path} record {i}", record) for i, record in enumerate(records))
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise InputError(f"{path} line {number}: not valid JSON ({error})") from error
+            yield f"{path} line {number}", record
+
+
+def parse_record(record: Any, where: str, image_folder: Path, image_token: str = IMAGE_TOKEN) -> Conversation:
+    """Return one LLaVA record as a Conversation; `where` names it in errors ("file.json record 3")."""
+    if not isinstance(record, Mapping):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise InputError(f"{where}: conversations: expected a non-empty list of {{'from', 'value'}} turns")
+    messages: list[Message] = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, Mapping) else None
+        if speaker not in ROLE_OF_SPEAKER:
+            raise InputError(
+                f"{where}: conversations[{i}].from: expected one of {sorted(ROLE_OF_SPEAKER)}, got {speaker!r}"
+            )
+        if not isinstance(turn.get("value"), str):
+            raise InputError(f"{where}: conversations[{i}].value: expected a string")
+        messages.append({"role": ROLE_OF_SPEAKER[speaker], "content": turn["value"]})
+    images = record.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise InputError(f"{where}: image: expected a relative path or a list of them")
+    placeholders = sum(m["content"].count(image_token) for m in messages)
+    if placeholders != len(images):
+        raise InputError(f"{where}: {len(images)} image(s) but {placeholders} {image_token} placeholder(s)")
+    record_id = record.get("id")
+    return Conversation(
+        messages, [image_folder / p for p in images], None if record_id is None else str(record_id)
+    )
+
+
+def read_conversations(
+    path: str | os.PathLike, image_folder: str | os.PathLike | None = None, image_token: str = IMAGE_TOKEN
+) -> list[Conversation]:
+    """Return every record of a LLaVA JSON/JSONL file; InputError names the file and record of a bad one."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found; expected a LLaVA conversations JSON or JSONL file")
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    return [parse_record(record, where, folder, image_token) for where, record in _records(path)]
+
+
+def llava_record(
+    messages: Sequence[Message], images: Sequence[str] = (), record_id: str | None = None
+) -> dict:
+    """Return string-content chat messages as one LLaVA record (the inverse of `parse_record`)."""
+    record: dict[str, Any] = {} if record_id is None else {"id": record_id}
+    if images:
+        record["image"] = images[0] if len(images) == 1 else list(images)
+    record["conversations"] = [{"from": SPEAKER_OF_ROLE[m["role"]], "value": m["content"]} for m in messages]
+    return record
+
+
+class ConversationDataset(Dataset):
+    """Conversations encoded by a VLM processor; an item is None when truncation dropped it (collate counts it)."""
+
+    def __init__(self, conversations: Sequence[Conversation], processor: VLMProcessor) -> None:
+        self.conversations = conversations
+        self.processor = processor
+
+    def __len__(self) -> int:
+        """Return the number of conversations."""
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> EncodedSample | None:
+        """Return conversation `index` tokenised with labels and its images preprocessed, or None if dropped."""
+        conversation = self.conversations[index]
+        return self.processor.encode(conversation.messages, conversation.images)
