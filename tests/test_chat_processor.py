@@ -110,8 +110,17 @@ def _image(width: int, height: int, seed: int = 0) -> Image.Image:
 # ---- chat templates ----
 
 
+SYSTEM = {"role": "system", "content": "Answer in one word."}
+
+
 @pytest.mark.parametrize(
-    ("name", "chat"), [("qwen2", TEXT_CHAT), ("llama3", TEXT_CHAT), ("llava15", PARTS_CHAT)]
+    ("name", "chat"),
+    [
+        ("qwen2", TEXT_CHAT),
+        ("qwen2", [SYSTEM, *TEXT_CHAT]),
+        ("llama3", [SYSTEM, *TEXT_CHAT]),
+        ("llava15", PARTS_CHAT),
+    ],
 )
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 def test_render_equals_transformers_apply_chat_template(folders, name, chat, add_generation_prompt) -> None:
@@ -126,8 +135,9 @@ def test_render_equals_transformers_apply_chat_template(folders, name, chat, add
 @pytest.mark.parametrize("name", ["qwen2", "llama3"])
 def test_text_only_ids_equal_transformers(folders, name) -> None:
     hf = _hf_tokenizer(folders[name])
-    ours = _processor(folders[name]).encode(TEXT_CHAT)
-    text = hf.apply_chat_template(TEXT_CHAT, tokenize=False)
+    chat = [SYSTEM, *TEXT_CHAT]
+    ours = _processor(folders[name]).encode(chat)
+    text = hf.apply_chat_template(chat, tokenize=False)
     # transformers' processors add the tokenizer's specials unless the template starts with bos
     reference = hf(text, add_special_tokens=not text.startswith("<s>"))["input_ids"]
     assert ours.input_ids.tolist() == reference

@@ -34,9 +34,13 @@ class ConnectorConfig:
 class Connector(Protocol):
     """An nn.Module from patch tokens [B, N, Dv] to visual tokens [B, num_tokens(N), D_lm]."""
 
-    def num_tokens(self, num_patches: int) -> int: ...
+    def num_tokens(self, num_patches: int) -> int:
+        """Return how many visual tokens `num_patches` patch tokens become."""
+        ...
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """Return visual tokens in LM width, [B, N, Dv] -> [B, num_tokens(N), D_lm]."""
+        ...
 
 
 ConnectorBuilder = Callable[[ConnectorConfig, int, int], nn.Module]
