@@ -223,6 +223,7 @@ def test_image_tokens_expand_in_image_and_tile_order(folders) -> None:
     prompt = "<image> first <image>\nthen text then <image>"
     sample = processor.encode(prompt, [wide, tall, square])
     assert sample.image_tiles == [3, 3, 5] and sample.image_grids == [(1, 2), (2, 1), (2, 2)]
+    assert [processor.image_token_count(i.height, i.width) for i in (wide, tall, square)] == [9, 9, 15]
     assert sample.pixel_values.shape == (11, 3, 8, 8)
     is_image = (sample.input_ids == processor.image_token_id).int()
     # three runs of image tokens, of 3·3, 3·3 and 5·3 tokens, split by the text between placeholders

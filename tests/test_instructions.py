@@ -14,7 +14,9 @@ from mmlm.data.instructions import (
     make_instruction,
     plural,
     text_corpus,
+    write_instruction_splits,
     write_instructions,
+    write_text_corpus,
 )
 from mmlm.data.shapes import COLORS, SHAPES, relation_holds, split_combinations
 from mmlm.errors import InputError
@@ -185,3 +187,12 @@ def test_dataset_encodes_written_conversations(tmp_path) -> None:
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == 3 * 4
     assert int((batch["labels"] == tokenizer.token_to_id("</s>")).sum()) == 3  # each answer ends in eos
     assert (batch["labels"] != IGNORE_INDEX).sum() > 3
+
+
+def test_split_and_corpus_writers(tmp_path) -> None:
+    files = write_instruction_splits(tmp_path, seed=1, n_train=3, n_test=2)
+    assert {name: len(read_conversations(f.conversations)) for name, f in files.items()} == {
+        "train": 3, "test": 2, "heldout": 2,
+    }  # fmt: skip
+    corpus = write_text_corpus(tmp_path / "corpus" / "text.txt", 5, seed=1)
+    assert corpus.read_text().splitlines() == text_corpus(5, seed=1)

@@ -257,6 +257,14 @@ def write_instructions(
     return files
 
 
+def write_instruction_splits(
+    out_dir: str | Path, seed: int, n_train: int, n_test: int, **options: Any
+) -> dict[str, InstructionFiles]:
+    """Write `instruction_splits` (train, test, heldout) under out_dir; return each split's files."""
+    splits = instruction_splits(seed, n_train, n_test, **options)
+    return {name: write_instructions(out_dir, samples, name) for name, samples in splits.items()}
+
+
 def text_corpus(
     n: int, seed: int, *, pairs: Sequence[tuple[str, str]] | None = None, max_objects: int = 4
 ) -> list[str]:
@@ -277,6 +285,14 @@ def text_corpus(
             qa = ask(scene, question_type, rng, pairs) or ("Describe the image.", describe(scene))
             sentences.append(f"{qa[0]} {qa[1]}.")
     return sentences
+
+
+def write_text_corpus(path: str | Path, n: int, seed: int, **options: Any) -> Path:
+    """Write `text_corpus(n, seed, **options)` to `path`, one sentence per line; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in text_corpus(n, seed, **options)), encoding="utf-8")
+    return path
 
 
 def answer_counts(instructions: Sequence[Instruction]) -> dict[str, Counter]:

@@ -128,6 +128,11 @@ class VLMProcessor:
             return ChatTemplate.chatml(self.image_token)
         return ChatTemplate.llava_v1(self.special_tokens.get("eos_token", "</s>"), self.image_token)
 
+    def image_token_count(self, height: int, width: int) -> int:
+        """Return how many image tokens an image of this size becomes (tiles × tokens_per_tile)."""
+        tiles = 1 if self.dynamic_resolution is None else self.dynamic_resolution.num_tiles(height, width)
+        return tiles * self.tokens_per_tile
+
     def render(
         self, prompt: Prompt, answer: str | None = None, add_generation_prompt: bool = False
     ) -> tuple[str, tuple[tuple[int, int], ...]]:
