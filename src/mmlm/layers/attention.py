@@ -1,11 +1,14 @@
 """Multi-head attention on F.scaled_dot_product_attention: self or cross, causal or not, grouped KV heads,
-an optional KV cache. Projections are plain nn.Linear modules so LoRA can wrap them."""
+rotary positions, a KV cache (growing or preallocated). Projections are plain nn.Linear modules so LoRA can
+wrap them."""
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmlm.layers.rotary import apply_rotary
 
 
 @dataclass
@@ -28,6 +31,59 @@ class KVCache:
             self.k = torch.cat([self.k, k], dim=2)
             self.v = torch.cat([self.v, v], dim=2)
         return self.k, self.v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (e.g. the sequences still being generated)."""
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
+
+
+@dataclass
+class StaticKVCache:
+    """Preallocated keys and values [B, kv_heads, max_length, head_dim]; new ones are written in place.
+
+    Equivalent to KVCache, without re-copying the whole cache on every step (torch.cat) and with fixed
+    buffer shapes. `length` counts the positions written so far; attention sees the first `length`.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "StaticKVCache":
+        """Return an empty cache with room for `max_length` positions."""
+        shape = (batch, kv_heads, max_length, head_dim)
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        )
+
+    @property
+    def max_length(self) -> int:
+        """Return the number of positions the buffers hold."""
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values at the next free positions and return views of everything written so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"static KV cache holds {self.max_length} positions; {end} requested")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows`."""
+        self.k, self.v = self.k[rows], self.v[rows]
 
 
 class Attention(nn.Module):
@@ -73,20 +129,28 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         is_causal: bool = False,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Return attention outputs [B, L, dim] for queries `x` [B, L, dim].
 
         `mask` is boolean (True = may attend) or additive, broadcastable to [B, heads, L, S]. With `cache`,
-        the new keys/values are appended to it and the queries attend to all cached positions.
+        the new keys/values are appended to it and the queries attend to all cached positions. `rope` is
+        (cos, sin) [B, L, 1, head_dim] from `rotary.rope_cos_sin`, applied to queries and keys (self-attention).
         """
-        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        kv_dim = self.kv_heads * self.head_dim
         if self.cross:
-            q = self.q(x)
+            q = self._heads(self.q(x), self.heads)
             k, v = self.kv(context).split([kv_dim, kv_dim], dim=-1)
+            k, v = self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
         else:
-            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q, k, v = self._heads(q, self.heads), self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
+            # [B, L, (H + 2·KV)·hd] -> [B, L, H + 2·KV, hd]: queries and keys rotate together in one pass
+            qkv = self.qkv(x).unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim))
+            qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=2)
+            if rope is not None:
+                qk = apply_rotary(qk, *rope)
+            q, k = qk.split([self.heads, self.kv_heads], dim=2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, n, L, hd]
         if cache is not None:
             k, v = cache.append(k, v)
         if is_causal and (mask is not None or k.shape[2] != q.shape[2]):

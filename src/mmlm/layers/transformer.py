@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmlm.layers.attention import Attention, KVCache
+from mmlm.layers.attention import Attention, KVCache, StaticKVCache
 from mmlm.layers.mlp import MLP, GatedMLP
 from mmlm.layers.norm import make_norm
 
@@ -30,18 +30,22 @@ class Block(nn.Module):
         gated_mlp: bool = False,
         cross_attention: bool = False,
         context_dim: int | None = None,
+        out_bias: bool | None = None,
+        mlp_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.prenorm = prenorm
         self.norm1 = make_norm(norm, dim, eps)
-        self.attn = Attention(dim, heads, kv_heads=kv_heads, head_dim=head_dim, bias=bias)
+        # `bias` covers every linear unless out_bias / mlp_bias say otherwise (Qwen2: q, k, v biases only)
+        self.attn = Attention(dim, heads, kv_heads=kv_heads, head_dim=head_dim, bias=bias, out_bias=out_bias)
         if cross_attention:
             self.norm_cross = make_norm(norm, dim, eps)
             self.cross_attn = Attention(
                 dim, heads, head_dim=head_dim, bias=bias, cross=True, context_dim=context_dim
             )
         self.norm2 = make_norm(norm, dim, eps)
-        self.mlp = GatedMLP(dim, mlp_dim, act, bias) if gated_mlp else MLP(dim, mlp_dim, act, bias)
+        mlp_bias = bias if mlp_bias is None else mlp_bias
+        self.mlp = GatedMLP(dim, mlp_dim, act, mlp_bias) if gated_mlp else MLP(dim, mlp_dim, act, mlp_bias)
 
     def _residual(self, x: torch.Tensor, f, norm: nn.Module) -> torch.Tensor:
         return x + f(norm(x)) if self.prenorm else norm(x + f(x))
@@ -51,12 +55,15 @@ class Block(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         is_causal: bool = False,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Return the block output, same shape as `x` [B, L, dim]."""
-        x = self._residual(x, lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache), self.norm1)
+        """Return the block output, same shape as `x` [B, L, dim]; `rope` is (cos, sin) for rotary positions."""
+        x = self._residual(
+            x, lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, rope=rope), self.norm1
+        )
         if context is not None:
             x = self._residual(
                 x, lambda h: self.cross_attn(h, context=context, mask=context_mask), self.norm_cross
