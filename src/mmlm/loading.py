@@ -1,13 +1,22 @@
-"""`mmlm.load`: one entry point for transformers folders and mmlm's own, dispatched on config.json alone."""
+"""`mmlm.load`: one entry point for transformers folders and mmlm's own, dispatched on config.json alone.
+
+Each architecture entry knows how to build its loaded object: a ContrastiveModel (CLIP, SigLIP) or a CausalLM
+(Llama, Mistral, Qwen2). A name like "org/model" that is not a folder is looked up in the local Hugging Face
+cache; nothing is ever downloaded.
+"""
 
 import dataclasses
+import functools
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmlm.causal_lm import CausalLM, load_hf_causal_lm, load_mmlm_causal_lm
 from mmlm.checkpoints import open_clip
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_clip import (
@@ -27,21 +36,31 @@ from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import load_tokenizer
 
 MMLM_VERSION = 1
+Loaded = ContrastiveModel | CausalLM
+# folder, its config.json, device, dtype -> the loaded object
+Loader = Callable[[Path, dict[str, Any], torch.device, torch.dtype], Loaded]
 
 
 @dataclasses.dataclass(frozen=True)
-class HFArchitecture:
-    """How to read one transformers model_type: its config translation and its key map."""
+class DualEncoderFormat:
+    """How a transformers dual encoder's config and tensors translate to ours (used to load and to export)."""
 
-    classes: tuple[str, ...]
     config_from_hf: Callable[[dict[str, Any]], DualEncoderConfig]
     key_map: Callable[[DualEncoderConfig], list[Rule]]
 
 
-HF_ARCHITECTURES = {
-    "clip": HFArchitecture(("CLIPModel",), clip_config_from_hf, clip_key_map),
-    "siglip": HFArchitecture(("SiglipModel",), siglip_config_from_hf, siglip_key_map),
+DUAL_ENCODER_FORMATS = {
+    "clip": DualEncoderFormat(clip_config_from_hf, clip_key_map),
+    "siglip": DualEncoderFormat(siglip_config_from_hf, siglip_key_map),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class HFArchitecture:
+    """One transformers model_type: the model classes it covers and the function that loads such a folder."""
+
+    classes: tuple[str, ...]
+    load: Loader
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -79,47 +98,107 @@ def _parse_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def hub_cache() -> Path:
+    """Return the local Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_folder(path: str | Path) -> Path:
+    """Return the model folder `path` names: a folder, or the cached snapshot of a hub id such as "org/name"."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    if not (isinstance(path, str) and HUB_ID.fullmatch(path)):
+        raise InputError(f"model folder {folder} not found")
+    repo = hub_cache() / ("models--" + path.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+        return repo / "snapshots" / ref.read_text().strip()
+    if len(snapshots) == 1:  # no refs/main (e.g. fetched at a revision): the only snapshot there is
+        return snapshots[0]
+    raise InputError(
+        f"model folder {path} not found, and {path} is not in the Hugging Face cache ({repo}); mmlm never "
+        f"downloads: fetch it first (huggingface-cli download {path}) or pass a folder"
+    )
+
+
 def load(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
-) -> ContrastiveModel:
-    """Return the model in a transformers-format folder (CLIP, SigLIP) or an mmlm checkpoint folder."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise InputError(f"model folder {folder} not found")
+) -> Loaded:
+    """Return the model in a transformers-format folder (CLIP, SigLIP, Llama, Mistral, Qwen2), a cached hub id,
+    or an mmlm checkpoint folder."""
+    folder = resolve_folder(path)
     dtype, device = _parse_dtype(dtype), _parse_device(device)
     if not (folder / "config.json").is_file() and (folder / open_clip.CONFIG_NAME).is_file():
         return load_open_clip(folder, device, dtype)
     cfg_json = read_json(folder / "config.json")
     if "mmlm_version" in cfg_json:
-        if cfg_json.get("architecture") != "dual_encoder":
+        loader = MMLM_ARCHITECTURES.get(cfg_json.get("architecture"))
+        if loader is None:
             raise InputError(f"{folder}: unknown mmlm architecture {cfg_json.get('architecture')!r}")
-        cfg = config_from_dict(DualEncoderConfig, cfg_json["config"])
-        weights = read_weights(folder)
-        model = build_from_weights(
-            lambda: DualEncoder(cfg), weights, identity_key_map(weights), str(folder), device, dtype
+        return loader(folder, cfg_json, device, dtype)
+    arch = HF_ARCHITECTURES.get(cfg_json.get("model_type"))
+    if arch is None:
+        known = ", ".join(sorted(HF_ARCHITECTURES))
+        raise InputError(
+            f"{folder}: model_type {cfg_json.get('model_type')!r} is not supported (mmlm reads {known})"
         )
-        processor = ImageProcessor.from_hf(read_json(folder / "preprocessor_config.json"))
-    else:
-        arch = HF_ARCHITECTURES.get(cfg_json.get("model_type"))
-        if arch is None:
-            known = ", ".join(sorted(HF_ARCHITECTURES))
-            raise InputError(
-                f"{folder}: model_type {cfg_json.get('model_type')!r} is not supported (mmlm reads {known})"
-            )
-        names = cfg_json.get("architectures") or list(arch.classes)
-        if not set(names) & set(arch.classes):
-            raise InputError(
-                f"{folder}: architectures {names} are not supported; expected one of {list(arch.classes)}"
-            )
-        cfg = arch.config_from_hf(cfg_json)
-        rules = arch.key_map(cfg)
-        model = build_from_weights(
-            lambda: DualEncoder(cfg), read_weights(folder), rules, str(folder), device, dtype
+    names = cfg_json.get("architectures") or list(arch.classes)
+    if not set(names) & set(arch.classes):
+        raise InputError(
+            f"{folder}: architectures {names} are not supported; expected one of {list(arch.classes)}"
         )
-        pre = folder / "preprocessor_config.json"
-        processor = ImageProcessor.from_hf(read_json(pre)) if pre.is_file() else default_processor(cfg)
+    return arch.load(folder, cfg_json, device, dtype)
+
+
+def load_hf_dual_encoder(
+    family: str, folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> ContrastiveModel:
+    """Return a transformers CLIPModel or SiglipModel folder as a ContrastiveModel."""
+    fmt = DUAL_ENCODER_FORMATS[family]
+    cfg = fmt.config_from_hf(cfg_json)
+    model = build_from_weights(
+        lambda: DualEncoder(cfg), read_weights(folder), fmt.key_map(cfg), str(folder), device, dtype
+    )
+    pre = folder / "preprocessor_config.json"
+    processor = ImageProcessor.from_hf(read_json(pre)) if pre.is_file() else default_processor(cfg)
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
     return ContrastiveModel(model, tokenizer, processor)
+
+
+def load_mmlm_dual_encoder(
+    folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> ContrastiveModel:
+    """Return an mmlm dual_encoder folder as a ContrastiveModel."""
+    cfg = config_from_dict(DualEncoderConfig, cfg_json["config"])
+    weights = read_weights(folder)
+    model = build_from_weights(
+        lambda: DualEncoder(cfg), weights, identity_key_map(weights), str(folder), device, dtype
+    )
+    processor = ImageProcessor.from_hf(read_json(folder / "preprocessor_config.json"))
+    tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
+    return ContrastiveModel(model, tokenizer, processor)
+
+
+HF_ARCHITECTURES: dict[str, HFArchitecture] = {
+    "clip": HFArchitecture(("CLIPModel",), functools.partial(load_hf_dual_encoder, "clip")),
+    "siglip": HFArchitecture(("SiglipModel",), functools.partial(load_hf_dual_encoder, "siglip")),
+    "llama": HFArchitecture(("LlamaForCausalLM",), load_hf_causal_lm),
+    "mistral": HFArchitecture(("MistralForCausalLM",), load_hf_causal_lm),
+    "qwen2": HFArchitecture(("Qwen2ForCausalLM",), load_hf_causal_lm),
+}
+MMLM_ARCHITECTURES: dict[str, Loader] = {
+    "dual_encoder": load_mmlm_dual_encoder,
+    "decoder_lm": load_mmlm_causal_lm,
+}
 
 
 def load_open_clip(folder: Path, device: torch.device, dtype: torch.dtype) -> ContrastiveModel:
@@ -151,17 +230,18 @@ def identity_key_map(weights: dict[str, torch.Tensor]) -> list[Rule]:
 
 def hf_family(cfg: DualEncoderConfig) -> str | None:
     """Return the transformers model_type that represents `cfg` exactly, or None if none does."""
-    arch = HF_ARCHITECTURES.get(cfg.family)
-    if arch is None:
+    fmt = DUAL_ENCODER_FORMATS.get(cfg.family)
+    if fmt is None:
         return None
-    back = arch.config_from_hf(config_to_hf(cfg))
+    back = fmt.config_from_hf(config_to_hf(cfg))
     same = dataclasses.replace(back, logit_scale_init=cfg.logit_scale_init, logit_bias_init=cfg.logit_bias_init,
                                logit_scale_max=cfg.logit_scale_max)  # fmt: skip
     return cfg.family if same == cfg else None
 
 
 def save(loaded: ContrastiveModel, folder: Path, format: str = "auto") -> Path:
-    """Write `loaded` to `folder`: transformers format where it can represent the model (`auto`), else mmlm's."""
+    """Write a contrastive model to `folder`: transformers format where it can represent the model (`auto`),
+    else mmlm's."""
     if format not in ("auto", "mmlm"):
         raise InputError(f"unknown save format {format!r}; expected 'auto' or 'mmlm'")
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,7 +250,9 @@ def save(loaded: ContrastiveModel, folder: Path, format: str = "auto") -> Path:
     family = hf_family(cfg) if format == "auto" else None
     if family is not None:
         config = config_to_hf(cfg)
-        write_weights(to_theirs(state, HF_ARCHITECTURES[family].key_map(cfg)), folder / "model.safetensors")
+        write_weights(
+            to_theirs(state, DUAL_ENCODER_FORMATS[family].key_map(cfg)), folder / "model.safetensors"
+        )
     else:
         config = {
             "mmlm_version": MMLM_VERSION,
