@@ -1,5 +1,6 @@
 """The image index: search finds what was indexed, builds resume after kill -9, IVF is checked against exact."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -120,6 +121,24 @@ def test_incremental_add_and_readding_is_a_no_op(tmp_path, model, model_dir, pho
     assert (report.added, report.already_indexed, report.images) == (0, 1, total)
 
 
+def test_a_changed_file_replaces_its_row_and_a_second_build_is_refused(tmp_path, model, model_dir, photos):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos / "coffee.jpg", folder / "today.jpg")
+    build_index(model, model_dir, folder, tmp_path / "ix")
+    Image.fromarray(data.rocket()).save(folder / "today.jpg")  # same name, new picture
+    report = build_index(model, model_dir, folder, tmp_path / "ix")
+    assert (report.added, report.replaced, report.images) == (1, 1, 1)
+    with ImageIndex.open(tmp_path / "ix") as index:
+        hit = index.search(model.encode_image([folder / "today.jpg"]), k=5)[0]
+        assert len(hit) == 1 and hit[0].score == pytest.approx(1.0, abs=1e-5)
+        assert hit[0].sha256 == hashlib.sha256((folder / "today.jpg").read_bytes()).hexdigest()
+    with open(tmp_path / "ix" / "build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another build holds the index
+        with pytest.raises(InputError, match="being built by another process"):
+            build_index(model, model_dir, folder, tmp_path / "ix")
+
+
 SLOW_BUILD = """
 import sys, time
 import mmlm.index.store as store
@@ -188,7 +207,7 @@ def test_build_killed_mid_way_resumes_without_duplicates_or_losses(tmp_path, mod
         assert index.vectors.ntotal == total
 
 
-def test_open_adds_rows_the_faiss_file_lacks_and_rebuilds_a_foreign_one(tmp_path):
+def test_open_adds_rows_the_faiss_file_lacks_and_drops_rows_sqlite_no_longer_has(tmp_path):
     vectors = clustered(8, 16, 3)
     index = ImageIndex.create(tmp_path / "ix", dim=16)
     index.add(fake_records(5), vectors[:5])
@@ -200,7 +219,7 @@ def test_open_adds_rows_the_faiss_file_lacks_and_rebuilds_a_foreign_one(tmp_path
         assert index.search(vectors[7], k=1)[0][0].path == "img7.png"
         index.save()
     with sqlite3.connect(tmp_path / "ix" / "index.sqlite") as db:
-        db.execute("DELETE FROM images WHERE path = 'img2.png'")  # FAISS now holds an id SQLite lacks
+        db.execute("DELETE FROM images WHERE path = 'img2.png'")  # as if removed after the last save
     with ImageIndex.open(tmp_path / "ix") as index:
         assert index.vectors.ntotal == 7
         found = {hit.path for hit in index.search(vectors, k=7)[0]}

@@ -2,12 +2,16 @@
 
 A rerun over the same images (after new files arrived, or after a killed build) embeds only what the index
 lacks: a file whose path, size and modification time match an indexed row is skipped unread, and any other
-file is hashed and skipped when its SHA-256 is indexed already, under whatever name.
+file is hashed and skipped when its SHA-256 is indexed already, under whatever name. A file whose content
+changed under an indexed path replaces that path's row.
 """
 
+import fcntl
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ class BuildReport:
     sources: int
     added: int = 0
     already_indexed: int = 0
+    replaced: int = 0  # indexed paths whose file changed; their old rows were removed
     unreadable: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} per unreadable image
     images: int = 0  # in the index after the build
@@ -112,18 +117,44 @@ def build_index(
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     sources, skipped = list_images(source)
-    start = last_save = time.perf_counter()
+    start = time.perf_counter()
     report = BuildReport(str(folder), len(sources), unreadable=len(skipped), skipped=skipped)
+    with _build_lock(Path(folder)):
+        _build(model, model_path, sources, folder, batch_size, ann, save_every_s, report, start)
+    report.seconds = time.perf_counter() - start
+    report.images_per_s = report.added / report.seconds if report.seconds else 0.0
+    return report
+
+
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the index folder (released by the kernel even after kill -9)."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--index: {folder} is a file; expected a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "build.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"--index: {folder} is being built by another process") from None
+        yield
+
+
+def _build(model, model_path, sources, folder, batch_size, ann, save_every_s, report, start) -> None:
+    last_save = start
     index = ImageIndex.open_or_create(folder, model_fingerprint(model, model_path))
     try:
         index.check_model(model)
         progress = Progress(len(sources), desc="index build", every=10)
-        batch: list[tuple[ImageRecord, Image.Image]] = []
+        batch: list[tuple[ImageRecord, Image.Image, list[int]]] = []
         hashes_this_run: set[str] = set()
 
         def commit() -> None:
-            records, images = zip(*batch, strict=True)
-            index.add(records, model.encode_image(list(images), batch_size))
+            records, images, replaces = zip(*batch, strict=True)
+            vectors = model.encode_image(list(images), batch_size)
+            index.remove([i for ids in replaces for i in ids])
+            index.add(records, vectors)
+            report.replaced += sum(bool(ids) for ids in replaces)
             report.added += len(batch)
             batch.clear()
 
@@ -153,15 +184,12 @@ def build_index(
         report.images = len(index)
     finally:
         index.close()
-    report.seconds = time.perf_counter() - start
-    report.images_per_s = report.added / report.seconds if report.seconds else 0.0
-    return report
 
 
 def _prepare(
     item: ImageSource, index: ImageIndex, hashes_this_run: set[str]
-) -> tuple[ImageRecord, Image.Image] | str:
-    """Return the record and decoded image of a new image, "already_indexed", or why it cannot be read."""
+) -> tuple[ImageRecord, Image.Image, list[int]] | str:
+    """Return a new image's record, decoded image and the rows it replaces; or "already_indexed"; or why not."""
     size = mtime = None
     if isinstance(item.image, Path):
         try:
@@ -183,4 +211,5 @@ def _prepare(
         return str(error).removeprefix("<bytes>: ")
     hashes_this_run.add(sha256)
     record = ImageRecord(item.name, sha256, image.width, image.height, item.caption, size, mtime)
-    return record, image
+    replaces = index.metadata.ids_at_path(item.name) if isinstance(item.image, Path) else []
+    return record, image, replaces

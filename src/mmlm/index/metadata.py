@@ -109,6 +109,15 @@ class MetadataStore:
                 ids.append(cursor.lastrowid)
         return np.asarray(ids, np.int64)
 
+    def ids_at_path(self, path: str) -> list[int]:
+        """Return the row ids stored under `path`."""
+        return [row[0] for row in self.db.execute("SELECT id FROM images WHERE path = ?", (path,))]
+
+    def delete(self, ids: Sequence[int]) -> None:
+        """Delete rows, in one transaction."""
+        with self._transaction():
+            self.db.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in ids])
+
     def ids(self) -> np.ndarray:
         """Return every row id, ascending."""
         return np.fromiter((row[0] for row in self.db.execute("SELECT id FROM images ORDER BY id")), np.int64)

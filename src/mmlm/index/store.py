@@ -3,8 +3,8 @@
 Crash safety rests on one order of writes. A batch is committed to SQLite first, in one transaction; the
 FAISS file is rewritten later (every so often, and when a build ends) through a temporary file and an atomic
 rename. So the FAISS file only ever holds rows SQLite already has, and opening an index reconciles the two:
-rows SQLite has and FAISS lacks are added from their stored vectors, and a FAISS file holding ids SQLite does
-not know (which the write order rules out, short of editing the files) is rebuilt from SQLite.
+rows SQLite has and FAISS lacks are added from their stored vectors, and ids SQLite no longer has (an image
+replaced after the last save) are removed from FAISS.
 """
 
 from collections.abc import Sequence
@@ -112,10 +112,12 @@ class ImageIndex:
 
     def _reconcile(self) -> None:
         in_faiss, in_sqlite = stored_ids(self.vectors), self.metadata.ids()
-        if self.vectors.d != self.dim or not np.isin(in_faiss, in_sqlite).all():
+        if self.vectors.d != self.dim:
             self.vectors = flat_index(self.dim)  # rebuilt; the next finalize() re-trains IVF if large enough
             self.metadata.put({"kind": "flat"})
             in_faiss = in_faiss[:0]
+        if len(deleted := np.setdiff1d(in_faiss, in_sqlite)):  # rows removed after the last save
+            self.vectors.remove_ids(faiss.IDSelectorBatch(deleted))
         missing = np.setdiff1d(in_sqlite, in_faiss)
         for ids, vectors in self.metadata.vectors(missing):
             self.vectors.add_with_ids(vectors, ids)
@@ -167,6 +169,12 @@ class ImageIndex:
         ids = self.metadata.insert(records, vectors)
         self.vectors.add_with_ids(vectors, ids)
         return ids
+
+    def remove(self, ids: Sequence[int]) -> None:
+        """Remove rows from SQLite (one transaction), then from FAISS in memory."""
+        if len(ids):
+            self.metadata.delete(ids)
+            self.vectors.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
 
     def has_hash(self, sha256: str) -> bool:
         """Return whether an image with this content hash is indexed."""
