@@ -306,7 +306,7 @@ def main() -> None:
     )
     p.add_argument("--batch-queries", type=int, default=256, help="queries in the batched throughput run")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--nlist", type=int, default=2048)
+    p.add_argument("--nlist", type=int, default=4096, help="IVF cells (4096 ≈ 4·√N at 1M)")
     p.add_argument("--niter", type=int, default=10, help="k-means iterations")
     p.add_argument("--train-per-list", type=int, default=40, help="k-means training vectors per IVF cell")
     p.add_argument("--target-recall", type=float, default=0.95)
