@@ -10,7 +10,7 @@ from pathlib import Path
 from mmlm.errors import InputError
 
 # Command groups that live beside the code they drive; each module has `register(subparsers)`.
-COMMAND_MODULES = ("mmlm.eval.commands", "mmlm.index.commands")
+COMMAND_MODULES = ("mmlm.eval.commands", "mmlm.index.commands", "mmlm.chat")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -102,6 +102,16 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     print(json.dumps({"out_dir": cfg.out_dir, **records[-1]}))
 
 
+def cmd_train_vlm(args: argparse.Namespace) -> None:
+    """Train a vision-language model through its stages from a training config file plus key=value overrides."""
+    from mmlm.train.vlm_config import load_vlm_train_config
+    from mmlm.train.vlm_loop import run_vlm_training
+
+    cfg = load_vlm_train_config(args.config, args.overrides)
+    loaded, records = run_vlm_training(cfg, resume=args.resume)
+    print(json.dumps({"out_dir": cfg.out_dir, **records[-1]}))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Run the main demo job."""
     from mmlm.demo import run_demo
@@ -140,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value settings, e.g. optim.lr=3e-4 data.source=pairs.jsonl"
     )
     p.set_defaults(func=cmd_train_clip)
+    p = train_sub.add_parser(
+        "vlm", help="LLaVA-style VLM training: connector alignment, then instruction tuning"
+    )
+    p.add_argument("--config", help="a training config (YAML or JSON); defaults otherwise")
+    p.add_argument("--resume", help="'latest', or a checkpoint folder, to continue a run exactly")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value settings, e.g. stages.instruct.optim.lr=1e-4 batch_size=16"
+    )
+    p.set_defaults(func=cmd_train_vlm)
 
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")

@@ -32,11 +32,12 @@ from mmlm.clip import DualEncoder
 from mmlm.config import DualEncoderConfig, config_from_dict
 from mmlm.contrastive import ContrastiveModel
 from mmlm.errors import InputError
+from mmlm.generative import GenerativeModel, load_llava, load_mmlm_vlm
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import load_tokenizer
 
 MMLM_VERSION = 1
-Loaded = ContrastiveModel | CausalLM
+Loaded = ContrastiveModel | CausalLM | GenerativeModel
 # folder, its config.json, device, dtype -> the loaded object
 Loader = Callable[[Path, dict[str, Any], torch.device, torch.dtype], Loaded]
 
@@ -194,10 +195,12 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "llama": HFArchitecture(("LlamaForCausalLM",), load_hf_causal_lm),
     "mistral": HFArchitecture(("MistralForCausalLM",), load_hf_causal_lm),
     "qwen2": HFArchitecture(("Qwen2ForCausalLM",), load_hf_causal_lm),
+    "llava": HFArchitecture(("LlavaForConditionalGeneration",), load_llava),
 }
 MMLM_ARCHITECTURES: dict[str, Loader] = {
     "dual_encoder": load_mmlm_dual_encoder,
     "decoder_lm": load_mmlm_causal_lm,
+    "vlm": load_mmlm_vlm,
 }
 
 

@@ -100,6 +100,21 @@ class VisionTransformer(nn.Module):
         x, hidden = self.transformer(x, output_hidden_states=output_hidden_states)
         return self.norm_post(x), hidden
 
+    def layer_features(self, pixels: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Return the hidden states [B, N(+1), D] at `layers`, indexed as transformers' `hidden_states`.
+
+        Index 0 is the blocks' input (after ln_pre), i the output of block i, negative indices count from the
+        end (LLaVA reads −2, the penultimate block). Blocks after the deepest requested one are not run.
+        """
+        total = len(self.transformer.blocks) + 1
+        wanted = [i % total for i in layers]
+        x = self.norm_pre(self.embed(pixels))
+        states = {0: x}
+        for i, block in enumerate(self.transformer.blocks[: max(wanted)], start=1):
+            x = block(x)
+            states[i] = x
+        return [states[i] for i in wanted]
+
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Return the pooled image vector [B, D] by class token, mean over patches, or attention pooling."""
         if self.cfg.pool == "cls":

@@ -1,0 +1,67 @@
+"""Tiny random transformers LLaVA folders (CLIP or SigLIP tower + Llama LM), with tokenizer, image processor
+and chat template, as a Hugging Face checkpoint ships them."""
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer
+
+from fixtures_lm import tiny_lm_config, write_lm_tokenizer
+
+IMAGE_TOKEN = "<image>"
+# llava-1.5-hf's template, in short: "USER: <image>\n... ASSISTANT: ...</s>"
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% else %}ASSISTANT: {% endif %}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def write_tiny_llava(
+    folder: Path,
+    tower: str = "clip",
+    feature_layer: int | list[int] = -2,
+    select: str = "default",
+    seed: int = 0,
+    **lm_overrides,
+) -> transformers.LlavaForConditionalGeneration:
+    """Write a tiny LlavaForConditionalGeneration folder and return the model (eval mode)."""
+    write_lm_tokenizer(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    image_token_id = tok.token_to_id(IMAGE_TOKEN)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = LLAVA_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=32, patch_size=8)  # fmt: skip
+    if tower == "clip":
+        vision_cfg = transformers.CLIPVisionConfig(**vision)
+    else:
+        vision_cfg = transformers.SiglipVisionConfig(**vision)
+    text_cfg = tiny_lm_config("llama", vocab_size=image_token_id + 8, initializer_range=0.15, **lm_overrides)
+    torch.manual_seed(seed)
+    cfg = transformers.LlavaConfig(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
+        vision_feature_layer=feature_layer, vision_feature_select_strategy=select,
+        tie_word_embeddings=text_cfg.tie_word_embeddings,
+    )  # fmt: skip
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger projector weights so image features move the logits clearly
+        for p in model.model.multi_modal_projector.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    if tower == "clip":
+        transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ).save_pretrained(folder)
+    else:
+        transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return model
