@@ -267,6 +267,14 @@ def test_large_index_switches_to_ivf_and_records_its_recall(tmp_path):
         assert recall_at_k(np.array([[h.id for h in row] for row in hits]), exact) >= 0.9
         index.add(fake_records(10, start=4000), clustered(10, 32, 40, seed=2))  # IVF takes additions too
         assert index.search(clustered(10, 32, 40, seed=2)[3], k=1)[0][0].path == "img4003.png"
+        index.remove([5, 6, 7])  # IVF keeps the right ids after removals (an IDMap over IVF would not)
+        assert [row[0].id for row in index.search(vectors[100:110], k=1)] == list(range(101, 111))
+    with sqlite3.connect(tmp_path / "ix" / "index.sqlite") as db:
+        db.execute("DELETE FROM images WHERE id = 200")  # removed after the last save
+    with ImageIndex.open(tmp_path / "ix") as index:
+        assert index.vectors.ntotal == 4010 - 3 - 1 and index.info["kind"] == "ivf"
+        assert index.search(vectors[199], k=1)[0][0].id != 200
+        assert [row[0].id for row in index.search(vectors[300:305], k=1)] == list(range(301, 306))
 
 
 def test_cli_build_prints_the_ann_recall_check_and_search_prints_a_table(tmp_path, model_dir, photos, capsys):

@@ -1,7 +1,9 @@
 """The FAISS half of an image index: exact inner-product search for small collections, IVF above a threshold.
 
-Embeddings are L2-normalised, so inner product is cosine similarity. Both kinds sit inside an `IndexIDMap2`,
-so FAISS returns the SQLite row ids directly and the ids it holds can be listed to reconcile the two halves.
+Embeddings are L2-normalised, so inner product is cosine similarity. Both kinds store the SQLite row ids, so
+FAISS returns them directly and the ids it holds can be listed to reconcile the two halves: the exact index
+inside an `IndexIDMap2`, the IVF index natively (an `IndexIDMap` over IVF would go wrong after `remove_ids`,
+because IVF does not renumber its internal ids the way the map assumes).
 
 IVF (Jégou et al., "Product quantization for nearest neighbor search", 2011, the inverted file without the
 quantisation): k-means splits the vectors into `nlist` cells; a query scans only its `nprobe` nearest cells.
@@ -39,12 +41,21 @@ def flat_index(dim: int) -> faiss.Index:
 
 def index_kind(index: faiss.Index) -> str:
     """Return "flat" or "ivf"."""
-    return "ivf" if isinstance(faiss.downcast_index(_inner(index)), faiss.IndexIVF) else "flat"
+    return "ivf" if isinstance(faiss.downcast_index(index), faiss.IndexIVF) else "flat"
 
 
 def stored_ids(index: faiss.Index) -> np.ndarray:
     """Return the ids an index holds."""
-    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    index = faiss.downcast_index(index)
+    if not isinstance(index, faiss.IndexIVF):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    lists = index.invlists
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(cell), lists.list_size(cell)).astype(np.int64)
+        for cell in range(index.nlist)
+        if lists.list_size(cell)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def choose_nlist(n: int) -> int:
@@ -64,10 +75,9 @@ def train_ivf(
     ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.seed = settings.seed
     ivf.train(np.ascontiguousarray(train))
-    index = faiss.IndexIDMap2(ivf)  # faiss's Python wrapper keeps ivf (and ivf its quantizer) alive
-    index.add_with_ids(np.ascontiguousarray(vectors), ids)
-    report = tune_nprobe(index, vectors, ids, settings)
-    return index, {**report, "trained_on": n}
+    ivf.add_with_ids(np.ascontiguousarray(vectors), ids)  # faiss's Python wrapper keeps the quantizer alive
+    report = tune_nprobe(ivf, vectors, ids, settings)
+    return ivf, {**report, "trained_on": n}
 
 
 def tune_nprobe(
@@ -121,7 +131,3 @@ def save_index(index: faiss.Index, path: Path) -> None:
 def load_index(path: Path) -> faiss.Index:
     """Read an index written by `save_index`."""
     return faiss.read_index(str(path))
-
-
-def _inner(index: faiss.Index) -> faiss.Index:
-    return faiss.downcast_index(index).index
