@@ -197,7 +197,7 @@ class ImageIndex:
             ids, vectors = self._all_vectors()
             report = {**tune_nprobe(self.vectors, vectors, ids, ann), "trained_on": trained_on}
         elif kind == "ivf":
-            report = {k: self.metadata.get(k) for k in ("kind", "nlist", "nprobe", "recall_at_10")}
+            report = {name: self.metadata.get(name) for name in _IVF_REPORT}
         if report.get("kind") == "ivf":
             self.metadata.put({**report, "checked_at": n, "ann_threshold": ann.threshold})
         else:
@@ -245,4 +245,5 @@ class ImageIndex:
         return np.ascontiguousarray(queries)
 
 
+_IVF_REPORT = ("kind", "nlist", "nprobe", "recall_at_10", "recall_queries", "target_recall", "trained_on")
 _ROW_FIELDS = ("path", "caption", "sha256", "width", "height")
