@@ -26,6 +26,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     print(
         f"added {report.added} images in {report.seconds:.1f} s ({report.images_per_s:.1f} images/s); "
         f"{report.already_indexed} already indexed; {report.unreadable} unreadable"
+        + (f"; {report.replaced} replaced (file changed)" if report.replaced else "")
     )
     for skipped in report.skipped:
         print(f"  skipped {skipped['path']}: {skipped['reason']}")
