@@ -78,6 +78,15 @@ def test_static_and_dynamic_cache_generate_the_same_text(llama):
     assert m.generate(PROMPTS, 30, cache="static") == m.generate(PROMPTS, 30, cache="dynamic")
 
 
+def test_decode_layout_generates_the_same_text(llama, tmp_path):
+    m, ref = llama
+    ref.save_pretrained(tmp_path)
+    m.tokenizer.save(tmp_path)
+    other = mmlm.load(tmp_path)
+    other.model.prepare_for_inference()
+    assert other.generate(PROMPTS, 30) == m.generate(PROMPTS, 30)
+
+
 def test_left_padded_batch_gives_the_same_text_as_one_by_one(llama):
     m, _ = llama
     batch = m.generate(PROMPTS, max_new_tokens=30)

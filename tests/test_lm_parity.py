@@ -59,6 +59,12 @@ def test_logits_match_transformers(tmp_path, case):
     m = mmlm.load(tmp_path)
     assert isinstance(m, CausalLM) and m.source_format == model_type
     assert_same_logits(m, ref)
+    # the decode layout ([in, out] in memory) changes strides only
+    names = {name for name, _ in m.model.named_parameters()}
+    m.model.prepare_for_inference()
+    assert {name for name, _ in m.model.named_parameters()} == names
+    assert not m.model.blocks[0].mlp.down.weight.is_contiguous()
+    assert_same_logits(m, ref)
 
 
 def test_sliding_window_reaches_back_only_window_positions(tmp_path):

@@ -130,6 +130,21 @@ class DecoderLM(nn.Module):
         """Return logits [..., vocab] from final hidden states (already normalised)."""
         return F.linear(hidden, self.token_embed.weight) if self.lm_head is None else self.lm_head(hidden)
 
+    @torch.no_grad()
+    def prepare_for_inference(self) -> "DecoderLM":
+        """Return the model in eval mode with every projection matrix stored [in, out] in memory (decode layout).
+
+        Same parameters and values, seen as [out, in] as before: only the memory order changes, so modules,
+        names and LoRA are untouched. On CPU, MKL's matrix-vector product x·Wᵀ reads Wᵀ laid out this way
+        at up to twice the bandwidth, and decoding one token is a chain of matrix-vector products.
+        """
+        weights = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        if self.lm_head is None:
+            weights.append(self.token_embed.weight)  # the tied head reads it as a matrix too
+        for w in weights:
+            w.data = w.data.t().contiguous().t()
+        return self.eval()
+
     def new_cache(
         self,
         batch: int,

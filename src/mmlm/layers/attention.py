@@ -136,7 +136,7 @@ class Attention(nn.Module):
 
         `mask` is boolean (True = may attend) or additive, broadcastable to [B, heads, L, S]. With `cache`,
         the new keys/values are appended to it and the queries attend to all cached positions. `rope` is
-        (cos, sin) [B, L, 1, head_dim] from `rotary.rope_cos_sin`, applied to queries and keys (self-attention).
+        (cos, signed sin) [B, L, 1, head_dim] from `rotary.rope_cos_sin`, applied to queries and keys (self-attention).
         """
         kv_dim = self.kv_heads * self.head_dim
         if self.cross:

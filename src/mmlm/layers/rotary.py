@@ -48,14 +48,21 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
 def rope_cos_sin(
     position_ids: torch.Tensor, inv_freq: tuple[float, ...], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return cos and sin of the rotation angles, [B, T, 1, head_dim] each, for positions [B, T]."""
+    """Return (cos, signed sin) of the rotation angles, [B, T, 1, head_dim] each, for positions [B, T].
+
+    The sine's first half is negated, so that `apply_rotary` needs no negation per layer.
+    """
     freq = torch.tensor(inv_freq, dtype=torch.float32, device=position_ids.device)
     angles = position_ids.float()[..., None] * freq  # [B, T, d/2], fp32 like the reference
-    angles = torch.cat([angles, angles], dim=-1)[:, :, None]  # [B, T, 1, d]: channel i and i + d/2 share θ_i
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    # [B, T, 1, d]: channel i and i + d/2 share θ_i
+    return torch.cat([cos, cos], -1)[:, :, None].to(dtype), torch.cat([-sin, sin], -1)[:, :, None].to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Return x [B, T, heads, d] rotated: x·cos + rotate_half(x)·sin, rotate_half(a, b) = (−b, a)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Return x [B, T, heads, d] rotated: x·cos + rotate_half(x)·sin, where rotate_half(a, b) = (−b, a).
+
+    With signed_sin = (−sin, sin), rotate_half(x)·sin = (b, a)·signed_sin: the same products, one op fewer.
+    """
     a, b = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-b, a], dim=-1) * sin
+    return x * cos + torch.cat([b, a], dim=-1) * signed_sin
