@@ -98,25 +98,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Return the settings in a YAML (.yaml, .yml) or JSON training config file, or raise InputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"training config {path} not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # both parsers raise their own error types
+        raise InputError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of settings")
+    return data
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Return the TrainConfig in a YAML or JSON file (or the defaults), with overrides applied."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"training config {path} not found")
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as e:  # both parsers raise their own error types
-            raise InputError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: expected a mapping of settings")
+    data: dict[str, Any] = {} if path is None else read_config_file(path)
     cfg = config_from_dict(TrainConfig, apply_overrides(data, list(overrides)))
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError(f"steps and batch_size must be positive, got {cfg.steps} and {cfg.batch_size}")
