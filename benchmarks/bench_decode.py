@@ -8,7 +8,10 @@ Decode speed excludes the prefill: each implementation runs max_new_tokens=1 and
 rate is (N − 1)·batch / (t_N − t_1) new tokens per second. One untimed round warms both up; the timed rounds
 alternate the implementations, and the figures are medians.
 
-    .venv/bin/python benchmarks/bench_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5]
+    .venv/bin/python benchmarks/bench_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5] [--threads N]
+
+mmlm.load puts the CPU model in its decode layout (DecoderLM.prepare_for_inference); `--layout plain` keeps
+the checkpoint's layout, to measure what the layout alone brings.
 """
 
 import argparse
@@ -83,13 +86,20 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layout", choices=["decode", "plain"], default="decode")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, 2 here)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, python {platform.python_version()}, load {os.getloadavg()}", file=sys.stderr)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ref = write_checkpoint(Path(tmp))
         ours = mmlm.load(tmp)
+    if args.layout == "plain":
+        for p in ours.model.parameters():
+            p.data = p.data.contiguous()
     timers = {"transformers": (time_transformers, ref), "mmlm": (time_mmlm, ours)}
     for batch in args.batch:
         ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (batch, args.prompt_tokens),

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import mmlm
 from fixtures_lm import tiny_lm_config, write_lm_tokenizer, write_tiny_lm
 from mmlm.causal_lm import CausalLM
+from mmlm.layers.attention import project
 from mmlm.lm import DecoderLM, LMConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -58,13 +59,14 @@ def test_logits_match_transformers(tmp_path, case):
     ref = write_tiny_lm(tmp_path, model_type, **overrides)
     m = mmlm.load(tmp_path)
     assert isinstance(m, CausalLM) and m.source_format == model_type
+    # mmlm.load puts a CPU model in the decode layout ([in, out] in memory for gate and up): strides only
+    assert not m.model.blocks[0].mlp.up.weight.is_contiguous()
     assert_same_logits(m, ref)
-    # the decode layout ([in, out] in memory) changes strides only
+    for p in m.model.parameters():  # and the checkpoint's own layout
+        p.data = p.data.contiguous()
+    assert_same_logits(m, ref)
     names = {name for name, _ in m.model.named_parameters()}
-    m.model.prepare_for_inference()
-    assert {name for name, _ in m.model.named_parameters()} == names
-    assert not m.model.blocks[0].mlp.down.weight.is_contiguous()
-    assert_same_logits(m, ref)
+    assert {name for name, _ in m.model.prepare_for_inference().named_parameters()} == names
 
 
 def test_sliding_window_reaches_back_only_window_positions(tmp_path):
@@ -231,3 +233,14 @@ def test_unsupported_rope_scaling_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(mmlm.InputError, match="rope_type 'dynamic' is not supported"):
         mmlm.load(tmp_path)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 9])
+def test_decode_projection_equals_the_linear_layer(rows):
+    # `project` computes decoding's few rows as (W·xᵀ)ᵀ; it must be the same function as nn.Linear.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80)
+    x = torch.randn(rows, 1, 48)
+    torch.testing.assert_close(project(linear, x), linear(x), atol=1e-6, rtol=0)
+    linear.weight.data = linear.weight.data.t().contiguous().t()  # decode layout: falls back to the module
+    torch.testing.assert_close(project(linear, x), linear(x), atol=1e-6, rtol=0)
