@@ -44,6 +44,7 @@ def build_models(seed: int = 0):
     ours = build_from_weights(
         lambda: VisionLanguageModel(ours_cfg), weights, llava_key_map(ours_cfg, layout), "bench"
     )
+    ours.lm.prepare_for_inference()  # what mmlm.load does on CPU
     return ref, ours
 
 

@@ -199,6 +199,8 @@ def load_llava(
         lambda: VisionLanguageModel(cfg), weights, llava_key_map(cfg, layout), str(folder), device, dtype
     )
     del weights
+    if device.type == "cpu":
+        model.lm.prepare_for_inference()  # the decode layout: same values, faster CPU matrix-vector products
     pre = folder / "preprocessor_config.json"
     if not pre.is_file():
         raise InputError(f"{folder}: preprocessor_config.json is missing")
@@ -214,6 +216,8 @@ def load_mmlm_vlm(
     weights = read_weights(folder, dtype)
     rules = [Rule((k,), (k,)) for k in weights]
     model = build_from_weights(lambda: VisionLanguageModel(cfg), weights, rules, str(folder), device, dtype)
+    if device.type == "cpu":
+        model.lm.prepare_for_inference()
     image_processor = ImageProcessor.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
     return GenerativeModel(model, _processor(folder, model, image_processor), _eos_ids(folder))
 
