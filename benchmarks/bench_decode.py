@@ -4,9 +4,10 @@ The model has SmolLM2-135M's shapes (hidden 576, 30 layers, 9 heads, 3 KV heads,
 tied embeddings), fp32. transformers builds it, saves it, and mmlm loads that folder. Both decode greedily
 from the same random prompt ids (batch 1 and 4, no padding) and never stop early.
 
-Decode speed excludes the prefill: each implementation runs max_new_tokens=1 and max_new_tokens=N, and the
-rate is (N − 1)·batch / (t_N − t_1) new tokens per second. One untimed round warms both up; the timed rounds
-alternate the implementations, and the figures are medians.
+Decode speed excludes the prefill: both note when each new token arrives (transformers through a stopping
+criterion that never stops, mmlm as generate_ids yields it), and the rate is batch / median time between
+consecutive tokens. One untimed round warms both up; the timed rounds alternate the implementations; the
+figures are medians over rounds, and the median of the per-round ratios.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5] [--threads N]
 
@@ -51,32 +52,44 @@ def write_checkpoint(folder: Path, seed: int = 0) -> transformers.LlamaForCausal
     return model
 
 
-def time_transformers(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Return seconds for transformers' greedy generate of `new_tokens` tokens (no early stop)."""
-    start = time.perf_counter()
+class StepClock(transformers.StoppingCriteria):
+    """A stopping criterion that never stops: it notes the time at which each new token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def transformers_token_times(model, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """Return the arrival time of each new token in transformers' greedy generate (no early stop)."""
+    clock = StepClock()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    seconds = time.perf_counter() - start
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         stopping_criteria=transformers.StoppingCriteriaList([clock]))  # fmt: skip
     assert out.shape[1] == ids.shape[1] + new_tokens
-    return seconds
+    return clock.times
 
 
-def time_mmlm(lm, ids: torch.Tensor, new_tokens: int) -> float:
-    """Return seconds for mmlm's greedy generation of `new_tokens` tokens with a static cache (no early stop)."""
-    start = time.perf_counter()
+def mmlm_token_times(lm, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """Return the arrival time of each new token in mmlm's greedy generation (static cache, no early stop)."""
     cache = lm.model.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    steps = sum(1 for _ in generate_ids(lm_step(lm.model), cache, settings, [], ids))
-    seconds = time.perf_counter() - start
-    assert steps == new_tokens
-    return seconds
+    times = [time.perf_counter() for _ in generate_ids(lm_step(lm.model), cache, settings, [], ids)]
+    assert len(times) == new_tokens
+    return times
 
 
-def decode_rate(timer, model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Return new tokens per second after the prefill: (N − 1)·B / (t_N − t_1)."""
-    first = timer(model, ids, 1)
-    total = timer(model, ids, new_tokens)
-    return (new_tokens - 1) * ids.shape[0] / (total - first)
+def decode_rate(token_times, model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Return new tokens per second after the prefill: batch / median time between consecutive tokens.
+
+    The median step, not the mean, so that another job taking the CPU for a moment does not count.
+    """
+    times = token_times(model, ids, new_tokens)
+    steps = [b - a for a, b in zip(times, times[1:], strict=False)]  # the first token comes with the prefill
+    return ids.shape[0] / statistics.median(steps)
 
 
 def main() -> None:
@@ -100,7 +113,7 @@ def main() -> None:
     if args.layout == "plain":
         for p in ours.model.parameters():
             p.data = p.data.contiguous()
-    timers = {"transformers": (time_transformers, ref), "mmlm": (time_mmlm, ours)}
+    timers = {"transformers": (transformers_token_times, ref), "mmlm": (mmlm_token_times, ours)}
     for batch in args.batch:
         ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (batch, args.prompt_tokens),
                             generator=torch.Generator().manual_seed(batch))  # fmt: skip
@@ -111,10 +124,12 @@ def main() -> None:
             for name, (timer, model) in timers.items():
                 rates[name].append(decode_rate(timer, model, ids, args.new_tokens))
         medians = {name: statistics.median(r) for name, r in rates.items()}
+        paired = [m / t for m, t in zip(rates["mmlm"], rates["transformers"], strict=True)]
         print(json.dumps({
             "batch": batch, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
             "transformers_tok_s": round(medians["transformers"], 2), "mmlm_tok_s": round(medians["mmlm"], 2),
             "ratio": round(medians["mmlm"] / medians["transformers"], 3),
+            "median_paired_ratio": round(statistics.median(paired), 3),
             "runs": {name: [round(x, 2) for x in r] for name, r in rates.items()}, "load": os.getloadavg(),
         }), flush=True)  # fmt: skip
 

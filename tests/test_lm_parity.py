@@ -244,3 +244,10 @@ def test_decode_projection_equals_the_linear_layer(rows):
     torch.testing.assert_close(project(linear, x), linear(x), atol=1e-6, rtol=0)
     linear.weight.data = linear.weight.data.t().contiguous().t()  # decode layout: falls back to the module
     torch.testing.assert_close(project(linear, x), linear(x), atol=1e-6, rtol=0)
+
+
+def test_folder_without_tokenizer_json_is_one_clear_error(tmp_path):
+    write_tiny_lm(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(mmlm.InputError, match="no tokenizer.json"):
+        mmlm.load(tmp_path)

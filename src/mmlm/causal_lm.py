@@ -175,6 +175,16 @@ class CausalLM:
         return save_causal_lm(self, Path(folder), format)
 
 
+def lm_tokenizer(folder: Path, cfg: LMConfig) -> HFTokenizer:
+    """Return the folder's tokenizer.json tokenizer, or raise InputError if it has none."""
+    if not (folder / "tokenizer.json").is_file():
+        raise InputError(
+            f"{folder}: no tokenizer.json; mmlm reads transformers' fast tokenizers (write one with "
+            "AutoTokenizer.from_pretrained(folder).save_pretrained(folder))"
+        )
+    return load_tokenizer(folder, context_length=cfg.max_positions)
+
+
 def _eos_ids(folder: Path) -> list[int] | None:
     # generation_config.json's eos_token_id is what transformers' generate stops at; it may list several
     path = folder / "generation_config.json"
@@ -237,7 +247,7 @@ def load_hf_causal_lm(
     cfg = lm_config_from_hf(cfg_json)
     weights = drop_derived(read_weights(folder), cfg)
     model = build_cast_per_tensor(cfg, weights, llama_key_map(cfg), str(folder), device, dtype)
-    tokenizer = load_tokenizer(folder, context_length=cfg.max_positions)
+    tokenizer = lm_tokenizer(folder, cfg)
     return CausalLM(model, tokenizer, cfg_json.get("model_type"), _eos_ids(folder))
 
 
@@ -249,7 +259,7 @@ def load_mmlm_causal_lm(
     weights = read_weights(folder)
     rules = [Rule((k,), (k,)) for k in weights]
     model = build_cast_per_tensor(cfg, weights, rules, str(folder), device, dtype)
-    tokenizer = load_tokenizer(folder, context_length=cfg.max_positions)
+    tokenizer = lm_tokenizer(folder, cfg)
     return CausalLM(model, tokenizer, None, _eos_ids(folder))
 
 
