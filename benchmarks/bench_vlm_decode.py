@@ -3,7 +3,8 @@
 nanoVLM-222M shapes with the MLP connector: a SigLIP-B/16-224 tower (196 image tokens) and a SmolLM2-135M
 LM (hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536, vocabulary 49152), random weights shared by both,
 fp32. Both decode greedily from the same prompt (one image, 24 text tokens) and never stop early. Decode
-speed excludes the prefill, as in bench_decode.py: (N − 1)·batch / (t_N − t_1); prefill is t_1.
+speed excludes the prefill, as in bench_decode.py: batch / the median time between new tokens (robust to other
+jobs taking the CPU for a moment); prefill is the time to the first new token, vision tower included.
 
     .venv/bin/python benchmarks/bench_vlm_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5]
 """
@@ -16,7 +17,7 @@ import time
 
 import torch
 import transformers
-from bench_decode import SMOLLM2_135M, decode_rate
+from bench_decode import SMOLLM2_135M, StepClock
 
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
@@ -58,37 +59,35 @@ def prompt(batch: int, image_tokens: int, text_tokens: int = 24) -> tuple[torch.
     return ids, torch.randn(batch, 3, 224, 224, generator=g)
 
 
-def time_transformers(model, inputs, new_tokens: int) -> float:
-    """Return seconds for transformers' greedy LLaVA generate of `new_tokens` tokens (prefill included)."""
+def transformers_token_times(model, inputs, new_tokens: int) -> list[float]:
+    """Return the call's start, then the arrival time of each new token, in transformers' LLaVA generate."""
     ids, pixels = inputs
+    clock = StepClock()
     start = time.perf_counter()
     out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    seconds = time.perf_counter() - start
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         stopping_criteria=transformers.StoppingCriteriaList([clock]))  # fmt: skip
     assert out.shape[1] == ids.shape[1] + new_tokens
-    return seconds
+    return [start, *clock.times]
 
 
-def time_mmlm(model, inputs, new_tokens: int) -> float:
-    """Return seconds for mmlm's greedy generation (static cache) of `new_tokens` tokens (prefill included)."""
+def mmlm_token_times(model, inputs, new_tokens: int) -> list[float]:
+    """Return the call's start, then the arrival time of each new token, in mmlm's greedy generation."""
     ids, pixels = inputs
     start = time.perf_counter()
     embeds = model.embed_inputs(ids, pixels)
     cache = model.lm.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
-    steps = sum(
-        1 for _ in generate_ids(lm_step(model.lm), cache, GenerationSettings(new_tokens), [], None, embeds)
-    )
-    seconds = time.perf_counter() - start
-    assert steps == new_tokens
-    return seconds
+    settings = GenerationSettings(new_tokens)
+    times = [time.perf_counter() for _ in generate_ids(lm_step(model.lm), cache, settings, [], None, embeds)]
+    assert len(times) == new_tokens
+    return [start, *times]
 
 
-class Inputs(tuple):
-    """(ids, pixels) with the batch size where decode_rate looks for it."""
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self[0].shape
+def rates(token_times, model, inputs, new_tokens: int) -> tuple[float, float]:
+    """Return (decode tokens/s: batch / median step between new tokens, prefill seconds to the first token)."""
+    times = token_times(model, inputs, new_tokens)
+    steps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]
+    return inputs[0].shape[0] / statistics.median(steps), times[1] - times[0]
 
 
 def main() -> None:
@@ -100,24 +99,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     ref, ours = build_models()
-    timers = {"transformers": (time_transformers, ref), "mmlm": (time_mmlm, ours)}
+    timers = {"transformers": (transformers_token_times, ref), "mmlm": (mmlm_token_times, ours)}
     for batch in args.batch:
-        inputs = Inputs(prompt(batch, ours.image_tokens))
+        inputs = prompt(batch, ours.image_tokens)
         for timer, model in timers.values():  # warm-up, untimed
-            decode_rate(timer, model, inputs, 4)
-        rates: dict[str, list[float]] = {name: [] for name in timers}
+            rates(timer, model, inputs, 4)
+        decode: dict[str, list[float]] = {name: [] for name in timers}
         prefill: dict[str, list[float]] = {name: [] for name in timers}
-        for _ in range(args.rounds):
+        for _ in range(args.rounds):  # alternating, so a busy moment falls on both
             for name, (timer, model) in timers.items():
-                rates[name].append(decode_rate(timer, model, inputs, args.new_tokens))
-                prefill[name].append(timer(model, inputs, 1))
-        med = {name: statistics.median(r) for name, r in rates.items()}
+                tok_s, first = rates(timer, model, inputs, args.new_tokens)
+                decode[name].append(tok_s)
+                prefill[name].append(first)
+        med = {name: statistics.median(r) for name, r in decode.items()}
         print(json.dumps({
             "batch": batch, "image_tokens": ours.image_tokens, "new_tokens": args.new_tokens,
             "transformers_tok_s": round(med["transformers"], 2), "mmlm_tok_s": round(med["mmlm"], 2),
             "ratio": round(med["mmlm"] / med["transformers"], 3),
             "prefill_s": {name: round(statistics.median(p), 3) for name, p in prefill.items()},
-            "runs": {name: [round(x, 2) for x in r] for name, r in rates.items()}, "load": os.getloadavg(),
+            "runs": {name: [round(x, 2) for x in r] for name, r in decode.items()}, "load": os.getloadavg(),
         }), flush=True)  # fmt: skip
 
 
