@@ -73,6 +73,22 @@ def test_static_and_dynamic_caches_give_the_same_logits_step_by_step(llama):
     assert static[0].length == dynamic[0].length == mask.shape[1] - 1  # the last column is for the next token
 
 
+def test_decoding_steps_give_transformers_logits(llama):
+    # Decoding runs a few rows at a time, through the decode-only matrix products (rows_times_matrix).
+    m, ref = llama
+    ids, mask = m.encode(PROMPTS)
+    cache = m.model.new_cache(3, ids.shape[1] + 5)
+    sequence, seen = ids, mask
+    with torch.no_grad():
+        for _ in range(5):
+            got = m.model(ids, attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
+            want = ref(sequence, attention_mask=seen).logits[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+            ids = got.argmax(-1, keepdim=True)
+            sequence, seen = torch.cat([sequence, ids], 1), torch.cat([seen, torch.ones_like(ids)], 1)
+            mask = seen
+
+
 def test_static_and_dynamic_cache_generate_the_same_text(llama):
     m, _ = llama
     assert m.generate(PROMPTS, 30, cache="static") == m.generate(PROMPTS, 30, cache="dynamic")
