@@ -1,8 +1,11 @@
 """Text generation: greedy tokens equal to transformers' generate, caches that agree with recomputation and with
 each other, batches that agree with single prompts, stop strings, streaming, seeded sampling, bad input."""
 
+import json
+
 import pytest
 import torch
+import transformers
 
 import mmlm
 from fixtures_lm import write_tiny_lm
@@ -20,7 +23,11 @@ def llama(tmp_path_factory):
 
 
 def greedy_ids(m, prompt: str, n: int, cache: str = "static") -> list[int]:
-    ids, mask = m.encode([prompt])
+    ids, _ = m.encode([prompt])
+    return greedy_ids_from(m, ids, n, cache)
+
+
+def greedy_ids_from(m, ids: torch.Tensor, n: int, cache: str = "static") -> list[int]:
     kv = m.model.new_cache(1, ids.shape[1] + n if cache == "static" else None)
     settings = GenerationSettings(max_new_tokens=n)
     return [t for step in generate_ids(lm_step(m.model), kv, settings, m.eos_token_ids, ids) for _, t in step]
@@ -217,7 +224,40 @@ def test_prompt_longer_than_the_context_raises_input_error(llama):
         m.generate([PROMPTS[0], long_prompt])
     with pytest.raises(mmlm.InputError, match="context holds 128"):
         list(m.stream(long_prompt))
-    with pytest.raises(mmlm.InputError, match="expected one prompt string"):
+    with pytest.raises(mmlm.InputError, match="expected one prompt"):
         list(m.stream(PROMPTS))
     with pytest.raises(mmlm.InputError, match="non-empty list"):
         m.generate([])
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_chat_messages_get_the_checkpoint_template(tmp_path):
+    write_tiny_lm(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    m = mmlm.load(tmp_path)
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a cat sitting on"}]
+    # the same ids as transformers' apply_chat_template: the template writes <s>, the tokenizer adds none
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    want = reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    texts, one, is_chat = m.prompt_texts(chat)
+    assert one and is_chat and texts == [want]
+    ids, _ = m.encode(texts, add_special_tokens=False)
+    assert ids[0].tolist() == reference(want, add_special_tokens=False)["input_ids"]
+    text = m.generate(chat, max_new_tokens=20)
+    assert text == m.decode(greedy_ids_from(m, ids, 20))
+    assert m.generate([chat, chat[1:]], max_new_tokens=20)[0] == text
+    assert "".join(m.stream(chat, max_new_tokens=20)) == text
+    m.save_pretrained(tmp_path / "out")
+    assert mmlm.load(tmp_path / "out").generate(chat, max_new_tokens=20) == text
+
+
+def test_chat_messages_without_a_template_raise_input_error(llama):
+    m, _ = llama
+    with pytest.raises(mmlm.InputError, match="chat messages need a chat template"):
+        m.generate([{"role": "user", "content": "hi"}])

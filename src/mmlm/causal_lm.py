@@ -1,7 +1,9 @@
 """A loaded text LM: DecoderLM + its tokenizer, with `generate`, `stream` and `save_pretrained`.
 
-Prompts are used as written (no chat template) and tokenised with the checkpoint's tokenizer.json, special
-tokens included, as transformers' tokenizer(prompt) does. Output is the new text only, special tokens skipped.
+A string prompt is used as written (no chat template) and tokenised with the checkpoint's tokenizer.json,
+special tokens included, as transformers' tokenizer(prompt) does. A list of chat messages gets the checkpoint's
+chat template with the generation prompt, tokenised without adding special tokens, as apply_chat_template does.
+Output is the new text only, special tokens skipped.
 """
 
 import dataclasses
@@ -26,10 +28,13 @@ from mmlm.config import config_from_dict
 from mmlm.errors import InputError
 from mmlm.generation import GenerationSettings, Step, generate_ids, lm_step, stream_text
 from mmlm.lm import DecoderLM, LayerCache, LMConfig
+from mmlm.processing.chat import ChatTemplate, Message, check_messages
 from mmlm.processing.tokenizer import HFTokenizer, load_tokenizer
 
 MMLM_ARCHITECTURE = "decoder_lm"
 CacheKind = Literal["static", "dynamic"]
+# a text used as written, or a conversation [{"role": ..., "content": ...}, ...] for the chat template
+Prompt = str | Sequence[Message]
 
 
 class CausalLM:
@@ -41,10 +46,12 @@ class CausalLM:
         tokenizer: HFTokenizer,
         source_format: str | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.source_format = source_format  # transformers model_type it came from; export prefers it
+        self.chat_template = chat_template
         # Unpadded, untruncated ids for prompts and incremental decoding of outputs.
         self._codec = Tokenizer.from_file(str(Path(tokenizer.model_dir) / "tokenizer.json"))
         self._codec.no_padding()
@@ -69,11 +76,35 @@ class CausalLM:
         """Return the weights' dtype."""
         return self.model.token_embed.weight.dtype
 
-    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def prompt_texts(self, prompt: Prompt | Sequence[Prompt]) -> tuple[list[str], bool, bool]:
+        """Return (texts, one prompt?, chat?) for a str, a list of str, a conversation or a list of those."""
+        one = isinstance(prompt, str) or (
+            isinstance(prompt, list | tuple) and bool(prompt) and isinstance(prompt[0], dict)
+        )
+        prompts = [prompt] if one else list(prompt)
+        if not prompts:
+            raise InputError(
+                "prompt: expected a string, a list of chat messages, or a non-empty list of them"
+            )
+        if all(isinstance(p, str) for p in prompts):
+            return prompts, one, False
+        if self.chat_template is None:
+            raise InputError("prompt: chat messages need a chat template, and this checkpoint has none")
+        texts = []
+        for p in prompts:
+            if isinstance(p, str):
+                raise InputError("prompt: expected all strings or all conversations, not a mix")
+            texts.append(self.chat_template.render_text(check_messages(p), add_generation_prompt=True))
+        return texts, one, True
+
+    def encode(
+        self, prompts: Sequence[str], add_special_tokens: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return left-padded ids [B, T] and the attention mask [B, T] (None when no row is padded)."""
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError("prompt: expected a string or a non-empty list of strings")
-        rows = [e.ids for e in self._codec.encode_batch(list(prompts), add_special_tokens=True)]
+        encoded = self._codec.encode_batch(list(prompts), add_special_tokens=add_special_tokens)
+        rows = [e.ids for e in encoded]
         for i, row in enumerate(rows):
             if not row:
                 raise InputError(f"prompt {i}: encodes to no tokens; the model needs at least one")
@@ -96,12 +127,12 @@ class CausalLM:
         return self._codec.decode(list(ids), skip_special_tokens=True)
 
     def _prepare(
-        self, prompts: Sequence[str], settings: GenerationSettings, cache: CacheKind, compile: bool
+        self, texts: list[str], chat: bool, settings: GenerationSettings, cache: CacheKind, compile: bool
     ) -> tuple[Step, list[LayerCache], GenerationSettings, torch.Tensor, torch.Tensor | None]:
         settings.check()
         if cache not in ("static", "dynamic"):
             raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
-        ids, mask = self.encode(prompts)
+        ids, mask = self.encode(texts, add_special_tokens=not chat)  # templates write their own bos
         # Prompt and new tokens share the context; generation stops when it is full.
         room = self.config.max_positions - ids.shape[1]
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
@@ -115,7 +146,7 @@ class CausalLM:
 
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: Prompt | Sequence[Prompt],
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -125,34 +156,35 @@ class CausalLM:
         cache: CacheKind = "static",
         compile: bool = False,
     ) -> str | list[str]:
-        """Return the new text for a prompt (str) or for each of a batch of prompts (list[str]).
+        """Return the new text for one prompt (a str or a conversation), or a list for a batch of them.
 
         temperature 0 is greedy; otherwise tokens are drawn at that temperature after top_k / top_p filtering,
         reproducibly for a given `seed`. A sequence ends at an end token, before the first `stop` string, after
         max_new_tokens, or when the context is full. `cache="static"` preallocates the KV cache, "dynamic"
         grows it; both give the same tokens. `compile=True` (CUDA only) runs the steps through torch.compile.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, tuple(stop), seed)
-        step, kv, settings, ids, mask = self._prepare(prompts, settings, cache, compile)
+        texts, one, chat = self.prompt_texts(prompt)
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        step, kv, settings, ids, mask = self._prepare(texts, chat, settings, cache, compile)
         if settings.stop:
-            texts = [""] * len(prompts)
+            outputs = [""] * len(texts)
             for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, ids, None, mask,
                                       drop_finished=not compile):  # fmt: skip
                 for row, piece in pieces:
-                    texts[row] += piece
+                    outputs[row] += piece
         else:  # no stop strings: decode once at the end
-            tokens: list[list[int]] = [[] for _ in prompts]
+            tokens: list[list[int]] = [[] for _ in texts]
             for step_tokens in generate_ids(step, kv, settings, self.eos_token_ids, ids, None, mask,
                                             drop_finished=not compile):  # fmt: skip
                 for row, token in step_tokens:
                     tokens[row].append(token)
-            texts = [self.decode(t) for t in tokens]
-        return texts[0] if isinstance(prompt, str) else texts
+            outputs = [self.decode(t) for t in tokens]
+        return outputs[0] if one else outputs
 
     def stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -162,10 +194,12 @@ class CausalLM:
         cache: CacheKind = "static",
     ) -> Iterator[str]:
         """Yield the new text in pieces as it is generated; the pieces join to what `generate` returns."""
-        if not isinstance(prompt, str):
-            raise InputError("stream: expected one prompt string")
-        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, tuple(stop), seed)
-        step, kv, settings, ids, mask = self._prepare([prompt], settings, cache, compile=False)
+        texts, one, chat = self.prompt_texts(prompt)
+        if not one:
+            raise InputError("stream: expected one prompt (a string or a conversation), not a batch")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        step, kv, settings, ids, mask = self._prepare(texts, chat, settings, cache, compile=False)
         for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, ids, None, mask):
             for _, piece in pieces:
                 yield piece
@@ -248,7 +282,9 @@ def load_hf_causal_lm(
     weights = drop_derived(read_weights(folder), cfg)
     model = build_cast_per_tensor(cfg, weights, llama_key_map(cfg), str(folder), device, dtype)
     tokenizer = lm_tokenizer(folder, cfg)
-    return CausalLM(model, tokenizer, cfg_json.get("model_type"), _eos_ids(folder))
+    return CausalLM(
+        model, tokenizer, cfg_json.get("model_type"), _eos_ids(folder), ChatTemplate.from_pretrained(folder)
+    )
 
 
 def load_mmlm_causal_lm(
@@ -260,7 +296,7 @@ def load_mmlm_causal_lm(
     rules = [Rule((k,), (k,)) for k in weights]
     model = build_cast_per_tensor(cfg, weights, rules, str(folder), device, dtype)
     tokenizer = lm_tokenizer(folder, cfg)
-    return CausalLM(model, tokenizer, None, _eos_ids(folder))
+    return CausalLM(model, tokenizer, None, _eos_ids(folder), ChatTemplate.from_pretrained(folder))
 
 
 def save_causal_lm(loaded: CausalLM, folder: Path, format: str = "auto") -> Path:
@@ -289,4 +325,6 @@ def save_causal_lm(loaded: CausalLM, folder: Path, format: str = "auto") -> Path
                   "pad_token_id": cfg.pad_token_id}  # fmt: skip
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     loaded.tokenizer.save(folder)
+    if loaded.chat_template is not None:  # read back first, before tokenizer_config.json's
+        (folder / "chat_template.jinja").write_text(loaded.chat_template.source, encoding="utf-8")
     return folder
