@@ -8,6 +8,7 @@ import json
 from functools import cache
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -88,3 +89,13 @@ def write_tiny_lm(
     model = tiny_lm(model_type, seed, vocab_size=vocab, **overrides)
     model.save_pretrained(folder)
     return model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run a test single-threaded: tiny models gain nothing from a second thread, whose synchronisation
+    stalls for whole scheduler time slices when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

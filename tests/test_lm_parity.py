@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import save_file
 
 import mmlm
-from fixtures_lm import tiny_lm_config, write_lm_tokenizer, write_tiny_lm
+from fixtures_lm import one_thread, tiny_lm_config, write_lm_tokenizer, write_tiny_lm  # noqa: F401 (autouse)
 from mmlm.causal_lm import CausalLM
 from mmlm.layers.attention import project
 from mmlm.lm import DecoderLM, LMConfig
