@@ -13,7 +13,8 @@ from torch import nn
 
 from mmlm.config import CONFIG_VERSION
 from mmlm.errors import InputError
-from mmlm.layers.attention import DECODE_ROWS, KVCache, StaticKVCache, project, rows_times_matrix
+from mmlm.layers.attention import KVCache, StaticKVCache
+from mmlm.layers.linear import DECODE_ROWS, project, rows_times_matrix
 from mmlm.layers.norm import RMSNorm
 from mmlm.layers.rotary import rope_cos_sin, rope_frequencies
 from mmlm.layers.transformer import Block

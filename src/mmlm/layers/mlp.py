@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlm.layers.linear import project
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """OpenAI CLIP's GELU approximation x·σ(1.702x)."""
@@ -66,4 +68,5 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the block's output, same shape as `x`."""
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        # `project` is the plain module call except when decoding a few rows on CPU (layers/linear.py)
+        return self.down(self.act(project(self.gate, x)) * project(self.up, x))

@@ -1,6 +1,7 @@
 """LayerNorm and RMSNorm, chosen by name."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -14,10 +15,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the normalised tensor in the input's dtype."""
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused op for x·rsqrt(mean(x²) + eps) in fp32; the weight multiplies after the cast back, as in Llama
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
