@@ -219,8 +219,8 @@ def lm_tokenizer(folder: Path, cfg: LMConfig) -> HFTokenizer:
     return load_tokenizer(folder, context_length=cfg.max_positions)
 
 
-def _eos_ids(folder: Path) -> list[int] | None:
-    # generation_config.json's eos_token_id is what transformers' generate stops at; it may list several
+def generation_eos_ids(folder: Path) -> list[int] | None:
+    """Return the end-token ids of a folder's generation_config.json (what transformers' generate stops at)."""
     path = folder / "generation_config.json"
     if not path.is_file():
         return None
@@ -283,7 +283,11 @@ def load_hf_causal_lm(
     model = build_cast_per_tensor(cfg, weights, llama_key_map(cfg), str(folder), device, dtype)
     tokenizer = lm_tokenizer(folder, cfg)
     return CausalLM(
-        model, tokenizer, cfg_json.get("model_type"), _eos_ids(folder), ChatTemplate.from_pretrained(folder)
+        model,
+        tokenizer,
+        cfg_json.get("model_type"),
+        generation_eos_ids(folder),
+        ChatTemplate.from_pretrained(folder),
     )
 
 
@@ -296,7 +300,7 @@ def load_mmlm_causal_lm(
     rules = [Rule((k,), (k,)) for k in weights]
     model = build_cast_per_tensor(cfg, weights, rules, str(folder), device, dtype)
     tokenizer = lm_tokenizer(folder, cfg)
-    return CausalLM(model, tokenizer, None, _eos_ids(folder), ChatTemplate.from_pretrained(folder))
+    return CausalLM(model, tokenizer, None, generation_eos_ids(folder), ChatTemplate.from_pretrained(folder))
 
 
 def save_causal_lm(loaded: CausalLM, folder: Path, format: str = "auto") -> Path:

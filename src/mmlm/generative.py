@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mmlm.causal_lm import generation_eos_ids
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_llava import (
     llava_config_to_hf,
@@ -173,14 +174,6 @@ class GenerativeModel:
         return save_vlm(self, Path(folder), format)
 
 
-def _eos_ids(folder: Path) -> list[int] | None:
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return None
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return None if eos is None else (list(eos) if isinstance(eos, list) else [eos])
-
-
 def _processor(folder: Path, model: VisionLanguageModel, image_processor: ImageProcessor) -> VLMProcessor:
     max_length = model.cfg.lm.max_positions
     return VLMProcessor.from_pretrained(folder, image_processor, model.image_tokens, max_length=max_length)
@@ -205,7 +198,9 @@ def load_llava(
     if not pre.is_file():
         raise InputError(f"{folder}: preprocessor_config.json is missing")
     image_processor = ImageProcessor.from_hf(json.loads(pre.read_text()))
-    return GenerativeModel(model, _processor(folder, model, image_processor), _eos_ids(folder), "llava")
+    return GenerativeModel(
+        model, _processor(folder, model, image_processor), generation_eos_ids(folder), "llava"
+    )
 
 
 def load_mmlm_vlm(
@@ -219,7 +214,7 @@ def load_mmlm_vlm(
     if device.type == "cpu":
         model.lm.prepare_for_inference()
     image_processor = ImageProcessor.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
-    return GenerativeModel(model, _processor(folder, model, image_processor), _eos_ids(folder))
+    return GenerativeModel(model, _processor(folder, model, image_processor), generation_eos_ids(folder))
 
 
 def save_vlm(loaded: GenerativeModel, folder: Path, format: str = "auto") -> Path:
