@@ -1,0 +1,446 @@
+"""The VLM training loop (`mmlm train vlm`): LLaVA's stages one after another, in a loop that fits one screen.
+
+Each stage sets what trains before its first step (LLaVA §4.2): stage 1 the connector alone, ViT and LM frozen;
+stage 2 the connector with the LM, or with LoRA on the LM's linear layers (merged into the weights when the
+stage ends). A stage may unfreeze the ViT's last N blocks from a given step on. Frozen parameters get no
+gradient and are not in the optimiser, so they stay bitwise equal. The loss is next-token cross-entropy on
+answer tokens, averaged over tokens; it is also logged per modality (`loss_image`, `loss_text`).
+
+Checkpoints hold the weights, optimiser, schedule, sampler position, RNG state and the stage, so `--resume`
+continues exactly; under torchrun every rank trains on its own data stream and DDP averages the gradients.
+"""
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, processors
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mmlm.checkpoints.peft import llama_module_names, save_adapter
+from mmlm.data.instructions import make_instruction
+from mmlm.data.shapes import split_combinations
+from mmlm.eval.vqa import answer_questions, vqa_scores
+from mmlm.generative import GenerativeModel
+from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
+from mmlm.processing.bpe import BOS, train_bpe
+from mmlm.processing.chat import ChatTemplate, special_tokens_of
+from mmlm.processing.image import ImageProcessor
+from mmlm.processing.vlm_processor import VLMProcessor, add_image_token
+from mmlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from mmlm.train.distributed import DistInfo, cleanup, init_distributed
+from mmlm.train.loop import _all_ranks, resolve_device
+from mmlm.train.mixing import MULTIMODAL, TEXT, MixedBatches, corpus_texts, modality_mask, stage_batches
+from mmlm.train.optim import build_scheduler, no_decay
+from mmlm.train.plots import plot_training
+from mmlm.train.progress import Progress
+from mmlm.train.run import run_info
+from mmlm.train.vlm_config import LoRAConfig, StageConfig, VLMTrainConfig
+from mmlm.vlm import VisionLanguageModel, VLMConfig, causal_lm_loss
+
+Evaluate = Callable[[GenerativeModel, int], dict[str, float]]
+
+
+def unfreeze_vision(model: VisionLanguageModel, layers: int) -> None:
+    """Make the last `layers` ViT blocks that feed the connector trainable; all the tower if that is all of them.
+
+    Blocks after the deepest feature layer (the last one, for LLaVA's −2) never reach the loss, so they are not
+    counted: with features from block 11 of 12, `layers=2` unfreezes blocks 10 and 11.
+    """
+    blocks = model.vision.transformer.blocks
+    used = max(i % (len(blocks) + 1) for i in model.cfg.feature_layers)  # blocks run for the features
+    if layers >= used:
+        model.vision.requires_grad_(True)
+    else:
+        for block in blocks[used - layers : used]:
+            block.requires_grad_(True)
+
+
+def set_trainable(model: VisionLanguageModel, stage: StageConfig, stage_step: int) -> None:
+    """Set requires_grad for what `stage` trains at its step `stage_step`; everything else is frozen."""
+    model.requires_grad_(False)
+    if "connector" in stage.train:
+        model.connector.requires_grad_(True)
+    if "lm" in stage.train:
+        model.lm.requires_grad_(True)
+    if "lora" in stage.train:
+        for module in model.lm.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_A.requires_grad_(True)
+                module.lora_B.requires_grad_(True)
+    if stage.vision_layers and stage_step >= stage.vision_from_step:
+        unfreeze_vision(model, stage.vision_layers)
+
+
+def stage_optimizer(model: VisionLanguageModel, stage: StageConfig) -> torch.optim.AdamW:
+    """Return AdamW over every parameter the stage trains at any step (the ViT's blocks before they unfreeze too:
+    AdamW skips a parameter without a gradient); no weight decay on gains, biases and embeddings."""
+    set_trainable(model, stage, stage.steps)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((no_decay(name, p), name.startswith("vision.")), []).append(p)
+    opt = stage.optim
+    param_groups = [
+        {"params": params, "weight_decay": 0.0 if plain else opt.weight_decay,
+         "lr": opt.lr * (stage.vision_lr_scale if vision else 1.0)}
+        for (plain, vision), params in sorted(groups.items())
+    ]  # fmt: skip
+    return torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (summed next-token loss [B], answer tokens [B]) per row; labels of -100 count for nothing."""
+    per_token = causal_lm_loss(logits, labels, reduction="none").view(labels.shape[0], -1)  # [B, T-1]
+    return per_token.sum(1), (labels[:, 1:] != -100).sum(1)
+
+
+def length_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Return row indices in one or two groups by length, split where the padded token count is least.
+
+    A few long rows (captions) would otherwise pad every short row (one-word answers) to their length.
+    """
+    order = lengths.argsort()
+    ranked = lengths[order].tolist()
+    n = len(ranked)
+    # padded tokens with the k shortest rows in their own group: k·len[k-1] + (n-k)·len[n-1]
+    _, k = min((k * ranked[k - 1] + (n - k) * ranked[-1], k) for k in range(1, n + 1))
+    return [order[:k], order[k:]] if k < n else [order]
+
+
+class RowLosses(nn.Module):
+    """The training forward pass: per-row loss sums and answer-token counts of a right-padded batch.
+
+    The ViT and connector run once; the LM runs per length group, each cut to its own longest row. Right
+    padding needs no attention mask: causal attention already keeps real tokens off the padding after them.
+    """
+
+    def __init__(self, model: VisionLanguageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (summed loss [B], answer tokens [B]) for ids, labels and mask [B, T] and the batch's images."""
+        embeds = self.model.embed_inputs(input_ids, pixels)  # [B, T, D]
+        lengths = attention_mask.sum(1)
+        row_loss = torch.zeros(len(input_ids), device=embeds.device)
+        row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
+        for rows in length_groups(lengths.cpu()):
+            rows = rows.to(embeds.device)
+            length = int(lengths[rows].max())
+            logits = self.model.lm(inputs_embeds=embeds[rows, :length]).logits
+            loss, tokens = token_losses(logits, labels[rows, :length])
+            row_loss, row_tokens = row_loss.index_put((rows,), loss), row_tokens.index_put((rows,), tokens)
+        return row_loss, row_tokens
+
+
+def add_lora(model: VisionLanguageModel, lora: LoRAConfig) -> list[str]:
+    """Wrap the LM's target linear layers in LoRA; return their names."""
+    return apply_lora(model.lm, lora.rank, lora.alpha, lora.targets, lora.dropout, lora.rslora)
+
+
+def _wrap(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
+    if dist.world_size == 1:
+        return model
+    # a text-only batch leaves the ViT and connector without gradients, hence find_unused_parameters
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+class IntervalLosses:
+    """Token-weighted losses and throughput since the last log line, overall and per modality."""
+
+    def __init__(self) -> None:
+        self.sums = {MULTIMODAL: 0.0, TEXT: 0.0}
+        self.tokens = {MULTIMODAL: 0, TEXT: 0}
+        self.samples, self.start = 0, time.perf_counter()
+
+    def add(self, row_loss: torch.Tensor, row_tokens: torch.Tensor, has_image: torch.Tensor) -> None:
+        """Add one micro-batch's per-row loss sums and token counts."""
+        for kind, rows in ((MULTIMODAL, has_image), (TEXT, ~has_image)):
+            self.sums[kind] += float(row_loss[rows].sum())
+            self.tokens[kind] += int(row_tokens[rows].sum())
+        self.samples += len(row_loss)
+
+    def figures(self, world_size: int = 1) -> dict[str, float]:
+        """Return loss (all answer tokens), loss_image and loss_text (where seen), and samples_per_s."""
+        total = sum(self.tokens.values())
+        out = {"loss": sum(self.sums.values()) / max(total, 1)}
+        for kind, key in ((MULTIMODAL, "loss_image"), (TEXT, "loss_text")):
+            if self.tokens[kind]:
+                out[key] = self.sums[kind] / self.tokens[kind]
+        out["samples_per_s"] = self.samples * world_size / (time.perf_counter() - self.start)
+        return out
+
+
+class RunLog:
+    """metrics.jsonl and the progress display, written by the first process only."""
+
+    def __init__(self, run_dir: Path, total: int, initial: int, main: bool) -> None:
+        self.file = (run_dir / "metrics.jsonl").open("a") if main else None
+        self.progress = Progress(total, initial=initial, desc="train vlm", enabled=main)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and show its losses."""
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        shown = ("loss", "loss_image", "loss_text", "lr")
+        self.progress.update(record["step"], {k: v for k, v in record.items() if k in shown})
+
+    def close(self) -> None:
+        """Close the file and the progress bar."""
+        self.progress.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def train_vlm(
+    cfg: VLMTrainConfig,
+    model: VisionLanguageModel,
+    stage_data: Callable[[int, str, StageConfig], MixedBatches],
+    run_dir: Path,
+    resume: str | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    on_stage_end: Callable[[str, StageConfig], None] | None = None,
+    dist: DistInfo | None = None,
+) -> list[dict[str, Any]]:
+    """Train `model` through cfg.stages in order; return the logged records (one per log_every steps)."""
+    dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
+    device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
+    model.to(device).train()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    main = dist.rank == 0
+    checkpoint = find_checkpoint(run_dir, resume) if resume else None
+    state = torch.load(checkpoint / "training_state.pt", weights_only=False) if checkpoint else None
+    step, records = (state["step"], state["records"]) if state else (0, [])
+    log, first = RunLog(run_dir, cfg.total_steps, step, main), 0
+    for index, (name, stage) in enumerate(cfg.stages.items()):
+        end = first + stage.steps
+        if state is not None and index < state["stage"]:
+            first = end
+            continue  # finished before the checkpoint (a LoRA stage's update is merged in its weights)
+        if "lora" in stage.train:
+            add_lora(model, cfg.lora)
+        opt, data = stage_optimizer(model, stage), stage_data(index, name, stage)
+        sched = build_scheduler(opt, stage.optim, stage.steps)
+        if state is not None:
+            load_checkpoint(checkpoint, model)  # weights and RNG state
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            data.load_state_dict(state["data"][dist.rank])
+            state = None
+        set_trainable(model, stage, step - first)
+        net, batches, interval = _wrap(RowLosses(model), dist, device), iter(data), IntervalLosses()
+        while step < end:
+            if stage.vision_layers and step - first == stage.vision_from_step:
+                set_trainable(model, stage, step - first)
+                net = _wrap(RowLosses(model), dist, device)  # DDP registers what needs gradients anew
+            for _ in range(stage.optim.accumulation):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                               batch["pixel_values"])  # fmt: skip
+                loss = row_loss.sum() / row_tokens.sum().clamp(min=1)  # mean over this batch's answer tokens
+                (loss / stage.optim.accumulation).backward()
+                interval.add(row_loss.detach(), row_tokens, modality_mask(batch))
+            if stage.optim.grad_clip:
+                trained = [p for p in model.parameters() if p.requires_grad]
+                torch.nn.utils.clip_grad_norm_(trained, stage.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            if step % cfg.log_every == 0 or step == end:
+                record = {"step": step, "stage": name, **interval.figures(dist.world_size),
+                          "lr": sched.get_last_lr()[0]}  # fmt: skip
+                if (
+                    evaluate
+                    and main
+                    and (step == cfg.total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                ):
+                    record.update(evaluate(step))
+                    model.train()
+                records.append(record)
+                log.write(record)
+                interval = IntervalLosses()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.total_steps:
+                data_states = _all_ranks(data.state_dict(), dist)
+                if main:
+                    save_checkpoint(run_dir, step, model, {
+                        "stage": index, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "data": data_states, "records": records})  # fmt: skip
+        if on_stage_end is not None and main:
+            on_stage_end(name, stage)
+        if "lora" in stage.train:
+            merge_lora(model.lm)
+        first = end
+    log.close()
+    return records
+
+
+# ---- building the tokenizer, model and data of a run ----
+
+
+def build_tokenizer(cfg: VLMTrainConfig, run_dir: Path, corpus: Callable[[], list[str]]) -> Path:
+    """Return the folder of the run's tokenizer: the LM's, the configured one, or a BPE trained on the data.
+
+    A trained BPE puts bos before every text and nothing after it (a prompt must not end in eos).
+    """
+    source = cfg.model.lm_init or cfg.model.tokenizer
+    if source is not None:
+        return Path(source)
+    folder = run_dir / "tokenizer"
+    if (folder / "tokenizer.json").is_file():  # a resumed run keeps its tokenizer
+        return folder
+    train_bpe(corpus(), folder, cfg.model.vocab_size, cfg.max_length)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLanguageModel, VLMProcessor]:
+    """Return a VLM (ViT and LM from their folders, or fresh) and its processor; the connector is new."""
+    import mmlm
+
+    parts = cfg.model
+    tokenizer = Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json"))
+    image_token_id = add_image_token(tokenizer)  # may lie past the LM's vocabulary: its slots are overwritten
+    specials = special_tokens_of(tokenizer_folder)
+    if parts.vision_init is not None:
+        tower = mmlm.load(parts.vision_init)
+        vision_cfg, image_processor = replace(tower.config.vision, embed_dim=None), tower.image_processor
+    else:
+        vision_cfg = replace(parts.vision, embed_dim=None)
+        image_processor = ImageProcessor.clip(vision_cfg.image_size)
+    if parts.lm_init is not None:
+        lm = mmlm.load(parts.lm_init)
+        lm_cfg = lm.model.cfg
+    else:
+        ids = {key: tokenizer.token_to_id(specials[key]) if key in specials else None
+               for key in ("bos_token", "eos_token", "pad_token")}  # fmt: skip
+        lm_cfg = replace(parts.lm, vocab_size=tokenizer.get_vocab_size(), bos_token_id=ids["bos_token"],
+                         eos_token_ids=[ids["eos_token"]] if ids["eos_token"] is not None else [],
+                         pad_token_id=ids["pad_token"], max_positions=cfg.max_length)  # fmt: skip
+    vlm_cfg = VLMConfig(vision_cfg, lm_cfg, parts.connector, image_token_id, list(parts.feature_layers),
+                        parts.feature_select)  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    model = VisionLanguageModel(vlm_cfg)
+    if parts.vision_init is not None:
+        ours = model.vision.state_dict()
+        model.vision.load_state_dict({k: v for k, v in tower.model.visual.state_dict().items() if k in ours})
+    if parts.lm_init is not None:
+        model.lm.load_state_dict(lm.model.state_dict())
+    processor = VLMProcessor(tokenizer, image_processor, model.image_tokens,
+                             chat_template=ChatTemplate.from_pretrained(tokenizer_folder),
+                             max_length=min(cfg.max_length, lm_cfg.max_positions), special_tokens=specials)  # fmt: skip
+    return model, processor
+
+
+def shapes_vqa_evaluator(
+    loaded: GenerativeModel, cfg: VLMTrainConfig, pairs: list[tuple[str, str]], split: str = "test"
+) -> Callable[[int], dict[str, float]]:
+    """Return evaluate(step): VQA accuracy (exact match after normalisation) on shapes questions of `split`."""
+    size = loaded.config.vision.image_size
+    samples = [make_instruction(i, cfg.seed, split=split, pairs=pairs, image_size=size)
+               for i in range(cfg.eval_samples)]  # fmt: skip
+
+    def evaluate(step: int) -> dict[str, float]:
+        predictions = answer_questions(loaded, [s.image for s in samples], [s.question for s in samples])
+        scores = vqa_scores(predictions, [[s.answer] for s in samples], [s.type for s in samples])
+        return {f"vqa_{k}": v for k, v in scores.items()}
+
+    return evaluate
+
+
+def run_vlm_training(
+    cfg: VLMTrainConfig, resume: str | None = None, evaluate: Evaluate | None = None
+) -> tuple[GenerativeModel, list[dict[str, Any]]]:
+    """Train a VLM as configured; write <out_dir>/model (mmlm.load reads it), metrics.jsonl and plots.
+
+    `evaluate(model, step)` runs every cfg.eval_every steps and at the end; by default, with shapes data,
+    VQA accuracy on cfg.eval_samples test questions is reported.
+    """
+    dist = init_distributed()
+    run_dir = Path(cfg.out_dir)
+    if resume:
+        find_checkpoint(run_dir, resume)  # a missing checkpoint fails now, not after the data is built
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pairs, _ = split_combinations(cfg.seed, cfg.holdout_fraction)
+    stage_data = [s.data for s in cfg.stages.values()]
+    corpus = lambda: corpus_texts(stage_data, cfg.seed, pairs)  # noqa: E731
+    if dist.rank == 0:  # one process trains the BPE; the others read it
+        build_tokenizer(cfg, run_dir, corpus)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    model, processor = build_vlm(cfg, build_tokenizer(cfg, run_dir, corpus))
+    loaded = GenerativeModel(model, processor)
+    if dist.rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (run_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
+    if not resume and dist.rank == 0:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if evaluate is not None:
+        hook = lambda step: evaluate(loaded, step)  # noqa: E731
+    elif cfg.eval_samples and all(d.source == "shapes" for d in stage_data):
+        hook = shapes_vqa_evaluator(loaded, cfg, pairs)
+    else:
+        hook = None
+
+    def batches(index: int, name: str, stage: StageConfig) -> MixedBatches:
+        seed = cfg.seed * 1000 + index  # each stage draws its own order
+        return stage_batches(
+            stage.data, processor, cfg.batch_size, seed, pairs, model.cfg.vision.image_size, dist.rank
+        )
+
+    def after_stage(name: str, stage: StageConfig) -> None:
+        if "lora" in stage.train and cfg.lora.save_adapter:
+            save_adapter(
+                model, run_dir / f"adapter-{name}", llama_module_names("lm.", "model.language_model.")
+            )
+
+    records = train_vlm(cfg, model, batches, run_dir, resume, hook, after_stage, dist)
+    if dist.rank == 0:
+        loaded.save_pretrained(run_dir / "model")
+        plot_training(records, run_dir)
+        plot_modality_losses(records, run_dir)
+    cleanup()
+    return loaded, records
+
+
+def plot_modality_losses(records: list[dict[str, Any]], out: Path) -> Path:
+    """Write loss_modality.png: the training loss on image and on text-only samples; return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ("loss_image", "loss_text"):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=key)
+    for boundary in {r["step"] for r, nxt in pairwise(records) if r["stage"] != nxt["stage"]}:
+        ax.axvline(boundary, color="grey", linewidth=0.8, linestyle=":")
+    ax.set(xlabel="step", ylabel="loss", title="loss per modality (dotted: stage ends)", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_modality.png", dpi=110)
+    plt.close(fig)
+    return out / "loss_modality.png"

@@ -1,0 +1,190 @@
+"""VLM training (`mmlm train vlm`): what each stage trains, LoRA, ViT unfreezing, data mixing, exact resume."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmlm.cli import main
+from mmlm.data.shapes import split_combinations
+from mmlm.layers.lora import LoRALinear
+from mmlm.train.mixing import MULTIMODAL, TEXT, MixingSampler, corpus_texts
+from mmlm.train.vlm_config import StageData, vlm_config_from_dict
+from mmlm.train.vlm_loop import build_tokenizer, build_vlm, run_vlm_training
+
+TINY_MODEL = {
+    "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2, "mlp_dim": 64},
+    "lm": {"width": 32, "layers": 2, "heads": 2, "kv_heads": 1, "mlp_dim": 64},
+    "vocab_size": 300,
+}
+ALIGN = {"steps": 3, "train": ["connector"], "data": {"question_types": ["caption", "color"], "samples": 32}}
+INSTRUCT = {"steps": 3, "train": ["connector", "lm"], "data": {"samples": 32}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> str:
+    """A BPE trained once on the tiny runs' questions, answers and sentences (the runs then skip training one)."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    cfg = tiny_config(out, {"instruct": INSTRUCT})
+    pairs, _ = split_combinations(0)
+    data = [StageData(samples=200, multimodal_fraction=0.5, text_source="shapes", text_samples=200)]
+    return str(build_tokenizer(cfg, out, lambda: corpus_texts(data, 0, pairs)))
+
+
+@pytest.fixture(autouse=True)
+def no_plots(request, monkeypatch):
+    """Skip the PNG plots (about a second per run) except in the test that checks them."""
+    if "plots" not in request.node.name:
+        monkeypatch.setattr("mmlm.train.vlm_loop.plot_training", lambda records, out: [])
+        monkeypatch.setattr("mmlm.train.vlm_loop.plot_modality_losses", lambda records, out: out)
+
+
+def tiny_config(out: Path, stages: dict, tokenizer: str | None = None, **settings):
+    data = {"model": {**TINY_MODEL, "tokenizer": tokenizer}, "stages": stages, "batch_size": 4, "max_length": 64, "log_every": 1,
+            "eval_samples": 0, "out_dir": str(out), "device": "cpu", **settings}  # fmt: skip
+    return vlm_config_from_dict(data)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before: dict, after: dict, prefix: str = "") -> set[str]:
+    return {k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])}
+
+
+def test_stage_one_trains_only_the_connector(tmp_path, tokenizer):
+    cfg = tiny_config(tmp_path, {"align": ALIGN}, tokenizer)
+    initial = weights(build_vlm(cfg, Path(tokenizer))[0])
+    loaded, records = run_vlm_training(cfg)
+    final = weights(loaded.model)
+    assert changed(initial, final) == {k for k in initial if k.startswith("connector.")}
+    assert [r["step"] for r in records] == [1, 2, 3] and all("loss_image" in r for r in records)
+
+
+def test_stage_two_trains_the_lm_and_connector_but_not_the_vit(tmp_path, tokenizer):
+    cfg = tiny_config(tmp_path, {"align": ALIGN, "instruct": INSTRUCT}, tokenizer)
+    initial = weights(build_vlm(cfg, Path(tokenizer))[0])
+    final = weights(run_vlm_training(cfg)[0].model)
+    assert not changed(initial, final, "vision.")
+    assert changed(initial, final, "lm.blocks.0.") and changed(initial, final, "connector.")
+
+
+def test_lora_stage_trains_only_lora_then_merges(tmp_path, tokenizer):
+    stage = {**INSTRUCT, "train": ["lora"]}
+    cfg = tiny_config(tmp_path, {"instruct": stage}, tokenizer, lora={"rank": 2, "alpha": 4, "targets": ["q", "v", "down"], "save_adapter": True})  # fmt: skip
+    initial = weights(build_vlm(cfg, Path(tokenizer))[0])
+    loaded, _ = run_vlm_training(cfg)
+    final = weights(loaded.model)
+    assert not any(isinstance(m, LoRALinear) for m in loaded.model.modules())  # merged back into nn.Linear
+    assert set(final) == set(initial)
+    # merging changed exactly the adapted layers: fused qkv (q and v rows only) and mlp.down
+    assert changed(initial, final) == {
+        f"lm.blocks.{i}.{n}.weight" for i in (0, 1) for n in ("attn.qkv", "mlp.down")
+    }
+    q, kv = 2 * 16, 1 * 16  # heads × head_dim, kv_heads × head_dim
+    k_rows = slice(q, q + kv)
+    assert torch.equal(
+        initial["lm.blocks.0.attn.qkv.weight"][k_rows], final["lm.blocks.0.attn.qkv.weight"][k_rows]
+    )
+    adapter = json.loads((tmp_path / "adapter-instruct" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["lora_alpha"] == 4
+
+
+def test_vit_unfreezes_at_the_configured_step(tmp_path, tokenizer):
+    # three blocks, features from the second (-2): "the last block" is block 1, the last one that feeds them
+    model = {**TINY_MODEL, "vision": {**TINY_MODEL["vision"], "layers": 3}}
+    stage = {**INSTRUCT, "steps": 4, "vision_layers": 1, "vision_from_step": 2}
+    cfg = tiny_config(tmp_path, {"instruct": stage}, tokenizer, checkpoint_every=1, model={**model, "tokenizer": tokenizer})  # fmt: skip
+    initial = weights(build_vlm(cfg, Path(tokenizer))[0])
+    final = weights(run_vlm_training(cfg)[0].model)
+    at = {s: load_file(str(tmp_path / "checkpoints" / f"step-{s:07d}" / "model.safetensors")) for s in (2, 3)}
+    assert not changed(initial, at[2], "vision.")  # two updates done, the ViT still frozen
+    assert changed(initial, at[3], "vision.")  # the third update (stage step 2) moves it
+    assert changed(initial, final, "vision.") == {
+        k for k in initial if k.startswith("vision.transformer.blocks.1.")
+    }
+
+
+def test_mixing_sampler_ratio_determinism_and_resume():
+    sampler = MixingSampler({MULTIMODAL: 50, TEXT: 30}, 0.7, 32, seed=3)
+    batches = [sampler.next_batch() for _ in range(100)]
+    share = np.mean([s == MULTIMODAL for b in batches for s, _ in b])
+    assert abs(share - 0.7) < 0.02  # 3200 draws: the standard error is 0.008
+    again = MixingSampler({MULTIMODAL: 50, TEXT: 30}, 0.7, 32, seed=3)
+    assert [again.next_batch() for _ in range(100)] == batches
+    again = MixingSampler({MULTIMODAL: 50, TEXT: 30}, 0.7, 32, seed=3)
+    # each source is read epoch by epoch: every sample once before any repeats
+    first_epoch = [i for b in batches for s, i in b if s == TEXT][:30]
+    assert sorted(first_epoch) == list(range(30))
+    for _ in range(60):
+        again.next_batch()  # a second run stopped after 60 batches ...
+    resumed = MixingSampler({MULTIMODAL: 50, TEXT: 30}, 0.7, 32, seed=3)
+    resumed.load_state_dict(again.state_dict())  # ... resumes from its state alone
+    assert [resumed.next_batch() for _ in range(40)] == batches[60:]
+    assert {s for s, _ in MixingSampler({MULTIMODAL: 50}, 1.0, 8, seed=0).next_batch()} == {MULTIMODAL}
+
+
+def test_losses_are_logged_per_modality_with_plots(tmp_path, tokenizer):
+    stage = {**INSTRUCT, "data": {"samples": 32, "multimodal_fraction": 0.5, "text_source": "shapes", "text_samples": 32}}  # fmt: skip
+    _, records = run_vlm_training(tiny_config(tmp_path, {"instruct": stage}, tokenizer, batch_size=8))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all("loss_image" in r and "loss_text" in r for r in lines)
+    for r in lines:  # the overall loss is the token-weighted mean of the two
+        assert min(r["loss_image"], r["loss_text"]) <= r["loss"] <= max(r["loss_image"], r["loss_text"])
+    assert (tmp_path / "loss_modality.png").is_file() and (tmp_path / "loss.png").is_file()
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tokenizer):
+    stages = {"align": ALIGN, "instruct": {**INSTRUCT, "steps": 4, "train": ["connector", "lora"]}}
+    straight = tiny_config(tmp_path / "straight", stages, tokenizer, checkpoint_every=2, lora={"rank": 2, "dropout": 0.1})  # fmt: skip
+    final = weights(run_vlm_training(straight)[0].model)
+    # resume a fresh run from the straight run's step-4 checkpoint (inside the LoRA stage, after one of its steps)
+    resumed_cfg = tiny_config(tmp_path / "resumed", stages, tokenizer, lora={"rank": 2, "dropout": 0.1})
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-0000004"
+    loaded, records = run_vlm_training(resumed_cfg, resume=str(checkpoint))
+    assert not changed(final, weights(loaded.model))
+    straight_losses = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [r["loss"] for r in records] == straight_losses
+
+
+@pytest.mark.slow
+def test_training_loss_falls_on_a_tiny_shapes_set(tmp_path, tokenizer):
+    stage = {"steps": 24, "train": ["connector", "lm"], "optim": {"lr": 5e-3, "warmup_steps": 4},
+             "data": {"samples": 16, "question_types": ["color", "presence"]}}  # fmt: skip
+    _, records = run_vlm_training(
+        tiny_config(tmp_path, {"instruct": stage}, tokenizer, batch_size=8, log_every=5)
+    )
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('stages.align.train=["vision"]', "stages.align.train: expected a non-empty list"),
+        ('stages.instruct.train=["lm","lora"]', "choose 'lm'"),
+        ("stages.instruct.data.multimodal_fraction=1.5", "multimodal_fraction: expected a number in [0, 1]"),
+        ("stages.instruct.data.multimodal_fraction=0.5", "text_source: needed"),
+        ("stages.align.vision_from_step=500", "vision_from_step: expected a step in [0, 100)"),
+        ("stages.align.steps=0", "stages.align.steps: expected a positive integer"),
+        ("batch_size=0", "batch_size: expected a positive integer"),
+        ("stages.instruct.data.source=missing.json", "missing.json not found"),
+        ('stages.align.data.question_types=["weather"]', "question_types: expected a list"),
+        ("precision=fp8", "precision: expected one of"),
+        ("stages.align.optim.lr=fast", "optim.lr"),
+        ("model.vision_init=/no/such/folder", "model.vision_init: /no/such/folder is not a folder"),
+        ("stages=[]", "stages: expected a mapping"),
+    ],
+)
+def test_bad_config_values_are_one_line_errors(override, message, capsys):
+    assert main(["train", "vlm", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmlm: error: ") and message in err and "\n" not in err
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    assert main(["train", "vlm", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml not found" in capsys.readouterr().err
