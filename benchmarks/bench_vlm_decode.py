@@ -96,8 +96,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, 2 here)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # steadier than 2 threads when other jobs share the cores
     ref, ours = build_models()
     timers = {"transformers": (transformers_token_times, ref), "mmlm": (mmlm_token_times, ours)}
     for batch in args.batch:
