@@ -1,6 +1,11 @@
 """VLM training (`mmlm train vlm`): what each stage trains, LoRA, ViT unfreezing, data mixing, exact resume."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +154,46 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tokeniz
     assert not changed(final, weights(loaded.model))
     straight_losses = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert [r["loss"] for r in records] == straight_losses
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    # a resumed run logs the steps after its checkpoint again; the later line wins
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    }
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_through_the_cli(tmp_path, tokenizer):
+    stages = {
+        "align": {**ALIGN, "steps": 20},
+        "instruct": {**INSTRUCT, "steps": 100, "train": ["connector", "lora"]},
+    }
+    config = tiny_config(tmp_path, stages, tokenizer)  # checked here, written for the CLI below
+    data = {"model": {**TINY_MODEL, "tokenizer": tokenizer}, "stages": stages, "batch_size": 4, "max_length": 64,
+            "log_every": 1, "eval_samples": 0, "checkpoint_every": 10, "lora": {"rank": 2, "dropout": 0.1}}  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(data))
+
+    def command(run: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "mmlm", "train", "vlm", "--config", str(tmp_path / "train.json"),
+                f"out_dir={tmp_path / run}", *extra]  # fmt: skip
+
+    subprocess.run(command("straight"), check=True, capture_output=True)
+    victim = subprocess.Popen(command("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
+    killed_at = json.loads(latest.read_text())["step"]
+    subprocess.run(command("killed", "--resume", "latest"), check=True, capture_output=True)
+    straight, resumed = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "killed")
+    assert killed_at < config.total_steps and len(straight) == config.total_steps
+    assert resumed == straight  # bit-identical on CPU: weights, optimiser, schedule, sampler and RNG restored
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("straight", "killed"))
+    assert not changed(a, b)
 
 
 @pytest.mark.slow
