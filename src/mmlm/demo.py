@@ -1,4 +1,5 @@
-"""`make demo`: generate the shapes world, train a small CLIP from scratch on CPU, evaluate, summarise.
+"""`make demo`: generate the shapes world, train a small CLIP from scratch on CPU, evaluate, summarise; then
+train a LLaVA-style VLM on the CLIP's vision tower and report its VQA accuracy (mmlm.demo_vlm).
 
 Zero-shot runs on colour×shape pairs that no training image or caption contains (compositional
 generalisation over all 64 classes; chance is 1/64); retrieval runs on captions that identify their image
@@ -14,6 +15,7 @@ import torch
 from mmlm.config import DualEncoderConfig, TextConfig, VisionConfig
 from mmlm.contrastive import ContrastiveModel
 from mmlm.data import shapes
+from mmlm.demo_vlm import run_vlm_demo
 from mmlm.eval.retrieval import retrieval_metrics
 from mmlm.eval.zeroshot import zero_shot_metrics
 from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
@@ -111,4 +113,10 @@ def run_demo(out: Path, steps: int = 450) -> dict:
     print(
         f"wrote {out / 'summary.json'}, the model in {out / 'model'} and plots in {out}  ({summary['seconds']}s)"
     )
+    # the VLM part: the CLIP's vision tower + a tiny LM, LLaVA's stages, VQA accuracy per question type
+    summary["clip_seconds"] = summary["seconds"]
+    summary.update(run_vlm_demo(out, out / "model"))
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out / 'summary.json'}  (whole demo {summary['seconds']}s)")
     return summary
