@@ -13,7 +13,6 @@ Overrides on the command line address stages by name: `stages.instruct.optim.lr=
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from mmlm.connectors import ConnectorConfig
 from mmlm.data.instructions import QUESTION_TYPES
 from mmlm.errors import InputError
 from mmlm.lm import LMConfig
-from mmlm.train.config import OptimConfig, apply_overrides
+from mmlm.train.config import OptimConfig, apply_overrides, read_config_file
 
 TRAINABLE_PARTS = ("connector", "lm", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -218,24 +217,6 @@ def check_config(cfg: VLMTrainConfig) -> None:
             raise InputError(f"model.{key}: {path} is not a folder")
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(f"training config {path} not found")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as e:  # both parsers raise their own error types
-        raise InputError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping of settings")
-    return data
-
-
 def vlm_config_from_dict(data: dict[str, Any]) -> VLMTrainConfig:
     """Return the VLMTrainConfig of plain data (stages as a mapping of name -> stage settings), checked."""
     data = copy.deepcopy(data)
@@ -255,7 +236,7 @@ def vlm_config_from_dict(data: dict[str, Any]) -> VLMTrainConfig:
 
 def load_vlm_train_config(path: str | Path | None, overrides: list[str] = ()) -> VLMTrainConfig:
     """Return the VLMTrainConfig in a YAML or JSON file (or the defaults), with key=value overrides applied."""
-    data = _read(Path(path)) if path is not None else {}
+    data = read_config_file(path) if path is not None else {}
     if "stages" not in data:
         data["stages"] = {name: dataclasses.asdict(s) for name, s in default_stages().items()}
     return vlm_config_from_dict(apply_overrides(data, list(overrides)))
