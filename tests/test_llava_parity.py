@@ -104,3 +104,14 @@ def test_bad_inputs(pair):
         m.generate("USER: <image>\nHi ASSISTANT:", [Image.fromarray(np.zeros((0, 5, 3), np.uint8))])
     with pytest.raises(InputError, match="context"):
         m.generate("USER: <image>\n" + "word " * 200 + "ASSISTANT:", [photos()[0]])
+
+
+def test_one_bare_image_and_one_stop_string(pair, tmp_path):
+    _, m, _ = pair
+    path = tmp_path / "photo.png"
+    photos()[0].save(path)
+    prompt = "USER: <image>\nHi ASSISTANT:"
+    full = m.generate(prompt, [path], max_new_tokens=8)
+    assert m.generate(prompt, str(path), max_new_tokens=8) == full
+    if len(full) > 2:  # a stop string given bare is one string, not its characters
+        assert m.generate(prompt, [path], max_new_tokens=8, stop=full[1:3]) == full[: full.index(full[1:3])]

@@ -107,6 +107,8 @@ class GenerativeModel:
 
     @staticmethod
     def _batch(prompt, images) -> tuple[list[Prompt], list[list[ImageSource]] | None, bool]:
+        if isinstance(images, (str, Path, bytes)):  # one image given bare, not in a list
+            images = [images]
         single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         if single:
             return [prompt], None if images is None else [list(images)], True
@@ -130,7 +132,8 @@ class GenerativeModel:
         max_new_tokens, or when the context is full. Batches are left-padded and decoded together.
         """
         prompts, image_lists, single = self._batch(prompt, images)
-        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, tuple(stop), seed)
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
         step, kv, settings, embeds, mask = self._prepare(prompts, image_lists, settings, cache)
         texts = [""] * len(prompts)
         for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask):
@@ -163,7 +166,8 @@ class GenerativeModel:
         prompts, image_lists, single = self._batch(prompt, images)
         if not single:
             raise InputError("stream: expected one prompt")
-        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, tuple(stop), seed)
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
         step, kv, settings, embeds, mask = self._prepare(prompts, image_lists, settings, "static")
         for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask):
             for _, piece in pieces:
