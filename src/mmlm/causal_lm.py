@@ -26,7 +26,7 @@ from mmlm.checkpoints.keymap import Rule, to_ours, to_theirs
 from mmlm.checkpoints.safetensors_io import read_weights, write_weights
 from mmlm.config import config_from_dict
 from mmlm.errors import InputError
-from mmlm.generation import GenerationSettings, Step, generate_ids, lm_step, stream_text
+from mmlm.generation import GenerationSettings, Step, generate_texts, lm_step, stream_text
 from mmlm.lm import DecoderLM, LayerCache, LMConfig
 from mmlm.processing.chat import ChatTemplate, Message, check_messages
 from mmlm.processing.tokenizer import HFTokenizer, load_tokenizer
@@ -167,19 +167,8 @@ class CausalLM:
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
         step, kv, settings, ids, mask = self._prepare(texts, chat, settings, cache, compile)
-        if settings.stop:
-            outputs = [""] * len(texts)
-            for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, ids, None, mask,
-                                      drop_finished=not compile):  # fmt: skip
-                for row, piece in pieces:
-                    outputs[row] += piece
-        else:  # no stop strings: decode once at the end
-            tokens: list[list[int]] = [[] for _ in texts]
-            for step_tokens in generate_ids(step, kv, settings, self.eos_token_ids, ids, None, mask,
-                                            drop_finished=not compile):  # fmt: skip
-                for row, token in step_tokens:
-                    tokens[row].append(token)
-            outputs = [self.decode(t) for t in tokens]
+        outputs = generate_texts(step, kv, self.decode, settings, self.eos_token_ids, ids, None, mask,
+                                 drop_finished=not compile)  # fmt: skip
         return outputs[0] if one else outputs
 
     def stream(

@@ -220,3 +220,31 @@ def stream_text(
     tails = [(row, tail) for row, s in enumerate(streams) if (tail := s.finish())]
     if tails:
         yield tails
+
+
+def generate_texts(
+    step: Step,
+    cache: list[LayerCache],
+    decode: Callable[[list[int]], str],
+    settings: GenerationSettings,
+    eos_token_ids: Sequence[int],
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    drop_finished: bool = True,
+) -> list[str]:
+    """Return every row's new text. Only stop strings need the text as it grows; otherwise it is decoded once."""
+    batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    if settings.stop:
+        texts = [""] * batch
+        for pieces in stream_text(step, cache, decode, settings, eos_token_ids, input_ids, inputs_embeds,
+                                  attention_mask, drop_finished):  # fmt: skip
+            for row, piece in pieces:
+                texts[row] += piece
+        return texts
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    for step_tokens in generate_ids(step, cache, settings, eos_token_ids, input_ids, inputs_embeds,
+                                    attention_mask, drop_finished=drop_finished):  # fmt: skip
+        for row, token in step_tokens:
+            tokens[row].append(token)
+    return [decode(t) for t in tokens]

@@ -26,7 +26,7 @@ from mmlm.checkpoints.keymap import Rule, to_theirs
 from mmlm.checkpoints.safetensors_io import read_weights, write_weights
 from mmlm.config import config_from_dict
 from mmlm.errors import InputError
-from mmlm.generation import GenerationSettings, generate_ids, lm_step, stream_text
+from mmlm.generation import GenerationSettings, generate_ids, generate_texts, lm_step, stream_text
 from mmlm.processing.image import ImageProcessor, ImageSource
 from mmlm.processing.vlm_processor import VLMProcessor
 from mmlm.vlm import VisionLanguageModel, VLMConfig
@@ -135,10 +135,7 @@ class GenerativeModel:
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
         step, kv, settings, embeds, mask = self._prepare(prompts, image_lists, settings, cache)
-        texts = [""] * len(prompts)
-        for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask):
-            for row, piece in pieces:
-                texts[row] += piece
+        texts = generate_texts(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask)
         return texts[0] if single else texts
 
     def generate_tokens(
