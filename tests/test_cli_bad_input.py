@@ -8,15 +8,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from fixtures_models import write_tiny_clip
 from mmlm.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    write_tiny_clip(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from PIL import Image
 from skimage import data
 
 import mmlm
-from fixtures_models import write_tiny_clip
 from mmlm.cli import main
 from mmlm.data.curate import (
     CurateSettings,
@@ -23,13 +22,6 @@ from mmlm.data.readers import open_pairs
 from mmlm.errors import InputError
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "camera", "rocket", "immunohistochemistry"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    write_tiny_clip(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,6 @@ DIGITS = 4
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    write_tiny_clip(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def model(model_dir):
     return mmlm.load(model_dir)
 

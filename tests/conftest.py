@@ -1,0 +1,13 @@
+"""Fixtures shared by several test files."""
+
+import pytest
+
+from fixtures_models import write_tiny_clip
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random transformers CLIP folder, built once per run; tests only read it."""
+    folder = tmp_path_factory.mktemp("clip")
+    write_tiny_clip(folder)
+    return folder
