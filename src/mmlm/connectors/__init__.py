@@ -14,6 +14,7 @@ from torch import nn
 
 from mmlm.connectors.pixel_shuffle import PixelShuffleConnector, pixel_shuffle
 from mmlm.connectors.projector import LLAVA_PROJECTOR_KEYS, LinearProjector, MLPProjector
+from mmlm.connectors.qformer import build_qformer_connector
 from mmlm.errors import InputError
 
 CONNECTOR_CONFIG_VERSION = 1
@@ -82,6 +83,7 @@ register_connector(
     "pixel_shuffle",
     lambda cfg, dv, dl: PixelShuffleConnector(dv, dl, scale_factor=cfg.scale_factor, bias=_bias(cfg, False)),
 )
+register_connector("qformer", build_qformer_connector)  # BLIP-2; width None: the vision width
 
 __all__ = [
     "CONNECTORS",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlm.layers.linear import project
+from mmlm.layers.norm import make_norm
 from mmlm.layers.rotary import apply_rotary
 
 
@@ -91,7 +92,8 @@ class Attention(nn.Module):
     """Scaled dot-product attention, softmax(q·kᵀ/√d)·v, with `heads` query heads and `kv_heads` key/value heads.
 
     Self-attention projects q, k, v with one fused `qkv` linear; cross-attention (`cross=True`) projects q from
-    the sequence with `q` and k, v from the context with `kv`.
+    the sequence with `q` and k, v from the context with `kv`. `qk_norm` ("layer" or "rms") normalises each head's
+    queries and keys over head_dim with `q_norm`/`k_norm` before the dot product (and before rotary positions).
     """
 
     def __init__(
@@ -104,6 +106,8 @@ class Attention(nn.Module):
         out_bias: bool | None = None,
         cross: bool = False,
         context_dim: int | None = None,
+        qk_norm: str | None = None,
+        qk_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -119,6 +123,10 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=bias)
         self.out = nn.Linear(q_dim, dim, bias=bias if out_bias is None else out_bias)
+        self.qk_norm = qk_norm is not None
+        if qk_norm is not None:
+            self.q_norm = make_norm(qk_norm, self.head_dim, qk_norm_eps)
+            self.k_norm = make_norm(qk_norm, self.head_dim, qk_norm_eps)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         # [B, L, n·hd] -> [B, n, L, hd]
@@ -144,10 +152,15 @@ class Attention(nn.Module):
             q = self._heads(self.q(x), self.heads)
             k, v = self.kv(context).split([kv_dim, kv_dim], dim=-1)
             k, v = self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
         else:
             # [B, L, (H + 2·KV)·hd] -> [B, L, H + 2·KV, hd]: queries and keys rotate together in one pass
             qkv = project(self.qkv, x).unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim))
             qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=2)
+            if self.qk_norm:
+                q, k = qk.split([self.heads, self.kv_heads], dim=2)
+                qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
             if rope is not None:
                 qk = apply_rotary(qk, *rope)
             q, k = qk.split([self.heads, self.kv_heads], dim=2)

@@ -1,0 +1,163 @@
+"""transformers Blip2ForConditionalGeneration / Blip2Model folders -> mmlm's QFormerConnector: config and key map.
+
+Only the connector is read: `query_tokens`, `qformer.*` and `language_projection.*`. The vision tower
+(`vision_model.*`) and the LM (`language_model.*`) are other models' business. What the Q-Former must be fed
+is transformers' `vision_model(...).last_hidden_state`: every token, the class token included, after the
+tower's final LayerNorm (`vision_model.post_layernorm`). That norm belongs to the vision tower
+(mmlm's `VisionTransformer.norm_post`), not to this connector.
+
+Their names -> ours, per Q-Former layer i (`qformer.encoder.layer.{i}` -> `qformer.blocks.{i}`):
+    attention.attention.{query,key,value}       -> attn.qkv (fused, [q; k; v])
+    attention.output.dense / .LayerNorm         -> attn.out / norm1
+    crossattention.attention.query              -> cross_attn.q          (layers with i % frequency == 0)
+    crossattention.attention.{key,value}        -> cross_attn.kv (fused, [k; v]; in width encoder_hidden_size)
+    crossattention.output.dense / .LayerNorm    -> cross_attn.out / norm_cross
+    intermediate_query.dense                    -> mlp.fc1
+    output_query.dense / .LayerNorm             -> mlp.fc2 / norm2
+and `query_tokens` -> `qformer.query_tokens`, `qformer.layernorm` -> `qformer.query_norm`,
+`language_projection` -> `language_projection`.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mmlm.checkpoints.keymap import Rule, fused, linear, rename, to_ours
+from mmlm.checkpoints.safetensors_io import weight_files
+from mmlm.connectors import ConnectorConfig
+from mmlm.connectors.qformer import QFormerConnector, build_qformer_connector
+from mmlm.errors import InputError
+from mmlm.layers.mlp import ACTIVATIONS
+
+# transformers' Blip2QFormerConfig / Blip2Config defaults for keys a config.json may leave out
+QFORMER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        cross_attention_frequency=2, encoder_hidden_size=1408, layer_norm_eps=1e-12,
+                        hidden_act="gelu")  # fmt: skip
+NUM_QUERY_TOKENS = 32  # Blip2Config.num_query_tokens (top level, not in qformer_config)
+
+CONNECTOR_PREFIXES = ("query_tokens", "qformer.", "language_projection.")
+# BLIP-2's layers hold a second FFN, `intermediate`/`output`, for text tokens, used only by the stage-1
+# objectives (ITC/ITG/ITM; transformers builds it when use_qformer_text_input), as are the text embeddings.
+# Generation feeds the K queries alone, which take `intermediate_query`/`output_query`; the text path is skipped.
+TEXT_ONLY = re.compile(r"qformer\.embeddings\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+
+
+def connector_config_from_blip2(hf: dict[str, Any]) -> ConnectorConfig:
+    """Return the ConnectorConfig of a transformers Blip2Config dict (its `qformer_config` and `num_query_tokens`).
+
+    `layer_norm_eps` has no ConnectorConfig field: `load_blip2_qformer` passes it to the model, while
+    `build_connector` uses BLIP-2's 1e-12. The vision width is `blip2_vision_width(hf)`.
+    """
+    q = {**QFORMER_DEFAULTS, **(hf.get("qformer_config") or {})}
+    width, heads, every = q["hidden_size"], q["num_attention_heads"], q["cross_attention_frequency"]
+    if width % heads:
+        raise InputError(
+            f"qformer_config.hidden_size: {width} is not a multiple of num_attention_heads={heads}"
+        )
+    if every < 1:
+        raise InputError(
+            f"qformer_config.cross_attention_frequency: got {every}; expected a positive integer"
+        )
+    if q["hidden_act"] not in ACTIVATIONS:
+        raise InputError(
+            f"qformer_config.hidden_act: got {q['hidden_act']!r}; expected one of {sorted(ACTIVATIONS)}"
+        )
+    return ConnectorConfig(
+        kind="qformer", act=q["hidden_act"], bias=True, num_queries=hf.get("num_query_tokens", NUM_QUERY_TOKENS),
+        depth=q["num_hidden_layers"], heads=heads, head_dim=width // heads, width=width,
+        mlp_dim=q["intermediate_size"], cross_attention_frequency=every,
+    )  # fmt: skip
+
+
+def blip2_vision_width(hf: dict[str, Any]) -> int:
+    """Return the width of the image features the Q-Former cross-attends to (its key/value input width)."""
+    # Blip2Config sets qformer_config.encoder_hidden_size to vision_config.hidden_size, so the tower decides
+    vision = hf.get("vision_config") or {}
+    q = {**QFORMER_DEFAULTS, **(hf.get("qformer_config") or {})}
+    return vision.get("hidden_size", q["encoder_hidden_size"])
+
+
+def blip2_key_map(cfg: ConnectorConfig) -> list[Rule]:
+    """Return every rule between a BLIP-2 checkpoint's connector tensors and QFormerConnector's (cfg.width set)."""
+    inner = cfg.heads * (cfg.head_dim or cfg.width // cfg.heads)  # transformers' all_head_size
+    rules = [
+        rename("qformer.query_tokens", "query_tokens"),
+        *linear("qformer.query_norm", "qformer.layernorm"),
+    ]
+    for i in range(cfg.depth):
+        ours, theirs = f"qformer.blocks.{i}", f"qformer.encoder.layer.{i}"
+        qkv = [f"{theirs}.attention.attention.{p}" for p in ("query", "key", "value")]
+        rules += fused(f"{ours}.attn.qkv", qkv, (inner, inner, inner))
+        rules += linear(f"{ours}.attn.out", f"{theirs}.attention.output.dense")
+        rules += linear(f"{ours}.norm1", f"{theirs}.attention.output.LayerNorm")
+        if i % cfg.cross_attention_frequency == 0:
+            cross = f"{theirs}.crossattention"
+            rules += linear(f"{ours}.cross_attn.q", f"{cross}.attention.query")
+            rules += fused(f"{ours}.cross_attn.kv", [f"{cross}.attention.key", f"{cross}.attention.value"],
+                           (inner, inner))  # fmt: skip
+            rules += linear(f"{ours}.cross_attn.out", f"{cross}.output.dense")
+            rules += linear(f"{ours}.norm_cross", f"{cross}.output.LayerNorm")
+        # the query tokens' FFN; the text tokens' `intermediate`/`output` is not mapped (see TEXT_ONLY)
+        rules += linear(f"{ours}.mlp.fc1", f"{theirs}.intermediate_query.dense")
+        rules += linear(f"{ours}.mlp.fc2", f"{theirs}.output_query.dense")
+        rules += linear(f"{ours}.norm2", f"{theirs}.output_query.LayerNorm")
+    return rules + linear("language_projection", "language_projection")
+
+
+def blip2_connector_from_state_dict(
+    hf: dict[str, Any], tensors: dict[str, torch.Tensor], source: str = "state dict"
+) -> tuple[QFormerConnector, ConnectorConfig]:
+    """Return (connector, config) from a Blip2Config dict and the checkpoint's connector tensors.
+
+    `tensors` may hold the whole checkpoint; tensors outside the connector and the text-only FFN are ignored.
+    """
+    if "query_tokens" not in tensors:
+        raise InputError(f"{source}: no 'query_tokens' tensor; expected a BLIP-2 checkpoint")
+    cfg = connector_config_from_blip2(hf)
+    text = hf.get("text_config") or {}
+    # an LM config names its width hidden_size (OPT) or d_model (T5); failing both, the projection's rows say it
+    lm_dim = text.get("hidden_size", text.get("d_model"))
+    if lm_dim is None and "language_projection.weight" in tensors:
+        lm_dim = tensors["language_projection.weight"].shape[0]
+    if lm_dim is None:
+        raise InputError(f"{source}: text_config.hidden_size is missing and there is no language_projection")
+    eps = {**QFORMER_DEFAULTS, **(hf.get("qformer_config") or {})}["layer_norm_eps"]
+    model = build_qformer_connector(cfg, blip2_vision_width(hf), lm_dim, eps=eps)
+    theirs = {k: v for k, v in tensors.items() if k.startswith(CONNECTOR_PREFIXES) and not TEXT_ONLY.match(k)}
+    our_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(to_ours(theirs, blip2_key_map(cfg), our_shapes, source))
+    return model, cfg
+
+
+def read_connector_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Return the connector tensors of a BLIP-2 folder's safetensors, leaving the vision tower and LM unread."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if key.startswith(CONNECTOR_PREFIXES):
+                        tensors[key] = f.get_tensor(key)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def load_blip2_qformer(folder: str | Path) -> tuple[QFormerConnector, ConnectorConfig]:
+    """Return (connector, config) read from a transformers BLIP-2 folder (config.json + safetensors)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{config_path}: not found; expected a transformers BLIP-2 folder") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{config_path}: not readable JSON ({e})") from None
+    if not isinstance(hf, dict) or hf.get("model_type") != "blip-2":
+        got = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
+        raise InputError(f"{config_path}: model_type is {got!r}; expected 'blip-2'")
+    return blip2_connector_from_state_dict(hf, read_connector_tensors(folder), str(folder))
