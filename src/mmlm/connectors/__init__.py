@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from mmlm.connectors.perceiver import PerceiverConnector, PerceiverResampler
 from mmlm.connectors.pixel_shuffle import PixelShuffleConnector, pixel_shuffle
 from mmlm.connectors.projector import LLAVA_PROJECTOR_KEYS, LinearProjector, MLPProjector
 from mmlm.connectors.qformer import build_qformer_connector
@@ -84,6 +85,14 @@ register_connector(
     lambda cfg, dv, dl: PixelShuffleConnector(dv, dl, scale_factor=cfg.scale_factor, bias=_bias(cfg, False)),
 )
 register_connector("qformer", build_qformer_connector)  # BLIP-2; width None: the vision width
+register_connector(
+    "perceiver",  # the resampler runs at vision width (as in Idefics); its MLP uses Idefics' ReLU, not cfg.act
+    lambda cfg, dv, dl: PerceiverConnector(
+        PerceiverResampler(dv, cfg.depth, cfg.num_queries, cfg.heads, cfg.head_dim or dv // cfg.heads,
+                           cfg.mlp_dim or 4 * dv, max_frames=cfg.max_frames),
+        dv, dl, bias=_bias(cfg, True),
+    ),
+)  # fmt: skip
 
 __all__ = [
     "CONNECTORS",
@@ -92,6 +101,8 @@ __all__ = [
     "ConnectorConfig",
     "LinearProjector",
     "MLPProjector",
+    "PerceiverConnector",
+    "PerceiverResampler",
     "PixelShuffleConnector",
     "build_connector",
     "pixel_shuffle",
