@@ -26,10 +26,10 @@ from mmlm.checkpoints.keymap import Rule, to_theirs
 from mmlm.checkpoints.safetensors_io import read_weights, write_weights
 from mmlm.config import config_from_dict
 from mmlm.errors import InputError
-from mmlm.generation import GenerationSettings, generate_ids, generate_texts, lm_step, stream_text
+from mmlm.generation import GenerationSettings, generate_ids, generate_texts, stream_text
 from mmlm.processing.image import ImageProcessor, ImageSource
 from mmlm.processing.vlm_processor import VLMProcessor
-from mmlm.vlm import VisionLanguageModel, VLMConfig
+from mmlm.vlm import VisionLanguageModel, VLMConfig, vlm_step
 
 MMLM_ARCHITECTURE = "vlm"
 Prompt = str | Sequence[dict[str, Any]]
@@ -81,6 +81,8 @@ class GenerativeModel:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of token ids, special tokens skipped."""
+        if self.model.kind == "unified":  # image codes have no text
+            ids = [i for i in ids if i < self.model.code_offset]
         return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str):
@@ -98,12 +100,14 @@ class GenerativeModel:
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
         pixels = batch["pixel_values"]
         with torch.inference_mode():
-            embeds = self.model.embed_inputs(
+            embeds, media = self.model.prepare(
                 ids, None if pixels is None else pixels.to(self.device, self.dtype)
             )
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.lm.new_cache(ids.shape[0], length)
-        return lm_step(self.model.lm), kv, settings, embeds, (None if bool(mask.all()) else mask)
+        if media is not None:
+            kv.append(media)  # see vlm_step: rows dropped from the batch leave the media too
+        return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
 
     @staticmethod
     def _batch(prompt, images) -> tuple[list[Prompt], list[list[ImageSource]] | None, bool]:

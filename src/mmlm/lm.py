@@ -4,6 +4,7 @@ pre-norm blocks of RMSNorm + rotary GQA attention + SwiGLU MLP, final RMSNorm, L
 The model holds weights only. Caches are created by `new_cache`, passed in, filled in place and returned.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -178,12 +179,14 @@ class DecoderLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: list[LayerCache] | None = None,
         last_only: bool = False,
+        before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> LMOutput:
         """Return logits for ids [B, T] or embeddings [B, T, width], appending this call's keys/values to `cache`.
 
         `attention_mask` [B, S] (1 = token, 0 = padding) covers the cached slots and these T, so S = cached + T;
         None means no padding. `position_ids` [B, T] default to cumsum(mask) − 1, or to cached + arange(T).
-        `last_only` computes logits for the last position only, which is all decoding needs.
+        `last_only` computes logits for the last position only, which is all decoding needs. `before_block(i, x)`
+        runs on the hidden states before layer i (Flamingo's gated cross-attention blocks hang there).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("DecoderLM: pass exactly one of input_ids and inputs_embeds")
@@ -207,6 +210,8 @@ class DecoderLM(nn.Module):
             if window not in masks:
                 masks[window] = build_attention_mask(attention_mask, past, length, window, x.device)
             mask, is_causal = masks[window]
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(x, mask=mask, is_causal=is_causal, cache=cache[i] if cache else None, rope=rope)
         if last_only:
             x = x[:, -1:]

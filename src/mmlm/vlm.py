@@ -1,8 +1,14 @@
-"""The LLaVA-style vision-language model: ViT -> connector -> decoder LM, with image tokens in the text sequence.
+"""The vision-language model: ViT -> connector -> decoder LM, in every fusion style `connector.kind` names.
 
 Early fusion (LLaVA, Liu et al. 2023): the processor writes one `image_token_id` per visual token where each
-`<image>` was; the model embeds the text, then scatters the connector's outputs into those slots in order
-(image by image, tile by tile, token by token), and the LM reads one mixed sequence. No per-sample Python loop.
+`<image>` was; the model embeds the text, then scatters the visual tokens into those slots in order (image by
+image, tile by tile, token by token), and the LM reads one mixed sequence. No per-sample Python loop. The
+styles differ only in what fills the slots:
+  linear, mlp, pixel_shuffle, qformer, perceiver   the connector's outputs (N, N/r², K or L per image);
+  unified                                          the LM's own embeddings of the image's VQ codes, which sit
+                                                   at the end of the LM vocabulary (no connector);
+  cross_attention                                  one learned marker per image; the image reaches the LM
+                                                   through Flamingo's gated cross-attention blocks instead.
 """
 
 from dataclasses import dataclass, field
@@ -13,8 +19,11 @@ from torch import nn
 
 from mmlm.config import CONFIG_VERSION, VisionConfig
 from mmlm.connectors import ConnectorConfig, build_connector
+from mmlm.connectors.flamingo import FlamingoFusion, MediaCache
+from mmlm.connectors.unified import ImageCodebook
 from mmlm.encoders.vision import VisionTransformer
 from mmlm.errors import InputError
+from mmlm.generation import Step
 from mmlm.lm import DecoderLM, LayerCache, LMConfig, LMOutput
 
 
@@ -47,23 +56,48 @@ class VisionLanguageModel(nn.Module):
         self.cfg = cfg
         self.vision = VisionTransformer(cfg.vision)
         vision_dim = cfg.vision.width * len(cfg.feature_layers)  # several layers are concatenated
-        self.connector = build_connector(cfg.connector, vision_dim, cfg.lm.width)
+        self.connector = build_fusion(cfg, vision_dim)
         self.lm = DecoderLM(cfg.lm)
+
+    @property
+    def kind(self) -> str:
+        """Return the fusion style, `cfg.connector.kind`."""
+        return self.cfg.connector.kind
+
+    @property
+    def code_offset(self) -> int:
+        """Return the LM token id of image code 0 (unified tokens: the codes are the vocabulary's last ids)."""
+        return self.cfg.lm.vocab_size - self.cfg.connector.codebook_size
 
     @property
     def image_tokens(self) -> int:
         """Return the LM tokens one image (or tile) becomes."""
         return self.connector.num_tokens(self.cfg.patches)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Return visual tokens in LM width, [I, 3, H, W] -> [I, image_tokens, D_lm]."""
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return the tower's tokens that reach the connector, [I, 3, H, W] -> [I, N, Dv·layers]."""
         states = self.vision.layer_features(pixel_values, self.cfg.feature_layers)
         if self.cfg.feature_select == "default":
             states = [s[:, 1:] for s in states]  # as transformers: drops the class token (any first token)
-        return self.connector(torch.cat(states, dim=-1))  # [I, N, Dv·layers] -> [I, N', D_lm]
+        return torch.cat(states, dim=-1)
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the LM's input embeddings [B, T, D] with image features in the image-token slots."""
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Return what fills one image's slots, patch features [I, N, Dv] -> [I, image_tokens, D_lm]."""
+        if self.kind == "unified":
+            return self.lm.embed(self.connector.encode(features) + self.code_offset)  # codes as words
+        if self.kind == "cross_attention":
+            return self.connector.markers(len(features))
+        return self.connector(features)  # [I, N, Dv·layers] -> [I, N', D_lm]
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return visual tokens in LM width, [I, 3, H, W] -> [I, image_tokens, D_lm]."""
+        return self.visual_tokens(self.patch_features(pixel_values))
+
+    def prepare(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MediaCache | None]:
+        """Return the LM's input embeddings [B, T, D] with the images in their slots, and (cross-attention
+        fusion only) the media its gated blocks attend to."""
         is_image = input_ids == self.cfg.image_token_id
         embeds = self.lm.embed(input_ids.masked_fill(is_image, 0))
         slots = int(is_image.sum())
@@ -72,14 +106,45 @@ class VisionLanguageModel(nn.Module):
                 raise InputError(
                     f"{slots} image-token slots but {0 if pixel_values is None else len(pixel_values)} images"
                 )
-            return embeds
-        features = self.image_features(pixel_values).to(embeds.dtype)
-        if features.shape[0] * features.shape[1] != slots:
-            raise InputError(
-                f"the text holds {slots} image-token slots but {features.shape[0]} images give "
-                f"{features.shape[0] * features.shape[1]} visual tokens ({features.shape[1]} each)"
+            media = (
+                self.connector.media(input_ids, self.cfg.image_token_id, None)
+                if self.kind == "cross_attention"
+                else None
             )
-        return embeds.masked_scatter(is_image[..., None], features)
+            return embeds, media
+        features = self.patch_features(pixel_values)
+        visual = self.visual_tokens(features).to(embeds.dtype)
+        if visual.shape[0] * visual.shape[1] != slots:
+            raise InputError(
+                f"the text holds {slots} image-token slots but {visual.shape[0]} images give "
+                f"{visual.shape[0] * visual.shape[1]} visual tokens ({visual.shape[1]} each)"
+            )
+        embeds = embeds.masked_scatter(is_image[..., None], visual)
+        if self.kind != "cross_attention":
+            return embeds, None
+        return embeds, self.connector.media(input_ids, self.cfg.image_token_id, features)
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the LM's input embeddings [B, T, D] with image features in the image-token slots."""
+        return self.prepare(input_ids, pixel_values)[0]
+
+    def run_lm(
+        self,
+        embeds: torch.Tensor,
+        media: MediaCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+        last_only: bool = False,
+    ) -> LMOutput:
+        """Return the LM's output for input embeddings [B, T, D], its gated blocks reading `media` if any."""
+        hook = self.connector.before_block(media) if media is not None else None
+        return self.lm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            last_only=last_only,
+            before_block=hook,
+        )
 
     def forward(
         self,
@@ -90,8 +155,42 @@ class VisionLanguageModel(nn.Module):
         last_only: bool = False,
     ) -> LMOutput:
         """Return LM logits [B, T, vocab] for ids [B, T] whose image slots are filled from `pixel_values`."""
-        embeds = self.embed_inputs(input_ids, pixel_values)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, last_only=last_only)
+        embeds, media = self.prepare(input_ids, pixel_values)
+        return self.run_lm(embeds, media, attention_mask, cache, last_only)
+
+
+def build_fusion(cfg: VLMConfig, vision_dim: int) -> nn.Module:
+    """Return the module between tower and LM for `cfg.connector.kind`: a registered connector, the Flamingo
+    resampler + gated blocks, or the image codebook of unified tokens."""
+    c = cfg.connector
+    if c.kind == "cross_attention":
+        return FlamingoFusion(c.num_queries, c.depth, c.heads, c.head_dim, c.mlp_dim, c.max_frames,
+                              c.cross_attn_every_n_layers, vision_dim, cfg.lm)  # fmt: skip
+    if c.kind == "unified":
+        if c.codebook_size >= cfg.lm.vocab_size:
+            raise InputError(
+                f"connector.codebook_size: {c.codebook_size} codes must be the last ids of the LM vocabulary "
+                f"({cfg.lm.vocab_size}); grow lm.vocab_size by the codebook size"
+            )
+        return ImageCodebook(c.codebook_size, vision_dim)
+    return build_connector(c, vision_dim, cfg.lm.width)
+
+
+def vlm_step(model: VisionLanguageModel) -> Step:
+    """Return the generation step of a VLM (see mmlm.generation): logits of each row's last position.
+
+    With cross-attention fusion, the last entry of `cache` is the prompt's MediaCache, after the LM's layer
+    caches, so that generation's row selection reaches it.
+    """
+
+    def step(input_ids, inputs_embeds, attention_mask, cache):
+        media = None
+        if model.kind == "cross_attention":
+            *cache, media = cache
+        embeds = model.lm.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        return model.run_lm(embeds, media, attention_mask, cache, last_only=True).logits[:, -1]
+
+    return step
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mmlm.checkpoints.peft import llama_module_names, save_adapter
 from mmlm.data.instructions import make_instruction
 from mmlm.data.shapes import split_combinations
+from mmlm.errors import InputError
 from mmlm.eval.vqa import answer_questions, vqa_scores
 from mmlm.generative import GenerativeModel
 from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
@@ -87,6 +88,10 @@ def stage_optimizer(model: VisionLanguageModel, stage: StageConfig) -> torch.opt
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((no_decay(name, p), name.startswith("vision.")), []).append(p)
+    if not groups:
+        raise InputError(
+            f"stage trains {stage.train}, which has no parameters here (unified tokens: train the lm)"
+        )
     opt = stage.optim
     param_groups = [
         {"params": params, "weight_decay": 0.0 if plain else opt.weight_decay,
@@ -134,14 +139,15 @@ class RowLosses(nn.Module):
         pixels: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (summed loss [B], answer tokens [B]) for ids, labels and mask [B, T] and the batch's images."""
-        embeds = self.model.embed_inputs(input_ids, pixels)  # [B, T, D]
+        embeds, media = self.model.prepare(input_ids, pixels)  # [B, T, D]
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
         for rows in length_groups(lengths.cpu()):
             rows = rows.to(embeds.device)
             length = int(lengths[rows].max())
-            logits = self.model.lm(inputs_embeds=embeds[rows, :length]).logits
+            group_media = None if media is None else media.take(rows, length)
+            logits = self.model.run_lm(embeds[rows, :length], group_media).logits
             loss, tokens = token_losses(logits, labels[rows, :length])
             row_loss, row_tokens = row_loss.index_put((rows,), loss), row_tokens.index_put((rows,), tokens)
         return row_loss, row_tokens
@@ -329,13 +335,18 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
     else:
         vision_cfg = replace(parts.vision, embed_dim=None)
         image_processor = ImageProcessor.clip(vision_cfg.image_size)
+    codes = parts.connector.codebook_size if parts.connector.kind == "unified" else 0
     if parts.lm_init is not None:
         lm = mmlm.load(parts.lm_init)
-        lm_cfg = lm.model.cfg
+        lm_cfg = replace(lm.model.cfg, vocab_size=lm.model.cfg.vocab_size + codes)
     else:
         ids = {key: tokenizer.token_to_id(specials[key]) if key in specials else None
                for key in ("bos_token", "eos_token", "pad_token")}  # fmt: skip
-        lm_cfg = replace(parts.lm, vocab_size=tokenizer.get_vocab_size(), bos_token_id=ids["bos_token"],
+        # unified tokens: the image codes follow the text vocabulary (and the image token)
+        text_vocab = (
+            tokenizer.get_vocab_size() if not codes else max(tokenizer.get_vocab_size(), image_token_id + 1)
+        )
+        lm_cfg = replace(parts.lm, vocab_size=text_vocab + codes, bos_token_id=ids["bos_token"],
                          eos_token_ids=[ids["eos_token"]] if ids["eos_token"] is not None else [],
                          pad_token_id=ids["pad_token"], max_positions=cfg.max_length)  # fmt: skip
     vlm_cfg = VLMConfig(vision_cfg, lm_cfg, parts.connector, image_token_id, list(parts.feature_layers),
@@ -346,11 +357,32 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
         ours = model.vision.state_dict()
         model.vision.load_state_dict({k: v for k, v in tower.model.visual.state_dict().items() if k in ours})
     if parts.lm_init is not None:
-        model.lm.load_state_dict(lm.model.state_dict())
+        state = lm.model.state_dict()
+        if codes:  # the codes' rows (and head rows) start as initialised, after the LM's own
+            for key, value in model.lm.state_dict().items():
+                if key in state and state[key].shape != value.shape:
+                    state[key] = torch.cat([state[key], value[len(state[key]) :]])
+        model.lm.load_state_dict(state)
     processor = VLMProcessor(tokenizer, image_processor, model.image_tokens,
                              chat_template=ChatTemplate.from_pretrained(tokenizer_folder),
                              max_length=min(cfg.max_length, lm_cfg.max_positions), special_tokens=specials)  # fmt: skip
     return model, processor
+
+
+@torch.no_grad()
+def fit_image_codebook(model: VisionLanguageModel, batches: MixedBatches, images: int = 1024) -> float:
+    """Fit the unified-token codebook by k-means on the patch features of about `images` training images; return
+    its mean squared quantisation error."""
+    features, seen = [], 0
+    for batch, _ in zip(batches, range(10_000), strict=False):
+        if batch["pixel_values"] is not None:
+            features.append(model.patch_features(batch["pixel_values"]).flatten(0, 1))  # [I·N, Dv]
+            seen += len(batch["pixel_values"])
+        if seen >= images:
+            break
+    if not features:
+        raise InputError("unified tokens: the first multimodal stage gave no images to fit the codebook on")
+    return model.connector.fit(torch.cat(features))
 
 
 def shapes_vqa_evaluator(
@@ -415,6 +447,15 @@ def run_vlm_training(
                 model, run_dir / f"adapter-{name}", llama_module_names("lm.", "model.language_model.")
             )
 
+    if model.kind == "unified" and not resume:
+        multimodal = [i for i, d in enumerate(stage_data) if d.multimodal_fraction > 0]
+        if not multimodal:
+            raise InputError(
+                "unified tokens: no stage has images (multimodal_fraction > 0) to fit the codebook on"
+            )
+        index = multimodal[0]
+        error = fit_image_codebook(model, batches(index, *list(cfg.stages.items())[index]))
+        print(f"image codebook: {model.connector.size} codes fitted, mean squared error {error:.4f}")
     records = train_vlm(cfg, model, batches, run_dir, resume, hook, after_stage, dist)
     if dist.rank == 0:
         loaded.save_pretrained(run_dir / "model")
