@@ -18,7 +18,7 @@ from mmlm.data.shapes import split_combinations
 from mmlm.layers.lora import LoRALinear
 from mmlm.train.mixing import MULTIMODAL, TEXT, MixingSampler, corpus_texts
 from mmlm.train.vlm_config import StageData, vlm_config_from_dict
-from mmlm.train.vlm_loop import build_tokenizer, build_vlm, run_vlm_training
+from mmlm.train.vlm_loop import batch_loss, build_tokenizer, build_vlm, run_vlm_training
 
 TINY_MODEL = {
     "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2, "mlp_dim": 64},
@@ -219,6 +219,7 @@ def test_training_loss_falls_on_a_tiny_shapes_set(tmp_path, tokenizer):
         ("stages.instruct.data.source=missing.json", "missing.json not found"),
         ('stages.align.data.question_types=["weather"]', "question_types: expected a list"),
         ("precision=fp8", "precision: expected one of"),
+        ("loss_average=batch", "loss_average: expected 'token' or 'sample'"),
         ("stages.align.optim.lr=fast", "optim.lr"),
         ("model.vision_init=/no/such/folder", "model.vision_init: /no/such/folder is not a folder"),
         ("stages=[]", "stages: expected a mapping"),
@@ -228,6 +229,13 @@ def test_bad_config_values_are_one_line_errors(override, message, capsys):
     assert main(["train", "vlm", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mmlm: error: ") and message in err and "\n" not in err
+
+
+def test_batch_loss_averages_tokens_or_samples():
+    row_loss, row_tokens = torch.tensor([6.0, 1.0, 0.0]), torch.tensor([3, 1, 0])  # a caption, a word, text only
+    assert batch_loss(row_loss, row_tokens, "token").item() == pytest.approx(7 / 4)
+    assert batch_loss(row_loss, row_tokens, "sample").item() == pytest.approx((6 / 3 + 1 / 1) / 2)
+    assert batch_loss(torch.zeros(2), torch.zeros(2, dtype=torch.long), "sample").item() == 0
 
 
 def test_missing_config_file_is_one_line(tmp_path, capsys):

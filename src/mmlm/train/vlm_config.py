@@ -123,6 +123,9 @@ class VLMTrainConfig:
     checkpoint_every: int = 0  # 0: no checkpoints (the model is written at the end)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"
+    # token: the mean over the batch's answer tokens (LLaVA); sample: each sample's mean, then their mean, so a
+    # one-word answer weighs as much as a long caption
+    loss_average: str = "token"
 
     @property
     def total_steps(self) -> int:
@@ -203,6 +206,8 @@ def check_config(cfg: VLMTrainConfig) -> None:
             raise InputError(f"{key}: expected an integer >= 0, got {value!r}")
     if cfg.precision not in PRECISIONS:
         raise InputError(f"precision: expected one of {list(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.loss_average not in ("token", "sample"):
+        raise InputError(f"loss_average: expected 'token' or 'sample', got {cfg.loss_average!r}")
     _number(cfg.holdout_fraction, "holdout_fraction", 0, 0.75)
     if any("lora" in s.train for s in cfg.stages.values()):
         lora = cfg.lora

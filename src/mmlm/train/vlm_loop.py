@@ -120,6 +120,15 @@ def length_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
     return [order[:k], order[k:]] if k < n else [order]
 
 
+def batch_loss(row_loss: torch.Tensor, row_tokens: torch.Tensor, average: str = "token") -> torch.Tensor:
+    """Return the batch's loss from per-row loss sums and answer-token counts [B]: the mean over answer tokens
+    (`token`), or the mean of each answering row's own mean (`sample`)."""
+    if average == "sample":
+        answered = row_tokens > 0  # rows without answer tokens count for nothing
+        return (row_loss[answered] / row_tokens[answered]).sum() / answered.sum().clamp(min=1)
+    return row_loss.sum() / row_tokens.sum().clamp(min=1)
+
+
 class RowLosses(nn.Module):
     """The training forward pass: per-row loss sums and answer-token counts of a right-padded batch.
 
@@ -260,7 +269,7 @@ def train_vlm(
                 with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
                                                batch["pixel_values"])  # fmt: skip
-                loss = row_loss.sum() / row_tokens.sum().clamp(min=1)  # mean over this batch's answer tokens
+                loss = batch_loss(row_loss, row_tokens, cfg.loss_average)
                 (loss / stage.optim.accumulation).backward()
                 interval.add(row_loss.detach(), row_tokens, modality_mask(batch))
             if stage.optim.grad_clip:
