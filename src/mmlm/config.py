@@ -30,6 +30,7 @@ class VisionConfig:
     pool: str = "cls"  # cls | mean | map (SigLIP's multihead attention-pooling head)
     embed_dim: int | None = 512  # output projection size; None means no projection (SigLIP)
     proj_bias: bool = False
+    merge_tokens: int = 0  # ToMe: tokens merged per block (r); 0 = off (encoders/token_merging.py)
 
     @property
     def grid(self) -> int:

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlm.config import VisionConfig
+from mmlm.encoders.token_merging import merge_block, merge_blocks
 from mmlm.layers import MLP, Attention, Transformer
 
 
@@ -97,6 +98,10 @@ class VisionTransformer(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Return (final-normed tokens [B, N(+1), D], per-layer hidden states or None)."""
         x = self.norm_pre(self.embed(pixels))
+        if self.cfg.merge_tokens:
+            r, has_class = self.cfg.merge_tokens, self.class_token is not None
+            x, states = merge_blocks(self.transformer.blocks, x, r, has_class)
+            return self.norm_post(x), states if output_hidden_states else None
         x, hidden = self.transformer(x, output_hidden_states=output_hidden_states)
         return self.norm_post(x), hidden
 
@@ -109,9 +114,12 @@ class VisionTransformer(nn.Module):
         total = len(self.transformer.blocks) + 1
         wanted = [i % total for i in layers]
         x = self.norm_pre(self.embed(pixels))
-        states = {0: x}
+        states, size = {0: x}, None
         for i, block in enumerate(self.transformer.blocks[: max(wanted)], start=1):
-            x = block(x)
+            if self.cfg.merge_tokens:  # ToMe: fewer tokens after each block, so layers differ in length
+                x, size = merge_block(block, x, size, self.cfg.merge_tokens, self.class_token is not None)
+            else:
+                x = block(x)
             states[i] = x
         return [states[i] for i in wanted]
 
@@ -125,7 +133,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Return the (projected, not normalised) image embedding [B, embed_dim or D]."""
-        if self.cfg.pool == "cls":  # the final norm is per token, so norming only the class token is equal
+        # the final norm is per token, so norming only the class token is equal (ToMe: the general path)
+        if self.cfg.pool == "cls" and not self.cfg.merge_tokens:
             x, _ = self.transformer(self.norm_pre(self.embed(pixels)))
             pooled = self.norm_post(x[:, 0])
         else:
