@@ -1,9 +1,10 @@
 """Token Merging (Bolya et al. 2023) in the ViT: r = 0 changes nothing, each block merges r tokens, a merge is a
-size-weighted mean, proportional attention counts a merged key as its copies."""
+size-weighted mean, proportional attention counts a merged key as its copies, and the planner's count is right."""
 
 import pytest
 import torch
 
+from mmlm.budget import Backbone, ImageInput, plan_budget
 from mmlm.config import VisionConfig, config_from_dict
 from mmlm.encoders.token_merging import (
     bipartite_soft_matching,
@@ -116,3 +117,18 @@ def test_merge_block_runs_attention_then_merge_then_mlp():
         out, size = merge_block(block, x, None, 3, class_token=True)
     assert out.shape == (2, 6, 16) and size.shape == (2, 6, 1)
     assert size.sum(1).flatten().tolist() == [9.0, 9.0]  # every original token is counted once
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+@pytest.mark.parametrize(("image_size", "r"), [(32, 2), (48, 3), (32, 9)])
+def test_the_tower_makes_the_token_count_the_planner_predicts(class_token, image_size, r):
+    # training-free: random weights, any resolution (positions are resized), the VLM's layer −2 and the full pass
+    model = tower(class_token, layers=4, merge_tokens=r)
+    pixels = torch.randn(1, 3, image_size, image_size)
+    vlm = Backbone(model.cfg, feature_layers=(-2,), feature_select="default")
+    encoder = Backbone(model.cfg, encoder_head=True)
+    with torch.no_grad():
+        features = model.layer_features(pixels, [-2])[0][:, 1:]  # default select drops the first token
+        tokens, _ = model.forward_features(pixels)
+    assert features.shape[1] == plan_budget(vlm, ImageInput(image_size, merge_tokens=r)).features
+    assert tokens.shape[1] == plan_budget(encoder, ImageInput(image_size, merge_tokens=r)).vision.tokens
