@@ -246,3 +246,43 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, expected):
     assert main(["budget", *(a.format(tmp=tmp_path) for a in argv)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mmlm: error: ") and expected in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "kind, options",
+    [("qformer", {"num_queries": 5, "depth": 3, "heads": 2, "cross_attention_frequency": 2}),
+     ("perceiver", {"num_queries": 6, "depth": 2, "heads": 2})],
+)  # fmt: skip
+def test_connector_formulas_count_what_mmlm_builds(kind, options):
+    from mmlm.budget import perceiver_resampler_flops, qformer_flops
+    from mmlm.connectors import ConnectorConfig, build_connector
+
+    c = ConnectorConfig(kind=kind, **options)
+    torch.manual_seed(0)
+    connector = build_connector(c, 24, 40)
+    features = torch.randn(2, 9, 24)  # batch 2: see the ViT test above
+    if kind == "qformer":
+        expected = qformer_flops(9, 24, 40, c)
+    else:
+        expected = perceiver_resampler_flops(9, 24, c) + 6 * 2 * 24 * 40  # the resampler, then the projection
+    assert flop_count(lambda: connector(features)) == 2 * expected
+
+
+def test_gated_cross_attention_formula_counts_the_block_mmlm_builds():
+    from mmlm.budget import gated_cross_attention_flops, gated_cross_attention_layers
+    from mmlm.connectors import ConnectorConfig
+    from mmlm.lm import LMConfig
+    from mmlm.vlm import VisionLanguageModel, VLMConfig
+
+    lm = LMConfig(vocab_size=50, width=32, layers=5, heads=4, kv_heads=2, mlp_dim=48)
+    vision = VisionConfig(
+        image_size=16, patch_size=8, width=24, layers=1, heads=2, mlp_dim=32, embed_dim=None
+    )
+    cfg = VLMConfig(vision, lm, ConnectorConfig(kind="cross_attention", num_queries=3, heads=2,
+                                                cross_attn_every_n_layers=2), image_token_id=49)  # fmt: skip
+    fusion = VisionLanguageModel(cfg).connector
+    assert len(fusion.blocks) == gated_cross_attention_layers(5, 2) == 3  # before layers 0, 2, 4
+    shape = LMShape(width=32, layers=5, heads=4, kv_heads=2, head_dim=8, mlp_dim=48, vocab_size=50)
+    text, media = torch.randn(2, 7, 32), torch.randn(2, 6, 24)
+    counted = flop_count(lambda: fusion.blocks["0"](text, media, torch.ones(2, 7, 6, dtype=torch.bool)))
+    assert counted == 2 * gated_cross_attention_flops(7, 6, shape, 24)

@@ -206,3 +206,24 @@ def test_every_style_is_a_registered_or_built_kind():
     with pytest.raises(InputError, match="connector.kind"):
         tiny_vlm("resampler")
     assert dataclasses.asdict(ConnectorConfig())["kind"] == "mlp"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "perceiver"])
+def test_token_merging_in_the_tower_sets_the_visual_token_count(kind):
+    vision = VisionConfig(image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_dim=64, embed_dim=None,
+                          merge_tokens=3)  # fmt: skip
+    lm = LMConfig(vocab_size=120, width=32, layers=2, heads=2, kv_heads=1, mlp_dim=64, max_positions=128)
+    for layers, merged in (
+        ([-1], 17 - 3 * 3),
+        ([-2], 17 - 2 * 3),
+    ):  # 16 patches + class token, 3 merged per block
+        cfg = VLMConfig(
+            vision, lm, ConnectorConfig(kind=kind, num_queries=4, heads=2), 99, feature_layers=layers
+        )
+        model = VisionLanguageModel(cfg).eval()
+        expected = merged - 1 if kind == "mlp" else 4  # the class token is dropped; the resampler makes 4
+        assert model.image_tokens == expected
+        with torch.no_grad():
+            assert model.image_features(torch.randn(2, 3, 32, 32)).shape == (2, expected, 32)
+    with pytest.raises(InputError, match="use one"):
+        VisionLanguageModel(VLMConfig(vision, lm, ConnectorConfig(), 99, feature_layers=[-1, -2]))

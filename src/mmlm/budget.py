@@ -180,17 +180,15 @@ def perceiver_resampler_flops(media: int, vision_dim: int, c: ConnectorConfig) -
 
 
 def gated_cross_attention_layers(lm_layers: int, every: int) -> int:
-    """Return how many gated cross-attention blocks a Flamingo LM has: one before every n-th layer."""
-    return lm_layers // every
+    """Return how many gated cross-attention blocks a Flamingo LM has: one before layers 0, n, 2n, ..."""
+    return len(range(0, lm_layers, every))
 
 
-def gated_cross_attention_flops(
-    queries: int, media: int, lm_dim: int, media_dim: int, c: ConnectorConfig
-) -> int:
-    """Return one Flamingo GATED XATTN-DENSE block's FLOPs: LM tokens attend to the media, then a 4×D MLP."""
-    heads, head_dim = _inner(c, lm_dim)
-    attention = cross_attention_flops(queries, media, lm_dim, media_dim, heads, head_dim)
-    return attention + mlp_flops(queries, lm_dim, 4 * lm_dim)
+def gated_cross_attention_flops(queries: int, media: int, lm: "LMShape", media_dim: int) -> int:
+    """Return one GATED XATTN-DENSE block's FLOPs as mmlm builds it (Idefics' layout): LM tokens attend to the
+    media with the LM's heads, then a SwiGLU MLP of the LM's hidden size."""
+    attention = cross_attention_flops(queries, media, lm.width, media_dim, lm.heads, lm.head_dim)
+    return attention + mlp_flops(queries, lm.width, lm.mlp_dim, gated=True)
 
 
 # ---- the language model ----------------------------------------------------------------------------------
@@ -398,13 +396,12 @@ def cross_attention_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
     media = c.num_queries * x.views
     gated = gated_cross_attention_layers(x.lm.layers, c.cross_attn_every_n_layers)
     queries = 1 + x.text_tokens
-    heads, head_dim = _inner(c, x.lm.width)
     return Fusion(
         f"cross_attention L={c.num_queries} every {c.cross_attn_every_n_layers}", 1,
         connector_flops=perceiver_resampler_flops(x.features * x.frames, x.vision_dim, c) * x.views,
         media_tokens=media,
-        lm_extra_flops=gated * gated_cross_attention_flops(queries, media, x.lm.width, x.vision_dim, c),
-        kv_extra_bytes=kv_cache_bytes(gated, heads, head_dim, media, x.dtype_bytes),
+        lm_extra_flops=gated * gated_cross_attention_flops(queries, media, x.lm, x.vision_dim),
+        kv_extra_bytes=kv_cache_bytes(gated, x.lm.heads, x.lm.head_dim, media, x.dtype_bytes),
     )  # fmt: skip
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 from mmlm.errors import InputError
 
 # Command groups that live beside the code they drive; each module has `register(subparsers)`.
-COMMAND_MODULES = ("mmlm.eval.commands", "mmlm.index.commands", "mmlm.chat", "mmlm.budget_command")
+COMMAND_MODULES = (
+    "mmlm.eval.commands",
+    "mmlm.index.commands",
+    "mmlm.chat",
+    "mmlm.budget_command",
+    "mmlm.study",
+)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

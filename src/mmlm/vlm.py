@@ -21,6 +21,7 @@ from mmlm.config import CONFIG_VERSION, VisionConfig
 from mmlm.connectors import ConnectorConfig, build_connector
 from mmlm.connectors.flamingo import FlamingoFusion, MediaCache
 from mmlm.connectors.unified import ImageCodebook
+from mmlm.encoders.token_merging import merged_token_counts
 from mmlm.encoders.vision import VisionTransformer
 from mmlm.errors import InputError
 from mmlm.generation import Step
@@ -42,7 +43,13 @@ class VLMConfig:
     @property
     def patches(self) -> int:
         """Return the vision tokens per image that reach the connector."""
-        tokens = self.vision.grid**2 + int(self.vision.class_token)
+        v = self.vision
+        tokens = v.grid**2 + int(v.class_token)
+        if v.merge_tokens:  # ToMe: the deepest feature layer sets the count (layers differ, so use one)
+            deepest = max(i % (v.layers + 1) for i in self.feature_layers)
+            tokens = ([tokens] + merged_token_counts(tokens, v.layers, v.merge_tokens, v.class_token))[
+                deepest
+            ]
         return tokens - 1 if self.feature_select == "default" else tokens
 
 
@@ -51,6 +58,10 @@ class VisionLanguageModel(nn.Module):
 
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__()
+        if cfg.vision.merge_tokens and len(cfg.feature_layers) > 1:
+            raise InputError(
+                "feature_layers: with vision.merge_tokens (ToMe) the layers differ in length; use one"
+            )
         if cfg.feature_select not in ("default", "full"):
             raise InputError(f"feature_select: expected 'default' or 'full', got {cfg.feature_select!r}")
         self.cfg = cfg
