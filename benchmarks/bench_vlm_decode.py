@@ -7,12 +7,22 @@ speed excludes the prefill, as in bench_decode.py: batch / the median time betwe
 jobs taking the CPU for a moment); prefill is the time to the first new token, vision tower included.
 
     .venv/bin/python benchmarks/bench_vlm_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5]
+    .venv/bin/python benchmarks/bench_vlm_decode.py --memory [--batch 1 4]
+
+--memory reports instead the peak memory one generation call adds above the loaded weights: each side runs
+in a fresh process holding only its own model, returns freed memory to the system (malloc_trim), then samples
+its resident set every millisecond while it generates.
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
+import subprocess
+import sys
+import threading
 import time
 
 import torch
@@ -90,6 +100,54 @@ def rates(token_times, model, inputs, new_tokens: int) -> tuple[float, float]:
     return inputs[0].shape[0] / statistics.median(steps), times[1] - times[0]
 
 
+def resident_bytes() -> int:
+    """Return this process's resident set size in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_added_bytes(fn) -> int:
+    """Return the most resident memory `fn()` adds above what the process held when it started."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so the baseline is what is in use
+    base, peak, done = resident_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], resident_bytes()) - base
+
+
+def child_memory(name: str, batch: int, new_tokens: int) -> None:
+    """In this process: build only `name`'s model, generate once, print the peak memory it added as JSON."""
+    ref, ours = build_models()
+    inputs = prompt(batch, ours.image_tokens)
+    model, timer = (ref, transformers_token_times) if name == "transformers" else (ours, mmlm_token_times)
+    del ref, ours
+    added = peak_added_bytes(lambda: timer(model, inputs, new_tokens))
+    print(json.dumps({"name": name, "batch": batch, "peak_added_mb": round(added / 2**20, 1)}))
+
+
+def memory(batches: list[int], new_tokens: int) -> None:
+    """Print, per batch, the peak memory generation adds in transformers and in mmlm (fresh processes)."""
+    for batch in batches:
+        row = {"batch": batch, "new_tokens": new_tokens}
+        for name in ("transformers", "mmlm"):
+            out = subprocess.run([sys.executable, __file__, "--child-memory", name, "--batch", str(batch),
+                                  "--new-tokens", str(new_tokens)], capture_output=True, text=True, check=True)  # fmt: skip
+            row[f"{name}_peak_added_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_added_mb"]
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     """Run the benchmark and print one JSON line per batch size."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,10 +155,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, 2 here)")
+    parser.add_argument(
+        "--memory", action="store_true", help="report peak memory added by generation instead"
+    )
+    parser.add_argument("--child-memory", choices=["transformers", "mmlm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)  # steadier than 2 threads when other jobs share the cores
+    if args.child_memory:
+        return child_memory(args.child_memory, args.batch[0], args.new_tokens)
+    if args.memory:
+        return memory(args.batch, args.new_tokens)
     ref, ours = build_models()
     timers = {"transformers": (transformers_token_times, ref), "mmlm": (mmlm_token_times, ours)}
     for batch in args.batch:
