@@ -132,6 +132,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def remeasure(out: Path) -> list[dict[str, Any]]:
+    """Measure prefill and decode again on the styles' saved models (for a quieter machine); update the files."""
+    import mmlm
+    from mmlm.data import shapes
+    from mmlm.demo_vlm import example_scene
+
+    results = out / "results.json"
+    if not results.is_file():
+        raise InputError(f"{results}: no study results to measure again; run `mmlm study fusion` first")
+    rows = json.loads(results.read_text())
+    for row in rows:
+        loaded = mmlm.load(out / row["style"] / "model")
+        image = shapes.render(example_scene(), loaded.config.vision.image_size)
+        prefill_ms, tokens_per_s = speed(loaded, image, repeats=9)
+        row.update(prefill_ms=round(prefill_ms, 2), decode_tokens_per_s=round(tokens_per_s, 1))
+    results.write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "table.md").write_text(table(rows) + "\n")
+    return rows
+
+
 def study_fusion(
     out: Path, tower: Path, steps: int, styles: list[str], eval_samples: int
 ) -> list[dict[str, Any]]:
@@ -159,7 +179,10 @@ def cmd_study(args: argparse.Namespace) -> None:
         raise InputError(f"--steps: expected at least 3, got {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = study_fusion(Path(args.out), Path(args.vision), args.steps, styles, args.eval_samples)
+    if args.measure_only:
+        rows = remeasure(Path(args.out))
+    else:
+        rows = study_fusion(Path(args.out), Path(args.vision), args.steps, styles, args.eval_samples)
     print(table(rows))
     print(f"wrote {Path(args.out) / 'results.json'}, table.md and fusion.png")
 
@@ -177,4 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--styles", default=",".join(STYLES), help="comma-separated fusion styles")
     f.add_argument("--eval-samples", type=int, default=420, help="test questions per style")
     f.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    f.add_argument(
+        "--measure-only", action="store_true", help="only time the saved models again (quiet machine)"
+    )
     f.set_defaults(func=cmd_study)
