@@ -6,7 +6,12 @@ BENCH_VENV := .bench-env
 
 .PHONY: install demo test lint bench clean
 
+# Optional system programs as package:program pairs (scripts/system_packages.sh installs the missing ones as
+# root, else prints the apt-get command): java runs the COCO caption PTB tokenizer (mmlm.eval.captioning).
+SYSTEM_PACKAGES := default-jre-headless:java
+
 install: $(STAMP)
+	sh scripts/system_packages.sh $(SYSTEM_PACKAGES)
 
 # torch==2.13.0 is pinned first so pip takes the CPU wheel on disk instead of a 5 GB CUDA build.
 $(STAMP): pyproject.toml

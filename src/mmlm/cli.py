@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "mmlm.chat",
     "mmlm.budget_command",
     "mmlm.study",
+    "mmlm.eval.score_command",
 )
 
 
