@@ -7,8 +7,9 @@ BENCH_VENV := .bench-env
 .PHONY: install demo test lint bench clean
 
 # Optional system programs as package:program pairs (scripts/system_packages.sh installs the missing ones as
-# root, else prints the apt-get command): java runs the COCO caption PTB tokenizer (mmlm.eval.captioning).
-SYSTEM_PACKAGES := default-jre-headless:java
+# root, else prints the apt-get command): java runs the COCO caption PTB tokenizer (mmlm.eval.captioning),
+# tesseract reads the text in images for `mmlm eval vlm --ocr` (mmlm.eval.ocr).
+SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract
 
 install: $(STAMP)
 	sh scripts/system_packages.sh $(SYSTEM_PACKAGES)

@@ -1,7 +1,9 @@
-"""`mmlm eval zeroshot|retrieval|probe`: evaluate a contrastive model, print a table, write JSON."""
+"""`mmlm eval zeroshot|retrieval|probe`: evaluate a contrastive model, print a table, write JSON;
+`mmlm eval vlm`: answer VQA-style tasks with a generative model under image probes (`mmlm.eval.harness`)."""
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,8 +107,73 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
     _write(args.out, result, args.json)
 
 
+def _vlm_backend(args: argparse.Namespace):
+    from mmlm.eval.backends import MMLMBackend, OpenAIBackend, TransformersBackend
+
+    if args.endpoint:
+        api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        return OpenAIBackend(args.endpoint, api_key, args.served_model, concurrency=args.batch_size)
+    if args.transformers:
+        return TransformersBackend(args.transformers, args.device, args.dtype)
+    return MMLMBackend.load(args.model, args.device, args.dtype)
+
+
+def cmd_eval_vlm(args: argparse.Namespace) -> None:
+    """Answer VQA-style tasks under normal / blind / shuffled / text-only images; write results and a report."""
+    from mmlm.eval.generation_cache import GenerationCache
+    from mmlm.eval.harness import evaluate_vlm
+    from mmlm.eval.ocr import tesseract_path
+    from mmlm.eval.report import format_table, write_results
+    from mmlm.eval.tasks import load_task
+
+    specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not specs:
+        raise InputError("--tasks: expected a comma-separated list of tasks, e.g. shapes-vqa,pope")
+    for name, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--max-new-tokens", args.max_new_tokens, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise InputError(f"{name} must be at least {least}, got {value}")
+    if args.temperature < 0:
+        raise InputError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.ocr and tesseract_path() is None:
+        raise InputError("--ocr needs the tesseract binary (apt-get install tesseract-ocr)")
+    tasks = [
+        load_task(spec, args.limit, args.data_cache) for spec in specs
+    ]  # bad task names fail before loading
+    backend = _vlm_backend(args)
+    probes = ["normal"] + [p for p, on in (("blind", args.blind), ("shuffled", args.shuffled),
+                                           ("text_only", args.text_only)) if on]  # fmt: skip
+    started = time.perf_counter()
+    cache_path = Path(args.cache) if args.cache else Path(args.out) / "generations.sqlite"
+    with GenerationCache(cache_path) as cache:
+        try:
+            results = [
+                evaluate_vlm(backend, task, samples, args.batch_size, probes, args.ocr, cache, progress=True,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+                for task, samples in tasks
+            ]  # fmt: skip
+        except KeyboardInterrupt:
+            print(
+                f"interrupted: finished batches are in {cache_path}; the same command resumes",
+                file=sys.stderr,
+            )
+            raise
+    source = args.model or args.transformers or args.endpoint
+    run = {"model": backend.name, "source": source, "tasks_requested": specs, "limit": args.limit,
+           "probes": probes, "ocr": args.ocr, "batch_size": args.batch_size, "seed": args.seed,
+           "decoding": {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens or "per task"},
+           "device": args.device, "dtype": args.dtype, "cache": str(cache_path),
+           "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+    paths = write_results(args.out, run, results)
+    print(f"wrote {paths['results']}, {paths['samples'].name} and {paths['report'].name}", file=sys.stderr)
+    if args.json:
+        print(paths["results"].read_text(), end="")
+    else:
+        print(format_table(results))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `eval zeroshot`, `eval retrieval` and `eval probe` to the command line."""
+    """Add `eval zeroshot`, `eval retrieval`, `eval probe` and `eval vlm` to the command line."""
     from mmlm.cli import _model_args
 
     group = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
@@ -138,3 +205,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results here as JSON")
     p.set_defaults(func=cmd_eval_probe)
+
+    p = group.add_parser(
+        "vlm", help="VQA-style tasks for a generative VLM, with blind / shuffled image probes"
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="an mmlm or transformers LLaVA folder, run by mmlm")
+    source.add_argument("--endpoint", help="an OpenAI-compatible server URL (POST {URL}/v1/chat/completions)")
+    source.add_argument(
+        "--transformers", help="any transformers image-text-to-text folder, run by transformers"
+    )
+    p.add_argument("--api-key", help="bearer token for --endpoint (default: $OPENAI_API_KEY)")
+    p.add_argument("--served-model", help="model name for --endpoint (default: the first of /v1/models)")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated built-in tasks (shapes-vqa, shapes-pope, ...) or task files",
+    )
+    p.add_argument("--limit", type=int, help="use only the first N samples of each task")
+    p.add_argument("--blind", action="store_true", help="also run with a grey image of the same size")
+    p.add_argument("--shuffled", action="store_true", help="also run with another sample's image")
+    p.add_argument("--text-only", action="store_true", help="also run with no image at all")
+    p.add_argument("--ocr", action="store_true", help="put Tesseract's text of the image in the prompt")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: each task's own)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled probe's image derangement")
+    p.add_argument("--cache", help="generation cache (SQLite; default OUT/generations.sqlite)")
+    p.add_argument("--data-cache", help="where built-in tasks are generated (default: runs/eval_data)")
+    p.add_argument("--out", required=True, help="folder for results.json, samples.jsonl and report.md")
+    p.add_argument("--json", action="store_true", help="print results.json instead of a table")
+    p.set_defaults(func=cmd_eval_vlm)
