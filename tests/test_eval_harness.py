@@ -339,6 +339,9 @@ def test_eval_vlm_end_to_end_writes_results_samples_and_report(tiny_vlm, data_ca
     assert len(rows) == 32 and {"id", "prompt", "prediction", "parsed", "score", "probe"} <= set(rows[0])
     report = (out / "report.md").read_text()
     assert "| task | type | n | normal | blind | shuffled | text_only | gain | leakage |" in report
+    blind_figure = task["probes"]["blind"]["metrics"][task["primary"]]
+    assert "| figure | normal | blind | shuffled | text_only |" in report
+    assert f"| {task['primary']} | " in report and f"{blind_figure:.4f}" in report
     assert (out / "chart_shapes-vqa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*args, "--json"]) == 0  # the same run again: every answer comes from the cache
     again = json.loads(capsys.readouterr().out)

@@ -52,6 +52,20 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def figures_table(result: dict[str, Any]) -> str:
+    """Return every overall figure of one task (F1, yes-ratio, BLEU, CHAIR, ...) per probe, as Markdown."""
+    probes = result["probes"]
+    ran = [p for p in SHOWN_PROBES if p in probes]
+    types = set(probes[ran[0]]["by_type"])
+    names = [k for k, v in probes[ran[0]]["metrics"].items()
+             if isinstance(v, (int, float)) and not any(k.endswith(f"_{t}") for t in types)]  # fmt: skip
+    lines = ["| figure | " + " | ".join(ran) + " |", "|---|" + "---:|" * len(ran)]
+    for name in names:
+        cells = [f"{probes[p]['metrics'].get(name, float('nan')):.4f}" for p in ran]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_probes(result: dict[str, Any], path: Path) -> Path:
     """Write a grouped bar chart (normal / blind / shuffled / text_only per type) of one task as PNG."""
     import matplotlib
@@ -106,6 +120,7 @@ def write_results(out: str | Path, run: dict[str, Any], results: Sequence[dict[s
         lines += [f"## {result['task']}", "", f"Data: `{result['data']}`; parser `{result['parser']}`, "
                   f"metric `{result['metric']}`; {result['generations']['generated']} generated, "
                   f"{result['generations']['cached']} from the cache.", "", markdown_table(result), "",
+                  "All figures:", "", figures_table(result), "",
                   f"![{result['task']}]({chart.name})", "", "Prompt template:", "", "```text",
                   result["prompt_template"], "```", "", "Example prompt:", "", "```text",
                   result["example_prompt"], "```", ""]  # fmt: skip
