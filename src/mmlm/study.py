@@ -119,10 +119,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    placed: list[tuple[float, float]] = []
     for r in rows:
-        ax.scatter(r["visual_tokens"], r["vqa_accuracy"], s=40)
-        ax.annotate(r["style"], (r["visual_tokens"], r["vqa_accuracy"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)  # fmt: skip
+        point = (r["visual_tokens"], r["vqa_accuracy"])
+        ax.scatter(*point, s=40)
+        below = sum(
+            1 for p in placed if p[0] == point[0] and abs(p[1] - point[1]) < 0.01
+        )  # stack close labels
+        ax.annotate(r["style"], point, textcoords="offset points", xytext=(5, 4 - 10 * below), fontsize=8)
+        placed.append(point)
     ax.set(xscale="log", xlabel="visual tokens per image in the LM sequence (log)", ylabel="VQA accuracy (test)",
            title="fusion styles on the shapes world, same training budget")  # fmt: skip
     ax.grid(alpha=0.3)
