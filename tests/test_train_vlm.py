@@ -232,7 +232,8 @@ def test_bad_config_values_are_one_line_errors(override, message, capsys):
 
 
 def test_batch_loss_averages_tokens_or_samples():
-    row_loss, row_tokens = torch.tensor([6.0, 1.0, 0.0]), torch.tensor([3, 1, 0])  # a caption, a word, text only
+    # a caption, a word, a text-only row
+    row_loss, row_tokens = torch.tensor([6.0, 1.0, 0.0]), torch.tensor([3, 1, 0])
     assert batch_loss(row_loss, row_tokens, "token").item() == pytest.approx(7 / 4)
     assert batch_loss(row_loss, row_tokens, "sample").item() == pytest.approx((6 / 3 + 1 / 1) / 2)
     assert batch_loss(torch.zeros(2), torch.zeros(2, dtype=torch.long), "sample").item() == 0
