@@ -212,6 +212,25 @@ def test_measure_on_a_tiny_config(tmp_path, capsys):
     assert "ms" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["qformer", "perceiver", "cross_attention", "unified"])
+def test_measure_times_every_fusion_style_of_an_mmlm_config(kind, tmp_path, capsys):
+    from mmlm.connectors import ConnectorConfig
+    from mmlm.lm import LMConfig
+    from mmlm.vlm import VLMConfig
+
+    vision = VisionConfig(
+        image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, embed_dim=None
+    )
+    lm = LMConfig(vocab_size=300, width=32, layers=2, heads=2, kv_heads=1, mlp_dim=64, max_positions=128)
+    connector = ConnectorConfig(kind=kind, num_queries=4, heads=2, codebook_size=16)
+    cfg = VLMConfig(vision, lm, connector, image_token_id=299, feature_layers=[-1])
+    config = {"mmlm_version": 1, "architecture": "vlm", "config": dataclasses.asdict(cfg)}
+    out = budget_json(capsys, "--config", write(tmp_path, config), "--measure", "--runs", "1")
+    tokens = {"qformer": 4, "perceiver": 4, "cross_attention": 1, "unified": 16}[kind]
+    assert out["measured"]["visual_tokens"] == out["styles"][0]["visual_tokens"] == tokens
+    assert all(out["measured"][k] > 0 for k in ("vision_ms", "connector_ms", "lm_prefill_ms"))
+
+
 def test_model_folder_reads_its_config_and_measures_its_weights(tmp_path, capsys):
     from fixtures_vlm import write_tiny_llava
 

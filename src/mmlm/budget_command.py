@@ -210,10 +210,6 @@ def _random_model(spec: ModelSpec, device, dtype):
             f"--measure: mmlm cannot build a {spec.name} model; its budget is planned from shapes only"
         )
     if isinstance(cfg, VLMConfig):
-        if cfg.connector.kind in ("cross_attention", "unified"):
-            raise InputError(
-                f"--measure times early-fusion VLMs; connector kind {cfg.connector.kind!r} is planned only"
-            )
 
         def make():
             return VisionLanguageModel(cfg)
@@ -253,6 +249,8 @@ def measure(args: argparse.Namespace, spec: ModelSpec, budget) -> dict[str, Any]
         model = _random_model(spec, device, dtype)
     tower = model if isinstance(model, VisionTransformer) else model.vision
     tower.cfg = dataclasses.replace(tower.cfg, merge_tokens=budget.image.merge_tokens)
+    if model is not tower and hasattr(model, "image_tokens"):  # a VLM counts its slots from its own config
+        model.cfg = dataclasses.replace(model.cfg, vision=tower.cfg)
     image, v = budget.image, tower.cfg
     pixels = torch.randn(args.batch_size * image.views * image.frames, v.channels, image.image_size,
                          image.image_size, device=device, dtype=dtype)  # fmt: skip
@@ -268,23 +266,26 @@ def measure(args: argparse.Namespace, spec: ModelSpec, budget) -> dict[str, Any]
         if model is tower:
             result["vision_ms"] = median_ms(lambda: tower(pixels), args.runs, sync)
             return result
-        cfg = model.cfg
-
-        def vision():
-            states = tower.layer_features(pixels, cfg.feature_layers)
-            states = [s[:, 1:] for s in states] if cfg.feature_select == "default" else states
-            return torch.cat(states, dim=-1)
-
-        features = vision()
-        visual = model.connector(features)
-        tokens = visual.shape[0] // args.batch_size * visual.shape[1]  # [views·frames·B, N', D] per image
-        embeds = torch.randn(
-            args.batch_size, tokens + image.text_tokens, cfg.lm.width, device=device, dtype=dtype
-        )
-        result["vision_ms"] = median_ms(vision, args.runs, sync)
-        result["connector_ms"] = median_ms(lambda: model.connector(features), args.runs, sync)
+        cfg, images = model.cfg, len(pixels)
+        if model.kind == "unified" and not bool(
+            model.connector.fitted
+        ):  # random weights: any codebook times the same
+            model.connector.codebook.normal_()
+            model.connector.fitted.fill_(True)
+        features = model.patch_features(pixels)
+        # the connector stage: what fills the image slots, and for cross-attention the resampler's media
+        connect = (lambda: model.connector.resampler(features)) if model.kind == "cross_attention" else (
+            lambda: model.visual_tokens(features))  # fmt: skip
+        slots = model.image_tokens
+        text = torch.full((args.batch_size, image.text_tokens), 1, device=device)
+        ids = torch.cat([torch.full((args.batch_size, slots * images // args.batch_size), cfg.image_token_id,
+                                    device=device), text], dim=1)  # fmt: skip
+        embeds, media = model.prepare(ids, pixels)
+        tokens = slots * images // args.batch_size
+        result["vision_ms"] = median_ms(lambda: model.patch_features(pixels), args.runs, sync)
+        result["connector_ms"] = median_ms(connect, args.runs, sync)
         result["lm_prefill_ms"] = median_ms(
-            lambda: model.lm(inputs_embeds=embeds, last_only=True), args.runs, sync
+            lambda: model.run_lm(embeds, media, last_only=True), args.runs, sync
         )
         result["visual_tokens"] = tokens
     return result
