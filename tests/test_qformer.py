@@ -163,3 +163,15 @@ def test_folder_without_config_or_weights_is_an_input_error(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
     with pytest.raises(InputError, match="no weights found"):
         load_blip2_qformer(tmp_path)
+
+
+def test_layer_norm_eps_travels_in_the_connector_config():
+    from mmlm.checkpoints.hf_blip2 import connector_config_from_blip2
+    from mmlm.connectors import build_connector
+
+    cfg = connector_config_from_blip2({"num_query_tokens": 3, "qformer_config": {
+        "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+        "layer_norm_eps": 1e-6}})  # fmt: skip
+    assert cfg.norm_eps == 1e-6
+    connector = build_connector(cfg, vision_dim=8, lm_dim=12)  # as an mmlm checkpoint rebuilds it
+    assert connector.qformer.query_norm.eps == 1e-6 and connector.qformer.blocks[0].norm1.eps == 1e-6

@@ -49,8 +49,7 @@ TEXT_ONLY = re.compile(r"qformer\.embeddings\.|qformer\.encoder\.layer\.\d+\.(in
 def connector_config_from_blip2(hf: dict[str, Any]) -> ConnectorConfig:
     """Return the ConnectorConfig of a transformers Blip2Config dict (its `qformer_config` and `num_query_tokens`).
 
-    `layer_norm_eps` has no ConnectorConfig field: `load_blip2_qformer` passes it to the model, while
-    `build_connector` uses BLIP-2's 1e-12. The vision width is `blip2_vision_width(hf)`.
+    The vision width is `blip2_vision_width(hf)`.
     """
     q = {**QFORMER_DEFAULTS, **(hf.get("qformer_config") or {})}
     width, heads, every = q["hidden_size"], q["num_attention_heads"], q["cross_attention_frequency"]
@@ -69,7 +68,7 @@ def connector_config_from_blip2(hf: dict[str, Any]) -> ConnectorConfig:
     return ConnectorConfig(
         kind="qformer", act=q["hidden_act"], bias=True, num_queries=hf.get("num_query_tokens", NUM_QUERY_TOKENS),
         depth=q["num_hidden_layers"], heads=heads, head_dim=width // heads, width=width,
-        mlp_dim=q["intermediate_size"], cross_attention_frequency=every,
+        mlp_dim=q["intermediate_size"], cross_attention_frequency=every, norm_eps=q["layer_norm_eps"],
     )  # fmt: skip
 
 
@@ -125,8 +124,7 @@ def blip2_connector_from_state_dict(
         lm_dim = tensors["language_projection.weight"].shape[0]
     if lm_dim is None:
         raise InputError(f"{source}: text_config.hidden_size is missing and there is no language_projection")
-    eps = {**QFORMER_DEFAULTS, **(hf.get("qformer_config") or {})}["layer_norm_eps"]
-    model = build_qformer_connector(cfg, blip2_vision_width(hf), lm_dim, eps=eps)
+    model = build_qformer_connector(cfg, blip2_vision_width(hf), lm_dim)
     theirs = {k: v for k, v in tensors.items() if k.startswith(CONNECTOR_PREFIXES) and not TEXT_ONLY.match(k)}
     our_shapes = {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(to_ours(theirs, blip2_key_map(cfg), our_shapes, source))

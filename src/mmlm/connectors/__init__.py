@@ -42,6 +42,7 @@ class ConnectorConfig:
     cross_attn_every_n_layers: int = 4  # cross_attention: a gated block before every n-th LM layer
     max_frames: int = 0  # perceiver, cross_attention: frames with a learned time embedding (0: none)
     codebook_size: int = 256  # unified: VQ codes, added to the LM vocabulary
+    norm_eps: float | None = None  # qformer: its LayerNorms' eps (None: BLIP-2's 1e-12)
     version: int = CONNECTOR_CONFIG_VERSION
 
 

@@ -23,7 +23,7 @@ from mmlm.layers import Block
 if TYPE_CHECKING:
     from mmlm.connectors import ConnectorConfig
 
-# transformers' Blip2QFormerConfig.layer_norm_eps (BERT's); ConnectorConfig has no field for it
+# transformers' Blip2QFormerConfig.layer_norm_eps (BERT's), ConnectorConfig.norm_eps's default
 BLIP2_LAYER_NORM_EPS = 1e-12
 
 
@@ -93,11 +93,10 @@ class QFormerConnector(nn.Module):
         return self.language_projection(queries.to(self.language_projection.weight.dtype))  # [B, K, D_lm]
 
 
-def build_qformer_connector(
-    cfg: "ConnectorConfig", vision_dim: int, lm_dim: int, eps: float = BLIP2_LAYER_NORM_EPS
-) -> QFormerConnector:
+def build_qformer_connector(cfg: "ConnectorConfig", vision_dim: int, lm_dim: int) -> QFormerConnector:
     """Return the QFormerConnector `cfg` describes (width None: `vision_dim`; mlp_dim None: 4 × width)."""
     bias = cfg.bias is not False  # BLIP-2 gives every linear a bias
+    eps = BLIP2_LAYER_NORM_EPS if cfg.norm_eps is None else cfg.norm_eps
     qformer = QFormer(
         vision_dim, cfg.num_queries, cfg.width or vision_dim, cfg.depth, cfg.heads, cfg.head_dim, cfg.mlp_dim,
         cfg.cross_attention_frequency, act=cfg.act, eps=eps, bias=bias,
