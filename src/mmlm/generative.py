@@ -105,8 +105,8 @@ class GenerativeModel:
             )
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.lm.new_cache(ids.shape[0], length)
-        if media is not None:
-            kv.append(media)  # see vlm_step: rows dropped from the batch leave the media too
+        if media is not None:  # see vlm_step: rows dropped from the batch leave the media too
+            kv.append(media.for_generation())  # the gated blocks' media keys/values, computed once
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
 
     @staticmethod

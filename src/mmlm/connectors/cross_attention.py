@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmlm.layers import Attention, GatedMLP, RMSNorm
+from mmlm.layers.attention import KVCache
 
 
 def media_attention_mask(input_ids: torch.Tensor, media_token_id: int, num_media_tokens: int) -> torch.Tensor:
@@ -61,22 +62,35 @@ class GatedCrossAttentionBlock(nn.Module):
         self.alpha_mlp = nn.Parameter(torch.zeros(shape))
 
     def cross_attention(
-        self, x: torch.Tensor, media: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        media: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Return the ungated cross-attention output [B, T, D]: exactly 0 for tokens whose mask row sees no media."""
+        """Return the ungated cross-attention output [B, T, D]: exactly 0 for tokens whose mask row sees no media.
+
+        With `cache`, the media's keys/values are computed on the first call and reused after it (decoding).
+        """
         if media.shape[1] == 0:  # no image anywhere in the batch
             return torch.zeros_like(x)
         h = self.attn_norm(x)
         if mask is None:
-            return self.attn(h, media)
+            return self.attn(h, media, cache=cache)
         sees_media = mask.any(dim=-1, keepdim=True)  # [B, T, 1]
         # A fully masked row would softmax over nothing (NaN on some backends). Let it see every slot, then zero
         # its output, as Idefics does with its cross_attention_gate.
         attend = mask | ~sees_media  # [B, T, S]
-        y = self.attn(h, media, mask=attend[:, None])  # mask [B, 1, T, S] broadcast over heads
+        y = self.attn(h, media, mask=attend[:, None], cache=cache)  # mask [B, 1, T, S] broadcast over heads
         return y.masked_fill(~sees_media, 0.0)
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        media: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Return text states [B, T, D] after attending to media [B, S, Dm]; `mask` bool [B, T, S], True = may see."""
-        x = x + torch.tanh(self.alpha_attn) * self.cross_attention(x, media, mask)
+        x = x + torch.tanh(self.alpha_attn) * self.cross_attention(x, media, mask, cache)
         return x + torch.tanh(self.alpha_mlp) * self.mlp(self.mlp_norm(x))

@@ -18,15 +18,18 @@ from torch import nn
 
 from mmlm.connectors.cross_attention import GatedCrossAttentionBlock, media_attention_mask
 from mmlm.connectors.perceiver import PerceiverResampler
+from mmlm.layers.attention import KVCache
 from mmlm.lm import LMConfig
 
 
 @dataclass
 class MediaCache:
-    """The media of each row and which of them each position sees: tokens [B, S, Dv], mask [B, T, S]."""
+    """The media of each row and which of them each position sees: tokens [B, S, Dv], mask [B, T, S]; and each
+    gated block's keys/values of the media, computed once when generation first runs the block."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
+    keys_values: dict[int, KVCache] | None = None  # None: recompute every call (training)
 
     @property
     def length(self) -> int:
@@ -36,6 +39,12 @@ class MediaCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (generation drops finished rows)."""
         self.tokens, self.mask = self.tokens[rows], self.mask[rows]
+        for cache in (self.keys_values or {}).values():
+            cache.select(rows)
+
+    def for_generation(self) -> "MediaCache":
+        """Return these media with an empty key/value cache per gated block, for one generation call."""
+        return MediaCache(self.tokens, self.mask, {})
 
     def take(self, rows: torch.Tensor, length: int) -> "MediaCache":
         """Return the media of `rows`, with the mask of their first `length` positions."""
@@ -107,6 +116,9 @@ class FlamingoFusion(nn.Module):
         def apply(layer: int, x: torch.Tensor) -> torch.Tensor:
             if str(layer) not in self.blocks:
                 return x
-            return self.blocks[str(layer)](x, media.tokens.to(x.dtype), media.mask_for(x.shape[1]))
+            cache = None
+            if media.keys_values is not None:
+                cache = media.keys_values.setdefault(layer, KVCache())
+            return self.blocks[str(layer)](x, media.tokens.to(x.dtype), media.mask_for(x.shape[1]), cache)
 
         return apply

@@ -144,16 +144,25 @@ class Attention(nn.Module):
         """Return attention outputs [B, L, dim] for queries `x` [B, L, dim].
 
         `mask` is boolean (True = may attend) or additive, broadcastable to [B, heads, L, S]. With `cache`,
-        the new keys/values are appended to it and the queries attend to all cached positions. `rope` is
+        the new keys/values are appended to it and the queries attend to all cached positions; in
+        cross-attention the context's keys/values are computed once, on the first call, and read from `cache`
+        after that (the context must not change between calls). `rope` is
         (cos, signed sin) [B, L, 1, head_dim] from `rotary.rope_cos_sin`, applied to queries and keys (self-attention).
         """
         kv_dim = self.kv_heads * self.head_dim
         if self.cross:
             q = self._heads(self.q(x), self.heads)
-            k, v = self.kv(context).split([kv_dim, kv_dim], dim=-1)
-            k, v = self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
             if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
+                q = self.q_norm(q)
+            if cache is not None and cache.length:
+                k, v = cache.k, cache.v
+            else:
+                k, v = self.kv(context).split([kv_dim, kv_dim], dim=-1)
+                k, v = self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
+                if self.qk_norm:
+                    k = self.k_norm(k)
+                if cache is not None:
+                    cache.append(k, v)
         else:
             # [B, L, (H + 2·KV)·hd] -> [B, L, H + 2·KV, hd]: queries and keys rotate together in one pass
             qkv = project(self.qkv, x).unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim))
@@ -165,8 +174,8 @@ class Attention(nn.Module):
                 qk = apply_rotary(qk, *rope)
             q, k = qk.split([self.heads, self.kv_heads], dim=2)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, n, L, hd]
-        if cache is not None:
-            k, v = cache.append(k, v)
+            if cache is not None:
+                k, v = cache.append(k, v)
         if is_causal and (mask is not None or k.shape[2] != q.shape[2]):
             # SDPA's is_causal aligns the triangle top-left; with a cache the queries are the last L positions.
             causal = causal_mask(q.shape[2], k.shape[2], x.device)
