@@ -57,7 +57,7 @@ def demo_vlm_config(out: Path, tower_folder: Path | None, eval_samples: int = 42
                                 data=StageData(samples=100_000, multimodal_fraction=0.95, text_source="shapes"),
                                 optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30)),
     }  # fmt: skip
-    return VLMTrainConfig(model=parts, stages=stages, batch_size=64, max_length=80, eval_samples=eval_samples,
+    return VLMTrainConfig(model=parts, stages=stages, batch_size=64, max_length=128, eval_samples=eval_samples,
                           out_dir=str(out / "vlm_train"), log_every=10, device="cpu")  # fmt: skip
 
 
