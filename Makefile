@@ -8,8 +8,9 @@ BENCH_VENV := .bench-env
 
 # Optional system programs as package:program pairs (scripts/system_packages.sh installs the missing ones as
 # root, else prints the apt-get command): java runs the COCO caption PTB tokenizer (mmlm.eval.captioning),
-# tesseract reads the text in images for `mmlm eval vlm --ocr` (mmlm.eval.ocr).
-SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract
+# tesseract reads the text in images for `mmlm eval vlm --ocr` (mmlm.eval.ocr), chromium runs the serve web-page
+# test (tests/test_serve_browser.py).
+SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract chromium:chromium
 
 install: $(STAMP)
 	sh scripts/system_packages.sh $(SYSTEM_PACKAGES)
