@@ -77,14 +77,20 @@ def vqa_accuracy_metric(predictions: list[str], samples: list[Sample]) -> tuple[
     return mean_by_type("vqa_accuracy", scores, samples), scores
 
 
-def exact_match_metric(predictions: list[str], samples: list[Sample]) -> tuple[Summary, list[float]]:
-    """Return the share of predictions equal to some reference after VQA normalisation of both."""
+def any_reference(
+    name: str, correct: Callable[[str, str], bool], predictions: list[str], samples: list[Sample]
+) -> tuple[Summary, list[float]]:
+    """Return metric `name`: a prediction scores 1 when `correct(prediction, reference)` holds for any reference."""
     _check(predictions, samples)
     scores = [
-        float(any(vqa_exact_match(p, a) for a in _answers(s)))
-        for p, s in zip(predictions, samples, strict=True)
+        float(any(correct(p, a) for a in _answers(s))) for p, s in zip(predictions, samples, strict=True)
     ]
-    return mean_by_type("exact_match", scores, samples), scores
+    return mean_by_type(name, scores, samples), scores
+
+
+def exact_match_metric(predictions: list[str], samples: list[Sample]) -> tuple[Summary, list[float]]:
+    """Return the share of predictions equal to some reference after VQA normalisation of both."""
+    return any_reference("exact_match", vqa_exact_match, predictions, samples)
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -158,12 +164,7 @@ def relaxed_correctness(prediction: str, target: str, tolerance: float = RELAXED
 
 def relaxed_accuracy_metric(predictions: list[str], samples: list[Sample]) -> tuple[Summary, list[float]]:
     """Return ChartQA relaxed accuracy (correct against any reference, as Pix2Struct's aggregate), per type."""
-    _check(predictions, samples)
-    scores = [
-        float(any(relaxed_correctness(p, a) for a in _answers(s)))
-        for p, s in zip(predictions, samples, strict=True)
-    ]
-    return mean_by_type("relaxed_accuracy", scores, samples), scores
+    return any_reference("relaxed_accuracy", relaxed_correctness, predictions, samples)
 
 
 # ---- yes/no and multiple choice ----
