@@ -1,0 +1,505 @@
+"""The serving engine: an asyncio scheduler between HTTP handlers and the models.
+
+Generation uses continuous batching. One decode batch runs step by step; at each step boundary, requests
+that have been waiting are prefilled together and their key/value caches are merged into the running batch
+(both sides left-padded to the longer cache; the attention mask hides the padding and positions come from
+the mask, so every row sees exactly its own tokens). A row leaves the batch when it ends (end token, stop
+string, max_new_tokens), is cancelled or times out, and leading padding no row needs any more is cut off.
+Cross-attention (Flamingo) models keep per-prompt media in the cache, which does not merge: new requests
+join only an empty batch there (static batching).
+
+Embeddings, zero-shot classification and search requests that arrive within `batch_wait_ms` of each other
+go to the contrastive model as one call per kind. All model calls run on one worker thread, so the event
+loop stays responsive and the models never run concurrently.
+"""
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from mmlm.errors import InputError
+from mmlm.generation import GenerationSettings, TextStream, make_sampler
+from mmlm.layers.attention import KVCache
+from mmlm.serve.metrics import ServerMetrics
+from mmlm.vlm import vlm_step
+
+if TYPE_CHECKING:
+    from mmlm.contrastive import ContrastiveModel
+    from mmlm.generative import GenerativeModel
+    from mmlm.index import ImageIndex as SearchIndex
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"the request queue is full; retry after {retry_after:.1f} s")
+        self.retry_after = retry_after
+
+
+class RequestTimeout(Exception):
+    """A request's deadline (queue wait included) passed before it finished."""
+
+
+@dataclass
+class EngineConfig:
+    """Queue limit, batch size and wait, batching on/off, and the per-request deadline."""
+
+    max_queue: int = 64  # requests waiting (not yet running) across all kinds; beyond: QueueFull
+    max_batch: int = 8  # requests per model batch
+    batch_wait_ms: float = 5.0  # how long the batcher waits to fill a batch
+    batching: bool = True  # False: one request at a time (for the load test's comparison)
+    timeout_s: float = 120.0  # per request, queue wait included
+
+
+HIT_FIELDS = ("path", "caption", "sha256", "width", "height")  # as mmlm.index.Hit has them
+_END = object()  # the last item of a generation's output queue
+
+
+@dataclass(eq=False)
+class _Request:
+    """One request while it waits or runs: what the consumer awaits, and whether it still wants the result."""
+
+    kind: str
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+    state: str = "waiting"  # waiting -> running -> done
+    cancelled: bool = False  # the consumer left (disconnect, timeout); the scheduler drops the work
+
+
+@dataclass(eq=False)
+class _Generation(_Request):
+    messages: list[dict] = field(default_factory=list)
+    images: list[PIL.Image.Image] = field(default_factory=list)
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    max_new_tokens: int = 0  # settings' limit, cut to the room left in the context
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # text pieces, then _END or an exception
+    stream: TextStream | None = None
+    sample: Callable[[torch.Tensor], torch.Tensor] | None = None
+    generated: int = 0
+
+
+@dataclass(eq=False)
+class _Encoding(_Request):
+    payload: Any = None  # texts, images, (image, labels) or (text, image, k), after `kind`
+    future: asyncio.Future | None = None
+
+
+@dataclass
+class _DecodeBatch:
+    """The running rows: their caches [B, H, S, Dh] per layer, mask [B, S], and the token each feeds next [B]."""
+
+    rows: list[_Generation]
+    cache: list
+    mask: torch.Tensor
+    pending: torch.Tensor
+
+
+class Engine:
+    """Queues, batches and runs generation, embedding, classification and search requests."""
+
+    def __init__(
+        self,
+        vlm: "GenerativeModel | None" = None,
+        embedder: "ContrastiveModel | None" = None,
+        index: "SearchIndex | None" = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.vlm, self.embedder, self.index = vlm, embedder, index
+        self.config = config or EngineConfig()
+        self.metrics = ServerMetrics()
+        self.decode_steps = 0  # model calls that advanced the decode batch (for tests and load checks)
+        self._generations: deque[_Generation] = deque()
+        self._encodings: deque[_Encoding] = deque()
+        self._running: list[_Generation] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._wake_generation = asyncio.Event()
+        self._wake_encoding = asyncio.Event()
+        self._step = vlm_step(vlm.model) if vlm is not None else None
+
+    # lifecycle
+    async def start(self) -> None:
+        """Start the model thread and the two schedulers (generation, encoding)."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmlm-model")
+        self._wake_generation, self._wake_encoding = asyncio.Event(), asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._generation_loop(), name="mmlm-generation"),
+            asyncio.create_task(self._encoding_loop(), name="mmlm-encoding"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the schedulers, fail what is still queued or running, and release the model thread."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        stopped = RuntimeError("the engine stopped")
+        for req in [*self._generations, *self._running]:
+            req.out.put_nowait(stopped)
+        for req in self._encodings:
+            if not req.future.done():
+                req.future.set_exception(stopped)
+        self._generations.clear()
+        self._encodings.clear()
+        self._running = []
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, True)
+            self._executor = None
+
+    # state
+    @property
+    def queue_depth(self) -> int:
+        """Return the number of requests waiting (not yet running), all kinds together."""
+        return sum(r.state == "waiting" and not r.cancelled for r in (*self._generations, *self._encodings))
+
+    def metrics_text(self) -> str:
+        """Return the engine's metrics in the Prometheus text exposition format."""
+        return self.metrics.render(self.queue_depth, len(self._running))
+
+    def _enqueue(self, req: _Request, queue: deque, wake: asyncio.Event) -> None:
+        if not self._tasks:
+            raise RuntimeError("the engine is not started; call `await engine.start()` first")
+        depth = self.queue_depth
+        if depth >= self.config.max_queue:
+            self.metrics.request(req.kind, "rejected", 0.0)
+            # roughly the time for the batches ahead of a new request to clear
+            batches = math.ceil((depth + 1) / (self.config.max_batch if self.config.batching else 1))
+            raise QueueFull(max(0.1, batches * self.metrics.mean_request_seconds()))
+        queue.append(req)
+        wake.set()
+
+    async def _await(self, req: _Request, awaitable):
+        """Await `awaitable` until the request's deadline; past it, drop the request and raise RequestTimeout."""
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, req.deadline - time.monotonic()))
+        except TimeoutError:
+            req.cancelled = True
+            raise RequestTimeout(
+                f"{req.kind}: no result within {self.config.timeout_s:g} s (queue wait included)"
+            ) from None
+
+    def _finish(self, req: _Request, status: str) -> None:
+        if req.state != "done":
+            req.state, req.cancelled = "done", True
+            self.metrics.request(req.kind, status, time.monotonic() - req.started)
+
+    # generation
+    def prompt_tokens(self, messages: list[dict], images: list[PIL.Image.Image]) -> int:
+        """Return the prompt's length in VLM tokens, image tokens and the generation prompt included."""
+        if self.vlm is None:
+            raise InputError("generation: this server has no generative model loaded")
+        batch = self.vlm.processor([messages], [list(images)], add_generation_prompt=True)
+        return int(batch["input_ids"].shape[1])
+
+    async def generate(
+        self, messages: list[dict], images: list[PIL.Image.Image], settings: GenerationSettings
+    ) -> AsyncIterator[str]:
+        """Yield the reply's text in pieces as it is decoded; raise QueueFull, RequestTimeout or InputError.
+
+        Closing the iterator early (a client that disconnects) drops the request from the decode batch.
+        """
+        settings.check()
+        started = time.monotonic()
+        prompt = await asyncio.to_thread(self.prompt_tokens, messages, images)  # also checks images
+        room = self.vlm.config.lm.max_positions - prompt
+        if room <= 0:
+            raise InputError(
+                f"messages: {prompt} tokens (image tokens included), but the model's context holds "
+                f"{self.vlm.config.lm.max_positions}"
+            )
+        req = _Generation(
+            "generate", started + self.config.timeout_s, started, messages=messages, images=list(images),
+            settings=settings, max_new_tokens=min(settings.max_new_tokens, room),
+            stream=TextStream(self.vlm.decode, settings.stop),
+        )  # fmt: skip
+        req.sample = None if settings.temperature == 0 else make_sampler(settings, self.vlm.device)
+        self._enqueue(req, self._generations, self._wake_generation)
+        status = "cancelled"
+        try:
+            while (item := await self._await(req, req.out.get())) is not _END:
+                if isinstance(item, BaseException):
+                    status = "error"
+                    raise item
+                yield item
+            status = "ok"
+        except RequestTimeout:
+            status = "timeout"
+            raise
+        finally:
+            self._finish(req, status)
+
+    async def _generation_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: _DecodeBatch | None = None
+        while True:
+            if batch is None and not any(not r.cancelled for r in self._generations):
+                self._wake_generation.clear()
+                await self._wake_generation.wait()
+                if self.config.batching and self.config.batch_wait_ms > 0:  # let a burst arrive together
+                    await asyncio.sleep(self.config.batch_wait_ms / 1000)
+            admitted = self._admit(batch)
+            try:
+                batch, events, size = await loop.run_in_executor(
+                    self._executor, self._advance, batch, admitted
+                )
+            except Exception as error:  # noqa: BLE001 - the failure goes to every request it touched
+                for req in [*(batch.rows if batch else []), *admitted]:
+                    req.out.put_nowait(error)
+                batch, events, size = None, [], 0
+            if size:
+                self.decode_steps += 1
+                self.metrics.batch("generate", size)
+            tokens = 0
+            for req, item, done, new in events:
+                tokens += new
+                if item:  # a text piece, or the exception that ended the request
+                    req.out.put_nowait(item)
+                if done and not isinstance(item, BaseException):
+                    req.out.put_nowait(_END)
+            self.metrics.tokens(tokens)
+            self._running = batch.rows if batch is not None else []
+
+    def _admit(self, batch: "_DecodeBatch | None") -> list[_Generation]:
+        """Take the waiting requests that join the batch at this step boundary."""
+        running = len(batch.rows) if batch is not None else 0
+        limit = self.config.max_batch if self.config.batching else 1
+        if running and (not self.config.batching or self.vlm.model.kind == "cross_attention"):
+            return []
+        admitted = []
+        while self._generations and running + len(admitted) < limit:
+            req = self._generations.popleft()
+            if not req.cancelled:
+                req.state = "running"
+                admitted.append(req)
+        return admitted
+
+    @torch.inference_mode()
+    def _advance(
+        self, batch: "_DecodeBatch | None", admitted: list[_Generation]
+    ) -> tuple["_DecodeBatch | None", list[tuple[_Generation, Any, bool, int]], int]:
+        """Run one decode step of the batch and prefill the admitted requests (model thread).
+
+        Returns the new batch, (request, text piece or exception, finished, new tokens) events, and the decode step's size.
+        """
+        events: list[tuple[_Generation, Any, bool, int]] = []
+        size = 0
+        if batch is not None:
+            batch = self._select(batch, [i for i, r in enumerate(batch.rows) if not r.cancelled])
+        if batch is not None:
+            size = len(batch.rows)
+            mask = torch.cat([batch.mask, batch.mask.new_ones(size, 1)], dim=1)
+            logits = self._step(batch.pending[:, None], None, None if bool(mask.all()) else mask, batch.cache)
+            batch.mask = mask
+            batch = self._take(batch, logits, events)
+        if admitted:
+            try:
+                new, logits = self._prefill(admitted)
+            except Exception as error:  # noqa: BLE001 - a bad prompt fails its own requests, not the batch
+                events.extend((req, error, True, 0) for req in admitted)
+                return batch, events, size
+            new = self._take(new, logits, events)
+            batch = new if batch is None else (batch if new is None else self._merge(batch, new))
+        return batch, events, size
+
+    def _prefill(self, reqs: list[_Generation]) -> tuple[_DecodeBatch, torch.Tensor]:
+        """Return the admitted requests as a batch with their prompts cached, and their next-token logits."""
+        prompts, images = [r.messages for r in reqs], [r.images for r in reqs]
+        _, cache, _, embeds, mask = self.vlm._prepare(prompts, images, GenerationSettings(1), "dynamic")
+        logits = self._step(None, embeds, mask, cache)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return _DecodeBatch(list(reqs), cache, mask, mask.new_zeros(0)), logits
+
+    def _take(self, batch: _DecodeBatch, logits: torch.Tensor, events: list) -> "_DecodeBatch | None":
+        """Pick each row's next token, stream its text, and drop the rows that ended."""
+        greedy = logits.argmax(-1).tolist()
+        tokens, keep = [], []
+        for i, req in enumerate(batch.rows):
+            token = greedy[i] if req.sample is None else int(req.sample(logits[i : i + 1])[0])
+            tokens.append(token)
+            if token in self.vlm.eos_token_ids:
+                events.append((req, req.stream.finish(), True, 0))
+                continue
+            req.generated += 1
+            piece = req.stream.push(token)
+            done = req.stream.stopped or req.generated >= req.max_new_tokens
+            events.append((req, piece + (req.stream.finish() if done else ""), done, 1))
+            if not done:
+                keep.append(i)
+        batch.pending = torch.tensor(tokens, device=logits.device)
+        return self._select(batch, keep)
+
+    def _select(self, batch: _DecodeBatch, keep: list[int]) -> "_DecodeBatch | None":
+        """Keep rows `keep`; then cut the leading cache slots that are padding in every remaining row."""
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            index = torch.tensor(keep, device=batch.mask.device)
+            for layer in batch.cache:
+                layer.select(index)
+            batch = _DecodeBatch([batch.rows[i] for i in keep], batch.cache, batch.mask[index],
+                                 batch.pending[index] if len(batch.pending) else batch.pending)  # fmt: skip
+            if self.vlm.model.kind != "cross_attention":  # its media mask is tied to the prompt's length
+                first = int(batch.mask.any(0).long().argmax())
+                if first:
+                    batch.mask = batch.mask[:, first:]
+                    for layer in batch.cache:
+                        layer.k, layer.v = layer.k[:, :, first:], layer.v[:, :, first:]
+        return batch
+
+    @staticmethod
+    def _merge(a: _DecodeBatch, b: _DecodeBatch) -> _DecodeBatch:
+        """Stack two batches' rows, left-padding the shorter cache: [Ba, H, Sa, Dh] + [Bb, H, Sb, Dh]."""
+        length = max(a.mask.shape[1], b.mask.shape[1])
+
+        def pad(x: torch.Tensor, time_dim: int) -> torch.Tensor:
+            missing = length - x.shape[time_dim]
+            return F.pad(x, (0, 0) * (x.dim() - 1 - time_dim) + (missing, 0)) if missing else x
+
+        cache = [
+            KVCache(torch.cat([pad(la.k, 2), pad(lb.k, 2)]), torch.cat([pad(la.v, 2), pad(lb.v, 2)]))
+            for la, lb in zip(a.cache, b.cache, strict=True)
+        ]
+        mask = torch.cat([pad(a.mask, 1), pad(b.mask, 1)])
+        return _DecodeBatch(a.rows + b.rows, cache, mask, torch.cat([a.pending, b.pending]))
+
+    # embeddings, classification, search
+    async def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Return L2-normalised text embeddings [N, D] from the contrastive model."""
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("input: expected a non-empty list of strings")
+        return await self._encode("embed_text", list(texts))
+
+    async def embed_images(self, images: list[PIL.Image.Image]) -> torch.Tensor:
+        """Return L2-normalised image embeddings [N, D] from the contrastive model."""
+        if not images:
+            raise InputError("images: expected a non-empty list of images")
+        return await self._encode("embed_image", list(images))
+
+    async def classify(self, image: PIL.Image.Image, labels: list[str]) -> list[float]:
+        """Return zero-shot probabilities over `labels` (softmax of the scaled cosines; they sum to 1)."""
+        if not labels or not all(isinstance(label, str) and label for label in labels):
+            raise InputError("labels: expected a non-empty list of non-empty strings")
+        return await self._encode("classify", (image, list(labels)))
+
+    async def search(self, text: str | None, image: PIL.Image.Image | None, k: int) -> list[dict]:
+        """Return the index's top-k images for a text, an image, or both (their normalised mean), best first."""
+        if self.index is None:
+            raise InputError("search: this server has no index loaded")
+        if text is None and image is None:
+            raise InputError("search: expected a text, an image or both")
+        if not isinstance(k, int) or k < 1:
+            raise InputError(f"k: expected a positive integer, got {k!r}")
+        return await self._encode("search", (text, image, k))
+
+    async def _encode(self, kind: str, payload: Any) -> Any:
+        if self.embedder is None:
+            raise InputError(f"{kind}: this server has no contrastive model loaded")
+        started = time.monotonic()
+        future = asyncio.get_running_loop().create_future()
+        req = _Encoding(kind, started + self.config.timeout_s, started, payload=payload, future=future)
+        self._enqueue(req, self._encodings, self._wake_encoding)
+        status = "error"
+        try:
+            result = await self._await(req, asyncio.shield(future))
+            status = "ok"
+            return result
+        except RequestTimeout:
+            status = "timeout"
+            raise
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            self._finish(req, status)
+
+    async def _encoding_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not any(not r.cancelled for r in self._encodings):
+                self._wake_encoding.clear()
+                await self._wake_encoding.wait()
+                if self.config.batching and self.config.batch_wait_ms > 0:
+                    await asyncio.sleep(self.config.batch_wait_ms / 1000)
+            limit = self.config.max_batch if self.config.batching else 1
+            batch: list[_Encoding] = []
+            while self._encodings and len(batch) < limit:
+                req = self._encodings.popleft()
+                if not req.cancelled:
+                    req.state = "running"
+                    batch.append(req)
+            for kind in dict.fromkeys(r.kind for r in batch):  # one model call per kind, in arrival order
+                group = [r for r in batch if r.kind == kind]
+                self.metrics.batch(kind, len(group))
+                try:
+                    results = await loop.run_in_executor(self._executor, self._run_encodings, kind, group)
+                except Exception as error:  # noqa: BLE001 - the failure goes to the requests in the call
+                    results = [error] * len(group)
+                for req, result in zip(group, results, strict=True):
+                    if req.future.done():
+                        continue
+                    if kind == "search" and not isinstance(result, BaseException):
+                        try:
+                            result = self._hits(*result)
+                        except Exception as error:  # noqa: BLE001
+                            result = error
+                    if isinstance(result, BaseException):
+                        req.future.set_exception(result)
+                    else:
+                        req.future.set_result(result)
+
+    @torch.inference_mode()
+    def _run_encodings(self, kind: str, group: list[_Encoding]) -> list[Any]:
+        """Answer requests of one kind with one contrastive-model call per input type (model thread)."""
+        model = self.embedder
+        if kind in ("embed_text", "embed_image"):
+            encode = model.encode_text if kind == "embed_text" else model.encode_image
+            vectors = encode([item for r in group for item in r.payload]).cpu()
+            return list(vectors.split([len(r.payload) for r in group]))
+        if kind == "classify":
+            images = model.encode_image([r.payload[0] for r in group])
+            labels = model.class_embeddings([label for r in group for label in r.payload[1]])
+            label_groups = labels.split([len(r.payload[1]) for r in group])
+            return [
+                model.logits(images[i : i + 1], g).softmax(-1)[0].tolist() for i, g in enumerate(label_groups)
+            ]
+        texts = [r.payload[0] for r in group if r.payload[0] is not None]
+        images = [r.payload[1] for r in group if r.payload[1] is not None]
+        text_vectors = iter(model.encode_text(texts)) if texts else iter(())
+        image_vectors = iter(model.encode_image(images)) if images else iter(())
+        queries = []
+        for text, image, _ in (r.payload for r in group):
+            parts = ([next(text_vectors)] if text is not None else []) + (
+                [next(image_vectors)] if image is not None else []
+            )
+            queries.append(F.normalize(torch.stack(parts).mean(0), dim=-1))
+        k = max(r.payload[2] for r in group)
+        scores, ids = self.index.search_vectors(
+            torch.stack(queries), k
+        )  # FAISS only: SQLite stays on the loop
+        return [(s[: r.payload[2]], i[: r.payload[2]]) for r, s, i in zip(group, scores, ids, strict=True)]
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
+        """Return search rows with metadata (event loop: the index's SQLite connection belongs to this thread)."""
+        rows = self.index.metadata.rows(np.unique(ids[ids >= 0]).tolist())
+        return [
+            {
+                "rank": rank + 1,
+                "score": float(score),
+                "id": int(i),
+                **{f: rows[int(i)][f] for f in HIT_FIELDS},
+            }
+            for rank, (score, i) in enumerate(zip(scores, ids, strict=True))
+            if i >= 0
+        ]
