@@ -69,17 +69,25 @@ REQUESTS = [
     (chat("Hi", image=False), [], GenerationSettings(max_new_tokens=16)),
     (chat("Tell a long story please about cats", image=False), [], GenerationSettings(max_new_tokens=30)),
     (chat("Describe it."), [1], GenerationSettings(max_new_tokens=24, stop=("at",))),
+    (chat("Hi", image=False), [], GenerationSettings(max_new_tokens=10, temperature=0.8, seed=3)),
 ]
 
 
 @pytest.mark.parametrize("batching", [True, False])
-def test_concurrent_greedy_requests_equal_generate_one_at_a_time(vlm, batching):
+def test_concurrent_requests_equal_generate_one_at_a_time(vlm, batching):
     images = photos()
     alone = [
-        vlm.generate(m, [images[i] for i in idx], max_new_tokens=s.max_new_tokens, stop=s.stop)
+        vlm.generate(
+            m,
+            [images[i] for i in idx],
+            max_new_tokens=s.max_new_tokens,
+            stop=s.stop,
+            temperature=s.temperature,
+            seed=s.seed,
+        )  # fmt: skip
         for m, idx, s in REQUESTS
     ]
-    # max_batch 3 < 5 requests, arriving over time: later ones join the running batch as rows finish
+    # greedy and seeded sampling; max_batch 3 < 6 requests, arriving over time: later ones join the running batch as rows finish
     engine = Engine(vlm, config=EngineConfig(max_batch=3, batching=batching))
 
     async def body():
