@@ -4,15 +4,24 @@ Playwright drives Debian's `chromium` (apt-get install chromium; `make install` 
 `executable_path`; no browser is downloaded.
 """
 
+import base64
 import json
+import queue
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import uvicorn
 from PIL import Image, ImageDraw
+
+import mmlm
+from fixtures_vlm import write_tiny_llava
+from mmlm.index import ImageIndex, build_index
+from mmlm.serve.app import create_app
+from mmlm.serve.config import ServeConfig
+from mmlm.serve.engine import Engine
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="needs the playwright package (pip install -e .[dev])"
@@ -24,93 +33,70 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium: apt-get install chromium (make install does it as root)",
 )
 
-STATIC = Path(__file__).resolve().parents[1] / "src" / "mmlm" / "serve" / "static"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "serve-page.png"
 API_KEY = "test-key-123"
-LABELS = ["a red circle", "a blue square", "a green triangle"]
+LABELS = ["a red circle", "a blue square", "a green bar"]
 
-# ---- a stand-in server with the API's shapes (until src/mmlm/serve/app.py lands) ------------------
-
-
-class FakeAPI(BaseHTTPRequestHandler):
-    api_key: str | None = None
-
-    def log_message(self, *args):
-        pass
-
-    def _json(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status, message, code):
-        self._json(status, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
-
-    def _authorised(self):
-        if self.api_key and self.headers.get("Authorization") != f"Bearer {self.api_key}":
-            self._error(401, "missing or wrong API key", "invalid_api_key")
-            return False
-        return True
-
-    def do_GET(self):
-        if self.path.startswith("/v1/"):
-            if self._authorised() and self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": "tiny-vlm", "object": "model"}]})
-            return
-        name = "index.html" if self.path == "/" else self.path.lstrip("/")
-        file = STATIC / name
-        if not file.is_file():
-            self._error(404, f"no file {name}", "not_found")
-            return
-        types = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
-        data = file.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", types.get(file.suffix, "application/octet-stream"))
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        if not self._authorised():
-            return
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path == "/v1/classify":
-            if not body.get("labels"):
-                self._error(400, "labels: expected a non-empty list of strings", "invalid_labels")
-                return
-            weights = list(range(len(body["labels"]), 0, -1))
-            self._json(200, {"labels": body["labels"], "probabilities": [w / sum(weights) for w in weights]})
-        elif self.path == "/v1/search":
-            rows = [
-                {"path": f"img{i}.png", "caption": f"shape {i}", "score": 0.9 - 0.1 * i} for i in range(4)
-            ]
-            self._json(200, {"results": rows[: body.get("k", 4)]})
-        elif self.path == "/v1/chat/completions":
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            for token in ["A", " red", " circle", " on", " white", "."]:
-                chunk = {
-                    "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": {"content": token}}],
-                }
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
-                time.sleep(0.03)
-            self.wfile.write(b"data: [DONE]\n\n")
-        else:
-            self._error(404, f"no route {self.path}", "not_found")
+# ---- the real app on tiny random models, served by uvicorn in a thread -----------------------------
 
 
-def serve(api_key):
-    """Start a server on 127.0.0.1 in a thread; return its base URL and a function that stops it."""
-    handler = type("Handler", (FakeAPI,), {"api_key": api_key})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}", server.shutdown
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Three shape images and a manifest captioning them, for the page's upload and the search index."""
+    folder = tmp_path_factory.mktemp("shapes")
+    rows = []
+    for name, colour, draw in [
+        ("red-circle", "red", "ellipse"),
+        ("blue-square", "blue", "rectangle"),
+        ("green-bar", "green", "rectangle"),
+    ]:
+        image = Image.new("RGB", (64, 64), "white")
+        box = (12, 12, 52, 52) if name != "green-bar" else (8, 24, 56, 40)
+        getattr(ImageDraw.Draw(image), draw)(box, fill=colour)
+        image.save(folder / f"{name}.png")
+        rows.append(json.dumps({"image": f"{name}.png", "text": f"a {name.replace('-', ' ')}"}))
+    (folder / "shapes.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine_parts(model_dir, shapes, tmp_path_factory):
+    """A tiny LLaVA (chat), the tiny CLIP of conftest (classify, search) and the folder of a shapes index."""
+    vlm_dir = tmp_path_factory.mktemp("llava")
+    write_tiny_llava(vlm_dir)
+    embedder = mmlm.load(model_dir)
+    build_index(embedder, model_dir, shapes / "shapes.jsonl", shapes / "index")
+    return mmlm.load(vlm_dir), embedder, shapes / "index"
+
+
+def serve(engine_parts, api_key):
+    """Start `create_app` on 127.0.0.1 in a thread; return its base URL and a function that stops it."""
+    vlm, embedder, index_dir = engine_parts
+    config = ServeConfig(model_id="tiny-llava", embed_model_id="tiny-clip", api_key=api_key)
+    started: queue.Queue = queue.Queue()
+
+    def run():
+        # The index's SQLite connection may only be used by the thread that opened it: the event loop's.
+        with ImageIndex.open(index_dir) as index:
+            app = create_app(Engine(vlm=vlm, embedder=embedder, index=index), config)
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+            started.put(server)
+            server.run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    server = started.get(timeout=10)
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", stop
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
@@ -125,24 +111,20 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("page") / "red-circle.png"
-    image = Image.new("RGB", (64, 64), "white")
-    ImageDraw.Draw(image).ellipse((12, 12, 52, 52), fill="red")
-    image.save(path)
-    return path
+def image_path(shapes):
+    return shapes / "red-circle.png"
 
 
 @pytest.fixture
-def open_server():
-    url, stop = serve(api_key=None)
+def open_server(engine_parts):
+    url, stop = serve(engine_parts, api_key=None)
     yield url
     stop()
 
 
 @pytest.fixture
-def keyed_server():
-    url, stop = serve(api_key=API_KEY)
+def keyed_server(engine_parts):
+    url, stop = serve(engine_parts, api_key=API_KEY)
     yield url
     stop()
 
@@ -161,9 +143,17 @@ def record_answer_states(page):
     )
 
 
+def seeded(route):
+    """Add a seed to the page's chat request, so the random tiny LLaVA samples the same answer every run."""
+    body = json.loads(route.request.post_data)
+    route.continue_(post_data=json.dumps({**body, "seed": 0}))
+
+
 def ask_and_wait(page, question):
     """Ask `question`; return the final answer and the distinct texts the page showed on the way."""
     record_answer_states(page)
+    page.route("**/v1/chat/completions", seeded)
+    page.fill("#max-tokens", "24")  # the tiny LLaVA's context is 128 positions
     page.fill("#question", question)
     page.click("#ask")
     page.wait_for_function(
@@ -246,7 +236,18 @@ def test_page_asks_for_the_api_key_once(browser, keyed_server, image_path):
     page.wait_for_selector("#key-form", state="hidden")
     assert page.evaluate("sessionStorage.getItem('mmlm-api-key')") == API_KEY
 
-    page.set_input_files("#file", str(image_path))
+    # this time the image is dropped on #drop, as a user drags a file from their desktop
+    png = base64.b64encode(image_path.read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """png => {
+            const bytes = Uint8Array.from(atob(png), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+            return transfer;
+        }""",
+        png,
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
     page.wait_for_selector("#preview:not([hidden])")
     bars = classify_and_read_bars(page, LABELS[:2])
     assert len(bars) == 2

@@ -253,7 +253,7 @@ async function ask() {
   const response = await api("/v1/chat/completions", {
     model: $("model").value || "default",
     stream: true,
-    max_tokens: 128,
+    max_tokens: Number($("max-tokens").value) || 256,
     messages: [
       {
         role: "user",
@@ -280,7 +280,7 @@ async function ask() {
 
 // ---- search ---------------------------------------------------------------------------------------
 
-// A URL the <img> can show: a data URL carried by the row, else the row's own image URL, else none.
+// A URL the <img> can show, if the row carries one (a thumbnail data URL); mmlm's hits carry path and caption.
 function resultImage(row) {
   return row.thumbnail || row.image || row.image_url || row.url || null;
 }
@@ -319,7 +319,8 @@ function drawResults(rows) {
 
 async function search(query) {
   const response = await api("/v1/search", { ...query, k: 8 });
-  drawResults((await response.json()).results || []);
+  const body = await response.json();
+  drawResults(body.data || body.results || []);
 }
 
 // ---- wiring ---------------------------------------------------------------------------------------
