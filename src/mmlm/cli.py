@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "mmlm.budget_command",
     "mmlm.study",
     "mmlm.eval.score_command",
+    "mmlm.serve.command",
 )
 
 
