@@ -153,6 +153,15 @@ def ask_and_wait(page, question):
     """Ask `question`; return the final answer and the distinct texts the page showed on the way."""
     record_answer_states(page)
     page.route("**/v1/chat/completions", seeded)
+    # The tiny model writes its whole answer in milliseconds, so on loopback all its events can land in one
+    # read. A slow link (16 kB/s, about 0.3 s for the answer's ~5 kB of events) makes them arrive apart, as
+    # a real model's tokens do, so the page must show the answer growing.
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    network.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": 16_000, "uploadThroughput": -1},
+    )
     page.fill("#max-tokens", "24")  # the tiny LLaVA's context is 128 positions
     page.fill("#question", question)
     page.click("#ask")
@@ -160,6 +169,11 @@ def ask_and_wait(page, question):
         "() => !document.getElementById('answer').classList.contains('streaming') && "
         "document.getElementById('answer').textContent.length > 0"
     )
+    network.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
+    network.detach()
     return page.inner_text("#answer"), page.evaluate("window.answerStates")
 
 
@@ -204,6 +218,10 @@ def test_page_classifies_streams_searches_and_shows_errors(browser, open_server,
     scores = [float(s) for s in page.locator("#results .result-score").all_inner_texts()]
     assert scores and scores == sorted(scores, reverse=True)
     assert all(caption.strip() for caption in page.locator("#results .result-caption").all_inner_texts())
+
+    page.click("#search-image")  # the uploaded image is itself in the index: it must come first
+    page.wait_for_function("document.querySelector('#results .result-score').textContent.startsWith('1.00')")
+    assert page.locator("#results .result-caption").first.inner_text() == "a red circle"
 
     assert page.is_hidden("#error")
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
