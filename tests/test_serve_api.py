@@ -35,15 +35,26 @@ KEY = "sk-test-key"
 
 @contextmanager
 def serving(engine, **settings):
-    """Run create_app(engine) under uvicorn on 127.0.0.1 and a free port in a thread; yield its base URL."""
-    app = create_app(engine, ServeConfig(**settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    """Run create_app(engine) under uvicorn on 127.0.0.1 and a free port in a thread; yield its base URL.
+
+    `engine` may be a function that makes the engine inside the server's thread (an index's SQLite
+    connection must be opened in the thread whose event loop uses it).
+    """
+    box = {}
+
+    def run() -> None:
+        made = engine() if callable(engine) else engine
+        app = create_app(made, ServeConfig(**settings))
+        box["server"] = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        box["server"].run()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not server.started:
+    while "server" not in box or not box["server"].started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
+    server = box["server"]
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
@@ -250,6 +261,36 @@ def test_models_health_classify_and_metrics(server, client, post):
     after = httpx.get(server[0] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert count(after, "/v1/embeddings", "200") == before + 1
     assert count(after, "/v1/classify", "200") >= 1 and count(after, "/metrics", "401") >= 1
+
+
+def test_a_contrastive_model_alone_serves_embeddings_and_search(tiny_models, tmp_path):
+    from mmlm.index import ImageIndex, ImageRecord
+
+    _, _, clip = tiny_models
+    colours = {"red.png": (220, 20, 20), "green.png": (20, 200, 40), "blue.png": (20, 40, 220)}
+    images = [Image.new("RGB", (32, 32), c) for c in colours.values()]
+    with ImageIndex.create(tmp_path / "index", clip.encode_text(["x"]).shape[1]) as index:
+        records = [ImageRecord(path=name, sha256=name, width=32, height=32, caption=name) for name in colours]
+        index.add(records, clip.encode_image(images))
+        index.save()
+    with serving(
+        lambda: Engine(embedder=clip, index=ImageIndex.open(tmp_path / "index")), model_id="tiny-clip"
+    ) as url:
+        green = data_url(png(32, 32, colours["green.png"]))
+        hits = httpx.post(url + "/v1/search", json={"image": green, "k": 2}, timeout=30)
+        assert hits.status_code == 200, hits.text
+        rows = hits.json()["data"]
+        assert len(rows) == 2 and rows[0]["path"] == "green.png"
+        by_text = httpx.post(url + "/v1/search", json={"text": "a green square", "k": 3}, timeout=30).json()
+        assert sorted(r["path"] for r in by_text["data"]) == sorted(colours)
+        assert_error(httpx.post(url + "/v1/search", json={"k": 3}), 400, param="text")
+        assert_error(httpx.post(url + "/v1/search", json={"text": "x", "k": 1000}), 400, param="k")
+        chat = httpx.post(url + "/v1/chat/completions", json=chat_body(model="tiny-clip"), timeout=30)
+        assert_error(chat, 400, "model_not_found")
+        reply = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).embeddings.create(
+            model="tiny-clip", input="a red square"
+        )
+        assert len(reply.data[0].embedding) == len(clip.encode_text(["x"])[0])
 
 
 # --- limits and bad input: 4xx in OpenAI's shape ---------------------------------------------------------

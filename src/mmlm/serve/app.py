@@ -6,7 +6,6 @@ that goes away cancels its engine work: each engine call races the client's disc
 """
 
 import asyncio
-import base64
 import hmac
 import json
 import time
@@ -34,6 +33,10 @@ from mmlm.serve.schema import (
     EmbeddingRequest,
     ImagePart,
     SearchRequest,
+    chat_chunk,
+    embedding_value,
+    finish_reason,
+    usage,
 )
 
 STATIC = Path(__file__).parent / "static"
@@ -304,7 +307,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
         messages, urls = chat_messages(body.messages)
         images = await load_images(urls)
         guard = await run_guard(messages, images)
-        prompt_tokens = engine.prompt_tokens(messages, images)
+        prompt_tokens = await asyncio.to_thread(engine.prompt_tokens, messages, images)
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         extension = {"mmlm": {"guard": guard}} if guard is not None else {}
         pieces = engine.generate(messages, images, settings)
@@ -329,9 +332,9 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
             "id": reply_id, "object": "chat.completion", "created": now, "model": model,
             "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": _finish_reason(completion_tokens, settings),
+                "finish_reason": finish_reason(completion_tokens, settings),
             }],
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens),
             **extension,
         })  # fmt: skip
 
@@ -359,7 +362,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
             vectors = await until_disconnect(request, _embed_parts(engine, body.messages or [], load_images))
         rows = [row for block in vectors for row in block.float().cpu()]
         data = [
-            {"object": "embedding", "index": i, "embedding": _encode_vector(row, body.encoding_format)}
+            {"object": "embedding", "index": i, "embedding": embedding_value(row, body.encoding_format)}
             for i, row in enumerate(rows)
         ]
         return JSONResponse({
@@ -468,31 +471,6 @@ async def _embed_parts(engine, messages: list[ChatMessage], load_images) -> list
     return blocks
 
 
-def _encode_vector(row, encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":  # OpenAI's: little-endian float32 bytes, base64
-        return base64.b64encode(row.numpy().astype("<f4").tobytes()).decode()
-    return row.tolist()
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }  # fmt: skip
-
-
-def _finish_reason(completion_tokens: int, settings: GenerationSettings) -> str:
-    # an end token or a stop string ends early; reaching max_tokens is "length"
-    return "length" if completion_tokens >= settings.max_new_tokens else "stop"
-
-
-def _chunk(reply_id: str, created: int, model: str, delta: dict, finish: str | None, **extra) -> str:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [choice], **extra}  # fmt: skip
-    return f"data: {json.dumps(chunk)}\n\n"
-
-
 async def _chat_events(
     request,
     engine,
@@ -510,21 +488,21 @@ async def _chat_events(
     usage_none = {"usage": None} if include_usage else {}
     texts = []
     try:
-        yield _chunk(reply_id, created, model, {"role": "assistant", "content": ""}, None, **usage_none)
+        yield chat_chunk(reply_id, created, model, {"role": "assistant", "content": ""}, None, **usage_none)
         piece = first
         while piece is not None:
             if piece:
                 texts.append(piece)
-                yield _chunk(reply_id, created, model, {"content": piece}, None, **usage_none)
+                yield chat_chunk(reply_id, created, model, {"content": piece}, None, **usage_none)
             piece = await until_disconnect(request, anext(pieces, None))
         text = "".join(texts)
         completion_tokens = _count_tokens(engine, text, len(texts), settings)
-        finish = _finish_reason(completion_tokens, settings)
-        yield _chunk(reply_id, created, model, {}, finish, **usage_none, **extension)
+        finish = finish_reason(completion_tokens, settings)
+        yield chat_chunk(reply_id, created, model, {}, finish, **usage_none, **extension)
         if include_usage:
-            usage = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}  # fmt: skip
-            yield f"data: {json.dumps(usage)}\n\n"
+            final = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [], "usage": usage(prompt_tokens, completion_tokens)}  # fmt: skip
+            yield f"data: {json.dumps(final)}\n\n"
     except asyncio.CancelledError:
         raise
     except Exception as error:  # after the 200 the status cannot change; OpenAI sends the error as an event

@@ -1,13 +1,19 @@
-"""The request bodies the server accepts, as pydantic models in OpenAI's shape (vLLM's for image embeddings).
+"""The wire format: request bodies as pydantic models in OpenAI's shape (vLLM's for image embeddings), and the
+response pieces the app assembles (usage, stream chunks, embedding values).
 
 Top-level objects and content parts forbid unknown fields, so a misspelt parameter ("max_token") or an unknown
 part type is a 400 rather than a silent default. Parameters OpenAI defines that mmlm cannot honour are
 accepted only at their neutral value.
 """
 
+import base64
+import json
 from typing import Annotated, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mmlm.generation import GenerationSettings
 
 
 class _Strict(BaseModel):
@@ -128,3 +134,31 @@ class SearchRequest(_Strict):
     text: str | None = None
     image: str | None = None
     k: int = Field(default=10, ge=1)
+
+
+def embedding_value(row: torch.Tensor, encoding_format: str) -> list[float] | str:
+    """Return one embedding [D] as floats, or as OpenAI's base64 of little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(row.float().numpy().astype("<f4").tobytes()).decode()
+    return row.tolist()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """Return OpenAI's usage object."""
+    return {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }  # fmt: skip
+
+
+def finish_reason(completion_tokens: int, settings: GenerationSettings) -> str:
+    """Return "length" when the reply used all of max_tokens, else "stop" (an end token or a stop string)."""
+    return "length" if completion_tokens >= settings.max_new_tokens else "stop"
+
+
+def chat_chunk(reply_id: str, created: int, model: str, delta: dict, finish: str | None, **extra) -> str:
+    """Return one server-sent event holding a chat.completion.chunk with one choice."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [choice], **extra}  # fmt: skip
+    return f"data: {json.dumps(chunk)}\n\n"
