@@ -7,6 +7,7 @@ import base64
 import http.server
 import io
 import json
+import logging
 import struct
 import threading
 import time
@@ -45,7 +46,9 @@ def serving(engine, **settings):
     def run() -> None:
         made = engine() if callable(engine) else engine
         app = create_app(made, ServeConfig(**settings))
-        box["server"] = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        box["server"] = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", log_config=None)
+        )
         box["server"].run()
 
     thread = threading.Thread(target=run, daemon=True)
@@ -471,7 +474,7 @@ def test_timeouts_and_engine_faults_keep_the_openai_shape():
         assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
-def test_a_client_that_disconnects_cancels_the_engine_work():
+def test_a_client_that_disconnects_cancels_the_engine_work(caplog):
     engine = FakeEngine(pieces=("x",) * 200, delay=0.02)
     with serving(engine) as url:
         body = chat_body(
@@ -487,6 +490,9 @@ def test_a_client_that_disconnects_cancels_the_engine_work():
         with pytest.raises(httpx.ReadTimeout):  # a non-streamed request cancelled the same way
             httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
         assert engine.closed.wait(5) and engine.yielded < 150
+        assert httpx.get(url + "/health").status_code == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[0].getMessage()  # a disconnect is not a server error
 
 
 def instruction_image() -> bytes:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
@@ -139,18 +139,23 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise validation_error(list(error.errors())) from None
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its engine work has been cancelled."""
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Return the result of `work`, or cancel it (and raise CancelledError) when the client disconnects."""
+    """Return the result of `work`, or cancel it and raise ClientGone when the client disconnects first."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watch.cancel()
         if not task.done():
             task.cancel()
-        watch.cancel()
-    if not task.done() or task.cancelled():
-        raise asyncio.CancelledError("client disconnected")
+            await asyncio.wait({task})  # let the engine work unwind before anyone closes its generator
+    if task.cancelled():
+        raise ClientGone()
     return task.result()
 
 
@@ -196,6 +201,11 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
     app.state.engine, app.state.config = engine, config
     counts: dict[tuple[str, str], int] = {}
     add_error_handlers(app)
+
+    async def on_client_gone(request: Request, error: Exception) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it
+
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_middleware(RequestGate, config=config, counts=counts)
     created = int(time.time())
     vlm = getattr(engine, "vlm", None)
@@ -319,7 +329,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
                 await pieces.aclose()
                 raise
             events = _chat_events(
-                request, engine, pieces, first, settings, reply_id, now, model, prompt_tokens, include_usage,
+                engine, pieces, first, settings, reply_id, now, model, prompt_tokens, include_usage,
                 extension,
             )  # fmt: skip
             return StreamingResponse(
@@ -472,7 +482,6 @@ async def _embed_parts(engine, messages: list[ChatMessage], load_images) -> list
 
 
 async def _chat_events(
-    request,
     engine,
     pieces,
     first,
@@ -484,7 +493,11 @@ async def _chat_events(
     include_usage,
     extension,
 ) -> AsyncIterator[str]:
-    """Yield OpenAI chat.completion.chunk events, then `data: [DONE]`; closing it cancels the engine work."""
+    """Yield OpenAI chat.completion.chunk events, then `data: [DONE]`.
+
+    When the client goes, Starlette cancels the response (ASGI HTTP spec < 2.4, which uvicorn speaks): the
+    cancellation lands in the engine's generator, and `finally` closes it either way.
+    """
     usage_none = {"usage": None} if include_usage else {}
     texts = []
     try:
@@ -494,7 +507,7 @@ async def _chat_events(
             if piece:
                 texts.append(piece)
                 yield chat_chunk(reply_id, created, model, {"content": piece}, None, **usage_none)
-            piece = await until_disconnect(request, anext(pieces, None))
+            piece = await anext(pieces, None)  # a disconnect cancels this await (Starlette)
         text = "".join(texts)
         completion_tokens = _count_tokens(engine, text, len(texts), settings)
         finish = finish_reason(completion_tokens, settings)
