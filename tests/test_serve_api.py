@@ -522,6 +522,13 @@ def test_the_guard_notes_or_refuses_an_image_that_reads_as_instructions():
         guard = reply.json()["mmlm"]["guard"]
         assert guard["flagged"] and guard["score"] >= 0.5 and guard["reasons"]
         assert engine.seen[-1][0] == {"role": "system", "content": GUARD_SYSTEM_NOTE}
+        streamed = httpx.post(
+            url + "/v1/chat/completions",
+            json=chat_body(model="mmlm", messages=attack, stream=True),
+            timeout=60,
+        )
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] and events[-1]["mmlm"]["guard"]["flagged"]
         plain = httpx.post(url + "/v1/chat/completions", json=chat_body(model="mmlm"), timeout=60).json()
         assert plain["mmlm"]["guard"]["flagged"] is False and engine.seen[-1][0]["role"] == "user"
     with serving(FakeEngine(), guard="strict") as url:

@@ -15,6 +15,7 @@ import io
 import ipaddress
 import re
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -162,10 +163,7 @@ def fetch_remote(url: str, field: str, config: ServeConfig) -> bytes:
                 declared = response.headers.get("Content-Length")
                 if declared is not None and declared.isdigit() and int(declared) > config.remote_max_bytes:
                     raise _too_big(field, config)
-                data = response.read(config.remote_max_bytes + 1)
-                if len(data) > config.remote_max_bytes:
-                    raise _too_big(field, config)
-                return data
+                return _read_capped(response, field, config)
         except urllib.error.HTTPError as error:
             location = error.headers.get("Location") if 300 <= error.code < 400 else None
             if location is None:
@@ -186,6 +184,23 @@ def fetch_remote(url: str, field: str, config: ServeConfig) -> bytes:
         param=field,
         code="image_fetch_failed",
     )
+
+
+def _read_capped(response, field: str, config: ServeConfig) -> bytes:
+    # the socket timeout bounds each read; this deadline bounds them all, against a server that trickles
+    deadline = time.monotonic() + config.remote_timeout_s
+    chunks, size = [], 0
+    while chunk := response.read1(64 * 1024) if hasattr(response, "read1") else response.read(64 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > config.remote_max_bytes:
+            raise _too_big(field, config)
+        if time.monotonic() > deadline:
+            raise APIError(
+                400, f"{field}: the image did not arrive within {config.remote_timeout_s:g} s", param=field,
+                code="image_fetch_failed",
+            )  # fmt: skip
+    return b"".join(chunks)
 
 
 def _too_big(field: str, config: ServeConfig) -> APIError:
