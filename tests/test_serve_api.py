@@ -166,8 +166,12 @@ def test_chat_with_an_image_matches_the_model_and_streams_the_same_text(server, 
     assert (
         reply.object == "chat.completion" and reply.model == "tiny-llava" and reply.id.startswith("chatcmpl-")
     )
-    assert choice.finish_reason == ("length" if reply.usage.completion_tokens >= 8 else "stop")
-    assert 0 < reply.usage.completion_tokens <= 8
+    tokens = vlm.generate_tokens(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture?"}]}],
+        [Image.open(io.BytesIO(image))], max_new_tokens=8,
+    )  # fmt: skip
+    assert reply.usage.completion_tokens == len(tokens)  # the tokens decoded, not the text re-encoded
+    assert choice.finish_reason == ("length" if len(tokens) == 8 else "stop")
     assert reply.usage.prompt_tokens > vlm.model.image_tokens  # the image's tokens are counted
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
@@ -424,7 +428,7 @@ class FakeEngine:
     def prompt_tokens(self, messages, images) -> int:
         return 10 + 16 * len(images)
 
-    async def generate(self, messages, images, settings):
+    async def generate(self, messages, images, settings, stats=None):
         if self.active >= self.max_queue:
             raise QueueFull(retry_after=2.2)
         if self.error is not None:
@@ -435,6 +439,8 @@ class FakeEngine:
             for piece in self.pieces[: settings.max_new_tokens]:
                 await asyncio.sleep(self.delay)
                 self.yielded += 1
+                if stats is not None:
+                    stats.completion_tokens = self.yielded
                 yield piece
         finally:
             self.active -= 1

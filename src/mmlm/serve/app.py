@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from mmlm.generation import GenerationSettings
 from mmlm.processing.chat import IMAGE_TOKEN
 from mmlm.serve.config import ServeConfig
+from mmlm.serve.engine import GenerationStats
 from mmlm.serve.errors import APIError, add_error_handlers, as_api_error, error_body, validation_error
 from mmlm.serve.images import load_request_image
 from mmlm.serve.metrics import format_labels
@@ -35,7 +36,6 @@ from mmlm.serve.schema import (
     SearchRequest,
     chat_chunk,
     embedding_value,
-    finish_reason,
     usage,
 )
 
@@ -162,22 +162,6 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _count_tokens(engine, text: str, pieces: int, settings: GenerationSettings) -> int:
-    """Return the completion's token count: its text re-encoded by the VLM's tokenizer, at most max_new_tokens.
-
-    The engine yields text, not tokens, so this is an estimate: re-encoding can merge or split tokens
-    differently from how they were sampled (the number of text pieces stands in without a tokenizer).
-    """
-    tokenizer = getattr(getattr(getattr(engine, "vlm", None), "processor", None), "tokenizer", None)
-    count = pieces
-    if tokenizer is not None and text:
-        try:
-            count = len(tokenizer.encode(text, add_special_tokens=False).ids)
-        except (AttributeError, TypeError):
-            count = pieces
-    return min(count, settings.max_new_tokens)
 
 
 def create_app(engine, config: ServeConfig) -> FastAPI:
@@ -320,7 +304,8 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
         prompt_tokens = await asyncio.to_thread(engine.prompt_tokens, messages, images)
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         extension = {"mmlm": {"guard": guard}} if guard is not None else {}
-        pieces = engine.generate(messages, images, settings)
+        stats = GenerationStats()
+        pieces = engine.generate(messages, images, settings, stats)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             try:  # the first piece before the 200, so a full queue or a bad prompt still gets its status
@@ -329,22 +314,20 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
                 await pieces.aclose()
                 raise
             events = _chat_events(
-                engine, pieces, first, settings, reply_id, now, model, prompt_tokens, include_usage,
-                extension,
+                pieces, stats, first, reply_id, now, model, prompt_tokens, include_usage, extension
             )  # fmt: skip
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         chunks = await until_disconnect(request, _collect(pieces))
         text = "".join(chunks)
-        completion_tokens = _count_tokens(engine, text, len(chunks), settings)
         return JSONResponse({
             "id": reply_id, "object": "chat.completion", "created": now, "model": model,
             "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason(completion_tokens, settings),
+                "finish_reason": stats.finish_reason or "stop",
             }],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, stats.completion_tokens),
             **extension,
         })  # fmt: skip
 
@@ -482,10 +465,9 @@ async def _embed_parts(engine, messages: list[ChatMessage], load_images) -> list
 
 
 async def _chat_events(
-    engine,
     pieces,
+    stats,
     first,
-    settings,
     reply_id,
     created,
     model,
@@ -499,22 +481,20 @@ async def _chat_events(
     cancellation lands in the engine's generator, and `finally` closes it either way.
     """
     usage_none = {"usage": None} if include_usage else {}
-    texts = []
     try:
         yield chat_chunk(reply_id, created, model, {"role": "assistant", "content": ""}, None, **usage_none)
         piece = first
         while piece is not None:
             if piece:
-                texts.append(piece)
                 yield chat_chunk(reply_id, created, model, {"content": piece}, None, **usage_none)
             piece = await anext(pieces, None)  # a disconnect cancels this await (Starlette)
-        text = "".join(texts)
-        completion_tokens = _count_tokens(engine, text, len(texts), settings)
-        finish = finish_reason(completion_tokens, settings)
-        yield chat_chunk(reply_id, created, model, {}, finish, **usage_none, **extension)
+        await pieces.aclose()  # the reply ended: the engine has filled `stats`
+        yield chat_chunk(
+            reply_id, created, model, {}, stats.finish_reason or "stop", **usage_none, **extension
+        )
         if include_usage:
             final = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [], "usage": usage(prompt_tokens, completion_tokens)}  # fmt: skip
+                     "choices": [], "usage": usage(prompt_tokens, stats.completion_tokens)}  # fmt: skip
             yield f"data: {json.dumps(final)}\n\n"
     except asyncio.CancelledError:
         raise

@@ -66,6 +66,14 @@ HIT_FIELDS = ("path", "caption", "sha256", "width", "height")  # as mmlm.index.H
 _END = object()  # the last item of a generation's output queue
 
 
+@dataclass
+class GenerationStats:
+    """Filled in by `Engine.generate` when a reply ends: the tokens it decoded and why it stopped."""
+
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" (end token or stop string) | "length" (max tokens or context)
+
+
 @dataclass(eq=False)
 class _Request:
     """One request while it waits or runs: what the consumer awaits, and whether it still wants the result."""
@@ -87,6 +95,7 @@ class _Generation(_Request):
     stream: TextStream | None = None
     sample: Callable[[torch.Tensor], torch.Tensor] | None = None
     generated: int = 0
+    finish_reason: str | None = None
 
 
 @dataclass(eq=False)
@@ -203,11 +212,16 @@ class Engine:
         return int(batch["input_ids"].shape[1])
 
     async def generate(
-        self, messages: list[dict], images: list[PIL.Image.Image], settings: GenerationSettings
+        self,
+        messages: list[dict],
+        images: list[PIL.Image.Image],
+        settings: GenerationSettings,
+        stats: GenerationStats | None = None,
     ) -> AsyncIterator[str]:
         """Yield the reply's text in pieces as it is decoded; raise QueueFull, RequestTimeout or InputError.
 
-        Closing the iterator early (a client that disconnects) drops the request from the decode batch.
+        Closing the iterator early (a client that disconnects) drops the request from the decode batch. When
+        the reply ends, `stats` holds its decoded token count and finish reason (for `usage`).
         """
         settings.check()
         started = time.monotonic()
@@ -237,6 +251,8 @@ class Engine:
             status = "timeout"
             raise
         finally:
+            if stats is not None:
+                stats.completion_tokens, stats.finish_reason = req.generated, req.finish_reason
             self._finish(req, status)
 
     async def _generation_loop(self) -> None:
@@ -329,11 +345,14 @@ class Engine:
             token = greedy[i] if req.sample is None else int(req.sample(logits[i : i + 1])[0])
             tokens.append(token)
             if token in self.vlm.eos_token_ids:
+                req.finish_reason = "stop"
                 events.append((req, req.stream.finish(), True, 0))
                 continue
             req.generated += 1
             piece = req.stream.push(token)
             done = req.stream.stopped or req.generated >= req.max_new_tokens
+            if done:
+                req.finish_reason = "stop" if req.stream.stopped else "length"
             events.append((req, piece + (req.stream.finish() if done else ""), done, 1))
             if not done:
                 keep.append(i)

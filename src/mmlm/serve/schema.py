@@ -13,8 +13,6 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mmlm.generation import GenerationSettings
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -149,11 +147,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }  # fmt: skip
-
-
-def finish_reason(completion_tokens: int, settings: GenerationSettings) -> str:
-    """Return "length" when the reply used all of max_tokens, else "stop" (an end token or a stop string)."""
-    return "length" if completion_tokens >= settings.max_new_tokens else "stop"
 
 
 def chat_chunk(reply_id: str, created: int, model: str, delta: dict, finish: str | None, **extra) -> str:
