@@ -1,0 +1,146 @@
+"""Load test of `mmlm serve` on loopback: concurrent chat clients, with the engine's batching on and off.
+
+Phase 1, for each of batching on and off: start `mmlm serve --model MODEL` in a subprocess, run N clients for
+T seconds, each sending chat requests (one shapes-world image as a data URL, a question, greedy, max_tokens)
+back to back; report requests, errors, p50/p99 latency, requests/s and generated tokens/s (from `usage`).
+Phase 2 overfills the queue on purpose (many clients, a small --max-queue): every response must be a 200 or a
+429 with Retry-After; a 5xx or a dropped connection counts as a failure.
+
+    .venv/bin/python benchmarks/bench_serve.py --model runs/demo/vlm --clients 16 --seconds 20
+"""
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+MODEL_ID = "bench"
+
+
+def free_port() -> int:
+    """Return a free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_url() -> str:
+    """Return a shapes-world image (the README's "cake" example) as a PNG data URL."""
+    from mmlm.data import shapes
+    from mmlm.demo_vlm import example_scene
+
+    buffer = io.BytesIO()
+    shapes.render(example_scene(), 32).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
+    """Start `mmlm serve` and wait until /health answers."""
+    cmd = [sys.executable, "-m", "mmlm", "serve", "--model", model, "--model-name", MODEL_ID, "--port", str(port),
+           *extra]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if server.poll() is not None:
+            raise SystemExit(f"mmlm serve exited: {server.stderr.read().decode()[-2000:]}")
+    server.kill()
+    raise SystemExit("mmlm serve did not answer /health within 120 s")
+
+
+async def client_loop(url: str, body: dict, until: float, out: list) -> None:
+    """Send requests back to back until `until`; append (status, seconds, completion tokens or None)."""
+    async with httpx.AsyncClient(timeout=120) as http:
+        while time.monotonic() < until:
+            start = time.perf_counter()
+            try:
+                r = await http.post(url, json=body)
+                tokens = r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200 else None
+                out.append((r.status_code, time.perf_counter() - start, tokens, r.headers.get("retry-after")))
+            except httpx.HTTPError as error:  # a dropped connection or a timeout: a failure
+                out.append((f"error: {type(error).__name__}", time.perf_counter() - start, None, None))
+
+
+def run_load(port: int, clients: int, seconds: float, max_tokens: int) -> list:
+    """Run `clients` concurrent clients for `seconds`; return every response's record."""
+    body = {"model": MODEL_ID, "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_url()}},
+        {"type": "text", "text": "What word is written?"}]}]}  # fmt: skip
+    out: list = []
+    until = time.monotonic() + seconds
+
+    async def main() -> None:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        await asyncio.gather(*(client_loop(url, body, until, out) for _ in range(clients)))
+
+    asyncio.run(main())
+    return out
+
+
+def summary(records: list, seconds: float) -> dict:
+    """Return counts by status, latency percentiles of the 200s, requests/s and tokens/s."""
+    ok = [r for r in records if r[0] == 200]
+    latencies = sorted(r[1] for r in ok)
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[str(r[0])] = statuses.get(str(r[0]), 0) + 1
+
+    def pct(q: float) -> float | None:
+        return (
+            round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)
+            if latencies
+            else None
+        )
+
+    return {
+        "requests": len(records), "statuses": statuses, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+        "mean_ms": round(statistics.mean(latencies) * 1000, 1) if latencies else None,
+        "requests_per_s": round(len(ok) / seconds, 2),
+        "tokens_per_s": round(sum(r[2] or 0 for r in ok) / seconds, 1),
+        "failures": sum(1 for r in records if r[0] != 200 and r[0] != 429),
+        "429_without_retry_after": sum(1 for r in records if r[0] == 429 and not r[3]),
+    }  # fmt: skip
+
+
+def main() -> None:
+    """Run both phases and print one JSON line per run."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="runs/demo/vlm")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--overfill-clients", type=int, default=64)
+    parser.add_argument("--overfill-queue", type=int, default=8)
+    args = parser.parse_args()
+    if not Path(args.model, "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: no model there (make demo writes runs/demo/vlm)")
+    runs = [("batching on", [], args.clients), ("batching off", ["--no-batching"], args.clients),
+            ("overfill", ["--max-queue", str(args.overfill_queue)], args.overfill_clients)]  # fmt: skip
+    for name, extra, clients in runs:
+        port = free_port()
+        server = start_server(args.model, port, extra)
+        try:
+            records = run_load(port, clients, args.seconds, args.max_tokens)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        print(json.dumps({"run": name, "clients": clients, "seconds": args.seconds,
+                          **summary(records, args.seconds)}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
