@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-MODEL_ID = "bench"
+MODEL_ID = "mmlm-demo"
 
 
 def free_port() -> int:

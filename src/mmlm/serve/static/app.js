@@ -254,12 +254,13 @@ async function ask() {
     model: $("model").value || "default",
     stream: true,
     max_tokens: Number($("max-tokens").value) || 256,
+    temperature: Number($("temperature").value) || 0,  // 0: greedy; the OpenAI default would be 1
     messages: [
       {
         role: "user",
         content: [
+          { type: "image_url", image_url: { url: image } },  // the image first, as LLaVA-style models learn it
           { type: "text", text: question },
-          { type: "image_url", image_url: { url: image } },
         ],
       },
     ],
