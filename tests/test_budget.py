@@ -305,3 +305,19 @@ def test_gated_cross_attention_formula_counts_the_block_mmlm_builds():
     text, media = torch.randn(2, 7, 32), torch.randn(2, 6, 24)
     counted = flop_count(lambda: fusion.blocks["0"](text, media, torch.ones(2, 7, 6, dtype=torch.bool)))
     assert counted == 2 * gated_cross_attention_flops(7, 6, shape, 24)
+
+
+def test_video_duration_and_sampling_rate_set_the_frames(tmp_path, capsys):
+    config = write(tmp_path, LLAVA_15_7B)
+    out = budget_json(capsys, "--config", config, "--video-seconds", "10", "--fps", "2")
+    assert out["image"]["frames"] == 20  # t = 0, 0.5, ..., 9.5 s
+    styles = {s["style"].split()[0]: s["visual_tokens"] for s in out["styles"]}
+    assert styles["mlp"] == 20 * 576 and styles["perceiver"] == 64  # the resampler reads all frames at once
+    capped = budget_json(
+        capsys, "--config", config, "--video-seconds", "600", "--fps", "1", "--max-frames", "32"
+    )
+    assert capped["image"]["frames"] == 32
+    assert main(["budget", "--config", str(config), "--fps", "2"]) == 2
+    assert "--fps needs --video-seconds" in capsys.readouterr().err
+    assert main(["budget", "--config", str(config), "--video-seconds", "-1", "--fps", "2"]) == 2
+    assert "expected positive numbers" in capsys.readouterr().err

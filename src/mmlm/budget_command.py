@@ -8,6 +8,7 @@ for every fusion style on the same tower and LM (mmlm/budget.py), and with --mea
 import argparse
 import dataclasses
 import json
+import math
 import re
 import statistics
 import time
@@ -167,6 +168,20 @@ def _positive(name: str, value: int, minimum: int = 1) -> int:
     if value < minimum:
         raise InputError(f"{name}: got {value}; expected at least {minimum}")
     return value
+
+
+def video_frames(args: argparse.Namespace) -> int:
+    """Return the frames a video gives: --frames, or --video-seconds × --fps (at least one), capped at --max-frames."""
+    if args.video_seconds is None:
+        if args.fps is not None:
+            raise InputError("--fps needs --video-seconds (the video's duration)")
+        return _positive("--frames", args.frames)
+    if args.video_seconds <= 0 or (args.fps or 0) <= 0:
+        raise InputError(
+            f"--video-seconds and --fps: expected positive numbers, got {args.video_seconds} and {args.fps}"
+        )
+    # frames at t = 0, 1/fps, 2/fps, ... while t < duration; above the cap they are spread over the whole video
+    return min(_positive("--max-frames", args.max_frames), math.ceil(args.video_seconds * args.fps - 1e-9))
 
 
 def _dtype(args: argparse.Namespace, spec: ModelSpec) -> tuple[str, str]:
@@ -428,7 +443,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
     spec = spec_from_config(read_json(source), str(source))
     v = spec.backbone.vision
     size = _positive("--image-size", args.image_size or v.image_size, v.patch_size)
-    image = ImageInput(size, parse_tiles(args.tiles), _positive("--frames", args.frames),
+    image = ImageInput(size, parse_tiles(args.tiles), video_frames(args),
                        _positive("--text-tokens", args.text_tokens, 0),
                        _positive("--merge-tokens", v.merge_tokens if args.merge_tokens is None else args.merge_tokens, 0))  # fmt: skip
     _positive("--runs", args.runs)
@@ -455,6 +470,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, help="the tower's input side in px (default: the config's)")
     p.add_argument("--tiles", help="ROWSxCOLS tiles of --image-size each, plus one global view (LLaVA-NeXT)")
     p.add_argument("--frames", type=int, default=1, help="video frames per image (each encoded)")
+    p.add_argument("--video-seconds", type=float, help="a video's duration; with --fps sets the frame count")
+    p.add_argument("--fps", type=float, help="frames sampled per second of video (f_s)")
+    p.add_argument("--max-frames", type=int, default=64, help="the cap on sampled frames")
     p.add_argument("--text-tokens", type=int, default=32, help="text tokens in the prompt")
     p.add_argument(
         "--merge-tokens", type=int, help="ToMe: tokens merged per ViT block, r (default: the config's)"
