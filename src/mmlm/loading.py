@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mmlm.audio_model import AudioModel, load_hf_whisper, load_mmlm_audio
 from mmlm.causal_lm import CausalLM, load_hf_causal_lm, load_mmlm_causal_lm
 from mmlm.checkpoints import open_clip
 from mmlm.checkpoints.build import build_from_weights
@@ -37,7 +38,7 @@ from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import load_tokenizer
 
 MMLM_VERSION = 1
-Loaded = ContrastiveModel | CausalLM | GenerativeModel
+Loaded = ContrastiveModel | CausalLM | GenerativeModel | AudioModel
 # folder, its config.json, device, dtype -> the loaded object
 Loader = Callable[[Path, dict[str, Any], torch.device, torch.dtype], Loaded]
 
@@ -196,11 +197,16 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "mistral": HFArchitecture(("MistralForCausalLM",), load_hf_causal_lm),
     "qwen2": HFArchitecture(("Qwen2ForCausalLM",), load_hf_causal_lm),
     "llava": HFArchitecture(("LlavaForConditionalGeneration",), load_llava),
+    # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
+    "whisper": HFArchitecture(
+        ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper
+    ),
 }
 MMLM_ARCHITECTURES: dict[str, Loader] = {
     "dual_encoder": load_mmlm_dual_encoder,
     "decoder_lm": load_mmlm_causal_lm,
     "vlm": load_mmlm_vlm,
+    "audio_encoder": load_mmlm_audio,
 }
 
 
