@@ -10,7 +10,7 @@ BENCH_VENV := .bench-env
 # root, else prints the apt-get command): java runs the COCO caption PTB tokenizer (mmlm.eval.captioning),
 # tesseract reads the text in images for `mmlm eval vlm --ocr` (mmlm.eval.ocr), chromium runs the serve web-page
 # test (tests/test_serve_browser.py).
-SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract chromium:chromium
+SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract chromium:chromium espeak-ng:espeak-ng
 
 install: $(STAMP)
 	sh scripts/system_packages.sh $(SYSTEM_PACKAGES)
