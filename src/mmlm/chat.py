@@ -7,9 +7,10 @@ from typing import Any
 from mmlm.errors import InputError
 
 
-def user_turn(text: str, images: int) -> dict[str, Any]:
-    """Return a user message with `images` image parts before its text."""
-    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+def user_turn(text: str, images: int, videos: int = 0) -> dict[str, Any]:
+    """Return a user message with `images` image parts, then `videos` video parts, before its text."""
+    parts = [{"type": "image"}] * images + [{"type": "video"}] * videos
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -22,11 +23,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     model = _load(args)
     if not isinstance(model, GenerativeModel):
         raise InputError(f"{args.model} is not a vision-language model (got a {type(model).__name__})")
-    images = list(args.image or [])
+    images, videos = list(args.image or []), list(args.video or [])
     messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                   videos=videos, num_frames=args.frames)  # fmt: skip
     if args.question:
-        messages.append(user_turn(args.question, len(images)))
+        messages.append(user_turn(args.question, len(images), len(videos)))
         for piece in model.stream(messages, images, **options):
             print(piece, end="", flush=True)
         print()
@@ -40,7 +42,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if not text:
             break
-        messages.append(user_turn(text, len(images) if first else 0))
+        messages.append(user_turn(text, len(images) if first else 0, len(videos) if first else 0))
         first = False
         print("model> ", end="", flush=True)
         answer = ""
@@ -60,6 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _model_args(p)
     p.add_argument("--image", action="append", help="an image file (repeatable; all go in the first turn)")
+    p.add_argument(
+        "--video", action="append", help="a video file (repeatable; its frames go in the first turn)"
+    )
+    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from each video")
     p.add_argument("--system", help="a system prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

@@ -28,6 +28,7 @@ from mmlm.config import config_from_dict
 from mmlm.errors import InputError
 from mmlm.generation import GenerationSettings, generate_ids, generate_texts, stream_text
 from mmlm.processing.image import ImageProcessor, ImageSource
+from mmlm.processing.video_prompt import expand_videos, frame_sampler
 from mmlm.processing.vlm_processor import VLMProcessor
 from mmlm.vlm import VisionLanguageModel, VLMConfig, vlm_step
 
@@ -110,6 +111,23 @@ class GenerativeModel:
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
 
     @staticmethod
+    def _with_videos(prompt, images, videos, num_frames: int, video_fps: float | None):
+        """Return (prompt, images) with each video replaced by its sampled frames (a batch: one list per prompt)."""
+        if videos is None:
+            return prompt, images
+        sample = frame_sampler(num_frames, video_fps)
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        if single:
+            videos = [videos] if isinstance(videos, (str, Path, bytes)) else list(videos)
+            return expand_videos(prompt, images, videos, sample)
+        if len(videos) != len(prompt):
+            raise InputError(f"videos: got {len(videos)} video lists for {len(prompt)} prompts")
+        pairs = [expand_videos(p, None if images is None else images[i], list(videos[i]), sample)
+                 for i, p in enumerate(prompt)]  # fmt: skip
+        return [p for p, _ in pairs], None if images is None and all(i is None for _, i in pairs) else [
+            i or [] for _, i in pairs]  # fmt: skip
+
+    @staticmethod
     def _batch(prompt, images) -> tuple[list[Prompt], list[list[ImageSource]] | None, bool]:
         if isinstance(images, (str, Path, bytes)):  # one image given bare, not in a list
             images = [images]
@@ -129,12 +147,17 @@ class GenerativeModel:
         stop: Sequence[str] = (),
         seed: int | None = None,
         cache: str = "static",
+        videos: Sequence[Any] | None = None,
+        num_frames: int = 8,
+        video_fps: float | None = None,
     ) -> str | list[str]:
         """Return the new text for one prompt and its images, or a list for a batch (a list of image lists).
 
         temperature 0 is greedy; a sequence ends at an end token, before the first `stop` string, after
-        max_new_tokens, or when the context is full. Batches are left-padded and decoded together.
+        max_new_tokens, or when the context is full. Batches are left-padded and decoded together. `videos`
+        fill `<video>` placeholders (or video parts) with `num_frames` frames each, uniform or at `video_fps`.
         """
+        prompt, images = self._with_videos(prompt, images, videos, num_frames, video_fps)
         prompts, image_lists, single = self._batch(prompt, images)
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
@@ -162,8 +185,12 @@ class GenerativeModel:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        videos: Sequence[Any] | None = None,
+        num_frames: int = 8,
+        video_fps: float | None = None,
     ) -> Iterator[str]:
         """Yield the new text of one prompt in pieces; they join to what `generate` returns."""
+        prompt, images = self._with_videos(prompt, images, videos, num_frames, video_fps)
         prompts, image_lists, single = self._batch(prompt, images)
         if not single:
             raise InputError("stream: expected one prompt")
