@@ -101,3 +101,11 @@ def test_chat_cli_takes_a_video(world, capsys):
     )
     assert main(["chat", "--model", str(world / "llava"), "--video", str(world / "none.mp4"), "hi"]) == 2
     assert "none.mp4" in capsys.readouterr().err
+
+
+def test_a_video_placeholder_in_string_message_content_without_images():
+    messages = [{"role": "user", "content": "<video>\nWhat moves?"}]
+    out, images = expand_videos(messages, None, ["clip"], frames_of)
+    assert images is None
+    assert [p["type"] for p in out[0]["content"]] == ["image"] * 3 + ["text"]
+    assert out[0]["content"][-1]["text"] == "\nWhat moves?"

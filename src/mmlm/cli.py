@@ -121,7 +121,12 @@ def cmd_train_vlm(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Run the main demo job."""
+    """Run the main demo job (images: CLIP then VLM), or the video VLM demo."""
+    if args.modality == "video":
+        from mmlm.demo_video import run_video_demo
+
+        run_video_demo(Path(args.out))
+        return
     from mmlm.demo import run_demo
 
     run_demo(Path(args.out))
@@ -170,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--modality", choices=["image", "video"], default="image",
+                   help="image: CLIP then VLM (make demo); video: a VLM on shapes-world clips")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     for name in COMMAND_MODULES:

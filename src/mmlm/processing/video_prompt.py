@@ -51,6 +51,16 @@ def _expand_text(
     return "".join(pieces)
 
 
+def _text_to_parts(text: str, videos: Iterator[Any], sample: Sampler) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    for piece in re.split(f"({re.escape(VIDEO_TOKEN)})", text):
+        if piece == VIDEO_TOKEN:
+            parts += [{"type": "image", "image": frame} for frame in sample(_next(videos, "videos"))]
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
 def expand_videos(
     prompt: str | Sequence[dict[str, Any]],
     images: Sequence[Any] | None,
@@ -72,8 +82,11 @@ def expand_videos(
         messages = []
         for message in prompt:
             content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
+            if isinstance(content, str) and given is not None:
                 messages.append({**message, "content": _expand_text(content, given, pending, sample, out)})
+                continue
+            if isinstance(content, str):  # no image list: the frames become image parts that carry them
+                messages.append({**message, "content": _text_to_parts(content, pending, sample)})
                 continue
             if not isinstance(content, list | tuple):
                 messages.append(message)
