@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from mmlm.errors import InputError
 from mmlm.generation import GenerationSettings, TextStream, make_sampler
 from mmlm.layers.attention import KVCache
+from mmlm.serve.encoding import run_encodings, search_hits
 from mmlm.serve.metrics import ServerMetrics
 from mmlm.vlm import vlm_step
 
@@ -62,7 +62,6 @@ class EngineConfig:
     timeout_s: float = 120.0  # per request, queue wait included
 
 
-HIT_FIELDS = ("path", "caption", "sha256", "width", "height")  # as mmlm.index.Hit has them
 _END = object()  # the last item of a generation's output queue
 
 
@@ -462,7 +461,10 @@ class Engine:
                 group = [r for r in batch if r.kind == kind]
                 self.metrics.batch(kind, len(group))
                 try:
-                    results = await loop.run_in_executor(self._executor, self._run_encodings, kind, group)
+                    payloads = [r.payload for r in group]
+                    results = await loop.run_in_executor(
+                        self._executor, run_encodings, self.embedder, self.index, kind, payloads
+                    )
                 except Exception as error:  # noqa: BLE001 - the failure goes to the requests in the call
                     results = [error] * len(group)
                 for req, result in zip(group, results, strict=True):
@@ -470,55 +472,10 @@ class Engine:
                         continue
                     if kind == "search" and not isinstance(result, BaseException):
                         try:
-                            result = self._hits(*result)
+                            result = search_hits(self.index, *result)
                         except Exception as error:  # noqa: BLE001
                             result = error
                     if isinstance(result, BaseException):
                         req.future.set_exception(result)
                     else:
                         req.future.set_result(result)
-
-    @torch.inference_mode()
-    def _run_encodings(self, kind: str, group: list[_Encoding]) -> list[Any]:
-        """Answer requests of one kind with one contrastive-model call per input type (model thread)."""
-        model = self.embedder
-        if kind in ("embed_text", "embed_image"):
-            encode = model.encode_text if kind == "embed_text" else model.encode_image
-            vectors = encode([item for r in group for item in r.payload]).cpu()
-            return list(vectors.split([len(r.payload) for r in group]))
-        if kind == "classify":
-            images = model.encode_image([r.payload[0] for r in group])
-            labels = model.class_embeddings([label for r in group for label in r.payload[1]])
-            label_groups = labels.split([len(r.payload[1]) for r in group])
-            return [
-                model.logits(images[i : i + 1], g).softmax(-1)[0].tolist() for i, g in enumerate(label_groups)
-            ]
-        texts = [r.payload[0] for r in group if r.payload[0] is not None]
-        images = [r.payload[1] for r in group if r.payload[1] is not None]
-        text_vectors = iter(model.encode_text(texts)) if texts else iter(())
-        image_vectors = iter(model.encode_image(images)) if images else iter(())
-        queries = []
-        for text, image, _ in (r.payload for r in group):
-            parts = ([next(text_vectors)] if text is not None else []) + (
-                [next(image_vectors)] if image is not None else []
-            )
-            queries.append(F.normalize(torch.stack(parts).mean(0), dim=-1))
-        k = max(r.payload[2] for r in group)
-        scores, ids = self.index.search_vectors(
-            torch.stack(queries), k
-        )  # FAISS only: SQLite stays on the loop
-        return [(s[: r.payload[2]], i[: r.payload[2]]) for r, s, i in zip(group, scores, ids, strict=True)]
-
-    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
-        """Return search rows with metadata (event loop: the index's SQLite connection belongs to this thread)."""
-        rows = self.index.metadata.rows(np.unique(ids[ids >= 0]).tolist())
-        return [
-            {
-                "rank": rank + 1,
-                "score": float(score),
-                "id": int(i),
-                **{f: rows[int(i)][f] for f in HIT_FIELDS},
-            }
-            for rank, (score, i) in enumerate(zip(scores, ids, strict=True))
-            if i >= 0
-        ]
