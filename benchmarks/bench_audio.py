@@ -11,26 +11,14 @@ torch is installed) and its numpy path (`_np_extract_fbank_features`, float64 ST
 import argparse
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 import transformers
+from timing import median_seconds
 from transformers import WhisperFeatureExtractor
 
 from mmlm.processing.audio import CHUNK_LENGTH, N_SAMPLES, log_mel_spectrogram
-
-
-def _median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up: filter banks, FFT plans, allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -53,7 +41,7 @@ def main() -> None:
             ),
             "transformers_numpy": lambda audio=audio: extractor._np_extract_fbank_features(audio, "cpu"),
         }
-        seconds = {name: _median_seconds(run, args.repeats) for name, run in runs.items()}
+        seconds = {name: median_seconds(run, args.repeats) for name, run in runs.items()}
         audio_seconds = batch * CHUNK_LENGTH
         speed = {name: round(audio_seconds / s, 1) for name, s in seconds.items()}
         result = {

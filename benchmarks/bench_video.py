@@ -16,13 +16,12 @@ Each figure is the median over rounds after one untimed round.
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import av
 import torch
+from timing import median_seconds
 
 from mmlm.config import VisionConfig
 from mmlm.data.videos import make_video, write_video
@@ -33,16 +32,6 @@ from mmlm.processing.video import encode_frames, read_video
 VIT_TINY = VisionConfig(
     image_size=224, patch_size=16, width=192, layers=12, heads=3, mlp_dim=768, embed_dim=None
 )
-
-
-def _median_seconds(run, rounds: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -64,16 +53,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = write_video(frames, Path(folder) / "clip.mp4", 30)
         size = path.stat().st_size
-        decode_s = _median_seconds(lambda: read_video(path, fps=30, max_frames=args.frames), args.rounds)
-        sparse_s = _median_seconds(lambda: read_video(path, num_frames=16), args.rounds)
+        decode_s = median_seconds(lambda: read_video(path, fps=30, max_frames=args.frames), args.rounds)
+        sparse_s = median_seconds(lambda: read_video(path, num_frames=16), args.rounds)
 
     torch.manual_seed(0)
     vision = VisionTransformer(VIT_TINY).eval()
     processor = ImageProcessor.clip(224)
     to_encode = frames[: args.encode_frames]
-    encode_s = _median_seconds(
-        lambda: encode_frames(vision, processor, to_encode, batch_size=32), args.rounds
-    )
+    encode_s = median_seconds(lambda: encode_frames(vision, processor, to_encode, batch_size=32), args.rounds)
 
     print(
         json.dumps(
