@@ -434,6 +434,8 @@ class FakeEngine:
         if self.error is not None:
             raise self.error
         self.seen.append(messages)
+        if stats is not None:
+            stats.prompt_tokens = self.prompt_tokens(messages, images)
         self.active += 1
         try:
             for piece in self.pieces[: settings.max_new_tokens]:

@@ -301,7 +301,6 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
         messages, urls = chat_messages(body.messages)
         images = await load_images(urls)
         guard = await run_guard(messages, images)
-        prompt_tokens = await asyncio.to_thread(engine.prompt_tokens, messages, images)
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         extension = {"mmlm": {"guard": guard}} if guard is not None else {}
         stats = GenerationStats()
@@ -314,7 +313,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
                 await pieces.aclose()
                 raise
             events = _chat_events(
-                pieces, stats, first, reply_id, now, model, prompt_tokens, include_usage, extension
+                pieces, stats, first, reply_id, now, model, include_usage, extension
             )  # fmt: skip
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -327,7 +326,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
                 "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": stats.finish_reason or "stop",
             }],
-            "usage": usage(prompt_tokens, stats.completion_tokens),
+            "usage": usage(stats.prompt_tokens, stats.completion_tokens),
             **extension,
         })  # fmt: skip
 
@@ -471,7 +470,6 @@ async def _chat_events(
     reply_id,
     created,
     model,
-    prompt_tokens,
     include_usage,
     extension,
 ) -> AsyncIterator[str]:
@@ -494,7 +492,7 @@ async def _chat_events(
         )
         if include_usage:
             final = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [], "usage": usage(prompt_tokens, stats.completion_tokens)}  # fmt: skip
+                     "choices": [], "usage": usage(stats.prompt_tokens, stats.completion_tokens)}  # fmt: skip
             yield f"data: {json.dumps(final)}\n\n"
     except asyncio.CancelledError:
         raise

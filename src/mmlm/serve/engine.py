@@ -67,8 +67,10 @@ _END = object()  # the last item of a generation's output queue
 
 @dataclass
 class GenerationStats:
-    """Filled in by `Engine.generate` when a reply ends: the tokens it decoded and why it stopped."""
+    """Filled in by `Engine.generate`: the prompt's tokens (image tokens included) once it is checked, and when
+    the reply ends the tokens it decoded and why it stopped."""
 
+    prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" (end token or stop string) | "length" (max tokens or context)
 
@@ -225,6 +227,8 @@ class Engine:
         settings.check()
         started = time.monotonic()
         prompt = await asyncio.to_thread(self.prompt_tokens, messages, images)  # also checks images
+        if stats is not None:
+            stats.prompt_tokens = prompt
         room = self.vlm.config.lm.max_positions - prompt
         if room <= 0:
             raise InputError(
