@@ -264,7 +264,7 @@ def measure(args: argparse.Namespace, spec: ModelSpec, budget) -> dict[str, Any]
         model = _random_model(spec, device, dtype)
     tower = model if isinstance(model, VisionTransformer) else model.vision
     tower.cfg = dataclasses.replace(tower.cfg, merge_tokens=budget.image.merge_tokens)
-    if model is not tower and hasattr(model, "image_tokens"):  # a VLM counts its slots from its own config
+    if model is not tower:  # a VLM counts its slots from its own config
         model.cfg = dataclasses.replace(model.cfg, vision=tower.cfg)
     image, v = budget.image, tower.cfg
     pixels = torch.randn(args.batch_size * image.views * image.frames, v.channels, image.image_size,

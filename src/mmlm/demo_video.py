@@ -74,19 +74,21 @@ def demo_video_config(out: Path, train_json: Path, tower: Path | None, steps: in
     return cfg
 
 
-def answer(loaded: Any, rows: list[dict[str, Any]], blind: bool) -> list[str]:
-    """Return greedy answers to the test questions, from the clips' frames or from grey frames."""
+def answer(loaded: Any, rows: list[dict[str, Any]], blind: bool, batch_size: int = 50) -> list[str]:
+    """Return greedy answers to the test questions, from the clips' frames or from grey frames (batched)."""
     grey = Image.new("RGB", (64, 64), (128, 128, 128))
-    answers = []
-    for row in rows:
-        messages = [{"role": "user", "content": "<video>\n" + row["question"]}]
+    answers: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
         if blind:
-            prompt = [{"role": "user", "content": "<image>" * FRAMES + "\n" + row["question"]}]
-            answers.append(loaded.generate(prompt, [grey] * FRAMES, max_new_tokens=8))
+            prompts = [
+                [{"role": "user", "content": "<image>" * FRAMES + "\n" + r["question"]}] for r in chunk
+            ]
+            answers += loaded.generate(prompts, [[grey] * FRAMES] * len(chunk), max_new_tokens=8)
         else:
-            answers.append(
-                loaded.generate(messages, videos=[row["video"]], num_frames=FRAMES, max_new_tokens=8)
-            )
+            prompts = [[{"role": "user", "content": "<video>\n" + r["question"]}] for r in chunk]
+            answers += loaded.generate(prompts, videos=[[r["video"]] for r in chunk], num_frames=FRAMES,
+                                       max_new_tokens=8)  # fmt: skip
     return answers
 
 
