@@ -60,6 +60,26 @@ class TextConfig:
 
 
 @dataclass
+class AudioConfig:
+    """A Whisper-style encoder; the defaults are whisper-tiny's (transformers' WhisperConfig defaults)."""
+
+    n_mels: int = 80  # mel bins per frame (80; 128 from large-v3 on)
+    width: int = 384
+    layers: int = 4
+    heads: int = 6
+    mlp_dim: int = 1536
+    max_frames: int = 1500  # positions after the stride-2 conv: 30 s of audio at 100 mel frames/s -> 1500
+    act: str = "gelu"
+    eps: float = 1e-5  # Whisper's LayerNorms use PyTorch's default eps
+    version: int = CONFIG_VERSION
+
+    @property
+    def input_frames(self) -> int:
+        """Return the mel frames one input holds (2 · max_frames: the second conv has stride 2)."""
+        return 2 * self.max_frames
+
+
+@dataclass
 class DualEncoderConfig:
     """A CLIP- or SigLIP-style dual encoder: two towers, a learned logit scale and, for SigLIP, a logit bias."""
 
@@ -94,7 +114,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     kwargs = {}
     for name in names & set(data):
         value, hint = data[name], hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = config_from_dict(hint, value)
+        nested = [h for h in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(h)]
+        if len(nested) == 1 and isinstance(value, dict):  # `Config` or `Config | None`
+            value = config_from_dict(nested[0], value)
         kwargs[name] = value
     return cls(**kwargs)
