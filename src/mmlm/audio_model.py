@@ -24,6 +24,7 @@ from mmlm.checkpoints.safetensors_io import read_weights, write_weights
 from mmlm.config import config_from_dict
 from mmlm.encoders.audio import AudioConfig, AudioEncoder, check_features
 from mmlm.errors import InputError
+from mmlm.processing.audio import audio_features
 
 MMLM_ARCHITECTURE = "audio_encoder"
 # one clip: a path, encoded bytes or 1-D samples at the preprocessor's rate
@@ -38,6 +39,26 @@ def whisper_preprocessor(cfg: AudioConfig) -> dict[str, Any]:
         hop_length=160, n_fft=400, chunk_length=cfg.input_frames // 100, n_samples=cfg.input_frames * 160,
         nb_max_frames=cfg.input_frames, padding_value=0.0, return_attention_mask=False,
     )  # fmt: skip
+
+
+def audio_batch_features(
+    audio: AudioInput, cfg: AudioConfig, preprocessor: dict[str, Any], sampling_rate: int | None = None
+) -> torch.Tensor:
+    """Return log-mel features [B, n_mels, 2·max_frames] of clips (paths, bytes, 1-D sample arrays, or a list)."""
+    clips = list(audio) if isinstance(audio, list | tuple) else [audio]
+    if not clips or not all(isinstance(c, str | os.PathLike | bytes | bytearray | np.ndarray) or
+                            (isinstance(c, torch.Tensor) and c.dim() == 1) for c in clips):  # fmt: skip
+        raise InputError(
+            f"audio: expected clips (paths, bytes, 1-D sample arrays, or a list of them) or log-mel features "
+            f"[batch, {cfg.n_mels} mels, {cfg.input_frames} frames]; got {type(audio).__name__}"
+        )
+    rate = preprocessor.get("sampling_rate", 16000)
+    options = dict(sampling_rate=rate, source_sampling_rate=sampling_rate,
+                   n_fft=preprocessor.get("n_fft", 400), hop_length=preprocessor.get("hop_length", 160))  # fmt: skip
+    return torch.cat([
+        audio_features(c.numpy() if isinstance(c, torch.Tensor) else c, cfg.n_mels, cfg.input_frames, **options)
+        for c in clips
+    ])  # fmt: skip
 
 
 class AudioModel:
@@ -63,45 +84,26 @@ class AudioModel:
         return self.model.conv1.weight.dtype
 
     @torch.inference_mode()
-    def encode_audio(self, audio_or_features: AudioInput, batch_size: int = 16) -> torch.Tensor:
+    def encode_audio(
+        self, audio_or_features: AudioInput, sampling_rate: int | None = None, batch_size: int = 16
+    ) -> torch.Tensor:
         """Return encoder states [B, max_frames, D] (fp32, on the model's device) of audio clips or log-mel
-        features [B, n_mels, 2·max_frames] (or one clip's [n_mels, 2·max_frames])."""
-        features = self.features(audio_or_features)
+        features [B, n_mels, 2·max_frames] (or one clip's [n_mels, 2·max_frames]).
+
+        Sample arrays are at `sampling_rate` (default: the preprocessor's, 16 kHz) and are resampled if not.
+        """
+        features = self.features(audio_or_features, sampling_rate)
         check_features(features, self.config)
         x = features.to(self.device, self.dtype)
         return torch.cat([self.model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
-    def features(self, audio_or_features: AudioInput) -> torch.Tensor:
+    def features(self, audio_or_features: AudioInput, sampling_rate: int | None = None) -> torch.Tensor:
         """Return log-mel features [B, n_mels, frames]: computed from audio, or the given features batched."""
         x = audio_or_features
         if isinstance(x, np.ndarray | torch.Tensor) and x.ndim in (2, 3):
             x = torch.as_tensor(x)
             return x[None] if x.dim() == 2 else x  # one clip: [n_mels, frames] -> [1, n_mels, frames]
-        clips = list(x) if isinstance(x, list | tuple) else [x]
-        if not clips or not all(isinstance(c, str | os.PathLike | bytes | bytearray | np.ndarray) or
-                                (isinstance(c, torch.Tensor) and c.dim() == 1) for c in clips):  # fmt: skip
-            raise InputError(
-                f"encode_audio expects audio (paths, bytes, 1-D sample arrays, or a list of them) or log-mel "
-                f"features [batch, {self.config.n_mels} mels, {self.config.input_frames} frames]; got "
-                f"{type(x).__name__}"
-            )
-        return torch.cat([self._log_mel(c) for c in clips])
-
-    def _log_mel(self, clip: AudioSource) -> torch.Tensor:
-        from mmlm.processing.audio import load_audio, log_mel_spectrogram
-
-        rate, hop = self.preprocessor.get("sampling_rate", 16000), self.preprocessor.get("hop_length", 160)
-        samples = load_audio(clip.numpy() if isinstance(clip, torch.Tensor) else clip, rate)
-        window = self.config.input_frames * hop
-        if len(samples) > window:  # Whisper would cut it; say so rather than drop audio unseen
-            raise InputError(
-                f"audio clip lasts {len(samples) / rate:.1f} s, longer than the encoder's {window / rate:g} s "
-                "window; split it first (mmlm.processing.audio.chunk_audio)"
-            )
-        n_fft = self.preprocessor.get("n_fft", 400)
-        return log_mel_spectrogram(
-            samples, self.config.n_mels, window, n_fft=n_fft, hop_length=hop, sampling_rate=rate
-        )
+        return audio_batch_features(x, self.config, self.preprocessor, sampling_rate)
 
     def save_pretrained(self, folder: str | Path, format: str = "mmlm") -> Path:
         """Write the encoder to `folder` in mmlm's format (config.json, model.safetensors, preprocessor_config.json)."""

@@ -336,3 +336,30 @@ class WhisperFeatures:
             hop_length=self.hop_length,
             sampling_rate=self.sampling_rate,
         )
+
+
+def audio_features(
+    source: AudioSource,
+    n_mels: int,
+    n_frames: int,
+    *,
+    sampling_rate: int = SAMPLING_RATE,
+    source_sampling_rate: int | None = None,
+    n_fft: int = N_FFT,
+    hop_length: int = HOP_LENGTH,
+) -> torch.Tensor:
+    """Return one clip's log-mel features [1, n_mels, n_frames], padded to the encoder's window.
+
+    A clip longer than the window (n_frames · hop_length samples) is refused, never cut: Whisper would drop the
+    rest unseen. Split long audio with `chunk_audio` first.
+    """
+    samples = load_audio(source, sampling_rate, source_sampling_rate=source_sampling_rate)
+    window = n_frames * hop_length
+    if len(samples) > window:
+        raise InputError(
+            f"{_name(source)}: audio lasts {len(samples) / sampling_rate:.1f} s, longer than the encoder's "
+            f"{window / sampling_rate:g} s window; split it first (mmlm.processing.audio.chunk_audio)"
+        )
+    return log_mel_spectrogram(
+        samples, n_mels, window, n_fft=n_fft, hop_length=hop_length, sampling_rate=sampling_rate
+    )
