@@ -4,13 +4,18 @@ The script writes a 256×256 H.264 MP4 of shapes-world "move" clips (libx264, yu
 folder, then times:
 
 - decode: `read_video(path, fps=30)`, every frame decoded and converted to an RGB PIL image;
-- sparse decode: `read_video(path, num_frames=16)`, which still decodes every frame (no seeking) but converts 16;
+- sparse decode: `read_video(path, num_frames=16)`, which still decodes every frame (its sampled times are
+  under 2 s apart, so it does not seek) but converts 16;
+- long clip: 8 frames uniformly (`num_frames=8`) from a separate --long-seconds clip (128×128, 30 fps, a
+  keyframe every --long-gop frames), decoding every frame up to the last sampled time (`seek=False`) versus
+  seeking to the keyframe before each sampled time; the frames are checked equal;
 - encode: `encode_frames` with a ViT-Ti/16-shaped tower (224 px, width 192, 12 layers, 3 heads), CLIP
   preprocessing of the 256 px frames, batch 32.
 
 Each figure is the median over rounds after one untimed round.
 
     .venv/bin/python benchmarks/bench_video.py [--frames 300] [--encode-frames 64] [--rounds 3] [--threads N]
+        [--long-seconds 90] [--long-gop 60]
 """
 
 import argparse
@@ -20,7 +25,9 @@ import tempfile
 from pathlib import Path
 
 import av
+import numpy as np
 import torch
+from PIL import Image
 from timing import median_seconds
 
 from mmlm.config import VisionConfig
@@ -34,12 +41,30 @@ VIT_TINY = VisionConfig(
 )
 
 
+def _long_frames(count: int) -> list[Image.Image]:
+    # a square that crosses the frame every 2 s over a slowly shifting gradient: every frame differs, as in
+    # real footage, so P-frames carry data and decoding each one costs something
+    ramp = np.linspace(0, 255, 128, dtype=np.float32)
+    frames = []
+    for i in range(count):
+        pixels = np.empty((128, 128, 3), np.uint8)
+        pixels[..., 0] = (ramp[None, :] + 2 * i) % 256
+        pixels[..., 1] = (ramp[:, None] + i) % 256
+        pixels[..., 2] = 64
+        x = int(i * 112 / 60) % 112
+        pixels[40:56, x : x + 16] = 255
+        frames.append(Image.fromarray(pixels))
+    return frames
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=300, help="frames in the test MP4 (30 fps)")
     parser.add_argument("--encode-frames", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--long-seconds", type=int, default=90, help="length of the long clip (30 fps)")
+    parser.add_argument("--long-gop", type=int, default=60, help="frames between the long clip's keyframes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,6 +80,15 @@ def main() -> None:
         size = path.stat().st_size
         decode_s = median_seconds(lambda: read_video(path, fps=30, max_frames=args.frames), args.rounds)
         sparse_s = median_seconds(lambda: read_video(path, num_frames=16), args.rounds)
+        long_path = write_video(
+            _long_frames(args.long_seconds * 30), Path(folder) / "long.mp4", 30, args.long_gop
+        )
+        long_size = long_path.stat().st_size
+        sequential = read_video(long_path, num_frames=8, seek=False)
+        seeking = read_video(long_path, num_frames=8)
+        assert [f.tobytes() for f in sequential.frames] == [f.tobytes() for f in seeking.frames]
+        sequential_s = median_seconds(lambda: read_video(long_path, num_frames=8, seek=False), args.rounds)
+        seek_s = median_seconds(lambda: read_video(long_path, num_frames=8), args.rounds)
 
     torch.manual_seed(0)
     vision = VisionTransformer(VIT_TINY).eval()
@@ -74,6 +108,16 @@ def main() -> None:
                 },
                 "decode_frames_per_s": round(args.frames / decode_s, 1),
                 "sparse_decode_frames_per_s": round(args.frames / sparse_s, 1),  # all decoded, 16 kept
+                "long_video": {
+                    "seconds": args.long_seconds,
+                    "size": "128x128",
+                    "fps": 30,
+                    "keyframe_every": args.long_gop,
+                    "bytes": long_size,
+                },
+                "long_8_frames_sequential_ms": round(1000 * sequential_s, 1),
+                "long_8_frames_seeking_ms": round(1000 * seek_s, 1),
+                "long_seeking_speedup": round(sequential_s / seek_s, 1),
                 "encode_frames_per_s": round(len(to_encode) / encode_s, 1),
                 "encoder": "ViT-Ti/16 shape, 224 px, random weights, fp32, batch 32",
                 "threads": torch.get_num_threads(),

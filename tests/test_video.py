@@ -1,6 +1,7 @@
 """Video input: frame sampling in time against a file of known frames, shapes-world clips, frame encoding."""
 
 import wave
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mmlm.processing.video as video_module
 from mmlm.config import VisionConfig
 from mmlm.data.scene import COLORS
 from mmlm.data.shapes import BACKGROUND
@@ -230,3 +232,136 @@ def test_sampling_arguments_are_checked(bar_video) -> None:
         read_video(bar_video, fps=0)
     with pytest.raises(InputError, match="num_frames=0"):
         read_video(bar_video, num_frames=0)
+
+
+# ---- long videos: duration cap, seeking ----
+
+BITS, LONG_FRAMES, GOP = 8, 96, 8  # 12 s at 8 fps, a keyframe every second
+
+
+def _binary_frames(count: int) -> list[Image.Image]:
+    # frame i: 8 blocks of 8 px, block b white when bit b of i is set, so its index is readable after coding
+    frames = []
+    for i in range(count):
+        pixels = np.zeros((16, 8 * BITS, 3), np.uint8)
+        for b in range(BITS):
+            pixels[:, 8 * b : 8 * (b + 1)] = 255 * ((i >> b) & 1)
+        frames.append(Image.fromarray(pixels))
+    return frames
+
+
+def _binary_index(image: Image.Image) -> int:
+    blocks = np.asarray(image.convert("L"), np.float32).reshape(16, BITS, 8).mean((0, 2))
+    return sum(1 << b for b in range(BITS) if blocks[b] > 128)
+
+
+@pytest.fixture(scope="module")
+def gop_video(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("video") / "gop8.mp4"
+    return str(write_video(_binary_frames(LONG_FRAMES), path, FPS, keyframe_interval=GOP))
+
+
+def _count_seeks(monkeypatch) -> list[float]:
+    seeks: list[float] = []
+    real = video_module._seek
+
+    def counting(container, stream, time):
+        seeks.append(time)
+        real(container, stream, time)
+
+    monkeypatch.setattr(video_module, "_seek", counting)
+    return seeks
+
+
+def test_the_gop_clip_has_a_keyframe_every_second(gop_video) -> None:
+    with av.open(gop_video) as container:
+        keys = [p.pts * p.time_base for p in container.demux(video=0) if p.is_keyframe and p.pts is not None]
+    assert sorted(keys) == [k for k in range(LONG_FRAMES // FPS)]
+
+
+@pytest.mark.parametrize(
+    "sampling", [{"fps": 0.3}, {"fps": 0.25, "max_frames": 2}, {"num_frames": 3}, {"num_frames": 5}]
+)
+def test_seeking_returns_the_sequential_frames_bit_for_bit(gop_video, sampling, monkeypatch) -> None:
+    sequential = read_video(gop_video, seek=False, **sampling)
+    seeks = _count_seeks(monkeypatch)
+    seeked = read_video(gop_video, **sampling)
+    assert seeks  # the sampled times are > 2 s apart, so the reader jumped
+    assert seeked.timestamps == sequential.timestamps
+    assert [f.tobytes() for f in seeked.frames] == [f.tobytes() for f in sequential.frames]
+    # and both are the frame on screen at t: index floor(t · source fps)
+    assert [_binary_index(f) for f in seeked.frames] == [
+        int(np.floor(t * FPS + 1e-9)) for t in seeked.timestamps
+    ]
+
+
+def test_close_sampling_times_decode_forward_without_seeking(gop_video, monkeypatch) -> None:
+    seeks = _count_seeks(monkeypatch)
+    video = read_video(gop_video, fps=1)  # 1 s apart: under SEEK_GAP_SECONDS
+    assert seeks == [] and [_binary_index(f) for f in video.frames] == [8 * k for k in range(12)]
+
+
+def test_a_clip_with_one_keyframe_is_seeked_into_once(tmp_path, monkeypatch) -> None:
+    path = write_video(_binary_frames(LONG_FRAMES), tmp_path / "one_gop.mp4", FPS)  # libx264's GOP is 250
+    seeks = _count_seeks(monkeypatch)
+    video = read_video(path, num_frames=4)  # 1.5, 4.5, 7.5, 10.5 s
+    # the seek for 4.5 s lands on frame 0, already decoded: the later gaps are decoded forward instead
+    assert len(seeks) == 1
+    assert [_binary_index(f) for f in video.frames] == [12, 36, 60, 84]
+
+
+def test_a_failed_seek_falls_back_to_sequential_decoding(gop_video, monkeypatch) -> None:
+    def cannot_seek(container, stream, time):
+        raise video_module._CannotSeek
+
+    monkeypatch.setattr(video_module, "_seek", cannot_seek)
+    video = read_video(gop_video, num_frames=3)
+    assert [_binary_index(f) for f in video.frames] == [16, 48, 80]
+
+
+def test_bytes_input_seeks_like_the_path(gop_video) -> None:
+    with open(gop_video, "rb") as file:
+        from_bytes = read_video(file.read(), num_frames=5)
+    from_path = read_video(gop_video, num_frames=5)
+    assert [f.tobytes() for f in from_bytes.frames] == [f.tobytes() for f in from_path.frames]
+
+
+@pytest.fixture(scope="module")
+def two_hour_video(tmp_path_factory) -> Path:
+    # two 16×16 frames one hour apart: a 1.5 kB file whose header says 7200 s
+    path = tmp_path_factory.mktemp("video") / "two_hours.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(1, 3600))
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for i in range(2):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 200 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_an_enormous_duration_is_refused_before_decoding(two_hour_video, monkeypatch) -> None:
+    def no_decoding(*args):
+        raise AssertionError("decoded a frame of a video over the cap")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(video_module, "_decode_with_seeks", no_decoding)
+        patch.setattr(video_module, "_decode_sequentially", no_decoding)
+        with pytest.raises(
+            InputError, match=r"two_hours.mp4: lasts 7200.0 s, over the max_seconds=3600 s cap"
+        ) as error:
+            read_video(two_hour_video, num_frames=8)
+    assert "\n" not in str(error.value) and "pass a larger max_seconds" in str(error.value)
+    video = read_video(two_hour_video, num_frames=2, max_seconds=None)  # 1800 s and 5400 s
+    assert video.duration == pytest.approx(7200)
+    assert [int(np.asarray(f).mean() > 100) for f in video.frames] == [0, 1]
+
+
+def test_a_small_cap_refuses_an_ordinary_clip(bar_video) -> None:
+    with pytest.raises(InputError, match=r"bars.mp4: lasts 2.0 s, over the max_seconds=1.5 s cap") as error:
+        read_video(bar_video, fps=1, max_seconds=1.5)
+    assert "\n" not in str(error.value)
+    assert len(read_video(bar_video, fps=1, max_seconds=2.0).frames) == 2  # at the cap is allowed
+    with pytest.raises(InputError, match="max_seconds=0"):
+        read_video(bar_video, fps=1, max_seconds=0)

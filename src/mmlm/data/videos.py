@@ -117,8 +117,13 @@ def make_video(kind: str, seed: int, frames: int = 16, size: int = 64, fps: floa
     return VideoSample([render(scene, size) for scene in scenes], caption, question, answer)
 
 
-def write_video(frames: list[Image.Image], path: str | os.PathLike, fps: float) -> Path:
-    """Write `frames` to `path` as MP4 (H.264) or WebM (VP9), by its suffix, in yuv420p; return the path."""
+def write_video(
+    frames: list[Image.Image], path: str | os.PathLike, fps: float, keyframe_interval: int | None = None
+) -> Path:
+    """Write `frames` to `path` as MP4 (H.264) or WebM (VP9), by its suffix, in yuv420p; return the path.
+
+    `keyframe_interval` caps the frames between keyframes (the encoder's GOP size, its own default if None).
+    """
     path = Path(path)
     if path.suffix not in _CODECS:
         raise InputError(f"{path}: got suffix {path.suffix!r}; expected one of {sorted(_CODECS)}")
@@ -133,7 +138,8 @@ def write_video(frames: list[Image.Image], path: str | os.PathLike, fps: float) 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = options
+        # a short GOP makes a clip that seeking can jump into (long videos are usually cut every 1-10 s)
+        stream.options = options if keyframe_interval is None else {**options, "g": str(keyframe_interval)}
         for image in frames:
             frame = av.VideoFrame.from_image(image.convert("RGB"))
             container.mux(stream.encode(frame))

@@ -8,13 +8,24 @@ raises `InputError`. Two sampling rules, as video LMs use them:
   (the TSN / Video-LLaVA rule), so the first and last frames are never both edge frames.
 
 At most `max_frames` frames come back; past that cap the frames are spread over the whole video, never the
-first `max_frames` only. `encode_frames` then turns frames into [T, N, D] tokens (PerceiverResampler's
+first `max_frames` only. A video longer than `max_seconds` (an hour by default) is refused from its header,
+before any frame is decoded.
+
+Decoding goes forward from the start, except that a sampling time more than `SEEK_GAP_SECONDS` (2 s) past the
+last decoded frame is reached by seeking to the keyframe before it and decoding forward from there, so a few
+frames of a long video cost a few GOPs, not the whole file. If a seek lands on a keyframe already passed
+(keyframes farther apart than the gap), later gaps up to that size are decoded forward instead. The frame
+for time t is the same either way, bit for bit; a source that cannot seek, or whose index lands past t, is
+decoded sequentially. `seek=False` forces sequential decoding.
+
+`encode_frames` then turns frames into [T, N, D] tokens (PerceiverResampler's
 per-frame input) and `temporal_pool` averages groups of consecutive frames.
 """
 
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +41,10 @@ from mmlm.processing.image import ImageProcessor
 VideoSource = str | os.PathLike | bytes | bytearray
 
 _TIME_TOLERANCE = 1e-6  # seconds; a frame stamped at t + tolerance still counts as shown at t
+# Seek to a sampling time that lies more than this past the last decoded frame; decode up to nearer ones.
+# 2 s is about where a seek plus decoding from the keyframe before the target (GOPs of 1-10 s are common)
+# starts to cost less than decoding every frame of the gap.
+SEEK_GAP_SECONDS = 2.0
 
 
 @dataclass
@@ -55,9 +70,18 @@ def sample_times(duration: float, fps: float | None, num_frames: int | None, max
 
 
 def read_video(
-    source: VideoSource, fps: float | None = None, num_frames: int | None = None, max_frames: int = 64
+    source: VideoSource,
+    fps: float | None = None,
+    num_frames: int | None = None,
+    max_frames: int = 64,
+    max_seconds: float | None = 3600.0,
+    seek: bool = True,
 ) -> VideoFrames:
-    """Return frames of the video at `source` sampled at `fps` per second or as `num_frames` segment centres."""
+    """Return frames of the video at `source` sampled at `fps` per second or as `num_frames` segment centres.
+
+    Refuses a video longer than `max_seconds` (None: no cap); `seek=False` decodes every frame up to the last
+    sampled time instead of seeking over long gaps.
+    """
     name = "<bytes>" if isinstance(source, bytes | bytearray) else str(source)
     if (fps is None) == (num_frames is None):
         raise InputError(f"{name}: got fps={fps} and num_frames={num_frames}; expected exactly one of them")
@@ -67,24 +91,37 @@ def read_video(
         raise InputError(f"{name}: got num_frames={num_frames}; expected at least 1")
     if max_frames < 1:
         raise InputError(f"{name}: got max_frames={max_frames}; expected at least 1")
+    if max_seconds is not None and not max_seconds > 0:
+        raise InputError(f"{name}: got max_seconds={max_seconds}; expected a positive duration or None")
     if isinstance(source, bytes | bytearray):
         if not source:
             raise InputError("<bytes>: got 0 bytes; expected an encoded video (MP4, WebM, ...)")
-        stream_or_path: str | io.BytesIO = io.BytesIO(source)
     else:
         path = Path(source)
         if not path.is_file():
             raise InputError(f"{path}: file not found; expected a video file")
         if path.stat().st_size == 0:
             raise InputError(f"{path}: file is empty (0 bytes); expected a video file")
-        stream_or_path = str(path)
     try:
-        with av.open(stream_or_path) as container:
-            return _read(container, name, fps, num_frames, max_frames)
+        try:
+            with av.open(_openable(source)) as container:
+                return _read(container, name, fps, num_frames, max_frames, max_seconds, seek)
+        except _CannotSeek:
+            # an index that misleads the seek, or a format that cannot seek: decode from the start instead
+            with av.open(_openable(source)) as container:
+                return _read(container, name, fps, num_frames, max_frames, max_seconds, seek=False)
     except av.error.FFmpegError as error:
         raise InputError(
             f"{name}: not a readable video ({error}); expected a video file (MP4, WebM, ...)"
         ) from error
+
+
+def _openable(source: VideoSource) -> str | io.BytesIO:
+    return io.BytesIO(source) if isinstance(source, bytes | bytearray) else str(source)
+
+
+class _CannotSeek(Exception):
+    """Seeking did not land on a keyframe at or before the target; the caller decodes sequentially instead."""
 
 
 def _read(
@@ -93,6 +130,8 @@ def _read(
     fps: float | None,
     num_frames: int | None,
     max_frames: int,
+    max_seconds: float | None,
+    seek: bool,
 ) -> VideoFrames:
     if not container.streams.video:
         raise InputError(f"{name}: has no video stream (audio or data only); expected a video file")
@@ -102,8 +141,30 @@ def _read(
     source_fps = float(stream.average_rate or stream.guessed_rate or 0)
     if duration is None or duration <= 0:
         raise InputError(f"{name}: has a video stream with no frames; expected at least one frame")
+    if max_seconds is not None and duration > max_seconds:
+        # checked before any frame is decoded: an enormous duration must not cost its decoding time
+        raise InputError(
+            f"{name}: lasts {duration:.1f} s, over the max_seconds={max_seconds:g} s cap; "
+            "pass a larger max_seconds (or None) to read it"
+        )
     times = sample_times(duration, fps, num_frames, max_frames)
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    if seek:
+        frames = _decode_with_seeks(container, stream, times, start)
+    else:
+        frames = _decode_sequentially(container, stream, times, start, source_fps)
+    if not frames:
+        raise InputError(f"{name}: has a video stream with no decodable frames; expected at least one frame")
+    return VideoFrames(frames, times, duration, source_fps)
+
+
+def _decode_sequentially(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    times: list[float],
+    start: float,
+    source_fps: float,
+) -> list[Image.Image]:
     frames: list[Image.Image] = []
     previous: tuple[float, av.VideoFrame] | None = None
     shown: Image.Image | None = None  # `previous` as RGB, converted once however many times pick it
@@ -120,11 +181,71 @@ def _read(
             break
         previous, shown = (time, frame), None
     if previous is None and not frames:
-        raise InputError(f"{name}: has a video stream with no decodable frames; expected at least one frame")
+        return []
     if previous is not None:
         last = shown or previous[1].to_image()
         frames += [last] * (len(times) - len(frames))
-    return VideoFrames(frames, times, duration, source_fps)
+    return frames
+
+
+def _seek(container: av.container.InputContainer, stream: av.VideoStream, time: float) -> None:
+    """Move the demuxer to the keyframe at or before `time` (seconds from the stream's first frame)."""
+    offset = math.floor(time / stream.time_base)
+    try:
+        container.seek(offset, stream=stream, backward=True, any_frame=False)
+    except av.error.FFmpegError as error:
+        raise _CannotSeek from error
+
+
+def _decode_with_seeks(
+    container: av.container.InputContainer, stream: av.VideoStream, times: list[float], start: float
+) -> list[Image.Image]:
+    # Decode forward to each target, but jump (seek to the keyframe before it) when it lies more than
+    # SEEK_GAP_SECONDS past the last decoded frame. The picking rule is the sequential one, so every target
+    # gets the same frame as `_decode_sequentially`; only the frames between targets are skipped.
+    def run(after_seek: bool) -> Iterator[tuple[float, av.VideoFrame]]:
+        started = not after_seek
+        for frame in container.decode(stream):
+            if frame.time is None:
+                raise _CannotSeek  # no timestamps: only the sequential path's frame count can time frames
+            # frames out before the first keyframe after a seek (open-GOP leading frames) may be damaged
+            started = started or frame.key_frame
+            if started:
+                yield frame.time - start, frame
+
+    frames: list[Image.Image] = []
+    decoded: Iterator[tuple[float, av.VideoFrame]] | None = None
+    previous: tuple[float, av.VideoFrame] | None = None  # the last decoded frame at or before the target
+    ahead: tuple[float, av.VideoFrame] | None = None  # a decoded frame past the target, for the next one
+    converted: tuple[av.VideoFrame | None, Image.Image | None] = (None, None)
+    forward_within = SEEK_GAP_SECONDS
+    for target in times:
+        position = (ahead or previous or (0.0, None))[0]
+        if decoded is None and target <= forward_within:
+            decoded = run(after_seek=False)  # from the start, as the sequential path
+        elif decoded is None or target - position > forward_within:
+            _seek(container, stream, target + start)
+            decoded, previous, ahead = run(after_seek=True), None, None
+            ahead = next(decoded, None)
+            if ahead is None or ahead[0] > target + _TIME_TOLERANCE:
+                raise _CannotSeek  # landed past the target (or the end): the index cannot be trusted
+            if ahead[0] <= position:
+                # the keyframe before the target was one already passed: keyframes lie farther apart than
+                # the gap, so decode forward over gaps up to this size rather than re-decode a GOP each time
+                forward_within = max(forward_within, target - ahead[0])
+        while True:
+            ahead = ahead or next(decoded, None)
+            if ahead is None or ahead[0] > target + _TIME_TOLERANCE:
+                break
+            previous, ahead = ahead, None
+        # the frame on screen at the target; the first frame if none started by then
+        shown = previous or ahead
+        if shown is None:
+            return frames
+        if converted[0] is not shown[1]:
+            converted = (shown[1], shown[1].to_image())
+        frames.append(converted[1])
+    return frames
 
 
 def _duration(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
