@@ -1,4 +1,4 @@
-"""`mmlm chat`: ask a vision-language model about an image, once or as a multi-turn conversation, streamed."""
+"""`mmlm chat`: ask a multimodal LM about images, videos or audio clips, once or as a conversation, streamed."""
 
 import argparse
 import sys
@@ -7,9 +7,9 @@ from typing import Any
 from mmlm.errors import InputError
 
 
-def user_turn(text: str, images: int, videos: int = 0) -> dict[str, Any]:
-    """Return a user message with `images` image parts, then `videos` video parts, before its text."""
-    parts = [{"type": "image"}] * images + [{"type": "video"}] * videos
+def user_turn(text: str, images: int, videos: int = 0, audio: int = 0) -> dict[str, Any]:
+    """Return a user message with `images` image parts, `videos` video parts and `audio` audio parts, then text."""
+    parts = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "audio"}] * audio
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
@@ -23,12 +23,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
     model = _load(args)
     if not isinstance(model, GenerativeModel):
         raise InputError(f"{args.model} is not a vision-language model (got a {type(model).__name__})")
-    images, videos = list(args.image or []), list(args.video or [])
+    images, videos, audio = list(args.image or []), list(args.video or []), list(args.audio or [])
+    if audio and not model.model.audio_tokens:
+        raise InputError(f"--audio: {args.model} has no audio tower; it reads images and videos only")
     messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                   videos=videos, num_frames=args.frames)  # fmt: skip
+                   videos=videos, num_frames=args.frames, audio=audio or None)  # fmt: skip
+    media = (len(images), len(videos), len(audio))
     if args.question:
-        messages.append(user_turn(args.question, len(images), len(videos)))
+        messages.append(user_turn(args.question, *media))
         for piece in model.stream(messages, images, **options):
             print(piece, end="", flush=True)
         print()
@@ -42,7 +45,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if not text:
             break
-        messages.append(user_turn(text, len(images) if first else 0, len(videos) if first else 0))
+        messages.append(user_turn(text, *(media if first else (0, 0, 0))))
         first = False
         print("model> ", end="", flush=True)
         answer = ""
@@ -66,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--video", action="append", help="a video file (repeatable; its frames go in the first turn)"
     )
     p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from each video")
+    p.add_argument(
+        "--audio", action="append", help="an audio file (repeatable; a model with an audio tower; first turn)"
+    )
     p.add_argument("--system", help="a system prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

@@ -1,8 +1,9 @@
 """A loaded vision-language model: VisionLanguageModel + VLMProcessor, with `generate`, `stream`, `chat` and
 `save_pretrained`; and reading/writing such folders (transformers LLaVA, or mmlm's own format).
 
-A str prompt is used as written, with `<image>` where each image goes; a list of chat messages gets the
-checkpoint's chat template (or the built-in LLaVA v1 / ChatML one) with the generation prompt appended.
+A str prompt is used as written, with `<image>` where each image goes (`<audio>` each audio clip, `<video>` each
+video); a list of chat messages gets the checkpoint's chat template (or the built-in LLaVA v1 / ChatML one) with
+the generation prompt appended.
 """
 
 import dataclasses
@@ -11,8 +12,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from mmlm.audio_model import whisper_preprocessor
 from mmlm.causal_lm import generation_eos_ids
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_llava import (
@@ -56,6 +59,13 @@ class GenerativeModel:
                 f"the processor reserves {processor.tokens_per_tile} tokens per image, the model makes "
                 f"{model.image_tokens}"
             )
+        if processor.tokens_per_audio != model.audio_tokens or (
+            model.audio_tokens and processor.audio_token_id != model.cfg.audio_token_id
+        ):
+            raise InputError(
+                f"the processor reserves {processor.tokens_per_audio} tokens per audio clip (id "
+                f"{processor.audio_token_id}), the model makes {model.audio_tokens} (id {model.cfg.audio_token_id})"
+            )
         self.model = model
         self.processor = processor
         self.source_format = source_format
@@ -86,11 +96,13 @@ class GenerativeModel:
             ids = [i for i in ids if i < self.model.code_offset]
         return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str):
+    def _prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str,
+                 audio: list[list[Any]] | None = None, sampling_rate: int | None = None):  # fmt: skip
         settings.check()
         if cache not in ("static", "dynamic"):
             raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
-        batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left")
+        batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left", audio=audio,
+                               sampling_rate=sampling_rate)  # fmt: skip
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         room = self.config.lm.max_positions - ids.shape[1]
         if room <= 0:
@@ -99,10 +111,12 @@ class GenerativeModel:
                 f"{self.config.lm.max_positions}"
             )
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
-        pixels = batch["pixel_values"]
+        pixels, sound = batch["pixel_values"], batch["audio_features"]
         with torch.inference_mode():
             embeds, media = self.model.prepare(
-                ids, None if pixels is None else pixels.to(self.device, self.dtype)
+                ids,
+                None if pixels is None else pixels.to(self.device, self.dtype),
+                None if sound is None else sound.to(self.device, self.dtype),
             )
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.lm.new_cache(ids.shape[0], length)
@@ -136,6 +150,16 @@ class GenerativeModel:
             return [prompt], None if images is None else [list(images)], True
         return list(prompt), None if images is None else [list(i) for i in images], False
 
+    @staticmethod
+    def _audio_lists(audio, single: bool) -> list[list[Any]] | None:
+        """Return the audio clips as one list per prompt (a bare clip, path or sample array, is one clip)."""
+        if audio is None:
+            return None
+        if isinstance(audio, (str, Path, bytes, np.ndarray)):
+            audio = [audio]
+        return [list(audio)] if single else [[a] if isinstance(a, (str, Path, bytes, np.ndarray)) else list(a)
+                                              for a in audio]  # fmt: skip
+
     def generate(
         self,
         prompt: Prompt | Sequence[Prompt],
@@ -150,18 +174,23 @@ class GenerativeModel:
         videos: Sequence[Any] | None = None,
         num_frames: int = 8,
         video_fps: float | None = None,
+        audio: Sequence[Any] | None = None,
+        sampling_rate: int | None = None,
     ) -> str | list[str]:
         """Return the new text for one prompt and its images, or a list for a batch (a list of image lists).
 
         temperature 0 is greedy; a sequence ends at an end token, before the first `stop` string, after
         max_new_tokens, or when the context is full. Batches are left-padded and decoded together. `videos`
-        fill `<video>` placeholders (or video parts) with `num_frames` frames each, uniform or at `video_fps`.
+        fill `<video>` placeholders (or video parts) with `num_frames` frames each, uniform or at `video_fps`;
+        `audio` clips (paths, bytes, or sample arrays at `sampling_rate`, default 16 kHz) fill `<audio>` ones.
         """
         prompt, images = self._with_videos(prompt, images, videos, num_frames, video_fps)
         prompts, image_lists, single = self._batch(prompt, images)
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, embeds, mask = self._prepare(prompts, image_lists, settings, cache)
+        step, kv, settings, embeds, mask = self._prepare(
+            prompts, image_lists, settings, cache, self._audio_lists(audio, single), sampling_rate
+        )
         texts = generate_texts(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask)
         return texts[0] if single else texts
 
@@ -188,6 +217,8 @@ class GenerativeModel:
         videos: Sequence[Any] | None = None,
         num_frames: int = 8,
         video_fps: float | None = None,
+        audio: Sequence[Any] | None = None,
+        sampling_rate: int | None = None,
     ) -> Iterator[str]:
         """Yield the new text of one prompt in pieces; they join to what `generate` returns."""
         prompt, images = self._with_videos(prompt, images, videos, num_frames, video_fps)
@@ -196,7 +227,9 @@ class GenerativeModel:
             raise InputError("stream: expected one prompt")
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, embeds, mask = self._prepare(prompts, image_lists, settings, "static")
+        step, kv, settings, embeds, mask = self._prepare(
+            prompts, image_lists, settings, "static", self._audio_lists(audio, True), sampling_rate
+        )
         for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask):
             for _, piece in pieces:
                 yield piece
@@ -207,8 +240,13 @@ class GenerativeModel:
 
 
 def _processor(folder: Path, model: VisionLanguageModel, image_processor: ImageProcessor) -> VLMProcessor:
-    max_length = model.cfg.lm.max_positions
-    return VLMProcessor.from_pretrained(folder, image_processor, model.image_tokens, max_length=max_length)
+    cfg = model.cfg
+    audio = {} if cfg.audio is None else dict(
+        tokens_per_audio=model.audio_tokens, audio_config=cfg.audio, audio_preprocessor=whisper_preprocessor(cfg.audio)
+    )  # fmt: skip
+    return VLMProcessor.from_pretrained(
+        folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, **audio
+    )
 
 
 def load_llava(

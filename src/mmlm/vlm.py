@@ -9,6 +9,11 @@ styles differ only in what fills the slots:
                                                    at the end of the LM vocabulary (no connector);
   cross_attention                                  one learned marker per image; the image reaches the LM
                                                    through Flamingo's gated cross-attention blocks instead.
+
+Audio (optional, `cfg.audio`) takes the same road with its own slots: a Whisper-style encoder turns log-mel
+features into frames, `audio_pool` consecutive frames are merged (1500 -> 375 with 4), and an audio connector
+(any of the token-emitting kinds) maps them to LM width, filling the `audio_token_id` slots each `<audio>`
+placeholder became.
 """
 
 from dataclasses import dataclass, field
@@ -17,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlm.config import CONFIG_VERSION, VisionConfig
+from mmlm.config import CONFIG_VERSION, AudioConfig, VisionConfig
 from mmlm.connectors import ConnectorConfig, build_connector
 from mmlm.connectors.flamingo import FlamingoFusion, MediaCache
 from mmlm.connectors.unified import ImageCodebook
+from mmlm.encoders.audio import AudioEncoder, pool_frames
 from mmlm.encoders.token_merging import merged_token_counts
 from mmlm.encoders.vision import VisionTransformer
 from mmlm.errors import InputError
@@ -38,6 +44,11 @@ class VLMConfig:
     image_token_id: int = 32000
     feature_layers: list[int] = field(default_factory=lambda: [-2])  # transformers' vision_feature_layer
     feature_select: str = "default"  # default: drop the first token (CLIP's class token) | full: keep all
+    audio: AudioConfig | None = None  # a Whisper-style audio tower; None: no audio input
+    audio_connector: ConnectorConfig = field(default_factory=ConnectorConfig)  # encoder frames -> LM width
+    audio_pool: int = 4  # consecutive encoder frames merged into one before the audio connector
+    audio_pool_mode: str = "mean"  # mean (average them) | stack (concatenate: D -> audio_pool · D)
+    audio_token_id: int | None = None  # the `<audio>` slot id; required with `audio`
     version: int = CONFIG_VERSION
 
     @property
@@ -51,6 +62,14 @@ class VLMConfig:
                 deepest
             ]
         return tokens - 1 if self.feature_select == "default" else tokens
+
+    @property
+    def audio_frames(self) -> int:
+        """Return the pooled audio-encoder frames per clip that reach the audio connector (0 without audio)."""
+        return 0 if self.audio is None else self.audio.max_frames // self.audio_pool
+
+
+AUDIO_CONNECTORS = ("linear", "mlp", "qformer", "perceiver")  # token-emitting kinds that take any length
 
 
 class VisionLanguageModel(nn.Module):
@@ -69,6 +88,11 @@ class VisionLanguageModel(nn.Module):
         vision_dim = cfg.vision.width * len(cfg.feature_layers)  # several layers are concatenated
         self.connector = build_fusion(cfg, vision_dim)
         self.lm = DecoderLM(cfg.lm)
+        if cfg.audio is not None:
+            check_audio(cfg)
+            self.audio = AudioEncoder(cfg.audio)
+            audio_dim = cfg.audio.width * (cfg.audio_pool if cfg.audio_pool_mode == "stack" else 1)
+            self.audio_connector = build_connector(cfg.audio_connector, audio_dim, cfg.lm.width)
 
     @property
     def kind(self) -> str:
@@ -84,6 +108,18 @@ class VisionLanguageModel(nn.Module):
     def image_tokens(self) -> int:
         """Return the LM tokens one image (or tile) becomes."""
         return self.connector.num_tokens(self.cfg.patches)
+
+    @property
+    def audio_tokens(self) -> int:
+        """Return the LM tokens one audio clip becomes (0 without an audio tower)."""
+        return 0 if self.cfg.audio is None else self.audio_connector.num_tokens(self.cfg.audio_frames)
+
+    def audio_embeddings(self, audio_features: torch.Tensor) -> torch.Tensor:
+        """Return audio tokens in LM width, log-mel [A, n_mels, 2·max_frames] -> [A, audio_tokens, D_lm]."""
+        if self.cfg.audio is None:
+            raise InputError("audio: this model has no audio tower (its config has no `audio`)")
+        frames = self.audio(audio_features)  # [A, max_frames, Da]
+        return self.audio_connector(pool_frames(frames, self.cfg.audio_pool, self.cfg.audio_pool_mode))
 
     def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Return the tower's tokens that reach the connector, [I, 3, H, W] -> [I, N, Dv·layers]."""
@@ -105,17 +141,26 @@ class VisionLanguageModel(nn.Module):
         return self.visual_tokens(self.patch_features(pixel_values))
 
     def prepare(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MediaCache | None]:
-        """Return the LM's input embeddings [B, T, D] with the images in their slots, and (cross-attention
-        fusion only) the media its gated blocks attend to."""
+        """Return the LM's input embeddings [B, T, D] with the images and audio clips in their slots, and
+        (cross-attention fusion only) the media its gated blocks attend to."""
         is_image = input_ids == self.cfg.image_token_id
-        embeds = self.lm.embed(input_ids.masked_fill(is_image, 0))
-        slots = int(is_image.sum())
-        if pixel_values is None or slots == 0:
-            if slots or pixel_values is not None:
+        is_audio = input_ids == self.cfg.audio_token_id if self.cfg.audio_token_id is not None else None
+        slots = is_image if is_audio is None else is_image | is_audio
+        embeds = self.lm.embed(input_ids.masked_fill(slots, 0))
+        if audio_features is not None or (is_audio is not None and bool(is_audio.any())):
+            audio = self.audio_embeddings(audio_features) if audio_features is not None else None
+            embeds = fill_slots(embeds, is_audio, audio, "audio clip", "audio")
+        image_slots = int(is_image.sum())
+        if pixel_values is None or image_slots == 0:
+            if image_slots or pixel_values is not None:
                 raise InputError(
-                    f"{slots} image-token slots but {0 if pixel_values is None else len(pixel_values)} images"
+                    f"{image_slots} image-token slots but "
+                    f"{0 if pixel_values is None else len(pixel_values)} images"
                 )
             media = (
                 self.connector.media(input_ids, self.cfg.image_token_id, None)
@@ -124,13 +169,7 @@ class VisionLanguageModel(nn.Module):
             )
             return embeds, media
         features = self.patch_features(pixel_values)
-        visual = self.visual_tokens(features).to(embeds.dtype)
-        if visual.shape[0] * visual.shape[1] != slots:
-            raise InputError(
-                f"the text holds {slots} image-token slots but {visual.shape[0]} images give "
-                f"{visual.shape[0] * visual.shape[1]} visual tokens ({visual.shape[1]} each)"
-            )
-        embeds = embeds.masked_scatter(is_image[..., None], visual)
+        embeds = fill_slots(embeds, is_image, self.visual_tokens(features), "image", "visual")
         if self.kind != "cross_attention":
             return embeds, None
         return embeds, self.connector.media(input_ids, self.cfg.image_token_id, features)
@@ -164,10 +203,43 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: list[LayerCache] | None = None,
         last_only: bool = False,
+        audio_features: torch.Tensor | None = None,
     ) -> LMOutput:
-        """Return LM logits [B, T, vocab] for ids [B, T] whose image slots are filled from `pixel_values`."""
-        embeds, media = self.prepare(input_ids, pixel_values)
+        """Return LM logits [B, T, vocab] for ids [B, T] whose image slots are filled from `pixel_values` (and
+        audio slots from `audio_features`)."""
+        embeds, media = self.prepare(input_ids, pixel_values, audio_features)
         return self.run_lm(embeds, media, attention_mask, cache, last_only)
+
+
+def fill_slots(
+    embeds: torch.Tensor, is_slot: torch.Tensor | None, tokens: torch.Tensor | None, item: str, kind: str
+) -> torch.Tensor:
+    """Return `embeds` [B, T, D] with `tokens` [I, K, D] written, in order, into the positions `is_slot` marks."""
+    slots = 0 if is_slot is None else int(is_slot.sum())
+    given = 0 if tokens is None else tokens.shape[0] * tokens.shape[1]
+    if slots != given:
+        per = "" if tokens is None else f" ({tokens.shape[1]} each)"
+        count = 0 if tokens is None else tokens.shape[0]
+        raise InputError(
+            f"the text holds {slots} {item}-token slots but {count} {item}(s) give {given} {kind} tokens{per}"
+        )
+    return embeds if tokens is None else embeds.masked_scatter(is_slot[..., None], tokens.to(embeds.dtype))
+
+
+def check_audio(cfg: VLMConfig) -> None:
+    """Raise InputError unless the audio settings of `cfg` describe a buildable audio path."""
+    if cfg.audio_token_id is None:
+        raise InputError("audio_token_id: a model with an audio tower needs the `<audio>` slot id")
+    if cfg.audio_pool_mode not in ("mean", "stack"):
+        raise InputError(f"audio_pool_mode: expected 'mean' or 'stack', got {cfg.audio_pool_mode!r}")
+    if cfg.audio_pool < 1 or cfg.audio.max_frames % cfg.audio_pool:
+        raise InputError(
+            f"audio_pool: {cfg.audio_pool} must divide the encoder's {cfg.audio.max_frames} frames"
+        )
+    if cfg.audio_connector.kind not in AUDIO_CONNECTORS:
+        raise InputError(
+            f"audio_connector.kind: got {cfg.audio_connector.kind!r}; expected one of {list(AUDIO_CONNECTORS)}"
+        )
 
 
 def build_fusion(cfg: VLMConfig, vision_dim: int) -> nn.Module:

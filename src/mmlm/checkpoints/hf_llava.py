@@ -100,7 +100,7 @@ def llava_representable(cfg: VLMConfig) -> str | None:
     clip_like = v.class_token and v.pre_norm and not v.patch_bias and v.stem == "patch" and v.pool == "cls"
     siglip_like = not v.class_token and not v.pre_norm and v.patch_bias and v.stem == "patch"
     connector_ok = cfg.connector.kind == "mlp" and cfg.connector.bias is not False
-    if not ((clip_like or siglip_like) and v.embed_dim is None and connector_ok):
+    if cfg.audio is not None or not ((clip_like or siglip_like) and v.embed_dim is None and connector_ok):
         return None
     return llava_lm_type(cfg)
 

@@ -1,23 +1,24 @@
 """The LLaVA conversations format: read it into chat messages, write it back, and serve it to a VLM processor.
 
 A file is a JSON list, or JSONL with one record per line:
-    {"id": ..., "image": "rel/path.png" | ["a.png", "b.png"] (optional),
+    {"id": ..., "image": "rel/path.png" | ["a.png", "b.png"] (optional), "audio": "clip.wav" | [...] (optional),
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "a cat"}]}
 Image paths are relative to `image_folder` (default: the file's folder). Each `<image>` placeholder in the
-values stands for the next image of the record, so their counts must agree.
+values stands for the next image of the record, so their counts must agree; so does each `<audio>` for the next
+audio clip (paths relative to the same folder).
 """
 
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from mmlm.errors import InputError
-from mmlm.processing.chat import IMAGE_TOKEN, Message
+from mmlm.processing.chat import AUDIO_TOKEN, IMAGE_TOKEN, Message
 from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
 
 # LLaVA / ShareGPT speaker names -> chat roles
@@ -38,6 +39,7 @@ class Conversation:
     messages: list[Message]
     images: list[Path]
     id: str | None = None
+    audio: list[Path] = field(default_factory=list)
 
 
 def _records(path: Path) -> Iterable[tuple[str, Any]]:
@@ -79,16 +81,19 @@ def parse_record(record: Any, where: str, image_folder: Path, image_token: str =
         if not isinstance(turn.get("value"), str):
             raise InputError(f"{where}: conversations[{i}].value: expected a string")
         messages.append({"role": ROLE_OF_SPEAKER[speaker], "content": turn["value"]})
-    images = record.get("image", [])
-    images = [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise InputError(f"{where}: image: expected a relative path or a list of them")
-    placeholders = sum(m["content"].count(image_token) for m in messages)
-    if placeholders != len(images):
-        raise InputError(f"{where}: {len(images)} image(s) but {placeholders} {image_token} placeholder(s)")
+    media = {}
+    for key, token, noun in (("image", image_token, "image(s)"), ("audio", AUDIO_TOKEN, "audio clip(s)")):
+        paths = record.get(key, [])
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+            raise InputError(f"{where}: {key}: expected a relative path or a list of them")
+        placeholders = sum(m["content"].count(token) for m in messages)
+        if placeholders != len(paths):
+            raise InputError(f"{where}: {len(paths)} {noun} but {placeholders} {token} placeholder(s)")
+        media[key] = [image_folder / p for p in paths]
     record_id = record.get("id")
     return Conversation(
-        messages, [image_folder / p for p in images], None if record_id is None else str(record_id)
+        messages, media["image"], None if record_id is None else str(record_id), media["audio"]
     )
 
 
@@ -128,4 +133,4 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> EncodedSample | None:
         """Return conversation `index` tokenised with labels and its images preprocessed, or None if dropped."""
         conversation = self.conversations[index]
-        return self.processor.encode(conversation.messages, conversation.images)
+        return self.processor.encode(conversation.messages, conversation.images, audio=conversation.audio)

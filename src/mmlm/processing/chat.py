@@ -26,8 +26,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mmlm.errors import InputError
 
 IMAGE_TOKEN = "<image>"
+AUDIO_TOKEN = "<audio>"
 ROLES = ("system", "user", "assistant")
-PART_TYPES = ("text", "image")
+PART_TYPES = ("text", "image", "audio")
 # End-of-turn markers of common templates (ChatML, Llama 3, Phi-3, Gemma); the eos token is added per template.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -36,12 +37,15 @@ _SENTINEL = "\ue000\ue001\ue002"
 
 Message = dict[str, Any]
 
-# Each content is a string used as written, or a list of parts; an image part becomes the image token.
+# Each content is a string used as written, or a list of parts; an image (audio) part becomes the image (audio)
+# token.
 _CONTENT_MACRO = (
     "{%- macro render_content(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for part in content -%}"
-    "{%- if part.type == 'image' -%}{{ image_token + '\\n' }}{%- else -%}{{ part.text }}{%- endif -%}"
+    "{%- if part.type == 'image' -%}{{ image_token + '\\n' }}"
+    "{%- elif part.type == 'audio' -%}{{ audio_token + '\\n' }}"
+    "{%- else -%}{{ part.text }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
 )
@@ -215,6 +219,7 @@ class ChatTemplate:
             "documents": None,
             **self.special_tokens,
             "image_token": self.image_token,
+            "audio_token": AUDIO_TOKEN,
             **kwargs,
             "messages": _plain(list(messages)),
             "add_generation_prompt": add_generation_prompt,

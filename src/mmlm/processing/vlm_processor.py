@@ -10,8 +10,11 @@ the model can fill them without a Python loop:
 That works because the image tokens appear in the order of `pixel_values`: sample by sample in the batch,
 image by image in each prompt, and tile by tile (global view first) in each image.
 
+Audio clips work the same way: every `<audio>` (or audio part) becomes `tokens_per_audio` copies of the audio
+token id, and the clip becomes Whisper log-mel features [n_mels, 2·max_frames] in `audio_features`, in order.
+
 Labels are the input ids (not shifted; the model shifts) on assistant answers and their end-of-turn token,
--100 everywhere else. A sample that `max_length` would cut inside its image tokens is dropped, not cut.
+-100 everywhere else. A sample that `max_length` would cut inside its image or audio tokens is dropped, not cut.
 """
 
 import os
@@ -23,9 +26,18 @@ from typing import Any, Literal
 import torch
 from tokenizers import AddedToken, Tokenizer
 
+from mmlm.config import AudioConfig
 from mmlm.errors import InputError
 from mmlm.processing.anyres import DynamicResolution
-from mmlm.processing.chat import IMAGE_TOKEN, ChatTemplate, Message, check_messages, special_tokens_of
+from mmlm.processing.audio import audio_features
+from mmlm.processing.chat import (
+    AUDIO_TOKEN,
+    IMAGE_TOKEN,
+    ChatTemplate,
+    Message,
+    check_messages,
+    special_tokens_of,
+)
 from mmlm.processing.image import ImageProcessor, ImageSource, load_image
 
 IGNORE_INDEX = -100  # labels the loss skips (torch's cross_entropy default ignore_index)
@@ -43,22 +55,24 @@ class EncodedSample:
     image_tiles: list[int] = field(default_factory=list)  # tiles per image, global view included
     image_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) tiled; (0, 0) untiled
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (height, width)
+    audio_features: torch.Tensor | None = None  # [A, n_mels, frames] float32 log-mel; None without audio
 
 
 def add_image_token(tokenizer: Tokenizer, image_token: str = IMAGE_TOKEN) -> int:
-    """Return the id of `image_token`, adding it to `tokenizer` (in place) as a special token if missing."""
+    """Return the id of `image_token` (or any placeholder, e.g. `<audio>`), adding it to `tokenizer` (in place) as
+    a special token if missing."""
     if tokenizer.token_to_id(image_token) is None:
         tokenizer.add_special_tokens([AddedToken(image_token, special=True, normalized=False)])
     return tokenizer.token_to_id(image_token)
 
 
-def images_in(messages: Sequence[Message]) -> list[Any]:
-    """Return the images carried by image parts ({"type": "image", "image" | "path": ...}), in order."""
+def images_in(messages: Sequence[Message], kind: str = "image") -> list[Any]:
+    """Return the media carried by parts of `kind` ({"type": kind, kind | "path": ...}), in order."""
     found = []
     for message in messages:
         content = message["content"]
         for part in content if not isinstance(content, str) else ():
-            source = part.get("image", part.get("path")) if part["type"] == "image" else None
+            source = part.get(kind, part.get("path")) if part["type"] == kind else None
             if source is not None:
                 found.append(source)
     return found
@@ -78,6 +92,9 @@ class VLMProcessor:
         dynamic_resolution: DynamicResolution | None = None,
         max_length: int | None = None,
         special_tokens: Mapping[str, str] | None = None,
+        tokens_per_audio: int = 0,
+        audio_config: AudioConfig | None = None,
+        audio_preprocessor: Mapping[str, Any] | None = None,
     ) -> None:
         if tokens_per_tile < 1:
             raise InputError(f"tokens_per_tile: got {tokens_per_tile}; expected at least 1")
@@ -92,6 +109,15 @@ class VLMProcessor:
             raise InputError(
                 f"image_token: {image_token!r} is not one token of the tokenizer; add it (add_image_token)"
             )
+        self.tokens_per_audio = tokens_per_audio if audio_config is not None else 0
+        self.audio_config = audio_config
+        self.audio_preprocessor = dict(audio_preprocessor or {})
+        self.audio_token_id = tokenizer.token_to_id(AUDIO_TOKEN)
+        if self.tokens_per_audio and (
+            self.audio_token_id is None
+            or tokenizer.encode(AUDIO_TOKEN, add_special_tokens=False).ids != [self.audio_token_id]
+        ):
+            raise InputError(f"{AUDIO_TOKEN!r} is not one token of the tokenizer; add it (add_image_token)")
         self.special_tokens = dict(special_tokens or {})
         self.chat_template = chat_template or self._builtin_template()
         self.dynamic_resolution = dynamic_resolution
@@ -154,13 +180,18 @@ class VLMProcessor:
         *,
         answer: str | None = None,
         add_generation_prompt: bool = False,
+        audio: Sequence[Any] | None = None,
+        sampling_rate: int | None = None,
     ) -> EncodedSample | None:
-        """Return one sample, or None when `max_length` would cut its image tokens or all its answer tokens."""
+        """Return one sample, or None when `max_length` would cut its image or audio tokens or all its answer
+        tokens. `audio` clips (paths, bytes or sample arrays at `sampling_rate`) fill the `<audio>` slots."""
         if not isinstance(prompt, str):
             prompt = check_messages(prompt)
             if images is None:
                 images = images_in(prompt)
-        images = list(images or [])
+            if audio is None:
+                audio = images_in(prompt, "audio")
+        images, audio = list(images or []), list(audio or [])
         text, spans = self.render(prompt, answer, add_generation_prompt)
         # transformers' processors add the tokenizer's specials unless the template already wrote bos.
         add_special = not (self.bos_token and text.startswith(self.bos_token))
@@ -178,21 +209,42 @@ class VLMProcessor:
             raise InputError(
                 f"images: got {len(images)} image(s) for {int(is_image.sum())} {self.image_token} placeholder(s)"
             )
+        if audio and not self.tokens_per_audio:
+            raise InputError(f"audio: this model has no audio tower, so {AUDIO_TOKEN} cannot be filled")
+        is_audio = (
+            ids == self.audio_token_id if self.audio_token_id is not None else torch.zeros_like(is_image)
+        )
+        if int(is_audio.sum()) != len(audio):
+            raise InputError(
+                f"audio: got {len(audio)} clip(s) for {int(is_audio.sum())} {AUDIO_TOKEN} placeholder(s)"
+            )
         pixel_values, tiles, grids, sizes = self._images(images)
-        # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times, in image order
+        # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times, in image order; an
+        # audio placeholder tokens_per_audio times
         repeats = torch.ones_like(ids)
         repeats[is_image] = torch.tensor([n * self.tokens_per_tile for n in tiles], dtype=torch.long)
+        repeats[is_audio] = self.tokens_per_audio
         ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
-        labels[ids == self.image_token_id] = IGNORE_INDEX
+        is_media = ids == self.image_token_id
+        if audio:
+            is_media |= ids == self.audio_token_id
+        labels[is_media] = IGNORE_INDEX
 
         if self.max_length is not None and len(ids) > self.max_length:
-            if bool((ids[self.max_length :] == self.image_token_id).any()):
-                return None  # cutting would leave a part of an image, or an image with no tokens
+            if bool(is_media[self.max_length :].any()):
+                return None  # cutting would leave a part of an image or clip, or one with no tokens
             had_answer = bool((labels != IGNORE_INDEX).any())
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             if had_answer and not bool((labels != IGNORE_INDEX).any()):
                 return None  # nothing left to learn from
-        return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes)
+        features = self._audio(audio, sampling_rate) if audio else None
+        return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes, features)
+
+    def _audio(self, clips: Sequence[Any], sampling_rate: int | None) -> torch.Tensor:
+        cfg, pre = self.audio_config, self.audio_preprocessor
+        options = dict(sampling_rate=pre.get("sampling_rate", 16000), source_sampling_rate=sampling_rate,
+                       n_fft=pre.get("n_fft", 400), hop_length=pre.get("hop_length", 160))  # fmt: skip
+        return torch.cat([audio_features(clip, cfg.n_mels, cfg.input_frames, **options) for clip in clips])
 
     def _images(
         self, images: Sequence[ImageSource]
@@ -220,7 +272,8 @@ class VLMProcessor:
         """Return a padded batch of samples (right for training, left for generation); None samples are counted.
 
         Keys: input_ids, attention_mask, labels [B, L] long; pixel_values [T, 3, H, W] float32 or None;
-        image_tiles [I], image_grid [I, 2], image_sizes [I, 2], images_per_sample [B] long; num_dropped int.
+        image_tiles [I], image_grid [I, 2], image_sizes [I, 2], images_per_sample [B] long; audio_features
+        [A, n_mels, frames] float32 or None, audio_per_sample [B] long; num_dropped int.
         """
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side: got {padding_side!r}; expected 'left' or 'right'")
@@ -242,6 +295,7 @@ class VLMProcessor:
             raise InputError(
                 "pixel_values: tiles differ in size across the batch; use a fixed-size image processor"
             )
+        audio = [s.audio_features for s in kept if s.audio_features is not None]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -255,6 +309,10 @@ class VLMProcessor:
                 -1, 2
             ),
             "images_per_sample": torch.tensor([len(s.image_tiles) for s in kept], dtype=torch.long),
+            "audio_features": torch.cat(audio) if audio else None,
+            "audio_per_sample": torch.tensor(
+                [0 if s.audio_features is None else len(s.audio_features) for s in kept], dtype=torch.long
+            ),
             "num_dropped": len(samples) - len(kept),
         }
 
@@ -265,19 +323,25 @@ class VLMProcessor:
         *,
         add_generation_prompt: bool = True,
         padding_side: PaddingSide = "left",
+        audio: Sequence[Any] | Sequence[Sequence[Any]] | None = None,
+        sampling_rate: int | None = None,
     ) -> dict[str, Any]:
-        """Return a generation batch for one prompt (with its images) or a list of prompts (with a list per prompt)."""
+        """Return a generation batch for one prompt (with its images and audio clips) or a list of prompts (with a
+        list of each per prompt)."""
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], Mapping))
         if single:
-            prompts, images = [prompts], [images] if images is not None else None
-        if images is not None and len(images) != len(prompts):
-            raise InputError(f"images: got {len(images)} image lists for {len(prompts)} prompts")
+            prompts = [prompts]
+            images, audio = [images] if images is not None else None, [audio] if audio is not None else None
+        for what, lists in (("images", images), ("audio", audio)):
+            if lists is not None and len(lists) != len(prompts):
+                raise InputError(f"{what}: got {len(lists)} lists for {len(prompts)} prompts")
         samples = [
-            self.encode(
-                p, images[i] if images is not None else None, add_generation_prompt=add_generation_prompt
-            )
+            self.encode(p, images[i] if images is not None else None, add_generation_prompt=add_generation_prompt,
+                        audio=audio[i] if audio is not None else None, sampling_rate=sampling_rate)
             for i, p in enumerate(prompts)
-        ]
+        ]  # fmt: skip
         if any(s is None for s in samples):
-            raise InputError(f"max_length: a prompt's image tokens do not fit in {self.max_length} tokens")
+            raise InputError(
+                f"max_length: a prompt's image or audio tokens do not fit in {self.max_length} tokens"
+            )
         return self.collate(samples, padding_side)

@@ -103,7 +103,10 @@ def conversation_source(
     if not conversations:
         raise InputError(f"{path}: no conversations")
     return EncodedSource(
-        len(conversations), lambda i: processor.encode(conversations[i].messages, conversations[i].images)
+        len(conversations),
+        lambda i: processor.encode(
+            conversations[i].messages, conversations[i].images, audio=conversations[i].audio
+        ),
     )
 
 
@@ -177,8 +180,8 @@ class MixedBatches:
 
 
 def modality_mask(batch: dict[str, Any]) -> torch.Tensor:
-    """Return a bool [B] that is True for rows with at least one image."""
-    return batch["images_per_sample"] > 0
+    """Return a bool [B] that is True for rows with at least one image or audio clip."""
+    return (batch["images_per_sample"] > 0) | (batch["audio_per_sample"] > 0)
 
 
 def stage_batches(

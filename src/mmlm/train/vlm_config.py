@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmlm.config import VisionConfig, config_from_dict
+from mmlm.config import AudioConfig, VisionConfig, config_from_dict
 from mmlm.connectors import ConnectorConfig
 from mmlm.data.instructions import QUESTION_TYPES
 from mmlm.errors import InputError
 from mmlm.lm import LMConfig
 from mmlm.train.config import OptimConfig, apply_overrides, read_config_file
 
-TRAINABLE_PARTS = ("connector", "lm", "lora")
+TRAINABLE_PARTS = ("connector", "lm", "lora", "audio")  # audio: the audio encoder
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -51,6 +51,12 @@ class VLMParts:
         None  # a folder with tokenizer.json; None without lm_init: train a BPE on the data
     )
     vocab_size: int = 1024  # of a trained BPE
+    # an audio tower (optional): a Whisper folder (transformers or mmlm audio_encoder), or a config to build fresh
+    audio_init: str | None = None
+    audio: AudioConfig | None = None
+    audio_connector: ConnectorConfig = field(default_factory=ConnectorConfig)  # "connector" trains it too
+    audio_pool: int = 4  # encoder frames merged per audio token
+    audio_pool_mode: str = "mean"  # mean | stack
 
 
 @dataclass

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, processors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mmlm.audio_model import AudioModel, whisper_preprocessor
 from mmlm.checkpoints.peft import llama_module_names, save_adapter
 from mmlm.data.instructions import make_instruction
 from mmlm.data.shapes import split_combinations
@@ -32,7 +33,7 @@ from mmlm.eval.vqa import answer_questions, vqa_scores
 from mmlm.generative import GenerativeModel
 from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
 from mmlm.processing.bpe import BOS, train_bpe
-from mmlm.processing.chat import ChatTemplate, special_tokens_of
+from mmlm.processing.chat import AUDIO_TOKEN, ChatTemplate, special_tokens_of
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.vlm_processor import VLMProcessor, add_image_token
 from mmlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -69,6 +70,12 @@ def set_trainable(model: VisionLanguageModel, stage: StageConfig, stage_step: in
     model.requires_grad_(False)
     if "connector" in stage.train:
         model.connector.requires_grad_(True)
+        if model.cfg.audio is not None:
+            model.audio_connector.requires_grad_(True)
+    if "audio" in stage.train:
+        if model.cfg.audio is None:
+            raise InputError("stage trains 'audio', but the model has no audio tower (model.audio)")
+        model.audio.requires_grad_(True)
     if "lm" in stage.train:
         model.lm.requires_grad_(True)
     if "lora" in stage.train:
@@ -146,9 +153,11 @@ class RowLosses(nn.Module):
         labels: torch.Tensor,
         attention_mask: torch.Tensor,
         pixels: torch.Tensor | None,
+        audio_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (summed loss [B], answer tokens [B]) for ids, labels and mask [B, T] and the batch's images."""
-        embeds, media = self.model.prepare(input_ids, pixels)  # [B, T, D]
+        """Return (summed loss [B], answer tokens [B]) for ids, labels and mask [B, T] and the batch's images
+        (and audio clips)."""
+        embeds, media = self.model.prepare(input_ids, pixels, audio_features)  # [B, T, D]
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
@@ -268,7 +277,7 @@ def train_vlm(
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
                 with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                               batch["pixel_values"])  # fmt: skip
+                                               batch["pixel_values"], batch["audio_features"])  # fmt: skip
                 loss = batch_loss(row_loss, row_tokens, cfg.loss_average)
                 (loss / stage.optim.accumulation).backward()
                 interval.add(row_loss.detach(), row_tokens, modality_mask(batch))
@@ -337,6 +346,8 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
     parts = cfg.model
     tokenizer = Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json"))
     image_token_id = add_image_token(tokenizer)  # may lie past the LM's vocabulary: its slots are overwritten
+    with_audio = parts.audio_init is not None or parts.audio is not None
+    audio_token_id = add_image_token(tokenizer, AUDIO_TOKEN) if with_audio else None
     specials = special_tokens_of(tokenizer_folder)
     if parts.vision_init is not None:
         tower = mmlm.load(parts.vision_init)
@@ -360,8 +371,20 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
                          pad_token_id=ids["pad_token"], max_positions=cfg.max_length)  # fmt: skip
     vlm_cfg = VLMConfig(vision_cfg, lm_cfg, parts.connector, image_token_id, list(parts.feature_layers),
                         parts.feature_select)  # fmt: skip
+    audio_tower = None
+    if parts.audio_init is not None or parts.audio is not None:
+        audio_tower = mmlm.load(parts.audio_init) if parts.audio_init is not None else None
+        if audio_tower is not None and not isinstance(audio_tower, AudioModel):
+            raise InputError(
+                f"model.audio_init: {parts.audio_init} is not an audio encoder (a Whisper folder)"
+            )
+        vlm_cfg = replace(vlm_cfg, audio=audio_tower.config if audio_tower is not None else parts.audio,
+                          audio_connector=parts.audio_connector, audio_pool=parts.audio_pool,
+                          audio_pool_mode=parts.audio_pool_mode, audio_token_id=audio_token_id)  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = VisionLanguageModel(vlm_cfg)
+    if audio_tower is not None:
+        model.audio.load_state_dict(audio_tower.model.state_dict())
     if parts.vision_init is not None:
         ours = model.vision.state_dict()
         model.vision.load_state_dict({k: v for k, v in tower.model.visual.state_dict().items() if k in ours})
@@ -372,9 +395,13 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
                 if key in state and state[key].shape != value.shape:
                     state[key] = torch.cat([state[key], value[len(state[key]) :]])
         model.lm.load_state_dict(state)
+    audio = {} if vlm_cfg.audio is None else dict(
+        tokens_per_audio=model.audio_tokens, audio_config=vlm_cfg.audio,
+        audio_preprocessor=audio_tower.preprocessor if audio_tower is not None else whisper_preprocessor(vlm_cfg.audio))  # fmt: skip
     processor = VLMProcessor(tokenizer, image_processor, model.image_tokens,
                              chat_template=ChatTemplate.from_pretrained(tokenizer_folder),
-                             max_length=min(cfg.max_length, lm_cfg.max_positions), special_tokens=specials)  # fmt: skip
+                             max_length=min(cfg.max_length, lm_cfg.max_positions), special_tokens=specials,
+                             **audio)  # fmt: skip
     return model, processor
 
 
