@@ -49,21 +49,31 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_similarity(args: argparse.Namespace) -> None:
-    """Print the probability of each text matching each image."""
-    model = _load(args)
+    """Print the probability of each text matching each image (or each audio clip, for an audio-text model)."""
+    if bool(args.image) == bool(args.audio):
+        raise InputError(
+            "give --image files (an image-text model) or --audio files (an audio-text model), not both"
+        )
     if not args.text:
         raise InputError("give at least one --text")
-    probs = model.similarity(args.image, args.text, args.batch_size)
+    given = "audio" if args.audio else "image"
+    model = _load(args)
+    modality = getattr(model, "modality", None)
+    if modality != given:
+        what = f"an {modality}-text model" if modality else "not a contrastive model"
+        raise InputError(f"--{given} given, but {args.model} is {what}; it scores {modality or 'no'} inputs")
+    inputs = args.audio or args.image
+    probs = model.similarity(inputs, args.text, args.batch_size)
     if args.json:
         out = [
-            {"image": img, "scores": dict(zip(args.text, map(float, row), strict=True))}
-            for img, row in zip(args.image, probs.tolist(), strict=True)
+            {given: path, "scores": dict(zip(args.text, map(float, row), strict=True))}
+            for path, row in zip(inputs, probs.tolist(), strict=True)
         ]
         print(json.dumps(out, indent=2))
     else:
         kind = "sigmoid per pair" if model.config.family == "siglip" else "softmax over texts"
         print(f"# {kind}")
-        print(_table([Path(p).name for p in args.image], args.text, probs.tolist()))
+        print(_table([Path(p).name for p in inputs], args.text, probs.tolist()))
 
 
 def _templates(value: str | None) -> list[str] | None:
@@ -121,7 +131,12 @@ def cmd_train_vlm(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Run the main demo job (images: CLIP then VLM), or the video VLM demo."""
+    """Run the main demo job (images: CLIP then VLM), the video VLM demo, or the audio-text CLIP demo."""
+    if args.modality == "audio":
+        from mmlm.demo_audio import run_audio_demo
+
+        run_audio_demo(Path(args.out) / "audio")
+        return
     if args.modality == "video":
         from mmlm.demo_video import run_video_demo
 
@@ -139,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("similarity", help="score images against texts")
+    p = sub.add_parser("similarity", help="score images (or audio clips) against texts")
     _model_args(p)
-    p.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument(
+        "--audio", action="append", default=[], help="an audio file, for audio-text models (repeatable)"
+    )
     p.add_argument("--text", action="append", default=[], help="a text (repeatable)")
     p.set_defaults(func=cmd_similarity)
 
@@ -175,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--modality", choices=["image", "video"], default="image",
-                   help="image: CLIP then VLM (make demo); video: a VLM on shapes-world clips")  # fmt: skip
+    p.add_argument("--modality", choices=["image", "video", "audio"], default="image",
+                   help="image: CLIP then VLM (make demo); video: a VLM on shapes-world clips; "
+                        "audio: an audio-text CLIP on spoken words (espeak-ng)")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     for name in COMMAND_MODULES:

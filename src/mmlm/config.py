@@ -81,7 +81,11 @@ class AudioConfig:
 
 @dataclass
 class DualEncoderConfig:
-    """A CLIP- or SigLIP-style dual encoder: two towers, a learned logit scale and, for SigLIP, a logit bias."""
+    """A CLIP- or SigLIP-style dual encoder: two towers, a learned logit scale and, for SigLIP, a logit bias.
+
+    With `audio` set the non-text tower is an audio tower (CLAP-style): a Whisper-style encoder whose frames are
+    pooled (`audio_pool`) and projected to `audio_embed_dim`; `vision` is then unused.
+    """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -89,7 +93,15 @@ class DualEncoderConfig:
     logit_scale_init: float = 2.6592  # ln(1/0.07)
     logit_bias_init: float | None = None  # SigLIP: -10
     logit_scale_max: float | None = 4.605170185988092  # ln 100 (CLIP); SigLIP checkpoints exceed it
+    audio: AudioConfig | None = None  # set: an audio-text model (encoders/audio_tower.py)
+    audio_pool: str = "mean"  # mean over frames | map (attention pooling, as SigLIP's head)
+    audio_embed_dim: int | None = 512  # the audio projection's size; must equal the text tower's embed_dim
     version: int = CONFIG_VERSION
+
+    @property
+    def modality(self) -> str:
+        """Return what the non-text tower reads: "audio" or "image"."""
+        return "image" if self.audio is None else "audio"
 
     @classmethod
     def siglip(cls, vision: VisionConfig, text: TextConfig) -> "DualEncoderConfig":

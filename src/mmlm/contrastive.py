@@ -1,11 +1,14 @@
-"""A loaded contrastive model (CLIP or SigLIP): preprocessing + DualEncoder + similarity and zero-shot scoring."""
+"""A loaded contrastive model (CLIP, SigLIP, or audio-text CLAP-style): preprocessing + DualEncoder + similarity
+and zero-shot scoring. An audio-text model reads clips through `mmlm.audio_model.audio_batch_features`."""
 
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from mmlm.audio_model import AudioInput, audio_batch_features
 from mmlm.clip import DualEncoder
 from mmlm.errors import InputError
 from mmlm.processing.image import ImageProcessor, ImageSource
@@ -25,12 +28,32 @@ def fill_template(template: str, name: str) -> str:
 
 
 class ContrastiveModel:
-    """CLIP/SigLIP ready for use: `encode_image`, `encode_text`, `similarity`, `classify`, `save_pretrained`."""
+    """CLIP/SigLIP (or an audio-text model) ready for use: `encode_image` (`encode_audio`), `encode_text`,
+    `similarity`, `classify`, `save_pretrained`."""
 
-    def __init__(self, model: DualEncoder, tokenizer: TextTokenizer, image_processor: ImageProcessor) -> None:
+    def __init__(
+        self,
+        model: DualEncoder,
+        tokenizer: TextTokenizer,
+        image_processor: ImageProcessor | None,
+        audio_preprocessor: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        self.image_processor = image_processor  # None for an audio-text model
+        self.audio_preprocessor = audio_preprocessor  # WhisperFeatureExtractor keys; None for an image model
+
+    @property
+    def modality(self) -> str:
+        """Return what the non-text tower reads: "image" or "audio"."""
+        return self.model.cfg.modality
+
+    def _require(self, modality: str) -> None:
+        if self.modality != modality:
+            raise InputError(
+                f"this is an {self.modality}-text model; it cannot encode {modality} "
+                f"(use encode_{self.modality} / --{self.modality})"
+            )
 
     @property
     def config(self):
@@ -55,6 +78,7 @@ class ContrastiveModel:
 
         With `progress`, a bar (or log lines off a terminal) shows images done and images/s.
         """
+        self._require("image")
         if isinstance(images, (str, Path)) or not len(images):
             raise InputError("encode_image expects a non-empty list of images or paths")
         bar = Progress(len(images), desc="images", enabled=progress)
@@ -66,6 +90,40 @@ class ContrastiveModel:
             bar.update(done, {"images/s": done / (time.perf_counter() - started)})
         bar.close()
         return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode_audio(
+        self,
+        audio: AudioInput,
+        sampling_rate: int | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Return L2-normalised audio embeddings [N, D] (fp32, on the model's device) of clips: paths, bytes or
+        1-D sample arrays at `sampling_rate` (default: the preprocessor's, 16 kHz), or a list of them."""
+        self._require("audio")
+        clips = list(audio) if isinstance(audio, list | tuple) else [audio]
+        if not clips:
+            raise InputError("encode_audio expects a non-empty list of clips (paths or 1-D sample arrays)")
+        bar = Progress(len(clips), desc="clips", enabled=progress)
+        out, started = [], time.perf_counter()
+        for start in range(0, len(clips), batch_size):
+            features = audio_batch_features(
+                clips[start : start + batch_size], self.config.audio, self.audio_preprocessor, sampling_rate
+            )
+            out.append(self.model.encode_audio(features.to(self.device, self.dtype)).float())
+            done = min(start + batch_size, len(clips))
+            bar.update(done, {"clips/s": done / (time.perf_counter() - started)})
+        bar.close()
+        return torch.cat(out)
+
+    def encode_inputs(
+        self, inputs: Sequence[Any], batch_size: int = 32, progress: bool = False
+    ) -> torch.Tensor:
+        """Return normalised embeddings [N, D] of images or audio clips, whichever this model's tower reads."""
+        if self.modality == "audio":
+            return self.encode_audio(inputs, batch_size=batch_size, progress=progress)
+        return self.encode_image(inputs, batch_size, progress)
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -88,10 +146,12 @@ class ContrastiveModel:
         return logits.sigmoid() if self.config.family == "siglip" else logits.softmax(-1)
 
     def similarity(
-        self, images: Sequence[ImageSource], texts: Sequence[str], batch_size: int = 32
+        self, images: Sequence[ImageSource] | AudioInput, texts: Sequence[str], batch_size: int = 32
     ) -> torch.Tensor:
-        """Return probabilities [N, M] of each text matching each image."""
-        return self.probabilities(self.logits(self.encode_image(images, batch_size), self.encode_text(texts)))
+        """Return probabilities [N, M] of each text matching each image (each clip, for an audio-text model)."""
+        return self.probabilities(
+            self.logits(self.encode_inputs(images, batch_size), self.encode_text(texts))
+        )
 
     def class_embeddings(
         self, class_names: Sequence[str], templates: Sequence[str] | None = None
@@ -112,7 +172,7 @@ class ContrastiveModel:
         batch_size: int = 32,
     ) -> torch.Tensor:
         """Return zero-shot probabilities [N, K] over the classes (softmax of the scaled cosines)."""
-        image_emb = self.encode_image(images, batch_size)
+        image_emb = self.encode_inputs(images, batch_size)
         logits = self.logits(image_emb, self.class_embeddings(class_names, templates))
         return logits.softmax(-1)
 

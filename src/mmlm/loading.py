@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from mmlm.audio_model import AudioModel, load_hf_whisper, load_mmlm_audio
+from mmlm.audio_model import (
+    AudioModel,
+    load_hf_whisper,
+    load_mmlm_audio,
+    read_preprocessor,
+    whisper_preprocessor,
+)
 from mmlm.causal_lm import CausalLM, load_hf_causal_lm, load_mmlm_causal_lm
 from mmlm.checkpoints import open_clip
 from mmlm.checkpoints.build import build_from_weights
@@ -179,14 +185,16 @@ def load_hf_dual_encoder(
 def load_mmlm_dual_encoder(
     folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> ContrastiveModel:
-    """Return an mmlm dual_encoder folder as a ContrastiveModel."""
+    """Return an mmlm dual_encoder folder (image-text or audio-text) as a ContrastiveModel."""
     cfg = config_from_dict(DualEncoderConfig, cfg_json["config"])
     weights = read_weights(folder)
     model = build_from_weights(
         lambda: DualEncoder(cfg), weights, identity_key_map(weights), str(folder), device, dtype
     )
-    processor = ImageProcessor.from_hf(read_json(folder / "preprocessor_config.json"))
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
+    if cfg.audio is not None:
+        return ContrastiveModel(model, tokenizer, None, read_preprocessor(folder, cfg.audio))
+    processor = ImageProcessor.from_hf(read_json(folder / "preprocessor_config.json"))
     return ContrastiveModel(model, tokenizer, processor)
 
 
@@ -240,7 +248,7 @@ def identity_key_map(weights: dict[str, torch.Tensor]) -> list[Rule]:
 def hf_family(cfg: DualEncoderConfig) -> str | None:
     """Return the transformers model_type that represents `cfg` exactly, or None if none does."""
     fmt = DUAL_ENCODER_FORMATS.get(cfg.family)
-    if fmt is None:
+    if fmt is None or cfg.audio is not None:  # transformers' ClapModel has an HTSAT tower, not Whisper's
         return None
     back = fmt.config_from_hf(config_to_hf(cfg))
     same = dataclasses.replace(back, logit_scale_init=cfg.logit_scale_init, logit_bias_init=cfg.logit_bias_init,
@@ -270,8 +278,10 @@ def save(loaded: ContrastiveModel, folder: Path, format: str = "auto") -> Path:
         }
         write_weights(state, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(loaded.image_processor.to_hf(), indent=2) + "\n"
-    )
+    if cfg.audio is not None:
+        preprocessor = loaded.audio_preprocessor or whisper_preprocessor(cfg.audio)
+    else:
+        preprocessor = loaded.image_processor.to_hf()
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     loaded.tokenizer.save(folder)
     return folder

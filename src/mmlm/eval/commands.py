@@ -56,25 +56,32 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
-    """Image→text and text→image retrieval on an image-text manifest (several captions per image allowed)."""
+    """Image→text and text→image retrieval on an image-text manifest (several captions per image allowed), or
+    audio→text and text→audio on a manifest whose rows carry "audio" clips."""
     from mmlm.cli import _load
-    from mmlm.eval.retrieval import read_retrieval_set, retrieval_metrics
+    from mmlm.eval.retrieval import read_any_retrieval_set, retrieval_metrics
 
-    images, texts, text_to_image = read_retrieval_set(args.data, args.limit)
+    options = {"split": args.split} if args.split else {}
+    modality, inputs, texts, text_to_input = read_any_retrieval_set(args.data, args.limit, **options)
     model = _load(args)
+    if getattr(model, "modality", None) != modality:
+        raise InputError(
+            f"{args.data} holds {modality}-text pairs, but {args.model} is not an {modality}-text contrastive model"
+        )
     started = time.perf_counter()
-    image_emb = model.encode_image(images, args.batch_size, progress=True)
+    media_emb = model.encode_inputs(inputs, args.batch_size, progress=True)
     text_emb = model.encode_text(texts)
-    metrics = retrieval_metrics(image_emb, text_emb, text_to_image)
-    result = {"task": "retrieval", "model": args.model, "data": args.data, **metrics,
-              "num_images": len(images), "num_texts": len(texts),
+    metrics = retrieval_metrics(media_emb, text_emb, text_to_input, modality=modality)
+    counts = {"num_audio" if modality == "audio" else "num_images": len(inputs), "num_texts": len(texts)}
+    result = {"task": "retrieval", "model": args.model, "data": args.data, **metrics, **counts,
               "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     if not args.json:
-        print(f"retrieval: {len(images)} images, {len(texts)} texts")
-        ks = [k.split("@")[1] for k in metrics if k.startswith("image_to_text_R@")]
+        noun = "clips" if modality == "audio" else "images"
+        print(f"retrieval: {len(inputs)} {noun}, {len(texts)} texts")
+        ks = [k.split("@")[1] for k in metrics if k.startswith(f"{modality}_to_text_R@")]
         head = ["R@" + k for k in ks] + ["mean rank", "median rank"]
         print(f"  {'':14}" + "".join(h.rjust(12) for h in head))
-        for d in ("image_to_text", "text_to_image"):
+        for d in (f"{modality}_to_text", f"text_to_{modality}"):
             values = [metrics[f"{d}_R@{k}"] for k in ks] + [
                 metrics[f"{d}_mean_rank"],
                 metrics[f"{d}_median_rank"],
@@ -190,10 +197,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confusion", help="confusion-matrix PNG path (up to 50 classes)")
     p.set_defaults(func=cmd_eval_zeroshot)
 
-    p = group.add_parser("retrieval", help="image-text retrieval: recall@1/5/10 and ranks, both ways")
+    p = group.add_parser(
+        "retrieval", help="image-text (or audio-text) retrieval: recall@1/5/10 and ranks, both ways"
+    )
     _model_args(p)
-    p.add_argument("--data", required=True, help='a JSONL manifest {"image", "text": str | [str, ...]}')
-    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument(
+        "--data", required=True, help='a JSONL manifest {"image" or "audio", "text": str | [str, ...]}'
+    )
+    p.add_argument("--limit", type=int, help="use only the first N images (or clips)")
+    p.add_argument("--split", help='only rows whose "split" is this (audio manifests; Karpathy JSON)')
     p.add_argument("--out", help="write the results here as JSON")
     p.set_defaults(func=cmd_eval_retrieval)
 

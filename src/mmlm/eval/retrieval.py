@@ -1,4 +1,5 @@
-"""Image-text retrieval metrics as CLIP_benchmark defines them, computed in chunks for bounded memory.
+"""Image-text (and audio-text) retrieval metrics as CLIP_benchmark defines them, computed in chunks for bounded
+memory.
 
 Recall@K: a query scores 1 if at least one of its positives is among its top-K targets, ties broken in
 `torch.topk` order (CLIP_benchmark's `recall_at_k(...) > 0`). A query's rank is that of its best-ranked
@@ -45,11 +46,13 @@ def retrieval_metrics(
     text_to_image: Sequence[int],
     ks: Sequence[int] = (1, 5, 10),
     chunk: int | None = None,
+    modality: str = "image",
 ) -> dict[str, float]:
     """Return open_clip-named recall@K and mean/median ranks, image→text and text→image.
 
     `text_to_image[j]` is the index of the image that text j describes; an image may have several texts.
-    `chunk` queries are scored at a time (by default as many as fit SCORE_BUDGET scores).
+    `chunk` queries are scored at a time (by default as many as fit SCORE_BUDGET scores). With
+    `modality="audio"` the first embeddings are clips' and the names read audio_to_text_R@1, text_to_audio_R@1.
     """
     n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
     if len(text_to_image) != n_texts:
@@ -67,8 +70,8 @@ def retrieval_metrics(
         raise InputError(f"image {next(i for i, c in enumerate(captions_of) if not c)} has no caption")
     out: dict[str, float] = {}
     for name, q, t, pos in (
-        ("image_to_text", image_emb, text_emb, captions_of),
-        ("text_to_image", text_emb, image_emb, [[i] for i in text_to_image]),
+        (f"{modality}_to_text", image_emb, text_emb, captions_of),
+        (f"text_to_{modality}", text_emb, image_emb, [[i] for i in text_to_image]),
     ):
         rows = chunk or max(1, SCORE_BUDGET // t.shape[0])
         recall, ranks = _direction(q, t, pos, ks, rows)
@@ -99,12 +102,38 @@ def read_retrieval_set(source: str, limit: int | None = None, **options) -> tupl
     return images, texts, text_to_image
 
 
+def read_audio_retrieval_set(
+    source: str, limit: int | None = None, split: str | None = None
+) -> tuple[list, list[str], list[int]]:
+    """Return (clip paths, texts, text_to_clip) of a JSONL audio manifest ({"audio", "text"} rows)."""
+    from mmlm.train.audio_data import read_audio_manifest
+
+    clips, captions = read_audio_manifest(source, split)
+    clips, captions = clips[:limit], captions[:limit]
+    texts = [t for caps in captions for t in caps]
+    text_to_clip = [i for i, caps in enumerate(captions) for _ in caps]
+    return clips, texts, text_to_clip
+
+
+def read_any_retrieval_set(
+    source: str, limit: int | None = None, **options
+) -> tuple[str, list, list[str], list[int]]:
+    """Return (modality, inputs, texts, text_to_input): an audio manifest's clips, or any image-text dataset's images."""
+    from mmlm.train.audio_data import is_audio_manifest
+
+    if is_audio_manifest(source):
+        return "audio", *read_audio_retrieval_set(source, limit, options.get("split"))
+    return "image", *read_retrieval_set(source, limit, **options)
+
+
 def manifest_evaluator(source: str, limit: int = 1000, **options):
     """Return evaluate(model, step) computing retrieval metrics on the first `limit` usable pairs of a dataset."""
-    images, texts, text_to_image = read_retrieval_set(source, limit, **options)
+    modality, inputs, texts, text_to_input = read_any_retrieval_set(source, limit, **options)
 
     def evaluate(model, step: int) -> dict[str, float]:
         model.model.eval()
-        return retrieval_metrics(model.encode_image(images), model.encode_text(texts), text_to_image)
+        return retrieval_metrics(
+            model.encode_inputs(inputs), model.encode_text(texts), text_to_input, modality=modality
+        )
 
     return evaluate

@@ -35,7 +35,7 @@ class DataConfig:
     image_column: str | None = None  # CSV/TSV/Parquet
     text_column: str | None = None
     image_root: str | None = None  # COCO/Karpathy
-    split: str | None = None  # Karpathy
+    split: str | None = None  # Karpathy; an audio manifest: only rows whose "split" is this
     workers: int = 2
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop area range
     flip: bool = False  # horizontal flips, never applied to captions that say left/right

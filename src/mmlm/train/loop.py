@@ -19,10 +19,10 @@ from mmlm.train.progress import Progress
 
 
 def contrastive_loss(
-    net: torch.nn.Module, model: DualEncoder, pixels: torch.Tensor, ids: torch.Tensor
+    net: torch.nn.Module, model: DualEncoder, inputs: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
     """Return this rank's share of the configured loss (CLIP's InfoNCE or SigLIP's sigmoid) on one batch."""
-    image, text = net(pixels, ids)  # `net` is `model`, or its DDP wrapper
+    image, text = net(inputs, ids)  # `net` is `model`, or its DDP wrapper; inputs are pixels or log-mels
     if model.cfg.family == "siglip":
         return distributed_siglip_loss(image, text, model.logit_scale, model.logit_bias)
     return distributed_clip_loss(image, text, model.logit_scale)
@@ -53,11 +53,12 @@ def train(
     export: Callable[[Path], Any] | None = None,
     dist: DistInfo | None = None,
 ) -> list[dict[str, Any]]:
-    """Train `model` for cfg.steps optimiser steps on batches of (pixels, ids); return the logged records."""
+    """Train `model` for cfg.steps optimiser steps on batches of (pixels or log-mels, ids); return the records."""
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
     model.to(device).train()
-    for tower, lock in ((model.visual, cfg.lock_image), (model.text, cfg.lock_text)):
+    # lock_image locks whichever non-text tower the model has (a ViT, or an audio tower)
+    for tower, lock in ((model.media_tower, cfg.lock_image), (model.text, cfg.lock_text)):
         if lock is not None:
             lock_tower(tower, lock)
         tower.transformer.grad_checkpointing = cfg.grad_checkpointing
@@ -84,10 +85,10 @@ def train(
     last = time.perf_counter()
     while step < cfg.steps:
         for _ in range(cfg.optim.accumulation):
-            pixels, ids = next(batches)
+            inputs, ids = next(batches)
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 loss = loss_fn(
-                    net, model, pixels.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+                    net, model, inputs.to(device, non_blocking=True), ids.to(device, non_blocking=True)
                 )
             (loss / cfg.optim.accumulation).backward()
         if cfg.optim.grad_clip:

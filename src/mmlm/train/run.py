@@ -13,16 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmlm.audio_model import whisper_preprocessor
 from mmlm.clip import DualEncoder
 from mmlm.contrastive import ContrastiveModel
 from mmlm.data import shapes
 from mmlm.data.augment import TrainTransform
 from mmlm.data.datasets import PairCollate, PairDataset, PairLoader
 from mmlm.data.readers import open_pairs
+from mmlm.errors import InputError
 from mmlm.eval.retrieval import manifest_evaluator
 from mmlm.processing.bpe import train_bpe
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import HFTokenizer, TextTokenizer, load_tokenizer
+from mmlm.train.audio_data import InMemoryAudioPairs, clip_features, read_audio_manifest
 from mmlm.train.checkpoint import find_checkpoint
 from mmlm.train.config import DataConfig, TrainConfig, config_dict
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
@@ -84,6 +87,21 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path, captions: Iterator[str]) ->
     return HFTokenizer(folder, context_length=text.context_length)
 
 
+def build_audio_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, preprocessor: dict[str, Any]):
+    """Return (tokenizer, batch stream) of an audio manifest's clips (its `data.split` rows), as log-mels."""
+    if cfg.data.source == "shapes":
+        raise InputError(
+            'data.source: an audio-text model trains on an audio manifest (JSONL rows with "audio" and "text"),'
+            " e.g. the spoken set of mmlm.data.spoken.make_spoken_set; got the image world 'shapes'"
+        )
+    clips, captions = read_audio_manifest(cfg.data.source, cfg.data.split)
+    texts = [c[0] for c in captions]
+    tokenizer = build_tokenizer(cfg, run_dir, iter(texts))
+    clips, texts = clips[dist.rank :: dist.world_size], texts[dist.rank :: dist.world_size]
+    features = clip_features(clips, cfg.model.audio, preprocessor)
+    return tokenizer, InMemoryAudioPairs(features, tokenizer(texts), cfg.batch_size, cfg.seed)
+
+
 def build_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, processor: ImageProcessor):
     """Return (tokenizer, batch stream) for the configured data, preprocessed as `processor` does."""
     size = cfg.model.vision.image_size
@@ -128,7 +146,8 @@ def run_clip_training(
     resume: str | None = None,
     evaluate: Callable[[ContrastiveModel, int], dict[str, float]] | None = None,
 ) -> tuple[ContrastiveModel, list[dict[str, Any]]]:
-    """Train a CLIP/SigLIP model as configured; return (the trained model, the logged records).
+    """Train a CLIP/SigLIP model (audio-text when `model.audio` is set) as configured; return (the trained model,
+    the logged records).
 
     `evaluate(model, step)` runs every cfg.eval_every steps and at the end; else `val_data` is evaluated.
     """
@@ -143,10 +162,15 @@ def run_clip_training(
 
         start = mmlm.load(cfg.init)
         cfg = replace(cfg, model=start.config, tokenizer=cfg.tokenizer or cfg.init)
-        processor = start.image_processor
+        processor, audio_preprocessor = start.image_processor, start.audio_preprocessor
+    elif cfg.model.audio is not None:
+        processor, audio_preprocessor = None, whisper_preprocessor(cfg.model.audio)
     else:
-        processor = ImageProcessor.clip(cfg.model.vision.image_size)
-    tokenizer, data = build_data(cfg, run_dir, dist, processor)
+        processor, audio_preprocessor = ImageProcessor.clip(cfg.model.vision.image_size), None
+    if cfg.model.audio is not None:
+        tokenizer, data = build_audio_data(cfg, run_dir, dist, audio_preprocessor)
+    else:
+        tokenizer, data = build_data(cfg, run_dir, dist, processor)
     if cfg.init is None:
         text = replace(cfg.model.text, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
                        pad_token_id=tokenizer.pad_id)  # fmt: skip
@@ -154,7 +178,7 @@ def run_clip_training(
         model = DualEncoder(cfg.model)
     else:
         model = start.model
-    loaded = ContrastiveModel(model, tokenizer, processor)
+    loaded = ContrastiveModel(model, tokenizer, processor, audio_preprocessor)
     if dist.rank == 0:
         (run_dir / "config.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
         (run_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
