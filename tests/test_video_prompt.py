@@ -1,5 +1,8 @@
 """Videos in prompts: each `<video>` or video part becomes one image slot per sampled frame, in place."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -109,3 +112,103 @@ def test_a_video_placeholder_in_string_message_content_without_images():
     assert images is None
     assert [p["type"] for p in out[0]["content"]] == ["image"] * 3 + ["text"]
     assert out[0]["content"][-1]["text"] == "\nWhat moves?"
+
+
+def test_grouped_frames_share_a_slot_in_order():
+    prompt, images = expand_videos("a <video> b", None, ["clip"], frames_of, group=2)
+    assert prompt == "a <image><image> b"
+    assert [len(s) for s in images] == [2, 1] and [f.getpixel((0, 0))[0] for f in images[0]] == [0, 1]
+    messages = [{"role": "user", "content": [{"type": "video", "video": "clip"}]}]
+    out, _ = expand_videos(messages, None, [], frames_of, group=3)
+    assert len(out[0]["content"]) == 1 and len(out[0]["content"][0]["image"]) == 3
+
+
+def test_video_pool_averages_each_groups_patch_features(world):
+    model = mmlm.load(world / "llava")
+    model.model.cfg = dataclasses.replace(model.config, video_pool=2)
+    clip = str(world / "clip.mp4")
+    frames = read_video(clip, num_frames=4).frames
+    batch = model.processor("USER: <image><image> hi", [tuple(frames[:2]), tuple(frames[2:])])
+    assert batch["image_frames"].tolist() == [2, 2] and len(batch["pixel_values"]) == 4
+    slots = batch["input_ids"] == model.config.image_token_id
+    assert int(slots.sum()) == 2 * model.model.image_tokens  # four frames, two slots' worth of tokens
+    with torch.no_grad():
+        embeds, _ = model.model.prepare(
+            batch["input_ids"], batch["pixel_values"], None, batch["image_frames"]
+        )
+        features = model.model.patch_features(batch["pixel_values"])  # [4, N, D]
+        want = model.model.visual_tokens(features.view(2, 2, *features.shape[1:]).mean(1))
+    torch.testing.assert_close(embeds[slots], want.flatten(0, 1))
+    pooled = model.generate(
+        "USER: <video>\nWhat moves? ASSISTANT:", videos=[clip], num_frames=4, max_new_tokens=5
+    )
+    grouped = model.generate("USER: <image><image>\nWhat moves? ASSISTANT:", [tuple(frames[:2]), tuple(frames[2:])],
+                             max_new_tokens=5)  # fmt: skip
+    assert pooled == grouped
+
+
+def test_the_resampler_reads_a_groups_frames_with_time_embeddings():
+    from mmlm.config import VisionConfig
+    from mmlm.connectors import ConnectorConfig
+    from mmlm.lm import LMConfig
+    from mmlm.vlm import VisionLanguageModel, VLMConfig
+
+    vision = VisionConfig(
+        image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32, embed_dim=None
+    )
+    connector = ConnectorConfig(kind="perceiver", num_queries=3, depth=1, heads=2, max_frames=4)
+    lm = LMConfig(vocab_size=40, width=16, layers=1, heads=2, kv_heads=1, mlp_dim=32)
+    cfg = VLMConfig(vision, lm, connector, image_token_id=39, video_pool=4, video_merge="resampler")
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg).eval()
+    features = torch.randn(5, 4, 16)  # a 3-frame group then a 2-frame group
+    with torch.no_grad():
+        got = model.slot_tokens(features, torch.tensor([3, 2]))
+        want = torch.cat([model.connector(features[None, :3]), model.connector(features[None, 3:])])
+        reversed_order = model.slot_tokens(features[[2, 1, 0, 3, 4]], torch.tensor([3, 2]))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got[0], reversed_order[0])  # time embeddings: frame order matters
+    for change, match in [({"video_pool": 5}, "max_frames >= 5"), ({"video_merge": "max"}, "video_merge"),
+                          ({"video_pool": 0}, "video_pool")]:  # fmt: skip
+        with pytest.raises(InputError, match=match):
+            VisionLanguageModel(dataclasses.replace(cfg, **change))
+
+
+@pytest.mark.parametrize(("merge", "connector"), [("mean", {"kind": "mlp"}),
+                         ("resampler", {"kind": "perceiver", "num_queries": 4, "depth": 1, "heads": 2, "max_frames": 2})])  # fmt: skip
+def test_the_trainer_reads_video_records_and_pools_them(tmp_path, monkeypatch, merge, connector):
+    from mmlm.train.vlm_config import vlm_config_from_dict
+    from mmlm.train.vlm_loop import run_vlm_training
+
+    monkeypatch.setattr("mmlm.train.vlm_loop.plot_training", lambda records, out: [])
+    monkeypatch.setattr("mmlm.train.vlm_loop.plot_modality_losses", lambda records, out: out)
+    records = []
+    for i, kind in enumerate(["move", "appear", "disappear", "color"] * 2):
+        sample = make_video(kind, seed=i, frames=8, size=32)
+        write_video(sample.frames, tmp_path / f"v{i}.mp4", fps=8)
+        records.append({"video": f"v{i}.mp4", "conversations": [{"from": "human", "value": "<video>\n" + sample.question},
+                                                                {"from": "gpt", "value": sample.answer}]})  # fmt: skip
+    (tmp_path / "videos.json").write_text(json.dumps(records))
+    model = {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
+             "lm": {"width": 32, "layers": 1, "heads": 2, "kv_heads": 1, "mlp_dim": 64}, "vocab_size": 300,
+             "connector": connector, "video_pool": 2, "video_merge": merge}  # fmt: skip
+    stages = {"train": {"steps": 2, "train": ["connector", "lm"],
+                        "data": {"source": str(tmp_path / "videos.json"), "video_frames": 4}}}  # fmt: skip
+    cfg = vlm_config_from_dict({"model": model, "stages": stages, "batch_size": 4, "max_length": 128,
+                                "log_every": 1, "eval_samples": 0, "out_dir": str(tmp_path / "run"), "device": "cpu"})  # fmt: skip
+    loaded, logged = run_vlm_training(cfg)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
+    sample = loaded.processor.encode(*_first_record_as_prompt(tmp_path, loaded))
+    assert sample.image_frames == [2, 2]  # 4 frames, 2 per slot
+    assert int((sample.input_ids == loaded.config.image_token_id).sum()) == 2 * loaded.model.image_tokens
+    again = mmlm.load(tmp_path / "run" / "model")
+    assert (again.config.video_pool, again.config.video_merge) == (2, merge)
+
+
+def _first_record_as_prompt(folder, loaded):
+    from mmlm.data.conversations import read_conversations
+
+    conversation = read_conversations(folder / "videos.json")[0]
+    frames = read_video(conversation.videos[0], num_frames=4).frames
+    prompt, images = expand_videos(conversation.messages, [], [frames], lambda v: v, loaded.config.video_pool)
+    return prompt, images

@@ -111,12 +111,13 @@ class GenerativeModel:
                 f"{self.config.lm.max_positions}"
             )
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
-        pixels, sound = batch["pixel_values"], batch["audio_features"]
+        pixels, sound, frames = batch["pixel_values"], batch["audio_features"], batch["image_frames"]
         with torch.inference_mode():
             embeds, media = self.model.prepare(
                 ids,
                 None if pixels is None else pixels.to(self.device, self.dtype),
                 None if sound is None else sound.to(self.device, self.dtype),
+                frames,
             )
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.lm.new_cache(ids.shape[0], length)
@@ -124,8 +125,7 @@ class GenerativeModel:
             kv.append(media.for_generation())  # the gated blocks' media keys/values, computed once
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
 
-    @staticmethod
-    def _with_videos(prompt, images, videos, num_frames: int, video_fps: float | None):
+    def _with_videos(self, prompt, images, videos, num_frames: int, video_fps: float | None):
         """Return (prompt, images) with each video replaced by its sampled frames (a batch: one list per prompt)."""
         if videos is None:
             return prompt, images
@@ -133,11 +133,11 @@ class GenerativeModel:
         single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         if single:
             videos = [videos] if isinstance(videos, (str, Path, bytes)) else list(videos)
-            return expand_videos(prompt, images, videos, sample)
+            return expand_videos(prompt, images, videos, sample, self.config.video_pool)
         if len(videos) != len(prompt):
             raise InputError(f"videos: got {len(videos)} video lists for {len(prompt)} prompts")
-        pairs = [expand_videos(p, None if images is None else images[i], list(videos[i]), sample)
-                 for i, p in enumerate(prompt)]  # fmt: skip
+        pairs = [expand_videos(p, None if images is None else images[i], list(videos[i]), sample,
+                               self.config.video_pool) for i, p in enumerate(prompt)]  # fmt: skip
         return [p for p, _ in pairs], None if images is None and all(i is None for _, i in pairs) else [
             i or [] for _, i in pairs]  # fmt: skip
 

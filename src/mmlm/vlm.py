@@ -10,6 +10,10 @@ styles differ only in what fills the slots:
   cross_attention                                  one learned marker per image; the image reaches the LM
                                                    through Flamingo's gated cross-attention blocks instead.
 
+Video frames are images, `video_pool` of them per slot: the processor groups a video's consecutive frames and the
+model merges each group (`video_merge`) before its slots are filled, so a video costs the LM frames / video_pool
+images' worth of tokens.
+
 Audio (optional, `cfg.audio`) takes the same road with its own slots: a Whisper-style encoder turns log-mel
 features into frames, `audio_pool` consecutive frames are merged (1500 -> 375 with 4), and an audio connector
 (any of the token-emitting kinds) maps them to LM width, filling the `audio_token_id` slots each `<audio>`
@@ -49,6 +53,11 @@ class VLMConfig:
     audio_pool: int = 4  # consecutive encoder frames merged into one before the audio connector
     audio_pool_mode: str = "mean"  # mean (average them) | stack (concatenate: D -> audio_pool · D)
     audio_token_id: int | None = None  # the `<audio>` slot id; required with `audio`
+    # video: each image slot a video gets holds `video_pool` consecutive frames, merged by `video_merge`: mean
+    # (their patch features averaged, any connector) | resampler (a perceiver connector reads them together,
+    # with its learned time embeddings: connector.max_frames >= video_pool)
+    video_pool: int = 1
+    video_merge: str = "mean"
     version: int = CONFIG_VERSION
 
     @property
@@ -88,6 +97,7 @@ class VisionLanguageModel(nn.Module):
         vision_dim = cfg.vision.width * len(cfg.feature_layers)  # several layers are concatenated
         self.connector = build_fusion(cfg, vision_dim)
         self.lm = DecoderLM(cfg.lm)
+        check_video(cfg)
         if cfg.audio is not None:
             check_audio(cfg)
             self.audio = AudioEncoder(cfg.audio)
@@ -136,6 +146,16 @@ class VisionLanguageModel(nn.Module):
             return self.connector.markers(len(features))
         return self.connector(features)  # [I, N, Dv·layers] -> [I, N', D_lm]
 
+    def slot_tokens(self, features: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+        """Return what fills each image slot from patch features [F, N, Dv] of F frames, `frames[s]` of them
+        consecutive per slot s (None: one each) -> [S, image_tokens, D_lm]."""
+        if frames is None or bool((frames == 1).all()):
+            return self.visual_tokens(features)
+        groups = features.split(frames.tolist())
+        if self.cfg.video_merge == "resampler":  # [1, T, N, Dv] each: time embeddings tell the frames apart
+            return torch.cat([self.connector(g[None]) for g in groups])
+        return self.visual_tokens(torch.stack([g.mean(0) for g in groups]))  # [S, N, Dv]
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Return visual tokens in LM width, [I, 3, H, W] -> [I, image_tokens, D_lm]."""
         return self.visual_tokens(self.patch_features(pixel_values))
@@ -145,9 +165,11 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MediaCache | None]:
         """Return the LM's input embeddings [B, T, D] with the images and audio clips in their slots, and
-        (cross-attention fusion only) the media its gated blocks attend to."""
+        (cross-attention fusion only) the media its gated blocks attend to. `image_frames` [S] counts the
+        pixel_values rows (a video's frames) merged into each image slot; None: one each."""
         is_image = input_ids == self.cfg.image_token_id
         is_audio = input_ids == self.cfg.audio_token_id if self.cfg.audio_token_id is not None else None
         slots = is_image if is_audio is None else is_image | is_audio
@@ -169,7 +191,7 @@ class VisionLanguageModel(nn.Module):
             )
             return embeds, media
         features = self.patch_features(pixel_values)
-        embeds = fill_slots(embeds, is_image, self.visual_tokens(features), "image", "visual")
+        embeds = fill_slots(embeds, is_image, self.slot_tokens(features, image_frames), "image", "visual")
         if self.kind != "cross_attention":
             return embeds, None
         return embeds, self.connector.media(input_ids, self.cfg.image_token_id, features)
@@ -204,10 +226,11 @@ class VisionLanguageModel(nn.Module):
         cache: list[LayerCache] | None = None,
         last_only: bool = False,
         audio_features: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
     ) -> LMOutput:
         """Return LM logits [B, T, vocab] for ids [B, T] whose image slots are filled from `pixel_values` (and
         audio slots from `audio_features`)."""
-        embeds, media = self.prepare(input_ids, pixel_values, audio_features)
+        embeds, media = self.prepare(input_ids, pixel_values, audio_features, image_frames)
         return self.run_lm(embeds, media, attention_mask, cache, last_only)
 
 
@@ -224,6 +247,22 @@ def fill_slots(
             f"the text holds {slots} {item}-token slots but {count} {item}(s) give {given} {kind} tokens{per}"
         )
     return embeds if tokens is None else embeds.masked_scatter(is_slot[..., None], tokens.to(embeds.dtype))
+
+
+def check_video(cfg: VLMConfig) -> None:
+    """Raise InputError unless the video settings of `cfg` can be built."""
+    if cfg.video_pool < 1:
+        raise InputError(f"video_pool: expected at least 1 frame per image slot, got {cfg.video_pool}")
+    if cfg.video_merge not in ("mean", "resampler"):
+        raise InputError(f"video_merge: expected 'mean' or 'resampler', got {cfg.video_merge!r}")
+    if cfg.video_merge == "resampler" and (
+        cfg.connector.kind != "perceiver" or cfg.connector.max_frames < cfg.video_pool
+    ):
+        raise InputError(
+            "video_merge 'resampler' needs connector.kind 'perceiver' with time embeddings for video_pool "
+            f"frames (connector.max_frames >= {cfg.video_pool}); got {cfg.connector.kind!r} with "
+            f"max_frames {cfg.connector.max_frames}"
+        )
 
 
 def check_audio(cfg: VLMConfig) -> None:

@@ -2,10 +2,11 @@
 
 A file is a JSON list, or JSONL with one record per line:
     {"id": ..., "image": "rel/path.png" | ["a.png", "b.png"] (optional), "audio": "clip.wav" | [...] (optional),
+     "video": "clip.mp4" | [...] (optional),
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "a cat"}]}
 Image paths are relative to `image_folder` (default: the file's folder). Each `<image>` placeholder in the
 values stands for the next image of the record, so their counts must agree; so does each `<audio>` for the next
-audio clip (paths relative to the same folder).
+audio clip and each `<video>` for the next video (paths relative to the same folder).
 """
 
 import json
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from mmlm.errors import InputError
 from mmlm.processing.chat import AUDIO_TOKEN, IMAGE_TOKEN, Message
+from mmlm.processing.video_prompt import VIDEO_TOKEN, expand_videos, frame_sampler
 from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
 
 # LLaVA / ShareGPT speaker names -> chat roles
@@ -40,6 +42,7 @@ class Conversation:
     images: list[Path]
     id: str | None = None
     audio: list[Path] = field(default_factory=list)
+    videos: list[Path] = field(default_factory=list)
 
 
 def _records(path: Path) -> Iterable[tuple[str, Any]]:
@@ -82,7 +85,9 @@ def parse_record(record: Any, where: str, image_folder: Path, image_token: str =
             raise InputError(f"{where}: conversations[{i}].value: expected a string")
         messages.append({"role": ROLE_OF_SPEAKER[speaker], "content": turn["value"]})
     media = {}
-    for key, token, noun in (("image", image_token, "image(s)"), ("audio", AUDIO_TOKEN, "audio clip(s)")):
+    kinds = (("image", image_token, "image(s)"), ("audio", AUDIO_TOKEN, "audio clip(s)"),
+             ("video", VIDEO_TOKEN, "video(s)"))  # fmt: skip
+    for key, token, noun in kinds:
         paths = record.get(key, [])
         paths = [paths] if isinstance(paths, str) else paths
         if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
@@ -93,7 +98,7 @@ def parse_record(record: Any, where: str, image_folder: Path, image_token: str =
         media[key] = [image_folder / p for p in paths]
     record_id = record.get("id")
     return Conversation(
-        messages, media["image"], None if record_id is None else str(record_id), media["audio"]
+        messages, media["image"], None if record_id is None else str(record_id), media["audio"], media["video"]
     )
 
 
@@ -122,9 +127,12 @@ def llava_record(
 class ConversationDataset(Dataset):
     """Conversations encoded by a VLM processor; an item is None when truncation dropped it (collate counts it)."""
 
-    def __init__(self, conversations: Sequence[Conversation], processor: VLMProcessor) -> None:
+    def __init__(
+        self, conversations: Sequence[Conversation], processor: VLMProcessor, frames: int = 8, video_pool: int = 1
+    ) -> None:
         self.conversations = conversations
         self.processor = processor
+        self.frames, self.video_pool = frames, video_pool
 
     def __len__(self) -> int:
         """Return the number of conversations."""
@@ -132,5 +140,15 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> EncodedSample | None:
         """Return conversation `index` tokenised with labels and its images preprocessed, or None if dropped."""
-        conversation = self.conversations[index]
-        return self.processor.encode(conversation.messages, conversation.images, audio=conversation.audio)
+        return encode_conversation(self.processor, self.conversations[index], self.frames, self.video_pool)
+
+
+def encode_conversation(
+    processor: VLMProcessor, conversation: Conversation, frames: int = 8, video_pool: int = 1
+) -> EncodedSample | None:
+    """Return one conversation encoded: its videos sampled to `frames` frames (grouped `video_pool` per slot)."""
+    messages, images = conversation.messages, list(conversation.images)
+    if conversation.videos:
+        sample = frame_sampler(frames)
+        messages, images = expand_videos(messages, images, conversation.videos, sample, video_pool)
+    return processor.encode(messages, images, audio=conversation.audio)

@@ -2,7 +2,9 @@
 
 A video reaches the model as its frames, sampled uniformly (or at a rate) over the whole clip and encoded by
 the same vision tower as images, in order; the fusion style then decides what each frame costs the LM (a
-projector N tokens, a resampler L). Frames are not pooled over time here.
+projector N tokens, a resampler L). With `group` > 1 (the model's `video_pool`), each slot holds a tuple of that
+many consecutive frames, which the model merges over time (mean, or a resampler with time embeddings), so a
+video of F frames takes ceil(F / group) slots.
 """
 
 import re
@@ -35,15 +37,22 @@ def _next(items: Iterator[Any], what: str) -> Any:
         raise InputError(f"{what}: more placeholders than {what} given") from None
 
 
+def frame_slots(frames: Sequence[Image.Image], group: int) -> list[Any]:
+    """Return what fills a video's image slots: its frames (group 1) or tuples of `group` consecutive frames."""
+    if group <= 1:
+        return list(frames)
+    return [tuple(frames[i : i + group]) for i in range(0, len(frames), group)]
+
+
 def _expand_text(
-    text: str, images: Iterator[Any] | None, videos: Iterator[Any], sample: Sampler, out: list
+    text: str, images: Iterator[Any] | None, videos: Iterator[Any], sample: Sampler, out: list, group: int
 ) -> str:
     pieces = []
     for piece in PLACEHOLDER.split(text):
         if piece == VIDEO_TOKEN:
-            frames = sample(_next(videos, "videos"))
-            out.extend(frames)
-            pieces.append(IMAGE_TOKEN * len(frames))
+            slots = frame_slots(sample(_next(videos, "videos")), group)
+            out.extend(slots)
+            pieces.append(IMAGE_TOKEN * len(slots))
         else:
             if piece == IMAGE_TOKEN and images is not None:
                 out.append(_next(images, "images"))
@@ -51,11 +60,12 @@ def _expand_text(
     return "".join(pieces)
 
 
-def _text_to_parts(text: str, videos: Iterator[Any], sample: Sampler) -> list[dict[str, Any]]:
+def _text_to_parts(text: str, videos: Iterator[Any], sample: Sampler, group: int) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     for piece in re.split(f"({re.escape(VIDEO_TOKEN)})", text):
         if piece == VIDEO_TOKEN:
-            parts += [{"type": "image", "image": frame} for frame in sample(_next(videos, "videos"))]
+            slots = frame_slots(sample(_next(videos, "videos")), group)
+            parts += [{"type": "image", "image": slot} for slot in slots]
         elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
@@ -66,8 +76,10 @@ def expand_videos(
     images: Sequence[Any] | None,
     videos: Sequence[Any],
     sample: Sampler,
+    group: int = 1,
 ) -> tuple[str | list[dict[str, Any]], list[Any] | None]:
-    """Return (prompt, images) with every video replaced by its frames, as image slots in the same place.
+    """Return (prompt, images) with every video replaced by its frames (grouped `group` per slot), as image slots
+    in the same place.
 
     In a str prompt `<video>` marks each video; in chat messages a `{"type": "video"}` part does (its own
     "video" source, else the next of `videos`). Images keep their order among the frames. With messages whose
@@ -76,17 +88,19 @@ def expand_videos(
     pending, out = iter(videos), []
     given = None if images is None else iter(images)
     if isinstance(prompt, str):
-        text = _expand_text(prompt, given, pending, sample, out)
+        text = _expand_text(prompt, given, pending, sample, out, group)
         frames_and_images = out
     else:
         messages = []
         for message in prompt:
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, str) and given is not None:
-                messages.append({**message, "content": _expand_text(content, given, pending, sample, out)})
+                messages.append(
+                    {**message, "content": _expand_text(content, given, pending, sample, out, group)}
+                )
                 continue
             if isinstance(content, str):  # no image list: the frames become image parts that carry them
-                messages.append({**message, "content": _text_to_parts(content, pending, sample)})
+                messages.append({**message, "content": _text_to_parts(content, pending, sample, group)})
                 continue
             if not isinstance(content, list | tuple):
                 messages.append(message)
@@ -98,9 +112,10 @@ def expand_videos(
                     frames = sample(
                         part["video"] if part.get("video") is not None else _next(pending, "videos")
                     )
-                    out.extend(frames)
+                    slots = frame_slots(frames, group)
+                    out.extend(slots)
                     parts += [
-                        {"type": "image", "image": f} if given is None else {"type": "image"} for f in frames
+                        {"type": "image", "image": f} if given is None else {"type": "image"} for f in slots
                     ]
                 elif kind == "image" and given is not None:
                     out.append(_next(given, "images"))

@@ -56,6 +56,9 @@ class EncodedSample:
     image_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) tiled; (0, 0) untiled
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (height, width)
     audio_features: torch.Tensor | None = None  # [A, n_mels, frames] float32 log-mel; None without audio
+    image_frames: list[int] = field(
+        default_factory=list
+    )  # pixel_values rows per image slot (>1: video frames)
 
 
 def add_image_token(tokenizer: Tokenizer, image_token: str = IMAGE_TOKEN) -> int:
@@ -218,7 +221,7 @@ class VLMProcessor:
             raise InputError(
                 f"audio: got {len(audio)} clip(s) for {int(is_audio.sum())} {AUDIO_TOKEN} placeholder(s)"
             )
-        pixel_values, tiles, grids, sizes = self._images(images)
+        pixel_values, tiles, grids, sizes, frames = self._images(images)
         # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times, in image order; an
         # audio placeholder tokens_per_audio times
         repeats = torch.ones_like(ids)
@@ -238,7 +241,7 @@ class VLMProcessor:
             if had_answer and not bool((labels != IGNORE_INDEX).any()):
                 return None  # nothing left to learn from
         features = self._audio(audio, sampling_rate) if audio else None
-        return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes, features)
+        return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes, features, frames)
 
     def _audio(self, clips: Sequence[Any], sampling_rate: int | None) -> torch.Tensor:
         cfg, pre = self.audio_config, self.audio_preprocessor
@@ -248,23 +251,37 @@ class VLMProcessor:
 
     def _images(
         self, images: Sequence[ImageSource]
-    ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+    ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, int]], list[tuple[int, int]], list[int]]:
+        # a list or tuple of images is one slot's video frames: all preprocessed, never tiled
         if not images:
-            return None, [], [], []
-        views, tiles, grids, sizes = [], [], [], []
+            return None, [], [], [], []
+        views, tiles, grids, sizes, frames = [], [], [], [], []
         for source in images:
+            group = list(source) if isinstance(source, list | tuple) else None
+            if group is not None:
+                if not group:
+                    raise InputError("images: an empty frame group; a video slot needs at least one frame")
+                loaded = [load_image(frame, self.image_processor.max_pixels) for frame in group]
+                views.extend(loaded)
+                tiles.append(1)
+                grids.append((0, 0))
+                sizes.append((loaded[0].height, loaded[0].width))
+                frames.append(len(loaded))
+                continue
             image = load_image(source, self.image_processor.max_pixels)  # InputError on a 0-pixel side
             sizes.append((image.height, image.width))
             if self.dynamic_resolution is None:
                 views.append(image)
                 tiles.append(1)
                 grids.append((0, 0))
+                frames.append(1)
             else:
                 tiled = self.dynamic_resolution(image)
                 views.extend(tiled.tiles)
                 tiles.append(len(tiled.tiles))
                 grids.append(tiled.grid)
-        return self.image_processor(views), tiles, grids, sizes
+                frames.extend([1] * len(tiled.tiles))
+        return self.image_processor(views), tiles, grids, sizes, frames
 
     def collate(
         self, samples: Sequence[EncodedSample | None], padding_side: PaddingSide = "right"
@@ -272,7 +289,8 @@ class VLMProcessor:
         """Return a padded batch of samples (right for training, left for generation); None samples are counted.
 
         Keys: input_ids, attention_mask, labels [B, L] long; pixel_values [T, 3, H, W] float32 or None;
-        image_tiles [I], image_grid [I, 2], image_sizes [I, 2], images_per_sample [B] long; audio_features
+        image_tiles [I], image_grid [I, 2], image_sizes [I, 2], images_per_sample [B] long; image_frames [S]
+        long (pixel_values rows per image slot); audio_features
         [A, n_mels, frames] float32 or None, audio_per_sample [B] long; num_dropped int.
         """
         if padding_side not in ("left", "right"):
@@ -309,6 +327,7 @@ class VLMProcessor:
                 -1, 2
             ),
             "images_per_sample": torch.tensor([len(s.image_tiles) for s in kept], dtype=torch.long),
+            "image_frames": torch.tensor([f for s in kept for f in s.image_frames], dtype=torch.long),
             "audio_features": torch.cat(audio) if audio else None,
             "audio_per_sample": torch.tensor(
                 [0 if s.audio_features is None else len(s.audio_features) for s in kept], dtype=torch.long

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmlm.data.conversations import read_conversations
+from mmlm.data.conversations import encode_conversation, read_conversations
 from mmlm.data.instructions import make_instruction, text_corpus
 from mmlm.errors import InputError
 from mmlm.eval.vqa import question_messages
@@ -96,17 +96,19 @@ def text_file(processor: VLMProcessor, path: str | Path) -> EncodedSource:
 
 
 def conversation_source(
-    processor: VLMProcessor, path: str | Path, image_folder: str | Path | None = None
+    processor: VLMProcessor,
+    path: str | Path,
+    image_folder: str | Path | None = None,
+    frames: int = 8,
+    video_pool: int = 1,
 ) -> EncodedSource:
-    """Return the records of a LLaVA conversations file as a source (images read when first encoded)."""
+    """Return the records of a LLaVA conversations file as a source (images, audio and videos read when first
+    encoded; each video as `frames` frames, `video_pool` per image slot)."""
     conversations = read_conversations(path, image_folder)
     if not conversations:
         raise InputError(f"{path}: no conversations")
     return EncodedSource(
-        len(conversations),
-        lambda i: processor.encode(
-            conversations[i].messages, conversations[i].images, audio=conversations[i].audio
-        ),
+        len(conversations), lambda i: encode_conversation(processor, conversations[i], frames, video_pool)
     )
 
 
@@ -192,6 +194,7 @@ def stage_batches(
     pairs: Sequence[tuple[str, str]],
     image_size: int,
     rank: int = 0,
+    video_pool: int = 1,
 ) -> MixedBatches:
     """Return the batch stream of one stage: its multimodal source (if α > 0) mixed with its text (if α < 1)."""
     sources: dict[str, EncodedSource] = {}
@@ -199,7 +202,7 @@ def stage_batches(
         sources[MULTIMODAL] = (
             shapes_instructions(processor, data.samples, seed, pairs, image_size, data.question_types)
             if data.source == "shapes"
-            else conversation_source(processor, data.source, data.image_folder)
+            else conversation_source(processor, data.source, data.image_folder, data.video_frames, video_pool)
         )
     if data.multimodal_fraction < 1:
         if data.text_source == "shapes":

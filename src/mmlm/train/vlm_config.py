@@ -57,6 +57,8 @@ class VLMParts:
     audio_connector: ConnectorConfig = field(default_factory=ConnectorConfig)  # "connector" trains it too
     audio_pool: int = 4  # encoder frames merged per audio token
     audio_pool_mode: str = "mean"  # mean | stack
+    video_pool: int = 1  # a video's consecutive frames per image slot (see VLMConfig)
+    video_merge: str = "mean"  # mean | resampler (a perceiver connector with max_frames >= video_pool)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class StageData:
 
     source: str = "shapes"  # "shapes", or a LLaVA conversations JSON/JSONL file
     image_folder: str | None = None  # images of a conversations file (default: the file's folder)
+    video_frames: int = 8  # frames sampled uniformly from each video of a conversations file
     question_types: list[str] | None = None  # shapes: which question types (None: all); [caption] to align
     samples: int = 20_000  # shapes: generated training samples
     text_source: str | None = None  # "shapes" (templated sentences), a .txt file (one text a line), or a
@@ -194,6 +197,7 @@ def check_stage(name: str, stage: StageConfig) -> None:
         if path not in (None, "shapes") and not Path(path).is_file():
             raise InputError(f"{where}.data.{key}: {path} not found; expected 'shapes' or a file")
     _positive(data.samples, f"{where}.data.samples")
+    _positive(data.video_frames, f"{where}.data.video_frames")
     _positive(data.text_samples, f"{where}.data.text_samples")
 
 

@@ -154,10 +154,11 @@ class RowLosses(nn.Module):
         attention_mask: torch.Tensor,
         pixels: torch.Tensor | None,
         audio_features: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (summed loss [B], answer tokens [B]) for ids, labels and mask [B, T] and the batch's images
         (and audio clips)."""
-        embeds, media = self.model.prepare(input_ids, pixels, audio_features)  # [B, T, D]
+        embeds, media = self.model.prepare(input_ids, pixels, audio_features, image_frames)  # [B, T, D]
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
@@ -277,7 +278,8 @@ def train_vlm(
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
                 with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                               batch["pixel_values"], batch["audio_features"])  # fmt: skip
+                                               batch["pixel_values"], batch["audio_features"],
+                                               batch["image_frames"])  # fmt: skip
                 loss = batch_loss(row_loss, row_tokens, cfg.loss_average)
                 (loss / stage.optim.accumulation).backward()
                 interval.add(row_loss.detach(), row_tokens, modality_mask(batch))
@@ -370,7 +372,7 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
                          eos_token_ids=[ids["eos_token"]] if ids["eos_token"] is not None else [],
                          pad_token_id=ids["pad_token"], max_positions=cfg.max_length)  # fmt: skip
     vlm_cfg = VLMConfig(vision_cfg, lm_cfg, parts.connector, image_token_id, list(parts.feature_layers),
-                        parts.feature_select)  # fmt: skip
+                        parts.feature_select, video_pool=parts.video_pool, video_merge=parts.video_merge)  # fmt: skip
     audio_tower = None
     if parts.audio_init is not None or parts.audio is not None:
         audio_tower = mmlm.load(parts.audio_init) if parts.audio_init is not None else None
@@ -473,9 +475,8 @@ def run_vlm_training(
 
     def batches(index: int, name: str, stage: StageConfig) -> MixedBatches:
         seed = cfg.seed * 1000 + index  # each stage draws its own order
-        return stage_batches(
-            stage.data, processor, cfg.batch_size, seed, pairs, model.cfg.vision.image_size, dist.rank
-        )
+        return stage_batches(stage.data, processor, cfg.batch_size, seed, pairs, model.cfg.vision.image_size,
+                             dist.rank, model.cfg.video_pool)  # fmt: skip
 
     def after_stage(name: str, stage: StageConfig) -> None:
         if "lora" in stage.train and cfg.lora.save_adapter:
