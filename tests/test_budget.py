@@ -321,3 +321,28 @@ def test_video_duration_and_sampling_rate_set_the_frames(tmp_path, capsys):
     assert "--fps needs --video-seconds" in capsys.readouterr().err
     assert main(["budget", "--config", str(config), "--video-seconds", "-1", "--fps", "2"]) == 2
     assert "expected positive numbers" in capsys.readouterr().err
+
+
+def test_video_pool_divides_the_per_frame_styles_slots(tmp_path, capsys):
+    from mmlm.lm import LMConfig
+
+    out = budget_json(capsys, "--config", write(tmp_path, LLAVA_15_7B), "--frames", "20", "--video-pool", "4")
+    styles = {s["style"].split()[0]: s["visual_tokens"] for s in out["styles"]}
+    assert (styles["mlp"], styles["qformer"], styles["perceiver"]) == (5 * 576, 5 * 32, 64)
+    assert out["vision_flops"] == 20 * out["vision"]["flops"]  # the tower still encodes every frame
+    vision = VisionConfig(
+        image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, embed_dim=None
+    )
+    lm = LMConfig(vocab_size=300, width=32, layers=2, heads=2, kv_heads=1, mlp_dim=64, max_positions=256)
+    cfg = VLMConfig(
+        vision, lm, ConnectorConfig(kind="mlp"), image_token_id=299, feature_layers=[-1], video_pool=2
+    )
+    config = write(
+        tmp_path, {"mmlm_version": 1, "architecture": "vlm", "config": dataclasses.asdict(cfg)}, "own.json"
+    )
+    out = budget_json(capsys, "--config", config, "--frames", "5", "--measure", "--runs", "1")
+    assert out["measured"]["visual_tokens"] == out["styles"][0]["visual_tokens"] == 3 * 16  # 2 + 2 + 1 frames
+    unpooled = budget_json(capsys, "--config", config, "--frames", "5", "--video-pool", "1")
+    assert unpooled["styles"][0]["visual_tokens"] == 5 * 16
+    assert main(["budget", "--config", str(config), "--video-pool", "0"]) == 2
+    assert "--video-pool" in capsys.readouterr().err

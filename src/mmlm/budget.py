@@ -10,7 +10,9 @@ Pure arithmetic on config shapes; no model is built. The conventions, so every n
   is all generation needs.
 - KV cache = 2 (keys and values) × layers × kv_heads × head_dim × tokens × bytes per value.
 - An image is `views` encoder-sized inputs: 1, or LLaVA-NeXT tiles rows×cols plus one global view (as
-  mmlm.processing.anyres cuts them), each of `frames` frames.
+  mmlm.processing.anyres cuts them), each of `frames` frames. Per-frame styles (projectors, pixel shuffle,
+  Q-Former, unified) see ceil(frames / video_pool) slots when `video_pool` frames are averaged per slot (the
+  VLM's `video_pool`); the resampler styles read every frame together, as before.
 """
 
 import dataclasses
@@ -263,6 +265,12 @@ class ImageInput:
     frames: int = 1
     text_tokens: int = 32
     merge_tokens: int = 0
+    video_pool: int = 1  # frames averaged into one slot before the connector
+
+    @property
+    def slots(self) -> int:
+        """Return the frame slots a per-frame connector fills: ceil(frames / video_pool)."""
+        return -(-self.frames // self.video_pool)
 
     @property
     def views(self) -> int:
@@ -333,7 +341,8 @@ class FusionInput:
     vision_dim: int  # their width (several feature layers are concatenated)
     lm: LMShape
     views: int
-    frames: int
+    frames: int  # frames the tower encodes (a resampler reads them all together)
+    slots: int  # frame slots a per-frame connector fills (frames / video_pool, rounded up)
     text_tokens: int
     merged: bool  # ToMe ran, so the tokens are no longer a patch grid
     dtype_bytes: int
@@ -354,7 +363,7 @@ class Fusion:
 
 def projector_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
     """LLaVA (linear) and LLaVA-1.5 (mlp): every token of every view and frame, projected one by one."""
-    per_view = x.views * x.frames
+    per_view = x.views * x.slots
     if c.kind == "linear":
         return Fusion(
             "linear", x.features * per_view, linear_flops(x.features, x.vision_dim, x.lm.width) * per_view
@@ -371,14 +380,14 @@ def pixel_shuffle_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
     if x.merged or side * side != x.features or side % r:
         why = "ToMe leaves no patch grid" if x.merged else f"{side}² grid not divisible by r={r}"
         return Fusion(label, None, note=f"n/a: {why}")
-    per_view = x.views * x.frames
+    per_view = x.views * x.slots
     return Fusion(label, x.features // r**2 * per_view,
                   pixel_shuffle_flops(x.features, x.vision_dim, x.lm.width, r) * per_view)  # fmt: skip
 
 
 def qformer_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
     """BLIP-2: K query tokens per view and frame, whatever the resolution."""
-    per_view = x.views * x.frames
+    per_view = x.views * x.slots
     flops = qformer_flops(x.features, x.vision_dim, x.lm.width, c) * per_view
     return Fusion(f"qformer K={c.num_queries}", c.num_queries * per_view, flops)
 
@@ -407,7 +416,7 @@ def cross_attention_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
 
 def unified_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
     """Unified tokens (VQ): one image code per patch token, looked up in the LM vocabulary; no connector."""
-    return Fusion("unified", x.features * x.views * x.frames)
+    return Fusion("unified", x.features * x.views * x.slots)
 
 
 FUSIONS = {"linear": projector_fusion, "mlp": projector_fusion, "pixel_shuffle": pixel_shuffle_fusion,
@@ -458,7 +467,7 @@ def plan_budget(backbone: Backbone, image: ImageInput, dtype_bytes: int = 2) -> 
     if backbone.lm is not None:
         own = backbone.connector
         x = FusionInput(features, v.width * len(backbone.feature_layers), backbone.lm, image.views, image.frames,
-                        image.text_tokens, image.merge_tokens > 0, dtype_bytes)  # fmt: skip
+                        image.slots, image.text_tokens, image.merge_tokens > 0, dtype_bytes)  # fmt: skip
         per_image = cost.flops * image.views * image.frames
         for kind in [own.kind] + [k for k in FUSION_STYLES if k != own.kind]:
             styles.append(style_budget(kind, comparison_connector(kind, own), x, per_image))

@@ -281,7 +281,7 @@ def measure(args: argparse.Namespace, spec: ModelSpec, budget) -> dict[str, Any]
         if model is tower:
             result["vision_ms"] = median_ms(lambda: tower(pixels), args.runs, sync)
             return result
-        cfg, images = model.cfg, len(pixels)
+        cfg = model.cfg
         if model.kind == "unified" and not bool(
             model.connector.fitted
         ):  # random weights: any codebook times the same
@@ -289,14 +289,19 @@ def measure(args: argparse.Namespace, spec: ModelSpec, budget) -> dict[str, Any]
             model.connector.fitted.fill_(True)
         features = model.patch_features(pixels)
         # the connector stage: what fills the image slots, and for cross-attention the resampler's media
+        # each view's frames, video_pool to a slot (the last group may be shorter)
+        groups = [min(image.video_pool, image.frames - i) for i in range(0, image.frames, image.video_pool)]
+        frames = torch.tensor(groups * (args.batch_size * image.views), device=device)
         connect = (lambda: model.connector.resampler(features)) if model.kind == "cross_attention" else (
-            lambda: model.visual_tokens(features))  # fmt: skip
-        slots = model.image_tokens
+            lambda: model.slot_tokens(features, frames))  # fmt: skip
+        slots = model.image_tokens * len(frames) // args.batch_size
         text = torch.full((args.batch_size, image.text_tokens), 1, device=device)
-        ids = torch.cat([torch.full((args.batch_size, slots * images // args.batch_size), cfg.image_token_id,
-                                    device=device), text], dim=1)  # fmt: skip
-        embeds, media = model.prepare(ids, pixels)
-        tokens = slots * images // args.batch_size
+        ids = torch.cat(
+            [torch.full((args.batch_size, slots), cfg.image_token_id, device=device), text], dim=1
+        )
+        model.cfg = dataclasses.replace(model.cfg, video_pool=image.video_pool)
+        embeds, media = model.prepare(ids, pixels, None, frames)
+        tokens = slots
         result["vision_ms"] = median_ms(lambda: model.patch_features(pixels), args.runs, sync)
         result["connector_ms"] = median_ms(connect, args.runs, sync)
         result["lm_prefill_ms"] = median_ms(
@@ -353,6 +358,8 @@ def describe(spec: ModelSpec, budget, dtype: str, dtype_source: str) -> list[str
         (rows, cols), px = image.tiles, image.image_size
         views = f"{rows}x{cols} tiles of {px} px (a {rows * px}×{cols * px} image) + 1 global view"
     frames = f"{image.frames} frame" + ("s" if image.frames > 1 else "")
+    if image.video_pool > 1:
+        frames += f" ({image.video_pool} averaged per slot: {image.slots} slots)"
     tome = f"ToMe r={image.merge_tokens}" if image.merge_tokens else "ToMe off"
     lines.append(f"  image    {views} × {frames}; {tome}: {budget.vision.sequence} -> "
                  f"{budget.vision.tokens} tokens per view")  # fmt: skip
@@ -443,9 +450,15 @@ def cmd_budget(args: argparse.Namespace) -> None:
     spec = spec_from_config(read_json(source), str(source))
     v = spec.backbone.vision
     size = _positive("--image-size", args.image_size or v.image_size, v.patch_size)
+    pool = (
+        args.video_pool
+        if args.video_pool is not None
+        else read_json(source).get("config", {}).get("video_pool", 1)
+    )
     image = ImageInput(size, parse_tiles(args.tiles), video_frames(args),
                        _positive("--text-tokens", args.text_tokens, 0),
-                       _positive("--merge-tokens", v.merge_tokens if args.merge_tokens is None else args.merge_tokens, 0))  # fmt: skip
+                       _positive("--merge-tokens", v.merge_tokens if args.merge_tokens is None else args.merge_tokens, 0),
+                       _positive("--video-pool", pool))  # fmt: skip
     _positive("--runs", args.runs)
     _positive("--batch-size", args.batch_size)
     dtype, dtype_source = _dtype(args, spec)
@@ -473,6 +486,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video-seconds", type=float, help="a video's duration; with --fps sets the frame count")
     p.add_argument("--fps", type=float, help="frames sampled per second of video (f_s)")
     p.add_argument("--max-frames", type=int, default=64, help="the cap on sampled frames")
+    p.add_argument(
+        "--video-pool", type=int, help="frames averaged per slot (default: the config's video_pool, 1)"
+    )
     p.add_argument("--text-tokens", type=int, default=32, help="text tokens in the prompt")
     p.add_argument(
         "--merge-tokens", type=int, help="ToMe: tokens merged per ViT block, r (default: the config's)"
