@@ -232,3 +232,42 @@ def test_a_whisper_folder_initialises_the_audio_tower(tmp_path, pitch_data):
     cfg.model.audio_init = str(tmp_path / "run" / "model")  # a VLM, not an audio encoder
     with pytest.raises(InputError, match="not an audio encoder"):
         run_vlm_training(cfg)
+
+
+def test_the_server_takes_input_audio_parts(trained, tmp_path):
+    import base64
+    import io
+
+    import httpx
+    from test_serve_api import KEY, assert_error, serving
+
+    from mmlm.serve.engine import Engine, EngineConfig
+
+    loaded, _, _ = trained
+    buffer = io.BytesIO()
+    soundfile.write(buffer, tone(2000, seed=21), RATE, format="WAV")
+    audio = {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(buffer.getvalue()).decode(), "format": "wav"},
+    }
+    question = {"type": "text", "text": "Is the tone high or low?"}
+    engine = Engine(vlm=loaded, config=EngineConfig(max_queue=4, max_batch=2))
+    with serving(engine, model_id="tiny-audio", api_key=KEY) as url:
+
+        def chat(content) -> httpx.Response:
+            body = {"model": "tiny-audio", "messages": [{"role": "user", "content": content}], "max_tokens": 3,
+                    "temperature": 0}  # fmt: skip
+            return httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                              timeout=60)  # fmt: skip
+
+        reply = chat([audio, question])
+        assert reply.status_code == 200, reply.text
+        expected = loaded.generate([{"role": "user", "content": [{"type": "audio"}, question]}],
+                                   audio=[buffer.getvalue()], max_new_tokens=3)  # fmt: skip
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+        assert reply.json()["usage"]["prompt_tokens"] > loaded.model.audio_tokens
+        bad = {"type": "input_audio", "input_audio": {"data": "not base64!", "format": "wav"}}
+        assert_error(chat([bad, question]), 400, param="messages.0.content.0.input_audio.data")
+        corrupt = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF" + bytes(40)).decode(),
+                                                          "format": "wav"}}  # fmt: skip
+        assert_error(chat([corrupt, question]), 400)

@@ -370,6 +370,16 @@ def test_bad_requests_are_400s(server, post):
     assert_error(
         post("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "<image> hi"}])), 400
     )
+    assert_error(
+        post("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "<audio> hi"}])), 400
+    )
+    wav = [
+        {
+            "role": "user",
+            "content": [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}],
+        }
+    ]
+    assert_error(post("/v1/chat/completions", chat_body(messages=wav)), 400, "unsupported_content")
     three = image_message(*[data_url(png(32, 32))] * 3)
     assert_error(post("/v1/chat/completions", chat_body(messages=three)), 400, "too_many_images")
     assert_error(post("/v1/embeddings", {"model": "tiny-clip", "input": ["a"], "dimensions": 8}), 400)
@@ -428,7 +438,7 @@ class FakeEngine:
     def prompt_tokens(self, messages, images) -> int:
         return 10 + 16 * len(images)
 
-    async def generate(self, messages, images, settings, stats=None):
+    async def generate(self, messages, images, settings, stats=None, audio=()):
         if self.active >= self.max_queue:
             raise QueueFull(retry_after=2.2)
         if self.error is not None:

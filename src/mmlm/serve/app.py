@@ -6,6 +6,7 @@ that goes away cancels its engine work: each engine call races the client's disc
 """
 
 import asyncio
+import base64
 import hmac
 import json
 import time
@@ -21,13 +22,14 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from mmlm.generation import GenerationSettings
-from mmlm.processing.chat import IMAGE_TOKEN
+from mmlm.processing.chat import AUDIO_TOKEN, IMAGE_TOKEN
 from mmlm.serve.config import ServeConfig
 from mmlm.serve.engine import GenerationStats
 from mmlm.serve.errors import APIError, add_error_handlers, as_api_error, error_body, validation_error
 from mmlm.serve.images import load_request_image
 from mmlm.serve.metrics import format_labels
 from mmlm.serve.schema import (
+    AudioPart,
     ChatMessage,
     ChatRequest,
     ClassifyRequest,
@@ -220,9 +222,12 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
             )  # fmt: skip
         return [await asyncio.to_thread(load_request_image, url, field, config) for url, field in urls]
 
-    def chat_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-        """Map OpenAI messages to mmlm chat messages (image parts in order) and the image URLs they name."""
-        out, urls = [], []
+    def chat_messages(
+        messages: list[ChatMessage],
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], list[bytes]]:
+        """Map OpenAI messages to mmlm chat messages (image and audio parts in order), the image URLs they name
+        and the audio files they carry."""
+        out, urls, audio = [], [], []
         for i, message in enumerate(messages):
             role = "system" if message.role == "developer" else message.role
             content = message.content if message.content is not None else ""
@@ -240,11 +245,30 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
                         )
                     urls.append((part.image_url.url, f"{field}.image_url.url"))
                     parts.append({"type": "image"})
+                elif isinstance(part, AudioPart):
+                    audio.append(audio_bytes(part, field, role))
+                    parts.append({"type": "audio"})
                 else:
                     _no_image_token(part.text, f"{field}.text")
                     parts.append({"type": "text", "text": part.text})
             out.append({"role": role, "content": parts})
-        return out, urls
+        return out, urls, audio
+
+    def audio_bytes(part: AudioPart, field: str, role: str) -> bytes:
+        """Return an input_audio part's file bytes, or a 400 naming the field."""
+        if role != "user":
+            raise APIError(400, f"{field}: audio is accepted in user messages only", param=field)
+        if vlm is None or not vlm.model.audio_tokens:
+            raise APIError(
+                400, f"{field}: the served model has no audio tower; send text and images",
+                param=field, code="unsupported_content",
+            )  # fmt: skip
+        try:
+            return base64.b64decode(part.input_audio.data, validate=True)
+        except ValueError:
+            raise APIError(
+                400, f"{field}.input_audio.data: not valid base64", param=f"{field}.input_audio.data"
+            ) from None
 
     async def run_guard(messages: list[dict[str, Any]], images: list[Image.Image]) -> dict[str, Any] | None:
         if inspect is None or not images:
@@ -298,13 +322,13 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
         body = await parse_body(request, ChatRequest)
         model = check_model(body.model, [config.model_id if vlm is not None else None])
         settings = settings_of(body)
-        messages, urls = chat_messages(body.messages)
+        messages, urls, audio = chat_messages(body.messages)
         images = await load_images(urls)
         guard = await run_guard(messages, images)
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         extension = {"mmlm": {"guard": guard}} if guard is not None else {}
         stats = GenerationStats()
-        pieces = engine.generate(messages, images, settings, stats)
+        pieces = engine.generate(messages, images, settings, stats, audio)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             try:  # the first piece before the 200, so a full queue or a bad prompt still gets its status
@@ -429,10 +453,10 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
 
 
 def _no_image_token(text: str, field: str) -> None:
-    if IMAGE_TOKEN in text:
-        raise APIError(
-            400, f"{field}: the text holds {IMAGE_TOKEN!r}; send images as image_url parts", param=field,
-        )  # fmt: skip
+    # a placeholder typed into text would claim a media slot that no part fills
+    for token, part in ((IMAGE_TOKEN, "images as image_url"), (AUDIO_TOKEN, "audio as input_audio")):
+        if token in text:
+            raise APIError(400, f"{field}: the text holds {token!r}; send {part} parts", param=field)
 
 
 async def _collect(pieces: AsyncIterator[str]) -> list[str]:
@@ -455,7 +479,9 @@ async def _embed_parts(engine, messages: list[ChatMessage], load_images) -> list
         [(p.image_url.url, f"{f}.image_url.url") for f, p in parts if isinstance(p, ImagePart)]
     )
     blocks, image_iter = [], iter(images)
-    for _, part in parts:  # one call per part keeps the order; the engine batches across requests anyway
+    for field, part in parts:  # one call per part keeps the order; the engine batches across requests anyway
+        if isinstance(part, AudioPart):
+            raise APIError(400, f"{field}: audio parts cannot be embedded by this server", param=field)
         if isinstance(part, ImagePart):
             blocks.append(await engine.embed_images([next(image_iter)]))
         else:

@@ -90,6 +90,7 @@ class _Request:
 class _Generation(_Request):
     messages: list[dict] = field(default_factory=list)
     images: list[PIL.Image.Image] = field(default_factory=list)
+    audio: list[bytes] = field(default_factory=list)  # encoded audio files, in the order of the audio parts
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     max_new_tokens: int = 0  # settings' limit, cut to the room left in the context
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # text pieces, then _END or an exception
@@ -205,11 +206,15 @@ class Engine:
             self.metrics.request(req.kind, status, time.monotonic() - req.started)
 
     # generation
-    def prompt_tokens(self, messages: list[dict], images: list[PIL.Image.Image]) -> int:
-        """Return the prompt's length in VLM tokens, image tokens and the generation prompt included."""
+    def prompt_tokens(
+        self, messages: list[dict], images: list[PIL.Image.Image], audio: list[bytes] = ()
+    ) -> int:
+        """Return the prompt's length in VLM tokens, image and audio tokens and the generation prompt included."""
         if self.vlm is None:
             raise InputError("generation: this server has no generative model loaded")
-        batch = self.vlm.processor([messages], [list(images)], add_generation_prompt=True)
+        batch = self.vlm.processor(
+            [messages], [list(images)], add_generation_prompt=True, audio=[list(audio)]
+        )
         return int(batch["input_ids"].shape[1])
 
     async def generate(
@@ -218,6 +223,7 @@ class Engine:
         images: list[PIL.Image.Image],
         settings: GenerationSettings,
         stats: GenerationStats | None = None,
+        audio: list[bytes] = (),
     ) -> AsyncIterator[str]:
         """Yield the reply's text in pieces as it is decoded; raise QueueFull, RequestTimeout or InputError.
 
@@ -226,7 +232,7 @@ class Engine:
         """
         settings.check()
         started = time.monotonic()
-        prompt = await asyncio.to_thread(self.prompt_tokens, messages, images)  # also checks images
+        prompt = await asyncio.to_thread(self.prompt_tokens, messages, images, audio)  # also checks the media
         if stats is not None:
             stats.prompt_tokens = prompt
         room = self.vlm.config.lm.max_positions - prompt
@@ -237,7 +243,7 @@ class Engine:
             )
         req = _Generation(
             "generate", started + self.config.timeout_s, started, messages=messages, images=list(images),
-            settings=settings, max_new_tokens=min(settings.max_new_tokens, room),
+            audio=list(audio), settings=settings, max_new_tokens=min(settings.max_new_tokens, room),
             stream=TextStream(self.vlm.decode, settings.stop),
         )  # fmt: skip
         req.sample = None if settings.temperature == 0 else make_sampler(settings, self.vlm.device)
@@ -333,8 +339,10 @@ class Engine:
 
     def _prefill(self, reqs: list[_Generation]) -> tuple[_DecodeBatch, torch.Tensor]:
         """Return the admitted requests as a batch with their prompts cached, and their next-token logits."""
-        prompts, images = [r.messages for r in reqs], [r.images for r in reqs]
-        _, cache, _, embeds, mask = self.vlm._prepare(prompts, images, GenerationSettings(1), "dynamic")
+        prompts, images, audio = [r.messages for r in reqs], [r.images for r in reqs], [r.audio for r in reqs]
+        _, cache, _, embeds, mask = self.vlm._prepare(
+            prompts, images, GenerationSettings(1), "dynamic", audio
+        )
         logits = self._step(None, embeds, mask, cache)
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)

@@ -39,11 +39,25 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class InputAudio(_Strict):
+    """Base64-encoded audio file bytes and their container format, as OpenAI's input_audio parts carry them."""
+
+    data: str
+    format: Literal["wav", "mp3", "flac", "ogg"]
+
+
+class AudioPart(_Strict):
+    """An audio content part, for a model with an audio tower."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Strict):
-    """One turn: a role and string content or a list of text and image parts."""
+    """One turn: a role and string content or a list of text, image and audio parts."""
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
