@@ -19,7 +19,7 @@ from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
 VARIANTS_PER_PHRASE = 8  # 7 train, 1 held-out test
 
 
-def demo_audio_config(out: Path, manifest: Path, steps: int, width: int = 96) -> TrainConfig:
+def demo_audio_config(out: Path, manifest: Path, steps: int, width: int = 64) -> TrainConfig:
     """Return the demo's run: a 2 s, 80-mel Whisper-style audio tower, a 2-layer text tower, CLIP's loss."""
     audio = AudioConfig(n_mels=80, width=width, layers=3, heads=4, mlp_dim=2 * width, max_frames=100)
     text = TextConfig(context_length=16, width=width, layers=2, heads=4, mlp_dim=2 * width, act="gelu",
@@ -44,10 +44,10 @@ def evaluate(loaded: Any, manifest: Path) -> dict[str, float]:
 
 def run_audio_demo(
     out: Path,
-    steps: int = 600,
+    steps: int = 1200,
     variants_per_phrase: int = VARIANTS_PER_PHRASE,
     phrases: list[str] | None = None,
-    width: int = 96,
+    width: int = 64,
 ) -> dict[str, Any]:
     """Synthesise the spoken set, train the audio-text CLIP, evaluate it; write <out>/summary.json and return it."""
     from mmlm.train.run import run_clip_training
