@@ -193,10 +193,14 @@ def test_lock_image_freezes_the_audio_tower(tmp_path):
     assert loaded.model.logit_scale.item() != pytest.approx(cfg.model.logit_scale_init)  # the rest trained
 
 
-def test_an_audio_model_trains_only_on_an_audio_manifest(tmp_path):
+def test_an_audio_model_trains_only_on_an_audio_manifest_with_matching_settings(tmp_path):
     cfg = load_train_config(None, [*TINY_AUDIO, "steps=1", f"out_dir={tmp_path}"])
     with pytest.raises(InputError, match="audio manifest"):
         run_clip_training(cfg)
+    with pytest.raises(InputError, match=r"audio_embed_dim \(12\) must equal model.text.embed_dim \(16\)"):
+        load_train_config(None, [*TINY_AUDIO, "model.audio_embed_dim=12"])
+    with pytest.raises(InputError, match="audio_pool: got 'max'"):
+        load_train_config(None, [*TINY_AUDIO, "model.audio_pool=max"])
 
 
 @pytest.mark.skipif(

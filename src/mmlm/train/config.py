@@ -124,6 +124,14 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     cfg = config_from_dict(TrainConfig, apply_overrides(data, list(overrides)))
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError(f"steps and batch_size must be positive, got {cfg.steps} and {cfg.batch_size}")
+    model = cfg.model
+    if model.audio is not None and model.audio_embed_dim != model.text.embed_dim:
+        raise InputError(
+            f"model.audio_embed_dim ({model.audio_embed_dim}) must equal model.text.embed_dim "
+            f"({model.text.embed_dim}): both towers map to one embedding space"
+        )
+    if model.audio is not None and model.audio_pool not in ("mean", "map"):
+        raise InputError(f"model.audio_pool: got {model.audio_pool!r}; expected 'mean' or 'map'")
     return cfg
 
 
