@@ -50,7 +50,15 @@ def trained(tmp_path_factory):
     manifest = write_tone_set(root / "data")
     cfg = load_train_config(
         None,
-        [*TINY_AUDIO, "steps=60", f"data.source={manifest}", "data.split=train", f"out_dir={root / 'run'}"],
+        [
+            *TINY_AUDIO,
+            "steps=60",
+            f"data.source={manifest}",
+            "data.split=train",
+            f"out_dir={root / 'run'}",
+            f"val_data={manifest}",
+            "val_split=test",
+        ],  # fmt: skip
     )
     loaded, records = run_clip_training(cfg)
     return loaded, records, root
@@ -68,6 +76,9 @@ def test_training_lowers_the_loss_and_retrieves_held_out_tones(trained):
     )
     assert metrics["audio_to_text_R@1"] >= 0.75 and metrics["text_to_audio_R@1"] >= 0.75  # chance: 0.25
     assert "image_to_text_R@1" not in metrics
+    assert records[-1]["audio_to_text_R@1"] == pytest.approx(
+        metrics["audio_to_text_R@1"]
+    )  # the val_data hook
 
 
 def test_encode_audio_is_unit_norm_and_independent_of_the_batch(trained):

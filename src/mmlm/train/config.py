@@ -58,6 +58,7 @@ class TrainConfig:
     vocab_size: int = 1024  # of a trained BPE
     val_data: str | None = None  # a JSONL manifest (or any data.source form) for retrieval evaluation
     val_samples: int = 1000
+    val_split: str | None = None  # only val_data rows of this split (an audio manifest's "split"; Karpathy)
     steps: int = 1000
     batch_size: int = 128
     seed: int = 0

@@ -185,7 +185,8 @@ def run_clip_training(
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if evaluate is None and cfg.val_data:
-        evaluate = manifest_evaluator(cfg.val_data, cfg.val_samples)
+        options = {"split": cfg.val_split} if cfg.val_split else {}
+        evaluate = manifest_evaluator(cfg.val_data, cfg.val_samples, **options)
     hook = (lambda _, step: evaluate(loaded, step)) if evaluate else None
     records = train(cfg, model, data, run_dir, resume=resume, evaluate=hook,
                     export=lambda folder: loaded.save_pretrained(folder, format="mmlm"), dist=dist)  # fmt: skip
