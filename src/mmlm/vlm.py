@@ -254,7 +254,9 @@ def check_video(cfg: VLMConfig) -> None:
     if cfg.video_pool < 1:
         raise InputError(f"video_pool: expected at least 1 frame per image slot, got {cfg.video_pool}")
     if cfg.video_pool > 1 and cfg.connector.kind == "cross_attention":
-        raise InputError("video_pool: cross-attention fusion reads every frame through its own resampler; use 1")
+        raise InputError(
+            "video_pool: cross-attention fusion reads every frame through its own resampler; use 1"
+        )
     if cfg.video_merge not in ("mean", "resampler"):
         raise InputError(f"video_merge: expected 'mean' or 'resampler', got {cfg.video_merge!r}")
     if cfg.video_merge == "resampler" and (

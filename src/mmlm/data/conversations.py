@@ -98,7 +98,11 @@ def parse_record(record: Any, where: str, image_folder: Path, image_token: str =
         media[key] = [image_folder / p for p in paths]
     record_id = record.get("id")
     return Conversation(
-        messages, media["image"], None if record_id is None else str(record_id), media["audio"], media["video"]
+        messages,
+        media["image"],
+        None if record_id is None else str(record_id),
+        media["audio"],
+        media["video"],
     )
 
 
@@ -128,7 +132,11 @@ class ConversationDataset(Dataset):
     """Conversations encoded by a VLM processor; an item is None when truncation dropped it (collate counts it)."""
 
     def __init__(
-        self, conversations: Sequence[Conversation], processor: VLMProcessor, frames: int = 8, video_pool: int = 1
+        self,
+        conversations: Sequence[Conversation],
+        processor: VLMProcessor,
+        frames: int = 8,
+        video_pool: int = 1,
     ) -> None:
         self.conversations = conversations
         self.processor = processor
