@@ -221,9 +221,18 @@ def test_audio_demo_runs_end_to_end_on_a_few_spoken_words(tmp_path):
     from mmlm.demo_audio import run_audio_demo
 
     summary = run_audio_demo(
-        tmp_path, steps=3, variants_per_phrase=2, phrases=["red", "blue", "circle"], width=32
+        tmp_path, steps=3, variants_per_phrase=2, phrases=["red", "blue", "circle"], width=32, vlm_steps=2
     )
     assert summary["test_clips"] == 3 and summary["chance_R@1"] == pytest.approx(1 / 3)
     assert 0 <= summary["audio_to_text_R@1"] <= 1 and summary["steps"] == 3
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert mmlm.load(tmp_path / "train" / "model").modality == "audio"
+    clap = mmlm.load(tmp_path / "train" / "model")
+    assert clap.modality == "audio"
+    vlm = mmlm.load(tmp_path / "vlm")  # the spoken-word VLM, on the CLIP's audio tower (frozen)
+    assert 0 <= summary["vlm_accuracy"] <= 1 and summary["vlm_steps"] == 4  # align 2, then instruct 2
+    features = torch.randn(1, 80, 200)
+    with torch.no_grad():
+        want = super(type(clap.model.audio), clap.model.audio).forward(
+            features
+        )  # the encoder, before pooling
+        torch.testing.assert_close(vlm.model.audio(features), want)

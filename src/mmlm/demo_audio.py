@@ -4,6 +4,10 @@ The shapes-world vocabulary is spoken by espeak-ng (`mmlm.data.spoken`) in sever
 test variant of each phrase is faster and noisier than any training clip. A dual encoder with a Whisper-style
 audio tower (2 s window, 80 mels) and a small text tower trains with CLIP's loss through `mmlm train clip`'s
 loop, then every test clip is matched against every phrase: audio→text R@1 over the vocabulary, and text→audio.
+
+Then `<audio>` in an LM: a small audio VLM whose audio encoder is the CLIP's audio tower (frozen, as LLaVA keeps
+its CLIP ViT), with 4 frames pooled per token and an MLP connector into a 2-layer LM, learns "What word is
+spoken?" on the training clips and answers it for the held-out ones, beside its blind baseline (silence).
 """
 
 import json
@@ -11,12 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mmlm.config import AudioConfig, DualEncoderConfig, TextConfig
 from mmlm.data.spoken import make_spoken_set
 from mmlm.eval.retrieval import read_audio_retrieval_set, retrieval_metrics
+from mmlm.eval.vqa import exact_match
 from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
 
 VARIANTS_PER_PHRASE = 8  # 7 train, 1 held-out test
+VLM_STEPS = 600
 
 
 def demo_audio_config(out: Path, manifest: Path, steps: int, width: int = 64) -> TrainConfig:
@@ -42,14 +50,88 @@ def evaluate(loaded: Any, manifest: Path) -> dict[str, float]:
     return {**metrics, "test_clips": len(clips), "chance_R@1": 1 / len(texts)}
 
 
+def manifest_rows(manifest: Path, split: str) -> list[dict[str, Any]]:
+    """Return the spoken set's rows of one split, audio paths made absolute."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    return [{**r, "audio": str(manifest.parent.resolve() / r["audio"])} for r in rows if r["split"] == split]
+
+
+def write_spoken_conversations(manifest: Path, out: Path) -> Path:
+    """Write the training clips as LLaVA conversations with an `"audio"` file each; return the JSON's path."""
+    records = [{"id": i, "audio": r["audio"], "conversations": [
+        {"from": "human", "value": "<audio>\n" + r["question"]}, {"from": "gpt", "value": r["answer"]}]}
+        for i, r in enumerate(manifest_rows(manifest, "train"))]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "conversations.json").write_text(json.dumps(records) + "\n")
+    return out / "conversations.json"
+
+
+def demo_audio_vlm_config(out: Path, train_json: Path, audio_model: Path, steps: int):
+    """Return the audio VLM run: the CLIP's audio tower (frozen), 4 frames a token, an MLP connector, a 2-layer LM (the
+    model's vision tower is a minimal unused one)."""
+    from mmlm.config import VisionConfig
+    from mmlm.connectors import ConnectorConfig
+    from mmlm.lm import LMConfig
+    from mmlm.train.vlm_config import StageConfig, StageData, VLMParts, VLMTrainConfig
+
+    lm = LMConfig(width=128, layers=2, heads=4, kv_heads=4, mlp_dim=256, tie_word_embeddings=True)
+    vision = VisionConfig(
+        image_size=32, patch_size=16, width=32, layers=1, heads=2, mlp_dim=64, embed_dim=None
+    )
+    parts = VLMParts(vision=vision, lm=lm, audio_init=str(audio_model), audio_connector=ConnectorConfig(kind="mlp"), audio_pool=4,
+                     vocab_size=512)  # fmt: skip
+    data = StageData(source=str(train_json), multimodal_fraction=1.0)
+    stages = {
+        "align": StageConfig(steps=min(100, steps), train=["connector"], data=data,
+                             optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=10)),
+        "instruct": StageConfig(steps=steps, train=["connector", "lm"], data=data,
+                                optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30)),
+    }  # fmt: skip
+    return VLMTrainConfig(model=parts, stages=stages, batch_size=32, max_length=64, eval_samples=0,
+                          out_dir=str(out / "vlm_train"), log_every=10, device="cpu")  # fmt: skip
+
+
+def spoken_answers(loaded: Any, rows: list[dict[str, Any]], blind: bool, batch_size: int = 64) -> list[str]:
+    """Return greedy answers to "What word is spoken?" for each clip, or for a second of silence (blind)."""
+    silence = np.zeros(16_000, dtype=np.float32)
+    answers: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts = [[{"role": "user", "content": "<audio>\n" + r["question"]}] for r in chunk]
+        clips = [[silence] if blind else [r["audio"]] for r in chunk]
+        answers += loaded.generate(prompts, audio=clips, max_new_tokens=8)
+    return answers
+
+
+def run_audio_vlm(out: Path, manifest: Path, audio_model: Path, steps: int = VLM_STEPS) -> dict[str, Any]:
+    """Train the spoken-word VLM on the training clips; return its accuracy on the held-out ones and blind."""
+    from mmlm.train.vlm_loop import run_vlm_training
+
+    start = time.perf_counter()
+    train_json = write_spoken_conversations(manifest, out / "vlm_data")
+    loaded, records = run_vlm_training(demo_audio_vlm_config(out, train_json, audio_model, steps))
+    rows = manifest_rows(manifest, "test")
+    scores = {}
+    for name, blind in (("vlm_accuracy", False), ("vlm_blind_accuracy", True)):
+        answers = spoken_answers(loaded, rows, blind)
+        scores[name] = sum(exact_match(a, r["answer"]) for a, r in zip(answers, rows, strict=True)) / len(
+            rows
+        )
+    loaded.save_pretrained(out / "vlm")
+    return {**scores, "vlm_model": str(out / "vlm"), "vlm_steps": records[-1]["step"],
+            "vlm_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
 def run_audio_demo(
     out: Path,
     steps: int = 1200,
     variants_per_phrase: int = VARIANTS_PER_PHRASE,
     phrases: list[str] | None = None,
     width: int = 64,
+    vlm_steps: int = VLM_STEPS,
 ) -> dict[str, Any]:
-    """Synthesise the spoken set, train the audio-text CLIP, evaluate it; write <out>/summary.json and return it."""
+    """Synthesise the spoken set, train the audio-text CLIP, evaluate it, then train and score the spoken-word VLM
+    on its audio tower (vlm_steps 0: skip it); write <out>/summary.json and return it."""
     from mmlm.train.run import run_clip_training
 
     start = time.perf_counter()
@@ -70,6 +152,12 @@ def run_audio_demo(
     print(f"audio-text CLIP: {summary['test_clips']} held-out clips (faster, noisier speech) against "
           f"{summary['test_clips']} phrases, chance R@1 {summary['chance_R@1']:.3f}; wrote {summary['model']}  "
           f"({summary['seconds']}s)")  # fmt: skip
+    if vlm_steps:
+        summary.update(run_audio_vlm(out, manifest, out / "train" / "model", vlm_steps))
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        print(f"audio VLM: \"What word is spoken?\" accuracy {summary['vlm_accuracy']:.3f} on the held-out clips, "
+              f"blind (silence) {summary['vlm_blind_accuracy']:.3f}; wrote {summary['vlm_model']}  "
+              f"({summary['vlm_seconds']}s)")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

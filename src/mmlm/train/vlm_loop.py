@@ -26,8 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.audio_model import AudioModel, whisper_preprocessor
 from mmlm.checkpoints.peft import llama_module_names, save_adapter
+from mmlm.config import AudioConfig
+from mmlm.contrastive import ContrastiveModel
 from mmlm.data.instructions import make_instruction
 from mmlm.data.shapes import split_combinations
+from mmlm.encoders.audio import AudioEncoder
 from mmlm.errors import InputError
 from mmlm.eval.vqa import answer_questions, vqa_scores
 from mmlm.generative import GenerativeModel
@@ -341,6 +344,23 @@ def build_tokenizer(cfg: VLMTrainConfig, run_dir: Path, corpus: Callable[[], lis
     return folder
 
 
+def audio_encoder_of(folder: str) -> tuple[AudioConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (config, encoder weights, preprocessor) of the audio encoder in a Whisper folder or in an audio-text
+    contrastive model's folder (its tower without the pooling and projection), as `vision_init` takes a CLIP's."""
+    import mmlm
+
+    loaded = mmlm.load(folder)
+    if isinstance(loaded, AudioModel):
+        return loaded.config, loaded.model.state_dict(), loaded.preprocessor
+    if isinstance(loaded, ContrastiveModel) and loaded.config.audio is not None:
+        encoder = AudioEncoder(loaded.config.audio).state_dict()
+        weights = {k: v for k, v in loaded.model.audio.state_dict().items() if k in encoder}
+        return loaded.config.audio, weights, loaded.audio_preprocessor
+    raise InputError(
+        f"model.audio_init: {folder} is not an audio encoder (a Whisper or audio-text model folder)"
+    )
+
+
 def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLanguageModel, VLMProcessor]:
     """Return a VLM (ViT and LM from their folders, or fresh) and its processor; the connector is new."""
     import mmlm
@@ -373,20 +393,15 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
                          pad_token_id=ids["pad_token"], max_positions=cfg.max_length)  # fmt: skip
     vlm_cfg = VLMConfig(vision_cfg, lm_cfg, parts.connector, image_token_id, list(parts.feature_layers),
                         parts.feature_select, video_pool=parts.video_pool, video_merge=parts.video_merge)  # fmt: skip
-    audio_tower = None
-    if parts.audio_init is not None or parts.audio is not None:
-        audio_tower = mmlm.load(parts.audio_init) if parts.audio_init is not None else None
-        if audio_tower is not None and not isinstance(audio_tower, AudioModel):
-            raise InputError(
-                f"model.audio_init: {parts.audio_init} is not an audio encoder (a Whisper folder)"
-            )
-        vlm_cfg = replace(vlm_cfg, audio=audio_tower.config if audio_tower is not None else parts.audio,
+    audio_tower = audio_encoder_of(parts.audio_init) if parts.audio_init is not None else None
+    if audio_tower is not None or parts.audio is not None:
+        vlm_cfg = replace(vlm_cfg, audio=audio_tower[0] if audio_tower is not None else parts.audio,
                           audio_connector=parts.audio_connector, audio_pool=parts.audio_pool,
                           audio_pool_mode=parts.audio_pool_mode, audio_token_id=audio_token_id)  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = VisionLanguageModel(vlm_cfg)
     if audio_tower is not None:
-        model.audio.load_state_dict(audio_tower.model.state_dict())
+        model.audio.load_state_dict(audio_tower[1])
     if parts.vision_init is not None:
         ours = model.vision.state_dict()
         model.vision.load_state_dict({k: v for k, v in tower.model.visual.state_dict().items() if k in ours})
@@ -399,7 +414,7 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
         model.lm.load_state_dict(state)
     audio = {} if vlm_cfg.audio is None else dict(
         tokens_per_audio=model.audio_tokens, audio_config=vlm_cfg.audio,
-        audio_preprocessor=audio_tower.preprocessor if audio_tower is not None else whisper_preprocessor(vlm_cfg.audio))  # fmt: skip
+        audio_preprocessor=audio_tower[2] if audio_tower is not None else whisper_preprocessor(vlm_cfg.audio))  # fmt: skip
     processor = VLMProcessor(tokenizer, image_processor, model.image_tokens,
                              chat_template=ChatTemplate.from_pretrained(tokenizer_folder),
                              max_length=min(cfg.max_length, lm_cfg.max_positions), special_tokens=specials,
