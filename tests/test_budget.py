@@ -346,3 +346,14 @@ def test_video_pool_divides_the_per_frame_styles_slots(tmp_path, capsys):
     assert unpooled["styles"][0]["visual_tokens"] == 5 * 16
     assert main(["budget", "--config", str(config), "--video-pool", "0"]) == 2
     assert "--video-pool" in capsys.readouterr().err
+
+
+def test_an_audio_text_model_is_refused_with_one_line(tmp_path, capsys):
+    from mmlm.config import AudioConfig, DualEncoderConfig
+
+    cfg = DualEncoderConfig(audio=AudioConfig(width=32, layers=1, heads=2, mlp_dim=64, max_frames=50))
+    config = write(
+        tmp_path, {"mmlm_version": 1, "architecture": "dual_encoder", "config": dataclasses.asdict(cfg)}
+    )
+    assert main(["budget", "--config", str(config)]) == 2
+    assert "audio-text model has no vision tower" in capsys.readouterr().err

@@ -123,6 +123,8 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
             dual = config_from_dict(DualEncoderConfig, cfg)
         except (TypeError, ValueError) as e:
             raise InputError(f"{source}: not a valid mmlm {arch} config ({e})") from None
+        if dual.audio is not None:
+            raise InputError(f"{source}: an audio-text model has no vision tower; budget counts image tokens")
         return _encoder_spec(f"mmlm dual_encoder ({dual.family})", dual.vision, dtype, dual)
     model_type = data.get("model_type")
     try:
