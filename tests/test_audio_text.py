@@ -229,7 +229,7 @@ def test_audio_demo_runs_end_to_end_on_a_few_spoken_words(tmp_path):
     clap = mmlm.load(tmp_path / "train" / "model")
     assert clap.modality == "audio"
     vlm = mmlm.load(tmp_path / "vlm")  # the spoken-word VLM, on the CLIP's audio tower (frozen)
-    assert 0 <= summary["vlm_accuracy"] <= 1 and summary["vlm_steps"] == 4  # align 2, then instruct 2
+    assert 0 <= summary["vlm_accuracy"] <= 1 and summary["vlm_steps"] == 2
     features = torch.randn(1, 80, 200)
     with torch.no_grad():
         want = super(type(clap.model.audio), clap.model.audio).forward(

@@ -1,0 +1,120 @@
+"""Building a VLM training run's tokenizer and model (`mmlm train vlm`): the tower, LM and audio encoder from their
+folders or configs, a fresh connector, and the processor that reserves their tokens."""
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, processors
+
+from mmlm.audio_model import AudioModel, whisper_preprocessor
+from mmlm.config import AudioConfig
+from mmlm.contrastive import ContrastiveModel
+from mmlm.encoders.audio import AudioEncoder
+from mmlm.errors import InputError
+from mmlm.processing.bpe import BOS, train_bpe
+from mmlm.processing.chat import AUDIO_TOKEN, ChatTemplate, special_tokens_of
+from mmlm.processing.image import ImageProcessor
+from mmlm.processing.vlm_processor import VLMProcessor, add_image_token
+from mmlm.train.vlm_config import VLMTrainConfig
+from mmlm.vlm import VisionLanguageModel, VLMConfig
+
+
+def build_tokenizer(cfg: VLMTrainConfig, run_dir: Path, corpus: Callable[[], list[str]]) -> Path:
+    """Return the folder of the run's tokenizer: the LM's, the configured one, or a BPE trained on the data.
+
+    A trained BPE puts bos before every text and nothing after it (a prompt must not end in eos).
+    """
+    source = cfg.model.lm_init or cfg.model.tokenizer
+    if source is not None:
+        return Path(source)
+    folder = run_dir / "tokenizer"
+    if (folder / "tokenizer.json").is_file():  # a resumed run keeps its tokenizer
+        return folder
+    train_bpe(corpus(), folder, cfg.model.vocab_size, cfg.max_length)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def audio_encoder_of(folder: str) -> tuple[AudioConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (config, encoder weights, preprocessor) of the audio encoder in a Whisper folder or in an audio-text
+    contrastive model's folder (its tower without the pooling and projection), as `vision_init` takes a CLIP's."""
+    import mmlm
+
+    loaded = mmlm.load(folder)
+    if isinstance(loaded, AudioModel):
+        return loaded.config, loaded.model.state_dict(), loaded.preprocessor
+    if isinstance(loaded, ContrastiveModel) and loaded.config.audio is not None:
+        encoder = AudioEncoder(loaded.config.audio).state_dict()
+        weights = {k: v for k, v in loaded.model.audio.state_dict().items() if k in encoder}
+        return loaded.config.audio, weights, loaded.audio_preprocessor
+    raise InputError(
+        f"model.audio_init: {folder} is not an audio encoder (a Whisper or audio-text model folder)"
+    )
+
+
+def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLanguageModel, VLMProcessor]:
+    """Return a VLM (ViT and LM from their folders, or fresh) and its processor; the connector is new."""
+    import mmlm
+
+    parts = cfg.model
+    tokenizer = Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json"))
+    image_token_id = add_image_token(tokenizer)  # may lie past the LM's vocabulary: its slots are overwritten
+    with_audio = parts.audio_init is not None or parts.audio is not None
+    audio_token_id = add_image_token(tokenizer, AUDIO_TOKEN) if with_audio else None
+    specials = special_tokens_of(tokenizer_folder)
+    if parts.vision_init is not None:
+        tower = mmlm.load(parts.vision_init)
+        vision_cfg, image_processor = replace(tower.config.vision, embed_dim=None), tower.image_processor
+    else:
+        vision_cfg = replace(parts.vision, embed_dim=None)
+        image_processor = ImageProcessor.clip(vision_cfg.image_size)
+    codes = parts.connector.codebook_size if parts.connector.kind == "unified" else 0
+    if parts.lm_init is not None:
+        lm = mmlm.load(parts.lm_init)
+        lm_cfg = replace(lm.model.cfg, vocab_size=lm.model.cfg.vocab_size + codes)
+    else:
+        ids = {key: tokenizer.token_to_id(specials[key]) if key in specials else None
+               for key in ("bos_token", "eos_token", "pad_token")}  # fmt: skip
+        # unified tokens: the image codes follow the text vocabulary (and the image token)
+        text_vocab = (
+            tokenizer.get_vocab_size() if not codes else max(tokenizer.get_vocab_size(), image_token_id + 1)
+        )
+        lm_cfg = replace(parts.lm, vocab_size=text_vocab + codes, bos_token_id=ids["bos_token"],
+                         eos_token_ids=[ids["eos_token"]] if ids["eos_token"] is not None else [],
+                         pad_token_id=ids["pad_token"], max_positions=cfg.max_length)  # fmt: skip
+    vlm_cfg = VLMConfig(vision_cfg, lm_cfg, parts.connector, image_token_id, list(parts.feature_layers),
+                        parts.feature_select, video_pool=parts.video_pool, video_merge=parts.video_merge)  # fmt: skip
+    audio_tower = audio_encoder_of(parts.audio_init) if parts.audio_init is not None else None
+    if audio_tower is not None or parts.audio is not None:
+        vlm_cfg = replace(vlm_cfg, audio=audio_tower[0] if audio_tower is not None else parts.audio,
+                          audio_connector=parts.audio_connector, audio_pool=parts.audio_pool,
+                          audio_pool_mode=parts.audio_pool_mode, audio_token_id=audio_token_id)  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    model = VisionLanguageModel(vlm_cfg)
+    if audio_tower is not None:
+        model.audio.load_state_dict(audio_tower[1])
+    if parts.vision_init is not None:
+        ours = model.vision.state_dict()
+        model.vision.load_state_dict({k: v for k, v in tower.model.visual.state_dict().items() if k in ours})
+    if parts.lm_init is not None:
+        state = lm.model.state_dict()
+        if codes:  # the codes' rows (and head rows) start as initialised, after the LM's own
+            for key, value in model.lm.state_dict().items():
+                if key in state and state[key].shape != value.shape:
+                    state[key] = torch.cat([state[key], value[len(state[key]) :]])
+        model.lm.load_state_dict(state)
+    audio = {} if vlm_cfg.audio is None else dict(
+        tokens_per_audio=model.audio_tokens, audio_config=vlm_cfg.audio,
+        audio_preprocessor=audio_tower[2] if audio_tower is not None else whisper_preprocessor(vlm_cfg.audio))  # fmt: skip
+    processor = VLMProcessor(tokenizer, image_processor, model.image_tokens,
+                             chat_template=ChatTemplate.from_pretrained(tokenizer_folder),
+                             max_length=min(cfg.max_length, lm_cfg.max_positions), special_tokens=specials,
+                             **audio)  # fmt: skip
+    return model, processor
