@@ -1,10 +1,10 @@
 """Labelled image sets for classification: a JSONL manifest `{"image": ..., "label": ...}` or an image folder
 with one sub-folder per class. Classes are in sorted order, so label ids agree across tools."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -39,17 +39,7 @@ def _from_folder(root: Path) -> LabelledImages:
 
 def _from_manifest(path: Path) -> LabelledImages:
     rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot be read ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    for n, row in jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or "label" not in row:
             raise InputError(f'{path}, line {n}: expected {{"image": "path", "label": "class"}}')
         rows.append((path.parent / row["image"], str(row["label"])))

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
 
 if TYPE_CHECKING:
@@ -82,18 +83,8 @@ def read_predictions(
     if not path.is_file():
         raise InputError(f"{path}: predictions file not found")
     predictions, samples = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    for number, line in enumerate(lines, 1):
+    for number, record in jsonl_rows(path):
         where = f"{path}:{number}"
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{where}: invalid JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
         sample_id = record.get("question_id", record.get("id"))

@@ -28,6 +28,7 @@ import yaml
 from PIL import Image
 
 from mmlm.data.instructions import SPLITS, Instruction, make_instruction
+from mmlm.data.jsonl import jsonl_rows
 from mmlm.data.shapes import COLORS, Scene, caption, render, sample_scene, split_combinations
 from mmlm.errors import InputError
 
@@ -104,17 +105,6 @@ def is_inline_image(image: str) -> bool:
     return image.startswith(("data:", *BASE64_IMAGE_STARTS)) or (
         len(image) > 512 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", image) is not None
     )
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
 
 
 def _tsv_list(value: str, column: str, where: str, bars: bool) -> Any:
@@ -217,7 +207,7 @@ def read_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
         raise InputError(f"limit: expected a positive number of samples, got {limit}")
     if not path.is_file():
         raise InputError(f"{path}: samples file not found")
-    readers = {".jsonl": _jsonl_rows, ".tsv": _tsv_rows}
+    readers = {".jsonl": jsonl_rows, ".tsv": _tsv_rows}
     if path.suffix.lower() not in readers:
         raise InputError(f"{path}: expected a samples file ending in .jsonl or .tsv")
     samples: list[Sample] = []

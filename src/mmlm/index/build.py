@@ -8,7 +8,6 @@ changed under an indexed path replaces that path's row.
 
 import fcntl
 import hashlib
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from mmlm.data.jsonl import jsonl_rows
 from mmlm.data.readers import CorruptSample, open_pairs
 from mmlm.errors import InputError
 from mmlm.index.metadata import ImageRecord
@@ -87,13 +87,7 @@ def list_images(source: str | Path) -> tuple[list[ImageSource], list[dict[str, s
 def _jsonl_images(path: Path) -> list[ImageSource]:
     # the pair readers require a caption; an index does not, so a manifest of bare {"image": ...} rows works
     sources = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number}: not valid JSON ({error})") from error
+    for number, row in jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise InputError(f"{path}:{number}: expected an object with an 'image' path")
         text = row.get("text")

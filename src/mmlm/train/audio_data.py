@@ -15,6 +15,7 @@ import torch
 
 from mmlm.audio_model import audio_batch_features
 from mmlm.config import AudioConfig
+from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
 
 
@@ -24,13 +25,7 @@ def read_audio_manifest(path: str | Path, split: str | None = None) -> tuple[lis
     if not path.is_file():
         raise InputError(f"{path}: audio manifest not found")
     clips, captions = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not valid JSON ({e})") from None
+    for number, row in jsonl_rows(path):
         text = row.get("text") if isinstance(row, dict) else None
         texts = [text] if isinstance(text, str) else text
         if not isinstance(row, dict) or not isinstance(row.get("audio"), str) or not texts:
