@@ -118,6 +118,9 @@ def test_any_token_connector_fills_the_audio_slots(trained, connector, mode, tok
 def test_training_learns_to_hear_the_pitch(trained, tmp_path):
     loaded, records, _ = trained
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    assert (
+        records[-1]["loss_audio"] == records[-1]["loss"] and "loss_image" not in records[-1]
+    )  # audio rows only
     question = [{"role": "user", "content": "<audio>\nIs the tone high or low?"}]
     answers = loaded.generate([question] * 4, audio=[[tone(h, seed=100 + i)] for i, h in
                               enumerate((300, 2000, 310, 1900))], max_new_tokens=3)  # fmt: skip

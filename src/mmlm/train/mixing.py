@@ -181,9 +181,16 @@ class MixedBatches:
         self.sampler.load_state_dict(state)
 
 
-def modality_mask(batch: dict[str, Any]) -> torch.Tensor:
-    """Return a bool [B] that is True for rows with at least one image or audio clip."""
-    return (batch["images_per_sample"] > 0) | (batch["audio_per_sample"] > 0)
+ROW_MODALITIES = ("image", "audio", "text")
+
+
+def row_modalities(batch: dict[str, Any]) -> torch.Tensor:
+    """Return each row's modality as an index into ROW_MODALITIES [B]: audio if it has a clip, else image if it
+    has an image, else text."""
+    kind = torch.full_like(batch["images_per_sample"], ROW_MODALITIES.index("text"))
+    kind[batch["images_per_sample"] > 0] = ROW_MODALITIES.index("image")
+    kind[batch["audio_per_sample"] > 0] = ROW_MODALITIES.index("audio")
+    return kind
 
 
 def stage_batches(

@@ -4,7 +4,7 @@ Each stage sets what trains before its first step (LLaVA §4.2): stage 1 the con
 stage 2 the connector with the LM, or with LoRA on the LM's linear layers (merged into the weights when the
 stage ends). A stage may unfreeze the ViT's last N blocks from a given step on. Frozen parameters get no
 gradient and are not in the optimiser, so they stay bitwise equal. The loss is next-token cross-entropy on
-answer tokens, averaged over tokens; it is also logged per modality (`loss_image`, `loss_text`).
+answer tokens, averaged over tokens; it is also logged per modality (`loss_image`, `loss_audio`, `loss_text`).
 
 Checkpoints hold the weights, optimiser, schedule, sampler position, RNG state and the stage, so `--resume`
 continues exactly; under torchrun every rank trains on its own data stream and DDP averages the gradients.
@@ -32,7 +32,7 @@ from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
 from mmlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loop import _all_ranks, resolve_device
-from mmlm.train.mixing import MULTIMODAL, TEXT, MixedBatches, corpus_texts, modality_mask, stage_batches
+from mmlm.train.mixing import ROW_MODALITIES, MixedBatches, corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, no_decay
 from mmlm.train.plots import plot_training
 from mmlm.train.progress import Progress
@@ -183,24 +183,25 @@ class IntervalLosses:
     """Token-weighted losses and throughput since the last log line, overall and per modality."""
 
     def __init__(self) -> None:
-        self.sums = {MULTIMODAL: 0.0, TEXT: 0.0}
-        self.tokens = {MULTIMODAL: 0, TEXT: 0}
+        self.sums = dict.fromkeys(ROW_MODALITIES, 0.0)
+        self.tokens = dict.fromkeys(ROW_MODALITIES, 0)
         self.samples, self.start = 0, time.perf_counter()
 
-    def add(self, row_loss: torch.Tensor, row_tokens: torch.Tensor, has_image: torch.Tensor) -> None:
-        """Add one micro-batch's per-row loss sums and token counts."""
-        for kind, rows in ((MULTIMODAL, has_image), (TEXT, ~has_image)):
+    def add(self, row_loss: torch.Tensor, row_tokens: torch.Tensor, modality: torch.Tensor) -> None:
+        """Add one micro-batch's per-row loss sums and token counts; `modality` indexes ROW_MODALITIES per row."""
+        for index, kind in enumerate(ROW_MODALITIES):
+            rows = modality == index
             self.sums[kind] += float(row_loss[rows].sum())
             self.tokens[kind] += int(row_tokens[rows].sum())
         self.samples += len(row_loss)
 
     def figures(self, world_size: int = 1) -> dict[str, float]:
-        """Return loss (all answer tokens), loss_image and loss_text (where seen), and samples_per_s."""
+        """Return loss (all answer tokens), loss_image, loss_audio and loss_text (where seen), and samples_per_s."""
         total = sum(self.tokens.values())
         out = {"loss": sum(self.sums.values()) / max(total, 1)}
-        for kind, key in ((MULTIMODAL, "loss_image"), (TEXT, "loss_text")):
+        for kind in ROW_MODALITIES:
             if self.tokens[kind]:
-                out[key] = self.sums[kind] / self.tokens[kind]
+                out[f"loss_{kind}"] = self.sums[kind] / self.tokens[kind]
         out["samples_per_s"] = self.samples * world_size / (time.perf_counter() - self.start)
         return out
 
@@ -276,7 +277,7 @@ def train_vlm(
                                                batch["image_frames"])  # fmt: skip
                 loss = batch_loss(row_loss, row_tokens, cfg.loss_average)
                 (loss / stage.optim.accumulation).backward()
-                interval.add(row_loss.detach(), row_tokens, modality_mask(batch))
+                interval.add(row_loss.detach(), row_tokens, row_modalities(batch))
             if stage.optim.grad_clip:
                 trained = [p for p in model.parameters() if p.requires_grad]
                 torch.nn.utils.clip_grad_norm_(trained, stage.optim.grad_clip)
@@ -411,14 +412,14 @@ def run_vlm_training(
 
 
 def plot_modality_losses(records: list[dict[str, Any]], out: Path) -> Path:
-    """Write loss_modality.png: the training loss on image and on text-only samples; return its path."""
+    """Write loss_modality.png: the training loss on image, audio and text-only samples; return its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in ("loss_image", "loss_text"):
+    for key in ("loss_image", "loss_audio", "loss_text"):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             ax.plot(*zip(*points, strict=True), label=key)
