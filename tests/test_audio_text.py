@@ -124,6 +124,28 @@ def test_similarity_cli_scores_clips_against_texts(trained, capsys):
     assert sum(rows[1]["scores"].values()) == pytest.approx(1.0, abs=1e-5)  # softmax over the texts
     assert main([*argv, "--text", "low"]) == 0
     assert "low_5.wav" in capsys.readouterr().out
+    classify = [
+        "classify",
+        "--model",
+        str(model),
+        "--audio",
+        str(low),
+        "--audio",
+        str(top),
+        "--labels",
+        "low,top",
+    ]
+    assert main([*classify, "--templates", str(_templates(root)), "--json"]) == 0
+    assert [(r["audio"], r["label"]) for r in json.loads(capsys.readouterr().out)] == [
+        (str(low), "low"),
+        (str(top), "top"),
+    ]
+
+
+def _templates(root):
+    path = root / "templates.txt"
+    path.write_text("{}\n")  # the bare label, as the tones were captioned
+    return path
 
 
 def test_eval_retrieval_reads_an_audio_manifest(trained, capsys):

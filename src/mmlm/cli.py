@@ -48,21 +48,26 @@ def _load(args: argparse.Namespace):
     return mmlm.load(args.model, device=args.device, dtype=args.dtype)
 
 
-def cmd_similarity(args: argparse.Namespace) -> None:
-    """Print the probability of each text matching each image (or each audio clip, for an audio-text model)."""
+def _inputs(args: argparse.Namespace):
+    """Return (model, input paths, "image" | "audio") after checking the inputs suit the contrastive model."""
     if bool(args.image) == bool(args.audio):
         raise InputError(
             "give --image files (an image-text model) or --audio files (an audio-text model), not both"
         )
-    if not args.text:
-        raise InputError("give at least one --text")
     given = "audio" if args.audio else "image"
     model = _load(args)
     modality = getattr(model, "modality", None)
     if modality != given:
         what = f"an {modality}-text model" if modality else "not a contrastive model"
         raise InputError(f"--{given} given, but {args.model} is {what}; it scores {modality or 'no'} inputs")
-    inputs = args.audio or args.image
+    return model, args.audio or args.image, given
+
+
+def cmd_similarity(args: argparse.Namespace) -> None:
+    """Print the probability of each text matching each image (or each audio clip, for an audio-text model)."""
+    if not args.text:
+        raise InputError("give at least one --text")
+    model, inputs, given = _inputs(args)
     probs = model.similarity(inputs, args.text, args.batch_size)
     if args.json:
         out = [
@@ -89,25 +94,25 @@ def _templates(value: str | None) -> list[str] | None:
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    """Print zero-shot class probabilities for each image."""
+    """Print zero-shot class probabilities for each image (or each audio clip, for an audio-text model)."""
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if not labels:
         raise InputError("--labels needs at least one class name, e.g. --labels cat,dog")
     templates = _templates(args.templates)
-    model = _load(args)
-    probs = model.classify(args.image, labels, templates, args.batch_size).tolist()
+    model, inputs, given = _inputs(args)
+    probs = model.classify(inputs, labels, templates, args.batch_size).tolist()
     if args.json:
         out = [
             {
-                "image": img,
+                given: img,
                 "label": labels[max(range(len(row)), key=row.__getitem__)],
                 "probabilities": dict(zip(labels, row, strict=True)),
             }
-            for img, row in zip(args.image, probs, strict=True)
+            for img, row in zip(inputs, probs, strict=True)
         ]
         print(json.dumps(out, indent=2))
     else:
-        print(_table([Path(p).name for p in args.image], labels, probs))
+        print(_table([Path(p).name for p in inputs], labels, probs))
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
@@ -163,9 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", default=[], help="a text (repeatable)")
     p.set_defaults(func=cmd_similarity)
 
-    p = sub.add_parser("classify", help="zero-shot classification")
+    p = sub.add_parser("classify", help="zero-shot classification of images (or audio clips)")
     _model_args(p)
-    p.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument(
+        "--audio", action="append", default=[], help="an audio file, for audio-text models (repeatable)"
+    )
     p.add_argument("--labels", required=True, help="comma-separated class names")
     p.add_argument(
         "--templates", help="a file with one prompt template per line, {} or {c} marking the class"
