@@ -226,6 +226,20 @@ def test_lock_image_freezes_the_audio_tower(tmp_path):
     assert loaded.model.logit_scale.item() != pytest.approx(cfg.model.logit_scale_init)  # the rest trained
 
 
+def test_lock_image_n_keeps_the_audio_stem_frozen_and_the_last_blocks_and_head_trainable():
+    from mmlm.config import AudioConfig
+    from mmlm.encoders.audio_tower import AudioTower
+    from mmlm.train.optim import lock_tower
+
+    tower = AudioTower(
+        AudioConfig(n_mels=8, width=16, layers=3, heads=2, mlp_dim=32, max_frames=10), "map", 8
+    )
+    lock_tower(tower, 1)
+    trainable = {name.split(".")[0] + ("." + name.split(".")[2] if name.startswith("transformer") else "")
+                 for name, p in tower.named_parameters() if p.requires_grad}  # fmt: skip
+    assert trainable == {"transformer.2", "norm_post", "attn_pool", "proj"}  # not conv1/conv2, not blocks 0-1
+
+
 def test_an_audio_model_trains_only_on_an_audio_manifest_with_matching_settings(tmp_path):
     cfg = load_train_config(None, [*TINY_AUDIO, "steps=1", f"out_dir={tmp_path}"])
     with pytest.raises(InputError, match="audio manifest"):

@@ -52,12 +52,10 @@ def lock_tower(tower: nn.Module, unlocked_last: int) -> None:
     for p in tower.parameters():
         p.requires_grad = False
     if unlocked_last > 0:
-        keep = [*blocks[-unlocked_last:]]
-        for name, module in tower.named_children():
-            if name not in ("transformer", "patch_embed", "token_embed", "norm_pre") and isinstance(
-                module, nn.Module
-            ):
-                keep.append(module)
-        for module in keep:
+        # the last blocks and every module registered after the blocks (final norm, pooling head, projection);
+        # what comes before them is the stem (patch embedding, token embedding, Whisper's convolutions)
+        names = [name for name, _ in tower.named_children()]
+        after = names[names.index("transformer") + 1 :]
+        for module in [*blocks[-unlocked_last:], *(getattr(tower, name) for name in after)]:
             for p in module.parameters():
                 p.requires_grad = True
