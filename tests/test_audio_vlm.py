@@ -274,3 +274,40 @@ def test_the_server_takes_input_audio_parts(trained, tmp_path):
         corrupt = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF" + bytes(40)).decode(),
                                                           "format": "wav"}}  # fmt: skip
         assert_error(chat([corrupt, question]), 400)
+
+
+def test_eval_vlm_scores_audio_samples_with_blind_and_shuffled_probes(trained, tmp_path, capsys):
+    loaded, _, out = trained
+    rows = []
+    for i, hertz in enumerate([300, 2000, 320, 1900, 280, 2100]):
+        soundfile.write(tmp_path / f"t{i}.wav", tone(hertz, seed=300 + i), RATE)
+        answer = "high" if hertz > 1000 else "low"
+        rows.append(
+            {"id": f"t{i}", "question": "Is the tone high or low?", "audio": f"t{i}.wav", "answers": [answer]}
+        )
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"data": "samples.jsonl", "prompt": "{question}", "parser": "vqa", "metric": "exact_match"}
+    (tmp_path / "pitch.json").write_text(json.dumps(task))
+    argv = ["eval", "vlm", "--model", str(out / "model"), "--tasks", str(tmp_path / "pitch.json"), "--blind",
+            "--shuffled", "--out", str(tmp_path / "eval"), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)["tasks"][0]
+    scores = {probe: r["metrics"]["exact_match"] for probe, r in result["probes"].items()}
+    assert scores["normal"] == 1.0 and scores["blind"] <= 0.5  # silence cannot tell high from low
+    assert result["gain"]["all"] == scores["normal"] - scores["blind"]
+    assert "<audio>" in result["example_model_input"]
+    assert main(argv) == 0  # the second run answers from the generation cache
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["generations"] == {"generated": 0, "cached": 18}
+
+
+def test_only_mmlm_backends_take_audio_and_video():
+    from mmlm.eval.backends import Audio, OpenAIBackend, Video, images_only
+
+    images_only([[], []], "any")  # text-only and image prompts pass
+    for item in (Audio("a.wav"), Video("v.mp4")):
+        with pytest.raises(InputError, match="audio and video samples need an mmlm model"):
+            images_only([[item]], "openai:http://x")
+    backend = OpenAIBackend.__new__(OpenAIBackend)
+    backend.name = "openai:http://x"
+    with pytest.raises(InputError, match="need an mmlm model"):
+        backend.generate(["q"], [[Audio("a.wav")]], 4)

@@ -5,7 +5,14 @@ import json
 import pytest
 
 from mmlm.data.conversations import read_conversations
-from mmlm.demo_video import FRAMES, accuracy, frame_indices, run_video_demo, write_test_set, write_train_set
+from mmlm.demo_video import (
+    FRAMES,
+    frame_indices,
+    run_video_demo,
+    score_clips,
+    write_test_set,
+    write_train_set,
+)
 from mmlm.processing.video import read_video
 
 
@@ -22,13 +29,26 @@ def test_training_clips_are_llava_conversations_with_one_image_per_frame(tmp_pat
     assert conversations[0].messages[0]["content"].startswith("<image>" * FRAMES + "\n")
 
 
-def test_accuracy_is_exact_match_per_kind():
-    rows = [{"answer": "left", "kind": "move"}, {"answer": "red", "kind": "color"},
-            {"answer": "yellow star", "kind": "appear"}, {"answer": "white square", "kind": "disappear"}]  # fmt: skip
-    scores = accuracy(["Left.", "blue", "yellow star", "a white square"], rows)
-    assert (
-        scores["accuracy"] == 0.75 and scores["accuracy_color"] == 0.0 and scores["accuracy_disappear"] == 1.0
-    )
+def test_clips_are_scored_by_the_harness_per_kind(tmp_path, monkeypatch):
+    canned = {"left": "Left.", "red": "blue", "yellow star": "yellow star", "white square": "a white square"}
+
+    class Canned:  # answers by the reference, to check the scoring alone
+        def __init__(self, loaded, name, num_frames):
+            self.name, self.num_frames = name, num_frames
+
+        def generate(self, prompts, media, max_new_tokens, temperature=0.0):
+            assert all(type(items[0]).__name__ == "Video" for items in media) and self.num_frames == FRAMES
+            return [canned[answer] for answer in next(order)]
+
+    monkeypatch.setattr("mmlm.eval.backends.MMLMBackend", Canned)
+    rows = write_test_set(tmp_path, clips=4)  # one clip of each kind
+    rows = [
+        {**r, "answer": a} for r, a in zip(rows, ["left", "yellow star", "white square", "red"], strict=True)
+    ]
+    order = iter([[r["answer"] for r in rows]] * 2)
+    scores = score_clips(None, rows, tmp_path / "eval")
+    assert scores["normal"]["accuracy"] == 0.75 and scores["normal"]["accuracy_color"] == 0.0
+    assert scores["normal"]["accuracy_disappear"] == 1.0 and set(scores) == {"normal", "blind"}
 
 
 @pytest.mark.slow

@@ -212,3 +212,33 @@ def _first_record_as_prompt(folder, loaded):
     frames = read_video(conversation.videos[0], num_frames=4).frames
     prompt, images = expand_videos(conversation.messages, [], [frames], lambda v: v, loaded.config.video_pool)
     return prompt, images
+
+
+def test_eval_vlm_runs_video_samples_with_a_grey_blind_video(world, tmp_path, capsys):
+    from mmlm.eval.backends import MMLMBackend
+    from mmlm.eval.harness import evaluate_vlm
+    from mmlm.eval.tasks import Task, read_samples
+
+    frames, *_ = make_video("color", seed=5, frames=8, size=64)
+    write_video(frames, tmp_path / "other.mp4", fps=8)
+    rows = [{"id": "a", "question": "What moves?", "video": str(world / "clip.mp4"), "answers": ["circle"]},
+            {"id": "b", "question": "What changes?", "video": "other.mp4", "answers": ["colour"]}]  # fmt: skip
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = read_samples(tmp_path / "samples.jsonl")
+    assert [s.medium for s in samples] == ["video", "video"]
+    backend = MMLMBackend.load(str(world / "llava"), num_frames=2)
+    assert backend.name.endswith(":frames=2")  # frames change answers, so they are part of the cache name
+    task = Task(
+        "clips", str(tmp_path / "samples.jsonl"), "{question}", "vqa", "exact_match", max_new_tokens=4
+    )
+    result = evaluate_vlm(backend, task, samples, probes=["normal", "blind", "shuffled"], progress=False)
+    normal = {r["id"]: r["prediction"] for r in result["records"] if r["probe"] == "normal"}
+    want = backend.model.generate([[{"role": "user", "content": "<video>\nWhat moves?"}]], videos=[[str(world / "clip.mp4")]],
+                                  num_frames=2, max_new_tokens=4)[0].strip()  # fmt: skip
+    assert normal["a"] == want
+    assert {r["image_from"] for r in result["records"] if r["probe"] == "shuffled"} == {"a", "b"}
+    assert "<video>" in result["example_model_input"]
+    with pytest.raises(InputError, match="image and video given; a sample shows the model one of"):
+        bad = {"id": "c", "question": "q", "video": "other.mp4", "image": "x.png"}
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        read_samples(tmp_path / "bad.jsonl")

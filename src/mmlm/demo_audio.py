@@ -7,7 +7,8 @@ loop, then every test clip is matched against every phrase: audio→text R@1 ove
 
 Then `<audio>` in an LM: a small audio VLM whose audio encoder is the CLIP's audio tower (frozen, as LLaVA keeps
 its CLIP ViT), with 4 frames pooled per token and an MLP connector into a 2-layer LM, learns "What word is
-spoken?" on the training clips and answers it for the held-out ones, beside its blind baseline (silence).
+spoken?" on the training clips and answers it for the held-out ones, beside its blind baseline (silence), both
+scored by the evaluation harness (`mmlm.eval.harness`, as `mmlm eval vlm --blind` scores audio samples).
 """
 
 import json
@@ -15,12 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mmlm.config import AudioConfig, DualEncoderConfig, TextConfig
 from mmlm.data.spoken import make_spoken_set
 from mmlm.eval.retrieval import read_audio_retrieval_set, retrieval_metrics
-from mmlm.eval.vqa import exact_match
 from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
 
 VARIANTS_PER_PHRASE = 8  # 7 train, 1 held-out test
@@ -88,16 +86,20 @@ def demo_audio_vlm_config(out: Path, train_json: Path, audio_model: Path, steps:
                           out_dir=str(out / "vlm_train"), log_every=10, device="cpu")  # fmt: skip
 
 
-def spoken_answers(loaded: Any, rows: list[dict[str, Any]], blind: bool, batch_size: int = 64) -> list[str]:
-    """Return greedy answers to "What word is spoken?" for each clip, or for a second of silence (blind)."""
-    silence = np.zeros(16_000, dtype=np.float32)
-    answers: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [[{"role": "user", "content": "<audio>\n" + r["question"]}] for r in chunk]
-        clips = [[silence] if blind else [r["audio"]] for r in chunk]
-        answers += loaded.generate(prompts, audio=clips, max_new_tokens=8)
-    return answers
+def score_spoken(loaded: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Return the evaluation harness's result for "What word is spoken?" on the clips: normal and blind (one
+    second of silence), exact match after VQA normalisation; the samples go to <out>/samples.jsonl."""
+    from mmlm.eval.backends import MMLMBackend
+    from mmlm.eval.harness import evaluate_vlm
+    from mmlm.eval.tasks import Sample, Task, write_samples
+
+    samples = [
+        Sample(f"{i:04d}", r["question"], answers=[r["answer"]], audio=r["audio"]) for i, r in enumerate(rows)
+    ]
+    path = write_samples(samples, out / "samples.jsonl")
+    task = Task("spoken-words", str(path), "{question}", "vqa", "exact_match", max_new_tokens=8)
+    return evaluate_vlm(MMLMBackend(loaded, "demo-audio-vlm"), task, samples, batch_size=64,
+                        probes=("normal", "blind"), progress=False)  # fmt: skip
 
 
 def run_audio_vlm(out: Path, manifest: Path, audio_model: Path, steps: int = VLM_STEPS) -> dict[str, Any]:
@@ -107,13 +109,10 @@ def run_audio_vlm(out: Path, manifest: Path, audio_model: Path, steps: int = VLM
     start = time.perf_counter()
     train_json = write_spoken_conversations(manifest, out / "vlm_data")
     loaded, records = run_vlm_training(demo_audio_vlm_config(out, train_json, audio_model, steps))
-    rows = manifest_rows(manifest, "test")
-    scores = {}
-    for name, blind in (("vlm_accuracy", False), ("vlm_blind_accuracy", True)):
-        answers = spoken_answers(loaded, rows, blind)
-        scores[name] = sum(exact_match(a, r["answer"]) for a, r in zip(answers, rows, strict=True)) / len(
-            rows
-        )
+    result = score_spoken(loaded, manifest_rows(manifest, "test"), out / "vlm_eval")
+    probes = result["probes"]
+    scores = {"vlm_accuracy": probes["normal"]["metrics"]["exact_match"],
+              "vlm_blind_accuracy": probes["blind"]["metrics"]["exact_match"]}  # fmt: skip
     loaded.save_pretrained(out / "vlm")
     return {**scores, "vlm_model": str(out / "vlm"), "vlm_steps": records[-1]["step"],
             "vlm_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip

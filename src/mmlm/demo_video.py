@@ -3,8 +3,9 @@
 Clips of an object moving, appearing, disappearing or changing colour (`mmlm.data.videos`) become LLaVA
 conversations with FRAMES frames each, sampled at segment centres; the demo's VLM recipe trains on them (the
 `make demo` tower when it exists, else a fresh ViT; a 2-layer LM; an MLP connector), and answers questions about
-test clips written as real MP4 files and read back with PyAV (`generate(videos=...)`). The blind baseline asks
-the same questions with grey frames: what it gets right comes from the question alone.
+test clips written as real MP4 files and read back with PyAV. The evaluation harness scores them (as
+`mmlm eval vlm --blind` scores video samples); its blind baseline asks the same questions about a grey video:
+what it gets right comes from the question alone.
 """
 
 import json
@@ -12,10 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from mmlm.data.videos import VIDEO_KINDS, make_video, write_video
-from mmlm.eval.vqa import exact_match
 
 FRAMES, CLIP_FRAMES, TRAIN_CLIPS, TEST_CLIPS = 4, 16, 2400, 200
 
@@ -74,31 +72,26 @@ def demo_video_config(out: Path, train_json: Path, tower: Path | None, steps: in
     return cfg
 
 
-def answer(loaded: Any, rows: list[dict[str, Any]], blind: bool, batch_size: int = 50) -> list[str]:
-    """Return greedy answers to the test questions, from the clips' frames or from grey frames (batched)."""
-    grey = Image.new("RGB", (64, 64), (128, 128, 128))
-    answers: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        if blind:
-            prompts = [
-                [{"role": "user", "content": "<image>" * FRAMES + "\n" + r["question"]}] for r in chunk
-            ]
-            answers += loaded.generate(prompts, [[grey] * FRAMES] * len(chunk), max_new_tokens=8)
-        else:
-            prompts = [[{"role": "user", "content": "<video>\n" + r["question"]}] for r in chunk]
-            answers += loaded.generate(prompts, videos=[[r["video"]] for r in chunk], num_frames=FRAMES,
-                                       max_new_tokens=8)  # fmt: skip
-    return answers
+def score_clips(loaded: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, dict[str, float]]:
+    """Return {"normal", "blind"}: exact-match accuracy (after VQA normalisation), overall and per clip kind, as the
+    evaluation harness scores the test clips (`FRAMES` frames each) and a grey video; samples go to `out`."""
+    from mmlm.eval.backends import MMLMBackend
+    from mmlm.eval.harness import evaluate_vlm
+    from mmlm.eval.tasks import Sample, Task, write_samples
+
+    samples = [Sample(f"{i:04d}", r["question"], answers=[r["answer"]], type=r["kind"], video=r["video"])
+               for i, r in enumerate(rows)]  # fmt: skip
+    task = Task("shapes-video", str(write_samples(samples, out / "samples.jsonl")), "{question}", "vqa",
+                "exact_match", max_new_tokens=8)  # fmt: skip
+    backend = MMLMBackend(loaded, "demo-video-vlm", num_frames=FRAMES)
+    result = evaluate_vlm(backend, task, samples, batch_size=50, probes=("normal", "blind"), progress=False)
+    return {probe: kind_accuracy(r) for probe, r in result["probes"].items()}
 
 
-def accuracy(answers: list[str], rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Return exact-match accuracy (after VQA normalisation), overall and per clip kind."""
-    hits = [float(exact_match(a, r["answer"])) for a, r in zip(answers, rows, strict=True)]
-    out = {"accuracy": sum(hits) / len(hits)}
-    for kind in VIDEO_KINDS:
-        of_kind = [h for h, r in zip(hits, rows, strict=True) if r["kind"] == kind]
-        out[f"accuracy_{kind}"] = sum(of_kind) / len(of_kind)
+def kind_accuracy(probe: dict[str, Any]) -> dict[str, float]:
+    """Return one harness probe's exact match as "accuracy" overall and "accuracy_<kind>" per clip kind."""
+    out = {"accuracy": probe["metrics"]["exact_match"]}
+    out.update({f"accuracy_{kind}": v["exact_match"] for kind, v in probe["by_type"].items()})
     return out
 
 
@@ -115,14 +108,15 @@ def run_video_demo(
     loaded, records = run_vlm_training(
         demo_video_config(out, train_json, tower if tower.is_dir() else None, steps)
     )
-    normal, blind = accuracy(answer(loaded, rows, False), rows), accuracy(answer(loaded, rows, True), rows)
+    scores = score_clips(loaded, rows, out / "video_eval")
+    normal, blind = scores["normal"], scores["blind"]
     loaded.save_pretrained(out / "video_vlm")
     summary = {f"video_{k}": v for k, v in normal.items()}
     summary.update({f"video_blind_{k}": v for k, v in blind.items()})
     summary.update({"video_test_clips": len(rows), "video_frames": FRAMES, "video_steps": records[-1]["step"],
                     "video_seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
     print(f"{'clip kind':<12}{'with frames':>12}{'blind':>8}")
-    for key in ("accuracy", *(f"accuracy_{k}" for k in VIDEO_KINDS)):
+    for key in ("accuracy", *(f"accuracy_{k}" for k in VIDEO_KINDS if f"accuracy_{k}" in normal)):
         name = "all" if key == "accuracy" else key.removeprefix("accuracy_")
         print(f"{name:<12}{normal[key]:>12.3f}{blind[key]:>8.3f}")
     print(f"video VLM: accuracy {normal['accuracy']:.3f} on {len(rows)} test clips (MP4, {FRAMES} frames each), "

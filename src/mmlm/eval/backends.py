@@ -1,4 +1,5 @@
-"""Generation backends for the VLM harness: one prompt text and its images in, one answer text out.
+"""Generation backends for the VLM harness: one prompt text and its images (or audio clip, or video) in, one
+answer text out.
 
 A backend takes the task's rendered prompt (plain text, no image placeholder) and adds the image in its own
 way: mmlm and transformers models through their chat template with the image first, an OpenAI-compatible
@@ -6,6 +7,9 @@ server through `image_url` content parts. An empty image list asks for a text-on
 the model in the generation cache, so two backends that could answer differently must not share a name: it
 holds the runner, the folder (or server and served model) and the dtype. The device is left out on purpose,
 so a run started on one machine can resume on another.
+
+Audio clips and videos reach a backend wrapped as `Audio` and `Video` in a prompt's media list. Only the mmlm
+backend takes them (through `<audio>` and `<video>`); the others answer an InputError.
 """
 
 import base64
@@ -16,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +28,23 @@ from PIL import Image
 
 from mmlm.errors import InputError
 
-ImageList = Sequence[Image.Image]
+
+@dataclass(frozen=True)
+class Audio:
+    """An audio clip for a model with an audio tower: a file path or 16 kHz samples."""
+
+    source: Any
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video for the model to see as sampled frames: a file path."""
+
+    source: Any
+
+
+ImageList = Sequence[Any]  # PIL images, or one Audio or Video
+PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
 
 
 class Backend(Protocol):
@@ -42,32 +63,53 @@ class Backend(Protocol):
         ...
 
 
-def image_messages(prompt: str, with_image: bool) -> list[dict[str, str]]:
-    """Return the chat messages of mmlm's instruction data: "<image>\\n" + prompt, or the prompt alone."""
-    return [{"role": "user", "content": f"<image>\n{prompt}" if with_image else prompt}]
+def medium_of(items: Sequence[Any]) -> str | None:
+    """Return "image", "audio" or "video" for a prompt's media list, or None when it is empty."""
+    if not items:
+        return None
+    return "audio" if isinstance(items[0], Audio) else "video" if isinstance(items[0], Video) else "image"
+
+
+def image_messages(prompt: str, with_image: bool | str | None) -> list[dict[str, str]]:
+    """Return the chat messages of mmlm's instruction data: "<image>\\n" (or "<audio>\\n", "<video>\\n") + prompt, or
+    the prompt alone."""
+    kind = "image" if with_image is True else with_image
+    return [{"role": "user", "content": f"{PLACEHOLDERS[kind]}\n{prompt}" if kind else prompt}]
+
+
+def images_only(media: Sequence[ImageList], backend: str) -> None:
+    """Raise InputError if any prompt carries audio or video, which only the mmlm backend takes."""
+    if any(medium_of(items) in ("audio", "video") for items in media):
+        raise InputError(f"{backend}: audio and video samples need an mmlm model (mmlm eval vlm --model DIR)")
 
 
 class MMLMBackend:
     """An mmlm GenerativeModel (`mmlm.load` of a LLaVA or mmlm VLM folder), batched and KV-cached."""
 
-    def __init__(self, model: Any, name: str) -> None:
+    def __init__(self, model: Any, name: str, num_frames: int = 8) -> None:
         from mmlm.generative import GenerativeModel
 
         if not isinstance(model, GenerativeModel):
             raise InputError(f"{name}: a {type(model).__name__}, not a generative vision-language model")
+        if num_frames < 1:
+            raise InputError(f"--frames must be at least 1, got {num_frames}")
         self.model = model
-        self.name = name
+        self.num_frames = num_frames  # sampled from each video; other than 8, it is part of the cache name
+        self.name = name if num_frames == 8 else f"{name}:frames={num_frames}"
         model.model.eval()
 
     @classmethod
-    def load(cls, folder: str, device: str = "cpu", dtype: str = "float32") -> "MMLMBackend":
+    def load(
+        cls, folder: str, device: str = "cpu", dtype: str = "float32", num_frames: int = 8
+    ) -> "MMLMBackend":
         """Return the backend of the mmlm or transformers LLaVA folder `folder`."""
         import mmlm
 
-        return cls(mmlm.load(folder, device=device, dtype=dtype), f"mmlm:{Path(folder).resolve()}:{dtype}")
+        model = mmlm.load(folder, device=device, dtype=dtype)
+        return cls(model, f"mmlm:{Path(folder).resolve()}:{dtype}", num_frames)
 
-    def render(self, prompt: str, with_image: bool) -> str:
-        """Return the model's input text for one prompt (chat template applied, image tokens unexpanded)."""
+    def render(self, prompt: str, with_image: bool | str | None) -> str:
+        """Return the model's input text for one prompt (chat template applied, media tokens unexpanded)."""
         return self.model.processor.render(image_messages(prompt, with_image), add_generation_prompt=True)[0]
 
     def generate(
@@ -78,11 +120,15 @@ class MMLMBackend:
         temperature: float = 0.0,
     ) -> list[str]:
         """Return the model's answers; temperature 0 is greedy."""
-        messages = [image_messages(p, bool(ims)) for p, ims in zip(prompts, images, strict=True)]
-        image_lists = [list(ims) for ims in images] if any(images) else None
+        kinds = [medium_of(items) for items in images]
+        messages = [image_messages(p, kind) for p, kind in zip(prompts, kinds, strict=True)]
+        pick = {kind: [[m.source if kind != "image" else m for m in items] if k == kind else []
+                       for items, k in zip(images, kinds, strict=True)] for kind in PLACEHOLDERS}  # fmt: skip
         texts = self.model.generate(
-            messages, image_lists, max_new_tokens=max_new_tokens, temperature=temperature
-        )
+            messages, pick["image"] if "image" in kinds else None, max_new_tokens=max_new_tokens,
+            temperature=temperature, audio=pick["audio"] if "audio" in kinds else None,
+            videos=pick["video"] if "video" in kinds else None, num_frames=self.num_frames,
+        )  # fmt: skip
         return [t.strip() for t in texts]
 
 
@@ -160,6 +206,7 @@ class TransformersBackend:
         temperature: float = 0.0,
     ) -> list[str]:
         """Return the model's answers; prompts with and without images run as separate batches."""
+        images_only(images, self.name)
         settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
         if temperature > 0:
             settings["temperature"] = temperature
@@ -276,6 +323,7 @@ class OpenAIBackend:
         temperature: float = 0.0,
     ) -> list[str]:
         """Return the server's answers, requested `concurrency` at a time."""
+        images_only(images, self.name)
         bodies = [
             self.request_body(p, ims, max_new_tokens, temperature)
             for p, ims in zip(prompts, images, strict=True)

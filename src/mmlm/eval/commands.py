@@ -122,7 +122,7 @@ def _vlm_backend(args: argparse.Namespace):
         return OpenAIBackend(args.endpoint, api_key, args.served_model, concurrency=args.batch_size)
     if args.transformers:
         return TransformersBackend(args.transformers, args.device, args.dtype)
-    return MMLMBackend.load(args.model, args.device, args.dtype)
+    return MMLMBackend.load(args.model, args.device, args.dtype, args.frames)
 
 
 def cmd_eval_vlm(args: argparse.Namespace) -> None:
@@ -235,10 +235,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated built-in tasks (shapes-vqa, shapes-pope, ...) or task files",
     )
     p.add_argument("--limit", type=int, help="use only the first N samples of each task")
-    p.add_argument("--blind", action="store_true", help="also run with a grey image of the same size")
+    p.add_argument("--blind", action="store_true",
+                   help="also run with a grey image of the same size (silence for audio, a grey video for video)")  # fmt: skip
     p.add_argument("--shuffled", action="store_true", help="also run with another sample's image")
     p.add_argument("--text-only", action="store_true", help="also run with no image at all")
     p.add_argument("--ocr", action="store_true", help="put Tesseract's text of the image in the prompt")
+    p.add_argument(
+        "--frames", type=int, default=8, help="frames sampled from each video sample (--model only)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")

@@ -11,21 +11,27 @@ an image slot changes; a large value means the blind score is not a clean "no in
 
 With OCR, the text Tesseract reads from the image the model is shown (grey for blind, another sample's for
 shuffled, none for text_only) goes before the question as untrusted data (see `mmlm.eval.ocr`).
+
+Samples may show an audio clip or a video instead (mmlm models only): blind is then one second of silence, or a
+uniform grey video; shuffled takes another sample's clip or video of the same kind.
 """
 
 import base64
 import binascii
+import hashlib
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from mmlm.errors import InputError
-from mmlm.eval.backends import Backend
+from mmlm.eval.backends import Audio, Backend, Video
 from mmlm.eval.generation_cache import GenerationCache, generation_key, image_digest
 from mmlm.eval.ocr import ocr_text, with_ocr
 from mmlm.processing.image import load_image
@@ -62,13 +68,26 @@ def derangement(n: int, seed: int) -> list[int]:
     return order
 
 
+def _medium(sample: Any) -> str | None:
+    return getattr(sample, "medium", "image" if sample.image else None)
+
+
 def image_sources(samples: Sequence[Any], seed: int) -> dict[int, int]:
-    """Return, for the shuffled probe, the index of the sample whose image each sample (with one) gets."""
-    with_image = [i for i, s in enumerate(samples) if s.image]
-    if len(with_image) < 2:
-        raise InputError(f"the shuffled probe needs at least 2 samples with images, got {len(with_image)}")
-    order = derangement(len(with_image), seed)
-    return {i: with_image[order[k]] for k, i in enumerate(with_image)}
+    """Return, for the shuffled probe, the index of the sample whose image (or clip, or video) each sample gets:
+    a derangement within each medium, so an audio sample always hears another sample's clip."""
+    by_kind: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        if kind := _medium(sample):
+            by_kind.setdefault(kind, []).append(i)
+    if not by_kind:
+        raise InputError("the shuffled probe needs at least 2 samples with images, got 0")
+    sources: dict[int, int] = {}
+    for kind, rows in by_kind.items():
+        if len(rows) < 2:
+            raise InputError(f"the shuffled probe needs at least 2 samples with {kind}s, got {len(rows)}")
+        order = derangement(len(rows), seed)
+        sources.update({i: rows[order[k]] for k, i in enumerate(rows)})
+    return sources
 
 
 def primary_metric(summary: dict[str, Any]) -> str:
@@ -84,31 +103,70 @@ def primary_metric(summary: dict[str, Any]) -> str:
     raise InputError(f"metric summary has no numeric figure: {sorted(summary)}")
 
 
+BLIND_AUDIO = Audio(np.zeros(16_000, dtype=np.float32))  # one second of silence
+
+
 class _Images:
-    """Loads the images a probe shows, a batch at a time, with their digests and (optionally) OCR text."""
+    """Loads the images (clips, videos) a probe shows, a batch at a time, with their digests and (optionally) OCR
+    text."""
 
     def __init__(self, samples: Sequence[Any], ocr: bool, cache: GenerationCache | None) -> None:
         self.samples, self.ocr, self.cache = samples, ocr, cache
         self.ocr_texts: dict[str, str] = {}
         self.loaded: dict[int, Image.Image] = {}
+        self.file_digests: dict[str, str] = {}
+        self.grey_video: Video | None = None
 
-    def own(self, index: int) -> Image.Image | None:
+    def own(self, index: int) -> Any:
         sample = self.samples[index]
+        if getattr(sample, "audio", None):
+            return Audio(sample.audio)
+        if getattr(sample, "video", None):
+            return Video(sample.video)
         if not sample.image:
             return None
         if index not in self.loaded:
             self.loaded[index] = decode_sample_image(sample.image, sample.id)
         return self.loaded[index]
 
-    def shown(self, probe: str, index: int, sources: dict[int, int]) -> Image.Image | None:
+    def shown(self, probe: str, index: int, sources: dict[int, int]) -> Any:
         if probe == "text_only":
             return None
         if probe == "shuffled":
             return self.own(sources[index]) if index in sources else None
-        image = self.own(index)
-        if probe == "blind" and image is not None:
-            return Image.new("RGB", image.size, BLIND_GREY)
-        return image
+        item = self.own(index)
+        if probe == "blind" and item is not None:
+            if isinstance(item, Audio):
+                return BLIND_AUDIO
+            if isinstance(item, Video):
+                return self.blind_video()
+            return Image.new("RGB", item.size, BLIND_GREY)
+        return item
+
+    def blind_video(self) -> Video:
+        if self.grey_video is None:  # written once per run: eight grey frames
+            from mmlm.data.videos import write_video
+
+            path = Path(tempfile.mkdtemp(prefix="mmlm-blind-")) / "grey.mp4"
+            self.grey_video = Video(
+                str(write_video([Image.new("RGB", (64, 64), BLIND_GREY)] * 8, path, fps=8))
+            )
+        return self.grey_video
+
+    def digest(self, item: Any) -> str | None:
+        """Return the cache digest of what a prompt shows: pixels, file bytes, or the blind stand-in's name."""
+        if item is None:
+            return None
+        if isinstance(item, Image.Image):
+            return image_digest(item)
+        if item is BLIND_AUDIO:
+            return "audio:silence-1s"
+        if item == self.grey_video:
+            return "video:grey"
+        path = str(item.source)
+        if path not in self.file_digests:
+            self.file_digests[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return f"{type(item).__name__.lower()}:{self.file_digests[path]}"
 
     def ocr_of(self, image: Image.Image, digest: str) -> str:
         if digest not in self.ocr_texts:
@@ -142,11 +200,11 @@ def _generate(
     for start in range(0, len(samples), batch_size):
         rows = range(start, min(start + batch_size, len(samples)))
         shown = [images.shown(probe, i, sources) for i in rows]
-        digests = [None if im is None else image_digest(im) for im in shown]
+        digests = [images.digest(item) for item in shown]
         prompts = []
         for i, image, digest in zip(rows, shown, digests, strict=True):
             prompt = task.render_prompt(samples[i])
-            if images.ocr and image is not None:
+            if images.ocr and isinstance(image, Image.Image):
                 prompt = with_ocr(prompt, images.ocr_of(image, digest))
             prompts.append(prompt)
         keys = [
@@ -265,7 +323,7 @@ def evaluate_vlm(
     if ocr:
         example = with_ocr(example, "<OCR text of the image>")
     render = getattr(backend, "render", None)
-    model_input = render(example, bool(samples[0].image)) if render is not None else None
+    model_input = render(example, _medium(samples[0])) if render is not None else None
     return {
         "task": task.name,
         "data": task.data,

@@ -41,9 +41,13 @@ MULTIPLE_CHOICE_PROMPT = (
 )
 
 
+MEDIA = ("image", "audio", "video")
+
+
 @dataclass
 class Sample:
-    """One evaluation question: its image, the question, the reference answers and what scores them."""
+    """One evaluation question: its image (or audio clip, or video), the question, the reference answers and what
+    scores them."""
 
     id: str
     question: str
@@ -53,6 +57,15 @@ class Sample:
     label: str | None = None  # multiple choice: the correct letter; POPE: "yes" | "no"
     type: str | None = None  # question type, for per-type scores
     meta: dict[str, Any] = field(default_factory=dict)
+    audio: str | None = (
+        None  # an audio file path (relative: to the data file's folder), for a model that hears
+    )
+    video: str | None = None  # a video file path, sampled to frames by the backend
+
+    @property
+    def medium(self) -> str | None:
+        """Return what the sample shows the model: "image", "audio", "video", or None (text only)."""
+        return next((kind for kind in MEDIA if getattr(self, kind)), None)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON record `read_samples` reads back: id, question and every field not at its default."""
@@ -176,6 +189,8 @@ def _sample(record: Any, where: str, folder: Path) -> Sample:
         "label": (lambda v: v is None or isinstance(v, str), "a string"),
         "type": (lambda v: v is None or isinstance(v, str), "a string"),
         "meta": (lambda v: isinstance(v, dict), "an object"),
+        "audio": (lambda v: v is None or (isinstance(v, str) and v != ""), "a file path"),
+        "video": (lambda v: v is None or (isinstance(v, str) and v != ""), "a file path"),
     }
     defaults = Sample("", "")
     for name, (valid, expected) in checks.items():
@@ -193,10 +208,16 @@ def _sample(record: Any, where: str, folder: Path) -> Sample:
         raise InputError(
             f"{where}: label: expected a letter A-{LETTERS[len(sample.choices) - 1]}, got {sample.label!r}"
         )
-    if sample.image is not None and not is_inline_image(sample.image):
-        sample.image = os.path.abspath(os.path.join(folder, sample.image))
-        if not os.path.isfile(sample.image):
-            raise InputError(f"{where}: image file {sample.image} not found")
+    given = [kind for kind in MEDIA if getattr(sample, kind) is not None]
+    if len(given) > 1:
+        raise InputError(f"{where}: {' and '.join(given)} given; a sample shows the model one of {MEDIA}")
+    for kind in given:
+        value = getattr(sample, kind)
+        if kind == "image" and is_inline_image(value):
+            continue
+        setattr(sample, kind, os.path.abspath(os.path.join(folder, value)))
+        if not os.path.isfile(getattr(sample, kind)):
+            raise InputError(f"{where}: {kind} file {getattr(sample, kind)} not found")
     return sample
 
 
@@ -235,11 +256,12 @@ def write_samples(samples: Sequence[Sample], path: Path) -> Path:
     lines = []
     for sample in samples:
         record = sample.to_dict()
-        image = sample.image
-        local = image is not None and not is_inline_image(image) and os.path.isabs(image)
-        # images inside the file's folder are stored relative to it, so the folder can move
-        if local and os.path.commonpath([folder, os.path.abspath(image)]) == folder:
-            record["image"] = Path(os.path.relpath(image, folder)).as_posix()
+        for kind in MEDIA:
+            value = getattr(sample, kind)
+            local = value is not None and not is_inline_image(value) and os.path.isabs(value)
+            # media files inside the file's folder are stored relative to it, so the folder can move
+            if local and os.path.commonpath([folder, os.path.abspath(value)]) == folder:
+                record[kind] = Path(os.path.relpath(value, folder)).as_posix()
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(lines), encoding="utf-8")
