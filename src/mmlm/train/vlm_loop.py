@@ -218,7 +218,7 @@ class RunLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        shown = ("loss", "loss_image", "loss_text", "lr")
+        shown = ("loss", "loss_image", "loss_audio", "loss_text", "lr")
         self.progress.update(record["step"], {k: v for k, v in record.items() if k in shown})
 
     def close(self) -> None:
