@@ -22,11 +22,27 @@ def test_frames_are_segment_centres_as_read_video_samples_them(tmp_path):
     assert len(read_video(rows[0]["video"], num_frames=FRAMES).frames) == FRAMES
 
 
-def test_training_clips_are_llava_conversations_with_one_image_per_frame(tmp_path):
-    conversations = read_conversations(write_train_set(tmp_path, clips=4))
-    assert len(conversations) == 4 and all(len(c.images) == FRAMES for c in conversations)
-    assert all(p.is_file() for c in conversations for p in c.images)
-    assert conversations[0].messages[0]["content"].startswith("<image>" * FRAMES + "\n")
+def test_training_clips_are_llava_conversations_with_their_frames_as_a_video(tmp_path):
+    conversations = read_conversations(write_train_set(tmp_path, clips=4, frames=8))
+    assert len(conversations) == 4 and all(
+        len(c.videos) == 1 and len(c.videos[0]) == 8 for c in conversations
+    )
+    assert all(p.is_file() for c in conversations for p in c.videos[0]) and not conversations[0].images
+    assert conversations[0].messages[0]["content"].startswith("<video>\n")
+
+
+def test_extracted_frames_fill_pooled_slots_as_the_video_file_would(tmp_path):
+    from mmlm.data.conversations import encode_conversation
+
+    conversation = read_conversations(write_train_set(tmp_path, clips=1, frames=8))[0]
+
+    class Recorder:  # the processor's view of the conversation
+        def encode(self, messages, images, audio=None):
+            return messages, images
+
+    messages, images = encode_conversation(Recorder(), conversation, frames=8, video_pool=2)
+    assert messages[0]["content"].startswith("<image>" * 4 + "\n")  # 8 frames, 2 per slot
+    assert [len(group) for group in images] == [2, 2, 2, 2] and images[0][0] == conversation.videos[0][0]
 
 
 def test_clips_are_scored_by_the_harness_per_kind(tmp_path, monkeypatch):
@@ -55,7 +71,16 @@ def test_clips_are_scored_by_the_harness_per_kind(tmp_path, monkeypatch):
 def test_the_video_demo_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr("mmlm.train.vlm_loop.plot_training", lambda records, out: [])
     monkeypatch.setattr("mmlm.train.vlm_loop.plot_modality_losses", lambda records, out: out)
-    summary = run_video_demo(tmp_path, steps=3, train_clips=8, test_clips=4)
+    summary = run_video_demo(tmp_path, steps=3, train_clips=8, test_clips=4, frames=4, video_pool=2)
     assert 0 <= summary["video_accuracy"] <= 1 and 0 <= summary["video_blind_accuracy"] <= 1
-    assert json.loads((tmp_path / "video_summary.json").read_text())["video_test_clips"] == 4
+    saved = json.loads((tmp_path / "video_summary.json").read_text())
+    assert saved["video_test_clips"] == 4 and (saved["video_pool"], saved["video_slots"]) == (2, 2)
     assert (tmp_path / "video_vlm" / "config.json").is_file()
+
+
+def test_bad_demo_settings_are_one_line_errors(tmp_path, capsys):
+    from mmlm.cli import main
+
+    assert main(["demo", "--modality", "video", "--video-pool", "0", "--out", str(tmp_path)]) == 2
+    assert "--frames and --video-pool: expected at least 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -145,7 +145,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.modality == "video":
         from mmlm.demo_video import run_video_demo
 
-        run_video_demo(Path(args.out))
+        if args.frames < 1 or args.video_pool < 1:
+            raise InputError(
+                f"--frames and --video-pool: expected at least 1, got {args.frames} and {args.video_pool}"
+            )
+        run_video_demo(Path(args.out), frames=args.frames, video_pool=args.video_pool)
         return
     from mmlm.demo import run_demo
 
@@ -201,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--frames", type=int, default=4, help="video: frames sampled from each clip")
+    p.add_argument("--video-pool", type=int, default=1, help="video: frames averaged into one image slot")
     p.add_argument("--modality", choices=["image", "video", "audio"], default="image",
                    help="image: CLIP then VLM (make demo); video: a VLM on shapes-world clips; "
                         "audio: an audio-text CLIP on spoken words (espeak-ng)")  # fmt: skip

@@ -1,7 +1,8 @@
 """`mmlm demo --modality video`: a small video VLM on shapes-world clips, reported beside its blind baseline.
 
 Clips of an object moving, appearing, disappearing or changing colour (`mmlm.data.videos`) become LLaVA
-conversations with FRAMES frames each, sampled at segment centres; the demo's VLM recipe trains on them (the
+conversations with `frames` frames each (FRAMES by default), sampled at segment centres and given to the VLM
+`video_pool` to an image slot; the demo's VLM recipe trains on them (the
 `make demo` tower when it exists, else a fresh ViT; a 2-layer LM; an MLP connector), and answers questions about
 test clips written as real MP4 files and read back with PyAV. The evaluation harness scores them (as
 `mmlm eval vlm --blind` scores video samples); its blind baseline asks the same questions about a grey video:
@@ -23,19 +24,20 @@ def frame_indices(total: int = CLIP_FRAMES, frames: int = FRAMES) -> list[int]:
     return [int((k + 0.5) * total / frames) for k in range(frames)]
 
 
-def write_train_set(out: Path, clips: int = TRAIN_CLIPS) -> Path:
-    """Write `clips` training clips as frame PNGs and a conversations JSON; return the JSON's path."""
+def write_train_set(out: Path, clips: int = TRAIN_CLIPS, frames: int = FRAMES) -> Path:
+    """Write `clips` training clips as `frames` frame PNGs each (the frames `read_video(num_frames=frames)` would
+    take) and a conversations JSON whose "video" entries list them; return the JSON's path."""
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(clips):
         sample = make_video(VIDEO_KINDS[i % len(VIDEO_KINDS)], seed=i, frames=CLIP_FRAMES)
         names = []
-        for k, index in enumerate(frame_indices()):
+        for k, index in enumerate(frame_indices(CLIP_FRAMES, frames)):
             name = f"clip{i:05d}_{k}.png"
             sample.frames[index].save(out / name)
             names.append(name)
-        records.append({"id": i, "image": names, "conversations": [
-            {"from": "human", "value": "<image>" * FRAMES + "\n" + sample.question},
+        records.append({"id": i, "video": [names], "conversations": [
+            {"from": "human", "value": "<video>\n" + sample.question},
             {"from": "gpt", "value": sample.answer}]})  # fmt: skip
     path = out / "conversations.json"
     path.write_text(json.dumps(records) + "\n")
@@ -54,13 +56,15 @@ def write_test_set(out: Path, clips: int = TEST_CLIPS, first_seed: int = 1_000_0
     return rows
 
 
-def demo_video_config(out: Path, train_json: Path, tower: Path | None, steps: int):
-    """Return the VLM run: the image demo's model and a two-stage recipe on the video conversations."""
+def demo_video_config(out: Path, train_json: Path, tower: Path | None, steps: int, video_pool: int = 1):
+    """Return the VLM run: the image demo's model (`video_pool` frames per slot) and a two-stage recipe on the video
+    conversations."""
     from mmlm.demo_vlm import demo_vlm_config
     from mmlm.train.config import OptimConfig
     from mmlm.train.vlm_config import StageConfig, StageData
 
     cfg = demo_vlm_config(out, tower, eval_samples=0)
+    cfg.model.video_pool = video_pool
     data = StageData(source=str(train_json), multimodal_fraction=1.0, samples=100_000)
     cfg.stages = {
         "align": StageConfig(steps=min(50, steps), train=["connector"], data=data,
@@ -72,9 +76,11 @@ def demo_video_config(out: Path, train_json: Path, tower: Path | None, steps: in
     return cfg
 
 
-def score_clips(loaded: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, dict[str, float]]:
+def score_clips(
+    loaded: Any, rows: list[dict[str, Any]], out: Path, frames: int = FRAMES
+) -> dict[str, dict[str, float]]:
     """Return {"normal", "blind"}: exact-match accuracy (after VQA normalisation), overall and per clip kind, as the
-    evaluation harness scores the test clips (`FRAMES` frames each) and a grey video; samples go to `out`."""
+    evaluation harness scores the test clips (`frames` frames each) and a grey video; samples go to `out`."""
     from mmlm.eval.backends import MMLMBackend
     from mmlm.eval.harness import evaluate_vlm
     from mmlm.eval.tasks import Sample, Task, write_samples
@@ -83,7 +89,7 @@ def score_clips(loaded: Any, rows: list[dict[str, Any]], out: Path) -> dict[str,
                for i, r in enumerate(rows)]  # fmt: skip
     task = Task("shapes-video", str(write_samples(samples, out / "samples.jsonl")), "{question}", "vqa",
                 "exact_match", max_new_tokens=8)  # fmt: skip
-    backend = MMLMBackend(loaded, "demo-video-vlm", num_frames=FRAMES)
+    backend = MMLMBackend(loaded, "demo-video-vlm", num_frames=frames)
     result = evaluate_vlm(backend, task, samples, batch_size=50, probes=("normal", "blind"), progress=False)
     return {probe: kind_accuracy(r) for probe, r in result["probes"].items()}
 
@@ -96,30 +102,38 @@ def kind_accuracy(probe: dict[str, Any]) -> dict[str, float]:
 
 
 def run_video_demo(
-    out: Path, steps: int = 600, train_clips: int = TRAIN_CLIPS, test_clips: int = TEST_CLIPS
+    out: Path,
+    steps: int = 600,
+    train_clips: int = TRAIN_CLIPS,
+    test_clips: int = TEST_CLIPS,
+    frames: int = FRAMES,
+    video_pool: int = 1,
 ) -> dict[str, Any]:
-    """Train the video VLM, evaluate it and its blind baseline; write <out>/video_summary.json and return it."""
+    """Train the video VLM on `frames` frames a clip, `video_pool` averaged per image slot; evaluate it and its blind
+    baseline; write <out>/video_summary.json and return it."""
     from mmlm.train.vlm_loop import run_vlm_training
 
     start = time.perf_counter()
     tower = out / "vlm_tower"
-    train_json = write_train_set(out / "video_data" / "train", train_clips)
+    train_json = write_train_set(out / "video_data" / "train", train_clips, frames)
     rows = write_test_set(out / "video_data" / "test", test_clips)
     loaded, records = run_vlm_training(
-        demo_video_config(out, train_json, tower if tower.is_dir() else None, steps)
+        demo_video_config(out, train_json, tower if tower.is_dir() else None, steps, video_pool)
     )
-    scores = score_clips(loaded, rows, out / "video_eval")
+    scores = score_clips(loaded, rows, out / "video_eval", frames)
     normal, blind = scores["normal"], scores["blind"]
     loaded.save_pretrained(out / "video_vlm")
     summary = {f"video_{k}": v for k, v in normal.items()}
     summary.update({f"video_blind_{k}": v for k, v in blind.items()})
-    summary.update({"video_test_clips": len(rows), "video_frames": FRAMES, "video_steps": records[-1]["step"],
+    summary.update({"video_test_clips": len(rows), "video_frames": frames, "video_pool": video_pool,
+                    "video_slots": -(-frames // video_pool), "video_steps": records[-1]["step"],
                     "video_seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
     print(f"{'clip kind':<12}{'with frames':>12}{'blind':>8}")
     for key in ("accuracy", *(f"accuracy_{k}" for k in VIDEO_KINDS if f"accuracy_{k}" in normal)):
         name = "all" if key == "accuracy" else key.removeprefix("accuracy_")
         print(f"{name:<12}{normal[key]:>12.3f}{blind[key]:>8.3f}")
-    print(f"video VLM: accuracy {normal['accuracy']:.3f} on {len(rows)} test clips (MP4, {FRAMES} frames each), "
+    print(f"video VLM: accuracy {normal['accuracy']:.3f} on {len(rows)} test clips (MP4, {frames} frames each, "
+          f"{video_pool} per slot), "
           f"blind {blind['accuracy']:.3f}; wrote {out / 'video_vlm'}  ({summary['video_seconds']}s)")  # fmt: skip
     (out / "video_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

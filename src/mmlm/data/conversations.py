@@ -6,7 +6,8 @@ A file is a JSON list, or JSONL with one record per line:
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "a cat"}]}
 Image paths are relative to `image_folder` (default: the file's folder). Each `<image>` placeholder in the
 values stands for the next image of the record, so their counts must agree; so does each `<audio>` for the next
-audio clip and each `<video>` for the next video (paths relative to the same folder).
+audio clip and each `<video>` for the next video (paths relative to the same folder). A video is a file, or a list
+of its frames' image files in order (frames already extracted), e.g. "video": [["f0.png", "f1.png", ...]].
 """
 
 import json
@@ -42,7 +43,7 @@ class Conversation:
     images: list[Path]
     id: str | None = None
     audio: list[Path] = field(default_factory=list)
-    videos: list[Path] = field(default_factory=list)
+    videos: list[Path | list[Path]] = field(default_factory=list)  # a file, or its frames' files
 
 
 def _records(path: Path) -> Iterable[tuple[str, Any]]:
@@ -90,12 +91,17 @@ def parse_record(record: Any, where: str, image_folder: Path, image_token: str =
     for key, token, noun in kinds:
         paths = record.get(key, [])
         paths = [paths] if isinstance(paths, str) else paths
-        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-            raise InputError(f"{where}: {key}: expected a relative path or a list of them")
+        if not isinstance(paths, list) or not all(
+            _is_path(p) or (key == "video" and _is_frames(p)) for p in paths
+        ):
+            frames = " (or, for a video, a list of its frame files)" if key == "video" else ""
+            raise InputError(f"{where}: {key}: expected a relative path or a list of them{frames}")
         placeholders = sum(m["content"].count(token) for m in messages)
         if placeholders != len(paths):
             raise InputError(f"{where}: {len(paths)} {noun} but {placeholders} {token} placeholder(s)")
-        media[key] = [image_folder / p for p in paths]
+        media[key] = [
+            [image_folder / f for f in p] if isinstance(p, list) else image_folder / p for p in paths
+        ]
     record_id = record.get("id")
     return Conversation(
         messages,
@@ -104,6 +110,14 @@ def parse_record(record: Any, where: str, image_folder: Path, image_token: str =
         media["audio"],
         media["video"],
     )
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_frames(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_path(f) for f in value)
 
 
 def read_conversations(
@@ -157,6 +171,11 @@ def encode_conversation(
     """Return one conversation encoded: its videos sampled to `frames` frames (grouped `video_pool` per slot)."""
     messages, images = conversation.messages, list(conversation.images)
     if conversation.videos:
-        sample = frame_sampler(frames)
+        read = frame_sampler(frames)
+
+        def sample(video: Path | list[Path]) -> list[Any]:
+            # a list holds frames already extracted: used as given, not resampled
+            return list(video) if isinstance(video, list) else read(video)
+
         messages, images = expand_videos(messages, images, conversation.videos, sample, video_pool)
     return processor.encode(messages, images, audio=conversation.audio)
