@@ -56,9 +56,8 @@ class EncodedSample:
     image_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) tiled; (0, 0) untiled
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (height, width)
     audio_features: torch.Tensor | None = None  # [A, n_mels, frames] float32 log-mel; None without audio
-    image_frames: list[int] = field(
-        default_factory=list
-    )  # pixel_values rows per image slot (>1: video frames)
+    # pixel_values rows per image slot: 1, or a video slot's frames
+    image_frames: list[int] = field(default_factory=list)
 
 
 def add_image_token(tokenizer: Tokenizer, image_token: str = IMAGE_TOKEN) -> int:
