@@ -242,3 +242,22 @@ def test_eval_vlm_runs_video_samples_with_a_grey_blind_video(world, tmp_path, ca
         bad = {"id": "c", "question": "q", "video": "other.mp4", "image": "x.png"}
         (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
         read_samples(tmp_path / "bad.jsonl")
+
+
+def test_training_stops_with_one_line_when_no_sample_fits_max_length(tmp_path, monkeypatch):
+    from mmlm.train.vlm_config import vlm_config_from_dict
+    from mmlm.train.vlm_loop import run_vlm_training
+
+    frames, *_ = make_video("move", seed=1, frames=8, size=32)
+    write_video(frames, tmp_path / "v.mp4", fps=8)
+    record = {"video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat moves?"},
+                                                  {"from": "gpt", "value": "circle"}]}  # fmt: skip
+    (tmp_path / "videos.json").write_text(json.dumps([record] * 4))
+    model = {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
+             "lm": {"width": 32, "layers": 1, "heads": 2, "kv_heads": 1, "mlp_dim": 64}, "vocab_size": 300}  # fmt: skip
+    stages = {"train": {"steps": 2, "data": {"source": str(tmp_path / "videos.json"), "video_frames": 8}}}
+    cfg = vlm_config_from_dict({"model": model, "stages": stages, "batch_size": 2, "max_length": 64,
+                                "eval_samples": 0, "out_dir": str(tmp_path / "run"), "device": "cpu"})  # fmt: skip
+    with pytest.raises(InputError, match="do not fit in max_length 64") as error:  # 8 frames x 16 tokens > 64
+        run_vlm_training(cfg)
+    assert "\n" not in str(error.value)

@@ -56,7 +56,9 @@ def write_test_set(out: Path, clips: int = TEST_CLIPS, first_seed: int = 1_000_0
     return rows
 
 
-def demo_video_config(out: Path, train_json: Path, tower: Path | None, steps: int, video_pool: int = 1):
+def demo_video_config(
+    out: Path, train_json: Path, tower: Path | None, steps: int, video_pool: int = 1, frames: int = FRAMES
+):
     """Return the VLM run: the image demo's model (`video_pool` frames per slot) and a two-stage recipe on the video
     conversations."""
     from mmlm.demo_vlm import demo_vlm_config
@@ -72,7 +74,9 @@ def demo_video_config(out: Path, train_json: Path, tower: Path | None, steps: in
         "instruct": StageConfig(steps=steps, train=["connector", "lm"], data=data,
                                 optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30)),
     }  # fmt: skip
-    cfg.batch_size, cfg.max_length, cfg.out_dir = 32, 128, str(out / "video_train")
+    slots = -(-frames // video_pool)
+    # 16 tokens per slot (the demo tower's 4×4 patches) plus room for the question and answer: 128 at 4 slots
+    cfg.batch_size, cfg.max_length, cfg.out_dir = 32, 64 + 16 * slots, str(out / "video_train")
     return cfg
 
 
@@ -118,7 +122,7 @@ def run_video_demo(
     train_json = write_train_set(out / "video_data" / "train", train_clips, frames)
     rows = write_test_set(out / "video_data" / "test", test_clips)
     loaded, records = run_vlm_training(
-        demo_video_config(out, train_json, tower if tower.is_dir() else None, steps, video_pool)
+        demo_video_config(out, train_json, tower if tower.is_dir() else None, steps, video_pool, frames)
     )
     scores = score_clips(loaded, rows, out / "video_eval", frames)
     normal, blind = scores["normal"], scores["blind"]

@@ -29,6 +29,7 @@ from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
 from mmlm.train.vlm_config import StageData
 
 MULTIMODAL, TEXT = "multimodal", "text"
+EMPTY_BATCH_LIMIT = 20
 
 
 class EncodedSource:
@@ -165,12 +166,22 @@ class MixedBatches:
         self.sources, self.sampler, self.processor = sources, sampler, processor
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        empty = 0  # batches in a row whose every sample was dropped
         while True:
             batch = self.processor.collate(
                 [self.sources[s][i] for s, i in self.sampler.next_batch()], "right"
             )
             if len(batch["input_ids"]):
+                empty = 0
                 yield batch
+                continue
+            empty += 1
+            if empty == EMPTY_BATCH_LIMIT:  # not a data problem that more draws would fix: stop, do not spin
+                raise InputError(
+                    f"the last {empty} batches lost every sample: their image or audio tokens do not fit in "
+                    f"max_length {self.processor.max_length}; raise max_length, or give each image fewer tokens "
+                    "(fewer frames, video_pool, a connector with fewer tokens)"
+                )
 
     def state_dict(self) -> dict[str, Any]:
         """Return the sampler's resume state."""
