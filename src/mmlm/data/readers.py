@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
 
 SKIP_REASONS = (
@@ -108,19 +109,12 @@ class JsonlPairs(PairReader):
         self.path = _existing_file(path)
         self.name = str(self.path)
         self._rows: list[tuple[int, str, Any]] = []  # (line number, image, text)
-        with self.path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{self.path}:{number}: not valid JSON ({error})") from error
-                if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                    raise InputError(
-                        f"{self.path}:{number}: expected an object with an 'image' path and a 'text' caption"
-                    )
-                self._rows.append((number, record["image"], record.get("text")))
+        for number, record in jsonl_rows(self.path):
+            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                raise InputError(
+                    f"{self.path}:{number}: expected an object with an 'image' path and a 'text' caption"
+                )
+            self._rows.append((number, record["image"], record.get("text")))
 
     def __len__(self) -> int:
         return len(self._rows)
