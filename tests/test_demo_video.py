@@ -71,10 +71,16 @@ def test_clips_are_scored_by_the_harness_per_kind(tmp_path, monkeypatch):
 def test_the_video_demo_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr("mmlm.train.vlm_loop.plot_training", lambda records, out: [])
     monkeypatch.setattr("mmlm.train.vlm_loop.plot_modality_losses", lambda records, out: out)
-    summary = run_video_demo(tmp_path, steps=3, train_clips=8, test_clips=4, frames=4, video_pool=2)
+    summary = run_video_demo(
+        tmp_path, steps=3, train_clips=8, test_clips=4, frames=4, video_pool=2, video_merge="resampler"
+    )
     assert 0 <= summary["video_accuracy"] <= 1 and 0 <= summary["video_blind_accuracy"] <= 1
     saved = json.loads((tmp_path / "video_summary.json").read_text())
     assert saved["video_test_clips"] == 4 and (saved["video_pool"], saved["video_slots"]) == (2, 2)
+    assert (
+        json.loads((tmp_path / "video_vlm" / "config.json").read_text())["config"]["connector"]["max_frames"]
+        == 2
+    )
     assert (tmp_path / "video_vlm" / "config.json").is_file()
 
 

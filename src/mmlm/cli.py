@@ -149,7 +149,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
             raise InputError(
                 f"--frames and --video-pool: expected at least 1, got {args.frames} and {args.video_pool}"
             )
-        run_video_demo(Path(args.out), frames=args.frames, video_pool=args.video_pool)
+        run_video_demo(
+            Path(args.out), frames=args.frames, video_pool=args.video_pool, video_merge=args.video_merge
+        )
         return
     from mmlm.demo import run_demo
 
@@ -206,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--frames", type=int, default=4, help="video: frames sampled from each clip")
-    p.add_argument("--video-pool", type=int, default=1, help="video: frames averaged into one image slot")
+    p.add_argument("--video-pool", type=int, default=1, help="video: frames merged into one image slot")
+    p.add_argument("--video-merge", choices=["mean", "resampler"], default="mean",
+                   help="video: average a slot's frames, or read them with a perceiver's time embeddings")  # fmt: skip
     p.add_argument("--modality", choices=["image", "video", "audio"], default="image",
                    help="image: CLIP then VLM (make demo); video: a VLM on shapes-world clips; "
                         "audio: an audio-text CLIP on spoken words (espeak-ng)")  # fmt: skip

@@ -57,16 +57,29 @@ def write_test_set(out: Path, clips: int = TEST_CLIPS, first_seed: int = 1_000_0
 
 
 def demo_video_config(
-    out: Path, train_json: Path, tower: Path | None, steps: int, video_pool: int = 1, frames: int = FRAMES
+    out: Path,
+    train_json: Path,
+    tower: Path | None,
+    steps: int,
+    video_pool: int = 1,
+    frames: int = FRAMES,
+    video_merge: str = "mean",
 ):
-    """Return the VLM run: the image demo's model (`video_pool` frames per slot) and a two-stage recipe on the video
-    conversations."""
+    """Return the VLM run: the image demo's model (`video_pool` frames per slot, merged by `video_merge`) and a
+    two-stage recipe on the video conversations. The resampler merge swaps the MLP connector for a perceiver
+    (16 latents, as many tokens as the MLP gives a slot) with a time embedding per frame of a slot."""
     from mmlm.demo_vlm import demo_vlm_config
     from mmlm.train.config import OptimConfig
     from mmlm.train.vlm_config import StageConfig, StageData
 
     cfg = demo_vlm_config(out, tower, eval_samples=0)
-    cfg.model.video_pool = video_pool
+    cfg.model.video_pool, cfg.model.video_merge = video_pool, video_merge
+    if video_merge == "resampler":
+        from mmlm.connectors import ConnectorConfig
+
+        cfg.model.connector = ConnectorConfig(
+            kind="perceiver", num_queries=16, depth=2, heads=4, max_frames=video_pool
+        )
     data = StageData(source=str(train_json), multimodal_fraction=1.0, samples=100_000)
     cfg.stages = {
         "align": StageConfig(steps=min(50, steps), train=["connector"], data=data,
@@ -112,9 +125,10 @@ def run_video_demo(
     test_clips: int = TEST_CLIPS,
     frames: int = FRAMES,
     video_pool: int = 1,
+    video_merge: str = "mean",
 ) -> dict[str, Any]:
-    """Train the video VLM on `frames` frames a clip, `video_pool` averaged per image slot; evaluate it and its blind
-    baseline; write <out>/video_summary.json and return it."""
+    """Train the video VLM on `frames` frames a clip, `video_pool` per image slot merged by `video_merge`; evaluate
+    it and its blind baseline; write <out>/video_summary.json and return it."""
     from mmlm.train.vlm_loop import run_vlm_training
 
     start = time.perf_counter()
@@ -122,7 +136,9 @@ def run_video_demo(
     train_json = write_train_set(out / "video_data" / "train", train_clips, frames)
     rows = write_test_set(out / "video_data" / "test", test_clips)
     loaded, records = run_vlm_training(
-        demo_video_config(out, train_json, tower if tower.is_dir() else None, steps, video_pool, frames)
+        demo_video_config(
+            out, train_json, tower if tower.is_dir() else None, steps, video_pool, frames, video_merge
+        )
     )
     scores = score_clips(loaded, rows, out / "video_eval", frames)
     normal, blind = scores["normal"], scores["blind"]
@@ -130,6 +146,7 @@ def run_video_demo(
     summary = {f"video_{k}": v for k, v in normal.items()}
     summary.update({f"video_blind_{k}": v for k, v in blind.items()})
     summary.update({"video_test_clips": len(rows), "video_frames": frames, "video_pool": video_pool,
+                    "video_merge": video_merge,
                     "video_slots": -(-frames // video_pool), "video_steps": records[-1]["step"],
                     "video_seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
     print(f"{'clip kind':<12}{'with frames':>12}{'blind':>8}")
@@ -137,7 +154,7 @@ def run_video_demo(
         name = "all" if key == "accuracy" else key.removeprefix("accuracy_")
         print(f"{name:<12}{normal[key]:>12.3f}{blind[key]:>8.3f}")
     print(f"video VLM: accuracy {normal['accuracy']:.3f} on {len(rows)} test clips (MP4, {frames} frames each, "
-          f"{video_pool} per slot), "
+          f"{video_pool} per slot, {video_merge}), "
           f"blind {blind['accuracy']:.3f}; wrote {out / 'video_vlm'}  ({summary['video_seconds']}s)")  # fmt: skip
     (out / "video_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
