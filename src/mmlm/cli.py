@@ -207,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--frames", type=int, default=4, help="video: frames sampled from each clip")
-    p.add_argument("--video-pool", type=int, default=1, help="video: frames merged into one image slot")
-    p.add_argument("--video-merge", choices=["mean", "resampler"], default="mean",
+    p.add_argument("--frames", type=int, default=8, help="video: frames sampled from each clip")
+    p.add_argument("--video-pool", type=int, default=2, help="video: frames merged into one image slot")
+    p.add_argument("--video-merge", choices=["mean", "resampler"], default="resampler",
                    help="video: average a slot's frames, or read them with a perceiver's time embeddings")  # fmt: skip
     p.add_argument("--modality", choices=["image", "video", "audio"], default="image",
                    help="image: CLIP then VLM (make demo); video: a VLM on shapes-world clips; "
