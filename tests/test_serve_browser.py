@@ -273,3 +273,34 @@ def test_page_asks_for_the_api_key_once(browser, keyed_server, image_path):
     assert page.is_hidden("#error")
     assert page.evaluate("window.keyFormShown") == 1
     context.close()
+
+
+def test_page_sends_an_audio_clip_as_an_input_audio_part(browser, open_server, tmp_path):
+    import numpy as np
+    import soundfile
+
+    soundfile.write(tmp_path / "tone.wav", np.zeros(8000, dtype=np.float32), 16000)
+    (tmp_path / "notes.txt").write_text("not audio")
+    page = browser.new_page()
+    page.goto(open_server)
+    page.set_input_files("#audio-file", str(tmp_path / "notes.txt"))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not a WAV, MP3, FLAC or OGG file" in page.inner_text("#error")
+    page.set_input_files("#audio-file", str(tmp_path / "tone.wav"))
+    page.wait_for_selector("#audio-name:not([hidden])")
+    assert page.is_hidden("#error")
+    requests = []
+    page.on(
+        "request",
+        lambda r: requests.append(r.post_data_json) if r.url.endswith("/chat/completions") else None,
+    )
+    page.fill("#question", "What is said?")
+    page.click(
+        "#ask"
+    )  # the served tiny LLaVA has no audio tower: the server's 400 reaches the page in one line
+    page.wait_for_selector("#error:not([hidden])")
+    assert "no audio tower" in page.inner_text("#error")
+    part = requests[0]["messages"][0]["content"][0]
+    assert part["type"] == "input_audio" and part["input_audio"]["format"] == "wav"
+    assert base64.b64decode(part["input_audio"]["data"]) == (tmp_path / "tone.wav").read_bytes()
+    page.close()

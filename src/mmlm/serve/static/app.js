@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   image: null, // the current image as a data: URL
+  audio: null, // the current audio clip: { data: base64, format: "wav" | "mp3" | "flac" | "ogg" }
   keyRequest: null, // one pending "ask for the key" shared by concurrent 401s
 };
 
@@ -153,6 +154,28 @@ function setUpImageInput() {
   });
 }
 
+// ---- audio ----------------------------------------------------------------------------------------
+
+const AUDIO_FORMATS = { wav: "wav", mp3: "mp3", flac: "flac", ogg: "ogg", oga: "ogg" };
+
+function setAudioFile(file) {
+  const format = file && AUDIO_FORMATS[file.name.split(".").pop().toLowerCase()];
+  if (!format) {
+    state.audio = null;
+    $("audio-name").hidden = true;
+    if (file) showError(`Error: ${file.name} is not a WAV, MP3, FLAC or OGG file.`);
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => {
+    state.audio = { data: reader.result.split(",", 2)[1], format };  // the base64 after "data:...;base64,"
+    $("audio-name").textContent = file.name;
+    $("audio-name").hidden = false;
+    clearError();
+  };
+  reader.readAsDataURL(file);
+}
+
 // ---- models ---------------------------------------------------------------------------------------
 
 async function loadModels() {
@@ -245,8 +268,12 @@ async function readEvents(response, onData) {
 }
 
 async function ask() {
-  const image = requireImage();
-  const question = $("question").value.trim() || "Describe the image.";
+  if (!state.image && !state.audio) throw new ApiError("Add an image (or an audio clip) first.");
+  const question = $("question").value.trim() || (state.image ? "Describe the image." : "What is said?");
+  const content = [];  // the media first, as LLaVA-style models learn them
+  if (state.image) content.push({ type: "image_url", image_url: { url: state.image } });
+  if (state.audio) content.push({ type: "input_audio", input_audio: state.audio });
+  content.push({ type: "text", text: question });
   const answer = $("answer");
   answer.textContent = "";
   answer.classList.add("streaming");
@@ -255,15 +282,7 @@ async function ask() {
     stream: true,
     max_tokens: Number($("max-tokens").value) || 256,
     temperature: Number($("temperature").value) || 0,  // 0: greedy; the OpenAI default would be 1
-    messages: [
-      {
-        role: "user",
-        content: [
-          { type: "image_url", image_url: { url: image } },  // the image first, as LLaVA-style models learn it
-          { type: "text", text: question },
-        ],
-      },
-    ],
+    messages: [{ role: "user", content }],
   });
   try {
     await readEvents(response, (data) => {
@@ -334,6 +353,7 @@ function onSubmit(formId, buttonId, work) {
 }
 
 setUpImageInput();
+$("audio-file").addEventListener("change", () => setAudioFile($("audio-file").files[0]));
 onSubmit("classify-form", "classify", classify);
 onSubmit("chat-form", "ask", ask);
 onSubmit("search-form", "search", () => search({ text: $("search-text").value.trim() }));
