@@ -24,7 +24,7 @@ from mmlm.checkpoints.safetensors_io import read_weights, write_weights
 from mmlm.config import config_from_dict
 from mmlm.encoders.audio import AudioConfig, AudioEncoder, check_features
 from mmlm.errors import InputError
-from mmlm.processing.audio import audio_features
+from mmlm.processing.audio import audio_batch_features
 
 MMLM_ARCHITECTURE = "audio_encoder"
 # one clip: a path, encoded bytes or 1-D samples at the preprocessor's rate
@@ -39,26 +39,6 @@ def whisper_preprocessor(cfg: AudioConfig) -> dict[str, Any]:
         hop_length=160, n_fft=400, chunk_length=cfg.input_frames // 100, n_samples=cfg.input_frames * 160,
         nb_max_frames=cfg.input_frames, padding_value=0.0, return_attention_mask=False,
     )  # fmt: skip
-
-
-def audio_batch_features(
-    audio: AudioInput, cfg: AudioConfig, preprocessor: dict[str, Any], sampling_rate: int | None = None
-) -> torch.Tensor:
-    """Return log-mel features [B, n_mels, 2·max_frames] of clips (paths, bytes, 1-D sample arrays, or a list)."""
-    clips = list(audio) if isinstance(audio, list | tuple) else [audio]
-    if not clips or not all(isinstance(c, str | os.PathLike | bytes | bytearray | np.ndarray) or
-                            (isinstance(c, torch.Tensor) and c.dim() == 1) for c in clips):  # fmt: skip
-        raise InputError(
-            f"audio: expected clips (paths, bytes, 1-D sample arrays, or a list of them) or log-mel features "
-            f"[batch, {cfg.n_mels} mels, {cfg.input_frames} frames]; got {type(audio).__name__}"
-        )
-    rate = preprocessor.get("sampling_rate", 16000)
-    options = dict(sampling_rate=rate, source_sampling_rate=sampling_rate,
-                   n_fft=preprocessor.get("n_fft", 400), hop_length=preprocessor.get("hop_length", 160))  # fmt: skip
-    return torch.cat([
-        audio_features(c.numpy() if isinstance(c, torch.Tensor) else c, cfg.n_mels, cfg.input_frames, **options)
-        for c in clips
-    ])  # fmt: skip
 
 
 class AudioModel:

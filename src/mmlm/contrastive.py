@@ -1,5 +1,5 @@
 """A loaded contrastive model (CLIP, SigLIP, or audio-text CLAP-style): preprocessing + DualEncoder + similarity
-and zero-shot scoring. An audio-text model reads clips through `mmlm.audio_model.audio_batch_features`."""
+and zero-shot scoring. An audio-text model reads clips through `mmlm.processing.audio.audio_batch_features`."""
 
 import time
 from collections.abc import Sequence
@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from mmlm.audio_model import AudioInput, audio_batch_features
+from mmlm.audio_model import AudioInput
 from mmlm.clip import DualEncoder
 from mmlm.errors import InputError
+from mmlm.processing.audio import audio_batch_features
 from mmlm.processing.image import ImageProcessor, ImageSource
 from mmlm.processing.tokenizer import TextTokenizer
 from mmlm.train.progress import Progress

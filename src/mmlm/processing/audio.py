@@ -26,6 +26,7 @@ import soxr
 import torch
 import torch.nn.functional as F
 
+from mmlm.config import AudioConfig
 from mmlm.errors import InputError
 
 SAMPLING_RATE = 16_000
@@ -363,3 +364,23 @@ def audio_features(
     return log_mel_spectrogram(
         samples, n_mels, window, n_fft=n_fft, hop_length=hop_length, sampling_rate=sampling_rate
     )
+
+
+def audio_batch_features(
+    audio: Any, cfg: AudioConfig, preprocessor: dict[str, Any], sampling_rate: int | None = None
+) -> torch.Tensor:
+    """Return log-mel features [B, n_mels, 2·max_frames] of clips (paths, bytes, 1-D sample arrays, or a list)."""
+    clips = list(audio) if isinstance(audio, list | tuple) else [audio]
+    if not clips or not all(isinstance(c, str | os.PathLike | bytes | bytearray | np.ndarray) or
+                            (isinstance(c, torch.Tensor) and c.dim() == 1) for c in clips):  # fmt: skip
+        raise InputError(
+            f"audio: expected clips (paths, bytes, 1-D sample arrays, or a list of them) or log-mel features "
+            f"[batch, {cfg.n_mels} mels, {cfg.input_frames} frames]; got {type(audio).__name__}"
+        )
+    rate = preprocessor.get("sampling_rate", 16000)
+    options = dict(sampling_rate=rate, source_sampling_rate=sampling_rate,
+                   n_fft=preprocessor.get("n_fft", 400), hop_length=preprocessor.get("hop_length", 160))  # fmt: skip
+    return torch.cat([
+        audio_features(c.numpy() if isinstance(c, torch.Tensor) else c, cfg.n_mels, cfg.input_frames, **options)
+        for c in clips
+    ])  # fmt: skip

@@ -29,7 +29,7 @@ from tokenizers import AddedToken, Tokenizer
 from mmlm.config import AudioConfig
 from mmlm.errors import InputError
 from mmlm.processing.anyres import DynamicResolution
-from mmlm.processing.audio import audio_features
+from mmlm.processing.audio import audio_batch_features
 from mmlm.processing.chat import (
     AUDIO_TOKEN,
     IMAGE_TOKEN,
@@ -239,14 +239,12 @@ class VLMProcessor:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             if had_answer and not bool((labels != IGNORE_INDEX).any()):
                 return None  # nothing left to learn from
-        features = self._audio(audio, sampling_rate) if audio else None
+        features = (
+            audio_batch_features(audio, self.audio_config, self.audio_preprocessor, sampling_rate)
+            if audio
+            else None
+        )
         return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes, features, frames)
-
-    def _audio(self, clips: Sequence[Any], sampling_rate: int | None) -> torch.Tensor:
-        cfg, pre = self.audio_config, self.audio_preprocessor
-        options = dict(sampling_rate=pre.get("sampling_rate", 16000), source_sampling_rate=sampling_rate,
-                       n_fft=pre.get("n_fft", 400), hop_length=pre.get("hop_length", 160))  # fmt: skip
-        return torch.cat([audio_features(clip, cfg.n_mels, cfg.input_frames, **options) for clip in clips])
 
     def _images(
         self, images: Sequence[ImageSource]

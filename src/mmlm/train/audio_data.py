@@ -2,7 +2,7 @@
 
 A manifest is JSONL with one clip per row: {"audio": "rel/path.wav", "text": "red circle"} (paths relative to
 the manifest; `text` may be a list, the first caption is trained on), optionally with a "split". The log-mel
-features are computed once, as at inference (`mmlm.audio_model.audio_batch_features`), so a training step does
+features are computed once, as at inference (`mmlm.processing.audio.audio_batch_features`), so a training step does
 no FFT. Batches come in the seeded shuffled order of `InMemoryPairs`; the position is the whole resume state.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from mmlm.audio_model import audio_batch_features
 from mmlm.config import AudioConfig
 from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
+from mmlm.processing.audio import audio_batch_features
 
 
 def read_audio_manifest(path: str | Path, split: str | None = None) -> tuple[list[Path], list[list[str]]]:
