@@ -301,7 +301,6 @@ def measure(args: argparse.Namespace, spec: ModelSpec, budget) -> dict[str, Any]
         ids = torch.cat(
             [torch.full((args.batch_size, slots), cfg.image_token_id, device=device), text], dim=1
         )
-        model.cfg = dataclasses.replace(model.cfg, video_pool=image.video_pool)
         embeds, media = model.prepare(ids, pixels, None, frames)
         tokens = slots
         result["vision_ms"] = median_ms(lambda: model.patch_features(pixels), args.runs, sync)

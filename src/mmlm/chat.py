@@ -24,8 +24,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if not isinstance(model, GenerativeModel):
         raise InputError(f"{args.model} is not a vision-language model (got a {type(model).__name__})")
     images, videos, audio = list(args.image or []), list(args.video or []), list(args.audio or [])
-    if audio and not model.model.audio_tokens:
-        raise InputError(f"--audio: {args.model} has no audio tower; it reads images and videos only")
     messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                    videos=videos, num_frames=args.frames, audio=audio or None)  # fmt: skip

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.config import AudioConfig, DualEncoderConfig, TextConfig
+from mmlm.data.jsonl import jsonl_rows
 from mmlm.data.spoken import make_spoken_set
 from mmlm.eval.retrieval import read_audio_retrieval_set, retrieval_metrics
 from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
@@ -50,8 +51,8 @@ def evaluate(loaded: Any, manifest: Path) -> dict[str, float]:
 
 def manifest_rows(manifest: Path, split: str) -> list[dict[str, Any]]:
     """Return the spoken set's rows of one split, audio paths made absolute."""
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    return [{**r, "audio": str(manifest.parent.resolve() / r["audio"])} for r in rows if r["split"] == split]
+    rows = [row for _, row in jsonl_rows(manifest) if row["split"] == split]
+    return [{**r, "audio": str(manifest.parent.resolve() / r["audio"])} for r in rows]
 
 
 def write_spoken_conversations(manifest: Path, out: Path) -> Path:
