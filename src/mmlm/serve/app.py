@@ -7,27 +7,26 @@ that goes away cancels its engine work: each engine call races the client's disc
 
 import asyncio
 import base64
-import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ValidationError
 
 from mmlm.generation import GenerationSettings
 from mmlm.processing.chat import AUDIO_TOKEN, IMAGE_TOKEN
 from mmlm.serve.config import ServeConfig
 from mmlm.serve.engine import GenerationStats
-from mmlm.serve.errors import APIError, add_error_handlers, as_api_error, error_body, validation_error
+from mmlm.serve.errors import APIError, add_error_handlers, as_api_error, error_body
 from mmlm.serve.images import load_request_image
 from mmlm.serve.metrics import format_labels
+from mmlm.serve.requests import ClientGone, RequestGate, parse_body, until_disconnect
 from mmlm.serve.schema import (
     AudioPart,
     ChatMessage,
@@ -42,128 +41,6 @@ from mmlm.serve.schema import (
 )
 
 STATIC = Path(__file__).parent / "static"
-# paths counted by name in mmlm_http_requests_total; anything else counts as "other"
-_COUNTED_PATHS = (
-    "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/classify", "/v1/search", "/health", "/metrics",
-)  # fmt: skip
-T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
-
-
-class RequestGate:
-    """ASGI middleware at the door: the API key, the body-size cap (declared and as read), and request counts."""
-
-    def __init__(self, app, config: ServeConfig, counts: dict[tuple[str, str], int]) -> None:
-        self.app, self.config, self.counts = app, config, counts
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        status = {"code": 500}
-
-        async def counted_send(message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await _send_error(counted_send, refusal)
-                return
-            await self.app(scope, self._capped(receive), counted_send)
-        finally:
-            key = (path if path in _COUNTED_PATHS else "other", str(status["code"]))
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def _refusal(self, scope) -> APIError | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        path = scope["path"]
-        if self.config.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
-            scheme, _, given = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), self.config.api_key.encode()
-            ):
-                message = "missing API key" if not given else "invalid API key"
-                return APIError(
-                    401, f"{message}; send 'Authorization: Bearer <key>'", code="invalid_api_key",
-                    headers={"WWW-Authenticate": 'Bearer realm="mmlm"'},
-                )  # fmt: skip
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.config.max_request_bytes):
-            return _too_large(self.config)
-        return None
-
-    def _capped(self, receive):
-        seen = 0
-
-        async def capped_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.config.max_request_bytes:
-                    raise _too_large(self.config)
-            return message
-
-        return capped_receive
-
-
-def _too_large(config: ServeConfig) -> APIError:
-    return APIError(
-        413, f"the request body is larger than the server's limit of {config.max_request_bytes} bytes",
-        code="request_too_large",
-    )  # fmt: skip
-
-
-async def _send_error(send, error: APIError) -> None:
-    body = json.dumps(error_body(error.status, error.message, error.param, error.code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def parse_body(request: Request, model: type[M]) -> M:
-    """Return the request body validated as `model`; malformed JSON and refused fields are 400s."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise validation_error(list(error.errors())) from None
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready; its engine work has been cancelled."""
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Return the result of `work`, or cancel it and raise ClientGone when the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # let the engine work unwind before anyone closes its generator
-    if task.cancelled():
-        raise ClientGone()
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def create_app(engine, config: ServeConfig) -> FastAPI:
