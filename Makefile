@@ -8,7 +8,7 @@ BENCH_VENV := .bench-env
 
 # Optional system programs as package:program pairs (scripts/system_packages.sh installs the missing ones as
 # root, else prints the apt-get command): java runs the COCO caption PTB tokenizer (mmlm.eval.captioning),
-# tesseract reads the text in images for `mmlm eval vlm --ocr` (mmlm.eval.ocr), chromium runs the serve web-page
+# tesseract reads the text in images for `mmlm eval vlm --ocr` (mmlm.processing.ocr), chromium runs the serve web-page
 # test (tests/test_serve_browser.py), espeak-ng speaks the real speech of the log-mel parity tests (tests/test_audio.py).
 SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract chromium:chromium espeak-ng:espeak-ng
 
@@ -32,6 +32,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
 
 test: install lint
 	$(BIN)/pytest -q

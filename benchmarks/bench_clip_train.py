@@ -95,10 +95,10 @@ def decay_groups(model: torch.nn.Module) -> list[dict]:
 
 def build_mmlm(m: dict, act: str):
     """Return (model, loss(pixels, ids), optimizer) for mmlm's DualEncoder, clip_loss and param groups."""
-    from mmlm.clip import DualEncoder
-    from mmlm.config import DualEncoderConfig, TextConfig, VisionConfig
-    from mmlm.losses import clip_loss
+    from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
+    from mmlm.models.dual_encoder import DualEncoder
     from mmlm.train.config import OptimConfig
+    from mmlm.train.losses import clip_loss
     from mmlm.train.optim import build_optimizer
 
     vision = VisionConfig(

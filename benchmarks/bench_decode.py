@@ -30,7 +30,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import mmlm
-from mmlm.generation import GenerationSettings, generate_ids, lm_step
+from mmlm.inference.generation import GenerationSettings, generate_ids, lm_step
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,

@@ -8,7 +8,7 @@ menus, street names, shapes-world words, and some hard negatives such as "You mu
 - normal: black text, 22 px DejaVu Sans, on white;
 - low contrast: light grey (170-200) on white, 11-13 px, Gaussian pixel noise (sigma 12), rotated 2-4 degrees.
 
-Each image goes through `mmlm.serve.guard.inspect_image`'s path (Tesseract via `mmlm.eval.ocr.ocr_text`, then
+Each image goes through `mmlm.serve.guard.inspect_image`'s path (Tesseract via `mmlm.processing.ocr.ocr_text`, then
 `instruction_score`). Text that OCR misses is a miss: nothing is scored from the ground truth except the
 "text only" row, the upper bound with perfect OCR. For each condition the script reports the ROC points, the
 TPR at the threshold with FPR <= 5 % chosen on that condition's scores, the TPR/FPR at the shipped THRESHOLD,
@@ -30,7 +30,7 @@ from datetime import date
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mmlm.eval.ocr import ocr_text, tesseract_path
+from mmlm.processing.ocr import ocr_text, tesseract_path
 from mmlm.serve.guard import THRESHOLD, instruction_score, normalise
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"

@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 from timing import median_seconds
 
-from mmlm.config import VisionConfig
 from mmlm.data.videos import make_video, write_video
-from mmlm.encoders.vision import VisionTransformer
+from mmlm.models.config import VisionConfig
+from mmlm.models.vision import VisionTransformer
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.video import encode_frames, read_video
 

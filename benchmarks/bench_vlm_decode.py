@@ -31,8 +31,8 @@ from bench_decode import SMOLLM2_135M, StepClock
 
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
-from mmlm.generation import GenerationSettings, generate_ids, lm_step
-from mmlm.vlm import VisionLanguageModel
+from mmlm.inference.generation import GenerationSettings, generate_ids, lm_step
+from mmlm.models.vlm import VisionLanguageModel
 
 SIGLIP_B16_224 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       image_size=224, patch_size=16)  # fmt: skip

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import mmlm.train.vlm_loop as loop
-from mmlm.config import VisionConfig
 from mmlm.data import shapes
-from mmlm.demo_vlm import demo_vlm_config, pretrain_tower
+from mmlm.models.config import VisionConfig
+from mmlm.recipes.demo_vlm import demo_vlm_config, pretrain_tower
 
 VARIANTS = ("baseline", "lm4", "sample_loss", "aligned_tower")
 

@@ -212,7 +212,7 @@ def test_cli_refuses_audio_for_an_image_model_and_images_for_an_audio_model(trai
 
 
 def test_lock_image_freezes_the_audio_tower(tmp_path):
-    from mmlm.clip import DualEncoder
+    from mmlm.models.dual_encoder import DualEncoder
 
     manifest = write_tone_set(tmp_path / "data", clips_per_word=2)
     cfg = load_train_config(
@@ -227,8 +227,8 @@ def test_lock_image_freezes_the_audio_tower(tmp_path):
 
 
 def test_lock_image_n_keeps_the_audio_stem_frozen_and_the_last_blocks_and_head_trainable():
-    from mmlm.config import AudioConfig
-    from mmlm.encoders.audio_tower import AudioTower
+    from mmlm.models.audio_tower import AudioTower
+    from mmlm.models.config import AudioConfig
     from mmlm.train.optim import lock_tower
 
     tower = AudioTower(
@@ -254,7 +254,7 @@ def test_an_audio_model_trains_only_on_an_audio_manifest_with_matching_settings(
     shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)"
 )
 def test_audio_demo_runs_end_to_end_on_a_few_spoken_words(tmp_path):
-    from mmlm.demo_audio import run_audio_demo
+    from mmlm.recipes.demo_audio import run_audio_demo
 
     summary = run_audio_demo(
         tmp_path, steps=3, variants_per_phrase=2, phrases=["red", "blue", "circle"], width=32, vlm_steps=2

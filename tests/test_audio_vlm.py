@@ -11,11 +11,11 @@ import torch
 
 import mmlm
 from mmlm.cli import main
-from mmlm.connectors import ConnectorConfig
 from mmlm.errors import InputError
+from mmlm.fusion import ConnectorConfig
+from mmlm.models.vlm import VisionLanguageModel
 from mmlm.train.vlm_config import vlm_config_from_dict
 from mmlm.train.vlm_loop import run_vlm_training
-from mmlm.vlm import VisionLanguageModel
 
 RATE = 16000
 TINY_AUDIO = {

@@ -9,7 +9,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmlm.budget import (
+from mmlm.cli import main
+from mmlm.cli.budget import spec_from_config
+from mmlm.fusion import ConnectorConfig, build_connector
+from mmlm.layers import Attention
+from mmlm.models.budget import (
     Backbone,
     ImageInput,
     LMShape,
@@ -21,14 +25,10 @@ from mmlm.budget import (
     self_attention_flops,
     vision_tower_cost,
 )
-from mmlm.budget_command import spec_from_config
-from mmlm.cli import main
-from mmlm.config import VisionConfig
-from mmlm.connectors import ConnectorConfig, build_connector
-from mmlm.encoders.vision import VisionTransformer
-from mmlm.layers import Attention
-from mmlm.lm import DecoderLM, LMConfig
-from mmlm.vlm import VisionLanguageModel, VLMConfig
+from mmlm.models.config import VisionConfig
+from mmlm.models.decoder_lm import DecoderLM, LMConfig
+from mmlm.models.vision import VisionTransformer
+from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
 # llava-hf/llava-1.5-7b-hf's config.json as the hub has it (Llama defaults fill the rest of text_config)
 LLAVA_15_7B = {
@@ -214,9 +214,9 @@ def test_measure_on_a_tiny_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["qformer", "perceiver", "cross_attention", "unified"])
 def test_measure_times_every_fusion_style_of_an_mmlm_config(kind, tmp_path, capsys):
-    from mmlm.connectors import ConnectorConfig
-    from mmlm.lm import LMConfig
-    from mmlm.vlm import VLMConfig
+    from mmlm.fusion import ConnectorConfig
+    from mmlm.models.decoder_lm import LMConfig
+    from mmlm.models.vlm import VLMConfig
 
     vision = VisionConfig(
         image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, embed_dim=None
@@ -273,8 +273,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, expected):
      ("perceiver", {"num_queries": 6, "depth": 2, "heads": 2})],
 )  # fmt: skip
 def test_connector_formulas_count_what_mmlm_builds(kind, options):
-    from mmlm.budget import perceiver_resampler_flops, qformer_flops
-    from mmlm.connectors import ConnectorConfig, build_connector
+    from mmlm.fusion import ConnectorConfig, build_connector
+    from mmlm.models.budget import perceiver_resampler_flops, qformer_flops
 
     c = ConnectorConfig(kind=kind, **options)
     torch.manual_seed(0)
@@ -288,10 +288,10 @@ def test_connector_formulas_count_what_mmlm_builds(kind, options):
 
 
 def test_gated_cross_attention_formula_counts_the_block_mmlm_builds():
-    from mmlm.budget import gated_cross_attention_flops, gated_cross_attention_layers
-    from mmlm.connectors import ConnectorConfig
-    from mmlm.lm import LMConfig
-    from mmlm.vlm import VisionLanguageModel, VLMConfig
+    from mmlm.fusion import ConnectorConfig
+    from mmlm.models.budget import gated_cross_attention_flops, gated_cross_attention_layers
+    from mmlm.models.decoder_lm import LMConfig
+    from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
     lm = LMConfig(vocab_size=50, width=32, layers=5, heads=4, kv_heads=2, mlp_dim=48)
     vision = VisionConfig(
@@ -324,7 +324,7 @@ def test_video_duration_and_sampling_rate_set_the_frames(tmp_path, capsys):
 
 
 def test_video_pool_divides_the_per_frame_styles_slots(tmp_path, capsys):
-    from mmlm.lm import LMConfig
+    from mmlm.models.decoder_lm import LMConfig
 
     out = budget_json(capsys, "--config", write(tmp_path, LLAVA_15_7B), "--frames", "20", "--video-pool", "4")
     styles = {s["style"].split()[0]: s["visual_tokens"] for s in out["styles"]}
@@ -349,7 +349,7 @@ def test_video_pool_divides_the_per_frame_styles_slots(tmp_path, capsys):
 
 
 def test_an_audio_text_model_is_refused_with_one_line(tmp_path, capsys):
-    from mmlm.config import AudioConfig, DualEncoderConfig
+    from mmlm.models.config import AudioConfig, DualEncoderConfig
 
     cfg = DualEncoderConfig(audio=AudioConfig(width=32, layers=1, heads=2, mlp_dim=64, max_frames=50))
     config = write(

@@ -9,8 +9,8 @@ from skimage import data
 import mmlm
 from fixtures_models import write_tiny_clip
 from fixtures_vlm import write_tiny_llava
-from mmlm.chat import user_turn
 from mmlm.cli import main
+from mmlm.cli.chat import user_turn
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from mmlm.connectors import (
+from mmlm.errors import InputError
+from mmlm.fusion import (
     LLAVA_PROJECTOR_KEYS,
     ConnectorConfig,
     build_connector,
     pixel_shuffle,
     register_connector,
 )
-from mmlm.connectors.projector import LinearProjector
-from mmlm.errors import InputError
+from mmlm.fusion.projector import LinearProjector
 
 
 @pytest.mark.parametrize(
@@ -94,6 +94,6 @@ def test_unknown_kind_names_the_field_and_registry_extends() -> None:
     try:
         assert isinstance(build_connector(ConnectorConfig(kind="resampler"), 4, 8), LinearProjector)
     finally:
-        from mmlm.connectors import CONNECTORS
+        from mmlm.fusion import CONNECTORS
 
         del CONNECTORS["resampler"]

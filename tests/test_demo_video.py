@@ -5,7 +5,8 @@ import json
 import pytest
 
 from mmlm.data.conversations import read_conversations
-from mmlm.demo_video import (
+from mmlm.processing.video import read_video
+from mmlm.recipes.demo_video import (
     FRAMES,
     frame_indices,
     run_video_demo,
@@ -13,7 +14,6 @@ from mmlm.demo_video import (
     write_test_set,
     write_train_set,
 )
-from mmlm.processing.video import read_video
 
 
 def test_frames_are_segment_centres_as_read_video_samples_them(tmp_path):

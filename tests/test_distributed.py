@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.errors import InputError
-from mmlm.losses import clip_loss, siglip_loss
 from mmlm.train.distributed import (
     DistInfo,
     cleanup,
@@ -30,6 +29,7 @@ from mmlm.train.distributed import (
     init_distributed,
     is_main,
 )
+from mmlm.train.losses import clip_loss, siglip_loss
 
 LOCAL_BATCH, EMBED_DIM, IMAGE_DIM, TEXT_DIM = 4, 8, 6, 5
 ATOL = 1e-6

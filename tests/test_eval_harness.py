@@ -17,8 +17,8 @@ from mmlm.errors import InputError
 from mmlm.eval.backends import OpenAIBackend, TransformersBackend
 from mmlm.eval.generation_cache import GenerationCache, generation_key, image_digest
 from mmlm.eval.harness import BLIND_GREY, derangement, evaluate_vlm, image_sources
-from mmlm.eval.ocr import OCR_HEADER, ocr_text, tesseract_path, with_ocr
 from mmlm.eval.tasks import Sample, Task
+from mmlm.processing.ocr import OCR_HEADER, ocr_text, tesseract_path, with_ocr
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 

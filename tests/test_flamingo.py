@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from mmlm.checkpoints.hf_idefics import idefics_gated_cross_attention_key_map, idefics_perceiver_key_map
 from mmlm.checkpoints.keymap import to_ours, to_theirs
-from mmlm.connectors import ConnectorConfig, PerceiverResampler, build_connector
-from mmlm.connectors.cross_attention import GatedCrossAttentionBlock, media_attention_mask
+from mmlm.fusion import ConnectorConfig, PerceiverResampler, build_connector
+from mmlm.fusion.cross_attention import GatedCrossAttentionBlock, media_attention_mask
 from mmlm.layers import Attention
 
 IMAGE = 7  # the <image> token id in these tests

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 import mmlm
-from mmlm.config import VisionConfig
-from mmlm.connectors import ConnectorConfig
-from mmlm.connectors.unified import ImageCodebook
 from mmlm.data.shapes import split_combinations
 from mmlm.errors import InputError
-from mmlm.lm import LMConfig
+from mmlm.fusion import ConnectorConfig
+from mmlm.fusion.unified import ImageCodebook
+from mmlm.models.config import VisionConfig
+from mmlm.models.decoder_lm import LMConfig
+from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 from mmlm.train.mixing import corpus_texts
 from mmlm.train.vlm_config import StageData, vlm_config_from_dict
 from mmlm.train.vlm_loop import build_tokenizer, run_vlm_training
-from mmlm.vlm import VisionLanguageModel, VLMConfig
 
 PATCHES = 16  # a 32 px image in 8 px patches
 TINY = {

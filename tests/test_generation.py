@@ -9,7 +9,7 @@ import transformers
 
 import mmlm
 from fixtures_lm import one_thread, write_tiny_lm  # noqa: F401 (autouse)
-from mmlm.generation import GenerationSettings, TextStream, filter_logits, generate_ids, lm_step
+from mmlm.inference.generation import GenerationSettings, TextStream, filter_logits, generate_ids, lm_step
 
 PROMPTS = ["a cat sitting on", "the red car parked near the river at night,", "zebras"]
 

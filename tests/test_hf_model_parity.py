@@ -9,8 +9,8 @@ import transformers
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_clip import clip_config_from_hf, clip_key_map, siglip_config_from_hf, siglip_key_map
 from mmlm.checkpoints.safetensors_io import read_weights
-from mmlm.clip import DualEncoder
 from mmlm.errors import InputError
+from mmlm.models.dual_encoder import DualEncoder
 
 CLIP_CASES = {
     "quickgelu-p8": dict(

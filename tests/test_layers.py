@@ -6,10 +6,10 @@ import warnings
 import pytest
 import torch
 
-from mmlm.config import DualEncoderConfig, VisionConfig, config_from_dict
-from mmlm.encoders.vision import VisionTransformer
 from mmlm.layers import Attention, Block, KVCache, RMSNorm
 from mmlm.layers.mlp import quick_gelu
+from mmlm.models.config import DualEncoderConfig, VisionConfig, config_from_dict
+from mmlm.models.vision import VisionTransformer
 
 
 def reference_attention(q, k, v, causal=False):

@@ -11,7 +11,7 @@ from skimage import data
 import mmlm
 from fixtures_vlm import write_tiny_llava
 from mmlm.errors import InputError
-from mmlm.generative import GenerativeModel
+from mmlm.inference.vlm import GenerativeModel
 
 CONFIGS = {
     "clip-penultimate-default": dict(tower="clip", feature_layer=-2, select="default"),

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 import mmlm
 from fixtures_lm import one_thread, tiny_lm_config, write_lm_tokenizer, write_tiny_lm  # noqa: F401 (autouse)
-from mmlm.causal_lm import CausalLM
+from mmlm.inference.causal_lm import CausalLM
 from mmlm.layers.attention import project
-from mmlm.lm import DecoderLM, LMConfig
+from mmlm.models.decoder_lm import DecoderLM, LMConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
@@ -109,7 +109,7 @@ def test_bf16_load_gives_bf16_weights_close_to_fp32(tmp_path):
 
 PEAK_MEMORY_SCRIPT = """
 import sys, threading, time, torch, mmlm
-from mmlm.lm import DecoderLM, LMConfig
+from mmlm.models.decoder_lm import DecoderLM, LMConfig
 
 def anon_mib():
     for line in open("/proc/self/status"):

@@ -101,9 +101,9 @@ def test_bfloat16_load_stays_close(tmp_path):
 
 def test_models_transformers_cannot_hold_round_trip_in_mmlm_format(tmp_path):
     from fixtures_text import write_clip_tokenizer
-    from mmlm.clip import DualEncoder
-    from mmlm.config import DualEncoderConfig, TextConfig, VisionConfig
-    from mmlm.contrastive import ContrastiveModel
+    from mmlm.inference.contrastive import ContrastiveModel
+    from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
+    from mmlm.models.dual_encoder import DualEncoder
     from mmlm.processing.image import ImageProcessor
     from mmlm.processing.tokenizer import load_tokenizer
 

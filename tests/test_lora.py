@@ -218,7 +218,7 @@ def test_peft_adapter_on_transformers_llama_equals_hand_merged_weights(tmp_path)
     transformers = pytest.importorskip("transformers")
     from mmlm.checkpoints.hf_llama import llama_key_map, lm_config_from_hf
     from mmlm.checkpoints.keymap import to_ours
-    from mmlm.lm import DecoderLM
+    from mmlm.models.decoder_lm import DecoderLM
 
     hf_config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=DIM, intermediate_size=MLP_DIM, num_hidden_layers=2,

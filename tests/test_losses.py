@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmlm.losses import clip_loss, siglip_loss
+from mmlm.train.losses import clip_loss, siglip_loss
 
 # The chapter's 4x4 example (tau = 1): the diagonal is the highest entry of each row; row 1 is (0.9, 0.1, 0.2, 0.0).
 S = torch.tensor(

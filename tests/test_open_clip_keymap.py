@@ -22,8 +22,8 @@ from mmlm.checkpoints.open_clip import (
     open_clip_key_map,
     open_clip_tokenizer,
 )
-from mmlm.clip import DualEncoder
 from mmlm.errors import InputError
+from mmlm.models.dual_encoder import DualEncoder
 
 SMALL = dict(
     embed_dim=24,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmlm.checkpoints.hf_blip2 import blip2_connector_from_state_dict, load_blip2_qformer
-from mmlm.connectors import ConnectorConfig, build_connector
 from mmlm.errors import InputError
+from mmlm.fusion import ConnectorConfig, build_connector
 
 blip_2 = pytest.importorskip("transformers.models.blip_2.modeling_blip_2")
 from transformers import Blip2Config, OPTConfig  # noqa: E402
@@ -167,7 +167,7 @@ def test_folder_without_config_or_weights_is_an_input_error(tmp_path) -> None:
 
 def test_layer_norm_eps_travels_in_the_connector_config():
     from mmlm.checkpoints.hf_blip2 import connector_config_from_blip2
-    from mmlm.connectors import build_connector
+    from mmlm.fusion import build_connector
 
     cfg = connector_config_from_blip2({"num_query_tokens": 3, "qformer_config": {
         "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 import mmlm
 from fixtures_vlm import write_tiny_llava
 from mmlm.cli import main
-from mmlm.serve import command
+from mmlm.cli import serve as command
 from mmlm.serve.app import create_app
 from mmlm.serve.config import ServeConfig
 from mmlm.serve.engine import Engine, EngineConfig, QueueFull, RequestTimeout
@@ -525,7 +525,7 @@ def instruction_image() -> bytes:
 
 def test_the_guard_notes_or_refuses_an_image_that_reads_as_instructions():
     pytest.importorskip("mmlm.serve.guard")
-    from mmlm.eval.ocr import tesseract_path
+    from mmlm.processing.ocr import tesseract_path
     from mmlm.serve.guard import GUARD_SYSTEM_NOTE
 
     if tesseract_path() is None:

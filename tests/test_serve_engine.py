@@ -13,8 +13,8 @@ from skimage import data
 import mmlm
 from fixtures_vlm import write_tiny_llava
 from mmlm.errors import InputError
-from mmlm.generation import GenerationSettings
 from mmlm.index import ImageIndex, ImageRecord
+from mmlm.inference.generation import GenerationSettings
 from mmlm.serve.engine import Engine, EngineConfig, QueueFull, RequestTimeout
 
 

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from mmlm.eval.ocr import tesseract_path
+from mmlm.processing.ocr import tesseract_path
 from mmlm.serve.guard import (
     GUARD_SYSTEM_NOTE,
     RULES,

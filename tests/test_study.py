@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mmlm.cli import main
-from mmlm.study import STYLES, plot, style_config, table
+from mmlm.recipes.study import STYLES, plot, style_config, table
 
 
 @pytest.mark.parametrize("kind", list(STYLES))

@@ -4,9 +4,10 @@ size-weighted mean, proportional attention counts a merged key as its copies, an
 import pytest
 import torch
 
-from mmlm.budget import Backbone, ImageInput, plan_budget
-from mmlm.config import VisionConfig, config_from_dict
-from mmlm.encoders.token_merging import (
+from mmlm.layers import Attention, Block
+from mmlm.models.budget import Backbone, ImageInput, plan_budget
+from mmlm.models.config import VisionConfig, config_from_dict
+from mmlm.models.token_merging import (
     bipartite_soft_matching,
     merge_block,
     merge_blocks,
@@ -14,8 +15,7 @@ from mmlm.encoders.token_merging import (
     merged_token_counts,
     proportional_attention_bias,
 )
-from mmlm.encoders.vision import VisionTransformer
-from mmlm.layers import Attention, Block
+from mmlm.models.vision import VisionTransformer
 
 
 def tower(class_token: bool = True, layers: int = 3, **overrides) -> VisionTransformer:

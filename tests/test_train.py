@@ -86,7 +86,7 @@ def test_training_on_a_jsonl_manifest_exports_a_loadable_model(tmp_path):
 def test_locked_image_tower_does_not_change(tmp_path):
     cfg = load_train_config(None, [*TINY, "steps=3", f"out_dir={tmp_path}", "lock_image=0"])
     torch.manual_seed(cfg.seed)
-    from mmlm.clip import DualEncoder
+    from mmlm.models.dual_encoder import DualEncoder
 
     before = {k: v.clone() for k, v in DualEncoder(cfg.model).visual.state_dict().items()}
     loaded, _ = run_clip_training(cfg)

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import mmlm.processing.video as video_module
-from mmlm.config import VisionConfig
 from mmlm.data.scene import COLORS
 from mmlm.data.shapes import BACKGROUND
 from mmlm.data.videos import DIRECTIONS, VIDEO_KINDS, make_video, write_video
-from mmlm.encoders.vision import VisionTransformer
 from mmlm.errors import InputError
+from mmlm.models.config import VisionConfig
+from mmlm.models.vision import VisionTransformer
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.video import encode_frames, read_video, temporal_pool
 

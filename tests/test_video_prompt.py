@@ -148,10 +148,10 @@ def test_video_pool_averages_each_groups_patch_features(world):
 
 
 def test_the_resampler_reads_a_groups_frames_with_time_embeddings():
-    from mmlm.config import VisionConfig
-    from mmlm.connectors import ConnectorConfig
-    from mmlm.lm import LMConfig
-    from mmlm.vlm import VisionLanguageModel, VLMConfig
+    from mmlm.fusion import ConnectorConfig
+    from mmlm.models.config import VisionConfig
+    from mmlm.models.decoder_lm import LMConfig
+    from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
     vision = VisionConfig(
         image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32, embed_dim=None

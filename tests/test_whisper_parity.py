@@ -8,7 +8,6 @@ import torch
 import transformers
 
 import mmlm
-from mmlm.audio_model import AudioModel
 from mmlm.checkpoints.hf_whisper import (
     audio_config_from_whisper,
     encoder_tensors,
@@ -16,8 +15,9 @@ from mmlm.checkpoints.hf_whisper import (
 )
 from mmlm.checkpoints.keymap import to_ours, to_theirs
 from mmlm.checkpoints.safetensors_io import read_weights, write_weights
-from mmlm.encoders.audio import AudioConfig, AudioEncoder, pool_frames, sinusoids
 from mmlm.errors import InputError
+from mmlm.inference.audio import AudioModel
+from mmlm.models.audio_encoder import AudioConfig, AudioEncoder, pool_frames, sinusoids
 
 # (model class, WhisperConfig overrides): 80 and 128 mels, several widths/heads/depths, short inputs
 CONFIGS = [

@@ -28,9 +28,9 @@ from safetensors import safe_open
 
 from mmlm.checkpoints.keymap import Rule, fused, linear, rename, to_ours
 from mmlm.checkpoints.safetensors_io import weight_files
-from mmlm.connectors import ConnectorConfig
-from mmlm.connectors.qformer import QFormerConnector, build_qformer_connector
 from mmlm.errors import InputError
+from mmlm.fusion import ConnectorConfig
+from mmlm.fusion.qformer import QFormerConnector, build_qformer_connector
 from mmlm.layers.mlp import ACTIVATIONS
 
 # transformers' Blip2QFormerConfig / Blip2Config defaults for keys a config.json may leave out

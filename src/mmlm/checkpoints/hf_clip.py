@@ -3,7 +3,7 @@
 from typing import Any
 
 from mmlm.checkpoints.keymap import Rule, fused, linear, rename
-from mmlm.config import DualEncoderConfig, TextConfig, VisionConfig
+from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
 
 # transformers' defaults for keys that older config.json files leave out
 CLIP_VISION_DEFAULTS = dict(

@@ -11,7 +11,7 @@ import torch
 
 from mmlm.checkpoints.keymap import Rule, fused, linear, rename
 from mmlm.errors import InputError
-from mmlm.lm import LMConfig
+from mmlm.models.decoder_lm import LMConfig
 
 # transformers' defaults for keys a config.json may leave out
 LLAMA_DEFAULTS: dict[str, Any] = dict(

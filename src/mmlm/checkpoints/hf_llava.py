@@ -20,9 +20,9 @@ from mmlm.checkpoints.hf_clip import (
 )
 from mmlm.checkpoints.hf_llama import hf_model_type, llama_key_map, lm_config_from_hf, lm_config_to_hf
 from mmlm.checkpoints.keymap import Rule, linear
-from mmlm.connectors import ConnectorConfig
 from mmlm.errors import InputError
-from mmlm.vlm import VLMConfig
+from mmlm.fusion import ConnectorConfig
+from mmlm.models.vlm import VLMConfig
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from typing import Any
 import torch
 
 from mmlm.checkpoints.keymap import Rule, fused, linear, rename
-from mmlm.encoders.audio import AudioConfig
 from mmlm.errors import InputError
+from mmlm.models.audio_encoder import AudioConfig
 
 # transformers' WhisperConfig defaults: config.json written by save_pretrained leaves out keys equal to them
 WHISPER_DEFAULTS = dict(

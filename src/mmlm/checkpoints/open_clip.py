@@ -17,9 +17,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.keymap import Rule, linear, rename
-from mmlm.clip import DualEncoder
-from mmlm.config import DualEncoderConfig, TextConfig, VisionConfig
 from mmlm.errors import InputError
+from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
+from mmlm.models.dual_encoder import DualEncoder
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"

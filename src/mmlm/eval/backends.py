@@ -87,7 +87,7 @@ class MMLMBackend:
     """An mmlm GenerativeModel (`mmlm.load` of a LLaVA or mmlm VLM folder), batched and KV-cached."""
 
     def __init__(self, model: Any, name: str, num_frames: int = 8) -> None:
-        from mmlm.generative import GenerativeModel
+        from mmlm.inference.vlm import GenerativeModel
 
         if not isinstance(model, GenerativeModel):
             raise InputError(f"{name}: a {type(model).__name__}, not a generative vision-language model")

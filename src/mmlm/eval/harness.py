@@ -10,7 +10,7 @@ Multimodal gain = normal − blind: what the image content adds. Leakage = blind
 an image slot changes; a large value means the blind score is not a clean "no information" floor.
 
 With OCR, the text Tesseract reads from the image the model is shown (grey for blind, another sample's for
-shuffled, none for text_only) goes before the question as untrusted data (see `mmlm.eval.ocr`).
+shuffled, none for text_only) goes before the question as untrusted data (see `mmlm.processing.ocr`).
 
 Samples may show an audio clip or a video instead (mmlm models only): blind is then one second of silence, or a
 uniform grey video; shuffled takes another sample's clip or video of the same kind.
@@ -33,8 +33,8 @@ from tqdm import tqdm
 from mmlm.errors import InputError
 from mmlm.eval.backends import Audio, Backend, Video
 from mmlm.eval.generation_cache import GenerationCache, generation_key, image_digest
-from mmlm.eval.ocr import ocr_text, with_ocr
 from mmlm.processing.image import load_image
+from mmlm.processing.ocr import ocr_text, with_ocr
 
 PROBES = ("normal", "blind", "shuffled", "text_only")
 BLIND_GREY = (128, 128, 128)

@@ -106,7 +106,7 @@ def read_audio_retrieval_set(
     source: str, limit: int | None = None, split: str | None = None
 ) -> tuple[list, list[str], list[int]]:
     """Return (clip paths, texts, text_to_clip) of a JSONL audio manifest ({"audio", "text"} rows)."""
-    from mmlm.train.audio_data import read_audio_manifest
+    from mmlm.data.audio_pairs import read_audio_manifest
 
     clips, captions = read_audio_manifest(source, split)
     clips, captions = clips[:limit], captions[:limit]
@@ -119,7 +119,7 @@ def read_any_retrieval_set(
     source: str, limit: int | None = None, **options
 ) -> tuple[str, list, list[str], list[int]]:
     """Return (modality, inputs, texts, text_to_input): an audio manifest's clips, or any image-text dataset's images."""
-    from mmlm.train.audio_data import is_audio_manifest
+    from mmlm.data.audio_pairs import is_audio_manifest
 
     if is_audio_manifest(source):
         return "audio", *read_audio_retrieval_set(source, limit, options.get("split"))

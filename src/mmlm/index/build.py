@@ -24,7 +24,7 @@ from mmlm.index.metadata import ImageRecord
 from mmlm.index.store import ImageIndex, model_fingerprint
 from mmlm.index.vectors import AnnSettings
 from mmlm.processing.image import load_image
-from mmlm.train.progress import Progress
+from mmlm.progress import Progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -26,8 +26,8 @@ import soxr
 import torch
 import torch.nn.functional as F
 
-from mmlm.config import AudioConfig
 from mmlm.errors import InputError
+from mmlm.models.config import AudioConfig
 
 SAMPLING_RATE = 16_000
 N_FFT = 400  # 25 ms at 16 kHz

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmlm.encoders.vision import VisionTransformer
 from mmlm.errors import InputError
+from mmlm.models.vision import VisionTransformer
 from mmlm.processing.image import ImageProcessor
 
 VideoSource = str | os.PathLike | bytes | bytearray

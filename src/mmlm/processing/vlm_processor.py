@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 from tokenizers import AddedToken, Tokenizer
 
-from mmlm.config import AudioConfig
 from mmlm.errors import InputError
+from mmlm.models.config import AudioConfig
 from mmlm.processing.anyres import DynamicResolution
 from mmlm.processing.audio import audio_batch_features
 from mmlm.processing.chat import (

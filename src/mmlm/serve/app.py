@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from PIL import Image
 
-from mmlm.generation import GenerationSettings
+from mmlm.inference.generation import GenerationSettings
 from mmlm.processing.chat import AUDIO_TOKEN, IMAGE_TOKEN
 from mmlm.serve.config import ServeConfig
 from mmlm.serve.engine import GenerationStats

@@ -27,16 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from mmlm.errors import InputError
-from mmlm.generation import GenerationSettings, TextStream, make_sampler
+from mmlm.inference.generation import GenerationSettings, TextStream, make_sampler, vlm_step
 from mmlm.layers.attention import KVCache
 from mmlm.serve.encoding import run_encodings, search_hits
 from mmlm.serve.metrics import ServerMetrics
-from mmlm.vlm import vlm_step
 
 if TYPE_CHECKING:
-    from mmlm.contrastive import ContrastiveModel
-    from mmlm.generative import GenerativeModel
     from mmlm.index import ImageIndex as SearchIndex
+    from mmlm.inference.contrastive import ContrastiveModel
+    from mmlm.inference.vlm import GenerativeModel
 
 
 class QueueFull(Exception):

@@ -3,7 +3,7 @@
 `instruction_score` rates how much a piece of text reads like instructions aimed at the assistant, with a small
 table of weighted rules (`RULES`) that a reader can audit. Each rule fires at most once; the fired weights
 combine as a noisy OR, score = 1 - prod(1 - w), so one strong rule (an override phrase) flags on its own while
-weak cues ("say", a bare URL) need company. `inspect_image` runs Tesseract (`mmlm.eval.ocr.ocr_text`) and
+weak cues ("say", a bare URL) need company. `inspect_image` runs Tesseract (`mmlm.processing.ocr.ocr_text`) and
 scores what it reads; the server's `--guard note|strict` decides what a flagged verdict does.
 
 OCR noise is normalised before matching: case, whitespace and line-break hyphens, and the usual confusions
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from mmlm.eval.ocr import ocr_text
+from mmlm.processing.ocr import ocr_text
 
 # From benchmarks/bench_guard.py (docs/guard.md): on normal-contrast images, 0.4 is the threshold with the highest
 # TPR at FPR <= 5 % (TPR 0.68, FPR 0.017 on 60 + 60 texts); 0.5 gives TPR 0.63 with no false positive. At 0.4 a

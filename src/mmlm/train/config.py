@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmlm.config import DualEncoderConfig, config_from_dict
 from mmlm.errors import InputError
+from mmlm.models.config import DualEncoderConfig, config_from_dict
 
 
 @dataclass

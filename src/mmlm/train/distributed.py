@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmlm.errors import InputError
-from mmlm.losses import clip_loss, siglip_loss
+from mmlm.train.losses import clip_loss, siglip_loss
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -10,12 +10,12 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mmlm.clip import DualEncoder
+from mmlm.models.dual_encoder import DualEncoder
+from mmlm.progress import Progress
 from mmlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.config import TrainConfig
 from mmlm.train.distributed import DistInfo, distributed_clip_loss, distributed_siglip_loss
 from mmlm.train.optim import build_optimizer, build_scheduler, lock_tower
-from mmlm.train.progress import Progress
 
 
 def contrastive_loss(

@@ -13,19 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmlm.audio_model import whisper_preprocessor
-from mmlm.clip import DualEncoder
-from mmlm.contrastive import ContrastiveModel
 from mmlm.data import shapes
+from mmlm.data.audio_pairs import InMemoryAudioPairs, clip_features, read_audio_manifest
 from mmlm.data.augment import TrainTransform
 from mmlm.data.datasets import PairCollate, PairDataset, PairLoader
 from mmlm.data.readers import open_pairs
 from mmlm.errors import InputError
 from mmlm.eval.retrieval import manifest_evaluator
+from mmlm.inference.audio import whisper_preprocessor
+from mmlm.inference.contrastive import ContrastiveModel
+from mmlm.models.dual_encoder import DualEncoder
 from mmlm.processing.bpe import train_bpe
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import HFTokenizer, TextTokenizer, load_tokenizer
-from mmlm.train.audio_data import InMemoryAudioPairs, clip_features, read_audio_manifest
 from mmlm.train.checkpoint import find_checkpoint
 from mmlm.train.config import DataConfig, TrainConfig, config_dict
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed

@@ -9,17 +9,17 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, processors
 
-from mmlm.audio_model import AudioModel, whisper_preprocessor
-from mmlm.config import AudioConfig
-from mmlm.contrastive import ContrastiveModel
-from mmlm.encoders.audio import AudioEncoder
 from mmlm.errors import InputError
+from mmlm.inference.audio import AudioModel, whisper_preprocessor
+from mmlm.inference.contrastive import ContrastiveModel
+from mmlm.models.audio_encoder import AudioEncoder
+from mmlm.models.config import AudioConfig
+from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 from mmlm.processing.bpe import BOS, train_bpe
 from mmlm.processing.chat import AUDIO_TOKEN, ChatTemplate, special_tokens_of
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.vlm_processor import VLMProcessor, add_image_token
 from mmlm.train.vlm_config import VLMTrainConfig
-from mmlm.vlm import VisionLanguageModel, VLMConfig
 
 
 def build_tokenizer(cfg: VLMTrainConfig, run_dir: Path, corpus: Callable[[], list[str]]) -> Path:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmlm.config import AudioConfig, VisionConfig, config_from_dict
-from mmlm.connectors import ConnectorConfig
 from mmlm.data.instructions import QUESTION_TYPES
 from mmlm.errors import InputError
-from mmlm.lm import LMConfig
+from mmlm.fusion import ConnectorConfig
+from mmlm.models.config import AudioConfig, VisionConfig, config_from_dict
+from mmlm.models.decoder_lm import LMConfig
 from mmlm.train.config import OptimConfig, apply_overrides, read_config_file
 
 TRAINABLE_PARTS = ("connector", "lm", "lora", "audio")  # audio: the audio encoder

@@ -27,19 +27,19 @@ from mmlm.data.instructions import make_instruction
 from mmlm.data.shapes import split_combinations
 from mmlm.errors import InputError
 from mmlm.eval.vqa import answer_questions, vqa_scores
-from mmlm.generative import GenerativeModel
+from mmlm.inference.vlm import GenerativeModel
 from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
+from mmlm.models.vlm import VisionLanguageModel, causal_lm_loss
+from mmlm.progress import Progress
 from mmlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loop import _all_ranks, resolve_device
 from mmlm.train.mixing import ROW_MODALITIES, MixedBatches, corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, no_decay
 from mmlm.train.plots import plot_training
-from mmlm.train.progress import Progress
 from mmlm.train.run import run_info
 from mmlm.train.vlm_build import build_tokenizer, build_vlm
 from mmlm.train.vlm_config import LoRAConfig, StageConfig, VLMTrainConfig
-from mmlm.vlm import VisionLanguageModel, causal_lm_loss
 
 Evaluate = Callable[[GenerativeModel, int], dict[str, float]]
 

@@ -1,0 +1,509 @@
+"""`mmlm budget`: the visual-token budget of one image, from a model config alone or a model folder.
+
+Reads a transformers config.json (LLaVA, CLIP, SigLIP, bare CLIP/SigLIP vision, BLIP-2 with an OPT LM) or
+mmlm's own (vlm, dual_encoder), prints tokens, FLOPs per stage and KV-cache bytes for the model's connector and
+for every fusion style on the same tower and LM (mmlm/models/budget.py), and with --measure times each stage.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmlm.errors import InputError
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+MEASURE_LIMIT_BYTES = 4 * 2**30  # a random-weight build holds at most 4 GiB of fp32 parameters
+TEXT_ONLY = ("llama", "mistral", "qwen2", "opt", "decoder_lm")
+BLIP2_VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
+                             num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
+                             layer_norm_eps=1e-6, num_channels=3)  # fmt: skip
+BLIP2_QFORMER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072, cross_attention_frequency=2)  # fmt: skip
+OPT_DEFAULTS = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
+                    num_attention_heads=12, max_position_embeddings=2048)  # fmt: skip
+
+
+@dataclass
+class ModelSpec:
+    """A config read for budgeting: what it is, its Backbone, its dtype, and the mmlm config to build it."""
+
+    name: str  # e.g. "llava (LlavaForConditionalGeneration)"
+    backbone: Any  # mmlm.models.budget.Backbone
+    torch_dtype: str | None
+    buildable: Any  # VLMConfig | DualEncoderConfig | VisionConfig, or None where mmlm has no such model
+
+
+def _hf_dtype(data: dict[str, Any]) -> str | None:
+    for d in (data, data.get("text_config") or {}):
+        name = d.get("torch_dtype") or d.get("dtype")
+        if isinstance(name, str):
+            return DTYPE_ALIASES.get(name, name)
+    return None
+
+
+def _vlm_spec(name: str, cfg, dtype: str | None):
+    from mmlm.models.budget import Backbone, LMShape
+
+    backbone = Backbone(cfg.vision, LMShape.from_config(cfg.lm), cfg.connector, tuple(cfg.feature_layers),
+                        cfg.feature_select)  # fmt: skip
+    return ModelSpec(name, backbone, dtype, cfg)
+
+
+def _encoder_spec(name: str, vision, dtype: str | None, buildable):
+    from mmlm.models.budget import Backbone
+
+    return ModelSpec(name, Backbone(vision, encoder_head=True), dtype, buildable)
+
+
+def _blip2_spec(data: dict[str, Any], dtype: str | None) -> ModelSpec:
+    from mmlm.fusion import ConnectorConfig
+    from mmlm.models.budget import Backbone, LMShape
+    from mmlm.models.config import VisionConfig
+
+    v = {**BLIP2_VISION_DEFAULTS, **(data.get("vision_config") or {})}
+    q = {**BLIP2_QFORMER_DEFAULTS, **(data.get("qformer_config") or {})}
+    t = {"model_type": "opt", **(data.get("text_config") or {})}
+    if t["model_type"] != "opt":
+        raise InputError(
+            f"blip-2 with a {t['model_type']!r} language model: mmlm budget models decoder-only LMs "
+            "(BLIP-2 with OPT), not encoder-decoders such as T5"
+        )
+    t = {**OPT_DEFAULTS, **t}
+    vision = VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+                          layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
+                          mlp_dim=v["intermediate_size"], act=v["hidden_act"], class_token=True, patch_bias=True,
+                          pre_norm=False, embed_dim=None)  # fmt: skip
+    heads, width = t["num_attention_heads"], t["hidden_size"]
+    lm = LMShape(width, t["num_hidden_layers"], heads, heads, width // heads, t["ffn_dim"], t["vocab_size"],
+                 gated_mlp=False, max_positions=t["max_position_embeddings"])  # fmt: skip
+    qformer = ConnectorConfig(kind="qformer", num_queries=data.get("num_query_tokens", 32),
+                              depth=q["num_hidden_layers"], heads=q["num_attention_heads"], width=q["hidden_size"],
+                              mlp_dim=q["intermediate_size"],
+                              cross_attention_frequency=q["cross_attention_frequency"])  # fmt: skip
+    # BLIP-2's Q-Former reads the tower's last hidden state, class token included
+    return ModelSpec(
+        "blip-2 (Blip2ForConditionalGeneration, OPT)", Backbone(vision, lm, qformer), dtype, None
+    )
+
+
+def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
+    """Return the ModelSpec of a config.json dict (transformers' or mmlm's); `source` names it in errors."""
+    from mmlm.checkpoints.hf_clip import (
+        clip_config_from_hf,
+        clip_vision_config_from_hf,
+        siglip_config_from_hf,
+        siglip_vision_config_from_hf,
+    )
+    from mmlm.checkpoints.hf_llava import vlm_config_from_llava
+    from mmlm.models.config import DualEncoderConfig, config_from_dict
+    from mmlm.models.vlm import VLMConfig
+
+    dtype = _hf_dtype(data)
+    if "mmlm_version" in data:
+        arch, cfg = data.get("architecture"), data.get("config")
+        if arch in TEXT_ONLY:
+            raise InputError(
+                f"{source}: mmlm architecture {arch!r} is a text-only LM; budget needs a vision tower"
+            )
+        if arch not in ("vlm", "dual_encoder") or not isinstance(cfg, dict):
+            raise InputError(
+                f"{source}: unknown mmlm architecture {arch!r}; expected 'vlm' or 'dual_encoder' with a config"
+            )
+        try:
+            if arch == "vlm":
+                return _vlm_spec("mmlm vlm", config_from_dict(VLMConfig, cfg), dtype)
+            dual = config_from_dict(DualEncoderConfig, cfg)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{source}: not a valid mmlm {arch} config ({e})") from None
+        if dual.audio is not None:
+            raise InputError(f"{source}: an audio-text model has no vision tower; budget counts image tokens")
+        return _encoder_spec(f"mmlm dual_encoder ({dual.family})", dual.vision, dtype, dual)
+    model_type = data.get("model_type")
+    try:
+        if model_type == "llava":
+            return _vlm_spec("llava (LlavaForConditionalGeneration)", vlm_config_from_llava(data), dtype)
+        if model_type in ("clip", "siglip"):
+            read = clip_config_from_hf if model_type == "clip" else siglip_config_from_hf
+            dual = read(data)
+            return _encoder_spec(f"{model_type} (vision tower)", dual.vision, dtype, dual)
+        if model_type in ("clip_vision_model", "siglip_vision_model"):
+            read = (
+                clip_vision_config_from_hf
+                if model_type == "clip_vision_model"
+                else siglip_vision_config_from_hf
+            )
+            vision = read(data)
+            return _encoder_spec(model_type, vision, dtype, vision)
+        if model_type == "blip-2":
+            return _blip2_spec(data, dtype)
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{source}: a {model_type} config without a valid {e}") from None
+    if model_type in TEXT_ONLY:
+        raise InputError(
+            f"{source}: model_type {model_type!r} is a text-only LM; budget needs a vision tower"
+        )
+    raise InputError(
+        f"{source}: model_type {model_type!r} is not supported; mmlm budget reads llava, clip, siglip, "
+        "clip_vision_model, siglip_vision_model, blip-2 and mmlm's own vlm and dual_encoder configs"
+    )
+
+
+def parse_tiles(value: str | None) -> tuple[int, int] | None:
+    """Return (rows, cols) from "RxC", or raise InputError."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise InputError(f"--tiles: got {value!r}; expected ROWSxCOLS with positive integers, e.g. 2x2")
+    return int(match[1]), int(match[2])
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> int:
+    if value < minimum:
+        raise InputError(f"{name}: got {value}; expected at least {minimum}")
+    return value
+
+
+def video_frames(args: argparse.Namespace) -> int:
+    """Return the frames a video gives: --frames, or --video-seconds × --fps (at least one), capped at --max-frames."""
+    if args.video_seconds is None:
+        if args.fps is not None:
+            raise InputError("--fps needs --video-seconds (the video's duration)")
+        return _positive("--frames", args.frames)
+    if args.video_seconds <= 0 or (args.fps or 0) <= 0:
+        raise InputError(
+            f"--video-seconds and --fps: expected positive numbers, got {args.video_seconds} and {args.fps}"
+        )
+    # frames at t = 0, 1/fps, 2/fps, ... while t < duration; above the cap they are spread over the whole video
+    return min(_positive("--max-frames", args.max_frames), math.ceil(args.video_seconds * args.fps - 1e-9))
+
+
+def _dtype(args: argparse.Namespace, spec: ModelSpec) -> tuple[str, str]:
+    """Return (dtype of the KV cache, where it came from)."""
+    if args.dtype is not None:
+        name = DTYPE_ALIASES.get(args.dtype, args.dtype)
+        if name not in DTYPE_BYTES:
+            raise InputError(f"--dtype: got {args.dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
+        return name, "--dtype"
+    if spec.torch_dtype in DTYPE_BYTES:
+        return spec.torch_dtype, "the config's torch_dtype"
+    return "bfloat16", "assumed: the config names no dtype"
+
+
+# ---- measurement -----------------------------------------------------------------------------------------
+
+
+def median_ms(fn, runs: int, sync) -> float:
+    """Return the median wall time of `fn()` in ms over `runs` runs, after one warm-up run."""
+    fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _random_model(spec: ModelSpec, device, dtype):
+    import torch
+
+    from mmlm.models.config import DualEncoderConfig, VisionConfig
+    from mmlm.models.vision import VisionTransformer
+    from mmlm.models.vlm import VisionLanguageModel, VLMConfig
+
+    cfg = spec.buildable
+    if cfg is None:
+        raise InputError(
+            f"--measure: mmlm cannot build a {spec.name} model; its budget is planned from shapes only"
+        )
+    if isinstance(cfg, VLMConfig):
+
+        def make():
+            return VisionLanguageModel(cfg)
+    else:
+        vision: VisionConfig = cfg.vision if isinstance(cfg, DualEncoderConfig) else cfg
+
+        def make():
+            return VisionTransformer(vision)
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in make().parameters())
+    if params * 4 > MEASURE_LIMIT_BYTES:
+        raise InputError(
+            f"--measure: {spec.name} has {params / 1e9:.2f} B parameters ({params * 4 / 2**30:.1f} GiB in fp32), "
+            f"over the {MEASURE_LIMIT_BYTES // 2**30} GiB limit for random weights; pass a smaller config "
+            "(fewer layers, narrower width) or --model with real weights"
+        )
+    torch.manual_seed(0)
+    with torch.device(device):
+        return make().to(dtype).eval()
+
+
+def measure(args: argparse.Namespace, spec: ModelSpec, budget) -> dict[str, Any]:
+    """Return measured ms per stage (median of --runs after a warm-up) on random or loaded weights."""
+    import torch
+
+    import mmlm
+    from mmlm.inference.load import _parse_device, _parse_dtype
+    from mmlm.models.vision import VisionTransformer
+
+    device = _parse_device(args.device)
+    dtype = _parse_dtype(args.dtype or ("float32" if device.type == "cpu" else spec.torch_dtype))
+    if args.model:
+        loaded = mmlm.load(args.model, device=device, dtype=dtype)
+        model = getattr(loaded.model, "visual", loaded.model)
+    else:
+        model = _random_model(spec, device, dtype)
+    tower = model if isinstance(model, VisionTransformer) else model.vision
+    tower.cfg = dataclasses.replace(tower.cfg, merge_tokens=budget.image.merge_tokens)
+    if model is not tower:  # a VLM counts its slots from its own config
+        model.cfg = dataclasses.replace(model.cfg, vision=tower.cfg)
+    image, v = budget.image, tower.cfg
+    pixels = torch.randn(args.batch_size * image.views * image.frames, v.channels, image.image_size,
+                         image.image_size, device=device, dtype=dtype)  # fmt: skip
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    result: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                              "batch_size": args.batch_size, "runs": args.runs,
+                              "weights": "loaded" if args.model else "random"}  # fmt: skip
+    with torch.inference_mode():
+        if model is tower:
+            result["vision_ms"] = median_ms(lambda: tower(pixels), args.runs, sync)
+            return result
+        cfg = model.cfg
+        if model.kind == "unified" and not bool(
+            model.connector.fitted
+        ):  # random weights: any codebook times the same
+            model.connector.codebook.normal_()
+            model.connector.fitted.fill_(True)
+        features = model.patch_features(pixels)
+        # the connector stage: what fills the image slots, and for cross-attention the resampler's media
+        # each view's frames, video_pool to a slot (the last group may be shorter)
+        groups = [min(image.video_pool, image.frames - i) for i in range(0, image.frames, image.video_pool)]
+        frames = torch.tensor(groups * (args.batch_size * image.views), device=device)
+        connect = (lambda: model.connector.resampler(features)) if model.kind == "cross_attention" else (
+            lambda: model.slot_tokens(features, frames))  # fmt: skip
+        slots = model.image_tokens * len(frames) // args.batch_size
+        text = torch.full((args.batch_size, image.text_tokens), 1, device=device)
+        ids = torch.cat(
+            [torch.full((args.batch_size, slots), cfg.image_token_id, device=device), text], dim=1
+        )
+        embeds, media = model.prepare(ids, pixels, None, frames)
+        tokens = slots
+        result["vision_ms"] = median_ms(lambda: model.patch_features(pixels), args.runs, sync)
+        result["connector_ms"] = median_ms(connect, args.runs, sync)
+        result["lm_prefill_ms"] = median_ms(
+            lambda: model.run_lm(embeds, media, last_only=True), args.runs, sync
+        )
+        result["visual_tokens"] = tokens
+    return result
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+
+
+def flops_unit(values: list[int]) -> tuple[float, str]:
+    """Return (divisor, name) of the FLOP unit that shows the largest of `values` readably."""
+    top = max(values, default=0)
+    return next(((d, n) for d, n in ((1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs")) if top >= 10 * d),
+                (1.0, "FLOPs"))  # fmt: skip
+
+
+def size_text(n: float) -> str:
+    """Return a byte count in KiB, MiB or GiB."""
+    for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:,.1f} {name}"
+    return f"{n:,.0f} B"
+
+
+def rate_text(flops: int, ms: float | None, batch: int) -> str:
+    """Return measured ms and the FLOP rate it means ("" when not measured)."""
+    if ms is None:
+        return ""
+    rate = flops * batch / (ms / 1e3)
+    scale, name = next(
+        ((d, n) for d, n in ((1e12, "TFLOP/s"), (1e9, "GFLOP/s")) if rate >= d), (1e6, "MFLOP/s")
+    )
+    return f"{ms:10.2f} ms  {rate / scale:8.2f} {name}"
+
+
+def describe(spec: ModelSpec, budget, dtype: str, dtype_source: str) -> list[str]:
+    """Return the header lines: the tower, the features read, the image's views, the LM and the KV dtype."""
+    from mmlm.models.budget import blocks_run
+
+    b, image, v = spec.backbone, budget.image, spec.backbone.vision
+    side = image.image_size // v.patch_size
+    cls = " + class token" if v.class_token else ""
+    lines = [f"  vision   ViT {v.layers} layers × {v.width} ({v.heads} heads), patch {v.patch_size}, "
+             f"{image.image_size} px: {side}×{side} = {budget.patches} patches{cls}"]  # fmt: skip
+    if b.lm is not None:
+        select = "class token dropped" if b.feature_select == "default" else "all tokens"
+        lines.append(f"           feature layer {list(b.feature_layers)}: {blocks_run(b)} of {v.layers} blocks "
+                     f"run; select {b.feature_select} ({select})")  # fmt: skip
+    views = "1 view"
+    if image.tiles is not None:
+        (rows, cols), px = image.tiles, image.image_size
+        views = f"{rows}x{cols} tiles of {px} px (a {rows * px}×{cols * px} image) + 1 global view"
+    frames = f"{image.frames} frame" + ("s" if image.frames > 1 else "")
+    if image.video_pool > 1:
+        frames += f" ({image.video_pool} averaged per slot: {image.slots} slots)"
+    tome = f"ToMe r={image.merge_tokens}" if image.merge_tokens else "ToMe off"
+    lines.append(f"  image    {views} × {frames}; {tome}: {budget.vision.sequence} -> "
+                 f"{budget.vision.tokens} tokens per view")  # fmt: skip
+    if b.lm is not None:
+        lm = b.lm
+        mlp = "SwiGLU" if lm.gated_mlp else "MLP"
+        lines.append(f"  LM       {lm.layers} layers × {lm.width}, {lm.heads} heads / {lm.kv_heads} KV heads × "
+                     f"{lm.head_dim}, {mlp} {lm.mlp_dim}; {image.text_tokens} text tokens")  # fmt: skip
+        lines.append(f"  KV cache {dtype}, {DTYPE_BYTES[dtype]} bytes per value ({dtype_source})")
+    return lines
+
+
+def render_table(spec: ModelSpec, budget, dtype: str, dtype_source: str, measured: dict | None) -> str:
+    """Return the readable report: header, per-stage table of the model's own connector, fusion comparison."""
+    m = measured or {}
+    batch = m.get("batch_size", 1)
+    own, image = budget.own, budget.image
+    views = image.views * image.frames
+    scale, unit = flops_unit([s.total_flops for s in budget.styles] + [budget.vision_flops])
+
+    def f(flops: int) -> str:
+        return f"{flops / scale:,.1f}"
+
+    lines = [f"mmlm budget: {spec.name}", *describe(spec, budget, dtype, dtype_source), ""]
+    title = "per image" + (f" ({own.style})" if own else "")
+    lines.append(f"{title:42}{'tokens':>8}{unit:>12}" + ("    measured" if measured else ""))
+    stages = [(f"  vision encoder, {views} × ({budget.vision.sequence} -> {budget.vision.tokens})",
+               budget.vision.tokens * views, budget.vision_flops, m.get("vision_ms"))]  # fmt: skip
+    if own is not None:
+        media = f" ({own.media_tokens} media)" if own.media_tokens else ""
+        stages += [
+            (f"  connector {own.kind}{media}", own.visual_tokens, own.connector_flops, m.get("connector_ms")),
+            (f"  LM prefill ({own.visual_tokens} visual + {image.text_tokens} text)",
+             own.visual_tokens + image.text_tokens, own.lm_flops, m.get("lm_prefill_ms")),
+        ]  # fmt: skip
+    for name, tokens, flops, ms in stages:
+        lines.append(f"{name:42}{tokens:>8,}{f(flops):>12}  {rate_text(flops, ms, batch)}".rstrip())
+    lines.append(f"{'  total':50}{f(own.total_flops if own else budget.vision_flops):>12}")
+    if measured:
+        lines.append(f"  measured: ms per forward of {batch} image(s), median of {m['runs']} runs after a warm-up, "
+                     f"{m['device']}, {m['dtype']}, {m['weights']} weights")  # fmt: skip
+        if "visual_tokens" in m and own is not None and m["visual_tokens"] != own.visual_tokens:
+            lines.append(
+                f"  warning: the model made {m['visual_tokens']} visual tokens, the plan {own.visual_tokens}"
+            )
+    if own is None:
+        lines.append(
+            "  (no language model in this config: LM prefill, KV cache and the fusion comparison need a VLM)"
+        )
+        return "\n".join(lines)
+    sequence = own.visual_tokens + image.text_tokens
+    if own.media_tokens:
+        lines.append(f"  KV cache: {size_text(own.kv_bytes)} ({sequence:,} sequence tokens in every layer + "
+                     f"{own.media_tokens} media tokens in each gated block)")  # fmt: skip
+    else:
+        per_token = size_text(own.kv_bytes / sequence)
+        lines.append(f"  KV cache: {sequence:,} tokens × {per_token} = {size_text(own.kv_bytes)}")
+    lines += ["", f"fusion styles, same tower and LM ({unit} per image; * = this model's connector)"]
+    lines.append(f"  {'style':30}{'LM tokens':>10}{'vision':>11}{'connector':>11}{'LM prefill':>12}{'total':>12}"
+                 f"{'KV cache':>12}")  # fmt: skip
+    for i, s in enumerate(budget.styles):
+        mark = "*" if i == 0 else " "
+        if s.visual_tokens is None:
+            lines.append(f"{mark} {s.style:30}{s.note:>10}")
+            continue
+        tokens = f"{s.visual_tokens:,}" + (f"+{s.media_tokens}m" if s.media_tokens else "")
+        lines.append(f"{mark} {s.style:30}{tokens:>10}{f(s.vision_flops):>11}{f(s.connector_flops):>11}"
+                     f"{f(s.lm_flops):>12}{f(s.total_flops):>12}{size_text(s.kv_bytes):>12}"
+                     + (f"  ({s.note})" if s.note else ""))  # fmt: skip
+    if any(s.media_tokens for s in budget.styles):
+        lines.append("  1+Nm: one <image> marker in the sequence, N media tokens read by the gated "
+                     "cross-attention blocks (their FLOPs are in LM prefill)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def cmd_budget(args: argparse.Namespace) -> None:
+    """Print the visual-token budget of one image: tokens, FLOPs per stage, KV cache, fusion styles."""
+    from mmlm.inference.load import read_json, resolve_folder
+    from mmlm.models.budget import ImageInput, plan_budget
+
+    if args.model:
+        folder = resolve_folder(args.model)
+        source = folder / "config.json"
+    else:
+        source = Path(args.config)
+        if source.is_dir():
+            raise InputError(f"--config {source} is a folder; pass its config.json, or use --model {source}")
+    spec = spec_from_config(read_json(source), str(source))
+    v = spec.backbone.vision
+    size = _positive("--image-size", args.image_size or v.image_size, v.patch_size)
+    pool = (
+        args.video_pool
+        if args.video_pool is not None
+        else read_json(source).get("config", {}).get("video_pool", 1)
+    )
+    image = ImageInput(size, parse_tiles(args.tiles), video_frames(args),
+                       _positive("--text-tokens", args.text_tokens, 0),
+                       _positive("--merge-tokens", v.merge_tokens if args.merge_tokens is None else args.merge_tokens, 0),
+                       _positive("--video-pool", pool))  # fmt: skip
+    _positive("--runs", args.runs)
+    _positive("--batch-size", args.batch_size)
+    dtype, dtype_source = _dtype(args, spec)
+    budget = plan_budget(spec.backbone, image, DTYPE_BYTES[dtype])
+    measured = measure(args, spec, budget) if args.measure else None
+    if args.json:
+        out = {"model": spec.name, "config": str(source), "kv_dtype": dtype, "kv_dtype_source": dtype_source,
+               **budget.to_dict(), "measured": measured}  # fmt: skip
+        print(json.dumps(out, indent=2))
+    else:
+        print(render_table(spec, budget, dtype, dtype_source, measured))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `budget` to the command line."""
+    p = sub.add_parser("budget", help="visual tokens, FLOPs and KV cache per image, for every fusion style")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model folder (reads its config.json; --measure loads its weights)")
+    source.add_argument(
+        "--config", help="a model config.json alone: transformers' (LLaVA, CLIP, SigLIP, BLIP-2) or mmlm's"
+    )
+    p.add_argument("--image-size", type=int, help="the tower's input side in px (default: the config's)")
+    p.add_argument("--tiles", help="ROWSxCOLS tiles of --image-size each, plus one global view (LLaVA-NeXT)")
+    p.add_argument("--frames", type=int, default=1, help="video frames per image (each encoded)")
+    p.add_argument("--video-seconds", type=float, help="a video's duration; with --fps sets the frame count")
+    p.add_argument("--fps", type=float, help="frames sampled per second of video (f_s)")
+    p.add_argument("--max-frames", type=int, default=64, help="the cap on sampled frames")
+    p.add_argument(
+        "--video-pool", type=int, help="frames averaged per slot (default: the config's video_pool, 1)"
+    )
+    p.add_argument("--text-tokens", type=int, default=32, help="text tokens in the prompt")
+    p.add_argument(
+        "--merge-tokens", type=int, help="ToMe: tokens merged per ViT block, r (default: the config's)"
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="build the model (random weights for --config) and time each stage",
+    )
+    p.add_argument("--runs", type=int, default=5, help="--measure: timed runs per stage (median reported)")
+    p.add_argument("--device", default="cpu", help="--measure: cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--dtype", help="float32 | bfloat16 | float16: the KV cache's (default: the config's) and --measure's"
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="--measure: images per forward pass")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_budget)

@@ -1,1 +1,0 @@
-"""Modality encoders: the Vision Transformer and the CLIP/SigLIP text transformer."""

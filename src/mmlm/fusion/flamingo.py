@@ -1,0 +1,136 @@
+"""Flamingo fusion (Alayrac et al. 2022): a Perceiver resampler feeds gated cross-attention blocks inside the LM.
+
+Unlike the token connectors, the image does not enter the LM's sequence: each `<image>` keeps one slot, filled
+with a learned marker embedding, and the resampler's L latents per image are the *media* that gated
+cross-attention blocks, one before every n-th LM layer, attend to. A text token sees only the media of the most
+recent `<image>` at or before it (`media_attention_mask`). The gates are tanh(α) with α = 0 at the start, so
+the untrained fusion leaves the base LM's outputs exactly as they were.
+
+The media of a batch travel in a `MediaCache`, passed in and returned like the KV cache: generation appends it
+to the list of layer caches, so rows dropped from the batch are dropped from the media as well.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from mmlm.fusion.cross_attention import GatedCrossAttentionBlock, media_attention_mask
+from mmlm.fusion.perceiver import PerceiverResampler
+from mmlm.layers.attention import KVCache
+
+
+@dataclass
+class MediaCache:
+    """The media of each row and which of them each position sees: tokens [B, S, Dv], mask [B, T, S]; and each
+    gated block's keys/values of the media, computed once when generation first runs the block."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    keys_values: dict[int, KVCache] | None = None  # None: recompute every call (training)
+
+    @property
+    def length(self) -> int:
+        """Return the positions the mask covers (the prompt's length)."""
+        return self.mask.shape[1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (generation drops finished rows)."""
+        self.tokens, self.mask = self.tokens[rows], self.mask[rows]
+        for cache in (self.keys_values or {}).values():
+            cache.select(rows)
+
+    def for_generation(self) -> "MediaCache":
+        """Return these media with an empty key/value cache per gated block, for one generation call."""
+        return MediaCache(self.tokens, self.mask, {})
+
+    def take(self, rows: torch.Tensor, length: int) -> "MediaCache":
+        """Return the media of `rows`, with the mask of their first `length` positions."""
+        return MediaCache(self.tokens[rows], self.mask[rows, :length])
+
+    def mask_for(self, length: int) -> torch.Tensor:
+        """Return the mask of `length` new positions: the prompt's own, or after it the last prompt position's.
+
+        Generated tokens add no image, so each sees what the prompt's last token saw.
+        """
+        return self.mask if length == self.length else self.mask[:, -1:].expand(-1, length, -1)
+
+
+class LMShape(Protocol):
+    """The LM sizes the gated blocks are built for (an LMConfig has them)."""
+
+    width: int
+    heads: int
+    layers: int
+    mlp_dim: int
+
+    @property
+    def dim_per_head(self) -> int: ...
+
+
+class FlamingoFusion(nn.Module):
+    """The resampler, the learned `<image>` marker and the gated cross-attention blocks keyed by LM layer."""
+
+    def __init__(
+        self, num_latents: int, depth: int, heads: int, head_dim: int | None, mlp_dim: int | None,
+        max_frames: int, every: int, vision_dim: int, lm: LMShape,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.media_dim = vision_dim
+        self.resampler = PerceiverResampler(
+            vision_dim, depth, num_latents, heads, head_dim or vision_dim // heads,
+            mlp_dim or 4 * vision_dim, max_frames=max_frames,
+        )  # fmt: skip
+        self.marker = nn.Parameter(torch.zeros(1, 1, lm.width))  # the LM's input where each <image> was
+        self.blocks = nn.ModuleDict(
+            {
+                str(layer): GatedCrossAttentionBlock(
+                    lm.width, vision_dim, lm.heads, lm.dim_per_head, lm.mlp_dim
+                )
+                for layer in range(0, lm.layers, every)
+            }
+        )
+
+    def num_tokens(self, num_patches: int) -> int:
+        """Return the LM slots of one image: the marker alone, whatever the patches."""
+        return 1
+
+    def markers(self, images: int) -> torch.Tensor:
+        """Return the marker embedding of `images` images, [I, 1, D_lm]."""
+        return self.marker.expand(images, 1, -1)
+
+    def media(
+        self, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor | None
+    ) -> MediaCache:
+        """Return each row's resampled media and the media mask for ids [B, T] and patch features [I, N, Dv].
+
+        The images are the rows' `<image>` slots in order, row by row, as the processor collates them.
+        """
+        batch = len(input_ids)
+        if features is None:  # text only: one masked-out slot, so the blocks still run (and add 0)
+            tokens = self.marker.new_zeros(batch, 1, self.media_dim)
+            mask = torch.zeros(batch, input_ids.shape[1], 1, dtype=torch.bool, device=tokens.device)
+            return MediaCache(tokens, mask)
+        latents = self.resampler(features)  # [I, N, Dv] -> [I, L, Dv]
+        per_row = (input_ids == image_token_id).sum(1)  # [B]
+        most = int(per_row.max())
+        tokens = latents.new_zeros(batch, most, *latents.shape[1:])  # [B, M, L, Dv]
+        slot = torch.arange(most, device=per_row.device)[None] < per_row[:, None]  # [B, M]
+        tokens[slot] = latents
+        mask = media_attention_mask(input_ids, image_token_id, latents.shape[1])  # [B, T, M·L]
+        return MediaCache(tokens.flatten(1, 2), mask)
+
+    def before_block(self, media: MediaCache) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """Return the hook DecoderLM runs before each layer: the gated block of that layer, if it has one."""
+
+        def apply(layer: int, x: torch.Tensor) -> torch.Tensor:
+            if str(layer) not in self.blocks:
+                return x
+            cache = None
+            if media.keys_values is not None:
+                cache = media.keys_values.setdefault(layer, KVCache())
+            return self.blocks[str(layer)](x, media.tokens.to(x.dtype), media.mask_for(x.shape[1]), cache)
+
+        return apply

@@ -1,0 +1,322 @@
+"""A loaded vision-language model: VisionLanguageModel + VLMProcessor, with `generate`, `stream`, `chat` and
+`save_pretrained`; and reading/writing such folders (transformers LLaVA, or mmlm's own format).
+
+A str prompt is used as written, with `<image>` where each image goes (`<audio>` each audio clip, `<video>` each
+video); a list of chat messages gets the checkpoint's chat template (or the built-in LLaVA v1 / ChatML one) with
+the generation prompt appended.
+"""
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmlm.checkpoints.build import build_from_weights
+from mmlm.checkpoints.hf_llava import (
+    llava_config_to_hf,
+    llava_key_map,
+    llava_layout,
+    llava_representable,
+    vlm_config_from_llava,
+)
+from mmlm.checkpoints.keymap import Rule, to_theirs
+from mmlm.checkpoints.safetensors_io import read_weights, write_weights
+from mmlm.errors import InputError
+from mmlm.inference.audio import whisper_preprocessor
+from mmlm.inference.causal_lm import generation_eos_ids
+from mmlm.inference.generation import GenerationSettings, generate_ids, generate_texts, stream_text, vlm_step
+from mmlm.models.config import config_from_dict
+from mmlm.models.vlm import VisionLanguageModel, VLMConfig
+from mmlm.processing.image import ImageProcessor, ImageSource
+from mmlm.processing.video_prompt import expand_videos, frame_sampler
+from mmlm.processing.vlm_processor import VLMProcessor
+
+MMLM_ARCHITECTURE = "vlm"
+Prompt = str | Sequence[dict[str, Any]]
+
+
+class GenerativeModel:
+    """A VLM ready for use: `generate`, `stream`, `chat`, `save_pretrained`."""
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        processor: VLMProcessor,
+        eos_token_ids: Sequence[int] | None = None,
+        source_format: str | None = None,
+    ) -> None:
+        if processor.image_token_id != model.cfg.image_token_id:
+            raise InputError(
+                f"the tokenizer's image token has id {processor.image_token_id}, the model expects "
+                f"{model.cfg.image_token_id}"
+            )
+        if processor.tokens_per_tile != model.image_tokens:
+            raise InputError(
+                f"the processor reserves {processor.tokens_per_tile} tokens per image, the model makes "
+                f"{model.image_tokens}"
+            )
+        if processor.tokens_per_audio != model.audio_tokens or (
+            model.audio_tokens and processor.audio_token_id != model.cfg.audio_token_id
+        ):
+            raise InputError(
+                f"the processor reserves {processor.tokens_per_audio} tokens per audio clip (id "
+                f"{processor.audio_token_id}), the model makes {model.audio_tokens} (id {model.cfg.audio_token_id})"
+            )
+        self.model = model
+        self.processor = processor
+        self.source_format = source_format
+        eos = list(model.cfg.lm.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        end = processor.eos_token and processor.tokenizer.token_to_id(processor.eos_token)
+        if end is not None and end not in eos:
+            eos.append(end)
+        self.eos_token_ids = eos
+
+    @property
+    def config(self) -> VLMConfig:
+        """Return the model's VLMConfig."""
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        """Return the device the weights live on."""
+        return self.model.lm.token_embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Return the weights' dtype."""
+        return self.model.lm.token_embed.weight.dtype
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Return the text of token ids, special tokens skipped."""
+        if self.model.kind == "unified":  # image codes have no text
+            ids = [i for i in ids if i < self.model.code_offset]
+        return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str,
+                 audio: list[list[Any]] | None = None, sampling_rate: int | None = None):  # fmt: skip
+        settings.check()
+        if cache not in ("static", "dynamic"):
+            raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
+        batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left", audio=audio,
+                               sampling_rate=sampling_rate)  # fmt: skip
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        room = self.config.lm.max_positions - ids.shape[1]
+        if room <= 0:
+            raise InputError(
+                f"prompt: {ids.shape[1]} tokens (image tokens included), but the model's context holds "
+                f"{self.config.lm.max_positions}"
+            )
+        settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
+        pixels, sound, frames = batch["pixel_values"], batch["audio_features"], batch["image_frames"]
+        with torch.inference_mode():
+            embeds, media = self.model.prepare(
+                ids,
+                None if pixels is None else pixels.to(self.device, self.dtype),
+                None if sound is None else sound.to(self.device, self.dtype),
+                frames,
+            )
+        length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
+        kv = self.model.lm.new_cache(ids.shape[0], length)
+        if media is not None:  # see vlm_step: rows dropped from the batch leave the media too
+            kv.append(media.for_generation())  # the gated blocks' media keys/values, computed once
+        return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
+
+    def _with_videos(self, prompt, images, videos, num_frames: int, video_fps: float | None):
+        """Return (prompt, images) with each video replaced by its sampled frames (a batch: one list per prompt)."""
+        if videos is None:
+            return prompt, images
+        sample = frame_sampler(num_frames, video_fps)
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        if single:
+            videos = [videos] if isinstance(videos, (str, Path, bytes)) else list(videos)
+            return expand_videos(prompt, images, videos, sample, self.config.video_pool)
+        if len(videos) != len(prompt):
+            raise InputError(f"videos: got {len(videos)} video lists for {len(prompt)} prompts")
+        pairs = [expand_videos(p, None if images is None else images[i], list(videos[i]), sample,
+                               self.config.video_pool) for i, p in enumerate(prompt)]  # fmt: skip
+        return [p for p, _ in pairs], None if images is None and all(i is None for _, i in pairs) else [
+            i or [] for _, i in pairs]  # fmt: skip
+
+    @staticmethod
+    def _batch(prompt, images) -> tuple[list[Prompt], list[list[ImageSource]] | None, bool]:
+        if isinstance(images, (str, Path, bytes)):  # one image given bare, not in a list
+            images = [images]
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        if single:
+            return [prompt], None if images is None else [list(images)], True
+        return list(prompt), None if images is None else [list(i) for i in images], False
+
+    @staticmethod
+    def _audio_lists(audio, single: bool) -> list[list[Any]] | None:
+        """Return the audio clips as one list per prompt (a bare clip, path or sample array, is one clip)."""
+        if audio is None:
+            return None
+        if isinstance(audio, (str, Path, bytes, np.ndarray)):
+            audio = [audio]
+        return [list(audio)] if single else [[a] if isinstance(a, (str, Path, bytes, np.ndarray)) else list(a)
+                                              for a in audio]  # fmt: skip
+
+    def generate(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        images: Sequence[ImageSource] | Sequence[Sequence[ImageSource]] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        cache: str = "static",
+        videos: Sequence[Any] | None = None,
+        num_frames: int = 8,
+        video_fps: float | None = None,
+        audio: Sequence[Any] | None = None,
+        sampling_rate: int | None = None,
+    ) -> str | list[str]:
+        """Return the new text for one prompt and its images, or a list for a batch (a list of image lists).
+
+        temperature 0 is greedy; a sequence ends at an end token, before the first `stop` string, after
+        max_new_tokens, or when the context is full. Batches are left-padded and decoded together. `videos`
+        fill `<video>` placeholders (or video parts) with `num_frames` frames each, uniform or at `video_fps`;
+        `audio` clips (paths, bytes, or sample arrays at `sampling_rate`, default 16 kHz) fill `<audio>` ones.
+        """
+        prompt, images = self._with_videos(prompt, images, videos, num_frames, video_fps)
+        prompts, image_lists, single = self._batch(prompt, images)
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        step, kv, settings, embeds, mask = self._prepare(
+            prompts, image_lists, settings, cache, self._audio_lists(audio, single), sampling_rate
+        )
+        texts = generate_texts(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask)
+        return texts[0] if single else texts
+
+    def generate_tokens(
+        self, prompt: Prompt, images: Sequence[ImageSource] | None = None, max_new_tokens: int = 64
+    ) -> list[int]:
+        """Return the greedy new token ids for one prompt (end token excluded)."""
+        prompts, image_lists, _ = self._batch(prompt, images)
+        settings = GenerationSettings(max_new_tokens)
+        step, kv, settings, embeds, mask = self._prepare(prompts, image_lists, settings, "dynamic")
+        return [t for tokens in generate_ids(step, kv, settings, self.eos_token_ids, None, embeds, mask)
+                for _, t in tokens]  # fmt: skip
+
+    def stream(
+        self,
+        prompt: Prompt,
+        images: Sequence[ImageSource] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        videos: Sequence[Any] | None = None,
+        num_frames: int = 8,
+        video_fps: float | None = None,
+        audio: Sequence[Any] | None = None,
+        sampling_rate: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the new text of one prompt in pieces; they join to what `generate` returns."""
+        prompt, images = self._with_videos(prompt, images, videos, num_frames, video_fps)
+        prompts, image_lists, single = self._batch(prompt, images)
+        if not single:
+            raise InputError("stream: expected one prompt")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        step, kv, settings, embeds, mask = self._prepare(
+            prompts, image_lists, settings, "static", self._audio_lists(audio, True), sampling_rate
+        )
+        for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask):
+            for _, piece in pieces:
+                yield piece
+
+    def save_pretrained(self, folder: str | Path, format: str = "auto") -> Path:
+        """Write a transformers LLaVA folder where LLaVA represents the model (`auto`), else mmlm's format."""
+        return save_vlm(self, Path(folder), format)
+
+
+def _processor(folder: Path, model: VisionLanguageModel, image_processor: ImageProcessor) -> VLMProcessor:
+    cfg = model.cfg
+    audio = {} if cfg.audio is None else dict(
+        tokens_per_audio=model.audio_tokens, audio_config=cfg.audio, audio_preprocessor=whisper_preprocessor(cfg.audio)
+    )  # fmt: skip
+    return VLMProcessor.from_pretrained(
+        folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, **audio
+    )
+
+
+def load_llava(
+    folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> GenerativeModel:
+    """Return a transformers LlavaForConditionalGeneration folder as a GenerativeModel."""
+    cfg = vlm_config_from_llava(cfg_json)
+    weights = read_weights(folder, dtype)  # cast as read: a bf16 load never holds fp32 weights
+    layout = llava_layout(set(weights))
+    if cfg.lm.tie_word_embeddings:
+        weights.pop(f"{layout.head}.weight", None)
+    model = build_from_weights(
+        lambda: VisionLanguageModel(cfg), weights, llava_key_map(cfg, layout), str(folder), device, dtype
+    )
+    del weights
+    if device.type == "cpu":
+        model.lm.prepare_for_inference()  # the decode layout: same values, faster CPU matrix-vector products
+    pre = folder / "preprocessor_config.json"
+    if not pre.is_file():
+        raise InputError(f"{folder}: preprocessor_config.json is missing")
+    image_processor = ImageProcessor.from_hf(json.loads(pre.read_text()))
+    return GenerativeModel(
+        model, _processor(folder, model, image_processor), generation_eos_ids(folder), "llava"
+    )
+
+
+def load_mmlm_vlm(
+    folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> GenerativeModel:
+    """Return an mmlm `vlm` folder (our config and tensor names) as a GenerativeModel."""
+    cfg = config_from_dict(VLMConfig, cfg_json["config"])
+    weights = read_weights(folder, dtype)
+    rules = [Rule((k,), (k,)) for k in weights]
+    model = build_from_weights(lambda: VisionLanguageModel(cfg), weights, rules, str(folder), device, dtype)
+    if device.type == "cpu":
+        model.lm.prepare_for_inference()
+    image_processor = ImageProcessor.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
+    return GenerativeModel(model, _processor(folder, model, image_processor), generation_eos_ids(folder))
+
+
+def save_vlm(loaded: GenerativeModel, folder: Path, format: str = "auto") -> Path:
+    """Write `loaded` as a transformers LLaVA folder where possible (`auto`), else (or `mmlm`) in mmlm's format."""
+    from mmlm.inference.load import MMLM_VERSION
+
+    if format not in ("auto", "mmlm"):
+        raise InputError(f"unknown save format {format!r}; expected 'auto' or 'mmlm'")
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = loaded.config
+    state = loaded.model.state_dict()
+    lm_type = llava_representable(cfg) if format == "auto" else None
+    if lm_type is not None:
+        config: dict[str, Any] = llava_config_to_hf(cfg, lm_type)
+        write_weights(to_theirs(state, llava_key_map(cfg)), folder / "model.safetensors")
+    else:
+        config = {
+            "mmlm_version": MMLM_VERSION,
+            "architecture": MMLM_ARCHITECTURE,
+            "config": dataclasses.asdict(cfg),
+        }
+        write_weights(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    processor = loaded.processor
+    processor.tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {**processor.special_tokens, "model_max_length": cfg.lm.max_positions,
+                        "chat_template": processor.chat_template.source}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(processor.image_processor.to_hf(), indent=2) + "\n"
+    )
+    generation = {"bos_token_id": cfg.lm.bos_token_id, "eos_token_id": loaded.eos_token_ids,
+                  "pad_token_id": cfg.lm.pad_token_id}  # fmt: skip
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return folder

@@ -1,0 +1,1 @@
+"""The nn.Modules of mmlm, each with its config beside it."""

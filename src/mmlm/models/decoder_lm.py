@@ -1,0 +1,218 @@
+"""The decoder-only language model of the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): token embedding,
+pre-norm blocks of RMSNorm + rotary GQA attention + SwiGLU MLP, final RMSNorm, LM head.
+
+The model holds weights only. Caches are created by `new_cache`, passed in, filled in place and returned.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmlm.errors import InputError
+from mmlm.layers.attention import KVCache, StaticKVCache
+from mmlm.layers.linear import DECODE_ROWS, project, rows_times_matrix
+from mmlm.layers.norm import RMSNorm
+from mmlm.layers.rotary import rope_cos_sin, rope_frequencies
+from mmlm.layers.transformer import Block
+from mmlm.models.config import CONFIG_VERSION
+
+LayerCache = KVCache | StaticKVCache
+
+
+@dataclass
+class LMConfig:
+    """A Llama-family decoder: sizes, rotary positions, biases, sliding window and special token ids."""
+
+    vocab_size: int = 32000
+    width: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 32  # fewer than heads: grouped-query attention
+    head_dim: int | None = None  # None: width // heads
+    mlp_dim: int = 11008
+    act: str = "silu"
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    max_positions: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: q, k, v projections have biases
+    out_bias: bool = False  # Llama's attention_bias also puts one on the output projection
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` positions only
+    sliding_layers: list[int] | None = None  # layers that use the window; None: all of them
+    bos_token_id: int | None = 1
+    eos_token_ids: list[int] = field(default_factory=lambda: [2])
+    pad_token_id: int | None = None
+    version: int = CONFIG_VERSION
+
+    @property
+    def dim_per_head(self) -> int:
+        """Return the size of one attention head."""
+        return self.head_dim or self.width // self.heads
+
+    def window(self, layer: int) -> int | None:
+        """Return the sliding window of `layer`, or None for full causal attention."""
+        if self.sliding_window is None or (
+            self.sliding_layers is not None and layer not in self.sliding_layers
+        ):
+            return None
+        return self.sliding_window
+
+
+class LMOutput(NamedTuple):
+    """Logits [B, T, vocab] (T = 1 with `last_only`) and the cache that now holds this call's keys/values."""
+
+    logits: torch.Tensor
+    cache: list[LayerCache] | None
+
+
+def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Return position ids [B, length] of the last `length` slots: cumsum(mask) − 1, so left padding is skipped."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 0)  # padding: any valid position will do
+    return positions[:, -length:]
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, past: int, length: int, window: int | None, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """Return (boolean mask [B or 1, 1, T, S] or None, is_causal) for `length` queries after `past` cached slots.
+
+    Query at slot q may see key slot k when k ≤ q, k > q − window (sliding window) and the key is not padding.
+    """
+    total = past + length
+    if attention_mask is None and (window is None or total <= window):
+        if length == 1:
+            return None, False  # one query sees every cached key
+        if past == 0:
+            return None, True  # SDPA's own causal kernel
+    query = torch.arange(past, total, device=device)[:, None]  # [T, 1]
+    key = torch.arange(total, device=device)[None, :]  # [1, S]
+    allowed = key <= query
+    if window is not None:
+        allowed = allowed & (key > query - window)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, :].bool()  # [B, T, S]
+        # A padding query would see no key at all and its softmax would be NaN, which then spreads through
+        # its keys/values (0·NaN = NaN); letting it see itself keeps it finite and touches no real token.
+        allowed = allowed | (key == query)
+    else:
+        allowed = allowed[None]
+    return allowed[:, None], False
+
+
+class DecoderLM(nn.Module):
+    """Causal LM: logits = head(norm(blocks(embed(ids)))), with rotary positions and an optional KV cache."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_dim, act=cfg.act, norm="rms", eps=cfg.norm_eps,
+                  bias=cfg.qkv_bias, out_bias=cfg.out_bias, mlp_bias=cfg.mlp_bias, kv_heads=cfg.kv_heads,
+                  head_dim=cfg.dim_per_head, gated_mlp=True)
+            for _ in range(cfg.layers)
+        )  # fmt: skip
+        self.norm = RMSNorm(cfg.width, eps=cfg.norm_eps)
+        # Tied: the head reuses token_embed.weight (one parameter, so fine-tuning keeps them equal).
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.inv_freq = rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Return token embeddings [B, T, width] for ids [B, T] (the VLM merges image features into these)."""
+        return self.token_embed(input_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Return logits [..., vocab] from final hidden states (already normalised)."""
+        if self.lm_head is not None:
+            return project(self.lm_head, hidden)
+        weight = self.token_embed.weight
+        decoding = hidden.device.type == "cpu" and hidden.numel() <= DECODE_ROWS * hidden.shape[-1]
+        if decoding and weight.is_contiguous():
+            return rows_times_matrix(hidden, weight)  # see rows_times_matrix: 2× faster here
+        return F.linear(hidden, weight)
+
+    @torch.no_grad()
+    def prepare_for_inference(self) -> "DecoderLM":
+        """Return the model in eval mode with the MLPs' widening projections stored [in, out] in memory.
+
+        Same parameters and values, still seen as [out, in]: only the memory order changes, so modules, names
+        and LoRA are untouched. The MLP's linears run through F.linear, and decoding one token makes each a
+        matrix-vector product, which MKL on CPU reads ~1.4× faster with the matrix's longer side contiguous
+        (gate and up: out > in; down stays). Attention and the head decode through `rows_times_matrix`, which
+        wants the usual layout (docs/benchmarks.md). GPU kernels do not care either way.
+        """
+        for block in self.blocks:
+            for m in block.mlp.modules():
+                if isinstance(m, nn.Linear) and m.weight.shape[0] > m.weight.shape[1]:
+                    m.weight.data = m.weight.data.t().contiguous().t()
+        return self.eval()
+
+    def new_cache(
+        self,
+        batch: int,
+        max_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> list[LayerCache]:
+        """Return one empty cache per layer: growing (KVCache), or preallocated for `max_length` positions."""
+        if max_length is None:
+            return [KVCache() for _ in self.blocks]
+        weight = self.token_embed.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        return [
+            StaticKVCache.empty(batch, self.cfg.kv_heads, max_length, self.cfg.dim_per_head, device, dtype)
+            for _ in self.blocks
+        ]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+        last_only: bool = False,
+        before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> LMOutput:
+        """Return logits for ids [B, T] or embeddings [B, T, width], appending this call's keys/values to `cache`.
+
+        `attention_mask` [B, S] (1 = token, 0 = padding) covers the cached slots and these T, so S = cached + T;
+        None means no padding. `position_ids` [B, T] default to cumsum(mask) − 1, or to cached + arange(T).
+        `last_only` computes logits for the last position only, which is all decoding needs. `before_block(i, x)`
+        runs on the hidden states before layer i (Flamingo's gated cross-attention blocks hang there).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("DecoderLM: pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = x.shape[:2]
+        past = cache[0].length if cache else 0
+        if attention_mask is not None and attention_mask.shape != (batch, past + length):
+            raise InputError(
+                f"attention_mask: expected shape [{batch}, {past + length}] (cached + new positions), "
+                f"got {list(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask, length)
+            else:
+                position_ids = torch.arange(past, past + length, device=x.device).expand(batch, length)
+        rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}  # one per distinct window
+        for i, block in enumerate(self.blocks):
+            window = self.cfg.window(i)
+            if window not in masks:
+                masks[window] = build_attention_mask(attention_mask, past, length, window, x.device)
+            mask, is_causal = masks[window]
+            if before_block is not None:
+                x = before_block(i, x)
+            x = block(x, mask=mask, is_causal=is_causal, cache=cache[i] if cache else None, rope=rope)
+        if last_only:
+            x = x[:, -1:]
+        return LMOutput(self.head(self.norm(x)), cache)

@@ -1,0 +1,47 @@
+"""The CLIP / SigLIP text transformer: tokens -> blocks -> pooled at the end token (or last position)."""
+
+import torch
+from torch import nn
+
+from mmlm.layers import Transformer
+from mmlm.models.config import TextConfig
+
+
+class TextTransformer(nn.Module):
+    """Text encoder; CLIP's is causal and pools at the end-of-text token, SigLIP's is bidirectional and pools last."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        self.transformer = Transformer(
+            cfg.layers, dim=cfg.width, heads=cfg.heads, mlp_dim=cfg.mlp_dim, act=cfg.act, eps=cfg.norm_eps
+        )
+        self.norm_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.proj = nn.Linear(cfg.width, cfg.embed_dim, bias=cfg.proj_bias) if cfg.embed_dim else None
+
+    def pool_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Return the position pooled in each sequence [B]."""
+        if self.cfg.pool == "eos_argmax":  # old CLIP configs: the end token has the highest id
+            return ids.argmax(-1)
+        if self.cfg.pool == "eos":
+            return (ids == self.cfg.eos_token_id).int().argmax(-1)
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+
+    def forward_features(
+        self, ids: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Return (final-normed token states [B, L, D], per-layer hidden states or None)."""
+        x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
+        # CLIP pads on the right and pools at the end token, so the causal mask alone hides padding from it.
+        x, hidden = self.transformer(x, is_causal=self.cfg.causal, output_hidden_states=output_hidden_states)
+        return self.norm_final(x), hidden
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Return the (projected, not normalised) text embedding [B, embed_dim or D] for token ids [B, L]."""
+        x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
+        x, _ = self.transformer(x, is_causal=self.cfg.causal)
+        # the final norm is per token, so norming only the pooled one is equal and cheaper
+        pooled = self.norm_final(x[torch.arange(ids.shape[0], device=ids.device), self.pool_index(ids)])
+        return self.proj(pooled) if self.proj is not None else pooled

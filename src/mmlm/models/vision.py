@@ -1,0 +1,142 @@
+"""The Vision Transformer (Dosovitskiy et al. 2020): patches -> tokens -> blocks -> pooled embedding."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmlm.layers import MLP, Attention, Transformer
+from mmlm.models.config import VisionConfig
+from mmlm.models.token_merging import merge_block, merge_blocks
+
+
+def resize_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Return patch position embeddings bicubically resized from `old_grid` to `new_grid` ([h·w, D] -> [h'·w', D])."""
+    if old_grid == new_grid:
+        return pos
+    dim = pos.shape[-1]
+    grid = pos.reshape(1, *old_grid, dim).permute(0, 3, 1, 2)  # [1, D, h, w]
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    return grid.permute(0, 2, 3, 1).reshape(-1, dim)
+
+
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3×3 stride-2
+    convolutions down to the patch grid, then a 1×1 to the width; it trains faster from scratch than one patch
+    projection. [B, C, H, W] -> [B, D, H/p, W/p]."""
+
+    def __init__(self, channels: int, width: int, patch: int) -> None:
+        super().__init__()
+        steps = patch.bit_length() - 1
+        if patch != 2**steps or steps < 1:
+            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch}")
+        layers, c = [], channels
+        for i in range(steps):
+            out = max(width // 2 ** (steps - i), 16)
+            layers += [nn.Conv2d(c, out, 3, 2, 1), nn.GELU()]
+            c = out
+        layers.append(nn.Conv2d(c, width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Return the patch-grid features [B, D, H/p, W/p]."""
+        return self.layers(pixels)
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's multihead attention-pooling (MAP) head: a learned probe attends over all tokens, then an MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, act: str, eps: float) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, dim))
+        self.attn = Attention(dim, heads, cross=True)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim, act)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return one pooled vector per image, [B, N, D] -> [B, D]."""
+        x = self.attn(self.probe.expand(tokens.shape[0], -1, -1), context=tokens)
+        return (x + self.mlp(self.norm(x)))[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """ViT image encoder with CLIP (class token, ln_pre) and SigLIP (no class token, MAP head) variants."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.channels, d, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.class_token = nn.Parameter(torch.randn(d) * d**-0.5) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(cfg.grid**2 + cfg.class_token, d) * 0.02)
+        self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+        self.transformer = Transformer(
+            cfg.layers, dim=d, heads=cfg.heads, mlp_dim=cfg.mlp_dim, act=cfg.act, eps=cfg.norm_eps
+        )
+        self.norm_post = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.head = (
+            AttentionPool(d, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps) if cfg.pool == "map" else None
+        )
+        self.proj = nn.Linear(d, cfg.embed_dim, bias=cfg.proj_bias) if cfg.embed_dim else None
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Return patch tokens plus positions (class token first if any), [B, C, H, W] -> [B, N(+1), D]."""
+        x = self.patch_embed(pixels.to(self.pos_embed.dtype))  # [B, D, H/p, W/p]
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        pos = self.pos_embed
+        n_cls = int(self.class_token is not None)
+        pos = torch.cat([pos[:n_cls], resize_pos_embed(pos[n_cls:], (self.cfg.grid,) * 2, grid)])
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + pos
+
+    def forward_features(
+        self, pixels: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Return (final-normed tokens [B, N(+1), D], per-layer hidden states or None)."""
+        x = self.norm_pre(self.embed(pixels))
+        if self.cfg.merge_tokens:
+            r, has_class = self.cfg.merge_tokens, self.class_token is not None
+            x, states = merge_blocks(self.transformer.blocks, x, r, has_class)
+            return self.norm_post(x), states if output_hidden_states else None
+        x, hidden = self.transformer(x, output_hidden_states=output_hidden_states)
+        return self.norm_post(x), hidden
+
+    def layer_features(self, pixels: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Return the hidden states [B, N(+1), D] at `layers`, indexed as transformers' `hidden_states`.
+
+        Index 0 is the blocks' input (after ln_pre), i the output of block i, negative indices count from the
+        end (LLaVA reads −2, the penultimate block). Blocks after the deepest requested one are not run.
+        """
+        total = len(self.transformer.blocks) + 1
+        wanted = [i % total for i in layers]
+        x = self.norm_pre(self.embed(pixels))
+        states, size = {0: x}, None
+        for i, block in enumerate(self.transformer.blocks[: max(wanted)], start=1):
+            if self.cfg.merge_tokens:  # ToMe: fewer tokens after each block, so layers differ in length
+                x, size = merge_block(block, x, size, self.cfg.merge_tokens, self.class_token is not None)
+            else:
+                x = block(x)
+            states[i] = x
+        return [states[i] for i in wanted]
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return the pooled image vector [B, D] by class token, mean over patches, or attention pooling."""
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        if self.cfg.pool == "mean":
+            return tokens[:, int(self.class_token is not None) :].mean(1)
+        return self.head(tokens)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Return the (projected, not normalised) image embedding [B, embed_dim or D]."""
+        # the final norm is per token, so norming only the class token is equal (ToMe: the general path)
+        if self.cfg.pool == "cls" and not self.cfg.merge_tokens:
+            x, _ = self.transformer(self.norm_pre(self.embed(pixels)))
+            pooled = self.norm_post(x[:, 0])
+        else:
+            pooled = self.pool(self.forward_features(pixels)[0])
+        return self.proj(pooled) if self.proj is not None else pooled

@@ -1,0 +1,1 @@
+"""The demos and studies: complete runs built on the library."""
