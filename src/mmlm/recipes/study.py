@@ -1,6 +1,6 @@
 """`mmlm study fusion`: every fusion style trained on the same shapes-world budget, then measured side by side.
 
-Each style gets the demo's VLM recipe (src/mmlm/demo_vlm.py): the same scene-tuned vision tower, the same
+Each style gets the demo's VLM recipe (src/mmlm/recipes/demo_vlm.py): the same scene-tuned vision tower, the same
 2-layer LM, tokenizer, data, seed and steps; only `connector.kind` changes. For each it records the visual
 tokens one image costs the LM, the training time, prefill latency and decode speed at batch 1 on this machine,
 and VQA accuracy on test questions (exact match after VQA normalisation; images never seen in training).
