@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlm.cli.model_args import add_model_args, load_model
+from mmlm.cli.model_args import add_device_args, add_model_args, load_model
 from mmlm.errors import InputError
 
 
@@ -240,8 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--frames", type=int, default=8, help="frames sampled from each video sample (--model only)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    add_device_args(p)
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: each task's own)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled probe's image derangement")

@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from mmlm.cli.model_args import add_model_args, load_model
+from mmlm.cli.model_args import add_device_args, add_model_args, load_model
 from mmlm.errors import InputError
 
 
@@ -124,8 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="an image file as the query")
     p.add_argument("-k", type=int, default=10, help="results to show")
     p.add_argument("--model", help="the model folder (default: the one that built the index)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    add_device_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_search)
 

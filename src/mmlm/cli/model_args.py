@@ -11,10 +11,15 @@ from mmlm.errors import InputError
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Add --model, --device, --dtype, --batch-size and --json to a subcommand's parser."""
     p.add_argument("--model", required=True, help="a transformers-format or mmlm checkpoint folder")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    add_device_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """Add --device and --dtype, where a command's model runs, to a subcommand's parser."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
 
 
 def load_model(args: argparse.Namespace) -> Any:
