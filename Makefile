@@ -4,15 +4,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_VENV := .bench-env
 
-.PHONY: install demo test lint bench clean
+.PHONY: install install-test demo test lint bench clean
 
-# Optional system programs as package:program pairs (scripts/system_packages.sh installs the missing ones as
-# root, else prints the apt-get command): java runs the COCO caption PTB tokenizer (mmlm.eval.captioning),
-# tesseract reads the text in images for `mmlm eval vlm --ocr` (mmlm.processing.ocr), chromium runs the serve web-page
-# test (tests/test_serve_browser.py), espeak-ng speaks the real speech of the log-mel parity tests (tests/test_audio.py).
+# `make install` sets up only what `make demo` needs: the virtualenv and the Python packages.
+# `make install-test` (a step of `make test`) adds the system programs the tests use, as package:program pairs;
+# scripts/system_packages.sh installs the missing ones as root, else prints the apt-get command. Each is optional
+# for mmlm itself: java runs the COCO caption PTB tokenizer (mmlm.eval.captioning), tesseract reads the text in
+# images for `mmlm eval vlm --ocr` (mmlm.processing.ocr), chromium runs the serve web-page test
+# (tests/test_serve_browser.py), espeak-ng speaks the real speech of the log-mel parity tests (tests/test_audio.py)
+# and of `mmlm demo --modality audio`.
 SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract chromium:chromium espeak-ng:espeak-ng
 
 install: $(STAMP)
+
+install-test:
 	sh scripts/system_packages.sh $(SYSTEM_PACKAGES)
 
 # torch==2.13.0 is pinned first so pip takes the CPU wheel on disk instead of a 5 GB CUDA build.
@@ -34,7 +39,7 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
 
-test: install lint
+test: install install-test lint
 	$(BIN)/pytest -q
 
 bench: install

@@ -3,7 +3,7 @@
 #   scripts/system_packages.sh default-jre-headless:java tesseract-ocr:tesseract
 # As root: apt-get installs the missing ones. Otherwise: prints the exact command to run. Programs already on
 # PATH are left alone, so running it again changes nothing. Each program is optional for mmlm (a fallback
-# exists), so a failed install warns and does not stop `make install`.
+# exists), so a failed install warns and does not stop `make install-test`.
 set -eu
 
 missing=""

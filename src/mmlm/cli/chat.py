@@ -4,6 +4,7 @@ import argparse
 import sys
 from typing import Any
 
+from mmlm.cli.model_args import add_model_args, load_model
 from mmlm.errors import InputError
 
 
@@ -15,12 +16,11 @@ def user_turn(text: str, images: int, videos: int = 0, audio: int = 0) -> dict[s
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Answer one question about the images, or start an interactive conversation without a question."""
-    from mmlm.cli import _load
     from mmlm.inference.vlm import GenerativeModel
 
     if args.max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    model = _load(args)
+    model = load_model(args)
     if not isinstance(model, GenerativeModel):
         raise InputError(f"{args.model} is not a vision-language model (got a {type(model).__name__})")
     images, videos, audio = list(args.image or []), list(args.video or []), list(args.audio or [])
@@ -56,12 +56,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `chat` to the command line."""
-    from mmlm.cli import _model_args
-
     p = sub.add_parser(
         "chat", help="ask a vision-language model about images (interactive without a question)"
     )
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--image", action="append", help="an image file (repeatable; all go in the first turn)")
     p.add_argument(
         "--video", action="append", help="a video file (repeatable; its frames go in the first turn)"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmlm.cli.model_args import add_device_args, add_model_args, load_model
 from mmlm.errors import InputError
 
 
@@ -33,14 +34,13 @@ def _write(out: str | None, result: dict[str, Any], as_json: bool) -> None:
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
     """Zero-shot classification of a labelled image set with template-ensembled class prompts."""
-    from mmlm.cli import _load
     from mmlm.data.classification import open_labelled_images
     from mmlm.eval.templates import resolve_templates
     from mmlm.eval.zeroshot import evaluate_zero_shot
 
     data = open_labelled_images(args.data)
     templates = resolve_templates(args.templates)
-    model = _load(args)
+    model = load_model(args)
     started = time.perf_counter()
     png = (
         Path(args.confusion) if args.confusion else (Path(args.out).with_suffix(".png") if args.out else None)
@@ -58,12 +58,11 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     """Image→text and text→image retrieval on an image-text manifest (several captions per image allowed), or
     audio→text and text→audio on a manifest whose rows carry "audio" clips."""
-    from mmlm.cli import _load
     from mmlm.eval.retrieval import read_any_retrieval_set, retrieval_metrics
 
     options = {"split": args.split} if args.split else {}
     modality, inputs, texts, text_to_input = read_any_retrieval_set(args.data, args.limit, **options)
-    model = _load(args)
+    model = load_model(args)
     if getattr(model, "modality", None) != modality:
         raise InputError(
             f"{args.data} holds {modality}-text pairs, but {args.model} is not an {modality}-text contrastive model"
@@ -94,14 +93,13 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
     """Logistic-regression probe on frozen image features, C chosen on a validation split."""
     import torch
 
-    from mmlm.cli import _load
     from mmlm.data.classification import open_labelled_images
     from mmlm.eval.linear_probe import linear_probe
 
     train, test = open_labelled_images(args.train), open_labelled_images(args.test)
     if train.class_names != test.class_names:
         raise InputError(f"{args.train} and {args.test} have different classes")
-    model = _load(args)
+    model = load_model(args)
     started = time.perf_counter()
     train_x = model.encode_image(train.images, args.batch_size, progress=True)
     test_x = model.encode_image(test.images, args.batch_size, progress=True)
@@ -181,14 +179,12 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `eval zeroshot`, `eval retrieval`, `eval probe` and `eval vlm` to the command line."""
-    from mmlm.cli import _model_args
-
     group = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
 
     p = group.add_parser(
         "zeroshot", help="zero-shot classification: top-1, top-5, per-class recall, calibration"
     )
-    _model_args(p)
+    add_model_args(p)
     p.add_argument(
         "--data", required=True, help='a JSONL manifest {"image", "label"} or a class-per-folder tree'
     )
@@ -200,7 +196,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = group.add_parser(
         "retrieval", help="image-text (or audio-text) retrieval: recall@1/5/10 and ranks, both ways"
     )
-    _model_args(p)
+    add_model_args(p)
     p.add_argument(
         "--data", required=True, help='a JSONL manifest {"image" or "audio", "text": str | [str, ...]}'
     )
@@ -210,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval_retrieval)
 
     p = group.add_parser("probe", help="linear probe (logistic regression) on frozen image features")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--train", required=True, help="labelled training images (manifest or class folders)")
     p.add_argument("--test", required=True, help="labelled test images, same classes")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of training images used to pick C")
@@ -244,8 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--frames", type=int, default=8, help="frames sampled from each video sample (--model only)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    add_device_args(p)
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: each task's own)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled probe's image derangement")

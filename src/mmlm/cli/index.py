@@ -4,12 +4,12 @@ import argparse
 import json
 import sys
 
+from mmlm.cli.model_args import add_device_args, add_model_args, load_model
 from mmlm.errors import InputError
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
     """Embed the images of a folder or manifest into an index, resuming or extending one that exists."""
-    from mmlm.cli import _load
     from mmlm.index.build import build_index
     from mmlm.index.vectors import AnnSettings
 
@@ -18,7 +18,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     if not 0 < args.target_recall <= 1:
         raise InputError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     ann = AnnSettings(threshold=args.ann_threshold, nlist=args.nlist, target_recall=args.target_recall)
-    model = _load(args)
+    model = load_model(args)
     report = build_index(model, args.model, args.images, args.index, args.batch_size, ann)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -79,7 +79,6 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_curate(args: argparse.Namespace) -> None:
     """Filter an image-text manifest by image-text similarity and remove near-duplicate images."""
-    from mmlm.cli import _load
     from mmlm.data.curate import CurateSettings, curate
 
     settings = CurateSettings(
@@ -88,7 +87,7 @@ def cmd_curate(args: argparse.Namespace) -> None:
         dedup_threshold=None if args.no_dedup else args.dedup_threshold,
     )
     settings.check()
-    model = _load(args)
+    model = load_model(args)
     report = curate(model, args.data, args.out, settings, args.batch_size, args.report)
     counts = report["counts"]
     if args.json:
@@ -105,12 +104,10 @@ def cmd_curate(args: argparse.Namespace) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `index`, `search` and `curate` commands."""
-    from mmlm.cli import _model_args
-
     p = subparsers.add_parser("index", help="an image embedding index (FAISS + SQLite)")
     index_sub = p.add_subparsers(dest="what", required=True)
     p = index_sub.add_parser("build", help="embed images into an index; resumes and extends an existing one")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--images", required=True, help="an image folder (searched recursively) or a manifest")
     p.add_argument("--index", required=True, help="the index folder (created if absent)")
     p.add_argument("--ann-threshold", type=int, default=50_000, help="images at which search switches to IVF")
@@ -127,13 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="an image file as the query")
     p.add_argument("-k", type=int, default=10, help="results to show")
     p.add_argument("--model", help="the model folder (default: the one that built the index)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    add_device_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_search)
 
     p = subparsers.add_parser("curate", help="filter image-text pairs by similarity; drop near-duplicates")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--data", required=True, help="an image-text manifest (.jsonl, .csv, ...)")
     p.add_argument("--out", required=True, help="the filtered JSONL manifest to write")
     # not an argparse exclusive group: CurateSettings.check gives a one-line error rather than a usage block

@@ -5,6 +5,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from mmlm.cli.model_args import add_device_args
 from mmlm.errors import InputError
 from mmlm.serve.config import GUARD_MODES, ServeConfig
 
@@ -106,8 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-model", help="a contrastive model folder for embeddings, classify and search")
     p.add_argument("--embed-model-name", help="the id of --embed-model (default: the folder's name)")
     p.add_argument("--index", help="an image index folder (mmlm index build) for /v1/search")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    add_device_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="requests per model batch")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from mmlm.data.readers import CorruptSample, Pair, open_pairs
+from mmlm.data.readers import CorruptSample, Pair, PairReader, open_pairs
 from mmlm.errors import InputError
 from mmlm.processing.image import load_image
 
@@ -108,6 +108,38 @@ def curate(
     report_path = Path(report_path) if report_path else out.with_name(out.stem + ".report.json")
     reader = open_pairs(data)
     dropped: list[dict[str, Any]] = []
+    pairs, score, emb = embed_pairs(model, reader, batch_size, dropped)
+    survivors, threshold = filter_pairs(pairs, score, emb, settings, dropped)
+
+    _write_jsonl(out, [_manifest_row(pairs[i][1], float(score[i]), out.parent) for i in survivors])
+    dropped.sort(key=lambda row: row["row"])
+    by_reason: dict[str, int] = {}
+    for row in dropped:
+        by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
+    report = {
+        "source": str(data),
+        "out": str(out),
+        "report": str(report_path),
+        "settings": asdict(settings),
+        "caption_score": "best",  # a pair with several captions scores its most similar caption
+        "similarity_threshold": threshold,
+        "counts": {
+            "rows": len(reader),
+            "kept": len(survivors),
+            "dropped": len(dropped),
+            "dropped_by_reason": by_reason,
+        },
+        "dropped": dropped,
+    }
+    _write_text(report_path, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def embed_pairs(
+    model, reader: PairReader, batch_size: int, dropped: list[dict[str, Any]]
+) -> tuple[list[tuple[int, Pair]], np.ndarray, np.ndarray]:
+    """Return ((row, pair) of each pair with a decodable image, best-caption cosines [N], image embeddings
+    [N, D]); rows that cannot be read are appended to `dropped`."""
     pairs: list[tuple[int, Pair]] = []  # (row number, pair) of the pairs with a decodable image
     image_emb, scores = [], []
 
@@ -140,9 +172,20 @@ def curate(
             batch = []
     if batch:
         embed(batch)
-
     score = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     emb = np.concatenate(image_emb) if image_emb else np.zeros((0, 1), np.float32)
+    return pairs, score, emb
+
+
+def filter_pairs(
+    pairs: list[tuple[int, Pair]],
+    score: np.ndarray,
+    emb: np.ndarray,
+    settings: CurateSettings,
+    dropped: list[dict[str, Any]],
+) -> tuple[np.ndarray, float | None]:
+    """Return (indices of the pairs both filters keep, the similarity threshold applied); the rows they drop
+    are appended to `dropped` with their reason."""
     keep, threshold = np.ones(len(pairs), bool), settings.min_similarity
     if settings.keep_fraction is not None:
         keep, threshold = keep_top_fraction(score, settings.keep_fraction)
@@ -164,29 +207,7 @@ def curate(
                 _row(*pairs[i], "near_duplicate", similarity=float(score[i]), duplicate_of=original)
             )
         survivors = survivors[duplicate_of < 0]
-
-    _write_jsonl(out, [_manifest_row(pairs[i][1], float(score[i]), out.parent) for i in survivors])
-    dropped.sort(key=lambda row: row["row"])
-    by_reason: dict[str, int] = {}
-    for row in dropped:
-        by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
-    report = {
-        "source": str(data),
-        "out": str(out),
-        "report": str(report_path),
-        "settings": asdict(settings),
-        "caption_score": "best",  # a pair with several captions scores its most similar caption
-        "similarity_threshold": threshold,
-        "counts": {
-            "rows": len(reader),
-            "kept": len(survivors),
-            "dropped": len(dropped),
-            "dropped_by_reason": by_reason,
-        },
-        "dropped": dropped,
-    }
-    _write_text(report_path, json.dumps(report, indent=2) + "\n")
-    return report
+    return survivors, threshold
 
 
 def _row(row: int, pair: Pair, reason: str, **extra: Any) -> dict[str, Any]:

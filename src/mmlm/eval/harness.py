@@ -42,7 +42,7 @@ BLIND_GREY = (128, 128, 128)
 
 def decode_sample_image(value: str, sample_id: str) -> Image.Image:
     """Return a sample's image from a file path, a data URL or bare base64, as RGB."""
-    from mmlm.eval.tasks import is_inline_image
+    from mmlm.eval.samples import is_inline_image
 
     if not is_inline_image(value):
         if not Path(value).is_file():

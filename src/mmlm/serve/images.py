@@ -9,6 +9,7 @@ Known gap: the address is checked when the host is resolved, and urllib resolves
 DNS server that answers differently the second time (DNS rebinding) is not stopped; allow-list hosts you trust.
 """
 
+import asyncio
 import base64
 import binascii
 import io
@@ -95,6 +96,16 @@ def image_bytes(url: str, field: str, config: ServeConfig) -> bytes:
 def load_request_image(url: str, field: str, config: ServeConfig) -> Image.Image:
     """Return the PIL image of an image_url (blocking: run it in a worker thread)."""
     return decode_image(image_bytes(url, field, config), field, config)
+
+
+async def load_request_images(urls: list[tuple[str, str]], config: ServeConfig) -> list[Image.Image]:
+    """Return the PIL images of (url, field) pairs, each read in a worker thread, after the per-request cap."""
+    if len(urls) > config.max_images:
+        raise APIError(
+            400, f"the request has {len(urls)} images; the server accepts at most {config.max_images}",
+            param="messages", code="too_many_images",
+        )  # fmt: skip
+    return [await asyncio.to_thread(load_request_image, url, field, config) for url, field in urls]
 
 
 def host_allowed(host: str, domains: tuple[str, ...]) -> bool:

@@ -1,0 +1,43 @@
+"""`mmlm demo`: the main demo job (images: CLIP then VLM), the video VLM demo, or the audio-text CLIP demo."""
+
+import argparse
+from pathlib import Path
+
+from mmlm.errors import InputError
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Run the main demo job (images: CLIP then VLM), the video VLM demo, or the audio-text CLIP demo."""
+    if args.modality == "audio":
+        from mmlm.recipes.demo_audio import run_audio_demo
+
+        run_audio_demo(Path(args.out) / "audio")
+        return
+    if args.modality == "video":
+        from mmlm.recipes.demo_video import run_video_demo
+
+        if args.frames < 1 or args.video_pool < 1:
+            raise InputError(
+                f"--frames and --video-pool: expected at least 1, got {args.frames} and {args.video_pool}"
+            )
+        run_video_demo(
+            Path(args.out), frames=args.frames, video_pool=args.video_pool, video_merge=args.video_merge
+        )
+        return
+    from mmlm.recipes.demo import run_demo
+
+    run_demo(Path(args.out))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `demo` to the command line."""
+    p = sub.add_parser("demo", help="the main demo job")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--frames", type=int, default=8, help="video: frames sampled from each clip")
+    p.add_argument("--video-pool", type=int, default=2, help="video: frames merged into one image slot")
+    p.add_argument("--video-merge", choices=["mean", "resampler"], default="resampler",
+                   help="video: average a slot's frames, or read them with a perceiver's time embeddings")  # fmt: skip
+    p.add_argument("--modality", choices=["image", "video", "audio"], default="image",
+                   help="image: CLIP then VLM (make demo); video: a VLM on shapes-world clips; "
+                        "audio: an audio-text CLIP on spoken words (espeak-ng)")  # fmt: skip
+    p.set_defaults(func=cmd_demo)
