@@ -17,13 +17,12 @@ from mmlm.data.instructions import make_instruction
 from mmlm.data.shapes import COLORS, SHAPES, describe, split_combinations
 from mmlm.errors import InputError
 from mmlm.eval import official_formats
+from mmlm.eval.official_formats import convert, official_task
 from mmlm.eval.tasks import (
     BUILTIN_TASKS,
     Sample,
     Task,
-    convert,
     load_task,
-    official_task,
     read_samples,
     write_samples,
     write_shapes_task,

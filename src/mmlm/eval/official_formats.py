@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.errors import InputError
-from mmlm.eval.tasks import LETTERS, MULTIPLE_CHOICE_PROMPT, Sample, Task, read_task, write_samples
+from mmlm.eval.tasks import (
+    DEFAULT_CACHE_DIR,
+    LETTERS,
+    MULTIPLE_CHOICE_PROMPT,
+    Sample,
+    Task,
+    read_task,
+    write_samples,
+)
 
 SHORT_ANSWER_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 CAPTION_QUESTION = "Provide a one-sentence caption for the provided image."  # lmms-eval's COCO prompt
@@ -322,7 +330,9 @@ def convert(kind: str, out_dir: str | Path, *, name: str | None = None, **paths:
     return task_path
 
 
-def official_task(kind: str, *, cache_dir: str | Path, name: str | None = None, **paths: Any) -> Task:
+def official_task(
+    kind: str, *, cache_dir: str | Path = DEFAULT_CACHE_DIR, name: str | None = None, **paths: Any
+) -> Task:
     """Return the Task of a benchmark converted into cache_dir/<name>, by default <kind>-<first file's stem>."""
     _format(kind, paths)
     name = name or f"{kind}-{Path(str(next(iter(paths.values())))).stem}"

@@ -132,20 +132,6 @@ def load_task(
     return task, read_samples(task.data, limit)
 
 
-def convert(kind: str, out_dir: str | Path, *, name: str | None = None, **paths: Any) -> Path:
-    """Convert a public benchmark's files to out_dir/samples.jsonl and out_dir/task.json; return the task file."""
-    from mmlm.eval import official_formats  # here, not at the top: official_formats builds on this module
-
-    return official_formats.convert(kind, out_dir, name=name, **paths)
-
-
-def official_task(kind: str, *, cache_dir: Path | None = None, name: str | None = None, **paths: Any) -> Task:
-    """Return the Task of a public benchmark converted into cache_dir/<name or kind-stem> (see `convert`)."""
-    from mmlm.eval import official_formats
-
-    return official_formats.official_task(kind, cache_dir=cache_dir or DEFAULT_CACHE_DIR, name=name, **paths)
-
-
 # ---- built-in shapes-world tasks ----
 
 SHAPES_SEED = 0  # `make demo` and VLMTrainConfig's default seed
