@@ -66,7 +66,7 @@ def _encoder_spec(name: str, vision, dtype: str | None, buildable):
 def _blip2_spec(data: dict[str, Any], dtype: str | None) -> ModelSpec:
     from mmlm.fusion import ConnectorConfig
     from mmlm.models.budget import Backbone, LMShape
-    from mmlm.models.config import VisionConfig
+    from mmlm.models.vision import VisionConfig
 
     v = {**BLIP2_VISION_DEFAULTS, **(data.get("vision_config") or {})}
     q = {**BLIP2_QFORMER_DEFAULTS, **(data.get("qformer_config") or {})}
@@ -103,7 +103,8 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
         siglip_vision_config_from_hf,
     )
     from mmlm.checkpoints.hf_llava import vlm_config_from_llava
-    from mmlm.models.config import DualEncoderConfig, config_from_dict
+    from mmlm.models.config import config_from_dict
+    from mmlm.models.dual_encoder import DualEncoderConfig
     from mmlm.models.vlm import VLMConfig
 
     dtype = _hf_dtype(data)
@@ -217,8 +218,8 @@ def median_ms(fn, runs: int, sync) -> float:
 def _random_model(spec: ModelSpec, device, dtype):
     import torch
 
-    from mmlm.models.config import DualEncoderConfig, VisionConfig
-    from mmlm.models.vision import VisionTransformer
+    from mmlm.models.dual_encoder import DualEncoderConfig
+    from mmlm.models.vision import VisionConfig, VisionTransformer
     from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
     cfg = spec.buildable

@@ -15,7 +15,7 @@ import torch
 
 from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
-from mmlm.models.config import AudioConfig
+from mmlm.models.audio_encoder import AudioConfig
 from mmlm.processing.audio import audio_batch_features
 
 

@@ -38,8 +38,8 @@ from mmlm.inference.audio import (
 from mmlm.inference.causal_lm import CausalLM, load_hf_causal_lm, load_mmlm_causal_lm
 from mmlm.inference.contrastive import ContrastiveModel
 from mmlm.inference.vlm import GenerativeModel, load_llava, load_mmlm_vlm
-from mmlm.models.config import DualEncoderConfig, config_from_dict
-from mmlm.models.dual_encoder import DualEncoder
+from mmlm.models.config import config_from_dict
+from mmlm.models.dual_encoder import DualEncoder, DualEncoderConfig
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import load_tokenizer
 

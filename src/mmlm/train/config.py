@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.errors import InputError
-from mmlm.models.config import DualEncoderConfig, config_from_dict
+from mmlm.models.config import config_from_dict
+from mmlm.models.dual_encoder import DualEncoderConfig
 
 
 @dataclass

@@ -20,8 +20,10 @@ from typing import Any
 from mmlm.data.instructions import QUESTION_TYPES
 from mmlm.errors import InputError
 from mmlm.fusion import ConnectorConfig
-from mmlm.models.config import AudioConfig, VisionConfig, config_from_dict
+from mmlm.models.audio_encoder import AudioConfig
+from mmlm.models.config import config_from_dict
 from mmlm.models.decoder_lm import LMConfig
+from mmlm.models.vision import VisionConfig
 from mmlm.train.config import OptimConfig, apply_overrides, read_config_file
 
 TRAINABLE_PARTS = ("connector", "lm", "lora", "audio")  # audio: the audio encoder
