@@ -439,7 +439,8 @@ def render_table(spec: ModelSpec, budget, dtype: str, dtype_source: str, measure
 
 def cmd_budget(args: argparse.Namespace) -> None:
     """Print the visual-token budget of one image: tokens, FLOPs per stage, KV cache, fusion styles."""
-    from mmlm.inference.load import read_json, resolve_folder
+    from mmlm.inference.load import resolve_folder
+    from mmlm.json_files import read_json_object
     from mmlm.models.budget import ImageInput, plan_budget
 
     if args.model:
@@ -449,13 +450,13 @@ def cmd_budget(args: argparse.Namespace) -> None:
         source = Path(args.config)
         if source.is_dir():
             raise InputError(f"--config {source} is a folder; pass its config.json, or use --model {source}")
-    spec = spec_from_config(read_json(source), str(source))
+    spec = spec_from_config(read_json_object(source), str(source))
     v = spec.backbone.vision
     size = _positive("--image-size", args.image_size or v.image_size, v.patch_size)
     pool = (
         args.video_pool
         if args.video_pool is not None
-        else read_json(source).get("config", {}).get("video_pool", 1)
+        else read_json_object(source).get("config", {}).get("video_pool", 1)
     )
     image = ImageInput(size, parse_tiles(args.tiles), video_frames(args),
                        _positive("--text-tokens", args.text_tokens, 0),

@@ -28,9 +28,9 @@ import yaml
 from PIL import Image
 
 from mmlm.data.instructions import SPLITS, Instruction, make_instruction
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.data.shapes import COLORS, Scene, caption, render, sample_scene, split_combinations
 from mmlm.errors import InputError
+from mmlm.json_files import jsonl_rows
 
 LETTERS = string.ascii_uppercase
 PLACEHOLDER = re.compile(r"\{(question|choices)\}")

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.data.spoken import make_spoken_set
 from mmlm.eval.retrieval import read_audio_retrieval_set, retrieval_metrics
+from mmlm.json_files import jsonl_rows
 from mmlm.models.audio_encoder import AudioConfig
 from mmlm.models.dual_encoder import DualEncoderConfig
 from mmlm.models.text import TextConfig
