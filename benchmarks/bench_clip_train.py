@@ -95,8 +95,9 @@ def decay_groups(model: torch.nn.Module) -> list[dict]:
 
 def build_mmlm(m: dict, act: str):
     """Return (model, loss(pixels, ids), optimizer) for mmlm's DualEncoder, clip_loss and param groups."""
-    from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
-    from mmlm.models.dual_encoder import DualEncoder
+    from mmlm.models.dual_encoder import DualEncoder, DualEncoderConfig
+    from mmlm.models.text import TextConfig
+    from mmlm.models.vision import VisionConfig
     from mmlm.train.config import OptimConfig
     from mmlm.train.losses import clip_loss
     from mmlm.train.optim import build_optimizer

@@ -31,8 +31,7 @@ from PIL import Image
 from timing import median_seconds
 
 from mmlm.data.videos import make_video, write_video
-from mmlm.models.config import VisionConfig
-from mmlm.models.vision import VisionTransformer
+from mmlm.models.vision import VisionConfig, VisionTransformer
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.video import encode_frames, read_video
 

@@ -19,7 +19,7 @@ import torch
 
 import mmlm.train.vlm_loop as loop
 from mmlm.data import shapes
-from mmlm.models.config import VisionConfig
+from mmlm.models.vision import VisionConfig
 from mmlm.recipes.demo_vlm import demo_vlm_config, pretrain_tower
 
 VARIANTS = ("baseline", "lm4", "sample_loss", "aligned_tower")

@@ -227,8 +227,8 @@ def test_lock_image_freezes_the_audio_tower(tmp_path):
 
 
 def test_lock_image_n_keeps_the_audio_stem_frozen_and_the_last_blocks_and_head_trainable():
+    from mmlm.models.audio_encoder import AudioConfig
     from mmlm.models.audio_tower import AudioTower
-    from mmlm.models.config import AudioConfig
     from mmlm.train.optim import lock_tower
 
     tower = AudioTower(

@@ -25,9 +25,8 @@ from mmlm.models.budget import (
     self_attention_flops,
     vision_tower_cost,
 )
-from mmlm.models.config import VisionConfig
 from mmlm.models.decoder_lm import DecoderLM, LMConfig
-from mmlm.models.vision import VisionTransformer
+from mmlm.models.vision import VisionConfig, VisionTransformer
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
 # llava-hf/llava-1.5-7b-hf's config.json as the hub has it (Llama defaults fill the rest of text_config)
@@ -349,7 +348,8 @@ def test_video_pool_divides_the_per_frame_styles_slots(tmp_path, capsys):
 
 
 def test_an_audio_text_model_is_refused_with_one_line(tmp_path, capsys):
-    from mmlm.models.config import AudioConfig, DualEncoderConfig
+    from mmlm.models.audio_encoder import AudioConfig
+    from mmlm.models.dual_encoder import DualEncoderConfig
 
     cfg = DualEncoderConfig(audio=AudioConfig(width=32, layers=1, heads=2, mlp_dim=64, max_frames=50))
     config = write(

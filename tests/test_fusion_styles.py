@@ -10,8 +10,8 @@ from mmlm.data.shapes import split_combinations
 from mmlm.errors import InputError
 from mmlm.fusion import ConnectorConfig
 from mmlm.fusion.unified import ImageCodebook
-from mmlm.models.config import VisionConfig
 from mmlm.models.decoder_lm import LMConfig
+from mmlm.models.vision import VisionConfig
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 from mmlm.train.mixing import corpus_texts
 from mmlm.train.vlm_config import StageData, vlm_config_from_dict

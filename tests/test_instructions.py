@@ -153,7 +153,7 @@ def test_reader_file_errors(tmp_path) -> None:
         read_conversations(tmp_path / "missing.json")
     good = {"conversations": [{"from": "human", "value": "hi"}]}
     (tmp_path / "broken.jsonl").write_text(json.dumps(good) + "\n{oops\n")
-    with pytest.raises(InputError, match=r"broken\.jsonl line 2: not valid JSON"):
+    with pytest.raises(InputError, match=r"broken\.jsonl:2: invalid JSON"):
         read_conversations(tmp_path / "broken.jsonl")
 
 

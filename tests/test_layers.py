@@ -8,8 +8,9 @@ import torch
 
 from mmlm.layers import Attention, Block, KVCache, RMSNorm
 from mmlm.layers.mlp import quick_gelu
-from mmlm.models.config import DualEncoderConfig, VisionConfig, config_from_dict
-from mmlm.models.vision import VisionTransformer
+from mmlm.models.config import config_from_dict
+from mmlm.models.dual_encoder import DualEncoderConfig
+from mmlm.models.vision import VisionConfig, VisionTransformer
 
 
 def reference_attention(q, k, v, causal=False):

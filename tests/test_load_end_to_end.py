@@ -102,8 +102,9 @@ def test_bfloat16_load_stays_close(tmp_path):
 def test_models_transformers_cannot_hold_round_trip_in_mmlm_format(tmp_path):
     from fixtures_text import write_clip_tokenizer
     from mmlm.inference.contrastive import ContrastiveModel
-    from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
-    from mmlm.models.dual_encoder import DualEncoder
+    from mmlm.models.dual_encoder import DualEncoder, DualEncoderConfig
+    from mmlm.models.text import TextConfig
+    from mmlm.models.vision import VisionConfig
     from mmlm.processing.image import ImageProcessor
     from mmlm.processing.tokenizer import load_tokenizer
 

@@ -6,7 +6,7 @@ import torch
 
 from mmlm.layers import Attention, Block
 from mmlm.models.budget import Backbone, ImageInput, plan_budget
-from mmlm.models.config import VisionConfig, config_from_dict
+from mmlm.models.config import config_from_dict
 from mmlm.models.token_merging import (
     bipartite_soft_matching,
     merge_block,
@@ -15,7 +15,7 @@ from mmlm.models.token_merging import (
     merged_token_counts,
     proportional_attention_bias,
 )
-from mmlm.models.vision import VisionTransformer
+from mmlm.models.vision import VisionConfig, VisionTransformer
 
 
 def tower(class_token: bool = True, layers: int = 3, **overrides) -> VisionTransformer:

@@ -15,8 +15,7 @@ from mmlm.data.scene import COLORS
 from mmlm.data.shapes import BACKGROUND
 from mmlm.data.videos import DIRECTIONS, VIDEO_KINDS, make_video, write_video
 from mmlm.errors import InputError
-from mmlm.models.config import VisionConfig
-from mmlm.models.vision import VisionTransformer
+from mmlm.models.vision import VisionConfig, VisionTransformer
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.video import encode_frames, read_video, temporal_pool
 

@@ -149,8 +149,8 @@ def test_video_pool_averages_each_groups_patch_features(world):
 
 def test_the_resampler_reads_a_groups_frames_with_time_embeddings():
     from mmlm.fusion import ConnectorConfig
-    from mmlm.models.config import VisionConfig
     from mmlm.models.decoder_lm import LMConfig
+    from mmlm.models.vision import VisionConfig
     from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
     vision = VisionConfig(

@@ -38,6 +38,10 @@ QFORMER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_hea
                         cross_attention_frequency=2, encoder_hidden_size=1408, layer_norm_eps=1e-12,
                         hidden_act="gelu")  # fmt: skip
 NUM_QUERY_TOKENS = 32  # Blip2Config.num_query_tokens (top level, not in qformer_config)
+# transformers' Blip2VisionConfig defaults (the EVA ViT-g tower of the released checkpoints)
+VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
+                       num_channels=3)  # fmt: skip
 
 CONNECTOR_PREFIXES = ("query_tokens", "qformer.", "language_projection.")
 # BLIP-2's layers hold a second FFN, `intermediate`/`output`, for text tokens, used only by the stage-1

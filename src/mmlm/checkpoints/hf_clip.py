@@ -3,7 +3,9 @@
 from typing import Any
 
 from mmlm.checkpoints.keymap import Rule, fused, linear, rename
-from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
+from mmlm.models.dual_encoder import DualEncoderConfig
+from mmlm.models.text import TextConfig
+from mmlm.models.vision import VisionConfig
 
 # transformers' defaults for keys that older config.json files leave out
 CLIP_VISION_DEFAULTS = dict(

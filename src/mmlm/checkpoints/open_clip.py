@@ -18,8 +18,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.keymap import Rule, linear, rename
 from mmlm.errors import InputError
-from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
-from mmlm.models.dual_encoder import DualEncoder
+from mmlm.models.dual_encoder import DualEncoder, DualEncoderConfig
+from mmlm.models.text import TextConfig
+from mmlm.models.vision import VisionConfig
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"

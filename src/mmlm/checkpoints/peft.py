@@ -22,6 +22,7 @@ from torch import nn
 
 from mmlm.checkpoints.safetensors_io import write_weights
 from mmlm.errors import InputError
+from mmlm.json_files import read_json_object
 from mmlm.layers.lora import LoRALinear, add_lora, fused_slices, lora_units
 
 ModuleNames = Callable[[str], str | None] | Mapping[str, str]
@@ -148,10 +149,7 @@ def read_adapter_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise InputError(f"{folder}: no {CONFIG_FILE}; not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    config = read_json_object(path)
     if config.get("peft_type") != "LORA":
         raise InputError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; expected 'LORA'")
     if not isinstance(config.get("r"), int) or config["r"] < 1:

@@ -22,11 +22,6 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
 MEASURE_LIMIT_BYTES = 4 * 2**30  # a random-weight build holds at most 4 GiB of fp32 parameters
 TEXT_ONLY = ("llama", "mistral", "qwen2", "opt", "decoder_lm")
-BLIP2_VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
-                             num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
-                             layer_norm_eps=1e-6, num_channels=3)  # fmt: skip
-BLIP2_QFORMER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                              intermediate_size=3072, cross_attention_frequency=2)  # fmt: skip
 OPT_DEFAULTS = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
                     num_attention_heads=12, max_position_embeddings=2048)  # fmt: skip
 
@@ -64,12 +59,13 @@ def _encoder_spec(name: str, vision, dtype: str | None, buildable):
 
 
 def _blip2_spec(data: dict[str, Any], dtype: str | None) -> ModelSpec:
+    from mmlm.checkpoints.hf_blip2 import NUM_QUERY_TOKENS, QFORMER_DEFAULTS, VISION_DEFAULTS
     from mmlm.fusion import ConnectorConfig
     from mmlm.models.budget import Backbone, LMShape
-    from mmlm.models.config import VisionConfig
+    from mmlm.models.vision import VisionConfig
 
-    v = {**BLIP2_VISION_DEFAULTS, **(data.get("vision_config") or {})}
-    q = {**BLIP2_QFORMER_DEFAULTS, **(data.get("qformer_config") or {})}
+    v = {**VISION_DEFAULTS, **(data.get("vision_config") or {})}
+    q = {**QFORMER_DEFAULTS, **(data.get("qformer_config") or {})}
     t = {"model_type": "opt", **(data.get("text_config") or {})}
     if t["model_type"] != "opt":
         raise InputError(
@@ -84,7 +80,7 @@ def _blip2_spec(data: dict[str, Any], dtype: str | None) -> ModelSpec:
     heads, width = t["num_attention_heads"], t["hidden_size"]
     lm = LMShape(width, t["num_hidden_layers"], heads, heads, width // heads, t["ffn_dim"], t["vocab_size"],
                  gated_mlp=False, max_positions=t["max_position_embeddings"])  # fmt: skip
-    qformer = ConnectorConfig(kind="qformer", num_queries=data.get("num_query_tokens", 32),
+    qformer = ConnectorConfig(kind="qformer", num_queries=data.get("num_query_tokens", NUM_QUERY_TOKENS),
                               depth=q["num_hidden_layers"], heads=q["num_attention_heads"], width=q["hidden_size"],
                               mlp_dim=q["intermediate_size"],
                               cross_attention_frequency=q["cross_attention_frequency"])  # fmt: skip
@@ -103,7 +99,8 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
         siglip_vision_config_from_hf,
     )
     from mmlm.checkpoints.hf_llava import vlm_config_from_llava
-    from mmlm.models.config import DualEncoderConfig, config_from_dict
+    from mmlm.models.config import config_from_dict
+    from mmlm.models.dual_encoder import DualEncoderConfig
     from mmlm.models.vlm import VLMConfig
 
     dtype = _hf_dtype(data)
@@ -217,8 +214,8 @@ def median_ms(fn, runs: int, sync) -> float:
 def _random_model(spec: ModelSpec, device, dtype):
     import torch
 
-    from mmlm.models.config import DualEncoderConfig, VisionConfig
-    from mmlm.models.vision import VisionTransformer
+    from mmlm.models.dual_encoder import DualEncoderConfig
+    from mmlm.models.vision import VisionConfig, VisionTransformer
     from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
     cfg = spec.buildable
@@ -438,7 +435,8 @@ def render_table(spec: ModelSpec, budget, dtype: str, dtype_source: str, measure
 
 def cmd_budget(args: argparse.Namespace) -> None:
     """Print the visual-token budget of one image: tokens, FLOPs per stage, KV cache, fusion styles."""
-    from mmlm.inference.load import read_json, resolve_folder
+    from mmlm.inference.load import resolve_folder
+    from mmlm.json_files import read_json_object
     from mmlm.models.budget import ImageInput, plan_budget
 
     if args.model:
@@ -448,13 +446,13 @@ def cmd_budget(args: argparse.Namespace) -> None:
         source = Path(args.config)
         if source.is_dir():
             raise InputError(f"--config {source} is a folder; pass its config.json, or use --model {source}")
-    spec = spec_from_config(read_json(source), str(source))
+    spec = spec_from_config(read_json_object(source), str(source))
     v = spec.backbone.vision
     size = _positive("--image-size", args.image_size or v.image_size, v.patch_size)
     pool = (
         args.video_pool
         if args.video_pool is not None
-        else read_json(source).get("config", {}).get("video_pool", 1)
+        else read_json_object(source).get("config", {}).get("video_pool", 1)
     )
     image = ImageInput(size, parse_tiles(args.tiles), video_frames(args),
                        _positive("--text-tokens", args.text_tokens, 0),

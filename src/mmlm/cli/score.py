@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
+from mmlm.json_files import jsonl_rows
 
 if TYPE_CHECKING:
     from mmlm.eval.tasks import Sample

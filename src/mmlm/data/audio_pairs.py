@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
-from mmlm.models.config import AudioConfig
+from mmlm.json_files import jsonl_rows
+from mmlm.models.audio_encoder import AudioConfig
 from mmlm.processing.audio import audio_batch_features
 
 

@@ -4,8 +4,8 @@ with one sub-folder per class. Classes are in sorted order, so label ids agree a
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
+from mmlm.json_files import jsonl_rows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -10,7 +10,6 @@ audio clip and each `<video>` for the next video (paths relative to the same fol
 of its frames' image files in order (frames already extracted), e.g. "video": [["f0.png", "f1.png", ...]].
 """
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from mmlm.errors import InputError
+from mmlm.json_files import jsonl_rows, parse_json, read_text
 from mmlm.processing.chat import AUDIO_TOKEN, IMAGE_TOKEN, Message
 from mmlm.processing.video_prompt import VIDEO_TOKEN, expand_videos, frame_sampler
 from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
@@ -47,25 +47,13 @@ class Conversation:
 
 
 def _records(path: Path) -> Iterable[tuple[str, Any]]:
-    # (where, record): "file record i" (0-based) in a JSON list, "file line n" (1-based) in JSONL
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: expected a readable UTF-8 JSON or JSONL file ({error})") from error
+    # (where, record): "file record i" (0-based) in a JSON list, "file:n" (line n, 1-based) in JSONL
+    text = read_text(path)
     if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except ValueError as error:
-            raise InputError(f"{path}: not valid JSON ({error})") from error
+        records = parse_json(text, path)
         yield from ((f"{path} record {i}", record) for i, record in enumerate(records))
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except ValueError as error:
-                raise InputError(f"{path} line {number}: not valid JSON ({error})") from error
-            yield f"{path} line {number}", record
+    yield from ((f"{path}:{number}", record) for number, record in jsonl_rows(path))
 
 
 def parse_record(record: Any, where: str, image_folder: Path, image_token: str = IMAGE_TOKEN) -> Conversation:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
+from mmlm.json_files import jsonl_rows, read_json
 
 SKIP_REASONS = (
     "missing_image",
@@ -93,13 +93,6 @@ def _existing_file(path: PathLike) -> Path:
     if not path.is_file():
         raise InputError(f"{path}: file not found; expected an image-text dataset file")
     return path
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not valid JSON ({error}); expected a JSON file") from error
 
 
 class JsonlPairs(PairReader):
@@ -267,7 +260,7 @@ class CocoCaptions(PairReader):
         self.path = _existing_file(path)
         self.name = str(self.path)
         root = Path(image_root) if image_root is not None else self.path.parent
-        data = _read_json(self.path)
+        data = read_json(self.path)
         images = data.get("images") if isinstance(data, dict) else None
         if not isinstance(images, list) or not all(isinstance(image, dict) for image in images):
             raise InputError(f"{self.path}: expected a JSON object with an 'images' list (COCO or Karpathy)")

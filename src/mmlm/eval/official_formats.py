@@ -26,6 +26,7 @@ from mmlm.eval.tasks import (
     read_task,
     write_samples,
 )
+from mmlm.json_files import jsonl_rows, read_json
 
 SHORT_ANSWER_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 CAPTION_QUESTION = "Provide a one-sentence caption for the provided image."  # lmms-eval's COCO prompt
@@ -34,15 +35,6 @@ POPE_SPLITS = ("adversarial", "popular", "random")
 
 
 # ---- reading the public files ----
-
-
-def _read_json(path: str | Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as error:
-        raise InputError(f"{path}: cannot read ({error.strerror})") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
 
 
 def _items(data: Any, key: str | None, path: str | Path) -> list[Any]:
@@ -80,10 +72,10 @@ def vqav2(
     image_pattern: str = VQAV2_IMAGE_PATTERN,
 ) -> list[Sample]:
     """Return VQA v2 samples: 10 human answers each (none without annotations, as for test-dev), type = answer_type."""
-    questions = _items(_read_json(questions_json), "questions", questions_json)
+    questions = _items(read_json(questions_json), "questions", questions_json)
     annotations: dict[Any, Any] = {}
     if annotations_json is not None:
-        for i, item in enumerate(_items(_read_json(annotations_json), "annotations", annotations_json)):
+        for i, item in enumerate(_items(read_json(annotations_json), "annotations", annotations_json)):
             annotations[_get(item, "question_id", f"{annotations_json}: annotations[{i}]")] = item
     samples = []
     for i, item in enumerate(questions):
@@ -110,7 +102,7 @@ def vqav2(
 
 def gqa(questions_json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return GQA samples (balanced questions, a dict keyed by question id); type = the structural type."""
-    data = _read_json(questions_json)
+    data = read_json(questions_json)
     if not isinstance(data, dict):
         raise InputError(f"{questions_json}: expected a JSON object keyed by question id")
     samples = []
@@ -133,7 +125,7 @@ def gqa(questions_json: str | Path, image_dir: str | Path) -> list[Sample]:
 def textvqa(json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return TextVQA samples ({"data": [...]}), 10 human answers each (none in the test set)."""
     samples = []
-    for i, item in enumerate(_items(_read_json(json), "data", json)):
+    for i, item in enumerate(_items(read_json(json), "data", json)):
         where = f"{json}: data[{i}]"
         image_id = _get(item, "image_id", where)
         sample = Sample(str(_get(item, "question_id", where)), _get(item, "question", where),
@@ -147,7 +139,7 @@ def textvqa(json: str | Path, image_dir: str | Path) -> list[Sample]:
 def docvqa(json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return DocVQA samples ({"data": [...]}, image paths relative to the dataset folder); answers all accepted."""
     samples = []
-    for i, item in enumerate(_items(_read_json(json), "data", json)):
+    for i, item in enumerate(_items(read_json(json), "data", json)):
         where = f"{json}: data[{i}]"
         sample = Sample(str(_get(item, "questionId", where)), _get(item, "question", where),
                         _image(image_dir, _get(item, "image", where)))  # fmt: skip
@@ -164,7 +156,7 @@ def chartqa(json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return ChartQA samples (a list of imgname, query, label); type = the file's stem (test_human, test_augmented)."""
     samples = []
     kind = Path(json).stem
-    for i, item in enumerate(_items(_read_json(json), None, json)):
+    for i, item in enumerate(_items(read_json(json), None, json)):
         where = f"{json}: [{i}]"
         image = _get(item, "imgname", where)
         sample = Sample(f"{kind}-{i}", _get(item, "query", where), _image(image_dir, image),
@@ -177,18 +169,8 @@ def pope(jsonl: str | Path, image_dir: str | Path, split: str | None = None) -> 
     """Return POPE samples from its JSON-lines file; the split (random/popular/adversarial) comes from the file name."""
     split = split or next((s for s in POPE_SPLITS if s in Path(jsonl).name), None)
     samples = []
-    try:
-        lines = Path(jsonl).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise InputError(f"{jsonl}: cannot read ({error.strerror})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, item in jsonl_rows(jsonl):
         where = f"{jsonl}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{where}: invalid JSON ({error.msg})") from None
         label = str(_get(item, "label", where)).strip().lower()
         if label not in ("yes", "no"):
             raise InputError(f"{where}: label: expected yes or no, got {item['label']!r}")
@@ -202,7 +184,7 @@ def pope(jsonl: str | Path, image_dir: str | Path, split: str | None = None) -> 
 
 def coco_captions(json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return one sample per COCO image (captions_val2014.json) with all its reference captions."""
-    data = _read_json(json)
+    data = read_json(json)
     captions: dict[Any, list[str]] = {}
     for i, item in enumerate(_items(data, "annotations", json)):
         where = f"{json}: annotations[{i}]"

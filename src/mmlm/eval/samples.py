@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.errors import InputError
+from mmlm.json_files import jsonl_rows
 
 LETTERS = string.ascii_uppercase  # multiple choice option letters, A first
 MEDIA = ("image", "audio", "video")

@@ -17,12 +17,12 @@ from typing import Any
 
 from PIL import Image
 
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.data.readers import CorruptSample, open_pairs
 from mmlm.errors import InputError
 from mmlm.index.metadata import ImageRecord
 from mmlm.index.store import ImageIndex, model_fingerprint
 from mmlm.index.vectors import AnnSettings
+from mmlm.json_files import jsonl_rows
 from mmlm.processing.image import load_image
 from mmlm.progress import Progress
 

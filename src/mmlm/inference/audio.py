@@ -22,6 +22,7 @@ from mmlm.checkpoints.hf_whisper import audio_config_from_whisper, encoder_tenso
 from mmlm.checkpoints.keymap import Rule
 from mmlm.checkpoints.safetensors_io import read_weights, write_weights
 from mmlm.errors import InputError
+from mmlm.json_files import read_json_object
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder, check_features
 from mmlm.models.config import config_from_dict
 from mmlm.processing.audio import audio_batch_features
@@ -114,12 +115,11 @@ def load_mmlm_audio(
 
 def read_preprocessor(folder: Path, cfg: AudioConfig) -> dict[str, Any]:
     """Return the folder's preprocessor_config.json (Whisper's defaults if absent); its mel count must match."""
-    from mmlm.inference.load import read_json  # loading imports this module
 
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return whisper_preprocessor(cfg)
-    pre = read_json(path)
+    pre = read_json_object(path)
     if pre.get("feature_size", cfg.n_mels) != cfg.n_mels:
         raise InputError(
             f"{path}: feature_size {pre['feature_size']} but config.json has {cfg.n_mels} mel bins"

@@ -26,6 +26,7 @@ from mmlm.checkpoints.keymap import Rule, to_ours, to_theirs
 from mmlm.checkpoints.safetensors_io import read_weights, write_weights
 from mmlm.errors import InputError
 from mmlm.inference.generation import GenerationSettings, Step, generate_texts, lm_step, stream_text
+from mmlm.json_files import read_json_object
 from mmlm.models.config import config_from_dict
 from mmlm.models.decoder_lm import DecoderLM, LayerCache, LMConfig
 from mmlm.processing.chat import ChatTemplate, Message, check_messages
@@ -213,10 +214,7 @@ def generation_eos_ids(folder: Path) -> list[int] | None:
     path = folder / "generation_config.json"
     if not path.is_file():
         return None
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    eos = read_json_object(path).get("eos_token_id")
     if eos is None:
         return None
     return list(eos) if isinstance(eos, list) else [eos]

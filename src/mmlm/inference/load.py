@@ -38,8 +38,9 @@ from mmlm.inference.audio import (
 from mmlm.inference.causal_lm import CausalLM, load_hf_causal_lm, load_mmlm_causal_lm
 from mmlm.inference.contrastive import ContrastiveModel
 from mmlm.inference.vlm import GenerativeModel, load_llava, load_mmlm_vlm
-from mmlm.models.config import DualEncoderConfig, config_from_dict
-from mmlm.models.dual_encoder import DualEncoder
+from mmlm.json_files import read_json_object
+from mmlm.models.config import config_from_dict
+from mmlm.models.dual_encoder import DualEncoder, DualEncoderConfig
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.tokenizer import load_tokenizer
 
@@ -69,19 +70,6 @@ class HFArchitecture:
 
     classes: tuple[str, ...]
     load: Loader
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Return a JSON object read from `path`, or raise InputError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -147,7 +135,7 @@ def load(
     dtype, device = _parse_dtype(dtype), _parse_device(device)
     if not (folder / "config.json").is_file() and (folder / open_clip.CONFIG_NAME).is_file():
         return load_open_clip(folder, device, dtype)
-    cfg_json = read_json(folder / "config.json")
+    cfg_json = read_json_object(folder / "config.json")
     if "mmlm_version" in cfg_json:
         loader = MMLM_ARCHITECTURES.get(cfg_json.get("architecture"))
         if loader is None:
@@ -177,7 +165,7 @@ def load_hf_dual_encoder(
         lambda: DualEncoder(cfg), read_weights(folder), fmt.key_map(cfg), str(folder), device, dtype
     )
     pre = folder / "preprocessor_config.json"
-    processor = ImageProcessor.from_hf(read_json(pre)) if pre.is_file() else default_processor(cfg)
+    processor = ImageProcessor.from_hf(read_json_object(pre)) if pre.is_file() else default_processor(cfg)
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
     return ContrastiveModel(model, tokenizer, processor)
 
@@ -194,7 +182,7 @@ def load_mmlm_dual_encoder(
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
     if cfg.audio is not None:
         return ContrastiveModel(model, tokenizer, None, read_preprocessor(folder, cfg.audio))
-    processor = ImageProcessor.from_hf(read_json(folder / "preprocessor_config.json"))
+    processor = ImageProcessor.from_hf(read_json_object(folder / "preprocessor_config.json"))
     return ContrastiveModel(model, tokenizer, processor)
 
 
@@ -226,7 +214,7 @@ def load_open_clip(folder: Path, device: torch.device, dtype: torch.dtype) -> Co
             f"{folder}: open_clip folders carry no tokenizer; write its tokenizer.json once with "
             "mmlm.checkpoints.open_clip.write_open_clip_tokenizer(<open_clip's bpe_simple_vocab_16e6.txt.gz>, folder)"
         )
-    preprocess = read_json(folder / open_clip.CONFIG_NAME).get("preprocess_cfg") or {}
+    preprocess = read_json_object(folder / open_clip.CONFIG_NAME).get("preprocess_cfg") or {}
     processor = default_processor(model.cfg)
     mean, std = preprocess.get("mean", processor.mean), preprocess.get("std", processor.std)
     processor = dataclasses.replace(processor, mean=tuple(mean), std=tuple(std))

@@ -2,6 +2,7 @@
 -> pre-norm blocks -> final LayerNorm, plus frame pooling to cut tokens before a projector."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,27 @@ from torch import nn
 
 from mmlm.errors import InputError
 from mmlm.layers import Transformer
-from mmlm.models.config import AudioConfig
+from mmlm.models.config import CONFIG_VERSION
+
+
+@dataclass
+class AudioConfig:
+    """A Whisper-style encoder; the defaults are whisper-tiny's (transformers' WhisperConfig defaults)."""
+
+    n_mels: int = 80  # mel bins per frame (80; 128 from large-v3 on)
+    width: int = 384
+    layers: int = 4
+    heads: int = 6
+    mlp_dim: int = 1536
+    max_frames: int = 1500  # positions after the stride-2 conv: 30 s of audio at 100 mel frames/s -> 1500
+    act: str = "gelu"
+    eps: float = 1e-5  # Whisper's LayerNorms use PyTorch's default eps
+    version: int = CONFIG_VERSION
+
+    @property
+    def input_frames(self) -> int:
+        """Return the mel frames one input holds (2 · max_frames: the second conv has stride 2)."""
+        return 2 * self.max_frames
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:

@@ -8,8 +8,7 @@ SigLIP's attention-pooling head) -> a linear projection to the shared embedding 
 import torch
 from torch import nn
 
-from mmlm.models.audio_encoder import AudioEncoder
-from mmlm.models.config import AudioConfig
+from mmlm.models.audio_encoder import AudioConfig, AudioEncoder
 from mmlm.models.vision import AttentionPool
 
 AUDIO_POOLS = ("mean", "map")

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from mmlm.errors import InputError
 from mmlm.fusion import ConnectorConfig
-from mmlm.models.config import VisionConfig
 from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.token_merging import merges_at
+from mmlm.models.vision import VisionConfig
 
 # the fusion styles of the comparison table, in the order of the MULTIMODAL_LLMS chapter
 FUSION_STYLES = ("mlp", "pixel_shuffle", "qformer", "perceiver", "cross_attention", "unified")

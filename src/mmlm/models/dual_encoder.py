@@ -3,14 +3,54 @@
 The non-text tower is a ViT (`visual`) or, when the config has `audio`, an audio tower (`audio`, CLAP-style).
 """
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlm.models.audio_encoder import AudioConfig
 from mmlm.models.audio_tower import AudioTower
-from mmlm.models.config import DualEncoderConfig
-from mmlm.models.text import TextTransformer
-from mmlm.models.vision import VisionTransformer
+from mmlm.models.config import CONFIG_VERSION
+from mmlm.models.text import TextConfig, TextTransformer
+from mmlm.models.vision import VisionConfig, VisionTransformer
+
+
+@dataclass
+class DualEncoderConfig:
+    """A CLIP- or SigLIP-style dual encoder: two towers, a learned logit scale and, for SigLIP, a logit bias.
+
+    With `audio` set the non-text tower is an audio tower (CLAP-style): a Whisper-style encoder whose frames are
+    pooled (`audio_pool`) and projected to `audio_embed_dim`; `vision` is then unused.
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    family: str = "clip"  # clip (softmax over the batch) | siglip (pairwise sigmoid)
+    logit_scale_init: float = 2.6592  # ln(1/0.07)
+    logit_bias_init: float | None = None  # SigLIP: -10
+    logit_scale_max: float | None = 4.605170185988092  # ln 100 (CLIP); SigLIP checkpoints exceed it
+    audio: AudioConfig | None = None  # set: an audio-text model (models/audio_tower.py)
+    audio_pool: str = "mean"  # mean over frames | map (attention pooling, as SigLIP's head)
+    audio_embed_dim: int | None = 512  # the audio projection's size; must equal the text tower's embed_dim
+    version: int = CONFIG_VERSION
+
+    @property
+    def modality(self) -> str:
+        """Return what the non-text tower reads: "audio" or "image"."""
+        return "image" if self.audio is None else "audio"
+
+    @classmethod
+    def siglip(cls, vision: VisionConfig, text: TextConfig) -> "DualEncoderConfig":
+        """Return a SigLIP config: scale initialised at ln 10, bias at −10, no clamp."""
+        return cls(
+            vision,
+            text,
+            "siglip",
+            logit_scale_init=2.302585092994046,
+            logit_bias_init=-10.0,
+            logit_scale_max=None,
+        )
 
 
 class DualEncoder(nn.Module):

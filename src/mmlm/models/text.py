@@ -1,10 +1,34 @@
 """The CLIP / SigLIP text transformer: tokens -> blocks -> pooled at the end token (or last position)."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from mmlm.layers import Transformer
-from mmlm.models.config import TextConfig
+from mmlm.models.config import CONFIG_VERSION
+
+
+@dataclass
+class TextConfig:
+    """A text transformer: token + learned position embeddings, blocks, final norm, pooling, projection."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    causal: bool = True  # CLIP's text tower is causal; SigLIP's is bidirectional
+    pool: str = "eos"  # eos (first end token) | eos_argmax (highest id; old CLIP configs) | last (SigLIP)
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407
+    padding: str = "longest"  # how the tokenizer pads: longest (CLIP) | max_length (SigLIP)
+    embed_dim: int | None = 512
+    proj_bias: bool = False
+    version: int = CONFIG_VERSION
 
 
 class TextTransformer(nn.Module):

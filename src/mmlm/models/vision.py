@@ -1,12 +1,43 @@
 """The Vision Transformer (Dosovitskiy et al. 2020): patches -> tokens -> blocks -> pooled embedding."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmlm.layers import MLP, Attention, Transformer
-from mmlm.models.config import VisionConfig
+from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.token_merging import merge_block, merge_blocks
+
+
+@dataclass
+class VisionConfig:
+    """A ViT: patch embedding, optional class token, learned positions, pre-norm blocks, pooling, projection."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    channels: int = 3
+    class_token: bool = True  # CLIP has one; SigLIP does not
+    patch_bias: bool = False  # CLIP's patch conv has no bias; SigLIP's has one
+    stem: str = "patch"  # patch (one linear map per patch) | conv (early 3×3 convolutions, for small data)
+    pre_norm: bool = True  # CLIP's LayerNorm before the blocks ("ln_pre")
+    pool: str = "cls"  # cls | mean | map (SigLIP's multihead attention-pooling head)
+    embed_dim: int | None = 512  # output projection size; None means no projection (SigLIP)
+    proj_bias: bool = False
+    merge_tokens: int = 0  # ToMe: tokens merged per block (r); 0 = off (models/token_merging.py)
+    version: int = CONFIG_VERSION
+
+    @property
+    def grid(self) -> int:
+        """Return the number of patches per side at the configured resolution."""
+        return self.image_size // self.patch_size
 
 
 def resize_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:

@@ -30,11 +30,11 @@ from mmlm.errors import InputError
 from mmlm.fusion import ConnectorConfig, build_connector
 from mmlm.fusion.flamingo import FlamingoFusion, MediaCache
 from mmlm.fusion.unified import ImageCodebook
-from mmlm.models.audio_encoder import AudioEncoder, pool_frames
-from mmlm.models.config import CONFIG_VERSION, AudioConfig, VisionConfig
+from mmlm.models.audio_encoder import AudioConfig, AudioEncoder, pool_frames
+from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.decoder_lm import DecoderLM, LayerCache, LMConfig, LMOutput
 from mmlm.models.token_merging import merged_token_counts
-from mmlm.models.vision import VisionTransformer
+from mmlm.models.vision import VisionConfig, VisionTransformer
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlm.errors import InputError
-from mmlm.models.config import AudioConfig
+from mmlm.models.audio_encoder import AudioConfig
 
 SAMPLING_RATE = 16_000
 N_FFT = 400  # 25 ms at 16 kHz

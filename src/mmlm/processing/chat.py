@@ -24,6 +24,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mmlm.errors import InputError
+from mmlm.json_files import read_json_object
 
 IMAGE_TOKEN = "<image>"
 AUDIO_TOKEN = "<audio>"
@@ -267,15 +268,7 @@ class ChatTemplate:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: expected a readable JSON file ({error})") from error
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def special_tokens_of(folder: str | Path) -> dict[str, str]:

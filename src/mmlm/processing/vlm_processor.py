@@ -27,7 +27,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 
 from mmlm.errors import InputError
-from mmlm.models.config import AudioConfig
+from mmlm.models.audio_encoder import AudioConfig
 from mmlm.processing.anyres import DynamicResolution
 from mmlm.processing.audio import audio_batch_features
 from mmlm.processing.chat import (

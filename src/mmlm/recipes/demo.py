@@ -16,7 +16,9 @@ from mmlm.data import shapes
 from mmlm.eval.retrieval import retrieval_metrics
 from mmlm.eval.zeroshot import zero_shot_metrics
 from mmlm.inference.contrastive import ContrastiveModel
-from mmlm.models.config import DualEncoderConfig, TextConfig, VisionConfig
+from mmlm.models.dual_encoder import DualEncoderConfig
+from mmlm.models.text import TextConfig
+from mmlm.models.vision import VisionConfig
 from mmlm.recipes.demo_vlm import run_vlm_demo
 from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
 from mmlm.train.run import run_clip_training

@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlm.data.jsonl import jsonl_rows
 from mmlm.data.spoken import make_spoken_set
 from mmlm.eval.retrieval import read_audio_retrieval_set, retrieval_metrics
-from mmlm.models.config import AudioConfig, DualEncoderConfig, TextConfig
+from mmlm.json_files import jsonl_rows
+from mmlm.models.audio_encoder import AudioConfig
+from mmlm.models.dual_encoder import DualEncoderConfig
+from mmlm.models.text import TextConfig
 from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
 
 VARIANTS_PER_PHRASE = 8  # 7 train, 1 held-out test
@@ -69,8 +71,8 @@ def demo_audio_vlm_config(out: Path, train_json: Path, audio_model: Path, steps:
     """Return the audio VLM run: the CLIP's audio tower (frozen), 4 frames a token, an MLP connector, a 2-layer LM (the
     model's vision tower is a minimal unused one)."""
     from mmlm.fusion import ConnectorConfig
-    from mmlm.models.config import VisionConfig
     from mmlm.models.decoder_lm import LMConfig
+    from mmlm.models.vision import VisionConfig
     from mmlm.train.vlm_config import StageConfig, StageData, VLMParts, VLMTrainConfig
 
     lm = LMConfig(width=128, layers=2, heads=4, kv_heads=4, mlp_dim=256, tie_word_embeddings=True)

@@ -28,8 +28,8 @@ from mmlm.data import shapes
 from mmlm.data.instructions import QUESTION_TYPES, make_instruction
 from mmlm.eval.vqa import answer_questions, exact_match, vqa_scores
 from mmlm.fusion import ConnectorConfig
-from mmlm.models.config import VisionConfig
 from mmlm.models.decoder_lm import LMConfig
+from mmlm.models.vision import VisionConfig
 from mmlm.train.config import OptimConfig
 from mmlm.train.optim import build_scheduler
 from mmlm.train.vlm_config import StageConfig, StageData, VLMParts, VLMTrainConfig

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.errors import InputError
-from mmlm.models.config import DualEncoderConfig, config_from_dict
+from mmlm.models.config import CONFIG_VERSION, config_from_dict
+from mmlm.models.dual_encoder import DualEncoderConfig
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     compile: bool = False
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"
+    version: int = CONFIG_VERSION  # of this layout, written to the run's config.json
 
 
 def _parse_value(text: str) -> Any:

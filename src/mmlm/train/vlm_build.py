@@ -12,8 +12,7 @@ from tokenizers import Tokenizer, processors
 from mmlm.errors import InputError
 from mmlm.inference.audio import AudioModel, whisper_preprocessor
 from mmlm.inference.contrastive import ContrastiveModel
-from mmlm.models.audio_encoder import AudioEncoder
-from mmlm.models.config import AudioConfig
+from mmlm.models.audio_encoder import AudioConfig, AudioEncoder
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 from mmlm.processing.bpe import BOS, train_bpe
 from mmlm.processing.chat import AUDIO_TOKEN, ChatTemplate, special_tokens_of

@@ -20,8 +20,10 @@ from typing import Any
 from mmlm.data.instructions import QUESTION_TYPES
 from mmlm.errors import InputError
 from mmlm.fusion import ConnectorConfig
-from mmlm.models.config import AudioConfig, VisionConfig, config_from_dict
+from mmlm.models.audio_encoder import AudioConfig
+from mmlm.models.config import CONFIG_VERSION, config_from_dict
 from mmlm.models.decoder_lm import LMConfig
+from mmlm.models.vision import VisionConfig
 from mmlm.train.config import OptimConfig, apply_overrides, read_config_file
 
 TRAINABLE_PARTS = ("connector", "lm", "lora", "audio")  # audio: the audio encoder
@@ -135,6 +137,7 @@ class VLMTrainConfig:
     # token: the mean over the batch's answer tokens (LLaVA); sample: each sample's mean, then their mean, so a
     # one-word answer weighs as much as a long caption
     loss_average: str = "token"
+    version: int = CONFIG_VERSION  # of this layout, written to the run's config.json
 
     @property
     def total_steps(self) -> int:
