@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mmlm.errors import InputError
+from mmlm.processing.padding import pad_rows
 
 Padding = Literal["longest", "max_length"]
 PADDINGS = ("longest", "max_length")
@@ -100,16 +101,6 @@ def _check_padding(padding: str) -> None:
         raise InputError(f"padding: expected one of {PADDINGS}, got {padding!r}")
 
 
-def _pad(rows: list[list[int]], length: int, pad_id: int, side: str) -> torch.Tensor:
-    out = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if side == "left":
-            out[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
-        else:
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
 def _copy_config_files(source: Path, target: Path, names: tuple[str, ...]) -> None:
     for name in names:
         if (source / name).is_file() and (source / name).resolve() != (target / name).resolve():
@@ -165,7 +156,7 @@ class HFTokenizer:
         _check_texts(texts)
         rows = [encoding.ids for encoding in self._encoder.encode_batch(list(texts), add_special_tokens=True)]
         length = self.context_length if self.padding == "max_length" else max(map(len, rows))
-        return _pad(rows, length, self.pad_id, self.padding_side)
+        return pad_rows(rows, self.pad_id, self.padding_side, length)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Returns the folder after writing tokenizer.json and copying the source's config files into it."""
@@ -272,7 +263,7 @@ class SentencePieceTokenizer:
         _check_texts(texts)
         rows = [self.encode(text) for text in texts]
         length = self.context_length if self.padding == "max_length" else max(map(len, rows))
-        return _pad(rows, length, self.pad_id, self.padding_side)
+        return pad_rows(rows, self.pad_id, self.padding_side, length)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Returns the folder after copying spiece.model and the source's config files into it."""
