@@ -7,8 +7,6 @@ the model's window (30 s for 1500 frames). Tensors or arrays of 2 or 3 dimension
 features already: [B, n_mels, 2·max_frames] or one clip [n_mels, 2·max_frames].
 """
 
-import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,15 +17,14 @@ import torch
 
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_whisper import audio_config_from_whisper, encoder_tensors, whisper_encoder_key_map
-from mmlm.checkpoints.keymap import Rule
-from mmlm.checkpoints.safetensors_io import read_weights, write_weights
+from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
+from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
+from mmlm.inference.base import LoadedModel
 from mmlm.json_files import read_json_object
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder, check_features
-from mmlm.models.config import config_from_dict
 from mmlm.processing.audio import audio_batch_features
 
-MMLM_ARCHITECTURE = "audio_encoder"
 # one clip: a path, encoded bytes or 1-D samples at the preprocessor's rate
 AudioSource = str | os.PathLike | bytes | bytearray | np.ndarray | torch.Tensor
 AudioInput = AudioSource | Sequence[AudioSource]
@@ -42,27 +39,15 @@ def whisper_preprocessor(cfg: AudioConfig) -> dict[str, Any]:
     )  # fmt: skip
 
 
-class AudioModel:
+class AudioModel(LoadedModel):
     """A Whisper-style audio encoder ready for use: `encode_audio`, `save_pretrained`."""
+
+    architecture = "audio_encoder"
+    reference_weight = "conv1.weight"
 
     def __init__(self, model: AudioEncoder, preprocessor: dict[str, Any] | None = None) -> None:
         self.model = model
         self.preprocessor = preprocessor or whisper_preprocessor(model.cfg)
-
-    @property
-    def config(self) -> AudioConfig:
-        """Return the encoder's AudioConfig."""
-        return self.model.cfg
-
-    @property
-    def device(self) -> torch.device:
-        """Return the device the weights live on."""
-        return self.model.conv1.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Return the weights' dtype."""
-        return self.model.conv1.weight.dtype
 
     @torch.inference_mode()
     def encode_audio(
@@ -87,8 +72,12 @@ class AudioModel:
         return audio_batch_features(x, self.config, self.preprocessor, sampling_rate)
 
     def save_pretrained(self, folder: str | Path, format: str = "mmlm") -> Path:
-        """Write the encoder to `folder` in mmlm's format (config.json, model.safetensors, preprocessor_config.json)."""
-        return save_audio_model(self, Path(folder), format)
+        """Write the encoder to `folder` in mmlm's format (config.json, model.safetensors, preprocessor_config.json):
+        the only one, as a lone encoder is no transformers model class; `format="auto"` means the same."""
+        return super().save_pretrained(folder, format)
+
+    def _save_files(self, folder: Path) -> None:
+        write_json(folder / "preprocessor_config.json", self.preprocessor)
 
 
 def load_hf_whisper(
@@ -106,16 +95,12 @@ def load_mmlm_audio(
     folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> AudioModel:
     """Return an mmlm audio_encoder folder (our config and tensor names) as an AudioModel."""
-    cfg = config_from_dict(AudioConfig, cfg_json["config"])
-    weights = read_weights(folder)
-    rules = [Rule((k,), (k,)) for k in weights]
-    model = build_from_weights(lambda: AudioEncoder(cfg), weights, rules, str(folder), device, dtype)
-    return AudioModel(model, read_preprocessor(folder, cfg))
+    model = load_mmlm_model(folder, cfg_json, AudioConfig, AudioEncoder, device, dtype)
+    return AudioModel(model, read_preprocessor(folder, model.cfg))
 
 
 def read_preprocessor(folder: Path, cfg: AudioConfig) -> dict[str, Any]:
     """Return the folder's preprocessor_config.json (Whisper's defaults if absent); its mel count must match."""
-
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return whisper_preprocessor(cfg)
@@ -125,18 +110,3 @@ def read_preprocessor(folder: Path, cfg: AudioConfig) -> dict[str, Any]:
             f"{path}: feature_size {pre['feature_size']} but config.json has {cfg.n_mels} mel bins"
         )
     return pre
-
-
-def save_audio_model(loaded: AudioModel, folder: Path, format: str = "mmlm") -> Path:
-    """Write `loaded` to `folder` in mmlm's format (the only one: a lone encoder is no transformers model class)."""
-    from mmlm.inference.load import MMLM_VERSION  # loading imports this module
-
-    if format not in ("auto", "mmlm"):
-        raise InputError(f"unknown save format {format!r}; expected 'auto' or 'mmlm'")
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"mmlm_version": MMLM_VERSION, "architecture": MMLM_ARCHITECTURE,
-              "config": dataclasses.asdict(loaded.config)}  # fmt: skip
-    write_weights(loaded.model.state_dict(), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "preprocessor_config.json").write_text(json.dumps(loaded.preprocessor, indent=2) + "\n")
-    return folder

@@ -7,7 +7,6 @@ Output is the new text only, special tokens skipped.
 """
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,23 +22,28 @@ from mmlm.checkpoints.hf_llama import (
     lm_config_to_hf,
 )
 from mmlm.checkpoints.keymap import Rule, to_ours, to_theirs
-from mmlm.checkpoints.safetensors_io import read_weights, write_weights
+from mmlm.checkpoints.mmlm_format import read_mmlm, write_json
+from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
-from mmlm.inference.generation import GenerationSettings, Step, generate_texts, lm_step, stream_text
+from mmlm.inference.base import GenerativeBase, end_token_ids, generation_settings
+from mmlm.inference.generation import GenerationSettings, Step, lm_step
 from mmlm.json_files import read_json_object
-from mmlm.models.config import config_from_dict
 from mmlm.models.decoder_lm import DecoderLM, LayerCache, LMConfig
 from mmlm.processing.chat import ChatTemplate, Message, check_messages
+from mmlm.processing.padding import pad_rows
 from mmlm.processing.tokenizer import HFTokenizer, load_tokenizer
 
-MMLM_ARCHITECTURE = "decoder_lm"
 CacheKind = Literal["static", "dynamic"]
 # a text used as written, or a conversation [{"role": ..., "content": ...}, ...] for the chat template
 Prompt = str | Sequence[Message]
 
 
-class CausalLM:
+class CausalLM(GenerativeBase):
     """A text LM ready for use: `generate`, `stream`, `save_pretrained`."""
+
+    architecture = "decoder_lm"
+    reference_weight = "token_embed.weight"
+    prepares_embeddings = False
 
     def __init__(
         self,
@@ -57,25 +61,7 @@ class CausalLM:
         self._codec = Tokenizer.from_file(str(Path(tokenizer.model_dir) / "tokenizer.json"))
         self._codec.no_padding()
         self._codec.no_truncation()
-        eos = list(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        if tokenizer.eos_id is not None and tokenizer.eos_id not in eos:
-            eos.append(tokenizer.eos_id)
-        self.eos_token_ids = eos
-
-    @property
-    def config(self) -> LMConfig:
-        """Return the model's LMConfig."""
-        return self.model.cfg
-
-    @property
-    def device(self) -> torch.device:
-        """Return the device the weights live on."""
-        return self.model.token_embed.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Return the weights' dtype."""
-        return self.model.token_embed.weight.dtype
+        self.eos_token_ids = end_token_ids(model.cfg.eos_token_ids, eos_token_ids, tokenizer.eos_id)
 
     def prompt_texts(self, prompt: Prompt | Sequence[Prompt]) -> tuple[list[str], bool, bool]:
         """Return (texts, one prompt?, chat?) for a str, a list of str, a conversation or a list of those."""
@@ -114,13 +100,8 @@ class CausalLM:
                     f"prompt {i}: {len(row)} tokens, but the model's context holds {self.config.max_positions} "
                     "(prompt and new tokens together)"
                 )
-        length = max(map(len, rows))
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, length - len(row) :] = torch.tensor(row)
-            mask[i, length - len(row) :] = 1
+        ids, mask = pad_rows(rows, pad), pad_rows([[1] * len(row) for row in rows], 0)
         return ids.to(self.device), (mask.to(self.device) if not bool(mask.all()) else None)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -165,11 +146,9 @@ class CausalLM:
         grows it; both give the same tokens. `compile=True` (CUDA only) runs the steps through torch.compile.
         """
         texts, one, chat = self.prompt_texts(prompt)
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, ids, mask = self._prepare(texts, chat, settings, cache, compile)
-        outputs = generate_texts(step, kv, self.decode, settings, self.eos_token_ids, ids, None, mask,
-                                 drop_finished=not compile)  # fmt: skip
+        settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        prepared = self._prepare(texts, chat, settings, cache, compile)
+        outputs = self._generate_texts(prepared, drop_finished=not compile)
         return outputs[0] if one else outputs
 
     def stream(
@@ -187,16 +166,28 @@ class CausalLM:
         texts, one, chat = self.prompt_texts(prompt)
         if not one:
             raise InputError("stream: expected one prompt (a string or a conversation), not a batch")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, ids, mask = self._prepare(texts, chat, settings, cache, compile=False)
-        for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, ids, None, mask):
-            for _, piece in pieces:
-                yield piece
+        settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        yield from self._stream_pieces(self._prepare(texts, chat, settings, cache, compile=False))
 
-    def save_pretrained(self, folder: str | Path, format: str = "auto") -> Path:
-        """Write a transformers folder (Llama, Mistral or Qwen2) where one represents the model, else mmlm's."""
-        return save_causal_lm(self, Path(folder), format)
+    def _transformers_folder(
+        self, weights: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """Llama, Mistral or Qwen2, preferring the model_type the model was loaded from."""
+        model_type = hf_model_type(self.config, prefer=self.source_format)
+        if model_type is None:
+            return None
+        dtype = str(self.dtype).removeprefix("torch.")
+        config = dict(lm_config_to_hf(self.config, model_type), dtype=dtype)
+        return config, to_theirs(weights, llama_key_map(self.config))
+
+    def _save_files(self, folder: Path) -> None:
+        cfg = self.config
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": self.eos_token_ids,
+                      "pad_token_id": cfg.pad_token_id}  # fmt: skip
+        write_json(folder / "generation_config.json", generation)
+        self.tokenizer.save(folder)
+        if self.chat_template is not None:  # read back first, before tokenizer_config.json's
+            (folder / "chat_template.jinja").write_text(self.chat_template.source, encoding="utf-8")
 
 
 def lm_tokenizer(folder: Path, cfg: LMConfig) -> HFTokenizer:
@@ -282,40 +273,7 @@ def load_mmlm_causal_lm(
     folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> CausalLM:
     """Return an mmlm decoder_lm folder (our config and tensor names) as a CausalLM."""
-    cfg = config_from_dict(LMConfig, cfg_json["config"])
-    weights = read_weights(folder)
-    rules = [Rule((k,), (k,)) for k in weights]
+    cfg, weights, rules = read_mmlm(folder, cfg_json, LMConfig)
     model = build_cast_per_tensor(cfg, weights, rules, str(folder), device, dtype)
     tokenizer = lm_tokenizer(folder, cfg)
     return CausalLM(model, tokenizer, None, generation_eos_ids(folder), ChatTemplate.from_pretrained(folder))
-
-
-def save_causal_lm(loaded: CausalLM, folder: Path, format: str = "auto") -> Path:
-    """Write `loaded` to `folder` in transformers format where possible (`auto`), else (or `mmlm`) in mmlm's."""
-    from mmlm.inference.load import MMLM_VERSION
-
-    if format not in ("auto", "mmlm"):
-        raise InputError(f"unknown save format {format!r}; expected 'auto' or 'mmlm'")
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = loaded.config
-    state = loaded.model.state_dict()
-    model_type = hf_model_type(cfg, prefer=loaded.source_format) if format == "auto" else None
-    dtype = str(loaded.dtype).removeprefix("torch.")
-    if model_type is not None:
-        config: dict[str, Any] = dict(lm_config_to_hf(cfg, model_type), dtype=dtype)
-        write_weights(to_theirs(state, llama_key_map(cfg)), folder / "model.safetensors")
-    else:
-        config = {
-            "mmlm_version": MMLM_VERSION,
-            "architecture": MMLM_ARCHITECTURE,
-            "config": dataclasses.asdict(cfg),
-        }
-        write_weights(state, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": loaded.eos_token_ids,
-                  "pad_token_id": cfg.pad_token_id}  # fmt: skip
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    loaded.tokenizer.save(folder)
-    if loaded.chat_template is not None:  # read back first, before tokenizer_config.json's
-        (folder / "chat_template.jinja").write_text(loaded.chat_template.source, encoding="utf-8")
-    return folder

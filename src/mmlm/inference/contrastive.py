@@ -1,19 +1,35 @@
 """A loaded contrastive model (CLIP, SigLIP, or audio-text CLAP-style): preprocessing + DualEncoder + similarity
-and zero-shot scoring. An audio-text model reads clips through `mmlm.processing.audio.audio_batch_features`."""
+and zero-shot scoring; and reading/writing such folders (transformers CLIP/SigLIP, open_clip, or mmlm's own).
+An audio-text model reads clips through `mmlm.processing.audio.audio_batch_features`."""
 
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmlm.checkpoints import open_clip
+from mmlm.checkpoints.build import build_from_weights
+from mmlm.checkpoints.hf_clip import (
+    clip_config_from_hf,
+    clip_key_map,
+    config_to_hf,
+    siglip_config_from_hf,
+    siglip_key_map,
+)
+from mmlm.checkpoints.keymap import Rule, to_theirs
+from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
+from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
-from mmlm.inference.audio import AudioInput
-from mmlm.models.dual_encoder import DualEncoder
+from mmlm.inference.audio import AudioInput, read_preprocessor, whisper_preprocessor
+from mmlm.inference.base import LoadedModel
+from mmlm.json_files import read_json_object
+from mmlm.models.dual_encoder import DualEncoder, DualEncoderConfig
 from mmlm.processing.audio import audio_batch_features
 from mmlm.processing.image import ImageProcessor, ImageSource
-from mmlm.processing.tokenizer import TextTokenizer
+from mmlm.processing.tokenizer import TextTokenizer, load_tokenizer
 from mmlm.progress import Progress
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -28,9 +44,26 @@ def fill_template(template: str, name: str) -> str:
     raise InputError(f"template {template!r} has no '{{}}' or '{{c}}' marking the class name")
 
 
-class ContrastiveModel:
+@dataclasses.dataclass(frozen=True)
+class DualEncoderFormat:
+    """How a transformers dual encoder's config and tensors translate to ours (used to load and to export)."""
+
+    config_from_hf: Callable[[dict[str, Any]], DualEncoderConfig]
+    key_map: Callable[[DualEncoderConfig], list[Rule]]
+
+
+DUAL_ENCODER_FORMATS = {
+    "clip": DualEncoderFormat(clip_config_from_hf, clip_key_map),
+    "siglip": DualEncoderFormat(siglip_config_from_hf, siglip_key_map),
+}
+
+
+class ContrastiveModel(LoadedModel):
     """CLIP/SigLIP (or an audio-text model) ready for use: `encode_image` (`encode_audio`), `encode_text`,
     `similarity`, `classify`, `save_pretrained`."""
+
+    architecture = "dual_encoder"
+    reference_weight = "logit_scale"
 
     def __init__(
         self,
@@ -55,21 +88,6 @@ class ContrastiveModel:
                 f"this is an {self.modality}-text model; it cannot encode {modality} "
                 f"(use encode_{self.modality} / --{self.modality})"
             )
-
-    @property
-    def config(self):
-        """Return the model's DualEncoderConfig."""
-        return self.model.cfg
-
-    @property
-    def device(self) -> torch.device:
-        """Return the device the weights live on."""
-        return self.model.logit_scale.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Return the weights' dtype."""
-        return self.model.logit_scale.dtype
 
     @torch.inference_mode()
     def encode_image(
@@ -177,8 +195,84 @@ class ContrastiveModel:
         logits = self.logits(image_emb, self.class_embeddings(class_names, templates))
         return logits.softmax(-1)
 
-    def save_pretrained(self, folder: str | Path, format: str = "auto") -> Path:
-        """Write a transformers folder where transformers has the architecture (or `format="mmlm"`), else mmlm's."""
-        from mmlm.inference.load import save
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        return {k: v.float() for k, v in self.model.state_dict().items()}
 
-        return save(self, Path(folder), format)
+    def _transformers_folder(
+        self, weights: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        family = hf_family(self.config)
+        if family is None:
+            return None
+        return config_to_hf(self.config), to_theirs(
+            weights, DUAL_ENCODER_FORMATS[family].key_map(self.config)
+        )
+
+    def _save_files(self, folder: Path) -> None:
+        if self.config.audio is not None:
+            preprocessor = self.audio_preprocessor or whisper_preprocessor(self.config.audio)
+        else:
+            preprocessor = self.image_processor.to_hf()
+        write_json(folder / "preprocessor_config.json", preprocessor)
+        self.tokenizer.save(folder)
+
+
+def hf_family(cfg: DualEncoderConfig) -> str | None:
+    """Return the transformers model_type that represents `cfg` exactly, or None if none does."""
+    fmt = DUAL_ENCODER_FORMATS.get(cfg.family)
+    if fmt is None or cfg.audio is not None:  # transformers' ClapModel has an HTSAT tower, not Whisper's
+        return None
+    back = fmt.config_from_hf(config_to_hf(cfg))
+    same = dataclasses.replace(back, logit_scale_init=cfg.logit_scale_init, logit_bias_init=cfg.logit_bias_init,
+                               logit_scale_max=cfg.logit_scale_max)  # fmt: skip
+    return cfg.family if same == cfg else None
+
+
+def default_processor(cfg: DualEncoderConfig) -> ImageProcessor:
+    """Return the family's standard preprocessing at the model's resolution."""
+    size = cfg.vision.image_size
+    return ImageProcessor.siglip(size) if cfg.family == "siglip" else ImageProcessor.clip(size)
+
+
+def load_hf_dual_encoder(
+    family: str, folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> ContrastiveModel:
+    """Return a transformers CLIPModel or SiglipModel folder as a ContrastiveModel."""
+    fmt = DUAL_ENCODER_FORMATS[family]
+    cfg = fmt.config_from_hf(cfg_json)
+    model = build_from_weights(
+        lambda: DualEncoder(cfg), read_weights(folder), fmt.key_map(cfg), str(folder), device, dtype
+    )
+    pre = folder / "preprocessor_config.json"
+    processor = ImageProcessor.from_hf(read_json_object(pre)) if pre.is_file() else default_processor(cfg)
+    tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
+    return ContrastiveModel(model, tokenizer, processor)
+
+
+def load_mmlm_dual_encoder(
+    folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> ContrastiveModel:
+    """Return an mmlm dual_encoder folder (image-text or audio-text) as a ContrastiveModel."""
+    model = load_mmlm_model(folder, cfg_json, DualEncoderConfig, DualEncoder, device, dtype)
+    cfg = model.cfg
+    tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
+    if cfg.audio is not None:
+        return ContrastiveModel(model, tokenizer, None, read_preprocessor(folder, cfg.audio))
+    processor = ImageProcessor.from_hf(read_json_object(folder / "preprocessor_config.json"))
+    return ContrastiveModel(model, tokenizer, processor)
+
+
+def load_open_clip(folder: Path, device: torch.device, dtype: torch.dtype) -> ContrastiveModel:
+    """Return an open_clip hub folder (open_clip_config.json + open_clip_model.safetensors) as a ContrastiveModel."""
+    model = open_clip.load_open_clip_weights(folder, device, dtype)
+    if not (folder / "tokenizer.json").is_file():
+        raise InputError(
+            f"{folder}: open_clip folders carry no tokenizer; write its tokenizer.json once with "
+            "mmlm.checkpoints.open_clip.write_open_clip_tokenizer(<open_clip's bpe_simple_vocab_16e6.txt.gz>, folder)"
+        )
+    preprocess = read_json_object(folder / open_clip.CONFIG_NAME).get("preprocess_cfg") or {}
+    processor = default_processor(model.cfg)
+    mean, std = preprocess.get("mean", processor.mean), preprocess.get("std", processor.std)
+    processor = dataclasses.replace(processor, mean=tuple(mean), std=tuple(std))
+    tokenizer = load_tokenizer(folder, model.cfg.text.context_length, model.cfg.text.padding)
+    return ContrastiveModel(model, tokenizer, processor)

@@ -7,7 +7,6 @@ the generation prompt appended.
 """
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,24 +22,28 @@ from mmlm.checkpoints.hf_llava import (
     llava_representable,
     vlm_config_from_llava,
 )
-from mmlm.checkpoints.keymap import Rule, to_theirs
-from mmlm.checkpoints.safetensors_io import read_weights, write_weights
+from mmlm.checkpoints.keymap import to_theirs
+from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
+from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
 from mmlm.inference.audio import whisper_preprocessor
+from mmlm.inference.base import GenerativeBase, end_token_ids, generation_settings
 from mmlm.inference.causal_lm import generation_eos_ids
-from mmlm.inference.generation import GenerationSettings, generate_ids, generate_texts, stream_text, vlm_step
-from mmlm.models.config import config_from_dict
+from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
+from mmlm.json_files import read_json_object
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 from mmlm.processing.image import ImageProcessor, ImageSource
-from mmlm.processing.video_prompt import expand_videos, frame_sampler
 from mmlm.processing.vlm_processor import VLMProcessor
 
-MMLM_ARCHITECTURE = "vlm"
 Prompt = str | Sequence[dict[str, Any]]
 
 
-class GenerativeModel:
+class GenerativeModel(GenerativeBase):
     """A VLM ready for use: `generate`, `stream`, `chat`, `save_pretrained`."""
+
+    architecture = "vlm"
+    reference_weight = "lm.token_embed.weight"
+    prepares_embeddings = True
 
     def __init__(
         self,
@@ -69,26 +72,8 @@ class GenerativeModel:
         self.model = model
         self.processor = processor
         self.source_format = source_format
-        eos = list(model.cfg.lm.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        end = processor.eos_token and processor.tokenizer.token_to_id(processor.eos_token)
-        if end is not None and end not in eos:
-            eos.append(end)
-        self.eos_token_ids = eos
-
-    @property
-    def config(self) -> VLMConfig:
-        """Return the model's VLMConfig."""
-        return self.model.cfg
-
-    @property
-    def device(self) -> torch.device:
-        """Return the device the weights live on."""
-        return self.model.lm.token_embed.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Return the weights' dtype."""
-        return self.model.lm.token_embed.weight.dtype
+        end = processor.tokenizer.token_to_id(processor.eos_token) if processor.eos_token else None
+        self.eos_token_ids = end_token_ids(model.cfg.lm.eos_token_ids, eos_token_ids, end)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of token ids, special tokens skipped."""
@@ -97,12 +82,14 @@ class GenerativeModel:
         return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str,
-                 audio: list[list[Any]] | None = None, sampling_rate: int | None = None):  # fmt: skip
+                 audio: list[list[Any]] | None = None, sampling_rate: int | None = None,
+                 videos: list[list[Any]] | None = None, num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
         settings.check()
         if cache not in ("static", "dynamic"):
             raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
         batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left", audio=audio,
-                               sampling_rate=sampling_rate)  # fmt: skip
+                               sampling_rate=sampling_rate, videos=videos, num_frames=num_frames,
+                               video_fps=video_fps, video_pool=self.config.video_pool)  # fmt: skip
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         room = self.config.lm.max_positions - ids.shape[1]
         if room <= 0:
@@ -125,22 +112,6 @@ class GenerativeModel:
             kv.append(media.for_generation())  # the gated blocks' media keys/values, computed once
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
 
-    def _with_videos(self, prompt, images, videos, num_frames: int, video_fps: float | None):
-        """Return (prompt, images) with each video replaced by its sampled frames (a batch: one list per prompt)."""
-        if videos is None:
-            return prompt, images
-        sample = frame_sampler(num_frames, video_fps)
-        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
-        if single:
-            videos = [videos] if isinstance(videos, (str, Path, bytes)) else list(videos)
-            return expand_videos(prompt, images, videos, sample, self.config.video_pool)
-        if len(videos) != len(prompt):
-            raise InputError(f"videos: got {len(videos)} video lists for {len(prompt)} prompts")
-        pairs = [expand_videos(p, None if images is None else images[i], list(videos[i]), sample,
-                               self.config.video_pool) for i, p in enumerate(prompt)]  # fmt: skip
-        return [p for p, _ in pairs], None if images is None and all(i is None for _, i in pairs) else [
-            i or [] for _, i in pairs]  # fmt: skip
-
     @staticmethod
     def _batch(prompt, images) -> tuple[list[Prompt], list[list[ImageSource]] | None, bool]:
         if isinstance(images, (str, Path, bytes)):  # one image given bare, not in a list
@@ -151,14 +122,14 @@ class GenerativeModel:
         return list(prompt), None if images is None else [list(i) for i in images], False
 
     @staticmethod
-    def _audio_lists(audio, single: bool) -> list[list[Any]] | None:
-        """Return the audio clips as one list per prompt (a bare clip, path or sample array, is one clip)."""
-        if audio is None:
+    def _per_prompt(media, single: bool) -> list[list[Any]] | None:
+        """Return audio clips or videos as one list per prompt (a bare one, path or sample array, is one)."""
+        if media is None:
             return None
-        if isinstance(audio, (str, Path, bytes, np.ndarray)):
-            audio = [audio]
-        return [list(audio)] if single else [[a] if isinstance(a, (str, Path, bytes, np.ndarray)) else list(a)
-                                              for a in audio]  # fmt: skip
+        if isinstance(media, (str, Path, bytes, np.ndarray)):
+            media = [media]
+        return [list(media)] if single else [[a] if isinstance(a, (str, Path, bytes, np.ndarray)) else list(a)
+                                              for a in media]  # fmt: skip
 
     def generate(
         self,
@@ -184,14 +155,13 @@ class GenerativeModel:
         fill `<video>` placeholders (or video parts) with `num_frames` frames each, uniform or at `video_fps`;
         `audio` clips (paths, bytes, or sample arrays at `sampling_rate`, default 16 kHz) fill `<audio>` ones.
         """
-        prompt, images = self._with_videos(prompt, images, videos, num_frames, video_fps)
         prompts, image_lists, single = self._batch(prompt, images)
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, embeds, mask = self._prepare(
-            prompts, image_lists, settings, cache, self._audio_lists(audio, single), sampling_rate
+        settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        audio, videos = self._per_prompt(audio, single), self._per_prompt(videos, single)
+        prepared = self._prepare(
+            prompts, image_lists, settings, cache, audio, sampling_rate, videos, num_frames, video_fps
         )
-        texts = generate_texts(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask)
+        texts = self._generate_texts(prepared)
         return texts[0] if single else texts
 
     def generate_tokens(
@@ -221,22 +191,35 @@ class GenerativeModel:
         sampling_rate: int | None = None,
     ) -> Iterator[str]:
         """Yield the new text of one prompt in pieces; they join to what `generate` returns."""
-        prompt, images = self._with_videos(prompt, images, videos, num_frames, video_fps)
         prompts, image_lists, single = self._batch(prompt, images)
         if not single:
             raise InputError("stream: expected one prompt")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, embeds, mask = self._prepare(
-            prompts, image_lists, settings, "static", self._audio_lists(audio, True), sampling_rate
+        settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        audio, videos = self._per_prompt(audio, True), self._per_prompt(videos, True)
+        prepared = self._prepare(
+            prompts, image_lists, settings, "static", audio, sampling_rate, videos, num_frames, video_fps
         )
-        for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask):
-            for _, piece in pieces:
-                yield piece
+        yield from self._stream_pieces(prepared)
 
-    def save_pretrained(self, folder: str | Path, format: str = "auto") -> Path:
-        """Write a transformers LLaVA folder where LLaVA represents the model (`auto`), else mmlm's format."""
-        return save_vlm(self, Path(folder), format)
+    def _transformers_folder(
+        self, weights: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """A transformers LLaVA folder, where LLaVA represents the model."""
+        lm_type = llava_representable(self.config)
+        if lm_type is None:
+            return None
+        return llava_config_to_hf(self.config, lm_type), to_theirs(weights, llava_key_map(self.config))
+
+    def _save_files(self, folder: Path) -> None:
+        cfg, processor = self.config, self.processor
+        processor.tokenizer.save(str(folder / "tokenizer.json"))
+        tokenizer_config = {**processor.special_tokens, "model_max_length": cfg.lm.max_positions,
+                            "chat_template": processor.chat_template.source}  # fmt: skip
+        write_json(folder / "tokenizer_config.json", tokenizer_config)
+        write_json(folder / "preprocessor_config.json", processor.image_processor.to_hf())
+        generation = {"bos_token_id": cfg.lm.bos_token_id, "eos_token_id": self.eos_token_ids,
+                      "pad_token_id": cfg.lm.pad_token_id}  # fmt: skip
+        write_json(folder / "generation_config.json", generation)
 
 
 def _processor(folder: Path, model: VisionLanguageModel, image_processor: ImageProcessor) -> VLMProcessor:
@@ -267,7 +250,7 @@ def load_llava(
     pre = folder / "preprocessor_config.json"
     if not pre.is_file():
         raise InputError(f"{folder}: preprocessor_config.json is missing")
-    image_processor = ImageProcessor.from_hf(json.loads(pre.read_text()))
+    image_processor = ImageProcessor.from_hf(read_json_object(pre))
     return GenerativeModel(
         model, _processor(folder, model, image_processor), generation_eos_ids(folder), "llava"
     )
@@ -277,46 +260,10 @@ def load_mmlm_vlm(
     folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> GenerativeModel:
     """Return an mmlm `vlm` folder (our config and tensor names) as a GenerativeModel."""
-    cfg = config_from_dict(VLMConfig, cfg_json["config"])
-    weights = read_weights(folder, dtype)
-    rules = [Rule((k,), (k,)) for k in weights]
-    model = build_from_weights(lambda: VisionLanguageModel(cfg), weights, rules, str(folder), device, dtype)
+    model = load_mmlm_model(
+        folder, cfg_json, VLMConfig, VisionLanguageModel, device, dtype, cast_as_read=True
+    )
     if device.type == "cpu":
         model.lm.prepare_for_inference()
-    image_processor = ImageProcessor.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
+    image_processor = ImageProcessor.from_hf(read_json_object(folder / "preprocessor_config.json"))
     return GenerativeModel(model, _processor(folder, model, image_processor), generation_eos_ids(folder))
-
-
-def save_vlm(loaded: GenerativeModel, folder: Path, format: str = "auto") -> Path:
-    """Write `loaded` as a transformers LLaVA folder where possible (`auto`), else (or `mmlm`) in mmlm's format."""
-    from mmlm.inference.load import MMLM_VERSION
-
-    if format not in ("auto", "mmlm"):
-        raise InputError(f"unknown save format {format!r}; expected 'auto' or 'mmlm'")
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = loaded.config
-    state = loaded.model.state_dict()
-    lm_type = llava_representable(cfg) if format == "auto" else None
-    if lm_type is not None:
-        config: dict[str, Any] = llava_config_to_hf(cfg, lm_type)
-        write_weights(to_theirs(state, llava_key_map(cfg)), folder / "model.safetensors")
-    else:
-        config = {
-            "mmlm_version": MMLM_VERSION,
-            "architecture": MMLM_ARCHITECTURE,
-            "config": dataclasses.asdict(cfg),
-        }
-        write_weights(state, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    processor = loaded.processor
-    processor.tokenizer.save(str(folder / "tokenizer.json"))
-    tokenizer_config = {**processor.special_tokens, "model_max_length": cfg.lm.max_positions,
-                        "chat_template": processor.chat_template.source}  # fmt: skip
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(processor.image_processor.to_hf(), indent=2) + "\n"
-    )
-    generation = {"bos_token_id": cfg.lm.bos_token_id, "eos_token_id": loaded.eos_token_ids,
-                  "pad_token_id": cfg.lm.pad_token_id}  # fmt: skip
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return folder

@@ -11,6 +11,7 @@ from torch import nn
 from mmlm.errors import InputError
 from mmlm.layers import Transformer
 from mmlm.models.config import CONFIG_VERSION
+from mmlm.models.frame_pooling import mean_frames
 
 
 @dataclass
@@ -103,5 +104,6 @@ def pool_frames(states: torch.Tensor, factor: int, mode: str = "mean") -> torch.
     b, t, d = states.shape
     if factor < 1 or t % factor:
         raise ValueError(f"cannot pool {t} frames by {factor}: the factor must divide the frame count")
-    grouped = states.reshape(b, t // factor, factor, d)  # [B, T/f, f, D]
-    return grouped.mean(2) if mode == "mean" else grouped.flatten(2)  # [B, T/f, D] | [B, T/f, f·D]
+    if mode == "mean":
+        return mean_frames(states, factor, dim=1)  # [B, T/f, D]
+    return states.reshape(b, t // factor, factor * d)  # [B, T/f, f·D], frame-major

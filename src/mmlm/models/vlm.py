@@ -33,6 +33,7 @@ from mmlm.fusion.unified import ImageCodebook
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder, pool_frames
 from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.decoder_lm import DecoderLM, LayerCache, LMConfig, LMOutput
+from mmlm.models.frame_pooling import mean_frames
 from mmlm.models.token_merging import merged_token_counts
 from mmlm.models.vision import VisionConfig, VisionTransformer
 
@@ -150,10 +151,10 @@ class VisionLanguageModel(nn.Module):
         consecutive per slot s (None: one each) -> [S, image_tokens, D_lm]."""
         if frames is None or bool((frames == 1).all()):
             return self.visual_tokens(features)
-        groups = features.split(frames.tolist())
+        sizes = frames.tolist()
         if self.cfg.video_merge == "resampler":  # [1, T, N, Dv] each: time embeddings tell the frames apart
-            return torch.cat([self.connector(g[None]) for g in groups])
-        return self.visual_tokens(torch.stack([g.mean(0) for g in groups]))  # [S, N, Dv]
+            return torch.cat([self.connector(g[None]) for g in features.split(sizes)])
+        return self.visual_tokens(mean_frames(features, sizes))  # [S, N, Dv]
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Return visual tokens in LM width, [I, 3, H, W] -> [I, image_tokens, D_lm]."""

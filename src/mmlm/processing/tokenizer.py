@@ -6,7 +6,6 @@ Both pad on the right (or as tokenizer_config.json's padding_side says) and, on 
 end-of-text token in the last slot, as the checkpoints' processors do.
 """
 
-import json
 import os
 import re
 import shutil
@@ -19,6 +18,8 @@ import torch
 from tokenizers import Tokenizer
 
 from mmlm.errors import InputError
+from mmlm.json_files import read_json
+from mmlm.processing.padding import pad_rows
 
 Padding = Literal["longest", "max_length"]
 PADDINGS = ("longest", "max_length")
@@ -49,21 +50,14 @@ class TextTokenizer(Protocol):
     def save(self, directory: str | os.PathLike) -> Path: ...
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: expected a readable JSON file ({error})") from error
-
-
 def _read_tokenizer_config(model_dir: Path) -> dict:
     # transformers 5 reads tokenizer_config.json; special_tokens_map.json overrides its special tokens
     # only when the config has no added_tokens_decoder (the legacy layout).
     config_path = model_dir / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     map_path = model_dir / "special_tokens_map.json"
     if "added_tokens_decoder" not in config and map_path.is_file():
-        config.update({k: v for k, v in _read_json(map_path).items() if k in _SPECIAL_KEYS})
+        config.update({k: v for k, v in read_json(map_path).items() if k in _SPECIAL_KEYS})
     for key in _SPECIAL_KEYS:
         if isinstance(config.get(key), dict):  # older saves write {"content": ..., "__type": "AddedToken"}
             config[key] = config[key]["content"]
@@ -98,16 +92,6 @@ def _context_length(context_length: int | None, config: dict, model_dir: Path) -
 def _check_padding(padding: str) -> None:
     if padding not in PADDINGS:
         raise InputError(f"padding: expected one of {PADDINGS}, got {padding!r}")
-
-
-def _pad(rows: list[list[int]], length: int, pad_id: int, side: str) -> torch.Tensor:
-    out = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if side == "left":
-            out[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
-        else:
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
 
 
 def _copy_config_files(source: Path, target: Path, names: tuple[str, ...]) -> None:
@@ -165,7 +149,7 @@ class HFTokenizer:
         _check_texts(texts)
         rows = [encoding.ids for encoding in self._encoder.encode_batch(list(texts), add_special_tokens=True)]
         length = self.context_length if self.padding == "max_length" else max(map(len, rows))
-        return _pad(rows, length, self.pad_id, self.padding_side)
+        return pad_rows(rows, self.pad_id, self.padding_side, length)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Returns the folder after writing tokenizer.json and copying the source's config files into it."""
@@ -272,7 +256,7 @@ class SentencePieceTokenizer:
         _check_texts(texts)
         rows = [self.encode(text) for text in texts]
         length = self.context_length if self.padding == "max_length" else max(map(len, rows))
-        return _pad(rows, length, self.pad_id, self.padding_side)
+        return pad_rows(rows, self.pad_id, self.padding_side, length)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Returns the folder after copying spiece.model and the source's config files into it."""

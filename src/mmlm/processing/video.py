@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from mmlm.errors import InputError
+from mmlm.models.frame_pooling import mean_frames
 from mmlm.models.vision import VisionTransformer
 from mmlm.processing.image import ImageProcessor
 
@@ -284,4 +285,4 @@ def temporal_pool(features: torch.Tensor, group: int) -> torch.Tensor:
     """Return the mean over each `group` consecutive frames, [T, N, D] -> [ceil(T / group), N, D]."""
     if group < 1:
         raise InputError(f"group: got {group}; expected at least 1 frame per group")
-    return torch.stack([chunk.mean(0) for chunk in features.split(group)])
+    return mean_frames(features, group)

@@ -39,6 +39,8 @@ from mmlm.processing.chat import (
     special_tokens_of,
 )
 from mmlm.processing.image import ImageProcessor, ImageSource, load_image
+from mmlm.processing.padding import pad_rows
+from mmlm.processing.video_prompt import expand_videos, frame_sampler
 
 IGNORE_INDEX = -100  # labels the loss skips (torch's cross_entropy default ignore_index)
 Prompt = str | Sequence[Message]
@@ -184,9 +186,18 @@ class VLMProcessor:
         add_generation_prompt: bool = False,
         audio: Sequence[Any] | None = None,
         sampling_rate: int | None = None,
+        videos: Sequence[Any] | None = None,
+        num_frames: int = 8,
+        video_fps: float | None = None,
+        video_pool: int = 1,
     ) -> EncodedSample | None:
         """Return one sample, or None when `max_length` would cut its image or audio tokens or all its answer
-        tokens. `audio` clips (paths, bytes or sample arrays at `sampling_rate`) fill the `<audio>` slots."""
+        tokens. `audio` clips (paths, bytes or sample arrays at `sampling_rate`) fill the `<audio>` slots;
+        `videos` the `<video>` ones (or video parts), as `num_frames` frames each (uniform, or at `video_fps`)
+        in image slots of `video_pool` consecutive frames."""
+        if videos is not None:
+            sample = frame_sampler(num_frames, video_fps)
+            prompt, images = expand_videos(prompt, images, list(videos), sample, video_pool)
         if not isinstance(prompt, str):
             prompt = check_messages(prompt)
             if images is None:
@@ -293,18 +304,9 @@ class VLMProcessor:
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side: got {padding_side!r}; expected 'left' or 'right'")
         kept = [s for s in samples if s is not None]
-        length = max((len(s.input_ids) for s in kept), default=0)
-        input_ids = torch.full((len(kept), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(kept), length), dtype=torch.long)
-        for row, sample in enumerate(kept):
-            n = len(sample.input_ids)
-            where = slice(length - n, length) if padding_side == "left" else slice(0, n)
-            input_ids[row, where], labels[row, where], attention_mask[row, where] = (
-                sample.input_ids,
-                sample.labels,
-                1,
-            )
+        input_ids = pad_rows([s.input_ids for s in kept], self.pad_token_id, padding_side)
+        labels = pad_rows([s.labels for s in kept], IGNORE_INDEX, padding_side)
+        attention_mask = pad_rows([torch.ones_like(s.input_ids) for s in kept], 0, padding_side)
         pixels = [s.pixel_values for s in kept if s.pixel_values is not None]
         if len({p.shape[1:] for p in pixels}) > 1:
             raise InputError(
@@ -341,19 +343,27 @@ class VLMProcessor:
         padding_side: PaddingSide = "left",
         audio: Sequence[Any] | Sequence[Sequence[Any]] | None = None,
         sampling_rate: int | None = None,
+        videos: Sequence[Any] | Sequence[Sequence[Any]] | None = None,
+        num_frames: int = 8,
+        video_fps: float | None = None,
+        video_pool: int = 1,
     ) -> dict[str, Any]:
-        """Return a generation batch for one prompt (with its images and audio clips) or a list of prompts (with a
-        list of each per prompt)."""
+        """Return a generation batch for one prompt (with its images, audio clips and videos) or a list of prompts
+        (with a list of each per prompt); see `encode` for the video options."""
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], Mapping))
         if single:
             prompts = [prompts]
             images, audio = [images] if images is not None else None, [audio] if audio is not None else None
-        for what, lists in (("images", images), ("audio", audio)):
+            if videos is not None:  # one video may be given bare, not in a list
+                videos = [[videos] if isinstance(videos, (str, Path, bytes)) else list(videos)]
+        for what, lists in (("images", images), ("audio", audio), ("videos", videos)):
             if lists is not None and len(lists) != len(prompts):
                 raise InputError(f"{what}: got {len(lists)} lists for {len(prompts)} prompts")
+        video_options = dict(num_frames=num_frames, video_fps=video_fps, video_pool=video_pool)
         samples = [
             self.encode(p, images[i] if images is not None else None, add_generation_prompt=add_generation_prompt,
-                        audio=audio[i] if audio is not None else None, sampling_rate=sampling_rate)
+                        audio=audio[i] if audio is not None else None, sampling_rate=sampling_rate,
+                        videos=videos[i] if videos is not None else None, **video_options)
             for i, p in enumerate(prompts)
         ]  # fmt: skip
         if any(s is None for s in samples):

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import torch
-import torch.nn.functional as F
 
 from mmlm.errors import InputError
 from mmlm.inference.generation import GenerationSettings, TextStream, make_sampler, vlm_step
 from mmlm.layers.attention import KVCache
+from mmlm.processing.padding import left_pad
 from mmlm.serve.encoding import run_encodings, search_hits
 from mmlm.serve.metrics import ServerMetrics
 
@@ -390,17 +390,15 @@ class Engine:
     @staticmethod
     def _merge(a: _DecodeBatch, b: _DecodeBatch) -> _DecodeBatch:
         """Stack two batches' rows, left-padding the shorter cache: [Ba, H, Sa, Dh] + [Bb, H, Sb, Dh]."""
-        length = max(a.mask.shape[1], b.mask.shape[1])
-
-        def pad(x: torch.Tensor, time_dim: int) -> torch.Tensor:
-            missing = length - x.shape[time_dim]
-            return F.pad(x, (0, 0) * (x.dim() - 1 - time_dim) + (missing, 0)) if missing else x
-
+        n = max(a.mask.shape[1], b.mask.shape[1])
         cache = [
-            KVCache(torch.cat([pad(la.k, 2), pad(lb.k, 2)]), torch.cat([pad(la.v, 2), pad(lb.v, 2)]))
+            KVCache(
+                torch.cat([left_pad(la.k, n, 2), left_pad(lb.k, n, 2)]),
+                torch.cat([left_pad(la.v, n, 2), left_pad(lb.v, n, 2)]),
+            )  # fmt: skip
             for la, lb in zip(a.cache, b.cache, strict=True)
         ]
-        mask = torch.cat([pad(a.mask, 1), pad(b.mask, 1)])
+        mask = torch.cat([left_pad(a.mask, n, 1), left_pad(b.mask, n, 1)])
         return _DecodeBatch(a.rows + b.rows, cache, mask, torch.cat([a.pending, b.pending]))
 
     # embeddings, classification, search
