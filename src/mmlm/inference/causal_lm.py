@@ -126,9 +126,10 @@ class CausalLM:
         """Return the text of token ids, special tokens skipped."""
         return self._codec.decode(list(ids), skip_special_tokens=True)
 
-    def _prepare(
+    def prepare(
         self, texts: list[str], chat: bool, settings: GenerationSettings, cache: CacheKind, compile: bool
     ) -> tuple[Step, list[LayerCache], GenerationSettings, torch.Tensor, torch.Tensor | None]:
+        """Return (step, cache, settings cut to the context, prompt ids, mask or None) for a batch of prompts."""
         settings.check()
         if cache not in ("static", "dynamic"):
             raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
@@ -166,7 +167,7 @@ class CausalLM:
         texts, one, chat = self.prompt_texts(prompt)
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, ids, mask = self._prepare(texts, chat, settings, cache, compile)
+        step, kv, settings, ids, mask = self.prepare(texts, chat, settings, cache, compile)
         outputs = generate_texts(step, kv, self.decode, settings, self.eos_token_ids, ids, None, mask,
                                  drop_finished=not compile)  # fmt: skip
         return outputs[0] if one else outputs
@@ -188,7 +189,7 @@ class CausalLM:
             raise InputError("stream: expected one prompt (a string or a conversation), not a batch")
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, ids, mask = self._prepare(texts, chat, settings, cache, compile=False)
+        step, kv, settings, ids, mask = self.prepare(texts, chat, settings, cache, compile=False)
         for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, ids, None, mask):
             for _, piece in pieces:
                 yield piece

@@ -96,8 +96,9 @@ class GenerativeModel:
             ids = [i for i in ids if i < self.model.code_offset]
         return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str,
+    def prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str,
                  audio: list[list[Any]] | None = None, sampling_rate: int | None = None):  # fmt: skip
+        """Return (step, cache, settings cut to the context, prompt embeddings, mask or None) for a batch of prompts."""
         settings.check()
         if cache not in ("static", "dynamic"):
             raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
@@ -188,7 +189,7 @@ class GenerativeModel:
         prompts, image_lists, single = self._batch(prompt, images)
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, embeds, mask = self._prepare(
+        step, kv, settings, embeds, mask = self.prepare(
             prompts, image_lists, settings, cache, self._audio_lists(audio, single), sampling_rate
         )
         texts = generate_texts(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask)
@@ -200,7 +201,7 @@ class GenerativeModel:
         """Return the greedy new token ids for one prompt (end token excluded)."""
         prompts, image_lists, _ = self._batch(prompt, images)
         settings = GenerationSettings(max_new_tokens)
-        step, kv, settings, embeds, mask = self._prepare(prompts, image_lists, settings, "dynamic")
+        step, kv, settings, embeds, mask = self.prepare(prompts, image_lists, settings, "dynamic")
         return [t for tokens in generate_ids(step, kv, settings, self.eos_token_ids, None, embeds, mask)
                 for _, t in tokens]  # fmt: skip
 
@@ -227,7 +228,7 @@ class GenerativeModel:
             raise InputError("stream: expected one prompt")
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         settings = GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        step, kv, settings, embeds, mask = self._prepare(
+        step, kv, settings, embeds, mask = self.prepare(
             prompts, image_lists, settings, "static", self._audio_lists(audio, True), sampling_rate
         )
         for pieces in stream_text(step, kv, self.decode, settings, self.eos_token_ids, None, embeds, mask):
