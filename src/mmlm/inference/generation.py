@@ -172,7 +172,7 @@ class DecodeRow:
     eos_token_ids: frozenset[int]
     sample: Sampler | None = None
     stream: TextStream | None = None
-    stop: Callable[[int], bool] | None = None  # a further end test on each kept token
+    stop_test: Callable[[int], bool] | None = None  # a further end test on each kept token
     key: Any = None  # the caller's handle on the row: its place in the batch, its request
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -184,7 +184,8 @@ class DecodeRow:
             return None, ""
         self.tokens.append(token)
         piece = self.stream.push(token) if self.stream is not None else ""
-        if (self.stream is not None and self.stream.stopped) or (self.stop is not None and self.stop(token)):
+        stopped = self.stream is not None and self.stream.stopped  # a stop string appeared
+        if stopped or (self.stop_test is not None and self.stop_test(token)):
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.settings.max_new_tokens:
             self.finish_reason = "length"
@@ -381,7 +382,7 @@ def generate_ids(
     rows = new_rows(settings, eos_token_ids, prompt.shape[0], prompt.device)
     if stop_row is not None:
         for row in rows:
-            row.stop = partial(stop_row, row.key)
+            row.stop_test = partial(stop_row, row.key)
     for taken in decode_rows(step, cache, rows, input_ids, inputs_embeds, attention_mask, drop_finished):
         out = [(t.row.key, t.token) for t in taken if t.token is not None]
         if out:
