@@ -9,7 +9,19 @@ import transformers
 
 import mmlm
 from fixtures_lm import one_thread, write_tiny_lm  # noqa: F401 (autouse)
-from mmlm.inference.generation import GenerationSettings, TextStream, filter_logits, generate_ids, lm_step
+from mmlm.inference.generation import (
+    GenerationSettings,
+    TextStream,
+    filter_logits,
+    generate_ids,
+    lm_step,
+    merge_batches,
+    new_rows,
+    prefill,
+    step_batch,
+    take_tokens,
+    trim_padding,
+)
 
 PROMPTS = ["a cat sitting on", "the red car parked near the river at night,", "zebras"]
 
@@ -134,6 +146,35 @@ def test_inputs_embeds_prefill_gives_the_same_tokens_as_ids(llama):
     with torch.no_grad():
         embeds = m.model.embed(ids)
     assert run(inputs_embeds=embeds) == run(input_ids=ids)
+
+
+def test_a_prompt_joining_a_running_batch_gets_its_one_by_one_tokens(llama):
+    # The server's continuous batching: a later prompt is prefilled alone, then merged into the running batch
+    # with both caches left-padded to the longer one; rows leave as they end and shared padding is cut.
+    m, _ = llama
+    settings = GenerationSettings(max_new_tokens=16)
+    alone = [greedy_ids(m, p, 16, "dynamic") for p in PROMPTS[:2]]
+    step = lm_step(m.model)
+
+    def start(prompt, key):
+        ids, mask = m.encode([prompt])
+        [row] = new_rows(settings, m.eos_token_ids, 1, ids.device, keys=[key])
+        batch, logits = prefill(step, m.model.new_cache(1), [row], ids, None, mask)
+        take_tokens(batch, logits)
+        return batch, row
+
+    with torch.inference_mode():
+        batch, first = start(PROMPTS[0], 0)
+        for _ in range(3):
+            take_tokens(batch, step_batch(step, batch))
+        joining, second = start(PROMPTS[1], 1)
+        batch = merge_batches(batch, joining)
+        assert batch.mask is not None and batch.mask.shape[0] == 2  # the shorter cache got left padding
+        while batch.running:
+            take_tokens(batch, step_batch(step, batch))
+            trim_padding(batch)
+    assert [first.tokens, second.tokens] == alone
+    assert first.finish_reason in ("stop", "length") and second.finish_reason in ("stop", "length")
 
 
 def test_stop_strings_end_each_sequence_before_them(llama):

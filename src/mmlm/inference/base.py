@@ -17,7 +17,7 @@ from mmlm.checkpoints.mmlm_format import check_save_format, write_json, write_mm
 from mmlm.checkpoints.safetensors_io import write_weights
 from mmlm.inference.generation import GenerationSettings, generate_texts, stream_text
 
-# what a family's _prepare returns: (step, KV cache, settings cut to the context, ids or embeddings, mask)
+# what a family's prepare returns: (step, KV cache, settings cut to the context, ids or embeddings, mask)
 Prepared = tuple[Callable, list, GenerationSettings, torch.Tensor, torch.Tensor | None]
 
 
@@ -101,7 +101,7 @@ class GenerativeBase(LoadedModel):
     """A loaded model that writes text: `decode`, `eos_token_ids`, and the decode loop run on a prepared batch."""
 
     eos_token_ids: list[int]
-    prepares_embeddings: bool  # whether _prepare hands the loop input embeddings (True) or token ids
+    prepares_embeddings: bool  # whether prepare hands the loop input embeddings (True) or token ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of token ids, special tokens skipped."""

@@ -108,9 +108,10 @@ class CausalLM(GenerativeBase):
         """Return the text of token ids, special tokens skipped."""
         return self._codec.decode(list(ids), skip_special_tokens=True)
 
-    def _prepare(
+    def prepare(
         self, texts: list[str], chat: bool, settings: GenerationSettings, cache: CacheKind, compile: bool
     ) -> tuple[Step, list[LayerCache], GenerationSettings, torch.Tensor, torch.Tensor | None]:
+        """Return (step, cache, settings cut to the context, prompt ids, mask or None) for a batch of prompts."""
         settings.check()
         if cache not in ("static", "dynamic"):
             raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
@@ -147,7 +148,7 @@ class CausalLM(GenerativeBase):
         """
         texts, one, chat = self.prompt_texts(prompt)
         settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        prepared = self._prepare(texts, chat, settings, cache, compile)
+        prepared = self.prepare(texts, chat, settings, cache, compile)
         outputs = self._generate_texts(prepared, drop_finished=not compile)
         return outputs[0] if one else outputs
 
@@ -167,7 +168,7 @@ class CausalLM(GenerativeBase):
         if not one:
             raise InputError("stream: expected one prompt (a string or a conversation), not a batch")
         settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        yield from self._stream_pieces(self._prepare(texts, chat, settings, cache, compile=False))
+        yield from self._stream_pieces(self.prepare(texts, chat, settings, cache, compile=False))
 
     def _transformers_folder(
         self, weights: dict[str, torch.Tensor]

@@ -81,9 +81,10 @@ class GenerativeModel(GenerativeBase):
             ids = [i for i in ids if i < self.model.code_offset]
         return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str,
+    def prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str,
                  audio: list[list[Any]] | None = None, sampling_rate: int | None = None,
                  videos: list[list[Any]] | None = None, num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
+        """Return (step, cache, settings cut to the context, prompt embeddings, mask or None) for a batch of prompts."""
         settings.check()
         if cache not in ("static", "dynamic"):
             raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
@@ -158,7 +159,7 @@ class GenerativeModel(GenerativeBase):
         prompts, image_lists, single = self._batch(prompt, images)
         settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
         audio, videos = self._per_prompt(audio, single), self._per_prompt(videos, single)
-        prepared = self._prepare(
+        prepared = self.prepare(
             prompts, image_lists, settings, cache, audio, sampling_rate, videos, num_frames, video_fps
         )
         texts = self._generate_texts(prepared)
@@ -170,7 +171,7 @@ class GenerativeModel(GenerativeBase):
         """Return the greedy new token ids for one prompt (end token excluded)."""
         prompts, image_lists, _ = self._batch(prompt, images)
         settings = GenerationSettings(max_new_tokens)
-        step, kv, settings, embeds, mask = self._prepare(prompts, image_lists, settings, "dynamic")
+        step, kv, settings, embeds, mask = self.prepare(prompts, image_lists, settings, "dynamic")
         return [t for tokens in generate_ids(step, kv, settings, self.eos_token_ids, None, embeds, mask)
                 for _, t in tokens]  # fmt: skip
 
@@ -196,7 +197,7 @@ class GenerativeModel(GenerativeBase):
             raise InputError("stream: expected one prompt")
         settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
         audio, videos = self._per_prompt(audio, True), self._per_prompt(videos, True)
-        prepared = self._prepare(
+        prepared = self.prepare(
             prompts, image_lists, settings, "static", audio, sampling_rate, videos, num_frames, video_fps
         )
         yield from self._stream_pieces(prepared)

@@ -58,7 +58,7 @@ def speed(loaded: Any, image: Any, new_tokens: int = 32, repeats: int = 5) -> tu
     prefill, decode = [], []
     for _ in range(repeats + 1):  # the first run warms up
         start = time.perf_counter()
-        step, kv, settings, embeds, mask = loaded._prepare(
+        step, kv, settings, embeds, mask = loaded.prepare(
             [question_messages(QUESTION)], [[image]], GenerationSettings(new_tokens), "dynamic"
         )
         steps = generate_ids(step, kv, settings, [], None, embeds, mask)

@@ -14,10 +14,11 @@ loop stays responsive and the models never run concurrently.
 """
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,9 +27,19 @@ import PIL.Image
 import torch
 
 from mmlm.errors import InputError
-from mmlm.inference.generation import GenerationSettings, TextStream, make_sampler, vlm_step
-from mmlm.layers.attention import KVCache
-from mmlm.processing.padding import left_pad
+from mmlm.inference.generation import (
+    DecodeBatch,
+    DecodeRow,
+    GenerationSettings,
+    merge_batches,
+    new_rows,
+    prefill,
+    select_rows,
+    step_batch,
+    take_tokens,
+    trim_padding,
+    vlm_step,
+)
 from mmlm.serve.encoding import run_encodings, search_hits
 from mmlm.serve.metrics import ServerMetrics
 
@@ -90,29 +101,14 @@ class _Generation(_Request):
     messages: list[dict] = field(default_factory=list)
     images: list[PIL.Image.Image] = field(default_factory=list)
     audio: list[bytes] = field(default_factory=list)  # encoded audio files, in the order of the audio parts
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
-    max_new_tokens: int = 0  # settings' limit, cut to the room left in the context
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # text pieces, then _END or an exception
-    stream: TextStream | None = None
-    sample: Callable[[torch.Tensor], torch.Tensor] | None = None
-    generated: int = 0
-    finish_reason: str | None = None
+    row: DecodeRow | None = None  # its decoding state (max_new_tokens cut to the room left in the context)
 
 
 @dataclass(eq=False)
 class _Encoding(_Request):
     payload: Any = None  # texts, images, (image, labels) or (text, image, k), after `kind`
     future: asyncio.Future | None = None
-
-
-@dataclass
-class _DecodeBatch:
-    """The running rows: their caches [B, H, S, Dh] per layer, mask [B, S], and the token each feeds next [B]."""
-
-    rows: list[_Generation]
-    cache: list
-    mask: torch.Tensor
-    pending: torch.Tensor
 
 
 class Engine:
@@ -240,12 +236,10 @@ class Engine:
                 f"messages: {prompt} tokens (image tokens included), but the model's context holds "
                 f"{self.vlm.config.lm.max_positions}"
             )
-        req = _Generation(
-            "generate", started + self.config.timeout_s, started, messages=messages, images=list(images),
-            audio=list(audio), settings=settings, max_new_tokens=min(settings.max_new_tokens, room),
-            stream=TextStream(self.vlm.decode, settings.stop),
-        )  # fmt: skip
-        req.sample = None if settings.temperature == 0 else make_sampler(settings, self.vlm.device)
+        req = _Generation("generate", started + self.config.timeout_s, started, messages=messages,
+                          images=list(images), audio=list(audio))  # fmt: skip
+        cut = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
+        [req.row] = new_rows(cut, self.vlm.eos_token_ids, 1, self.vlm.device, self.vlm.decode, keys=[req])
         self._enqueue(req, self._generations, self._wake_generation)
         status = "cancelled"
         try:
@@ -260,12 +254,12 @@ class Engine:
             raise
         finally:
             if stats is not None:
-                stats.completion_tokens, stats.finish_reason = req.generated, req.finish_reason
+                stats.completion_tokens, stats.finish_reason = len(req.row.tokens), req.row.finish_reason
             self._finish(req, status)
 
     async def _generation_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        batch: _DecodeBatch | None = None
+        batch: DecodeBatch | None = None
         while True:
             if batch is None and not any(not r.cancelled for r in self._generations):
                 self._wake_generation.clear()
@@ -278,7 +272,7 @@ class Engine:
                     self._executor, self._advance, batch, admitted
                 )
             except Exception as error:  # noqa: BLE001 - the failure goes to every request it touched
-                for req in [*(batch.rows if batch else []), *admitted]:
+                for req in [*(row.key for row in (batch.rows if batch else [])), *admitted]:
                     req.out.put_nowait(error)
                 batch, events, size = None, [], 0
             if size:
@@ -292,9 +286,9 @@ class Engine:
                 if done and not isinstance(item, BaseException):
                     req.out.put_nowait(_END)
             self.metrics.tokens(tokens)
-            self._running = batch.rows if batch is not None else []
+            self._running = [row.key for row in batch.rows] if batch is not None else []
 
-    def _admit(self, batch: "_DecodeBatch | None") -> list[_Generation]:
+    def _admit(self, batch: DecodeBatch | None) -> list[_Generation]:
         """Take the waiting requests that join the batch at this step boundary."""
         running = len(batch.rows) if batch is not None else 0
         limit = self.config.max_batch if self.config.batching else 1
@@ -310,8 +304,8 @@ class Engine:
 
     @torch.inference_mode()
     def _advance(
-        self, batch: "_DecodeBatch | None", admitted: list[_Generation]
-    ) -> tuple["_DecodeBatch | None", list[tuple[_Generation, Any, bool, int]], int]:
+        self, batch: DecodeBatch | None, admitted: list[_Generation]
+    ) -> tuple[DecodeBatch | None, list[tuple[_Generation, Any, bool, int]], int]:
         """Run one decode step of the batch and prefill the admitted requests (model thread).
 
         Returns the new batch, (request, text piece or exception, finished, new tokens) events, and the decode step's size.
@@ -319,13 +313,10 @@ class Engine:
         events: list[tuple[_Generation, Any, bool, int]] = []
         size = 0
         if batch is not None:
-            batch = self._select(batch, [i for i, r in enumerate(batch.rows) if not r.cancelled])
+            batch = self._select(batch, [i for i, row in enumerate(batch.rows) if not row.key.cancelled])
         if batch is not None:
             size = len(batch.rows)
-            mask = torch.cat([batch.mask, batch.mask.new_ones(size, 1)], dim=1)
-            logits = self._step(batch.pending[:, None], None, None if bool(mask.all()) else mask, batch.cache)
-            batch.mask = mask
-            batch = self._take(batch, logits, events)
+            batch = self._take(batch, step_batch(self._step, batch), events)
         if admitted:
             try:
                 new, logits = self._prefill(admitted)
@@ -333,73 +324,44 @@ class Engine:
                 events.extend((req, error, True, 0) for req in admitted)
                 return batch, events, size
             new = self._take(new, logits, events)
-            batch = new if batch is None else (batch if new is None else self._merge(batch, new))
+            batch = new if batch is None else (batch if new is None else merge_batches(batch, new))
         return batch, events, size
 
-    def _prefill(self, reqs: list[_Generation]) -> tuple[_DecodeBatch, torch.Tensor]:
+    def _prefill(self, reqs: list[_Generation]) -> tuple[DecodeBatch, torch.Tensor]:
         """Return the admitted requests as a batch with their prompts cached, and their next-token logits."""
         prompts, images, audio = [r.messages for r in reqs], [r.images for r in reqs], [r.audio for r in reqs]
-        _, cache, _, embeds, mask = self.vlm._prepare(
-            prompts, images, GenerationSettings(1), "dynamic", audio
-        )
-        logits = self._step(None, embeds, mask, cache)
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return _DecodeBatch(list(reqs), cache, mask, mask.new_zeros(0)), logits
+        _, cache, _, embeds, mask = self.vlm.prepare(prompts, images, GenerationSettings(1), "dynamic", audio)
+        return prefill(self._step, cache, [r.row for r in reqs], None, embeds, mask)
 
-    def _take(self, batch: _DecodeBatch, logits: torch.Tensor, events: list) -> "_DecodeBatch | None":
+    def _take(self, batch: DecodeBatch, logits: torch.Tensor, events: list) -> DecodeBatch | None:
         """Pick each row's next token, stream its text, and drop the rows that ended."""
-        greedy = logits.argmax(-1).tolist()
-        tokens, keep = [], []
-        for i, req in enumerate(batch.rows):
-            token = greedy[i] if req.sample is None else int(req.sample(logits[i : i + 1])[0])
-            tokens.append(token)
-            if token in self.vlm.eos_token_ids:
-                req.finish_reason = "stop"
-                events.append((req, req.stream.finish(), True, 0))
-                continue
-            req.generated += 1
-            piece = req.stream.push(token)
-            done = req.stream.stopped or req.generated >= req.max_new_tokens
-            if done:
-                req.finish_reason = "stop" if req.stream.stopped else "length"
-            events.append((req, piece + (req.stream.finish() if done else ""), done, 1))
-            if not done:
-                keep.append(i)
-        batch.pending = torch.tensor(tokens, device=logits.device)
-        return self._select(batch, keep)
+        size = len(batch.rows)
+        for row, token, piece in take_tokens(batch, logits):
+            done = row.finish_reason is not None
+            events.append(
+                (row.key, piece + (row.stream.finish() if done else ""), done, int(token is not None))
+            )
+        if not batch.running:
+            return None
+        if len(batch.rows) < size:
+            self._compact(batch)
+        return batch
 
-    def _select(self, batch: _DecodeBatch, keep: list[int]) -> "_DecodeBatch | None":
+    def _select(self, batch: DecodeBatch, keep: list[int]) -> DecodeBatch | None:
         """Keep rows `keep`; then cut the leading cache slots that are padding in every remaining row."""
         if not keep:
             return None
         if len(keep) < len(batch.rows):
-            index = torch.tensor(keep, device=batch.mask.device)
-            for layer in batch.cache:
-                layer.select(index)
-            batch = _DecodeBatch([batch.rows[i] for i in keep], batch.cache, batch.mask[index],
-                                 batch.pending[index] if len(batch.pending) else batch.pending)  # fmt: skip
-            if self.vlm.model.kind != "cross_attention":  # its media mask is tied to the prompt's length
-                first = int(batch.mask.any(0).long().argmax())
-                if first:
-                    batch.mask = batch.mask[:, first:]
-                    for layer in batch.cache:
-                        layer.k, layer.v = layer.k[:, :, first:], layer.v[:, :, first:]
+            select_rows(batch, keep)
+            self._compact(batch)
         return batch
 
-    @staticmethod
-    def _merge(a: _DecodeBatch, b: _DecodeBatch) -> _DecodeBatch:
-        """Stack two batches' rows, left-padding the shorter cache: [Ba, H, Sa, Dh] + [Bb, H, Sb, Dh]."""
-        n = max(a.mask.shape[1], b.mask.shape[1])
-        cache = [
-            KVCache(
-                torch.cat([left_pad(la.k, n, 2), left_pad(lb.k, n, 2)]),
-                torch.cat([left_pad(la.v, n, 2), left_pad(lb.v, n, 2)]),
-            )  # fmt: skip
-            for la, lb in zip(a.cache, b.cache, strict=True)
-        ]
-        mask = torch.cat([left_pad(a.mask, n, 1), left_pad(b.mask, n, 1)])
-        return _DecodeBatch(a.rows + b.rows, cache, mask, torch.cat([a.pending, b.pending]))
+    def _compact(self, batch: DecodeBatch) -> None:
+        """Cut the padding no row needs any more; without padding left the steps run with no mask at all."""
+        if self.vlm.model.kind != "cross_attention":  # its media mask is tied to the prompt's length
+            trim_padding(batch)
+        if batch.mask is not None and bool(batch.mask.all()):
+            batch.mask = None
 
     # embeddings, classification, search
     async def embed_texts(self, texts: list[str]) -> torch.Tensor:
