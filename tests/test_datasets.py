@@ -459,3 +459,21 @@ def test_bad_inputs_raise_input_error_naming_the_file(tmp_path: Path, world: Pat
         dataset.load_state_dict(_dataset(world / "manifest.jsonl", seed=1).state_dict())
     with pytest.raises(InputError, match="scale"):
         TrainTransform(scale=(0.5, 0.2))
+
+
+@pytest.mark.parametrize(
+    ("coco", "message"),
+    [
+        (
+            {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1}]},
+            r"annotations\[0\]: missing field 'caption'",
+        ),
+        ({"images": [{"file_name": "a.png"}], "annotations": []}, r"images\[0\]: missing field 'id'"),
+        ({"images": [], "annotations": {}}, r'a JSON object with a "annotations" list'),
+    ],
+)
+def test_a_malformed_coco_captions_file_names_the_entry(tmp_path: Path, coco: dict, message: str) -> None:
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(InputError, match=message):
+        CocoCaptions(path)

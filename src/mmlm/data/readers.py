@@ -271,7 +271,8 @@ class CocoCaptions(PairReader):
                     raise InputError(
                         f"{self.path}: split={split!r}, but a COCO captions file holds one split"
                     )
-                self._samples = _coco_samples(images, data["annotations"], root)
+                self._samples = [(str(image_id), root / name, captions)
+                                 for image_id, name, captions in coco_caption_groups(data, self.path)]  # fmt: skip
             else:
                 self.layout = "karpathy"
                 self._samples = _karpathy_samples(images, root, split, self.path)
@@ -290,11 +291,31 @@ class CocoCaptions(PairReader):
         return Pair(key, image, _captions(captions, key))
 
 
-def _coco_samples(images: list[dict], annotations: list[dict], root: Path) -> list[tuple[str, Path, list]]:
-    captions: dict[Any, list[str]] = {}
-    for annotation in annotations:
-        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    return [(str(image["id"]), root / image["file_name"], captions.get(image["id"], [])) for image in images]
+def coco_caption_groups(data: Any, path: PathLike) -> list[tuple[Any, str, list[Any]]]:
+    """Return (image id, file_name, captions) per image of a COCO-captions JSON object (`images` [{id,
+    file_name}] + `annotations` [{image_id, caption}]), or raise InputError naming the bad entry."""
+
+    def entries(key: str) -> list[Any]:
+        items = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise InputError(f'{path}: expected a JSON object with a "{key}" list')
+        return items
+
+    def field(item: Any, key: str, where: str) -> Any:
+        if not isinstance(item, dict) or key not in item:
+            raise InputError(f"{where}: missing field {key!r}")
+        return item[key]
+
+    captions: dict[Any, list[Any]] = {}
+    for i, item in enumerate(entries("annotations")):
+        where = f"{path}: annotations[{i}]"
+        captions.setdefault(field(item, "image_id", where), []).append(field(item, "caption", where))
+    groups = []
+    for i, item in enumerate(entries("images")):
+        where = f"{path}: images[{i}]"
+        image_id = field(item, "id", where)
+        groups.append((image_id, field(item, "file_name", where), captions.get(image_id, [])))
+    return groups
 
 
 def _karpathy_samples(

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mmlm.data.readers import coco_caption_groups
 from mmlm.errors import InputError
 from mmlm.eval.tasks import (
     DEFAULT_CACHE_DIR,
@@ -184,21 +185,16 @@ def pope(jsonl: str | Path, image_dir: str | Path, split: str | None = None) -> 
 
 def coco_captions(json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return one sample per COCO image (captions_val2014.json) with all its reference captions."""
-    data = read_json(json)
-    captions: dict[Any, list[str]] = {}
-    for i, item in enumerate(_items(data, "annotations", json)):
-        where = f"{json}: annotations[{i}]"
-        captions.setdefault(_get(item, "image_id", where), []).append(
-            str(_get(item, "caption", where)).strip()
-        )
-    samples = []
-    for i, item in enumerate(_items(data, "images", json)):
-        where = f"{json}: images[{i}]"
-        image_id = _get(item, "id", where)
-        sample = Sample(str(image_id), CAPTION_QUESTION, _image(image_dir, _get(item, "file_name", where)),
-                        captions.get(image_id, []), meta={"image_id": image_id})  # fmt: skip
-        samples.append(sample)
-    return samples
+    return [
+        Sample(
+            str(image_id),
+            CAPTION_QUESTION,
+            _image(image_dir, name),
+            [str(c).strip() for c in captions],
+            meta={"image_id": image_id},
+        )  # fmt: skip
+        for image_id, name, captions in coco_caption_groups(read_json(json), json)
+    ]
 
 
 def multiple_choice(path: str | Path) -> list[Sample]:
