@@ -8,15 +8,17 @@ generation config).
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from mmlm.checkpoints.mmlm_format import check_save_format, write_json, write_mmlm
 from mmlm.checkpoints.safetensors_io import write_weights
+from mmlm.errors import InputError
 from mmlm.inference.generation import GenerationSettings, generate_texts, stream_text
 
+CacheKind = Literal["static", "dynamic"]
 # what a family's prepare returns: (step, KV cache, settings cut to the context, ids or embeddings, mask)
 Prepared = tuple[Callable, list, GenerationSettings, torch.Tensor, torch.Tensor | None]
 
@@ -95,6 +97,13 @@ def generation_settings(
     """Return the settings of a generate/stream call; one stop string may be given bare."""
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     return GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
+
+
+def check_request(settings: GenerationSettings, cache: str) -> None:
+    """Raise InputError unless the settings and the KV-cache kind of a generate/stream call are usable."""
+    settings.check()
+    if cache not in get_args(CacheKind):
+        raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
 
 
 class GenerativeBase(LoadedModel):

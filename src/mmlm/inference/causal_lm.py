@@ -9,7 +9,7 @@ Output is the new text only, special tokens skipped.
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -25,7 +25,7 @@ from mmlm.checkpoints.keymap import Rule, to_ours, to_theirs
 from mmlm.checkpoints.mmlm_format import read_mmlm, write_json
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
-from mmlm.inference.base import GenerativeBase, end_token_ids, generation_settings
+from mmlm.inference.base import CacheKind, GenerativeBase, check_request, end_token_ids, generation_settings
 from mmlm.inference.generation import GenerationSettings, Step, lm_step
 from mmlm.json_files import read_json_object
 from mmlm.models.decoder_lm import DecoderLM, LayerCache, LMConfig
@@ -33,7 +33,6 @@ from mmlm.processing.chat import ChatTemplate, Message, check_messages
 from mmlm.processing.padding import pad_rows
 from mmlm.processing.tokenizer import HFTokenizer, load_tokenizer
 
-CacheKind = Literal["static", "dynamic"]
 # a text used as written, or a conversation [{"role": ..., "content": ...}, ...] for the chat template
 Prompt = str | Sequence[Message]
 
@@ -112,9 +111,7 @@ class CausalLM(GenerativeBase):
         self, texts: list[str], chat: bool, settings: GenerationSettings, cache: CacheKind, compile: bool
     ) -> tuple[Step, list[LayerCache], GenerationSettings, torch.Tensor, torch.Tensor | None]:
         """Return (step, cache, settings cut to the context, prompt ids, mask or None) for a batch of prompts."""
-        settings.check()
-        if cache not in ("static", "dynamic"):
-            raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
+        check_request(settings, cache)
         ids, mask = self.encode(texts, add_special_tokens=not chat)  # templates write their own bos
         # Prompt and new tokens share the context; generation stops when it is full.
         room = self.config.max_positions - ids.shape[1]

@@ -27,7 +27,7 @@ from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
 from mmlm.inference.audio import whisper_preprocessor
-from mmlm.inference.base import GenerativeBase, end_token_ids, generation_settings
+from mmlm.inference.base import GenerativeBase, check_request, end_token_ids, generation_settings
 from mmlm.inference.causal_lm import generation_eos_ids
 from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
 from mmlm.json_files import read_json_object
@@ -85,9 +85,7 @@ class GenerativeModel(GenerativeBase):
                  audio: list[list[Any]] | None = None, sampling_rate: int | None = None,
                  videos: list[list[Any]] | None = None, num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
         """Return (step, cache, settings cut to the context, prompt embeddings, mask or None) for a batch of prompts."""
-        settings.check()
-        if cache not in ("static", "dynamic"):
-            raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
+        check_request(settings, cache)
         batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left", audio=audio,
                                sampling_rate=sampling_rate, videos=videos, num_frames=num_frames,
                                video_fps=video_fps, video_pool=self.config.video_pool)  # fmt: skip
