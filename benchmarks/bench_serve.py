@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def image_url() -> str:
     """Return a shapes-world image (the README's "cake" example) as a PNG data URL."""
-    from mmlm.data import shapes
+    from mmlm.data.synthetic import shapes
     from mmlm.recipes.demo_vlm import example_scene
 
     buffer = io.BytesIO()

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from timing import median_seconds
 
-from mmlm.data.videos import make_video, write_video
+from mmlm.data.synthetic.videos import make_video, write_video
 from mmlm.models.vision import VisionConfig, VisionTransformer
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.video import encode_frames, read_video

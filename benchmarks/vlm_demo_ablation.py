@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import mmlm.train.vlm_loop as loop
-from mmlm.data import shapes
+from mmlm.data.synthetic import shapes
 from mmlm.models.vision import VisionConfig
 from mmlm.recipes.demo_vlm import demo_vlm_config, pretrain_tower
 

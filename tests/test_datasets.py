@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from skimage import data
 
-from mmlm.data import shapes
 from mmlm.data.augment import EvalTransform, TrainTransform, mentions_side
 from mmlm.data.datasets import PairCollate, PairDataset, PairLoader
 from mmlm.data.readers import (
@@ -29,6 +28,7 @@ from mmlm.data.readers import (
     expand_braces,
     open_pairs,
 )
+from mmlm.data.synthetic import shapes
 from mmlm.errors import InputError
 from mmlm.processing.image import ImageProcessor, load_image
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from mmlm.cli import main
-from mmlm.data.scene import COLORS, SHAPES
+from mmlm.data.synthetic.scene import COLORS, SHAPES
 from mmlm.errors import InputError
 from mmlm.eval import captioning
 from mmlm.eval.captioning import caption_scores, java_available, ptb_tokenize, python_tokenize

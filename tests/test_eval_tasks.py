@@ -13,8 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from mmlm.data.instructions import make_instruction
-from mmlm.data.shapes import COLORS, SHAPES, describe, split_combinations
+from mmlm.data.synthetic.instructions import make_instruction
+from mmlm.data.synthetic.shapes import COLORS, SHAPES, describe, split_combinations
 from mmlm.errors import InputError
 from mmlm.eval import official_formats
 from mmlm.eval.official_formats import convert, official_task

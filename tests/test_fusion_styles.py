@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmlm
-from mmlm.data.shapes import split_combinations
+from mmlm.data.synthetic.shapes import split_combinations
 from mmlm.errors import InputError
 from mmlm.fusion import ConnectorConfig
 from mmlm.fusion.unified import ImageCodebook

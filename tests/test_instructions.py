@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mmlm.data.conversations import ConversationDataset, read_conversations
-from mmlm.data.instructions import (
+from mmlm.data.synthetic.instructions import (
     QUESTION_TYPES,
     generate_instructions,
     instruction_splits,
@@ -18,7 +18,7 @@ from mmlm.data.instructions import (
     write_instructions,
     write_text_corpus,
 )
-from mmlm.data.shapes import COLORS, SHAPES, relation_holds, split_combinations
+from mmlm.data.synthetic.shapes import COLORS, SHAPES, relation_holds, split_combinations
 from mmlm.errors import InputError
 
 PAIR_RE = re.compile(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")

@@ -10,7 +10,7 @@ import torch
 import mmlm
 from fixtures_vlm import write_tiny_llava
 from mmlm.checkpoints.mmlm_format import MMLM_VERSION, load_mmlm_model, mmlm_architecture, read_mmlm
-from mmlm.data.videos import make_video, write_video
+from mmlm.data.synthetic.videos import make_video, write_video
 from mmlm.errors import InputError
 from mmlm.inference.audio import AudioModel
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmlm.data import shapes
-from mmlm.data.charts import PLOT_BOTTOM, PLOT_TOP, bar_boxes
-from mmlm.data.shapes import (
+from mmlm.data.synthetic import shapes
+from mmlm.data.synthetic.charts import PLOT_BOTTOM, PLOT_TOP, bar_boxes
+from mmlm.data.synthetic.shapes import (
     COLORS,
     SHAPES,
     BarChart,

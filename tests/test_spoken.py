@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from mmlm.data.scene import COLORS, SHAPES, WORDS
-from mmlm.data.spoken import SPOKEN_VOCABULARY, add_noise, make_spoken_set, speak
+from mmlm.data.synthetic.scene import COLORS, SHAPES, WORDS
+from mmlm.data.synthetic.spoken import SPOKEN_VOCABULARY, add_noise, make_spoken_set, speak
 from mmlm.errors import InputError
 from mmlm.processing.audio import SAMPLING_RATE, load_audio
 

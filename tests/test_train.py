@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mmlm
-from mmlm.data import shapes
+from mmlm.data.synthetic import shapes
 from mmlm.train.config import load_train_config
 from mmlm.train.run import run_clip_training
 

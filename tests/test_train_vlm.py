@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmlm.cli import main
-from mmlm.data.shapes import split_combinations
+from mmlm.data.synthetic.shapes import split_combinations
 from mmlm.layers.lora import LoRALinear
 from mmlm.train.mixing import MULTIMODAL, TEXT, MixingSampler, corpus_texts
 from mmlm.train.vlm_config import StageData, vlm_config_from_dict

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import mmlm.processing.video as video_module
-from mmlm.data.scene import COLORS
-from mmlm.data.shapes import BACKGROUND
-from mmlm.data.videos import DIRECTIONS, VIDEO_KINDS, make_video, write_video
+from mmlm.data.synthetic.scene import COLORS
+from mmlm.data.synthetic.shapes import BACKGROUND
+from mmlm.data.synthetic.videos import DIRECTIONS, VIDEO_KINDS, make_video, write_video
 from mmlm.errors import InputError
 from mmlm.models.vision import VisionConfig, VisionTransformer
 from mmlm.processing.image import ImageProcessor

@@ -10,7 +10,7 @@ from PIL import Image
 import mmlm
 from fixtures_vlm import write_tiny_llava
 from mmlm.cli import main
-from mmlm.data.videos import make_video, write_video
+from mmlm.data.synthetic.videos import make_video, write_video
 from mmlm.errors import InputError
 from mmlm.processing.video import read_video
 from mmlm.processing.video_prompt import expand_videos

@@ -1,1 +1,1 @@
-"""Data for mmlm: the embedded shapes-world generator (`mmlm.data.shapes`) and the dataset readers."""
+"""Data for mmlm: readers per format, streaming datasets, and the synthetic worlds (`mmlm.data.synthetic`)."""

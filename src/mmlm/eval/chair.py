@@ -9,7 +9,7 @@ every mention counts, repeated ones included. A mention is hallucinated when the
 objects do not hold it. Where chair.py would divide by zero (no mention at all) CHAIR_i is 0.
 
 The vocabulary is the shapes world's colours × shapes (`CHAIR_SYNONYMS`, canonical words from
-`mmlm.data.scene`). A shape with a colour just before it (size words may sit between: "two small red
+`mmlm.data.synthetic.scene`). A shape with a colour just before it (size words may sit between: "two small red
 circles") is the object "red circle"; without one, "circle". Ground truth is `sample.meta["objects"]`, a list
 like ["red circle", "blue squares"] read with the same rules. "red circle" is grounded by a ground-truth
 "red circle" or a colourless "circle"; a colourless "circle" by any circle.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mmlm.data.scene import COLORS, SHAPES
+from mmlm.data.synthetic.scene import COLORS, SHAPES
 from mmlm.errors import InputError
 
 # canonical word -> every word that names it (the canonical one first), as chair.py's synonyms.txt rows

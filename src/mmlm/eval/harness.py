@@ -145,7 +145,7 @@ class _Images:
 
     def blind_video(self) -> Video:
         if self.grey_video is None:  # written once per run: eight grey frames
-            from mmlm.data.videos import write_video
+            from mmlm.data.synthetic.videos import write_video
 
             path = Path(tempfile.mkdtemp(prefix="mmlm-blind-")) / "grey.mp4"
             self.grey_video = Video(

@@ -24,8 +24,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from mmlm.data.instructions import SPLITS, Instruction, make_instruction
-from mmlm.data.shapes import COLORS, Scene, caption, render, sample_scene, split_combinations
+from mmlm.data.synthetic.instructions import SPLITS, Instruction, make_instruction
+from mmlm.data.synthetic.shapes import COLORS, Scene, caption, render, sample_scene, split_combinations
 from mmlm.errors import InputError
 from mmlm.eval.samples import LETTERS, Sample, read_samples, write_samples
 

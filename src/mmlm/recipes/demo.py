@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mmlm.data import shapes
+from mmlm.data.synthetic import shapes
 from mmlm.eval.retrieval import retrieval_metrics
 from mmlm.eval.zeroshot import zero_shot_metrics
 from mmlm.inference.contrastive import ContrastiveModel

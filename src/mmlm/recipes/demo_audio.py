@@ -1,6 +1,6 @@
 """`mmlm demo --modality audio`: a small audio-text CLIP on spoken words, scored by retrieval on held-out speech.
 
-The shapes-world vocabulary is spoken by espeak-ng (`mmlm.data.spoken`) in several variants per phrase; the
+The shapes-world vocabulary is spoken by espeak-ng (`mmlm.data.synthetic.spoken`) in several variants per phrase; the
 test variant of each phrase is faster and noisier than any training clip. A dual encoder with a Whisper-style
 audio tower (2 s window, 80 mels) and a small text tower trains with CLIP's loss through `mmlm train clip`'s
 loop, then every test clip is matched against every phrase: audio→text R@1 over the vocabulary, and text→audio.
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlm.data.spoken import make_spoken_set
+from mmlm.data.synthetic.spoken import make_spoken_set
 from mmlm.eval.retrieval import read_audio_retrieval_set, retrieval_metrics
 from mmlm.json_files import jsonl_rows
 from mmlm.models.audio_encoder import AudioConfig

@@ -1,6 +1,6 @@
 """`mmlm demo --modality video`: a small video VLM on shapes-world clips, reported beside its blind baseline.
 
-Clips of an object moving, appearing, disappearing or changing colour (`mmlm.data.videos`) become LLaVA
+Clips of an object moving, appearing, disappearing or changing colour (`mmlm.data.synthetic.videos`) become LLaVA
 conversations with `frames` frames each, sampled at segment centres and given to the VLM `video_pool` to an image
 slot. The demo's VLM recipe trains on them: the `make demo` tower when it exists, else a fresh ViT; a 2-layer LM;
 an MLP connector that averages a slot's frames, or (the default) a perceiver that reads them with time
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlm.data.videos import VIDEO_KINDS, make_video, write_video
+from mmlm.data.synthetic.videos import VIDEO_KINDS, make_video, write_video
 
 FRAMES, CLIP_FRAMES, TRAIN_CLIPS, TEST_CLIPS = 8, 16, 2400, 200
 # two frames per image slot, read by a perceiver with time embeddings: at 4 slots (64 visual tokens) it answers

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlm.data import shapes
-from mmlm.data.instructions import QUESTION_TYPES, make_instruction
+from mmlm.data.synthetic import shapes
+from mmlm.data.synthetic.instructions import QUESTION_TYPES, make_instruction
 from mmlm.eval.vqa import answer_questions, exact_match, vqa_scores
 from mmlm.fusion import ConnectorConfig
 from mmlm.models.decoder_lm import LMConfig

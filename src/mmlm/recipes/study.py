@@ -72,7 +72,7 @@ def speed(loaded: Any, image: Any, new_tokens: int = 32, repeats: int = 5) -> tu
 
 def run_style(kind: str, out: Path, tower: Path, steps: int, eval_samples: int) -> dict[str, Any]:
     """Train and measure one style; return its row of the study."""
-    from mmlm.data import shapes
+    from mmlm.data.synthetic import shapes
     from mmlm.recipes.demo_vlm import example_scene
     from mmlm.train.vlm_loop import run_vlm_training
 
@@ -139,7 +139,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 def remeasure(out: Path) -> list[dict[str, Any]]:
     """Measure prefill and decode again on the styles' saved models (for a quieter machine); update the files."""
     import mmlm
-    from mmlm.data import shapes
+    from mmlm.data.synthetic import shapes
     from mmlm.recipes.demo_vlm import example_scene
 
     results = out / "results.json"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmlm.data.conversations import encode_conversation, read_conversations
-from mmlm.data.instructions import make_instruction, text_corpus
+from mmlm.data.synthetic.instructions import make_instruction, text_corpus
 from mmlm.errors import InputError
 from mmlm.eval.vqa import question_messages
 from mmlm.processing.bpe import EOS

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmlm.data import shapes
 from mmlm.data.audio_pairs import InMemoryAudioPairs, clip_features, read_audio_manifest
 from mmlm.data.augment import TrainTransform
 from mmlm.data.datasets import PairCollate, PairDataset, PairLoader
 from mmlm.data.readers import open_pairs
+from mmlm.data.synthetic import shapes
 from mmlm.errors import InputError
 from mmlm.eval.retrieval import manifest_evaluator
 from mmlm.inference.audio import whisper_preprocessor
@@ -92,7 +92,7 @@ def build_audio_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, preprocess
     if cfg.data.source == "shapes":
         raise InputError(
             'data.source: an audio-text model trains on an audio manifest (JSONL rows with "audio" and "text"),'
-            " e.g. the spoken set of mmlm.data.spoken.make_spoken_set; got the image world 'shapes'"
+            " e.g. the spoken set of mmlm.data.synthetic.spoken.make_spoken_set; got the image world 'shapes'"
         )
     clips, captions = read_audio_manifest(cfg.data.source, cfg.data.split)
     texts = [c[0] for c in captions]

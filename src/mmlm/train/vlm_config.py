@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmlm.data.instructions import QUESTION_TYPES
+from mmlm.data.synthetic.instructions import QUESTION_TYPES
 from mmlm.errors import InputError
 from mmlm.fusion import ConnectorConfig
 from mmlm.models.audio_encoder import AudioConfig

@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.checkpoints.peft import llama_module_names, save_adapter
-from mmlm.data.instructions import make_instruction
-from mmlm.data.shapes import split_combinations
+from mmlm.data.synthetic.instructions import make_instruction
+from mmlm.data.synthetic.shapes import split_combinations
 from mmlm.errors import InputError
 from mmlm.eval.vqa import answer_questions, vqa_scores
 from mmlm.inference.vlm import GenerativeModel

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import soundfile
 
-from mmlm.data.scene import COLORS, SHAPES, WORDS
-from mmlm.data.shapes import NUMBER_WORDS
+from mmlm.data.synthetic.scene import COLORS, SHAPES, WORDS
+from mmlm.data.synthetic.shapes import NUMBER_WORDS
 from mmlm.errors import InputError
 from mmlm.processing.audio import SAMPLING_RATE, load_audio
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mmlm.data.charts import BarChart
+from mmlm.data.synthetic.charts import BarChart
 from mmlm.errors import InputError
 
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mmlm.data.conversations import llava_record
-from mmlm.data.shapes import (
+from mmlm.data.synthetic.shapes import (
     KINDS,
     SHAPES,
     Scene,

@@ -1,7 +1,7 @@
 """Shapes-world videos: short clips of shapes that move, appear, disappear or change colour, with a caption
 and one question whose answer needs more than one frame.
 
-Each clip is rendered frame by frame from `Scene`s (`mmlm.data.shapes.render`), so the ground truth is known
+Each clip is rendered frame by frame from `Scene`s (`mmlm.data.synthetic.shapes.render`), so the ground truth is known
 exactly; `write_video` stores the frames as a real MP4 (H.264) or WebM (VP9) file through PyAV. Every clip is
 deterministic given (kind, seed).
 """
@@ -15,8 +15,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from mmlm.data.scene import COLORS, SHAPES, SIZES, Scene, ShapeObject
-from mmlm.data.shapes import render
+from mmlm.data.synthetic.scene import COLORS, SHAPES, SIZES, Scene, ShapeObject
+from mmlm.data.synthetic.shapes import render
 from mmlm.errors import InputError
 
 VIDEO_KINDS: tuple[str, ...] = ("move", "appear", "disappear", "color")

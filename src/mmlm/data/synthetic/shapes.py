@@ -1,5 +1,5 @@
 """The shapes world: a seeded generator of small images of coloured shapes, words and bar charts,
-with templated captions and the ground-truth `Scene` (see `mmlm.data.scene`) behind every image.
+with templated captions and the ground-truth `Scene` (see `mmlm.data.synthetic.scene`) behind every image.
 
 Colour×shape pairs can be held out of training (`split_combinations`) to measure compositional
 zero-shot generalisation (`zero_shot_set`); `retrieval_set` gives captions that each describe
@@ -18,8 +18,14 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mmlm.data.charts import BarChart, caption_bar_chart, describe_bar_chart, draw_bar_chart, sample_bar_chart
-from mmlm.data.scene import (
+from mmlm.data.synthetic.charts import (
+    BarChart,
+    caption_bar_chart,
+    describe_bar_chart,
+    draw_bar_chart,
+    sample_bar_chart,
+)
+from mmlm.data.synthetic.scene import (
     COLORS,
     GRID,
     RELATION_MARGIN,
