@@ -17,7 +17,7 @@ import torch
 
 from mmlm.errors import InputError
 from mmlm.models.decoder_lm import DecoderLM, LayerCache
-from mmlm.models.vlm import VisionLanguageModel
+from mmlm.models.vlm import VisionLanguageModel, VLMCache
 
 Step = Callable[
     [torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[LayerCache]], torch.Tensor
@@ -62,14 +62,12 @@ def lm_step(model: DecoderLM) -> Step:
 def vlm_step(model: VisionLanguageModel) -> Step:
     """Return the generation step of a VLM (see mmlm.inference.generation): logits of each row's last position.
 
-    With cross-attention fusion, the last entry of `cache` is the prompt's MediaCache, after the LM's layer
-    caches, so that generation's row selection reaches it.
+    `cache` is the model's VLMCache: the LM's layer caches, and the fusion style's own (Flamingo's media) that
+    generation's row selection reaches with them.
     """
 
     def step(input_ids, inputs_embeds, attention_mask, cache):
-        media = None
-        if model.kind == "cross_attention":
-            *cache, media = cache
+        media = cache.fusion if isinstance(cache, VLMCache) else None
         embeds = model.lm.embed(input_ids) if inputs_embeds is None else inputs_embeds
         return model.run_lm(embeds, media, attention_mask, cache, last_only=True).logits[:, -1]
 
@@ -154,8 +152,11 @@ def generate_ids(
         if drop_finished and not all(running):
             keep = [i for i, r in enumerate(running) if r]
             index = torch.tensor(keep, device=device)
-            for layer in cache:
-                layer.select(index)
+            if isinstance(cache, VLMCache):  # its fusion style's cache loses the rows too
+                cache.select(index)
+            else:
+                for layer in cache:
+                    layer.select(index)
             rows, tokens, running = [rows[i] for i in keep], tokens[index], [True] * len(keep)
             attention_mask = attention_mask[index] if attention_mask is not None else None
         if attention_mask is not None or not all(running):

@@ -5,8 +5,8 @@ that have been waiting are prefilled together and their key/value caches are mer
 (both sides left-padded to the longer cache; the attention mask hides the padding and positions come from
 the mask, so every row sees exactly its own tokens). A row leaves the batch when it ends (end token, stop
 string, max_new_tokens), is cancelled or times out, and leading padding no row needs any more is cut off.
-Cross-attention (Flamingo) models keep per-prompt media in the cache, which does not merge: new requests
-join only an empty batch there (static batching).
+A fusion style that keeps per-prompt state in the cache (Flamingo's media) is not `batchable`: it does not merge,
+so new requests join only an empty batch there (static batching).
 
 Embeddings, zero-shot classification and search requests that arrive within `batch_wait_ms` of each other
 go to the contrastive model as one call per kind. All model calls run on one worker thread, so the event
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from mmlm.errors import InputError
 from mmlm.inference.generation import GenerationSettings, TextStream, make_sampler, vlm_step
 from mmlm.layers.attention import KVCache
+from mmlm.models.vlm import VLMCache
 from mmlm.serve.encoding import run_encodings, search_hits
 from mmlm.serve.metrics import ServerMetrics
 
@@ -298,7 +299,7 @@ class Engine:
         """Take the waiting requests that join the batch at this step boundary."""
         running = len(batch.rows) if batch is not None else 0
         limit = self.config.max_batch if self.config.batching else 1
-        if running and (not self.config.batching or self.vlm.model.kind == "cross_attention"):
+        if running and (not self.config.batching or not self.vlm.model.style.batchable):
             return []
         admitted = []
         while self._generations and running + len(admitted) < limit:
@@ -375,11 +376,10 @@ class Engine:
             return None
         if len(keep) < len(batch.rows):
             index = torch.tensor(keep, device=batch.mask.device)
-            for layer in batch.cache:
-                layer.select(index)
+            batch.cache.select(index)  # a VLMCache: the style's own cache loses the rows too
             batch = _DecodeBatch([batch.rows[i] for i in keep], batch.cache, batch.mask[index],
                                  batch.pending[index] if len(batch.pending) else batch.pending)  # fmt: skip
-            if self.vlm.model.kind != "cross_attention":  # its media mask is tied to the prompt's length
+            if self.vlm.model.style.batchable:  # else its per-prompt state is tied to the prompt's length
                 first = int(batch.mask.any(0).long().argmax())
                 if first:
                     batch.mask = batch.mask[:, first:]
@@ -396,10 +396,10 @@ class Engine:
             missing = length - x.shape[time_dim]
             return F.pad(x, (0, 0) * (x.dim() - 1 - time_dim) + (missing, 0)) if missing else x
 
-        cache = [
+        cache = VLMCache(
             KVCache(torch.cat([pad(la.k, 2), pad(lb.k, 2)]), torch.cat([pad(la.v, 2), pad(lb.v, 2)]))
             for la, lb in zip(a.cache, b.cache, strict=True)
-        ]
+        )  # batchable styles keep no cache of their own
         mask = torch.cat([pad(a.mask, 1), pad(b.mask, 1)])
         return _DecodeBatch(a.rows + b.rows, cache, mask, torch.cat([a.pending, b.pending]))
 
