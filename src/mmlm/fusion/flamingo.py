@@ -164,11 +164,10 @@ class FlamingoStyle(FusionStyle):
     batchable = False
     comparison = {"num_queries": 64}  # L = 64 latents, as the MULTIMODAL_LLMS chapter's table
 
-    def build(self, cfg: ConnectorConfig, vision_dim: int, lm: Any) -> FlamingoFusion:
+    def build(self, cfg: ConnectorConfig, vision_dim: int, lm: LMShape) -> FlamingoFusion:
         """Return the resampler, marker and gated blocks for an LM of `lm`'s sizes (an LMConfig)."""
-        c = cfg
-        return FlamingoFusion(c.num_queries, c.depth, c.heads, c.head_dim, c.mlp_dim, c.max_frames,
-                              c.cross_attn_every_n_layers, vision_dim, lm)  # fmt: skip
+        return FlamingoFusion(cfg.num_queries, cfg.depth, cfg.heads, cfg.head_dim, cfg.mlp_dim,
+                              cfg.max_frames, cfg.cross_attn_every_n_layers, vision_dim, lm)  # fmt: skip
 
     def check_video(self, cfg: ConnectorConfig, video_pool: int, video_merge: str) -> None:
         """Raise InputError for more than one frame per slot: each frame goes through the resampler."""
@@ -203,13 +202,12 @@ class FlamingoStyle(FusionStyle):
     def cost(self, cfg: ConnectorConfig, x: FusionInput) -> FusionCost:
         """Flamingo: one <image> marker in the sequence; every gated block before every n-th LM layer lets the
         marker and the text attend to the L latents of each view, whose keys/values it caches."""
-        c = cfg
-        media = c.num_queries * x.views
-        gated = gated_cross_attention_layers(x.lm.layers, c.cross_attn_every_n_layers)
+        media = cfg.num_queries * x.views
+        gated = gated_cross_attention_layers(x.lm.layers, cfg.cross_attn_every_n_layers)
         queries = 1 + x.text_tokens
         return FusionCost(
-            f"cross_attention L={c.num_queries} every {c.cross_attn_every_n_layers}", 1,
-            connector_flops=perceiver_resampler_flops(x.features * x.frames, x.vision_dim, c) * x.views,
+            f"cross_attention L={cfg.num_queries} every {cfg.cross_attn_every_n_layers}", 1,
+            connector_flops=perceiver_resampler_flops(x.features * x.frames, x.vision_dim, cfg) * x.views,
             media_tokens=media,
             lm_extra_flops=gated * gated_cross_attention_flops(queries, media, x.lm, x.vision_dim),
             kv_extra_bytes=kv_cache_bytes(gated, x.lm.heads, x.lm.head_dim, media, x.dtype_bytes),

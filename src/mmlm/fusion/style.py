@@ -13,7 +13,7 @@ is registered with `register_style` (fusion/flamingo.py, fusion/unified.py).
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -83,7 +83,8 @@ class FusionStyle:
     def media(
         self, module: nn.Module, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor | None
     ) -> Any:
-        """Return the per-prompt state the LM's hooks read (None: the style has none)."""
+        """Return the per-prompt state the LM's hooks read (None: the style has none). It offers `select(rows)`
+        (generation drops finished rows) and `take(rows, length)` (training runs rows in groups by length)."""
         return None
 
     def before_block(self, module: nn.Module, media: Any) -> BeforeBlock | None:
@@ -98,9 +99,11 @@ class FusionStyle:
         """Return the decoded ids that are text (a style's own ids have no text)."""
         return list(ids)
 
-    def initialise(self, module: nn.Module, patch_features: Callable[[int], torch.Tensor]) -> str | None:
-        """Fit what the style learns before training from `patch_features(images)` [M, Dv]; return a log line
-        (None: nothing to fit)."""
+    def initialise(
+        self, module: nn.Module, patch_features: Callable[[int], torch.Tensor | None]
+    ) -> str | None:
+        """Fit what the style learns before training from `patch_features(images)`, about that many training
+        images' patch features [M, Dv] (None: no stage has images); return a log line (None: nothing to fit)."""
         return None
 
     def ready_untrained(self, module: nn.Module) -> None:
@@ -131,7 +134,7 @@ class ConnectorStyle(FusionStyle):
     reads_frames: bool = (
         False  # its time embeddings read a video slot's frames together (video_merge resampler)
     )
-    comparison: dict[str, Any] | None = field(default=None)
+    comparison: dict[str, Any] | None = None
 
     def build(self, cfg: ConnectorConfig, vision_dim: int, lm: LMSpec) -> nn.Module:
         """Return the registered connector, mapping `vision_dim` to the LM's width."""
