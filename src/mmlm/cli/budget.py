@@ -6,12 +6,9 @@ for every fusion style on the same tower and LM (mmlm/models/budget.py), and wit
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import re
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,6 @@ from mmlm.errors import InputError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
-MEASURE_LIMIT_BYTES = 4 * 2**30  # a random-weight build holds at most 4 GiB of fp32 parameters
 TEXT_ONLY = ("llama", "mistral", "qwen2", "opt", "decoder_lm")
 OPT_DEFAULTS = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
                     num_attention_heads=12, max_position_embeddings=2048)  # fmt: skip
@@ -195,120 +191,6 @@ def _dtype(args: argparse.Namespace, spec: ModelSpec) -> tuple[str, str]:
     return "bfloat16", "assumed: the config names no dtype"
 
 
-# ---- measurement -----------------------------------------------------------------------------------------
-
-
-def median_ms(fn, runs: int, sync) -> float:
-    """Return the median wall time of `fn()` in ms over `runs` runs, after one warm-up run."""
-    fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def _random_model(spec: ModelSpec, device, dtype):
-    import torch
-
-    from mmlm.models.dual_encoder import DualEncoderConfig
-    from mmlm.models.vision import VisionConfig, VisionTransformer
-    from mmlm.models.vlm import VisionLanguageModel, VLMConfig
-
-    cfg = spec.buildable
-    if cfg is None:
-        raise InputError(
-            f"--measure: mmlm cannot build a {spec.name} model; its budget is planned from shapes only"
-        )
-    if isinstance(cfg, VLMConfig):
-
-        def make():
-            return VisionLanguageModel(cfg)
-    else:
-        vision: VisionConfig = cfg.vision if isinstance(cfg, DualEncoderConfig) else cfg
-
-        def make():
-            return VisionTransformer(vision)
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in make().parameters())
-    if params * 4 > MEASURE_LIMIT_BYTES:
-        raise InputError(
-            f"--measure: {spec.name} has {params / 1e9:.2f} B parameters ({params * 4 / 2**30:.1f} GiB in fp32), "
-            f"over the {MEASURE_LIMIT_BYTES // 2**30} GiB limit for random weights; pass a smaller config "
-            "(fewer layers, narrower width) or --model with real weights"
-        )
-    torch.manual_seed(0)
-    with torch.device(device):
-        return make().to(dtype).eval()
-
-
-def measure(args: argparse.Namespace, spec: ModelSpec, budget) -> dict[str, Any]:
-    """Return measured ms per stage (median of --runs after a warm-up) on random or loaded weights."""
-    import torch
-
-    import mmlm
-    from mmlm.inference.load import _parse_device, _parse_dtype
-    from mmlm.models.vision import VisionTransformer
-
-    device = _parse_device(args.device)
-    dtype = _parse_dtype(args.dtype or ("float32" if device.type == "cpu" else spec.torch_dtype))
-    if args.model:
-        loaded = mmlm.load(args.model, device=device, dtype=dtype)
-        model = getattr(loaded.model, "visual", loaded.model)
-    else:
-        model = _random_model(spec, device, dtype)
-    tower = model if isinstance(model, VisionTransformer) else model.vision
-    tower.cfg = dataclasses.replace(tower.cfg, merge_tokens=budget.image.merge_tokens)
-    if model is not tower:  # a VLM counts its slots from its own config
-        model.cfg = dataclasses.replace(model.cfg, vision=tower.cfg)
-    image, v = budget.image, tower.cfg
-    pixels = torch.randn(args.batch_size * image.views * image.frames, v.channels, image.image_size,
-                         image.image_size, device=device, dtype=dtype)  # fmt: skip
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    result: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                              "batch_size": args.batch_size, "runs": args.runs,
-                              "weights": "loaded" if args.model else "random"}  # fmt: skip
-    with torch.inference_mode():
-        if model is tower:
-            result["vision_ms"] = median_ms(lambda: tower(pixels), args.runs, sync)
-            return result
-        cfg = model.cfg
-        if model.kind == "unified" and not bool(
-            model.connector.fitted
-        ):  # random weights: any codebook times the same
-            model.connector.codebook.normal_()
-            model.connector.fitted.fill_(True)
-        features = model.patch_features(pixels)
-        # the connector stage: what fills the image slots, and for cross-attention the resampler's media
-        # each view's frames, video_pool to a slot (the last group may be shorter)
-        groups = [min(image.video_pool, image.frames - i) for i in range(0, image.frames, image.video_pool)]
-        frames = torch.tensor(groups * (args.batch_size * image.views), device=device)
-        connect = (lambda: model.connector.resampler(features)) if model.kind == "cross_attention" else (
-            lambda: model.slot_tokens(features, frames))  # fmt: skip
-        slots = model.image_tokens * len(frames) // args.batch_size
-        text = torch.full((args.batch_size, image.text_tokens), 1, device=device)
-        ids = torch.cat(
-            [torch.full((args.batch_size, slots), cfg.image_token_id, device=device), text], dim=1
-        )
-        embeds, media = model.prepare(ids, pixels, None, frames)
-        tokens = slots
-        result["vision_ms"] = median_ms(lambda: model.patch_features(pixels), args.runs, sync)
-        result["connector_ms"] = median_ms(connect, args.runs, sync)
-        result["lm_prefill_ms"] = median_ms(
-            lambda: model.run_lm(embeds, media, last_only=True), args.runs, sync
-        )
-        result["visual_tokens"] = tokens
-    return result
-
-
 # ---- output ----------------------------------------------------------------------------------------------
 
 
@@ -462,7 +344,11 @@ def cmd_budget(args: argparse.Namespace) -> None:
     _positive("--batch-size", args.batch_size)
     dtype, dtype_source = _dtype(args, spec)
     budget = plan_budget(spec.backbone, image, DTYPE_BYTES[dtype])
-    measured = measure(args, spec, budget) if args.measure else None
+    measured = None
+    if args.measure:
+        from mmlm.recipes.stage_timing import measure
+
+        measured = measure(args, spec, budget)
     if args.json:
         out = {"model": spec.name, "config": str(source), "kv_dtype": dtype, "kv_dtype_source": dtype_source,
                **budget.to_dict(), "measured": measured}  # fmt: skip

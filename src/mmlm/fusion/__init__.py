@@ -1,91 +1,49 @@
-"""Connectors map vision-encoder tokens into the LM's embedding space; `build_connector` picks one by config.
+"""Fusion styles join the vision encoder's tokens to the LM; `connector.kind` names one, `fusion_style` finds it.
 
-Every connector is an `nn.Module` taking patch tokens [B, N, Dv] (no class token) and returning visual
-tokens [B, N', D_lm], with `num_tokens(N) -> N'` so the processor can reserve exactly N' image tokens.
-A new connector (Q-Former, Perceiver, ...) is one file plus one `register_connector` call below.
+Most styles are connectors: an `nn.Module` taking patch tokens [B, N, Dv] (no class token) and returning visual
+tokens [B, N', D_lm], with `num_tokens(N) -> N'` so the processor can reserve exactly N' image tokens. A new
+connector (Q-Former, Perceiver, ...) is one file plus one `register_connector` line below; a style that reaches
+inside the LM or its vocabulary is one file with a `FusionStyle` subclass plus one `register_style` line
+(fusion/style.py says what a style answers).
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
-import torch
-from torch import nn
-
-from mmlm.errors import InputError
-from mmlm.fusion.perceiver import PerceiverConnector, PerceiverResampler
-from mmlm.fusion.pixel_shuffle import PixelShuffleConnector, pixel_shuffle
-from mmlm.fusion.projector import LLAVA_PROJECTOR_KEYS, LinearProjector, MLPProjector
-from mmlm.fusion.qformer import build_qformer_connector
-
-CONNECTOR_CONFIG_VERSION = 1
-
-
-@dataclass
-class ConnectorConfig:
-    """Which connector to build and its options; fields a kind does not use are ignored."""
-
-    # the fusion style: linear (LLaVA v1) | mlp (LLaVA-1.5) | pixel_shuffle (Idefics3, nanoVLM) | qformer (BLIP-2)
-    # | perceiver (a resampler, its latents as tokens) | cross_attention (Flamingo: a resampler feeds gated
-    # cross-attention blocks inside the LM) | unified (VQ image codes in the LM vocabulary, no connector)
-    kind: str = "mlp"
-    act: str = "gelu"  # mlp: the activation between the two layers
-    bias: bool | None = None  # None: the reference's choice (linear, mlp: True; pixel_shuffle: False)
-    scale_factor: int = 2  # pixel_shuffle: r, the side of each block of patches merged into one token
-    num_queries: int = 32  # qformer: learned queries K; perceiver, cross_attention: latents L
-    depth: int = 2  # qformer, perceiver, cross_attention: blocks of the Q-Former / resampler
-    heads: int = 8  # qformer, perceiver, cross_attention: attention heads of those blocks
-    head_dim: int | None = None  # None: width // heads
-    width: int | None = None  # qformer: hidden size (None: the vision width)
-    mlp_dim: int | None = None  # qformer, perceiver, cross_attention: MLP hidden size (None: 4 × width)
-    cross_attention_frequency: int = 2  # qformer: every n-th block cross-attends to the image (BLIP-2: 2)
-    cross_attn_every_n_layers: int = 4  # cross_attention: a gated block before every n-th LM layer
-    max_frames: int = 0  # perceiver, cross_attention: frames with a learned time embedding (0: none)
-    codebook_size: int = 256  # unified: VQ codes, added to the LM vocabulary
-    norm_eps: float | None = None  # qformer: its LayerNorms' eps (None: BLIP-2's 1e-12)
-    version: int = CONNECTOR_CONFIG_VERSION
-
-
-@runtime_checkable
-class Connector(Protocol):
-    """An nn.Module from patch tokens [B, N, Dv] to visual tokens [B, num_tokens(N), D_lm]."""
-
-    def num_tokens(self, num_patches: int) -> int:
-        """Return how many visual tokens `num_patches` patch tokens become."""
-        ...
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """Return visual tokens in LM width, [B, N, Dv] -> [B, num_tokens(N), D_lm]."""
-        ...
-
-
-ConnectorBuilder = Callable[[ConnectorConfig, int, int], nn.Module]
-CONNECTORS: dict[str, ConnectorBuilder] = {}
-
-
-def register_connector(kind: str, builder: ConnectorBuilder) -> None:
-    """Make `build_connector` build `builder(cfg, vision_dim, lm_dim)` for `cfg.kind == kind`."""
-    CONNECTORS[kind] = builder
-
-
-def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> nn.Module:
-    """Return the connector `cfg.kind` names, mapping vision width `vision_dim` to LM width `lm_dim`."""
-    if cfg.kind not in CONNECTORS:
-        raise InputError(f"connector.kind: got {cfg.kind!r}; expected one of {sorted(CONNECTORS)}")
-    return CONNECTORS[cfg.kind](cfg, vision_dim, lm_dim)
+from mmlm.fusion.config import CONNECTOR_CONFIG_VERSION, ConnectorConfig
+from mmlm.fusion.cost import FusionCost, FusionInput
+from mmlm.fusion.flamingo import FlamingoStyle
+from mmlm.fusion.perceiver import PerceiverConnector, PerceiverResampler, perceiver_cost
+from mmlm.fusion.pixel_shuffle import PixelShuffleConnector, pixel_shuffle, pixel_shuffle_cost
+from mmlm.fusion.projector import LLAVA_PROJECTOR_KEYS, LinearProjector, MLPProjector, projector_cost
+from mmlm.fusion.qformer import build_qformer_connector, qformer_cost
+from mmlm.fusion.style import (
+    CONNECTORS,
+    STYLES,
+    Connector,
+    FusionStyle,
+    build_connector,
+    fusion_style,
+    register_connector,
+    register_style,
+)
+from mmlm.fusion.unified import UnifiedStyle
 
 
 def _bias(cfg: ConnectorConfig, default: bool) -> bool:
     return default if cfg.bias is None else cfg.bias
 
 
-register_connector("linear", lambda cfg, dv, dl: LinearProjector(dv, dl, bias=_bias(cfg, True)))
-register_connector("mlp", lambda cfg, dv, dl: MLPProjector(dv, dl, act=cfg.act, bias=_bias(cfg, True)))
+# registration order is the budget's comparison-table order (the MULTIMODAL_LLMS chapter's); `comparison`
+# gives a style its row there, with K = 32 queries (Q-Former) or L = 64 latents (Perceiver, Flamingo)
+register_connector("linear", lambda cfg, dv, dl: LinearProjector(dv, dl, bias=_bias(cfg, True)),
+                   projector_cost, any_length=True)  # fmt: skip
+register_connector("mlp", lambda cfg, dv, dl: MLPProjector(dv, dl, act=cfg.act, bias=_bias(cfg, True)),
+                   projector_cost, any_length=True, comparison={})  # fmt: skip
 register_connector(
     "pixel_shuffle",
     lambda cfg, dv, dl: PixelShuffleConnector(dv, dl, scale_factor=cfg.scale_factor, bias=_bias(cfg, False)),
-)
-register_connector("qformer", build_qformer_connector)  # BLIP-2; width None: the vision width
+    pixel_shuffle_cost, comparison={},
+)  # fmt: skip
+register_connector("qformer", build_qformer_connector, qformer_cost, any_length=True,
+                   comparison={"num_queries": 32})  # BLIP-2; width None: the vision width  # fmt: skip
 register_connector(
     "perceiver",  # the resampler runs at vision width (as in Idefics); its MLP uses Idefics' ReLU, not cfg.act
     lambda cfg, dv, dl: PerceiverConnector(
@@ -93,19 +51,29 @@ register_connector(
                            cfg.mlp_dim or 4 * dv, max_frames=cfg.max_frames),
         dv, dl, bias=_bias(cfg, True),
     ),
+    perceiver_cost, any_length=True, reads_frames=True, comparison={"num_queries": 64},
 )  # fmt: skip
+register_style(FlamingoStyle())  # Flamingo: a resampler feeds gated cross-attention blocks inside the LM
+register_style(UnifiedStyle())  # VQ image codes in the LM vocabulary, no connector
 
 __all__ = [
     "CONNECTORS",
+    "CONNECTOR_CONFIG_VERSION",
     "LLAVA_PROJECTOR_KEYS",
+    "STYLES",
     "Connector",
     "ConnectorConfig",
+    "FusionCost",
+    "FusionInput",
+    "FusionStyle",
     "LinearProjector",
     "MLPProjector",
     "PerceiverConnector",
     "PerceiverResampler",
     "PixelShuffleConnector",
     "build_connector",
+    "fusion_style",
     "pixel_shuffle",
     "register_connector",
+    "register_style",
 ]

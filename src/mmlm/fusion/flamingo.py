@@ -6,20 +6,26 @@ cross-attention blocks, one before every n-th LM layer, attend to. A text token 
 recent `<image>` at or before it (`media_attention_mask`). The gates are tanh(α) with α = 0 at the start, so
 the untrained fusion leaves the base LM's outputs exactly as they were.
 
-The media of a batch travel in a `MediaCache`, passed in and returned like the KV cache: generation appends it
-to the list of layer caches, so rows dropped from the batch are dropped from the media as well.
+The media of a batch travel in a `MediaCache`, passed in and returned like the KV cache: generation carries it
+beside the LM's layer caches (the VLM's cache, mmlm.models.vlm.VLMCache), so rows dropped from the batch are
+dropped from the media as well. `FlamingoStyle` is how the rest of mmlm sees all this (fusion/style.py).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from mmlm.errors import InputError
+from mmlm.fusion.config import ConnectorConfig
+from mmlm.fusion.cost import FusionCost, FusionInput, LMSizes
 from mmlm.fusion.cross_attention import GatedCrossAttentionBlock, media_attention_mask
-from mmlm.fusion.perceiver import PerceiverResampler
+from mmlm.fusion.perceiver import PerceiverResampler, perceiver_resampler_flops
+from mmlm.fusion.style import BeforeBlock, FusionStyle
 from mmlm.layers.attention import KVCache
+from mmlm.layers.flops import cross_attention_flops, kv_cache_bytes, mlp_flops
 
 
 @dataclass
@@ -134,3 +140,75 @@ class FlamingoFusion(nn.Module):
             return self.blocks[str(layer)](x, media.tokens.to(x.dtype), media.mask_for(x.shape[1]), cache)
 
         return apply
+
+
+def gated_cross_attention_layers(lm_layers: int, every: int) -> int:
+    """Return how many gated cross-attention blocks a Flamingo LM has: one before layers 0, n, 2n, ..."""
+    return len(range(0, lm_layers, every))
+
+
+def gated_cross_attention_flops(queries: int, media: int, lm: LMSizes, media_dim: int) -> int:
+    """Return one GATED XATTN-DENSE block's FLOPs as mmlm builds it (Idefics' layout): LM tokens attend to the
+    media with the LM's heads, then a SwiGLU MLP of the LM's hidden size."""
+    attention = cross_attention_flops(queries, media, lm.width, media_dim, lm.heads, lm.head_dim)
+    return attention + mlp_flops(queries, lm.width, lm.mlp_dim, gated=True)
+
+
+class FlamingoStyle(FusionStyle):
+    """`connector.kind` cross_attention: one marker slot per image, the media read by gated blocks in the LM.
+
+    The media mask is tied to the prompt's positions, so the server neither merges nor trims its rows.
+    """
+
+    kind = "cross_attention"
+    batchable = False
+    comparison = {"num_queries": 64}  # L = 64 latents, as the MULTIMODAL_LLMS chapter's table
+
+    def build(self, cfg: ConnectorConfig, vision_dim: int, lm: LMShape) -> FlamingoFusion:
+        """Return the resampler, marker and gated blocks for an LM of `lm`'s sizes (an LMConfig)."""
+        return FlamingoFusion(cfg.num_queries, cfg.depth, cfg.heads, cfg.head_dim, cfg.mlp_dim,
+                              cfg.max_frames, cfg.cross_attn_every_n_layers, vision_dim, lm)  # fmt: skip
+
+    def check_video(self, cfg: ConnectorConfig, video_pool: int, video_merge: str) -> None:
+        """Raise InputError for more than one frame per slot: each frame goes through the resampler."""
+        if video_pool > 1:
+            raise InputError(
+                "video_pool: cross-attention fusion reads every frame through its own resampler; use 1"
+            )
+        super().check_video(cfg, video_pool, video_merge)
+
+    def slot_tokens(self, module: nn.Module, features: torch.Tensor, lm: nn.Module) -> torch.Tensor:
+        """Return the learned marker of each image, [I, 1, D_lm]."""
+        return module.markers(len(features))
+
+    def media(
+        self, module: nn.Module, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor | None
+    ) -> MediaCache:
+        """Return the resampled media and media mask of the batch (an empty one for text only)."""
+        return module.media(input_ids, image_token_id, features)
+
+    def before_block(self, module: nn.Module, media: MediaCache) -> BeforeBlock:
+        """Return the gated blocks' hook over `media`."""
+        return module.before_block(media)
+
+    def generation_cache(self, media: MediaCache) -> MediaCache:
+        """Return the media with an empty key/value cache per gated block, computed once when decoding starts."""
+        return media.for_generation()
+
+    def connector_work(self, module: nn.Module, features: torch.Tensor, fill: Callable[[], Any]) -> Any:
+        """Return the resampler's latents: the markers cost nothing, the resampler is the connector's work."""
+        return module.resampler(features)
+
+    def cost(self, cfg: ConnectorConfig, x: FusionInput) -> FusionCost:
+        """Flamingo: one <image> marker in the sequence; every gated block before every n-th LM layer lets the
+        marker and the text attend to the L latents of each view, whose keys/values it caches."""
+        media = cfg.num_queries * x.views
+        gated = gated_cross_attention_layers(x.lm.layers, cfg.cross_attn_every_n_layers)
+        queries = 1 + x.text_tokens
+        return FusionCost(
+            f"cross_attention L={cfg.num_queries} every {cfg.cross_attn_every_n_layers}", 1,
+            connector_flops=perceiver_resampler_flops(x.features * x.frames, x.vision_dim, cfg) * x.views,
+            media_tokens=media,
+            lm_extra_flops=gated * gated_cross_attention_flops(queries, media, x.lm, x.vision_dim),
+            kv_extra_bytes=kv_cache_bytes(gated, x.lm.heads, x.lm.head_dim, media, x.dtype_bytes),
+        )  # fmt: skip

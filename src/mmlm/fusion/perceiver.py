@@ -11,7 +11,10 @@ its weights map one to one (`checkpoints/hf_idefics.py`); Idefics has no time em
 import torch
 from torch import nn
 
+from mmlm.fusion.config import ConnectorConfig
+from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.layers import MLP, Attention
+from mmlm.layers.flops import cross_attention_flops, linear_flops, mlp_flops
 
 
 class PerceiverLayer(nn.Module):
@@ -98,3 +101,20 @@ class PerceiverConnector(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Return visual tokens in LM width, [B, N, Dv] or [B, T, N, Dv] -> [B, num_latents, D_lm]."""
         return self.proj(self.resampler(features))
+
+
+def perceiver_resampler_flops(media: int, vision_dim: int, c: ConnectorConfig) -> int:
+    """Return Flamingo's Perceiver Resampler FLOPs: L latents through `depth` blocks, each latent attending
+    to the media tokens and the latents (Flamingo: keys = concat(media, latents)), then an MLP."""
+    latents = c.num_queries
+    heads, head_dim = c.heads, c.head_dim or vision_dim // c.heads
+    per_block = cross_attention_flops(latents, media + latents, vision_dim, vision_dim, heads, head_dim)
+    per_block += mlp_flops(latents, vision_dim, c.mlp_dim or 4 * vision_dim)
+    return c.depth * per_block
+
+
+def perceiver_cost(c: ConnectorConfig, x: FusionInput) -> FusionCost:
+    """A Perceiver Resampler as connector: L latents per view, its frames read together, then projected."""
+    per_view = perceiver_resampler_flops(x.features * x.frames, x.vision_dim, c)
+    per_view += linear_flops(c.num_queries, x.vision_dim, x.lm.width)
+    return FusionCost(f"perceiver L={c.num_queries}", c.num_queries * x.views, per_view * x.views)

@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 from mmlm.errors import InputError
+from mmlm.fusion.config import ConnectorConfig
+from mmlm.fusion.cost import FusionCost, FusionInput
+from mmlm.layers.flops import linear_flops
 
 
 def square_grid(num_patches: int, scale_factor: int) -> tuple[int, int]:
@@ -59,3 +62,20 @@ class PixelShuffleConnector(nn.Module):
     def forward(self, features: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Return visual tokens in LM width, [B, h·w, Dv] -> [B, h·w/r², D_lm]; `grid` defaults to square."""
         return self.proj(pixel_shuffle(features, self.scale_factor, grid))
+
+
+def pixel_shuffle_flops(patches: int, vision_dim: int, lm_dim: int, r: int) -> int:
+    """Return the pixel-shuffle connector's FLOPs: one linear map on N/r² tokens of width Dv·r²."""
+    return linear_flops(patches // r**2, vision_dim * r**2, lm_dim)
+
+
+def pixel_shuffle_cost(c: ConnectorConfig, x: FusionInput) -> FusionCost:
+    """Idefics3 / nanoVLM: each r×r block of the patch grid becomes one token, N/r² per view and frame."""
+    r, side = c.scale_factor, math.isqrt(x.features)
+    label = f"pixel_shuffle r={r}"
+    if x.merged or side * side != x.features or side % r:
+        why = "ToMe leaves no patch grid" if x.merged else f"{side}² grid not divisible by r={r}"
+        return FusionCost(label, None, note=f"n/a: {why}")
+    per_view = x.views * x.slots
+    return FusionCost(label, x.features // r**2 * per_view,
+                      pixel_shuffle_flops(x.features, x.vision_dim, x.lm.width, r) * per_view)  # fmt: skip

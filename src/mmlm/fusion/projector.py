@@ -7,7 +7,10 @@ weights are `fc1`/`fc2`; `LLAVA_PROJECTOR_KEYS` renames transformers' `multi_mod
 import torch
 from torch import nn
 
+from mmlm.fusion.config import ConnectorConfig
+from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.layers import MLP
+from mmlm.layers.flops import linear_flops
 
 # transformers' LlavaMultiModalProjector submodule -> ours (weight and bias follow the module name)
 LLAVA_PROJECTOR_KEYS: dict[str, str] = {"linear_1": "fc1", "linear_2": "fc2"}
@@ -38,3 +41,20 @@ class MLPProjector(MLP):
     def num_tokens(self, num_patches: int) -> int:
         """Return the visual tokens this connector emits for `num_patches` patch tokens (the same number)."""
         return num_patches
+
+
+def mlp_projector_flops(patches: int, vision_dim: int, lm_dim: int) -> int:
+    """Return LLaVA-1.5's projector FLOPs: fc1 (Dv -> D_lm) and fc2 (D_lm -> D_lm) on every patch."""
+    return linear_flops(patches, vision_dim, lm_dim) + linear_flops(patches, lm_dim, lm_dim)
+
+
+def projector_cost(c: ConnectorConfig, x: FusionInput) -> FusionCost:
+    """LLaVA (linear) and LLaVA-1.5 (mlp): every token of every view and frame, projected one by one."""
+    per_view = x.views * x.slots
+    if c.kind == "linear":
+        return FusionCost(
+            "linear", x.features * per_view, linear_flops(x.features, x.vision_dim, x.lm.width) * per_view
+        )
+    return FusionCost(
+        "mlp", x.features * per_view, mlp_projector_flops(x.features, x.vision_dim, x.lm.width) * per_view
+    )

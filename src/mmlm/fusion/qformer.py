@@ -13,15 +13,13 @@ Deliberate deviations from transformers' Blip2QFormerModel, none of which change
 - only the query path: the text-token FFN (`intermediate`/`output`) of BLIP-2's stage-1 objectives is absent.
 """
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from mmlm.fusion.config import ConnectorConfig
+from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.layers import Block
-
-if TYPE_CHECKING:
-    from mmlm.fusion import ConnectorConfig
+from mmlm.layers.flops import cross_attention_flops, linear_flops, mlp_flops, self_attention_flops
 
 # transformers' Blip2QFormerConfig.layer_norm_eps (BERT's), ConnectorConfig.norm_eps's default
 BLIP2_LAYER_NORM_EPS = 1e-12
@@ -93,7 +91,7 @@ class QFormerConnector(nn.Module):
         return self.language_projection(queries.to(self.language_projection.weight.dtype))  # [B, K, D_lm]
 
 
-def build_qformer_connector(cfg: "ConnectorConfig", vision_dim: int, lm_dim: int) -> QFormerConnector:
+def build_qformer_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> QFormerConnector:
     """Return the QFormerConnector `cfg` describes (width None: `vision_dim`; mlp_dim None: 4 × width)."""
     bias = cfg.bias is not False  # BLIP-2 gives every linear a bias
     eps = BLIP2_LAYER_NORM_EPS if cfg.norm_eps is None else cfg.norm_eps
@@ -102,3 +100,24 @@ def build_qformer_connector(cfg: "ConnectorConfig", vision_dim: int, lm_dim: int
         cfg.cross_attention_frequency, act=cfg.act, eps=eps, bias=bias,
     )  # fmt: skip
     return QFormerConnector(qformer, lm_dim, bias=bias)
+
+
+def qformer_flops(patches: int, vision_dim: int, lm_dim: int, c: ConnectorConfig) -> int:
+    """Return BLIP-2's Q-Former FLOPs: K queries through `depth` blocks, every n-th cross-attending to the
+    N patches, then the projection to the LM width."""
+    k, width = c.num_queries, c.width or vision_dim
+    heads, head_dim = c.heads, c.head_dim or width // c.heads
+    flops = 0
+    for i in range(c.depth):
+        flops += self_attention_flops(k, width, heads, heads, head_dim, k * k)
+        if i % c.cross_attention_frequency == 0:  # BLIP-2: blocks 0, n, 2n, ... read the image
+            flops += cross_attention_flops(k, patches, width, vision_dim, heads, head_dim)
+        flops += mlp_flops(k, width, c.mlp_dim or 4 * width)
+    return flops + linear_flops(k, width, lm_dim)
+
+
+def qformer_cost(c: ConnectorConfig, x: FusionInput) -> FusionCost:
+    """BLIP-2: K query tokens per view and frame, whatever the resolution."""
+    per_view = x.views * x.slots
+    flops = qformer_flops(x.features, x.vision_dim, x.lm.width, c) * per_view
+    return FusionCost(f"qformer K={c.num_queries}", c.num_queries * per_view, flops)

@@ -6,12 +6,22 @@ no connector between them. Here the tokenizer is a codebook learned by k-means o
 patch features (the VQ of van den Oord et al. 2017 without the decoder): code(x) = argmin_k ‖x − c_k‖².
 It shows the mechanism, not the quality of a VQ-VAE trained on pixels: quantising loses what the
 codebook cannot tell apart, which docs/fusion-styles.md measures against the continuous connectors.
+
+`UnifiedStyle` is how the rest of mmlm sees it (fusion/style.py): the codes are the last `codebook_size` ids of
+the LM vocabulary, they have no text, and the codebook is fitted by k-means before training starts.
 """
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from mmlm.errors import InputError
+from mmlm.fusion.config import ConnectorConfig
+from mmlm.fusion.cost import FusionCost, FusionInput
+from mmlm.fusion.style import FusionStyle, LMSpec
+
+FIT_IMAGES = 1024  # about this many training images' patch features fit the codebook
 
 
 class ImageCodebook(nn.Module):
@@ -69,3 +79,56 @@ class ImageCodebook(nn.Module):
         self.codebook.copy_(centres.to(self.codebook.dtype))
         self.fitted.fill_(True)
         return float((x - centres[torch.cdist(x, centres).argmin(-1)]).square().sum(-1).mean())
+
+
+class UnifiedStyle(FusionStyle):
+    """`connector.kind` unified: each patch is an image code, embedded by the LM as one of its own words."""
+
+    kind = "unified"
+    has_weights = False  # the LM learns the codes' embeddings; the codebook is fitted, not trained
+    comparison = {}
+
+    def build(self, cfg: ConnectorConfig, vision_dim: int, lm: LMSpec) -> ImageCodebook:
+        """Return the codebook, whose codes must be the last ids of the LM vocabulary."""
+        if cfg.codebook_size >= lm.vocab_size:
+            raise InputError(
+                f"connector.codebook_size: {cfg.codebook_size} codes must be the last ids of the LM vocabulary "
+                f"({lm.vocab_size}); grow lm.vocab_size by the codebook size"
+            )
+        return ImageCodebook(cfg.codebook_size, vision_dim)
+
+    def extra_vocab(self, cfg: ConnectorConfig) -> int:
+        """Return the codebook size: the codes follow the text vocabulary."""
+        return cfg.codebook_size
+
+    def slot_tokens(self, module: nn.Module, features: torch.Tensor, lm: nn.Module) -> torch.Tensor:
+        """Return the LM's embeddings of the patches' codes, [I, N, Dv] -> [I, N, D_lm] (codes as words)."""
+        return lm.embed(module.encode(features) + lm.cfg.vocab_size - module.size)
+
+    def text_ids(self, cfg: ConnectorConfig, ids: Sequence[int], vocab_size: int) -> list[int]:
+        """Return `ids` without image codes, which have no text."""
+        return [i for i in ids if i < vocab_size - cfg.codebook_size]
+
+    def initialise(self, module: nn.Module, patch_features: Callable[[int], torch.Tensor | None]) -> str:
+        """Fit the codebook by k-means on about FIT_IMAGES training images' patch features; return a log line."""
+        features = patch_features(FIT_IMAGES)
+        if features is None:
+            raise InputError(
+                "unified tokens: no stage has images (multimodal_fraction > 0) to fit the codebook on"
+            )
+        if not len(features):
+            raise InputError(
+                "unified tokens: the first multimodal stage gave no images to fit the codebook on"
+            )
+        error = module.fit(features)
+        return f"image codebook: {module.size} codes fitted, mean squared error {error:.4f}"
+
+    def ready_untrained(self, module: nn.Module) -> None:
+        """Give an unfitted codebook random codes: any codebook takes the same time."""
+        if not bool(module.fitted):
+            module.codebook.normal_()
+            module.fitted.fill_(True)
+
+    def cost(self, cfg: ConnectorConfig, x: FusionInput) -> FusionCost:
+        """Unified tokens (VQ): one image code per patch token, looked up in the LM vocabulary; no connector."""
+        return FusionCost("unified", x.features * x.views * x.slots)

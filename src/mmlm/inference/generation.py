@@ -25,7 +25,7 @@ import torch
 from mmlm.errors import InputError
 from mmlm.layers.attention import KVCache
 from mmlm.models.decoder_lm import DecoderLM, LayerCache
-from mmlm.models.vlm import VisionLanguageModel
+from mmlm.models.vlm import VisionLanguageModel, VLMCache
 from mmlm.processing.padding import left_pad
 
 Step = Callable[
@@ -72,14 +72,12 @@ def lm_step(model: DecoderLM) -> Step:
 def vlm_step(model: VisionLanguageModel) -> Step:
     """Return the generation step of a VLM (see mmlm.inference.generation): logits of each row's last position.
 
-    With cross-attention fusion, the last entry of `cache` is the prompt's MediaCache, after the LM's layer
-    caches, so that generation's row selection reaches it.
+    `cache` is the model's VLMCache: the LM's layer caches, and the fusion style's own (Flamingo's media) that
+    generation's row selection reaches with them.
     """
 
     def step(input_ids, inputs_embeds, attention_mask, cache):
-        media = None
-        if model.kind == "cross_attention":
-            *cache, media = cache
+        media = cache.fusion if isinstance(cache, VLMCache) else None
         embeds = model.lm.embed(input_ids) if inputs_embeds is None else inputs_embeds
         return model.run_lm(embeds, media, attention_mask, cache, last_only=True).logits[:, -1]
 
@@ -253,11 +251,19 @@ def pick_tokens(rows: Sequence[DecodeRow], logits: torch.Tensor) -> torch.Tensor
     return tokens
 
 
+def select_cache(cache: list[LayerCache], index: torch.Tensor) -> None:
+    """Keep only the batch rows `index` of every layer's cache, and of a VLM fusion style's own cache."""
+    if isinstance(cache, VLMCache):
+        cache.select(index)
+    else:
+        for layer in cache:
+            layer.select(index)
+
+
 def select_rows(batch: DecodeBatch, keep: Sequence[int]) -> None:
     """Keep only the batch rows `keep`, in their caches, mask and pending tokens too."""
     index = torch.tensor(list(keep), device=batch.pending.device)
-    for layer in batch.cache:
-        layer.select(index)
+    select_cache(batch.cache, index)
     batch.rows = [batch.rows[i] for i in keep]
     batch.mask = batch.mask[index] if batch.mask is not None else None
     batch.pending = batch.pending[index]
@@ -287,6 +293,8 @@ def merge_batches(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
         )
         for la, lb in zip(a.cache, b.cache, strict=True)
     ]
+    if isinstance(a.cache, VLMCache):  # only batchable styles merge, and they keep no cache of their own
+        cache = VLMCache(cache)
     mask = torch.cat([left_pad(masks[0], n, 1), left_pad(masks[1], n, 1)])
     return DecodeBatch(
         a.rows + b.rows, cache, None if bool(mask.all()) else mask, torch.cat([a.pending, b.pending])

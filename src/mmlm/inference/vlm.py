@@ -77,8 +77,7 @@ class GenerativeModel(GenerativeBase):
 
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of token ids, special tokens skipped."""
-        if self.model.kind == "unified":  # image codes have no text
-            ids = [i for i in ids if i < self.model.code_offset]
+        ids = self.model.style.text_ids(self.config.connector, ids, self.config.lm.vocab_size)
         return self.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def prepare(self, prompts: list[Prompt], images: list[list[ImageSource]] | None, settings, cache: str,
@@ -106,9 +105,7 @@ class GenerativeModel(GenerativeBase):
                 frames,
             )
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
-        kv = self.model.lm.new_cache(ids.shape[0], length)
-        if media is not None:  # see vlm_step: rows dropped from the batch leave the media too
-            kv.append(media.for_generation())  # the gated blocks' media keys/values, computed once
+        kv = self.model.new_cache(ids.shape[0], length, media)  # the style's media ride in it (see vlm_step)
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
 
     @staticmethod

@@ -20,27 +20,23 @@ import math
 from dataclasses import dataclass, field
 
 from mmlm.errors import InputError
-from mmlm.fusion import ConnectorConfig
+from mmlm.fusion import STYLES, ConnectorConfig, FusionInput, fusion_style
+from mmlm.fusion.flamingo import gated_cross_attention_flops, gated_cross_attention_layers  # noqa: F401
+from mmlm.fusion.perceiver import perceiver_resampler_flops  # noqa: F401
+from mmlm.fusion.pixel_shuffle import pixel_shuffle_flops  # noqa: F401
+from mmlm.fusion.projector import mlp_projector_flops  # noqa: F401
+from mmlm.fusion.qformer import qformer_flops  # noqa: F401
+from mmlm.layers.flops import (  # noqa: F401  (the FLOPs of one operation, read from here too)
+    attention_score_flops,
+    cross_attention_flops,
+    kv_cache_bytes,
+    linear_flops,
+    mlp_flops,
+    self_attention_flops,
+)
 from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.token_merging import merges_at
 from mmlm.models.vision import VisionConfig
-
-# the fusion styles of the comparison table, in the order of the MULTIMODAL_LLMS chapter
-FUSION_STYLES = ("mlp", "pixel_shuffle", "qformer", "perceiver", "cross_attention", "unified")
-COMPARISON_QUERIES = {"qformer": 32, "perceiver": 64, "cross_attention": 64}  # K and L of the table
-
-
-# ---- the FLOPs of one operation --------------------------------------------------------------------------
-
-
-def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
-    """Return the FLOPs of a linear map applied to `tokens` vectors: 2·tokens·d_in·d_out."""
-    return 2 * tokens * d_in * d_out
-
-
-def attention_score_flops(pairs: int, heads: int, head_dim: int) -> int:
-    """Return the FLOPs of q·kᵀ plus A·v over `pairs` query–key pairs: 2 × 2·pairs·heads·head_dim."""
-    return 4 * pairs * heads * head_dim
 
 
 def causal_pairs(tokens: int, window: int | None = None) -> int:
@@ -48,26 +44,6 @@ def causal_pairs(tokens: int, window: int | None = None) -> int:
     if window is None or window >= tokens:
         return tokens * (tokens + 1) // 2
     return window * (window + 1) // 2 + (tokens - window) * window
-
-
-def self_attention_flops(tokens: int, dim: int, heads: int, kv_heads: int, head_dim: int, pairs: int) -> int:
-    """Return the FLOPs of a self-attention layer: q, k, v projections, scores, output projection."""
-    qkv = linear_flops(tokens, dim, (heads + 2 * kv_heads) * head_dim)
-    return qkv + attention_score_flops(pairs, heads, head_dim) + linear_flops(tokens, heads * head_dim, dim)
-
-
-def cross_attention_flops(
-    queries: int, keys: int, dim: int, context_dim: int, heads: int, head_dim: int
-) -> int:
-    """Return the FLOPs of `queries` tokens (width dim) attending to `keys` context tokens (context_dim)."""
-    inner = heads * head_dim
-    q, kv = linear_flops(queries, dim, inner), linear_flops(keys, context_dim, 2 * inner)
-    return q + kv + attention_score_flops(queries * keys, heads, head_dim) + linear_flops(queries, inner, dim)
-
-
-def mlp_flops(tokens: int, dim: int, hidden: int, gated: bool = False) -> int:
-    """Return the FLOPs of an MLP dim -> hidden -> dim: two matrices, three when gated (SwiGLU)."""
-    return (3 if gated else 2) * linear_flops(tokens, dim, hidden)
 
 
 # ---- the vision tower ------------------------------------------------------------------------------------
@@ -139,60 +115,6 @@ def vision_tower_cost(
     return VisionCost(sequence, blocks, tokens, flops)
 
 
-# ---- the connectors --------------------------------------------------------------------------------------
-
-
-def mlp_projector_flops(patches: int, vision_dim: int, lm_dim: int) -> int:
-    """Return LLaVA-1.5's projector FLOPs: fc1 (Dv -> D_lm) and fc2 (D_lm -> D_lm) on every patch."""
-    return linear_flops(patches, vision_dim, lm_dim) + linear_flops(patches, lm_dim, lm_dim)
-
-
-def pixel_shuffle_flops(patches: int, vision_dim: int, lm_dim: int, r: int) -> int:
-    """Return the pixel-shuffle connector's FLOPs: one linear map on N/r² tokens of width Dv·r²."""
-    return linear_flops(patches // r**2, vision_dim * r**2, lm_dim)
-
-
-def _inner(c: ConnectorConfig, width: int) -> tuple[int, int]:
-    head_dim = c.head_dim or width // c.heads
-    return c.heads, head_dim
-
-
-def qformer_flops(patches: int, vision_dim: int, lm_dim: int, c: ConnectorConfig) -> int:
-    """Return BLIP-2's Q-Former FLOPs: K queries through `depth` blocks, every n-th cross-attending to the
-    N patches, then the projection to the LM width."""
-    k, width = c.num_queries, c.width or vision_dim
-    heads, head_dim = _inner(c, width)
-    flops = 0
-    for i in range(c.depth):
-        flops += self_attention_flops(k, width, heads, heads, head_dim, k * k)
-        if i % c.cross_attention_frequency == 0:  # BLIP-2: blocks 0, n, 2n, ... read the image
-            flops += cross_attention_flops(k, patches, width, vision_dim, heads, head_dim)
-        flops += mlp_flops(k, width, c.mlp_dim or 4 * width)
-    return flops + linear_flops(k, width, lm_dim)
-
-
-def perceiver_resampler_flops(media: int, vision_dim: int, c: ConnectorConfig) -> int:
-    """Return Flamingo's Perceiver Resampler FLOPs: L latents through `depth` blocks, each latent attending
-    to the media tokens and the latents (Flamingo: keys = concat(media, latents)), then an MLP."""
-    latents = c.num_queries
-    heads, head_dim = _inner(c, vision_dim)
-    per_block = cross_attention_flops(latents, media + latents, vision_dim, vision_dim, heads, head_dim)
-    per_block += mlp_flops(latents, vision_dim, c.mlp_dim or 4 * vision_dim)
-    return c.depth * per_block
-
-
-def gated_cross_attention_layers(lm_layers: int, every: int) -> int:
-    """Return how many gated cross-attention blocks a Flamingo LM has: one before layers 0, n, 2n, ..."""
-    return len(range(0, lm_layers, every))
-
-
-def gated_cross_attention_flops(queries: int, media: int, lm: "LMShape", media_dim: int) -> int:
-    """Return one GATED XATTN-DENSE block's FLOPs as mmlm builds it (Idefics' layout): LM tokens attend to the
-    media with the LM's heads, then a SwiGLU MLP of the LM's hidden size."""
-    attention = cross_attention_flops(queries, media, lm.width, media_dim, lm.heads, lm.head_dim)
-    return attention + mlp_flops(queries, lm.width, lm.mlp_dim, gated=True)
-
-
 # ---- the language model ----------------------------------------------------------------------------------
 
 
@@ -234,11 +156,6 @@ def lm_prefill_flops(lm: LMShape, tokens: int) -> int:
         flops += self_attention_flops(tokens, lm.width, lm.heads, lm.kv_heads, lm.head_dim, pairs)
         flops += mlp_flops(tokens, lm.width, lm.mlp_dim, lm.gated_mlp)
     return flops + linear_flops(1, lm.width, lm.vocab_size)
-
-
-def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, dtype_bytes: int) -> int:
-    """Return the KV-cache size: 2 (K and V) × layers × kv_heads × head_dim × tokens × bytes per value."""
-    return 2 * layers * kv_heads * head_dim * tokens * dtype_bytes
 
 
 # ---- one image, every fusion style -----------------------------------------------------------------------
@@ -333,102 +250,10 @@ def blocks_run(backbone: Backbone) -> int:
     return max(i % total for i in backbone.feature_layers)
 
 
-@dataclass(frozen=True)
-class FusionInput:
-    """What a fusion style sees of one image: tokens per view from the tower, widths, views, frames."""
-
-    features: int  # tokens per view reaching the connector (after ToMe and feature_select)
-    vision_dim: int  # their width (several feature layers are concatenated)
-    lm: LMShape
-    views: int
-    frames: int  # frames the tower encodes (a resampler reads them all together)
-    slots: int  # frame slots a per-frame connector fills (frames / video_pool, rounded up)
-    text_tokens: int
-    merged: bool  # ToMe ran, so the tokens are no longer a patch grid
-    dtype_bytes: int
-
-
-@dataclass(frozen=True)
-class Fusion:
-    """A fusion style's share of one image: its visual tokens in the LM sequence and what they cost."""
-
-    label: str
-    tokens: int | None  # None: the style does not apply (see note)
-    connector_flops: int = 0
-    media_tokens: int = 0  # cross_attention: latents read by the gated blocks, outside the sequence
-    lm_extra_flops: int = 0  # cross_attention: the gated blocks inside the LM
-    kv_extra_bytes: int = 0  # cross_attention: the media keys/values of every gated block
-    note: str = ""
-
-
-def projector_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
-    """LLaVA (linear) and LLaVA-1.5 (mlp): every token of every view and frame, projected one by one."""
-    per_view = x.views * x.slots
-    if c.kind == "linear":
-        return Fusion(
-            "linear", x.features * per_view, linear_flops(x.features, x.vision_dim, x.lm.width) * per_view
-        )
-    return Fusion(
-        "mlp", x.features * per_view, mlp_projector_flops(x.features, x.vision_dim, x.lm.width) * per_view
-    )
-
-
-def pixel_shuffle_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
-    """Idefics3 / nanoVLM: each r×r block of the patch grid becomes one token, N/r² per view and frame."""
-    r, side = c.scale_factor, math.isqrt(x.features)
-    label = f"pixel_shuffle r={r}"
-    if x.merged or side * side != x.features or side % r:
-        why = "ToMe leaves no patch grid" if x.merged else f"{side}² grid not divisible by r={r}"
-        return Fusion(label, None, note=f"n/a: {why}")
-    per_view = x.views * x.slots
-    return Fusion(label, x.features // r**2 * per_view,
-                  pixel_shuffle_flops(x.features, x.vision_dim, x.lm.width, r) * per_view)  # fmt: skip
-
-
-def qformer_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
-    """BLIP-2: K query tokens per view and frame, whatever the resolution."""
-    per_view = x.views * x.slots
-    flops = qformer_flops(x.features, x.vision_dim, x.lm.width, c) * per_view
-    return Fusion(f"qformer K={c.num_queries}", c.num_queries * per_view, flops)
-
-
-def perceiver_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
-    """A Perceiver Resampler as connector: L latents per view, its frames read together, then projected."""
-    per_view = perceiver_resampler_flops(x.features * x.frames, x.vision_dim, c)
-    per_view += linear_flops(c.num_queries, x.vision_dim, x.lm.width)
-    return Fusion(f"perceiver L={c.num_queries}", c.num_queries * x.views, per_view * x.views)
-
-
-def cross_attention_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
-    """Flamingo: one <image> marker in the sequence; every gated block before every n-th LM layer lets the
-    marker and the text attend to the L latents of each view, whose keys/values it caches."""
-    media = c.num_queries * x.views
-    gated = gated_cross_attention_layers(x.lm.layers, c.cross_attn_every_n_layers)
-    queries = 1 + x.text_tokens
-    return Fusion(
-        f"cross_attention L={c.num_queries} every {c.cross_attn_every_n_layers}", 1,
-        connector_flops=perceiver_resampler_flops(x.features * x.frames, x.vision_dim, c) * x.views,
-        media_tokens=media,
-        lm_extra_flops=gated * gated_cross_attention_flops(queries, media, x.lm, x.vision_dim),
-        kv_extra_bytes=kv_cache_bytes(gated, x.lm.heads, x.lm.head_dim, media, x.dtype_bytes),
-    )  # fmt: skip
-
-
-def unified_fusion(c: ConnectorConfig, x: FusionInput) -> Fusion:
-    """Unified tokens (VQ): one image code per patch token, looked up in the LM vocabulary; no connector."""
-    return Fusion("unified", x.features * x.views * x.slots)
-
-
-FUSIONS = {"linear": projector_fusion, "mlp": projector_fusion, "pixel_shuffle": pixel_shuffle_fusion,
-           "qformer": qformer_fusion, "perceiver": perceiver_fusion, "cross_attention": cross_attention_fusion,
-           "unified": unified_fusion}  # fmt: skip
-
-
 def style_budget(kind: str, c: ConnectorConfig, x: FusionInput, vision_flops: int) -> StyleBudget:
-    """Return one image's budget in fusion style `kind`: its fusion, then the LM prefill and KV cache."""
-    if kind not in FUSIONS:
-        raise InputError(f"connector.kind: got {kind!r}; expected one of {sorted(FUSIONS)}")
-    f = FUSIONS[kind](c, x)
+    """Return one image's budget in fusion style `kind`: its cost (the style's answer), then the LM prefill and
+    KV cache."""
+    f = fusion_style(kind).cost(c, x)
     if f.tokens is None:
         return StyleBudget(f.label, kind, None, note=f.note)
     lm, sequence = x.lm, f.tokens + x.text_tokens
@@ -442,12 +267,17 @@ def style_budget(kind: str, c: ConnectorConfig, x: FusionInput, vision_flops: in
     )
 
 
+def comparison_kinds() -> list[str]:
+    """Return the fusion styles of the comparison table, in the order of the MULTIMODAL_LLMS chapter."""
+    return [kind for kind, style in STYLES.items() if style.comparison is not None]
+
+
 def comparison_connector(kind: str, own: ConnectorConfig) -> ConnectorConfig:
-    """Return the connector options of the comparison row `kind`: the model's own, else the defaults with
-    K = 32 queries (Q-Former) or L = 64 latents (Perceiver, Flamingo)."""
+    """Return the connector options of the comparison row `kind`: the model's own, else the style's own row
+    (K = 32 queries for the Q-Former, L = 64 latents for the Perceiver and Flamingo)."""
     if kind == own.kind:
         return own
-    return ConnectorConfig(kind=kind, num_queries=COMPARISON_QUERIES.get(kind, 32))
+    return ConnectorConfig(kind=kind, **(fusion_style(kind).comparison or {}))
 
 
 def plan_budget(backbone: Backbone, image: ImageInput, dtype_bytes: int = 2) -> Budget:
@@ -469,7 +299,7 @@ def plan_budget(backbone: Backbone, image: ImageInput, dtype_bytes: int = 2) -> 
         x = FusionInput(features, v.width * len(backbone.feature_layers), backbone.lm, image.views, image.frames,
                         image.slots, image.text_tokens, image.merge_tokens > 0, dtype_bytes)  # fmt: skip
         per_image = cost.flops * image.views * image.frames
-        for kind in [own.kind] + [k for k in FUSION_STYLES if k != own.kind]:
+        for kind in [own.kind] + [k for k in comparison_kinds() if k != own.kind]:
             styles.append(style_budget(kind, comparison_connector(kind, own), x, per_image))
         if styles[0].visual_tokens is None:
             raise InputError(f"connector {styles[0].style}: {styles[0].note.removeprefix('n/a: ')}")

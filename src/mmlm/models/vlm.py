@@ -3,7 +3,7 @@
 Early fusion (LLaVA, Liu et al. 2023): the processor writes one `image_token_id` per visual token where each
 `<image>` was; the model embeds the text, then scatters the visual tokens into those slots in order (image by
 image, tile by tile, token by token), and the LM reads one mixed sequence. No per-sample Python loop. The
-styles differ only in what fills the slots:
+styles (mmlm.fusion: the model asks `self.style`, never its name) differ in what fills the slots:
   linear, mlp, pixel_shuffle, qformer, perceiver   the connector's outputs (N, N/r², K or L per image);
   unified                                          the LM's own embeddings of the image's VQ codes, which sit
                                                    at the end of the LM vocabulary (no connector);
@@ -20,16 +20,16 @@ features into frames, `audio_pool` consecutive frames are merged (1500 -> 375 wi
 placeholder became.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmlm.errors import InputError
-from mmlm.fusion import ConnectorConfig, build_connector
-from mmlm.fusion.flamingo import FlamingoFusion, MediaCache
-from mmlm.fusion.unified import ImageCodebook
+from mmlm.fusion import STYLES, ConnectorConfig, FusionStyle, build_connector, fusion_style
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder, pool_frames
 from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.decoder_lm import DecoderLM, LayerCache, LMConfig, LMOutput
@@ -78,7 +78,20 @@ class VLMConfig:
         return 0 if self.audio is None else self.audio.max_frames // self.audio_pool
 
 
-AUDIO_CONNECTORS = ("linear", "mlp", "qformer", "perceiver")  # token-emitting kinds that take any length
+class VLMCache(list):
+    """The LM's layer caches plus the fusion style's own per-prompt cache (Flamingo's media); selecting rows
+    (generation dropping finished ones) selects both."""
+
+    def __init__(self, layers: Iterable[LayerCache], fusion: Any = None) -> None:
+        super().__init__(layers)
+        self.fusion = fusion
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` of every layer cache and of the style's cache."""
+        for layer in self:
+            layer.select(rows)
+        if self.fusion is not None:
+            self.fusion.select(rows)
 
 
 class VisionLanguageModel(nn.Module):
@@ -106,18 +119,29 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def kind(self) -> str:
-        """Return the fusion style, `cfg.connector.kind`."""
+        """Return the fusion style's name, `cfg.connector.kind`."""
         return self.cfg.connector.kind
 
     @property
+    def style(self) -> FusionStyle:
+        """Return the fusion style `cfg.connector.kind` names."""
+        return fusion_style(self.cfg.connector.kind)
+
+    @property
     def code_offset(self) -> int:
-        """Return the LM token id of image code 0 (unified tokens: the codes are the vocabulary's last ids)."""
-        return self.cfg.lm.vocab_size - self.cfg.connector.codebook_size
+        """Return the LM token id of the style's first added id (unified tokens: image code 0)."""
+        return self.cfg.lm.vocab_size - self.style.extra_vocab(self.cfg.connector)
 
     @property
     def image_tokens(self) -> int:
         """Return the LM tokens one image (or tile) becomes."""
-        return self.connector.num_tokens(self.cfg.patches)
+        return self.style.num_tokens(self.connector, self.cfg.patches)
+
+    def new_cache(self, batch: int, length: int | None = None, media: Any = None) -> VLMCache:
+        """Return an empty generation cache for `batch` rows (`length` positions: static), carrying the style's
+        per-prompt cache built from `media` (what `prepare` returned)."""
+        fusion = None if media is None else self.style.generation_cache(media)
+        return VLMCache(self.lm.new_cache(batch, length), fusion)
 
     @property
     def audio_tokens(self) -> int:
@@ -140,11 +164,7 @@ class VisionLanguageModel(nn.Module):
 
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Return what fills one image's slots, patch features [I, N, Dv] -> [I, image_tokens, D_lm]."""
-        if self.kind == "unified":
-            return self.lm.embed(self.connector.encode(features) + self.code_offset)  # codes as words
-        if self.kind == "cross_attention":
-            return self.connector.markers(len(features))
-        return self.connector(features)  # [I, N, Dv·layers] -> [I, N', D_lm]
+        return self.style.slot_tokens(self.connector, features, self.lm)  # [I, N, Dv·layers] -> [I, N', D_lm]
 
     def slot_tokens(self, features: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
         """Return what fills each image slot from patch features [F, N, Dv] of F frames, `frames[s]` of them
@@ -166,9 +186,9 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,
         image_frames: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, MediaCache | None]:
-        """Return the LM's input embeddings [B, T, D] with the images and audio clips in their slots, and
-        (cross-attention fusion only) the media its gated blocks attend to. `image_frames` [S] counts the
+    ) -> tuple[torch.Tensor, Any]:
+        """Return the LM's input embeddings [B, T, D] with the images and audio clips in their slots, and the
+        fusion style's per-prompt media (None for most; Flamingo's for its gated blocks). `image_frames` [S] counts the
         pixel_values rows (a video's frames) merged into each image slot; None: one each."""
         is_image = input_ids == self.cfg.image_token_id
         is_audio = input_ids == self.cfg.audio_token_id if self.cfg.audio_token_id is not None else None
@@ -184,17 +204,10 @@ class VisionLanguageModel(nn.Module):
                     f"{image_slots} image-token slots but "
                     f"{0 if pixel_values is None else len(pixel_values)} images"
                 )
-            media = (
-                self.connector.media(input_ids, self.cfg.image_token_id, None)
-                if self.kind == "cross_attention"
-                else None
-            )
-            return embeds, media
+            return embeds, self.style.media(self.connector, input_ids, self.cfg.image_token_id, None)
         features = self.patch_features(pixel_values)
         embeds = fill_slots(embeds, is_image, self.slot_tokens(features, image_frames), "image", "visual")
-        if self.kind != "cross_attention":
-            return embeds, None
-        return embeds, self.connector.media(input_ids, self.cfg.image_token_id, features)
+        return embeds, self.style.media(self.connector, input_ids, self.cfg.image_token_id, features)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Return the LM's input embeddings [B, T, D] with image features in the image-token slots."""
@@ -203,13 +216,13 @@ class VisionLanguageModel(nn.Module):
     def run_lm(
         self,
         embeds: torch.Tensor,
-        media: MediaCache | None = None,
+        media: Any = None,
         attention_mask: torch.Tensor | None = None,
         cache: list[LayerCache] | None = None,
         last_only: bool = False,
     ) -> LMOutput:
-        """Return the LM's output for input embeddings [B, T, D], its gated blocks reading `media` if any."""
-        hook = self.connector.before_block(media) if media is not None else None
+        """Return the LM's output for input embeddings [B, T, D], the style's hooks reading `media` if any."""
+        hook = self.style.before_block(self.connector, media) if media is not None else None
         return self.lm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -253,20 +266,9 @@ def check_video(cfg: VLMConfig) -> None:
     """Raise InputError unless the video settings of `cfg` can be built."""
     if cfg.video_pool < 1:
         raise InputError(f"video_pool: expected at least 1 frame per image slot, got {cfg.video_pool}")
-    if cfg.video_pool > 1 and cfg.connector.kind == "cross_attention":
-        raise InputError(
-            "video_pool: cross-attention fusion reads every frame through its own resampler; use 1"
-        )
+    fusion_style(cfg.connector.kind).check_video(cfg.connector, cfg.video_pool, cfg.video_merge)
     if cfg.video_merge not in ("mean", "resampler"):
         raise InputError(f"video_merge: expected 'mean' or 'resampler', got {cfg.video_merge!r}")
-    if cfg.video_merge == "resampler" and (
-        cfg.connector.kind != "perceiver" or cfg.connector.max_frames < cfg.video_pool
-    ):
-        raise InputError(
-            "video_merge 'resampler' needs connector.kind 'perceiver' with time embeddings for video_pool "
-            f"frames (connector.max_frames >= {cfg.video_pool}); got {cfg.connector.kind!r} with "
-            f"max_frames {cfg.connector.max_frames}"
-        )
 
 
 def check_audio(cfg: VLMConfig) -> None:
@@ -279,27 +281,15 @@ def check_audio(cfg: VLMConfig) -> None:
         raise InputError(
             f"audio_pool: {cfg.audio_pool} must divide the encoder's {cfg.audio.max_frames} frames"
         )
-    if cfg.audio_connector.kind not in AUDIO_CONNECTORS:
-        raise InputError(
-            f"audio_connector.kind: got {cfg.audio_connector.kind!r}; expected one of {list(AUDIO_CONNECTORS)}"
-        )
+    kinds = [kind for kind, style in STYLES.items() if style.any_length]  # token connectors of any length
+    if cfg.audio_connector.kind not in kinds:
+        raise InputError(f"audio_connector.kind: got {cfg.audio_connector.kind!r}; expected one of {kinds}")
 
 
 def build_fusion(cfg: VLMConfig, vision_dim: int) -> nn.Module:
-    """Return the module between tower and LM for `cfg.connector.kind`: a registered connector, the Flamingo
-    resampler + gated blocks, or the image codebook of unified tokens."""
-    c = cfg.connector
-    if c.kind == "cross_attention":
-        return FlamingoFusion(c.num_queries, c.depth, c.heads, c.head_dim, c.mlp_dim, c.max_frames,
-                              c.cross_attn_every_n_layers, vision_dim, cfg.lm)  # fmt: skip
-    if c.kind == "unified":
-        if c.codebook_size >= cfg.lm.vocab_size:
-            raise InputError(
-                f"connector.codebook_size: {c.codebook_size} codes must be the last ids of the LM vocabulary "
-                f"({cfg.lm.vocab_size}); grow lm.vocab_size by the codebook size"
-            )
-        return ImageCodebook(c.codebook_size, vision_dim)
-    return build_connector(c, vision_dim, cfg.lm.width)
+    """Return the module between tower and LM that the fusion style `cfg.connector.kind` builds: a connector,
+    the Flamingo resampler + gated blocks, the image codebook of unified tokens, ..."""
+    return fusion_style(cfg.connector.kind).build(cfg.connector, vision_dim, cfg.lm)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmlm.errors import InputError
-from mmlm.fusion import ConnectorConfig
+from mmlm.fusion import ConnectorConfig, fusion_style
 
 # style -> connector options at the demo's sizes (vision width 128, 16 patches, LM width 128, 2 layers)
 STYLES: dict[str, dict[str, Any]] = {
@@ -37,7 +37,7 @@ def style_config(kind: str, out: Path, tower: Path, steps: int, eval_samples: in
 
     cfg = demo_vlm_config(out, tower, eval_samples)
     cfg.model.connector = ConnectorConfig(kind=kind, **STYLES[kind])
-    if kind == "unified":  # no connector weights: the LM learns the codes' embeddings instead
+    if not fusion_style(kind).has_weights:  # unified: the LM learns the codes' embeddings instead
         cfg.stages["align"].train = ["lm"]
     instruct = cfg.stages["instruct"]
     instruct.steps, instruct.vision_from_step = steps, steps * 2 // 3

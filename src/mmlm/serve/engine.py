@@ -5,8 +5,8 @@ that have been waiting are prefilled together and their key/value caches are mer
 (both sides left-padded to the longer cache; the attention mask hides the padding and positions come from
 the mask, so every row sees exactly its own tokens). A row leaves the batch when it ends (end token, stop
 string, max_new_tokens), is cancelled or times out, and leading padding no row needs any more is cut off.
-Cross-attention (Flamingo) models keep per-prompt media in the cache, which does not merge: new requests
-join only an empty batch there (static batching).
+A fusion style that keeps per-prompt state in the cache (Flamingo's media) is not `batchable`: it does not merge,
+so new requests join only an empty batch there (static batching).
 
 Embeddings, zero-shot classification and search requests that arrive within `batch_wait_ms` of each other
 go to the contrastive model as one call per kind. All model calls run on one worker thread, so the event
@@ -292,7 +292,7 @@ class Engine:
         """Take the waiting requests that join the batch at this step boundary."""
         running = len(batch.rows) if batch is not None else 0
         limit = self.config.max_batch if self.config.batching else 1
-        if running and (not self.config.batching or self.vlm.model.kind == "cross_attention"):
+        if running and (not self.config.batching or not self.vlm.model.style.batchable):
             return []
         admitted = []
         while self._generations and running + len(admitted) < limit:
@@ -358,7 +358,7 @@ class Engine:
 
     def _compact(self, batch: DecodeBatch) -> None:
         """Cut the padding no row needs any more; without padding left the steps run with no mask at all."""
-        if self.vlm.model.kind != "cross_attention":  # its media mask is tied to the prompt's length
+        if self.vlm.model.style.batchable:  # else its per-prompt state is tied to the prompt's length
             trim_padding(batch)
         if batch.mask is not None and bool(batch.mask.all()):
             batch.mask = None

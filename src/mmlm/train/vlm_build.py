@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from mmlm.errors import InputError
+from mmlm.fusion import fusion_style
 from mmlm.inference.audio import AudioModel, whisper_preprocessor
 from mmlm.inference.contrastive import ContrastiveModel
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder
@@ -74,14 +75,14 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
     else:
         vision_cfg = replace(parts.vision, embed_dim=None)
         image_processor = ImageProcessor.clip(vision_cfg.image_size)
-    codes = parts.connector.codebook_size if parts.connector.kind == "unified" else 0
+    codes = fusion_style(parts.connector.kind).extra_vocab(parts.connector)  # unified: its image codes
     if parts.lm_init is not None:
         lm = mmlm.load(parts.lm_init)
         lm_cfg = replace(lm.model.cfg, vocab_size=lm.model.cfg.vocab_size + codes)
     else:
         ids = {key: tokenizer.token_to_id(specials[key]) if key in specials else None
                for key in ("bos_token", "eos_token", "pad_token")}  # fmt: skip
-        # unified tokens: the image codes follow the text vocabulary (and the image token)
+        # a style's own ids (unified: the image codes) follow the text vocabulary (and the image token)
         text_vocab = (
             tokenizer.get_vocab_size() if not codes else max(tokenizer.get_vocab_size(), image_token_id + 1)
         )

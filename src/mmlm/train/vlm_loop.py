@@ -13,7 +13,7 @@ continues exactly; under torchrun every rank trains on its own data stream and D
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,22 @@ class RunLog:
             self.file.close()
 
 
+def accumulate_gradients(
+    net: nn.Module, batches: Iterator[dict[str, Any]], micro_batches: int, device: torch.device, bf16: bool,
+    loss_average: str, interval: IntervalLosses,
+) -> None:  # fmt: skip
+    """Run `micro_batches` batches forward and backward (gradients add up), their row losses into `interval`."""
+    for _ in range(micro_batches):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                       batch["pixel_values"], batch["audio_features"],
+                                       batch["image_frames"])  # fmt: skip
+        loss = batch_loss(row_loss, row_tokens, loss_average)
+        (loss / micro_batches).backward()
+        interval.add(row_loss.detach(), row_tokens, row_modalities(batch))
+
+
 def train_vlm(
     cfg: VLMTrainConfig,
     model: VisionLanguageModel,
@@ -269,15 +285,9 @@ def train_vlm(
             if stage.vision_layers and step - first == stage.vision_from_step:
                 set_trainable(model, stage, step - first)
                 net = _wrap(RowLosses(model), dist, device)  # DDP registers what needs gradients anew
-            for _ in range(stage.optim.accumulation):
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                    row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                               batch["pixel_values"], batch["audio_features"],
-                                               batch["image_frames"])  # fmt: skip
-                loss = batch_loss(row_loss, row_tokens, cfg.loss_average)
-                (loss / stage.optim.accumulation).backward()
-                interval.add(row_loss.detach(), row_tokens, row_modalities(batch))
+            accumulate_gradients(
+                net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average, interval
+            )
             if stage.optim.grad_clip:
                 trained = [p for p in model.parameters() if p.requires_grad]
                 torch.nn.utils.clip_grad_norm_(trained, stage.optim.grad_clip)
@@ -317,9 +327,9 @@ def train_vlm(
 
 
 @torch.no_grad()
-def fit_image_codebook(model: VisionLanguageModel, batches: MixedBatches, images: int = 1024) -> float:
-    """Fit the unified-token codebook by k-means on the patch features of about `images` training images; return
-    its mean squared quantisation error."""
+def patch_feature_sample(model: VisionLanguageModel, batches: MixedBatches, images: int) -> torch.Tensor:
+    """Return the patch features [M, Dv] of about `images` training images (M = 0: the batches had none), for
+    a fusion style to fit before training (unified tokens: its codebook)."""
     features, seen = [], 0
     for batch, _ in zip(batches, range(10_000), strict=False):
         if batch["pixel_values"] is not None:
@@ -327,9 +337,7 @@ def fit_image_codebook(model: VisionLanguageModel, batches: MixedBatches, images
             seen += len(batch["pixel_values"])
         if seen >= images:
             break
-    if not features:
-        raise InputError("unified tokens: the first multimodal stage gave no images to fit the codebook on")
-    return model.connector.fit(torch.cat(features))
+    return torch.cat(features) if features else torch.zeros(0, 0)
 
 
 def shapes_vqa_evaluator(
@@ -393,15 +401,17 @@ def run_vlm_training(
                 model, run_dir / f"adapter-{name}", llama_module_names("lm.", "model.language_model.")
             )
 
-    if model.kind == "unified" and not resume:
+    def patch_features(
+        images: int,
+    ) -> torch.Tensor | None:  # from the first stage with images; None: none has
         multimodal = [i for i, d in enumerate(stage_data) if d.multimodal_fraction > 0]
         if not multimodal:
-            raise InputError(
-                "unified tokens: no stage has images (multimodal_fraction > 0) to fit the codebook on"
-            )
+            return None
         index = multimodal[0]
-        error = fit_image_codebook(model, batches(index, *list(cfg.stages.items())[index]))
-        print(f"image codebook: {model.connector.size} codes fitted, mean squared error {error:.4f}")
+        return patch_feature_sample(model, batches(index, *list(cfg.stages.items())[index]), images)
+
+    if not resume and (fitted := model.style.initialise(model.connector, patch_features)) is not None:
+        print(fitted)
     records = train_vlm(cfg, model, batches, run_dir, resume, hook, after_stage, dist)
     if dist.rank == 0:
         loaded.save_pretrained(run_dir / "model")

@@ -1,0 +1,30 @@
+"""ConnectorConfig: which fusion style joins the images to the LM, and that style's options."""
+
+from dataclasses import dataclass
+
+CONNECTOR_CONFIG_VERSION = 1
+
+
+@dataclass
+class ConnectorConfig:
+    """Which connector to build and its options; fields a kind does not use are ignored."""
+
+    # the fusion style: linear (LLaVA v1) | mlp (LLaVA-1.5) | pixel_shuffle (Idefics3, nanoVLM) | qformer (BLIP-2)
+    # | perceiver (a resampler, its latents as tokens) | cross_attention (Flamingo: a resampler feeds gated
+    # cross-attention blocks inside the LM) | unified (VQ image codes in the LM vocabulary, no connector)
+    kind: str = "mlp"
+    act: str = "gelu"  # mlp: the activation between the two layers
+    bias: bool | None = None  # None: the reference's choice (linear, mlp: True; pixel_shuffle: False)
+    scale_factor: int = 2  # pixel_shuffle: r, the side of each block of patches merged into one token
+    num_queries: int = 32  # qformer: learned queries K; perceiver, cross_attention: latents L
+    depth: int = 2  # qformer, perceiver, cross_attention: blocks of the Q-Former / resampler
+    heads: int = 8  # qformer, perceiver, cross_attention: attention heads of those blocks
+    head_dim: int | None = None  # None: width // heads
+    width: int | None = None  # qformer: hidden size (None: the vision width)
+    mlp_dim: int | None = None  # qformer, perceiver, cross_attention: MLP hidden size (None: 4 × width)
+    cross_attention_frequency: int = 2  # qformer: every n-th block cross-attends to the image (BLIP-2: 2)
+    cross_attn_every_n_layers: int = 4  # cross_attention: a gated block before every n-th LM layer
+    max_frames: int = 0  # perceiver, cross_attention: frames with a learned time embedding (0: none)
+    codebook_size: int = 256  # unified: VQ codes, added to the LM vocabulary
+    norm_eps: float | None = None  # qformer: its LayerNorms' eps (None: BLIP-2's 1e-12)
+    version: int = CONNECTOR_CONFIG_VERSION
