@@ -12,17 +12,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmlm.cli import main
 from mmlm.cli.budget import spec_from_config
 from mmlm.fusion import ConnectorConfig, build_connector
+from mmlm.fusion.projector import mlp_projector_flops
 from mmlm.layers import Attention
+from mmlm.layers.flops import linear_flops, self_attention_flops
 from mmlm.models.budget import (
     Backbone,
     ImageInput,
     LMShape,
     causal_pairs,
-    linear_flops,
     lm_prefill_flops,
-    mlp_projector_flops,
     plan_budget,
-    self_attention_flops,
     vision_tower_cost,
 )
 from mmlm.models.decoder_lm import DecoderLM, LMConfig
@@ -273,7 +272,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, expected):
 )  # fmt: skip
 def test_connector_formulas_count_what_mmlm_builds(kind, options):
     from mmlm.fusion import ConnectorConfig, build_connector
-    from mmlm.models.budget import perceiver_resampler_flops, qformer_flops
+    from mmlm.fusion.perceiver import perceiver_resampler_flops
+    from mmlm.fusion.qformer import qformer_flops
 
     c = ConnectorConfig(kind=kind, **options)
     torch.manual_seed(0)
@@ -288,7 +288,7 @@ def test_connector_formulas_count_what_mmlm_builds(kind, options):
 
 def test_gated_cross_attention_formula_counts_the_block_mmlm_builds():
     from mmlm.fusion import ConnectorConfig
-    from mmlm.models.budget import gated_cross_attention_flops, gated_cross_attention_layers
+    from mmlm.fusion.flamingo import gated_cross_attention_flops, gated_cross_attention_layers
     from mmlm.models.decoder_lm import LMConfig
     from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.errors import InputError
+from mmlm.models.config import DTYPE_NAMES
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
 TEXT_ONLY = ("llama", "mistral", "qwen2", "opt", "decoder_lm")
 OPT_DEFAULTS = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
                     num_attention_heads=12, max_position_embeddings=2048)  # fmt: skip
@@ -36,7 +36,7 @@ def _hf_dtype(data: dict[str, Any]) -> str | None:
     for d in (data, data.get("text_config") or {}):
         name = d.get("torch_dtype") or d.get("dtype")
         if isinstance(name, str):
-            return DTYPE_ALIASES.get(name, name)
+            return DTYPE_NAMES.get(name, name)
     return None
 
 
@@ -182,7 +182,7 @@ def video_frames(args: argparse.Namespace) -> int:
 def _dtype(args: argparse.Namespace, spec: ModelSpec) -> tuple[str, str]:
     """Return (dtype of the KV cache, where it came from)."""
     if args.dtype is not None:
-        name = DTYPE_ALIASES.get(args.dtype, args.dtype)
+        name = DTYPE_NAMES.get(args.dtype, args.dtype)
         if name not in DTYPE_BYTES:
             raise InputError(f"--dtype: got {args.dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
         return name, "--dtype"
@@ -346,7 +346,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
     budget = plan_budget(spec.backbone, image, DTYPE_BYTES[dtype])
     measured = None
     if args.measure:
-        from mmlm.recipes.stage_timing import measure
+        from mmlm.cli.budget_measure import measure
 
         measured = measure(args, spec, budget)
     if args.json:

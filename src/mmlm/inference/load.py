@@ -28,6 +28,7 @@ from mmlm.inference.contrastive import (
 )
 from mmlm.inference.vlm import GenerativeModel, load_llava, load_mmlm_vlm
 from mmlm.json_files import read_json_object
+from mmlm.models.config import DTYPE_NAMES
 
 Loaded = ContrastiveModel | CausalLM | GenerativeModel | AudioModel
 # folder, its config.json, device, dtype -> the loaded object
@@ -42,19 +43,19 @@ class HFArchitecture:
     load: Loader
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """Return the torch dtype a name such as "bf16" or "float32" means (None: float32)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if dtype not in names:
-        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
-    return names[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
-def _parse_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | torch.device) -> torch.device:
+    """Return the torch device a name such as "cpu" or "cuda:1" means, if this machine has it."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -102,7 +103,7 @@ def load(
     """Return the model in a transformers-format folder (CLIP, SigLIP, Llama, Mistral, Qwen2), a cached hub id,
     or an mmlm checkpoint folder."""
     folder = resolve_folder(path)
-    dtype, device = _parse_dtype(dtype), _parse_device(device)
+    dtype, device = parse_dtype(dtype), parse_device(device)
     if not (folder / "config.json").is_file() and (folder / open_clip.CONFIG_NAME).is_file():
         return load_open_clip(folder, device, dtype)
     cfg_json = read_json_object(folder / "config.json")

@@ -21,13 +21,7 @@ from dataclasses import dataclass, field
 
 from mmlm.errors import InputError
 from mmlm.fusion import STYLES, ConnectorConfig, FusionInput, fusion_style
-from mmlm.fusion.flamingo import gated_cross_attention_flops, gated_cross_attention_layers  # noqa: F401
-from mmlm.fusion.perceiver import perceiver_resampler_flops  # noqa: F401
-from mmlm.fusion.pixel_shuffle import pixel_shuffle_flops  # noqa: F401
-from mmlm.fusion.projector import mlp_projector_flops  # noqa: F401
-from mmlm.fusion.qformer import qformer_flops  # noqa: F401
-from mmlm.layers.flops import (  # noqa: F401  (the FLOPs of one operation, read from here too)
-    attention_score_flops,
+from mmlm.layers.flops import (
     cross_attention_flops,
     kv_cache_bytes,
     linear_flops,

@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 
 from mmlm.errors import InputError
 
+# the dtype names users and checkpoints write (config.json's torch_dtype, --dtype), each to torch's name
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16", "half": "float16"}  # fmt: skip
+
 CONFIG_VERSION = 1
 T = TypeVar("T")
 Migration = Callable[[dict[str, Any]], dict[str, Any]]

@@ -70,11 +70,11 @@ def measure(args: argparse.Namespace, spec: Any, budget: Any) -> dict[str, Any]:
     import torch
 
     import mmlm
-    from mmlm.inference.load import _parse_device, _parse_dtype
+    from mmlm.inference.load import parse_device, parse_dtype
     from mmlm.models.vision import VisionTransformer
 
-    device = _parse_device(args.device)
-    dtype = _parse_dtype(args.dtype or ("float32" if device.type == "cpu" else spec.torch_dtype))
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype or ("float32" if device.type == "cpu" else spec.torch_dtype))
     if args.model:
         loaded = mmlm.load(args.model, device=device, dtype=dtype)
         model = getattr(loaded.model, "visual", loaded.model)
