@@ -46,3 +46,19 @@ def jsonl_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             yield number, parse_json(line, f"{path}:{number}")
+
+
+def json_items(data: Any, key: str | None, path: str | Path) -> list[Any]:
+    """Return data[key] (or data itself when key is None), or raise InputError unless it is a list."""
+    items = data.get(key) if key is not None and isinstance(data, dict) else data
+    if not isinstance(items, list):
+        where = f'a JSON object with a "{key}" list' if key is not None else "a JSON list"
+        raise InputError(f"{path}: expected {where}")
+    return items
+
+
+def json_field(item: Any, key: str, where: str) -> Any:
+    """Return item[key], or raise InputError naming `where` when item is no object or lacks the key."""
+    if not isinstance(item, dict) or key not in item:
+        raise InputError(f"{where}: missing field {key!r}")
+    return item[key]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.errors import InputError
-from mmlm.json_files import jsonl_rows, read_json
+from mmlm.json_files import json_field, json_items, jsonl_rows, read_json
 
 SKIP_REASONS = (
     "missing_image",
@@ -294,27 +294,17 @@ class CocoCaptions(PairReader):
 def coco_caption_groups(data: Any, path: PathLike) -> list[tuple[Any, str, list[Any]]]:
     """Return (image id, file_name, captions) per image of a COCO-captions JSON object (`images` [{id,
     file_name}] + `annotations` [{image_id, caption}]), or raise InputError naming the bad entry."""
-
-    def entries(key: str) -> list[Any]:
-        items = data.get(key) if isinstance(data, dict) else None
-        if not isinstance(items, list):
-            raise InputError(f'{path}: expected a JSON object with a "{key}" list')
-        return items
-
-    def field(item: Any, key: str, where: str) -> Any:
-        if not isinstance(item, dict) or key not in item:
-            raise InputError(f"{where}: missing field {key!r}")
-        return item[key]
-
     captions: dict[Any, list[Any]] = {}
-    for i, item in enumerate(entries("annotations")):
+    for i, item in enumerate(json_items(data, "annotations", path)):
         where = f"{path}: annotations[{i}]"
-        captions.setdefault(field(item, "image_id", where), []).append(field(item, "caption", where))
+        captions.setdefault(json_field(item, "image_id", where), []).append(
+            json_field(item, "caption", where)
+        )
     groups = []
-    for i, item in enumerate(entries("images")):
+    for i, item in enumerate(json_items(data, "images", path)):
         where = f"{path}: images[{i}]"
-        image_id = field(item, "id", where)
-        groups.append((image_id, field(item, "file_name", where), captions.get(image_id, [])))
+        image_id = json_field(item, "id", where)
+        groups.append((image_id, json_field(item, "file_name", where), captions.get(image_id, [])))
     return groups
 
 

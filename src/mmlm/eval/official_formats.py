@@ -27,7 +27,7 @@ from mmlm.eval.tasks import (
     read_task,
     write_samples,
 )
-from mmlm.json_files import jsonl_rows, read_json
+from mmlm.json_files import json_field, json_items, jsonl_rows, read_json
 
 SHORT_ANSWER_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 CAPTION_QUESTION = "Provide a one-sentence caption for the provided image."  # lmms-eval's COCO prompt
@@ -36,21 +36,6 @@ POPE_SPLITS = ("adversarial", "popular", "random")
 
 
 # ---- reading the public files ----
-
-
-def _items(data: Any, key: str | None, path: str | Path) -> list[Any]:
-    """Return data[key] (or data itself when key is None), which must be a list."""
-    items = data.get(key) if key is not None and isinstance(data, dict) else data
-    if not isinstance(items, list):
-        where = f'a JSON object with a "{key}" list' if key is not None else "a JSON list"
-        raise InputError(f"{path}: expected {where}")
-    return items
-
-
-def _get(item: Any, key: str, where: str) -> Any:
-    if not isinstance(item, dict) or key not in item:
-        raise InputError(f"{where}: missing field {key!r}")
-    return item[key]
 
 
 def _image(image_dir: str | Path, name: str) -> str:
@@ -73,26 +58,26 @@ def vqav2(
     image_pattern: str = VQAV2_IMAGE_PATTERN,
 ) -> list[Sample]:
     """Return VQA v2 samples: 10 human answers each (none without annotations, as for test-dev), type = answer_type."""
-    questions = _items(read_json(questions_json), "questions", questions_json)
+    questions = json_items(read_json(questions_json), "questions", questions_json)
     annotations: dict[Any, Any] = {}
     if annotations_json is not None:
-        for i, item in enumerate(_items(read_json(annotations_json), "annotations", annotations_json)):
-            annotations[_get(item, "question_id", f"{annotations_json}: annotations[{i}]")] = item
+        for i, item in enumerate(json_items(read_json(annotations_json), "annotations", annotations_json)):
+            annotations[json_field(item, "question_id", f"{annotations_json}: annotations[{i}]")] = item
     samples = []
     for i, item in enumerate(questions):
         where = f"{questions_json}: questions[{i}]"
-        question_id, image_id = _get(item, "question_id", where), _get(item, "image_id", where)
+        question_id, image_id = json_field(item, "question_id", where), json_field(item, "image_id", where)
         try:
             image = _image(image_dir, image_pattern.format(image_id=int(image_id)))
         except (TypeError, ValueError):
             raise InputError(f"{where}: image_id: expected an integer, got {image_id!r}") from None
-        sample = Sample(str(question_id), _get(item, "question", where), image,
+        sample = Sample(str(question_id), json_field(item, "question", where), image,
                         meta={"question_id": question_id, "image_id": image_id})  # fmt: skip
         if annotations_json is not None:
             if question_id not in annotations:
                 raise InputError(f"{annotations_json}: no annotation for question_id {question_id} ({where})")
             annotation = annotations[question_id]
-            sample.answers = _answers(_get(annotation, "answers", where), where)
+            sample.answers = _answers(json_field(annotation, "answers", where), where)
             sample.type = annotation.get("answer_type")  # "yes/no", "number", "other": VQA's per-type scores
             for key in ("question_type", "multiple_choice_answer"):
                 if key in annotation:
@@ -109,9 +94,9 @@ def gqa(questions_json: str | Path, image_dir: str | Path) -> list[Sample]:
     samples = []
     for question_id, item in data.items():
         where = f"{questions_json}: {question_id}"
-        image_id = _get(item, "imageId", where)
+        image_id = json_field(item, "imageId", where)
         types = item.get("types") or {}
-        sample = Sample(str(question_id), _get(item, "question", where), _image(image_dir, f"{image_id}.jpg"),
+        sample = Sample(str(question_id), json_field(item, "question", where), _image(image_dir, f"{image_id}.jpg"),
                         type=types.get("structural"), meta={"image_id": image_id})  # fmt: skip
         if "answer" in item:
             sample.answers = [str(item["answer"])]
@@ -126,10 +111,10 @@ def gqa(questions_json: str | Path, image_dir: str | Path) -> list[Sample]:
 def textvqa(json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return TextVQA samples ({"data": [...]}), 10 human answers each (none in the test set)."""
     samples = []
-    for i, item in enumerate(_items(read_json(json), "data", json)):
+    for i, item in enumerate(json_items(read_json(json), "data", json)):
         where = f"{json}: data[{i}]"
-        image_id = _get(item, "image_id", where)
-        sample = Sample(str(_get(item, "question_id", where)), _get(item, "question", where),
+        image_id = json_field(item, "image_id", where)
+        sample = Sample(str(json_field(item, "question_id", where)), json_field(item, "question", where),
                         _image(image_dir, f"{image_id}.jpg"), meta={"image_id": image_id})  # fmt: skip
         if "answers" in item:
             sample.answers = _answers(item["answers"], where)
@@ -140,10 +125,10 @@ def textvqa(json: str | Path, image_dir: str | Path) -> list[Sample]:
 def docvqa(json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return DocVQA samples ({"data": [...]}, image paths relative to the dataset folder); answers all accepted."""
     samples = []
-    for i, item in enumerate(_items(read_json(json), "data", json)):
+    for i, item in enumerate(json_items(read_json(json), "data", json)):
         where = f"{json}: data[{i}]"
-        sample = Sample(str(_get(item, "questionId", where)), _get(item, "question", where),
-                        _image(image_dir, _get(item, "image", where)))  # fmt: skip
+        sample = Sample(str(json_field(item, "questionId", where)), json_field(item, "question", where),
+                        _image(image_dir, json_field(item, "image", where)))  # fmt: skip
         if "answers" in item:
             sample.answers = _answers(item["answers"], where)
         for key, meta_key in (("docId", "doc_id"), ("question_types", "question_types")):
@@ -157,11 +142,11 @@ def chartqa(json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Return ChartQA samples (a list of imgname, query, label); type = the file's stem (test_human, test_augmented)."""
     samples = []
     kind = Path(json).stem
-    for i, item in enumerate(_items(read_json(json), None, json)):
+    for i, item in enumerate(json_items(read_json(json), None, json)):
         where = f"{json}: [{i}]"
-        image = _get(item, "imgname", where)
-        sample = Sample(f"{kind}-{i}", _get(item, "query", where), _image(image_dir, image),
-                        [str(_get(item, "label", where))], type=kind, meta={"imgname": image})  # fmt: skip
+        image = json_field(item, "imgname", where)
+        sample = Sample(f"{kind}-{i}", json_field(item, "query", where), _image(image_dir, image),
+                        [str(json_field(item, "label", where))], type=kind, meta={"imgname": image})  # fmt: skip
         samples.append(sample)
     return samples
 
@@ -172,12 +157,12 @@ def pope(jsonl: str | Path, image_dir: str | Path, split: str | None = None) -> 
     samples = []
     for number, item in jsonl_rows(jsonl):
         where = f"{jsonl}:{number}"
-        label = str(_get(item, "label", where)).strip().lower()
+        label = str(json_field(item, "label", where)).strip().lower()
         if label not in ("yes", "no"):
             raise InputError(f"{where}: label: expected yes or no, got {item['label']!r}")
-        image = _get(item, "image", where)
+        image = json_field(item, "image", where)
         meta = {"image": image, **({"pope_split": split} if split else {})}
-        sample = Sample(f"{split or 'pope'}-{_get(item, 'question_id', where)}", _get(item, "text", where),
+        sample = Sample(f"{split or 'pope'}-{json_field(item, 'question_id', where)}", json_field(item, "text", where),
                         _image(image_dir, image), [label], label=label, type=split, meta=meta)  # fmt: skip
         samples.append(sample)
     return samples
