@@ -131,9 +131,8 @@ class ConnectorStyle(FusionStyle):
     kind: str = ""
     cost_of: ConnectorCost | None = None
     any_length: bool = False
-    reads_frames: bool = (
-        False  # its time embeddings read a video slot's frames together (video_merge resampler)
-    )
+    # its time embeddings read a video slot's frames together (video_merge resampler)
+    reads_frames: bool = False
     comparison: dict[str, Any] | None = None
 
     def build(self, cfg: ConnectorConfig, vision_dim: int, lm: LMSpec) -> nn.Module:
