@@ -2,12 +2,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 BENCH_VENV := .bench-env
 
-.PHONY: install install-test demo test lint bench clean
+.PHONY: install install-dev install-test demo test lint bench clean
 
-# `make install` sets up only what `make demo` needs: the virtualenv and the Python packages.
-# `make install-test` (a step of `make test`) adds the system programs the tests use, as package:program pairs;
+# `make install` sets up only what `make demo` needs: the virtualenv, torch and mmlm's own dependencies.
+# `make install-dev` adds the Python packages of the tests, lint and benchmarks (the [dev] extra: pytest, ruff,
+# import-linter, transformers as the parity reference, ...). `make install-test` (a step of `make test`) adds
+# those and the system programs the tests use, as package:program pairs;
 # scripts/system_packages.sh installs the missing ones as root, else prints the apt-get command. Each is optional
 # for mmlm itself: java runs the COCO caption PTB tokenizer (mmlm.eval.captioning), tesseract reads the text in
 # images for `mmlm eval vlm --ocr` (mmlm.processing.ocr), chromium runs the serve web-page test
@@ -17,7 +20,9 @@ SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract chromium:ch
 
 install: $(STAMP)
 
-install-test:
+install-dev: $(DEV_STAMP)
+
+install-test: install-dev
 	sh scripts/system_packages.sh $(SYSTEM_PACKAGES)
 
 # torch==2.13.0 is pinned first so pip takes the CPU wheel on disk instead of a 5 GB CUDA build.
@@ -25,24 +30,28 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e .
+	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[dev]"
 	# CLIP_benchmark is the reference for the metric parity tests; its metric modules need only
 	# torch, tqdm and scikit-learn, so its heavy dependencies are left out.
 	$(BIN)/pip install -q --no-deps "clip-benchmark==1.6.2"
-	touch $(STAMP)
+	touch $(DEV_STAMP)
 
 demo: install
 	$(BIN)/mmlm demo
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
 
-test: install install-test lint
+test: install-test lint
 	$(BIN)/pytest -q
 
-bench: install
+bench: install-dev
 	$(BIN)/python benchmarks/bench_clip_embed.py
 
 clean:
