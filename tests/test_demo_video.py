@@ -56,7 +56,7 @@ def test_clips_are_scored_by_the_harness_per_kind(tmp_path, monkeypatch):
             assert all(type(items[0]).__name__ == "Video" for items in media) and self.num_frames == FRAMES
             return [canned[answer] for answer in next(order)]
 
-    monkeypatch.setattr("mmlm.eval.backends.MMLMBackend", Canned)
+    monkeypatch.setattr("mmlm.recipes.demo_video.MMLMBackend", Canned)
     rows = write_test_set(tmp_path, clips=4)  # one clip of each kind
     rows = [
         {**r, "answer": a} for r, a in zip(rows, ["left", "yellow star", "white square", "red"], strict=True)

@@ -30,9 +30,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mmlm.data.synthetic.videos import write_video
 from mmlm.errors import InputError
 from mmlm.eval.backends import Audio, Backend, Video
 from mmlm.eval.generation_cache import GenerationCache, generation_key, image_digest
+from mmlm.eval.metrics import METRICS
+from mmlm.eval.parsers import PARSERS
+from mmlm.eval.samples import is_inline_image
 from mmlm.processing.image import load_image
 from mmlm.processing.ocr import ocr_text, with_ocr
 
@@ -42,7 +46,6 @@ BLIND_GREY = (128, 128, 128)
 
 def decode_sample_image(value: str, sample_id: str) -> Image.Image:
     """Return a sample's image from a file path, a data URL or bare base64, as RGB."""
-    from mmlm.eval.samples import is_inline_image
 
     if not is_inline_image(value):
         if not Path(value).is_file():
@@ -145,8 +148,6 @@ class _Images:
 
     def blind_video(self) -> Video:
         if self.grey_video is None:  # written once per run: eight grey frames
-            from mmlm.data.synthetic.videos import write_video
-
             path = Path(tempfile.mkdtemp(prefix="mmlm-blind-")) / "grey.mp4"
             self.grey_video = Video(
                 str(write_video([Image.new("RGB", (64, 64), BLIND_GREY)] * 8, path, fps=8))
@@ -278,8 +279,6 @@ def evaluate_vlm(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Return one task's metrics per probe (overall and per type), gain, leakage, settings and per-sample records."""
-    from mmlm.eval.metrics import METRICS
-    from mmlm.eval.parsers import PARSERS
 
     unknown = [p for p in probes if p not in PROBES]
     if unknown or not probes:

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mmlm.data.audio_pairs import is_audio_manifest, read_audio_manifest
+from mmlm.data.readers import open_pairs
 from mmlm.errors import InputError
+from mmlm.processing.image import load_image
 
 SCORE_BUDGET = 1 << 26  # scores held at once (256 MB in fp32): 100k × 500k runs in ~750 chunks
 
@@ -83,8 +86,6 @@ def retrieval_metrics(
 
 def read_retrieval_set(source: str, limit: int | None = None, **options) -> tuple[list, list[str], list[int]]:
     """Return (images, texts, text_to_image) of an image-text dataset; unusable images are left out."""
-    from mmlm.data.readers import open_pairs
-    from mmlm.processing.image import load_image
 
     images, texts, text_to_image = [], [], []
     for pair in open_pairs(source, **options):
@@ -106,7 +107,6 @@ def read_audio_retrieval_set(
     source: str, limit: int | None = None, split: str | None = None
 ) -> tuple[list, list[str], list[int]]:
     """Return (clip paths, texts, text_to_clip) of a JSONL audio manifest ({"audio", "text"} rows)."""
-    from mmlm.data.audio_pairs import read_audio_manifest
 
     clips, captions = read_audio_manifest(source, split)
     clips, captions = clips[:limit], captions[:limit]
@@ -119,7 +119,6 @@ def read_any_retrieval_set(
     source: str, limit: int | None = None, **options
 ) -> tuple[str, list, list[str], list[int]]:
     """Return (modality, inputs, texts, text_to_input): an audio manifest's clips, or any image-text dataset's images."""
-    from mmlm.data.audio_pairs import is_audio_manifest
 
     if is_audio_manifest(source):
         return "audio", *read_audio_retrieval_set(source, limit, options.get("split"))

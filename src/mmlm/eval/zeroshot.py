@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mmlm.data.classification import LabelledImages
+from mmlm.eval.calibration import calibration_report
 
 
 def zero_shot_metrics(
@@ -90,7 +91,6 @@ def evaluate_zero_shot(
     max_plot_classes: int = 50,
 ) -> dict[str, Any]:
     """Return zero-shot metrics, calibration figures and per-class recall; optionally write the confusion PNG."""
-    from mmlm.eval.calibration import calibration_report
 
     cosines = zero_shot_cosines(model, data, templates, batch_size, progress)
     labels = torch.tensor(data.labels)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from mmlm.errors import InputError
 from mmlm.processing.chat import IMAGE_TOKEN
+from mmlm.processing.video import read_video
 
 VIDEO_TOKEN = "<video>"
 PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
@@ -23,7 +24,6 @@ Sampler = Callable[[Any], list[Image.Image]]
 
 def frame_sampler(num_frames: int = 8, fps: float | None = None) -> Sampler:
     """Return a function from a video (path or bytes) to its frames: `num_frames` uniform, or at `fps` (capped)."""
-    from mmlm.processing.video import read_video
 
     if fps is not None:
         return lambda video: read_video(video, fps=fps, max_frames=num_frames).frames

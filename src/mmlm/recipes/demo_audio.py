@@ -17,12 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.data.synthetic.spoken import make_spoken_set
+from mmlm.eval.backends import MMLMBackend
+from mmlm.eval.harness import evaluate_vlm
 from mmlm.eval.retrieval import read_audio_retrieval_set, retrieval_metrics
+from mmlm.eval.tasks import Sample, Task, write_samples
+from mmlm.fusion import ConnectorConfig
 from mmlm.json_files import jsonl_rows
 from mmlm.models.audio_encoder import AudioConfig
+from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.dual_encoder import DualEncoderConfig
 from mmlm.models.text import TextConfig
+from mmlm.models.vision import VisionConfig
 from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
+from mmlm.train.run import run_clip_training
+from mmlm.train.vlm_config import StageConfig, StageData, VLMParts, VLMTrainConfig
+from mmlm.train.vlm_loop import run_vlm_training
 
 VARIANTS_PER_PHRASE = 8  # 7 train, 1 held-out test
 VLM_STEPS = 600
@@ -70,10 +79,6 @@ def write_spoken_conversations(manifest: Path, out: Path) -> Path:
 def demo_audio_vlm_config(out: Path, train_json: Path, audio_model: Path, steps: int):
     """Return the audio VLM run: the CLIP's audio tower (frozen), 4 frames a token, an MLP connector, a 2-layer LM (the
     model's vision tower is a minimal unused one)."""
-    from mmlm.fusion import ConnectorConfig
-    from mmlm.models.decoder_lm import LMConfig
-    from mmlm.models.vision import VisionConfig
-    from mmlm.train.vlm_config import StageConfig, StageData, VLMParts, VLMTrainConfig
 
     lm = LMConfig(width=128, layers=2, heads=4, kv_heads=4, mlp_dim=256, tie_word_embeddings=True)
     vision = VisionConfig(
@@ -92,9 +97,6 @@ def demo_audio_vlm_config(out: Path, train_json: Path, audio_model: Path, steps:
 def score_spoken(loaded: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Return the evaluation harness's result for "What word is spoken?" on the clips: normal and blind (one
     second of silence), exact match after VQA normalisation; the samples go to <out>/samples.jsonl."""
-    from mmlm.eval.backends import MMLMBackend
-    from mmlm.eval.harness import evaluate_vlm
-    from mmlm.eval.tasks import Sample, Task, write_samples
 
     samples = [
         Sample(f"{i:04d}", r["question"], answers=[r["answer"]], audio=r["audio"]) for i, r in enumerate(rows)
@@ -107,7 +109,6 @@ def score_spoken(loaded: Any, rows: list[dict[str, Any]], out: Path) -> dict[str
 
 def run_audio_vlm(out: Path, manifest: Path, audio_model: Path, steps: int = VLM_STEPS) -> dict[str, Any]:
     """Train the spoken-word VLM on the training clips; return its accuracy on the held-out ones and blind."""
-    from mmlm.train.vlm_loop import run_vlm_training
 
     start = time.perf_counter()
     train_json = write_spoken_conversations(manifest, out / "vlm_data")
@@ -131,7 +132,6 @@ def run_audio_demo(
 ) -> dict[str, Any]:
     """Synthesise the spoken set, train the audio-text CLIP, evaluate it, then train and score the spoken-word VLM
     on its audio tower (vlm_steps 0: skip it); write <out>/summary.json and return it."""
-    from mmlm.train.run import run_clip_training
 
     start = time.perf_counter()
     manifest = make_spoken_set(out / "data", phrases, variants_per_phrase=variants_per_phrase)

@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.data.synthetic.videos import VIDEO_KINDS, make_video, write_video
+from mmlm.eval.backends import MMLMBackend
+from mmlm.eval.harness import evaluate_vlm
+from mmlm.eval.tasks import Sample, Task, write_samples
+from mmlm.fusion import ConnectorConfig
+from mmlm.recipes.demo_vlm import demo_vlm_config
+from mmlm.train.config import OptimConfig
+from mmlm.train.vlm_config import StageConfig, StageData
+from mmlm.train.vlm_loop import run_vlm_training
 
 FRAMES, CLIP_FRAMES, TRAIN_CLIPS, TEST_CLIPS = 8, 16, 2400, 200
 # two frames per image slot, read by a perceiver with time embeddings: at 4 slots (64 visual tokens) it answers
@@ -71,15 +79,10 @@ def demo_video_config(
     """Return the VLM run: the image demo's model (`video_pool` frames per slot, merged by `video_merge`) and a
     two-stage recipe on the video conversations. The resampler merge swaps the MLP connector for a perceiver
     (16 latents, as many tokens as the MLP gives a slot) with a time embedding per frame of a slot."""
-    from mmlm.recipes.demo_vlm import demo_vlm_config
-    from mmlm.train.config import OptimConfig
-    from mmlm.train.vlm_config import StageConfig, StageData
 
     cfg = demo_vlm_config(out, tower, eval_samples=0)
     cfg.model.video_pool, cfg.model.video_merge = video_pool, video_merge
     if video_merge == "resampler":
-        from mmlm.fusion import ConnectorConfig
-
         cfg.model.connector = ConnectorConfig(
             kind="perceiver", num_queries=16, depth=2, heads=4, max_frames=video_pool
         )
@@ -101,9 +104,6 @@ def score_clips(
 ) -> dict[str, dict[str, float]]:
     """Return {"normal", "blind"}: exact-match accuracy (after VQA normalisation), overall and per clip kind, as the
     evaluation harness scores the test clips (`frames` frames each) and a grey video; samples go to `out`."""
-    from mmlm.eval.backends import MMLMBackend
-    from mmlm.eval.harness import evaluate_vlm
-    from mmlm.eval.tasks import Sample, Task, write_samples
 
     samples = [Sample(f"{i:04d}", r["question"], answers=[r["answer"]], type=r["kind"], video=r["video"])
                for i, r in enumerate(rows)]  # fmt: skip
@@ -132,7 +132,6 @@ def run_video_demo(
 ) -> dict[str, Any]:
     """Train the video VLM on `frames` frames a clip, `video_pool` per image slot merged by `video_merge`; evaluate
     it and its blind baseline; write <out>/video_summary.json and return it."""
-    from mmlm.train.vlm_loop import run_vlm_training
 
     start = time.perf_counter()
     tower = out / "vlm_tower"

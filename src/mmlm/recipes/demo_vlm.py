@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mmlm
 from mmlm.data.synthetic import shapes
 from mmlm.data.synthetic.instructions import QUESTION_TYPES, make_instruction
 from mmlm.eval.vqa import answer_questions, exact_match, vqa_scores
@@ -145,7 +146,6 @@ def _table(scores: dict[str, float], heldout: dict[str, float]) -> str:
 
 def tune_clip_tower(clip_folder: Path, out: Path, steps: int = TOWER_STEPS, seed: int = 0) -> Path:
     """Write the CLIP at `clip_folder` with its vision tower fine-tuned on scene labels to `out`; return `out`."""
-    import mmlm
 
     clip = mmlm.load(clip_folder)
     pairs, _ = shapes.split_combinations(seed)

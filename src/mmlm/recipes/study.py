@@ -15,8 +15,14 @@ from typing import Any
 
 import torch
 
+import mmlm
+from mmlm.data.synthetic import shapes
 from mmlm.errors import InputError
+from mmlm.eval.vqa import question_messages
 from mmlm.fusion import ConnectorConfig, fusion_style
+from mmlm.inference.generation import GenerationSettings, generate_ids
+from mmlm.recipes.demo_vlm import demo_vlm_config, example_scene
+from mmlm.train.vlm_loop import run_vlm_training
 
 # style -> connector options at the demo's sizes (vision width 128, 16 patches, LM width 128, 2 layers)
 STYLES: dict[str, dict[str, Any]] = {
@@ -33,7 +39,6 @@ QUESTION = "What color is the square?"
 
 def style_config(kind: str, out: Path, tower: Path, steps: int, eval_samples: int):
     """Return the demo's VLM run with fusion style `kind` and `steps` instruction-tuning steps."""
-    from mmlm.recipes.demo_vlm import demo_vlm_config
 
     cfg = demo_vlm_config(out, tower, eval_samples)
     cfg.model.connector = ConnectorConfig(kind=kind, **STYLES[kind])
@@ -51,8 +56,6 @@ def speed(loaded: Any, image: Any, new_tokens: int = 32, repeats: int = 5) -> tu
 
     Decoding ignores end tokens so that every style decodes exactly `new_tokens` tokens.
     """
-    from mmlm.eval.vqa import question_messages
-    from mmlm.inference.generation import GenerationSettings, generate_ids
 
     loaded.model.eval()
     prefill, decode = [], []
@@ -72,9 +75,6 @@ def speed(loaded: Any, image: Any, new_tokens: int = 32, repeats: int = 5) -> tu
 
 def run_style(kind: str, out: Path, tower: Path, steps: int, eval_samples: int) -> dict[str, Any]:
     """Train and measure one style; return its row of the study."""
-    from mmlm.data.synthetic import shapes
-    from mmlm.recipes.demo_vlm import example_scene
-    from mmlm.train.vlm_loop import run_vlm_training
 
     torch.manual_seed(0)
     cfg = style_config(kind, out, tower, steps, eval_samples)
@@ -138,9 +138,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def remeasure(out: Path) -> list[dict[str, Any]]:
     """Measure prefill and decode again on the styles' saved models (for a quieter machine); update the files."""
-    import mmlm
-    from mmlm.data.synthetic import shapes
-    from mmlm.recipes.demo_vlm import example_scene
 
     results = out / "results.json"
     if not results.is_file():

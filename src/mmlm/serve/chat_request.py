@@ -12,6 +12,7 @@ from mmlm.inference.generation import GenerationSettings
 from mmlm.processing.chat import AUDIO_TOKEN, IMAGE_TOKEN
 from mmlm.serve.config import ServeConfig
 from mmlm.serve.errors import APIError
+from mmlm.serve.guard import GUARD_SYSTEM_NOTE  # loaded with `inspect`, only when the guard is on
 from mmlm.serve.schema import AudioPart, ChatMessage, ChatRequest, ImagePart
 
 
@@ -97,7 +98,6 @@ async def run_guard(
     """Return the guard's report on the images (None when off); refuse (strict) or add a system note (note)."""
     if inspect is None or not images:
         return None
-    from mmlm.serve.guard import GUARD_SYSTEM_NOTE  # loaded with `inspect`, only when the guard is on
 
     verdicts = [await asyncio.to_thread(inspect, image) for image in images]
     flagged = [v for v in verdicts if v.flagged]

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmlm.errors import InputError
+from mmlm.serve.engine import QueueFull, RequestTimeout
 
 log = logging.getLogger("mmlm.serve")
 
@@ -63,7 +64,6 @@ def error_response(error: APIError) -> JSONResponse:
 
 def as_api_error(error: BaseException) -> APIError:
     """Return the APIError for an exception raised while serving: ours, bad input, a full queue, a timeout."""
-    from mmlm.serve.engine import QueueFull, RequestTimeout
 
     if isinstance(error, APIError):
         return error
@@ -115,8 +115,6 @@ def add_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, StarletteHTTPException)
         headers = dict(error.headers or {})
         return error_response(APIError(error.status_code, str(error.detail), headers=headers))
-
-    from mmlm.serve.engine import QueueFull, RequestTimeout
 
     for kind in (APIError, InputError, QueueFull, RequestTimeout, Exception):
         app.add_exception_handler(kind, on_api_error)

@@ -13,6 +13,7 @@ from mmlm.serve.chat_request import chat_messages, generation_settings, run_guar
 from mmlm.serve.config import ServeConfig
 from mmlm.serve.engine import GenerationStats
 from mmlm.serve.errors import as_api_error, error_body
+from mmlm.serve.guard import inspect_image
 from mmlm.serve.images import load_request_images
 from mmlm.serve.requests import parse_body, until_disconnect
 from mmlm.serve.schema import ChatRequest, chat_chunk, usage
@@ -26,8 +27,6 @@ def add_openai_routes(app: FastAPI, engine, config: ServeConfig) -> None:
     has_embedder = bool(getattr(engine, "embedder", None))
     inspect = None
     if config.guard != "off":
-        from mmlm.serve.guard import inspect_image
-
         inspect = inspect_image
 
     @app.post("/v1/chat/completions", response_model=None)

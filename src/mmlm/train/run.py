@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import mmlm
 from mmlm.data.audio_pairs import InMemoryAudioPairs, clip_features, read_audio_manifest
 from mmlm.data.augment import TrainTransform
 from mmlm.data.datasets import PairCollate, PairDataset, PairLoader
@@ -158,8 +159,6 @@ def run_clip_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if cfg.init is not None:
-        import mmlm
-
         start = mmlm.load(cfg.init)
         cfg = replace(cfg, model=start.config, tokenizer=cfg.tokenizer or cfg.init)
         processor, audio_preprocessor = start.image_processor, start.audio_preprocessor

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, processors
 
+import mmlm
 from mmlm.errors import InputError
 from mmlm.fusion import fusion_style
 from mmlm.inference.audio import AudioModel, whisper_preprocessor
@@ -45,7 +46,6 @@ def build_tokenizer(cfg: VLMTrainConfig, run_dir: Path, corpus: Callable[[], lis
 def audio_encoder_of(folder: str) -> tuple[AudioConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Return (config, encoder weights, preprocessor) of the audio encoder in a Whisper folder or in an audio-text
     contrastive model's folder (its tower without the pooling and projection), as `vision_init` takes a CLIP's."""
-    import mmlm
 
     loaded = mmlm.load(folder)
     if isinstance(loaded, AudioModel):
@@ -61,7 +61,6 @@ def audio_encoder_of(folder: str) -> tuple[AudioConfig, dict[str, torch.Tensor],
 
 def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLanguageModel, VLMProcessor]:
     """Return a VLM (ViT and LM from their folders, or fresh) and its processor; the connector is new."""
-    import mmlm
 
     parts = cfg.model
     tokenizer = Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json"))
