@@ -16,6 +16,7 @@ BENCH_VENV := .bench-env
 # images for `mmlm eval vlm --ocr` (mmlm.processing.ocr), chromium runs the serve web-page test
 # (tests/test_serve_browser.py), espeak-ng speaks the real speech of the log-mel parity tests (tests/test_audio.py)
 # and of `mmlm demo --modality audio`.
+# Without one, its tests skip; with CI=true (.ci/run) they fail instead, naming the program (tests/ci_skips.py).
 SYSTEM_PACKAGES := default-jre-headless:java tesseract-ocr:tesseract chromium:chromium espeak-ng:espeak-ng
 
 install: $(STAMP)

@@ -1,8 +1,10 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files; the CI skip rule (ci_skips.py) and pytester for testing it."""
 
 import pytest
 
 from fixtures_models import write_tiny_clip
+
+pytest_plugins = ["pytester", "ci_skips"]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Audio loading and Whisper log-mel features: parity with transformers on real speech, resampling, bad files."""
 
 import io
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from mmlm.processing.audio import (
     log_mel_spectrogram,
     mel_filters,
 )
+from system_programs import require_program
 
 ATOL = 1e-4
 
@@ -30,8 +30,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> np.ndarray:
     """About a second of synthetic English speech ("a red circle"), decoded and resampled to 16 kHz."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
+    require_program("espeak-ng", "espeak-ng")
     path = tmp_path_factory.mktemp("speech") / "red.wav"
     subprocess.run(["espeak-ng", "-w", str(path), "a red circle"], check=True, capture_output=True)
     audio = load_audio(path)

@@ -2,7 +2,6 @@
 bad audio input. Tones of four pitches stand in for spoken words, so the tests need no synthesiser."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import mmlm
 from mmlm.errors import InputError
 from mmlm.train.config import load_train_config
 from mmlm.train.run import run_clip_training
+from system_programs import needs_program
 
 RATE = 16_000
 PITCHES = {"low": 200.0, "middle": 500.0, "high": 1250.0, "top": 3000.0}
@@ -250,9 +250,7 @@ def test_an_audio_model_trains_only_on_an_audio_manifest_with_matching_settings(
         load_train_config(None, [*TINY_AUDIO, "model.audio_pool=max"])
 
 
-@pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)"
-)
+@needs_program("espeak-ng", "espeak-ng")
 def test_audio_demo_runs_end_to_end_on_a_few_spoken_words(tmp_path):
     from mmlm.recipes.demo_audio import run_audio_demo
 

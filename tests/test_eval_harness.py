@@ -18,7 +18,8 @@ from mmlm.eval.backends import OpenAIBackend, TransformersBackend
 from mmlm.eval.generation_cache import GenerationCache, generation_key, image_digest
 from mmlm.eval.harness import BLIND_GREY, derangement, evaluate_vlm, image_sources
 from mmlm.eval.tasks import Sample, Task
-from mmlm.processing.ocr import OCR_HEADER, ocr_text, tesseract_path, with_ocr
+from mmlm.processing.ocr import OCR_HEADER, ocr_text, with_ocr
+from system_programs import needs_program
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
@@ -146,7 +147,7 @@ def text_image(text: str) -> Image.Image:
     return image
 
 
-@pytest.mark.skipif(tesseract_path() is None, reason="the tesseract binary is not installed (tesseract-ocr)")
+@needs_program("tesseract", "tesseract-ocr")
 def test_tesseract_text_goes_into_the_prompt():
     assert "HELLO 42" in ocr_text(text_image("HELLO 42"))
     samples = [Sample(id=f"w{i}", question="What does it say?", image=data_url(text_image(word)), answers=[word],

@@ -10,7 +10,7 @@ from mmlm.cli import main
 from mmlm.data.synthetic.scene import COLORS, SHAPES
 from mmlm.errors import InputError
 from mmlm.eval import captioning
-from mmlm.eval.captioning import caption_scores, java_available, ptb_tokenize, python_tokenize
+from mmlm.eval.captioning import caption_scores, ptb_tokenize, python_tokenize
 from mmlm.eval.chair import CHAIR_SYNONYMS, chair_scores, object_mentions
 from mmlm.eval.metrics import (
     METRIC_PARSERS,
@@ -22,8 +22,9 @@ from mmlm.eval.metrics import (
 from mmlm.eval.parsers import PARSERS
 from mmlm.eval.tasks import Sample
 from mmlm.eval.vqa import normalize_answer
+from system_programs import needs_program
 
-needs_java = pytest.mark.skipif(not java_available(), reason="java is not installed (PTBTokenizer needs it)")
+needs_java = needs_program("java", "default-jre-headless")  # pycocoevalcap's PTBTokenizer runs it
 
 
 # ---- VQA v2 normalisation ----

@@ -29,7 +29,9 @@ from mmlm.cli import serve as command
 from mmlm.serve.app import create_app
 from mmlm.serve.config import ServeConfig
 from mmlm.serve.engine import Engine, EngineConfig, QueueFull, RequestTimeout
+from mmlm.serve.guard import GUARD_SYSTEM_NOTE
 from mmlm.serve.images import fetch_remote
+from system_programs import require_program
 
 KEY = "sk-test-key"
 
@@ -524,12 +526,7 @@ def instruction_image() -> bytes:
 
 
 def test_the_guard_notes_or_refuses_an_image_that_reads_as_instructions():
-    pytest.importorskip("mmlm.serve.guard")
-    from mmlm.processing.ocr import tesseract_path
-    from mmlm.serve.guard import GUARD_SYSTEM_NOTE
-
-    if tesseract_path() is None:
-        pytest.skip("tesseract is not installed")
+    require_program("tesseract", "tesseract-ocr")
     attack = image_message(data_url(instruction_image()))
     engine = FakeEngine()
     with serving(engine, guard="note") as url:

@@ -21,16 +21,12 @@ from mmlm.index import ImageIndex, build_index
 from mmlm.serve.app import create_app
 from mmlm.serve.config import ServeConfig
 from mmlm.serve.engine import Engine
+from system_programs import needs_program
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="needs the playwright package (pip install -e .[dev])"
-)
+sync_api = pytest.importorskip("playwright.sync_api")  # the [dev] extra; CI fails where it is missing
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="needs Debian's chromium: apt-get install chromium (make install does it as root)",
-)
+pytestmark = needs_program("chromium", "chromium", "chromium-browser")
 
 API_KEY = "test-key-123"
 LABELS = ["a red circle", "a blue square", "a green bar"]

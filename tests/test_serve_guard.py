@@ -3,7 +3,6 @@
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from mmlm.processing.ocr import tesseract_path
 from mmlm.serve.guard import (
     GUARD_SYSTEM_NOTE,
     RULES,
@@ -13,10 +12,9 @@ from mmlm.serve.guard import (
     instruction_score,
     normalise,
 )
+from system_programs import needs_program
 
-needs_tesseract = pytest.mark.skipif(
-    tesseract_path() is None, reason="the tesseract binary is not installed (tesseract-ocr)"
-)
+needs_tesseract = needs_program("tesseract", "tesseract-ocr")
 
 
 @pytest.mark.parametrize(

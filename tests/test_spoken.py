@@ -1,7 +1,6 @@
 """The spoken-word set: espeak-ng speech at 16 kHz, noise at a measured SNR, seeded variants and a manifest."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,10 +9,9 @@ from mmlm.data.synthetic.scene import COLORS, SHAPES, WORDS
 from mmlm.data.synthetic.spoken import SPOKEN_VOCABULARY, add_noise, make_spoken_set, speak
 from mmlm.errors import InputError
 from mmlm.processing.audio import SAMPLING_RATE, load_audio
+from system_programs import needs_program
 
-needs_espeak = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)"
-)
+needs_espeak = needs_program("espeak-ng", "espeak-ng")
 PHRASES = ("red", "circle", "blue star", "seven")
 
 

@@ -99,7 +99,6 @@ def test_load_folder_encodes_audio_like_transformers(whisper_folder, tmp_path):
 
 
 def test_raw_audio_goes_through_whispers_log_mel(tmp_path):
-    pytest.importorskip("mmlm.processing.audio")
     soundfile = pytest.importorskip("soundfile")
     encoder = write_tiny_whisper(tmp_path, *CONFIGS[2])  # 50 positions: a 1 s window
     extractor = transformers.WhisperFeatureExtractor(feature_size=80, chunk_length=1)
