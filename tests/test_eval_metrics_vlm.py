@@ -138,13 +138,14 @@ def test_exact_match_takes_any_reference():
         ("  The  Cat ", ["the cat"], 1.0),  # stripped, inner whitespace collapsed
         ("abcdefghiX", ["abcdefghij"], 0.9),  # one edit in ten characters
         ("1995", ["1996", "nineteen ninety-five"], 0.75),  # the best answer counts
-        ("ab", ["ax"], 0.5),  # NL = 0.5 exactly: the official script keeps 0.5 (paper eq. 1 would give 0)
-        ("abcd", ["abxy"], 0.5),
+        ("ab", ["ax"], 0.0),  # NL = 0.5 exactly: paper eq. 1 and the anls package give 0 (the RRC script 0.5)
+        ("abcd", ["abxy"], 0.0),
+        ("abcdefgh", ["abcdexyz"], 0.625),  # NL = 3/8, under τ: 1 − NL kept
         ("abc", ["axy"], 0.0),  # NL = 2/3 > 0.5
         ("abcdefghij", ["abcdefXXXX"], 0.6),  # NL = 0.4
         ("abcdefghijk", ["abcdefXXXXX"], 1 - 5 / 11),  # NL = 0.4545, just under τ: 1 − NL kept
         ("abcdefghi", ["abcdXXXXX"], 0.0),  # NL = 5/9 = 0.556, just over τ
-        ("a  b", ["ab"], 0.75),  # the script divides by the raw length (4), not the cleaned one (3)
+        ("a  b", ["ab"], 1 - 1 / 3),  # divided by the cleaned length ("a b", 3); the RRC script uses 4
         ("", [""], 1.0),  # both empty: distance 0
         ("anything", ["ab", "anything"], 1.0),
     ],
@@ -154,13 +155,13 @@ def test_anls_score(prediction, answers, expected):
 
 
 def test_anls_threshold_edge_and_mean():
-    # one edit in two characters sits exactly on τ = 0.5; two edits in three fall below it
-    assert anls_score("ab", ["ax"]) == 0.5
-    assert anls_score("ab", ["xy"]) == 0.0
-    samples = [Sample(str(i), "q", answers=a) for i, a in enumerate([["invoice"], ["ab"], ["2019"]])]
-    summary, scores = METRICS["anls"](["Invoice", "ax", "1066"], samples)
-    assert scores == pytest.approx([1.0, 0.5, 0.0])
-    assert summary["anls"] == pytest.approx(0.5)
+    # one edit in two characters sits exactly on τ = 0.5 and scores 0 (eq. 1: NL ≥ τ); one in three is kept
+    assert anls_score("ab", ["ax"]) == 0.0
+    assert anls_score("abc", ["abx"]) == pytest.approx(2 / 3)
+    samples = [Sample(str(i), "q", answers=a) for i, a in enumerate([["invoice"], ["abc"], ["2019"]])]
+    summary, scores = METRICS["anls"](["Invoice", "abx", "1066"], samples)
+    assert scores == pytest.approx([1.0, 2 / 3, 0.0])
+    assert summary["anls"] == pytest.approx(5 / 9)
 
 
 # ---- relaxed accuracy (ChartQA) ----

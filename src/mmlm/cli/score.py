@@ -3,8 +3,9 @@
 Each line of the file is one question:
   {"question_id" | "id": ..., "prediction": "model output",
    "answers": [...] | "label": "B" | "yes", "choices": [...], "type": "...", "objects": [...], "pope_split": "..."}
-METRIC is a name in `mmlm.eval.metrics.METRICS` (its usual parser applies unless --parser says otherwise) or a
-built-in task (`mmlm.eval.tasks.BUILTIN_TASKS`), whose metric and parser are used.
+METRIC is a name in `mmlm.eval.metrics.METRICS` (its usual parser applies unless --parser says otherwise), a
+benchmark name users type (`vqav2`, `docvqa`, ...: `mmlm.eval.benchmarks.BENCHMARK_SCORING`) or a built-in task
+(`mmlm.eval.tasks.BUILTIN_TASKS`), whose metric and parser are used.
 """
 
 from __future__ import annotations
@@ -22,21 +23,23 @@ if TYPE_CHECKING:
 
 
 def resolve_metric(name: str, parser: str | None = None) -> tuple[str, str]:
-    """Return (metric, parser) for a metric or built-in task name, `parser` overriding the usual one."""
+    """Return (metric, parser) for a metric, benchmark or built-in task name, `parser` overriding the usual one."""
+    from mmlm.eval.benchmarks import BENCHMARK_SCORING
     from mmlm.eval.metrics import METRIC_PARSERS, METRICS
     from mmlm.eval.parsers import PARSERS
+    from mmlm.eval.tasks import BUILTIN_TASKS
 
     if name in METRICS:
         metric, usual = name, METRIC_PARSERS[name]
-    else:
-        from mmlm.eval.tasks import BUILTIN_TASKS
-
-        if name not in BUILTIN_TASKS:
-            raise InputError(
-                f"unknown metric {name!r}: expected a metric ({', '.join(METRICS)}) "
-                f"or a built-in task ({', '.join(BUILTIN_TASKS)})"
-            )
+    elif name in BENCHMARK_SCORING:
+        metric, usual = BENCHMARK_SCORING[name].metric, BENCHMARK_SCORING[name].parser
+    elif name in BUILTIN_TASKS:
         metric, usual = BUILTIN_TASKS[name].metric, BUILTIN_TASKS[name].parser
+    else:
+        raise InputError(
+            f"unknown metric {name!r}: expected a metric ({', '.join(METRICS)}), "
+            f"a benchmark ({', '.join(BENCHMARK_SCORING)}) or a built-in task ({', '.join(BUILTIN_TASKS)})"
+        )
     parser = parser or usual
     if parser not in PARSERS:
         raise InputError(f"--parser: expected one of {', '.join(PARSERS)}, got {parser!r}")
@@ -145,15 +148,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score a predictions JSONL file with a VLM metric (prints JSON)")
     p.add_argument(
         "metric",
-        help="vqa_accuracy | exact_match | anls | relaxed_accuracy | pope | multiple_choice | caption, "
-        "or a built-in task name (its metric and parser)",
+        help="vqa_accuracy | exact_match | anls | relaxed_accuracy | pope | multiple_choice | caption; a "
+        "benchmark: vqav2 textvqa docvqa infovqa chartqa pope mmmu mmbench coco-caption; or a built-in task "
+        "(its metric and parser)",
     )
     p.add_argument(
         "predictions",
         help='JSONL: {"question_id"|"id", "prediction", "answers"|"label"|"choices", "type"?, "objects"?}',
     )
     p.add_argument(
-        "--parser", help="vqa | yes_no | option_letter | number | caption (default: the metric's usual one)"
+        "--parser",
+        help="vqa | yes_no | option_letter | number | caption | raw (default: the metric's usual one)",
     )
     p.add_argument("--types", action="store_true", help="add figures per question type (and POPE split)")
     p.set_defaults(func=cmd_score)

@@ -9,7 +9,7 @@ and `METRIC_REFERENCES` the `Sample` field that holds its references.
   vqa_accuracy      VQA v2 (Antol et al. 2015): min(1, #humans agreeing / 3) over 10 leave-one-out subsets;
                     one reference: exact match after VQA normalisation (as `mmlm.eval.vqa.vqa_scores`).
   exact_match       VQA-normalised equality with any reference answer.
-  anls              DocVQA / InfographicVQA (Biten et al. 2019), the RRC evaluation script (`anls_score`).
+  anls              DocVQA / InfographicVQA (Biten et al. 2019, eq. 1), as the `anls` package (`anls_score`).
   relaxed_accuracy  ChartQA (Masry et al. 2022), Pix2Struct's relaxed_correctness (`relaxed_correctness`).
   pope              POPE (Li et al. 2023) evaluate.py: accuracy, precision, recall, F1, yes_ratio.
   multiple_choice   accuracy of the chosen letter against `sample.label`.
@@ -110,22 +110,22 @@ ANLS_THRESHOLD = 0.5  # τ of Biten et al. 2019, eq. 1
 
 
 def anls_score(prediction: str, answers: Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
-    """Return one question's ANLS: max over answers of 1 − NL(answer, prediction), 0 below the threshold.
+    """Return one question's ANLS: max over answers of 1 − NL(answer, prediction), 0 where NL ≥ threshold.
 
-    As the RRC DocVQA/InfographicVQA evaluation script (the one Qwen-VL's infographicsvqa_eval.py and
-    lmms-eval's `anls` copy): both strings are lower-cased, stripped and their inner whitespace collapsed;
-    NL = edit distance / max(len) of the strings *as given* (before that clean-up); the best answer's
-    1 − NL is kept unless it is < τ. At exactly NL = τ the script keeps 0.5, where the paper's eq. 1
-    (0 when NL ≥ τ) gives 0; we follow the script, which produces the published leaderboard numbers.
+    Biten et al. 2019, eq. 1, as the `anls` package (the test's reference) computes it: both strings are
+    lower-cased, stripped and their inner whitespace collapsed, and NL = edit distance / the longer cleaned
+    string's length. The RRC evaluation script (and lmms-eval's copy) differs in two corners, see
+    docs/parity.md: it divides by the raw strings' lengths and keeps 0.5 at exactly NL = τ.
     """
     clean_prediction = " ".join(prediction.strip().lower().split())
-    distances = []
+    best = 0.0
     for answer in answers:
         clean_answer = " ".join(answer.strip().lower().split())
-        length = max(len(answer.upper()), len(prediction.upper()))  # the script's length, of raw strings
-        distances.append(0.0 if length == 0 else levenshtein(clean_answer, clean_prediction) / length)
-    similarity = 1 - min(distances)
-    return 0.0 if similarity < threshold else similarity
+        # the reference measures the upper-cased strings ("ß" counts 2, as "SS"); we keep its lengths exactly
+        length = max(len(clean_answer.upper()), len(clean_prediction.upper()))
+        distance = 0.0 if length == 0 else levenshtein(clean_answer, clean_prediction) / length
+        best = max(best, 1 - distance if distance < threshold else 0.0)
+    return best
 
 
 def anls_metric(predictions: list[str], samples: list[Sample]) -> tuple[Summary, list[float]]:
@@ -248,7 +248,7 @@ METRICS: dict[str, Metric] = {
 METRIC_PARSERS: dict[str, str] = {
     "vqa_accuracy": "vqa",
     "exact_match": "vqa",
-    "anls": "vqa",
+    "anls": "raw",  # the official scripts score the whole response; ANLS cleans it itself
     "relaxed_accuracy": "vqa",
     "pope": "yes_no",
     "multiple_choice": "option_letter",

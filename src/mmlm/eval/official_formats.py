@@ -253,8 +253,8 @@ FORMATS: dict[str, OfficialFormat] = {
     "vqav2": OfficialFormat(vqav2, SHORT_ANSWER_PROMPT, "vqa", "vqa_accuracy"),
     "gqa": OfficialFormat(gqa, SHORT_ANSWER_PROMPT, "vqa", "exact_match"),
     "textvqa": OfficialFormat(textvqa, SHORT_ANSWER_PROMPT, "vqa", "vqa_accuracy"),
-    "docvqa": OfficialFormat(docvqa, SHORT_ANSWER_PROMPT, "vqa", "anls", max_new_tokens=32),
-    "chartqa": OfficialFormat(chartqa, SHORT_ANSWER_PROMPT, "vqa", "relaxed_accuracy"),
+    "docvqa": OfficialFormat(docvqa, SHORT_ANSWER_PROMPT, "raw", "anls", max_new_tokens=32),
+    "chartqa": OfficialFormat(chartqa, SHORT_ANSWER_PROMPT, "raw", "relaxed_accuracy"),
     "multiple_choice": OfficialFormat(
         multiple_choice, MULTIPLE_CHOICE_PROMPT, "option_letter", "multiple_choice"
     ),

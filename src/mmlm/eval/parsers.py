@@ -8,6 +8,8 @@ metric may run its own parser again on answers that were parsed already. `PARSER
   option_letter  the chosen option's letter for multiple choice (`option_letter`), "" when none is found.
   number         the first number in the text (`first_number`), for counting and chart questions.
   caption        strip.
+  raw            the response unchanged (ANLS and relaxed accuracy clean the text themselves, as their
+                 official scripts do, so any parsing here would change their score).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ def first_line(response: str, sample: Sample | None = None) -> str:
     """Return the response stripped, up to its first line break."""
     text = response.strip()
     return text.split("\n", 1)[0].strip()
+
+
+def raw_response(response: str, sample: Sample | None = None) -> str:
+    """Return the response unchanged."""
+    return response
 
 
 def strip_response(response: str, sample: Sample | None = None) -> str:
@@ -167,4 +174,5 @@ PARSERS: dict[str, Callable[[str, Sample], str]] = {
     "option_letter": option_letter,
     "number": first_number,
     "caption": strip_response,
+    "raw": raw_response,
 }
