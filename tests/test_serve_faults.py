@@ -1,15 +1,23 @@
 """A server that holds: DNS rebinding cannot reach a private address, a client that stops reading cannot grow
 the server's memory or block the batch, and SIGTERM drains in-flight requests before the process exits."""
 
+import asyncio
+import logging
 import socket
+import time
 from contextlib import contextmanager
 
 import pytest
 from test_serve_api import image_host, png
 
+import mmlm
+from fixtures_vlm import write_tiny_llava
+from mmlm.inference.generation import GenerationSettings
 from mmlm.serve.config import ServeConfig
+from mmlm.serve.engine import Engine, EngineConfig, GenerationStats, StreamStalled
 from mmlm.serve.errors import APIError
 from mmlm.serve.images import fetch_remote
+from mmlm.serve.requests import ClosingStream
 
 # --- remote images: the checked address is the one connected to ------------------------------------------
 
@@ -71,3 +79,90 @@ def _also(resolver, host: str, address: str):
         return resolver(name, port, *args, **kwargs)
 
     return fake
+
+
+# --- a client that stops reading: a bounded stream buffer, then the stream is closed and the row dropped -----
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llava")
+    write_tiny_llava(folder)
+    return folder
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+def test_a_stream_nobody_reads_is_ended_and_its_row_leaves_the_batch(vlm_dir, caplog):
+    vlm = mmlm.load(vlm_dir)
+    story, other = user("Tell a long story please about cats"), user("Hi")
+    settings = GenerationSettings(max_new_tokens=40)
+    expected_other = vlm.generate(other, [], max_new_tokens=40)
+    engine = Engine(vlm=vlm, config=EngineConfig(max_batch=4, stream_buffer=3))
+
+    async def body():
+        stats = GenerationStats()
+        stuck = engine.generate(story, [], settings, stats)
+        await anext(stuck)  # the client reads one piece, then nothing
+        reader = asyncio.ensure_future(_collect(engine.generate(other, [], settings)))
+        await asyncio.wait_for(stats.stalled.wait(), 30)
+        text = await asyncio.wait_for(reader, 30)  # the batch went on without the stuck row
+        late = []
+        with pytest.raises(StreamStalled):
+            async for piece in stuck:
+                late.append(piece)
+        return stats, late, text
+
+    with caplog.at_level(logging.WARNING, logger="mmlm.serve"):
+        stats, late, text = _run(engine, body)
+    assert len(late) <= 3  # the buffer held no more than stream_buffer pieces
+    assert stats.completion_tokens <= 5 < 40  # decoding stopped for it once the buffer was full
+    assert text == expected_other
+    assert any("stream_buffer" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert 'mmlm_requests_total{kind="generate",status="stalled"} 1' in engine.metrics_text()
+
+
+async def _collect(pieces) -> str:
+    return "".join([piece async for piece in pieces])
+
+
+def _run(engine, body):
+    async def main():
+        await engine.start()
+        try:
+            return await body()
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def test_a_stalled_stream_closes_its_response_though_the_socket_is_stuck():
+    closed, stalled = asyncio.Event(), asyncio.Event()
+
+    async def events():
+        try:
+            while True:
+                yield "data: {}\n\n"
+        finally:
+            closed.set()
+
+    async def stuck_send(message) -> None:  # a client that reads nothing: the first body send never returns
+        if message["type"] == "http.response.body":
+            stalled.set()  # what the engine does once the stream's buffer is full
+            await asyncio.Event().wait()
+
+    async def never_disconnects():
+        await asyncio.Event().wait()
+
+    async def main() -> float:
+        started = time.monotonic()
+        response = ClosingStream(events(), stalled, media_type="text/event-stream")
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST", "path": "/"}
+        await asyncio.wait_for(response(scope, never_disconnects, stuck_send), 5)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 2
+    assert closed.is_set()

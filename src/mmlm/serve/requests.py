@@ -1,5 +1,6 @@
 """The request plumbing of `mmlm serve`: the ASGI gate (API key, body-size cap, request counts), body parsing
-into the wire schema, and racing engine work against the client's disconnect."""
+into the wire schema, racing engine work against the client's disconnect, and cutting off a stream whose
+client stopped reading."""
 
 import asyncio
 import hmac
@@ -8,6 +9,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from mmlm.serve.config import ServeConfig
@@ -135,3 +137,29 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class ClosingStream(StreamingResponse):
+    """A streamed response that is cut off (the connection closed) as soon as `stalled` is set.
+
+    The engine sets it when the client read nothing while its stream buffer filled; the response is then stuck
+    sending to a socket nobody reads, so only cancelling it frees the connection (uvicorn closes it).
+    """
+
+    def __init__(self, content, stalled: asyncio.Event, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.stalled = stalled
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Send the stream until it ends or `stalled` is set, whichever comes first."""
+        response = asyncio.ensure_future(super().__call__(scope, receive, send))
+        stalled = asyncio.ensure_future(self.stalled.wait())
+        try:
+            await asyncio.wait({response, stalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stalled.cancel()
+            if not response.done():
+                response.cancel()
+                await asyncio.wait({response})
+        if not response.cancelled():
+            response.result()
