@@ -2,11 +2,19 @@
 the server's memory or block the batch, and SIGTERM drains in-flight requests before the process exits."""
 
 import asyncio
+import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import pytest
 from test_serve_api import image_host, png
 
@@ -166,3 +174,102 @@ def test_a_stalled_stream_closes_its_response_though_the_socket_is_stuck():
 
     assert asyncio.run(main()) < 2
     assert closed.is_set()
+
+
+# --- SIGTERM drains `mmlm serve` ------------------------------------------------------------------------
+
+# `mmlm serve` itself, with each decode step slowed so a request is reliably in flight when SIGTERM arrives
+SLOW_SERVE = """
+import sys, time
+from mmlm.cli import main
+from mmlm.serve.engine import Engine
+advance = Engine._advance
+Engine._advance = lambda self, *args: (time.sleep(float(sys.argv[1])), advance(self, *args))[1]
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@contextmanager
+def serve_process(model: str, step_seconds: float, drain_seconds: float):
+    """Start `mmlm serve` in a subprocess on 127.0.0.1; yield (process, base URL) once /health answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    src = str(Path(mmlm.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    argv = [
+        "serve",
+        "--model",
+        model,
+        "--model-name",
+        "llava",
+        "--port",
+        str(port),
+        "--drain-seconds",
+        str(drain_seconds),
+    ]
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, str(step_seconds), *argv], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def stream_chat(url: str, max_tokens: int, first: threading.Event, lines: list[str]) -> None:
+    """POST a streamed chat request, set `first` at its first event, and collect every event line."""
+    body = {"model": "llava", "stream": True, "max_tokens": max_tokens, "messages": user("Tell a long story")}
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+    except httpx.TransportError as error:
+        lines.append(f"cut off: {error!r}")
+    first.set()
+
+
+@pytest.mark.slow
+def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits(vlm_dir):
+    with serve_process(str(vlm_dir), step_seconds=0.05, drain_seconds=20) as (process, url):
+        first, lines = threading.Event(), []
+        reader = threading.Thread(target=stream_chat, args=(url, 40, first, lines))  # about 2 s of decoding
+        reader.start()
+        assert first.wait(30)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(0.3)
+        refused = httpx.get(url + "/v1/models", timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"
+        assert reader.join(30) is None and lines[-1] == "data: [DONE]", lines[-3:]
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"  # all 40 tokens, not cut off
+        assert process.wait(15) == 0 and time.monotonic() - signalled < 15
+
+
+@pytest.mark.slow
+def test_the_drain_deadline_bounds_the_exit(vlm_dir):
+    with serve_process(str(vlm_dir), step_seconds=0.2, drain_seconds=1) as (process, url):
+        first, lines = threading.Event(), []
+        reader = threading.Thread(target=stream_chat, args=(url, 100, first, lines))  # about 20 s of decoding
+        reader.start()
+        assert first.wait(30)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        process.wait(15)
+        assert time.monotonic() - signalled < 5  # 1 s of drain, uvicorn's 1 s grace, the engine's stop
+        reader.join(10)
+        assert lines[-1] != "data: [DONE]"
