@@ -562,11 +562,15 @@ def test_the_guard_notes_or_refuses_an_image_that_reads_as_instructions():
 
 
 @contextmanager
-def image_host(routes: dict[str, tuple[int, dict, bytes]]):
-    """Serve fixed responses on 127.0.0.1; yield the base URL."""
+def image_host(
+    routes: dict[str, tuple[int, dict, bytes]], address: str = "127.0.0.1", asked: list | None = None
+):
+    """Serve fixed responses on `address`; yield the base URL. Each path asked for is appended to `asked`."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the http.server API
+            if asked is not None:
+                asked.append(self.path)
             status, headers, body = routes.get(self.path, (404, {}, b""))
             self.send_response(status)
             for name, value in headers.items():
@@ -578,10 +582,10 @@ def image_host(routes: dict[str, tuple[int, dict, bytes]]):
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = http.server.ThreadingHTTPServer((address, 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield f"http://{address}:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
 

@@ -23,6 +23,7 @@ def serve_config(args: argparse.Namespace, model_id: str, embed_model_id: str | 
         max_image_pixels=args.max_image_pixels,
         max_images=args.max_images,
         max_tokens_cap=args.max_tokens_cap,
+        drain_seconds=args.drain_seconds,
     )
     config.check()
     return config
@@ -80,13 +81,18 @@ def run(engine, config: ServeConfig, host: str, port: int) -> None:
     from PIL import Image
 
     from mmlm.serve.app import create_app
+    from mmlm.serve.drain import DrainingServer
 
     # past this, PIL itself refuses (DecompressionBombError) any image opened in this process
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
     if config.api_key is None and not _loopback(host):
         print(f"mmlm serve: warning: listening on {host} without --api-key; anyone who can reach it may use it",
               file=sys.stderr)  # fmt: skip
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info", timeout_keep_alive=5)
+    app = create_app(engine, config)
+    # past the drain, uvicorn's own wait for open connections is short: the deadline is the drain's
+    server_config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
+                                   timeout_graceful_shutdown=1)  # fmt: skip
+    DrainingServer(server_config, app.state.drain, config.drain_seconds).run()
 
 
 def _loopback(host: str) -> bool:
@@ -127,4 +133,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests; beyond it 429")
     p.add_argument("--no-batching", action="store_true", help="run one request at a time")
+    p.add_argument("--drain-seconds", type=float, default=defaults.drain_seconds,
+                   help="on SIGTERM, how long in-flight requests may finish (new ones get 503) before exit")  # fmt: skip
     p.set_defaults(func=cmd_serve)

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from mmlm.serve.config import ServeConfig
+from mmlm.serve.drain import Drain
 from mmlm.serve.errors import add_error_handlers
 from mmlm.serve.requests import ClientGone, RequestGate
 from mmlm.serve.routes_embed import add_embedding_routes
@@ -34,11 +35,11 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
             await engine.stop()
 
     app = FastAPI(title="mmlm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.config = engine, config
+    app.state.engine, app.state.config, app.state.drain = engine, config, Drain()  # drain: see DrainingServer
     counts: dict[tuple[str, str], int] = {}  # (path, status code) -> requests, filled by RequestGate
     add_error_handlers(app)
     app.add_exception_handler(ClientGone, _on_client_gone)
-    app.add_middleware(RequestGate, config=config, counts=counts)
+    app.add_middleware(RequestGate, config=config, counts=counts, drain=app.state.drain)
     add_openai_routes(app, engine, config)
     add_embedding_routes(app, engine, config)
     add_page_routes(app, engine, counts)

@@ -32,6 +32,7 @@ class ServeConfig:
     max_embedding_inputs: int = 256
     max_labels: int = 256
     max_search_k: int = 100
+    drain_seconds: float = 30.0  # on SIGTERM, in-flight requests get this long to finish (new ones: 503)
 
     def check(self) -> None:
         """Raise InputError for settings the server cannot run with."""
@@ -41,6 +42,8 @@ class ServeConfig:
             raise InputError("--api-key: got an empty key")
         if self.allow_remote_images and not self.allowed_domains:
             raise InputError("--allow-remote-images needs at least one --allow-domain")
+        if not self.drain_seconds >= 0:
+            raise InputError(f"--drain-seconds: expected a number >= 0, got {self.drain_seconds}")
         for name in (
             "max_request_bytes", "max_image_pixels", "max_images", "max_tokens_cap", "default_max_tokens",
             "max_embedding_inputs", "max_labels", "max_search_k", "remote_max_bytes",

@@ -4,7 +4,7 @@ Generation uses continuous batching. One decode batch runs step by step; at each
 that have been waiting are prefilled together and their key/value caches are merged into the running batch
 (both sides left-padded to the longer cache; the attention mask hides the padding and positions come from
 the mask, so every row sees exactly its own tokens). A row leaves the batch when it ends (end token, stop
-string, max_new_tokens), is cancelled or times out, and leading padding no row needs any more is cut off.
+string, max_new_tokens), is cancelled or times out, or its consumer falls `stream_buffer` pieces behind, and leading padding no row needs any more is cut off.
 A fusion style that keeps per-prompt state in the cache (Flamingo's media) is not `batchable`: it does not merge,
 so new requests join only an empty batch there (static batching).
 
@@ -15,6 +15,7 @@ loop stays responsive and the models never run concurrently.
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 from collections import deque
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from mmlm.inference.contrastive import ContrastiveModel
     from mmlm.inference.vlm import GenerativeModel
 
+log = logging.getLogger("mmlm.serve")
+
 
 class QueueFull(Exception):
     """Too many requests are waiting; try again after `retry_after` seconds."""
@@ -61,6 +64,10 @@ class RequestTimeout(Exception):
     """A request's deadline (queue wait included) passed before it finished."""
 
 
+class StreamStalled(Exception):
+    """A stream's consumer read nothing while `stream_buffer` pieces waited; its row was dropped."""
+
+
 @dataclass
 class EngineConfig:
     """Queue limit, batch size and wait, batching on/off, and the per-request deadline."""
@@ -70,6 +77,9 @@ class EngineConfig:
     batch_wait_ms: float = 5.0  # how long the batcher waits to fill a batch
     batching: bool = True  # False: one request at a time (for the load test's comparison)
     timeout_s: float = 120.0  # per request, queue wait included
+    # text pieces a stream may hold unread; past it the stream ends (StreamStalled) and its row leaves the batch,
+    # so a client that stops reading costs at most this much memory and never holds the batch
+    stream_buffer: int = 256
 
 
 _END = object()  # the last item of a generation's output queue
@@ -83,6 +93,9 @@ class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" (end token or stop string) | "length" (max tokens or context)
+    # set when the engine ended the stream because its consumer fell `stream_buffer` pieces behind; the HTTP
+    # response waits on it to close a connection whose client stopped reading
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(eq=False)
@@ -103,6 +116,7 @@ class _Generation(_Request):
     audio: list[bytes] = field(default_factory=list)  # encoded audio files, in the order of the audio parts
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # text pieces, then _END or an exception
     row: DecodeRow | None = None  # its decoding state (max_new_tokens cut to the room left in the context)
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)  # see GenerationStats.stalled
 
 
 @dataclass(eq=False)
@@ -238,6 +252,8 @@ class Engine:
             )
         req = _Generation("generate", started + self.config.timeout_s, started, messages=messages,
                           images=list(images), audio=list(audio))  # fmt: skip
+        if stats is not None:
+            req.stalled = stats.stalled
         cut = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
         [req.row] = new_rows(cut, self.vlm.eos_token_ids, 1, self.vlm.device, self.vlm.decode, keys=[req])
         self._enqueue(req, self._generations, self._wake_generation)
@@ -281,12 +297,27 @@ class Engine:
             tokens = 0
             for req, item, done, new in events:
                 tokens += new
+                if req.stalled.is_set():
+                    continue
+                if isinstance(item, str) and req.out.qsize() >= self.config.stream_buffer:
+                    self._stall(req)
+                    continue
                 if item:  # a text piece, or the exception that ended the request
                     req.out.put_nowait(item)
                 if done and not isinstance(item, BaseException):
                     req.out.put_nowait(_END)
             self.metrics.tokens(tokens)
             self._running = [row.key for row in batch.rows] if batch is not None else []
+
+    def _stall(self, req: _Generation) -> None:
+        """End a stream whose consumer stopped reading: its row leaves the batch at the next step."""
+        log.warning(
+            "generate: the client read nothing while %d pieces waited (stream_buffer); stream closed, row dropped",
+            req.out.qsize(),
+        )
+        self._finish(req, "stalled")  # marks it cancelled: `_advance` drops the row before the next step
+        req.stalled.set()
+        req.out.put_nowait(StreamStalled(f"the client fell {self.config.stream_buffer} pieces behind"))
 
     def _admit(self, batch: DecodeBatch | None) -> list[_Generation]:
         """Take the waiting requests that join the batch at this step boundary."""

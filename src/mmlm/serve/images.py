@@ -5,21 +5,22 @@ decompression bomb costs a header read. Remote fetches never follow redirects on
 must be allow-listed and resolve only to public addresses (no loopback, private, link-local, reserved ...),
 the body is read up to a byte cap, and each hop has a timeout. Local paths and file:// URLs are never read.
 
-Known gap: the address is checked when the host is resolved, and urllib resolves again when it connects, so a
-DNS server that answers differently the second time (DNS rebinding) is not stopped; allow-list hosts you trust.
+Each hop's host is resolved once, and the connection goes to the exact socket address that passed the check
+(TLS still verifies the certificate against the host name), so a DNS server that answers differently the
+second time (DNS rebinding) cannot steer the fetch to a private address.
 """
 
 import asyncio
 import base64
 import binascii
+import http.client
 import io
 import ipaddress
 import re
 import socket
+import ssl
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 from PIL import Image
 
@@ -122,12 +123,14 @@ def public_address(address: str) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_private)
 
 
-def resolve(host: str, port: int) -> list[str]:
-    """Return every address `host` resolves to."""
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+def resolve(host: str, port: int) -> list[tuple]:
+    """Return every (family, socket address) `host` resolves to, for TCP."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({(family, address) for family, _, _, _, address in infos})
 
 
-def _check_hop(url: str, field: str, config: ServeConfig) -> None:
+def _check_hop(url: str, field: str, config: ServeConfig) -> tuple:
+    """Return the (family, socket address) to fetch `url` from, after the allow-list and public-address checks."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise APIError(
@@ -144,51 +147,71 @@ def _check_hop(url: str, field: str, config: ServeConfig) -> None:
         )  # fmt: skip
     try:
         addresses = resolve(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except (OSError, UnicodeError):
+    except (OSError, UnicodeError, ValueError):
         raise APIError(
             400, f"{field}: cannot resolve {parts.hostname!r}", param=field, code="image_fetch_failed"
         ) from None
-    private = [a for a in addresses if not public_address(a)]
+    private = [address[0] for _, address in addresses if not public_address(address[0])]
     if private or not addresses:
         raise APIError(
             400, f"{field}: {parts.hostname!r} resolves to a non-public address ({', '.join(private)}); refused",
             param=field, code="image_url_refused",
         )  # fmt: skip
+    return addresses[0]
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 - each hop is checked by us
-        return None
+class PinnedConnection(http.client.HTTPConnection):
+    """An HTTP(S) connection to one checked socket address; the URL's host names the Host header and TLS peer."""
 
+    def __init__(self, url: str, family: int, address: tuple, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.default_port = 443 if parts.scheme == "https" else 80  # so Host omits a default port
+        super().__init__(parts.hostname, parts.port or self.default_port, timeout=timeout)
+        self.family, self.address = family, address
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+    def connect(self) -> None:
+        """Connect to the checked address itself: no name is resolved here (the rebinding window)."""
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = self.tls.wrap_socket(sock, server_hostname=self.host) if self.tls else sock
+        except BaseException:
+            sock.close()
+            raise
 
 
 def fetch_remote(url: str, field: str, config: ServeConfig) -> bytes:
     """Return the body of an allowed http(s) URL, following at most `remote_max_redirects` checked hops."""
     for _ in range(config.remote_max_redirects + 1):
-        _check_hop(url, field, config)
-        request = urllib.request.Request(url, headers={"User-Agent": "mmlm-serve", "Accept": "image/*"})
+        family, address = _check_hop(url, field, config)
+        parts = urllib.parse.urlsplit(url)
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection = PinnedConnection(url, family, address, config.remote_timeout_s)
         try:
-            with _OPENER.open(request, timeout=config.remote_timeout_s) as response:
-                declared = response.headers.get("Content-Length")
-                if declared is not None and declared.isdigit() and int(declared) > config.remote_max_bytes:
-                    raise _too_big(field, config)
-                return _read_capped(response, field, config)
-        except urllib.error.HTTPError as error:
-            location = error.headers.get("Location") if 300 <= error.code < 400 else None
-            if location is None:
+            connection.request("GET", target, headers={"User-Agent": "mmlm-serve", "Accept": "image/*"})
+            response = connection.getresponse()
+            location = response.getheader("Location") if 300 <= response.status < 400 else None
+            if location is not None:
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if response.status != 200:
                 raise APIError(
-                    400,
-                    f"{field}: fetching the image got HTTP {error.code}",
-                    param=field,
+                    400, f"{field}: fetching the image got HTTP {response.status}", param=field,
                     code="image_fetch_failed",
-                ) from None
-            url = urllib.parse.urljoin(url, location)
-        except (urllib.error.URLError, OSError, ValueError) as error:
+                )  # fmt: skip
+            declared = response.getheader("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > config.remote_max_bytes:
+                raise _too_big(field, config)
+            return _read_capped(response, field, config)
+        except (OSError, http.client.HTTPException, ValueError) as error:
             raise APIError(
                 400, f"{field}: fetching the image failed ({error})", param=field, code="image_fetch_failed"
             ) from None
+        finally:
+            connection.close()
     raise APIError(
         400,
         f"{field}: more than {config.remote_max_redirects} redirects",

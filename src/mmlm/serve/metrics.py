@@ -80,7 +80,7 @@ class ServerMetrics:
         self.recent_seconds: deque[float] = deque(maxlen=64)  # latencies of recent successful requests
 
     def request(self, kind: str, status: str, seconds: float) -> None:
-        """Count one finished request (status: ok, error, timeout, cancelled, rejected) and its latency."""
+        """Count one finished request (status: ok, error, timeout, cancelled, stalled, rejected) and its latency."""
         with self.lock:
             self.requests[kind, status] = self.requests.get((kind, status), 0) + 1
             if status != "rejected":

@@ -1,5 +1,6 @@
 """The request plumbing of `mmlm serve`: the ASGI gate (API key, body-size cap, request counts), body parsing
-into the wire schema, and racing engine work against the client's disconnect."""
+into the wire schema, racing engine work against the client's disconnect, and cutting off a stream whose
+client stopped reading."""
 
 import asyncio
 import hmac
@@ -8,9 +9,11 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from mmlm.serve.config import ServeConfig
+from mmlm.serve.drain import Drain
 from mmlm.serve.errors import APIError, error_body, validation_error
 
 # paths counted by name in mmlm_http_requests_total; anything else counts as "other"
@@ -22,10 +25,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class RequestGate:
-    """ASGI middleware at the door: the API key, the body-size cap (declared and as read), and request counts."""
+    """ASGI middleware at the door: the API key, the body-size cap (declared and as read), request counts, and
+    while the server drains (SIGTERM) a 503 for every new request and the count of those still in flight."""
 
-    def __init__(self, app, config: ServeConfig, counts: dict[tuple[str, str], int]) -> None:
-        self.app, self.config, self.counts = app, config, counts
+    def __init__(self, app, config: ServeConfig, counts: dict[tuple[str, str], int], drain: Drain) -> None:
+        self.app, self.config, self.counts, self.drain = app, config, counts, drain
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -39,6 +43,7 @@ class RequestGate:
                 status["code"] = message["status"]
             await send(message)
 
+        self.drain.in_flight += 1
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
@@ -46,10 +51,16 @@ class RequestGate:
                 return
             await self.app(scope, self._capped(receive), counted_send)
         finally:
+            self.drain.in_flight -= 1
             key = (path if path in _COUNTED_PATHS else "other", str(status["code"]))
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def _refusal(self, scope) -> APIError | None:
+        if self.drain.draining:  # /health too, so a load balancer stops sending here
+            return APIError(
+                503, "the server is shutting down; retry on another replica or after it restarts",
+                code="server_draining", headers={"Retry-After": "1"},
+            )  # fmt: skip
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
         if self.config.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
@@ -135,3 +146,29 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class ClosingStream(StreamingResponse):
+    """A streamed response that is cut off (the connection closed) as soon as `stalled` is set.
+
+    The engine sets it when the client read nothing while its stream buffer filled; the response is then stuck
+    sending to a socket nobody reads, so only cancelling it frees the connection (uvicorn closes it).
+    """
+
+    def __init__(self, content, stalled: asyncio.Event, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.stalled = stalled
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Send the stream until it ends or `stalled` is set, whichever comes first."""
+        response = asyncio.ensure_future(super().__call__(scope, receive, send))
+        stalled = asyncio.ensure_future(self.stalled.wait())
+        try:
+            await asyncio.wait({response, stalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stalled.cancel()
+            if not response.done():
+                response.cancel()
+                await asyncio.wait({response})
+        if not response.cancelled():
+            response.result()

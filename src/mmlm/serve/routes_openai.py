@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from mmlm.serve.chat_request import chat_messages, generation_settings, run_guard
 from mmlm.serve.config import ServeConfig
@@ -15,7 +15,7 @@ from mmlm.serve.engine import GenerationStats
 from mmlm.serve.errors import as_api_error, error_body
 from mmlm.serve.guard import inspect_image
 from mmlm.serve.images import load_request_images
-from mmlm.serve.requests import parse_body, until_disconnect
+from mmlm.serve.requests import ClosingStream, parse_body, until_disconnect
 from mmlm.serve.schema import ChatRequest, chat_chunk, usage
 from mmlm.serve.served_models import check_model, embed_model_ids
 
@@ -30,7 +30,7 @@ def add_openai_routes(app: FastAPI, engine, config: ServeConfig) -> None:
         inspect = inspect_image
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+    async def chat_completions(request: Request) -> JSONResponse | ClosingStream:
         """OpenAI chat completions over the served VLM, streamed as server-sent events when asked."""
         body = await parse_body(request, ChatRequest)
         model = check_model(body.model, [config.model_id if vlm is not None else None])
@@ -52,8 +52,8 @@ def add_openai_routes(app: FastAPI, engine, config: ServeConfig) -> None:
             events = _chat_events(
                 pieces, stats, first, reply_id, now, model, include_usage, extension
             )  # fmt: skip
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            return ClosingStream(
+                events, stats.stalled, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         chunks = await until_disconnect(request, _collect(pieces))
         text = "".join(chunks)
