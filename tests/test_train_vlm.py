@@ -197,6 +197,40 @@ def test_resume_after_kill_9_through_the_cli(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, tokenizer):
+    stages = {
+        "align": {**ALIGN, "steps": 4},
+        "instruct": {**INSTRUCT, "steps": 30, "train": ["connector", "lora"]},
+    }
+    data = {"model": {**TINY_MODEL, "tokenizer": tokenizer}, "stages": stages, "batch_size": 4, "max_length": 64,
+            "log_every": 1, "eval_samples": 0, "lora": {"rank": 2, "dropout": 0.1}}  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(data))
+
+    def command(run: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "mmlm", "train", "vlm", "--config", str(tmp_path / "train.json"),
+                f"out_dir={tmp_path / run}", *extra]  # fmt: skip
+
+    subprocess.run(command("straight"), check=True, capture_output=True)
+    victim = subprocess.Popen(
+        command("stopped"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    metrics, deadline = tmp_path / "stopped" / "metrics.jsonl", time.time() + 120
+    while victim.poll() is None and time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:  # inside the LoRA stage
+            break
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 143 and "Traceback" not in err, err
+    stopped_at = json.loads((tmp_path / "stopped" / "checkpoints" / "latest.json").read_text())["step"]
+    assert f"mmlm: SIGTERM: stopped after step {stopped_at};" in err and 6 <= stopped_at < 34
+    subprocess.run(command("stopped", "--resume", "latest"), check=True, capture_output=True)
+    assert losses_by_step(tmp_path / "stopped") == losses_by_step(tmp_path / "straight")
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("straight", "stopped"))
+    assert not changed(a, b)
+
+
+@pytest.mark.slow
 def test_training_loss_falls_on_a_tiny_shapes_set(tmp_path, tokenizer):
     stage = {"steps": 24, "train": ["connector", "lm"], "optim": {"lr": 5e-3, "warmup_steps": 4},
              "data": {"samples": 16, "question_types": ["color", "presence"]}}  # fmt: skip

@@ -1,10 +1,12 @@
 """Reading and writing weights as safetensors (single file or sharded with an index). Pickles are refused."""
 
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mmlm.errors import InputError
@@ -50,7 +52,18 @@ def read_weights(folder: Path, dtype: torch.dtype | None = None) -> dict[str, to
 
 
 def write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write tensors to one safetensors file (contiguous copies, shared storage broken)."""
-    save_file(
-        {k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata={"format": "pt"}
-    )
+    """Write tensors to one safetensors file (contiguous copies, shared storage broken).
+
+    A failed write (a full disk, say) raises OSError, as Python's own writes do, not safetensors' own error type.
+    """
+    try:
+        save_file(
+            {k: v.detach().contiguous().clone() for k, v in tensors.items()},
+            str(path),
+            metadata={"format": "pt"},
+        )
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error

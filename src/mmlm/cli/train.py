@@ -1,4 +1,8 @@
-"""`mmlm train clip|vlm`: train a model from a training config file plus key=value overrides."""
+"""`mmlm train clip|vlm`: train a model from a training config file plus key=value overrides.
+
+SIGTERM or SIGINT stops a run after its current step with a checkpoint; the exit status is then 128 + the signal
+(143, 130), as for a process the signal killed (mmlm.train.stop_signals).
+"""
 
 import argparse
 import json
@@ -8,19 +12,27 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     """Train a CLIP/SigLIP model from a training config file plus key=value overrides."""
     from mmlm.train.config import load_train_config
     from mmlm.train.run import run_clip_training
+    from mmlm.train.stop_signals import RunStopped
 
     cfg = load_train_config(args.config, args.overrides)
-    loaded, records = run_clip_training(cfg, resume=args.resume)
+    try:
+        loaded, records = run_clip_training(cfg, resume=args.resume)
+    except RunStopped as stop:  # the trainer logged the stop and wrote its checkpoint
+        raise SystemExit(stop.exit_status) from None
     print(json.dumps({"out_dir": cfg.out_dir, **records[-1]}))
 
 
 def cmd_train_vlm(args: argparse.Namespace) -> None:
     """Train a vision-language model through its stages from a training config file plus key=value overrides."""
+    from mmlm.train.stop_signals import RunStopped
     from mmlm.train.vlm_config import load_vlm_train_config
     from mmlm.train.vlm_loop import run_vlm_training
 
     cfg = load_vlm_train_config(args.config, args.overrides)
-    loaded, records = run_vlm_training(cfg, resume=args.resume)
+    try:
+        loaded, records = run_vlm_training(cfg, resume=args.resume)
+    except RunStopped as stop:  # the trainer logged the stop and wrote its checkpoint
+        raise SystemExit(stop.exit_status) from None
     print(json.dumps({"out_dir": cfg.out_dir, **records[-1]}))
 
 

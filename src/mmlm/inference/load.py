@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mmlm.checkpoints import open_clip
+from mmlm.checkpoints.manifest import verify_manifest
 from mmlm.checkpoints.mmlm_format import mmlm_architecture
 from mmlm.errors import InputError
 from mmlm.inference.audio import AudioModel, load_hf_whisper, load_mmlm_audio
@@ -104,6 +105,9 @@ def load(
     or an mmlm checkpoint folder."""
     folder = resolve_folder(path)
     dtype, device = parse_dtype(dtype), parse_device(device)
+    verify_manifest(
+        folder
+    )  # a training checkpoint's files are checked before any is read; other folders have none
     if not (folder / "config.json").is_file() and (folder / open_clip.CONFIG_NAME).is_file():
         return load_open_clip(folder, device, dtype)
     cfg_json = read_json_object(folder / "config.json")

@@ -12,10 +12,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.models.dual_encoder import DualEncoder
 from mmlm.progress import Progress
-from mmlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.config import TrainConfig
 from mmlm.train.distributed import DistInfo, distributed_clip_loss, distributed_siglip_loss
 from mmlm.train.optim import build_optimizer, build_scheduler, lock_tower
+from mmlm.train.stop_signals import StopSignals
 
 
 def contrastive_loss(
@@ -43,6 +44,35 @@ def _all_ranks(state: Any, dist: DistInfo) -> list[Any]:
     return states
 
 
+def _optimizer_step(cfg: TrainConfig, net: torch.nn.Module, model: DualEncoder, batches: Any,
+                    device: torch.device, bf16: bool, loss_fn: Callable, opt: Any, sched: Any) -> torch.Tensor:  # fmt: skip
+    """Run cfg.optim.accumulation batches forward and backward, then one optimiser step; return the last loss."""
+    for _ in range(cfg.optim.accumulation):
+        inputs, ids = next(batches)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss = loss_fn(
+                net, model, inputs.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+            )
+        (loss / cfg.optim.accumulation).backward()
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    model.clamp_logit_scale()
+    return loss
+
+
+def _resume(run_dir: Path, which: str, model: DualEncoder, opt: Any, sched: Any, data: Any,
+            dist: DistInfo) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
+    """Load checkpoint `which` into the model, optimiser, schedule and data stream; return (step, records)."""
+    state = load_checkpoint(find_checkpoint(run_dir, which), model)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    data.load_state_dict(state["data"][dist.rank])
+    return state["step"], state["records"]
+
+
 def train(
     cfg: TrainConfig,
     model: DualEncoder,
@@ -53,7 +83,10 @@ def train(
     export: Callable[[Path], Any] | None = None,
     dist: DistInfo | None = None,
 ) -> list[dict[str, Any]]:
-    """Train `model` for cfg.steps optimiser steps on batches of (pixels or log-mels, ids); return the records."""
+    """Train `model` for cfg.steps optimiser steps on batches of (pixels or log-mels, ids); return the records.
+
+    SIGTERM or SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
+    """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
     model.to(device).train()
@@ -69,56 +102,48 @@ def train(
     )
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
-    step, records = 0, []
-    if resume:
-        state = load_checkpoint(find_checkpoint(run_dir, resume), model)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        data.load_state_dict(state["data"][dist.rank])
-        step, records = state["step"], state["records"]
+    step, records = _resume(run_dir, resume, model, opt, sched, data, dist) if resume else (0, [])
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     loss_fn = torch.compile(contrastive_loss) if cfg.compile else contrastive_loss
     main = dist.rank == 0
     log = (run_dir / "metrics.jsonl").open("a") if main else None
     batches, progress = iter(data), Progress(cfg.steps, initial=step, desc="train", enabled=main)
     samples_per_step = cfg.batch_size * cfg.optim.accumulation * dist.world_size
-    last = time.perf_counter()
-    while step < cfg.steps:
-        for _ in range(cfg.optim.accumulation):
-            inputs, ids = next(batches)
-            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                loss = loss_fn(
-                    net, model, inputs.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-                )
-            (loss / cfg.optim.accumulation).backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        model.clamp_logit_scale()
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
-            record = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                      "logit_scale": model.logit_scale.exp().item(),
-                      "samples_per_s": cfg.log_every * samples_per_step / (now - last)}  # fmt: skip
-            if evaluate and main and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                record.update(evaluate(model, step))
-                model.train()
-            last = time.perf_counter()
-            records.append(record)
-            if main:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            progress.update(step, {k: record[k] for k in ("loss", "lr", "logit_scale", "samples_per_s")})
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            data_states = _all_ranks(data.state_dict(), dist)
-            if main:
-                training_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                  "data": data_states, "records": records}  # fmt: skip
-                save_checkpoint(run_dir, step, model, training_state, export)
+    last, stopping = time.perf_counter(), False
+    with StopSignals() as stop:
+        while step < cfg.steps and not stopping:
+            loss = _optimizer_step(cfg, net, model, batches, device, bf16, loss_fn, opt, sched)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                record = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                          "logit_scale": model.logit_scale.exp().item(),
+                          "samples_per_s": cfg.log_every * samples_per_step / (now - last)}  # fmt: skip
+                if (
+                    evaluate
+                    and main
+                    and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                ):
+                    record.update(evaluate(model, step))
+                    model.train()
+                last = time.perf_counter()
+                records.append(record)
+                if main:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                progress.update(step, {k: record[k] for k in ("loss", "lr", "logit_scale", "samples_per_s")})
+            stopping = step < cfg.steps and stop.requested(
+                dist
+            )  # a stop at the last step lets the run finish
+            if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
+                data_states = _all_ranks(data.state_dict(), dist)
+                if main:
+                    training_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                      "data": data_states, "records": records}  # fmt: skip
+                    save_checkpoint(run_dir, step, model, training_state, export)
     progress.close()
     if log is not None:
         log.close()
+    if stopping:
+        raise stop.stopped(step, checkpoint_folder(run_dir, step), main)
     return records

@@ -31,13 +31,14 @@ from mmlm.inference.vlm import GenerativeModel
 from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
 from mmlm.models.vlm import VisionLanguageModel, causal_lm_loss
 from mmlm.progress import Progress
-from mmlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loop import _all_ranks, resolve_device
 from mmlm.train.mixing import ROW_MODALITIES, MixedBatches, corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, no_decay
 from mmlm.train.plots import plot_training
 from mmlm.train.run import run_info
+from mmlm.train.stop_signals import StopSignals
 from mmlm.train.vlm_build import build_tokenizer, build_vlm
 from mmlm.train.vlm_config import LoRAConfig, StageConfig, VLMTrainConfig
 
@@ -244,6 +245,20 @@ def accumulate_gradients(
         interval.add(row_loss.detach(), row_tokens, row_modalities(batch))
 
 
+def every(interval: int, step: int) -> bool:
+    """Return whether `step` is a multiple of `interval` (never, for an interval of 0)."""
+    return bool(interval) and step % interval == 0
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, grad_clip: float | None) -> None:
+    """Clip the trained parameters' gradients (if `grad_clip`), step the optimiser and schedule, clear gradients."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+
+
 def train_vlm(
     cfg: VLMTrainConfig,
     model: VisionLanguageModel,
@@ -254,7 +269,10 @@ def train_vlm(
     on_stage_end: Callable[[str, StageConfig], None] | None = None,
     dist: DistInfo | None = None,
 ) -> list[dict[str, Any]]:
-    """Train `model` through cfg.stages in order; return the logged records (one per log_every steps)."""
+    """Train `model` through cfg.stages in order; return the logged records (one per log_every steps).
+
+    SIGTERM or SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
+    """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
     model.to(device).train()
@@ -264,61 +282,57 @@ def train_vlm(
     state = torch.load(checkpoint / "training_state.pt", weights_only=False) if checkpoint else None
     step, records = (state["step"], state["records"]) if state else (0, [])
     log, first = RunLog(run_dir, cfg.total_steps, step, main), 0
-    for index, (name, stage) in enumerate(cfg.stages.items()):
-        end = first + stage.steps
-        if state is not None and index < state["stage"]:
+    with StopSignals() as stop:
+        for index, (name, stage) in enumerate(cfg.stages.items()):
+            end = first + stage.steps
+            if state is not None and index < state["stage"]:
+                first = end
+                continue  # finished before the checkpoint (a LoRA stage's update is merged in its weights)
+            if "lora" in stage.train:
+                add_lora(model, cfg.lora)
+            opt, data = stage_optimizer(model, stage), stage_data(index, name, stage)
+            sched = build_scheduler(opt, stage.optim, stage.steps)
+            if state is not None:
+                load_checkpoint(checkpoint, model)  # weights and RNG state
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+                data.load_state_dict(state["data"][dist.rank])
+                state = None
+            set_trainable(model, stage, step - first)
+            net, batches, interval = _wrap(RowLosses(model), dist, device), iter(data), IntervalLosses()
+            while step < end:
+                if stage.vision_layers and step - first == stage.vision_from_step:
+                    set_trainable(model, stage, step - first)
+                    net = _wrap(RowLosses(model), dist, device)  # DDP registers what needs gradients anew
+                accumulate_gradients(
+                    net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average, interval
+                )
+                optimizer_step(model, opt, sched, stage.optim.grad_clip)
+                step += 1
+                if step % cfg.log_every == 0 or step == end:
+                    record = {"step": step, "stage": name, **interval.figures(dist.world_size),
+                              "lr": sched.get_last_lr()[0]}  # fmt: skip
+                    if evaluate and main and (step == cfg.total_steps or every(cfg.eval_every, step)):
+                        record.update(evaluate(step))
+                        model.train()
+                    records.append(record)
+                    log.write(record)
+                    interval = IntervalLosses()
+                stopping = step < cfg.total_steps and stop.requested(dist)  # at the last step: let it finish
+                if stopping or (every(cfg.checkpoint_every, step) and step < cfg.total_steps):
+                    data_states = _all_ranks(data.state_dict(), dist)
+                    if main:
+                        save_checkpoint(run_dir, step, model, {
+                            "stage": index, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "data": data_states, "records": records})  # fmt: skip
+                if stopping:  # before the stage's end hooks: the resumed run runs them
+                    log.close()
+                    raise stop.stopped(step, checkpoint_folder(run_dir, step), main)
+            if on_stage_end is not None and main:
+                on_stage_end(name, stage)
+            if "lora" in stage.train:
+                merge_lora(model.lm)
             first = end
-            continue  # finished before the checkpoint (a LoRA stage's update is merged in its weights)
-        if "lora" in stage.train:
-            add_lora(model, cfg.lora)
-        opt, data = stage_optimizer(model, stage), stage_data(index, name, stage)
-        sched = build_scheduler(opt, stage.optim, stage.steps)
-        if state is not None:
-            load_checkpoint(checkpoint, model)  # weights and RNG state
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            data.load_state_dict(state["data"][dist.rank])
-            state = None
-        set_trainable(model, stage, step - first)
-        net, batches, interval = _wrap(RowLosses(model), dist, device), iter(data), IntervalLosses()
-        while step < end:
-            if stage.vision_layers and step - first == stage.vision_from_step:
-                set_trainable(model, stage, step - first)
-                net = _wrap(RowLosses(model), dist, device)  # DDP registers what needs gradients anew
-            accumulate_gradients(
-                net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average, interval
-            )
-            if stage.optim.grad_clip:
-                trained = [p for p in model.parameters() if p.requires_grad]
-                torch.nn.utils.clip_grad_norm_(trained, stage.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            if step % cfg.log_every == 0 or step == end:
-                record = {"step": step, "stage": name, **interval.figures(dist.world_size),
-                          "lr": sched.get_last_lr()[0]}  # fmt: skip
-                if (
-                    evaluate
-                    and main
-                    and (step == cfg.total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
-                ):
-                    record.update(evaluate(step))
-                    model.train()
-                records.append(record)
-                log.write(record)
-                interval = IntervalLosses()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.total_steps:
-                data_states = _all_ranks(data.state_dict(), dist)
-                if main:
-                    save_checkpoint(run_dir, step, model, {
-                        "stage": index, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "data": data_states, "records": records})  # fmt: skip
-        if on_stage_end is not None and main:
-            on_stage_end(name, stage)
-        if "lora" in stage.train:
-            merge_lora(model.lm)
-        first = end
     log.close()
     return records
 
