@@ -1,11 +1,16 @@
 """Inputs the fuzzers (tests/test_fuzz.py, benchmarks/fuzz.py) found giving another exception than InputError
 or a 5xx; each is now refused at its boundary with one line."""
 
+from types import SimpleNamespace
+
 import pytest
+from fastapi.testclient import TestClient
 
 from mmlm.data.conversations import read_conversations
 from mmlm.errors import InputError
 from mmlm.json_files import jsonl_rows
+from mmlm.serve.app import create_app
+from mmlm.serve.config import ServeConfig
 
 
 @pytest.mark.parametrize(
@@ -23,3 +28,24 @@ def test_json_nested_too_deeply_or_with_a_huge_integer_is_an_input_error(tmp_pat
     (tmp_path / "conversations.json").write_text(text if text.startswith("[") else f"[{text}]")
     with pytest.raises(InputError, match=message):
         read_conversations(tmp_path / "conversations.json")
+
+
+def app_client():
+    """A TestClient over the server app with an engine that is never reached (bodies fail before it)."""
+    engine = SimpleNamespace(vlm=None, embedder=None, index=None)
+    return TestClient(create_app(engine, ServeConfig()), raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": '
+        + b"9" * 5_000
+        + b"}",
+    ],
+)
+def test_a_body_nested_too_deeply_or_with_a_huge_integer_is_a_400(body):
+    response = app_client().post("/v1/chat/completions", content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_json"
