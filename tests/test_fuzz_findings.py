@@ -5,10 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
+from fixtures_fuzz import apply_mutations, audio_seeds
 
 from mmlm.data.conversations import read_conversations
 from mmlm.errors import InputError
 from mmlm.json_files import jsonl_rows
+from mmlm.processing.audio import load_audio
 from mmlm.serve.app import create_app
 from mmlm.serve.config import ServeConfig
 
@@ -49,3 +51,10 @@ def test_a_body_nested_too_deeply_or_with_a_huge_integer_is_a_400(body):
     response = app_client().post("/v1/chat/completions", content=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "invalid_json"
+
+
+def test_a_wav_whose_header_names_a_codec_ffmpeg_cannot_decode_is_an_input_error():
+    # the bits-per-sample field overwritten: libsndfile refuses the file, FFmpeg opens a stream with no decoder
+    damaged = apply_mutations(audio_seeds()["wav_float_stereo"], [("size_le", 35, 258599711)])
+    with pytest.raises(InputError, match="no decoder"):
+        load_audio(damaged)

@@ -168,6 +168,10 @@ def _decode_pyav(stream: io.IOBase, name: str, max_seconds: float | None) -> tup
             kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
             raise InputError(f"{name}: has no audio stream (found {kinds}); expected a file with audio")
         audio_stream = container.streams.audio[0]
+        if audio_stream.codec_context is None:  # a codec id FFmpeg has no decoder for (a damaged header)
+            raise InputError(
+                f"{name}: audio stream has no decoder in FFmpeg; expected a playable audio track"
+            )
         rate = audio_stream.rate or audio_stream.codec_context.sample_rate
         if not rate:
             raise InputError(f"{name}: audio stream declares no sample rate; expected a playable audio track")
