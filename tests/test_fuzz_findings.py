@@ -5,12 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
-from fixtures_fuzz import apply_mutations, audio_seeds
+from fixtures_fuzz import apply_mutations, audio_seeds, video_seeds
 
 from mmlm.data.conversations import read_conversations
 from mmlm.errors import InputError
 from mmlm.json_files import jsonl_rows
 from mmlm.processing.audio import load_audio
+from mmlm.processing.video import read_video
 from mmlm.serve.app import create_app
 from mmlm.serve.config import ServeConfig
 
@@ -58,3 +59,9 @@ def test_a_wav_whose_header_names_a_codec_ffmpeg_cannot_decode_is_an_input_error
     damaged = apply_mutations(audio_seeds()["wav_float_stereo"], [("size_le", 35, 258599711)])
     with pytest.raises(InputError, match="no decoder"):
         load_audio(damaged)
+
+
+def test_a_video_whose_metadata_is_not_utf8_is_an_input_error():
+    damaged = apply_mutations(video_seeds()["mp4"], [("size_le", 16, 1567932877)])
+    with pytest.raises(InputError, match="not a readable video"):
+        read_video(damaged, num_frames=2)
