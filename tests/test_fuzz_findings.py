@@ -1,6 +1,7 @@
 """Inputs the fuzzers (tests/test_fuzz.py, benchmarks/fuzz.py) found giving another exception than InputError
 or a 5xx; each is now refused at its boundary with one line."""
 
+import struct
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ from mmlm.data.conversations import read_conversations
 from mmlm.errors import InputError
 from mmlm.json_files import jsonl_rows
 from mmlm.processing.audio import load_audio
+from mmlm.processing.image import load_image
 from mmlm.processing.video import read_video
 from mmlm.serve.app import create_app
 from mmlm.serve.config import ServeConfig
@@ -65,3 +67,9 @@ def test_a_video_whose_metadata_is_not_utf8_is_an_input_error():
     damaged = apply_mutations(video_seeds()["mp4"], [("size_le", 16, 1567932877)])
     with pytest.raises(InputError, match="not a readable video"):
         read_video(damaged, num_frames=2)
+
+
+def test_a_png_with_a_short_header_chunk_is_an_input_error():
+    short_header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 4) + b"IHDR" + b"\0\0\0\x10" + b"\0" * 4
+    with pytest.raises(InputError, match="not a readable image"):
+        load_image(short_header)
