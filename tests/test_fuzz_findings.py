@@ -73,3 +73,15 @@ def test_a_png_with_a_short_header_chunk_is_an_input_error():
     short_header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 4) + b"IHDR" + b"\0\0\0\x10" + b"\0" * 4
     with pytest.raises(InputError, match="not a readable image"):
         load_image(short_header)
+
+
+def test_text_with_a_lone_surrogate_is_a_400():
+    body = b'{"model": "mmlm", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    parts = (
+        b'{"model": "mmlm", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}'
+    )
+    client = TestClient(create_app(SimpleNamespace(vlm=object(), embedder=None, index=None), ServeConfig()))
+    for content, param in ((body, "messages.0.content"), (parts, "messages.0.content.0.text")):
+        response = client.post("/v1/chat/completions", content=content)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
