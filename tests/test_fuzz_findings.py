@@ -1,10 +1,13 @@
 """Inputs the fuzzers (tests/test_fuzz.py, benchmarks/fuzz.py) found giving another exception than InputError
 or a 5xx; each is now refused at its boundary with one line."""
 
+import io
 import struct
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import soundfile
 from fastapi.testclient import TestClient
 from fixtures_fuzz import apply_mutations, audio_seeds, video_seeds
 
@@ -85,3 +88,11 @@ def test_text_with_a_lone_surrogate_is_a_400():
         response = client.post("/v1/chat/completions", content=content)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_float_wav_holding_nan_or_infinity_is_an_input_error(value):
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.array([0.0, value, 0.5], np.float32), 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(InputError, match="NaN or infinity"):
+        load_audio(buffer.getvalue())

@@ -83,6 +83,8 @@ def load_audio(
         samples, rate = _decode(lambda: path.open("rb"), str(path), max_seconds)
     if samples.shape[0] == 0:
         raise InputError(f"{_name(source)}: contains no audio samples; expected at least one")
+    if not np.isfinite(samples).all():  # a float WAV may store them; they would poison the log-mel features
+        raise InputError(f"{_name(source)}: samples contain NaN or infinity; expected finite values")
     mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples  # [T, C] -> [T]
     if rate != sampling_rate:
         mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
