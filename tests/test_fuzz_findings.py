@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 from fastapi.testclient import TestClient
-from fixtures_fuzz import apply_mutations, audio_seeds, video_seeds
 
+from fixtures_fuzz import apply_mutations, audio_seeds, video_seeds
 from mmlm.data.conversations import read_conversations
 from mmlm.errors import InputError
 from mmlm.json_files import jsonl_rows
