@@ -96,3 +96,10 @@ def test_a_float_wav_holding_nan_or_infinity_is_an_input_error(value):
     soundfile.write(buffer, np.array([0.0, value, 0.5], np.float32), 16000, format="WAV", subtype="FLOAT")
     with pytest.raises(InputError, match="NaN or infinity"):
         load_audio(buffer.getvalue())
+
+
+def test_an_mp3_whose_channel_count_changes_mid_stream_decodes():
+    edits = [("delete", 30, 2169693692), ("byte", 764, 1318147505), ("delete", 429, 1103444674),
+             ("duplicate", 389, 27191321)]  # fmt: skip
+    samples = load_audio(apply_mutations(audio_seeds()["mp3"], edits))
+    assert samples.ndim == 1 and samples.size > 0 and np.isfinite(samples).all()

@@ -194,6 +194,10 @@ def _decode_pyav(stream: io.IOBase, name: str, max_seconds: float | None) -> tup
             raise InputError(f"{name}: {error}; expected a complete, uncorrupted audio file") from error
     if not pieces:
         return np.zeros((0, 1), np.float32), rate
+    if (
+        len({piece.shape[0] for piece in pieces}) > 1
+    ):  # the channel count changed mid-stream: mix each to mono
+        pieces = [piece.mean(axis=0, keepdims=True) for piece in pieces]
     return np.concatenate(pieces, axis=1).T.astype(np.float32, copy=False), rate
 
 
