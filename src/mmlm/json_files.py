@@ -26,6 +26,12 @@ def parse_json(text: str, where: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"{where}: invalid JSON ({error.msg} at character {error.pos})") from None
+    except RecursionError:
+        raise InputError(
+            f"{where}: JSON nested too deeply for Python's parser; expected a flatter value"
+        ) from None
+    except ValueError as error:  # an integer of more digits than sys.get_int_max_str_digits() allows
+        raise InputError(f"{where}: invalid JSON ({error})") from None
 
 
 def read_json(path: str | Path) -> Any:

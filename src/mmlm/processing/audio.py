@@ -83,6 +83,8 @@ def load_audio(
         samples, rate = _decode(lambda: path.open("rb"), str(path), max_seconds)
     if samples.shape[0] == 0:
         raise InputError(f"{_name(source)}: contains no audio samples; expected at least one")
+    if not np.isfinite(samples).all():  # a float WAV may store them; they would poison the log-mel features
+        raise InputError(f"{_name(source)}: samples contain NaN or infinity; expected finite values")
     mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples  # [T, C] -> [T]
     if rate != sampling_rate:
         mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
@@ -168,6 +170,10 @@ def _decode_pyav(stream: io.IOBase, name: str, max_seconds: float | None) -> tup
             kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
             raise InputError(f"{name}: has no audio stream (found {kinds}); expected a file with audio")
         audio_stream = container.streams.audio[0]
+        if audio_stream.codec_context is None:  # a codec id FFmpeg has no decoder for (a damaged header)
+            raise InputError(
+                f"{name}: audio stream has no decoder in FFmpeg; expected a playable audio track"
+            )
         rate = audio_stream.rate or audio_stream.codec_context.sample_rate
         if not rate:
             raise InputError(f"{name}: audio stream declares no sample rate; expected a playable audio track")
@@ -188,6 +194,10 @@ def _decode_pyav(stream: io.IOBase, name: str, max_seconds: float | None) -> tup
             raise InputError(f"{name}: {error}; expected a complete, uncorrupted audio file") from error
     if not pieces:
         return np.zeros((0, 1), np.float32), rate
+    if (
+        len({piece.shape[0] for piece in pieces}) > 1
+    ):  # the channel count changed mid-stream: mix each to mono
+        pieces = [piece.mean(axis=0, keepdims=True) for piece in pieces]
     return np.concatenate(pieces, axis=1).T.astype(np.float32, copy=False), rate
 
 

@@ -81,7 +81,7 @@ def _decode(stream: io.IOBase, name: str, max_pixels: int, draft_size: tuple[int
         image = Image.open(stream)  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputError(f"{name}: {error}; expected an image of at most {max_pixels} pixels") from error
-    except OSError as error:
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's plugins raise all three on damaged headers
         raise InputError(f"{name}: not a readable image; expected an image file (JPEG, PNG, ...)") from error
     _check_size(name, image.size, max_pixels)  # before any pixel is decoded
     if draft_size is not None and image.format == "JPEG":

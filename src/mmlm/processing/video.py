@@ -111,7 +111,7 @@ def read_video(
             # an index that misleads the seek, or a format that cannot seek: decode from the start instead
             with av.open(_openable(source)) as container:
                 return _read(container, name, fps, num_frames, max_frames, max_seconds, seek=False)
-    except av.error.FFmpegError as error:
+    except (av.error.FFmpegError, UnicodeDecodeError) as error:  # PyAV decodes metadata as UTF-8 on open
         raise InputError(
             f"{name}: not a readable video ({error}); expected a video file (MP4, WebM, ...)"
         ) from error

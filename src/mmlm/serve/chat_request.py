@@ -26,7 +26,7 @@ def chat_messages(
         role = "system" if message.role == "developer" else message.role
         content = message.content if message.content is not None else ""
         if isinstance(content, str):
-            _no_image_token(content, f"messages.{i}.content")
+            _check_text(content, f"messages.{i}.content")
             out.append({"role": role, "content": content})
             continue
         parts: list[dict[str, Any]] = []
@@ -41,7 +41,7 @@ def chat_messages(
                 audio.append(audio_bytes(part, field, role, vlm))
                 parts.append({"type": "audio"})
             else:
-                _no_image_token(part.text, f"{field}.text")
+                _check_text(part.text, f"{field}.text")
                 parts.append({"type": "text", "text": part.text})
         out.append({"role": role, "content": parts})
     return out, urls, audio
@@ -64,7 +64,14 @@ def audio_bytes(part: AudioPart, field: str, role: str, vlm: Any) -> bytes:
         ) from None
 
 
-def _no_image_token(text: str, field: str) -> None:
+def _check_text(text: str, field: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800" escapes decode to lone surrogates no tokenizer takes
+            raise APIError(
+                400, f"{field}: holds a lone UTF-16 surrogate; expected valid Unicode text", param=field
+            ) from None
     # a placeholder typed into text would claim a media slot that no part fills
     for token, part in ((IMAGE_TOKEN, "images as image_url"), (AUDIO_TOKEN, "audio as input_audio")):
         if token in text:

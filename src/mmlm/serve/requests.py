@@ -113,8 +113,10 @@ async def parse_body(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # also bad UTF-8 and integers of more digits than Python parses
         raise APIError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is JSON nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
