@@ -55,7 +55,9 @@ def main() -> None:
             "audio_seconds_per_second": {name: rate_spread(s, audio_seconds) for name, s in seconds.items()},
             # a rate's ratio is the inverse ratio of seconds
             "mmlm_over_transformers_call": ratio_of_medians(seconds["transformers_call"], seconds["mmlm"], 2),
-            "mmlm_over_transformers_numpy": ratio_of_medians(seconds["transformers_numpy"], seconds["mmlm"], 2),
+            "mmlm_over_transformers_numpy": ratio_of_medians(
+                seconds["transformers_numpy"], seconds["mmlm"], 2
+            ),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads(),

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from timing import interleaved_seconds, rate_spread
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
-from timing import interleaved_seconds, rate_spread
 from tokenizers.processors import TemplateProcessing
 
 import mmlm
@@ -179,9 +179,7 @@ def main() -> None:
     print(json.dumps(results[-1]))
     print(json.dumps({"load_average_1m_after": os.getloadavg()[0]}))
 
-    print(
-        f"\n{args.arch}, fp32, {setup['threads']} threads, torch {torch.__version__}"
-    )
+    print(f"\n{args.arch}, fp32, {setup['threads']} threads, torch {torch.__version__}")
     for r in results:
         unit = "images" if r["task"] == "image" else "texts"
         print(

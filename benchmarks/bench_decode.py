@@ -50,7 +50,9 @@ TINY_LLAMA = dict(SMOLLM2_135M, vocab_size=512, hidden_size=64, intermediate_siz
 CACHES = ("static", "dynamic")
 
 
-def write_checkpoint(folder: Path, shapes: dict = SMOLLM2_135M, seed: int = 0) -> transformers.LlamaForCausalLM:
+def write_checkpoint(
+    folder: Path, shapes: dict = SMOLLM2_135M, seed: int = 0
+) -> transformers.LlamaForCausalLM:
     """Save a random Llama of `shapes` (SmolLM2-135M's by default) and a placeholder tokenizer to `folder`; return it."""
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shapes)).eval()
@@ -149,7 +151,7 @@ def main() -> None:
         for timer, model in timers.values():  # warm-up, untimed
             decode_rate(timer, model, ids, 8, args.cache)
         rates = alternating_rounds(
-            {name: lambda t=timer, m=model: decode_rate(t, m, ids, args.new_tokens, args.cache)
+            {name: lambda t=timer, m=model, ids=ids: decode_rate(t, m, ids, args.new_tokens, args.cache)
              for name, (timer, model) in timers.items()}, args.rounds)  # fmt: skip
         medians = {name: statistics.median(r) for name, r in rates.items()}
         paired = [m / t for m, t in zip(rates["mmlm"], rates["transformers"], strict=True)]
@@ -159,6 +161,7 @@ def main() -> None:
             "ratio": round(medians["mmlm"] / medians["transformers"], 3),
             "median_paired_ratio": round(statistics.median(paired), 3), "load": os.getloadavg(),
         }), flush=True)  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

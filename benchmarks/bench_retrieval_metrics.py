@@ -21,7 +21,6 @@ import time
 import torch
 from timing import alternating_rounds, ratio_of_medians, spread
 
-
 SIDES = ("clip_benchmark", "mmlm")
 
 
@@ -99,6 +98,7 @@ def main() -> None:
         full = big["images"] * big["texts"] * 4 / 2**20
         print(f"{big['images']}x{big['texts']} (one run): full score matrix would be {full:.0f} MB; "
               f"mmlm {big['seconds']} s, peak RSS {big['peak_rss_mb']} MB")  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

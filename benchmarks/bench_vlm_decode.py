@@ -73,7 +73,9 @@ def build_models(shapes: str = "nanovlm", seed: int = 0):
     return ref, ours
 
 
-def prompt(batch: int, image_tokens: int, shapes: str = "nanovlm", text_tokens: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt(
+    batch: int, image_tokens: int, shapes: str = "nanovlm", text_tokens: int = 24
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ids [B, 1 + image_tokens + text_tokens] (bos, image slots, text) and random pixels [B, 3, H, W]."""
     g = torch.Generator().manual_seed(batch)
     image_id, size = image_token(shapes), SHAPES[shapes][0]["image_size"]
@@ -197,7 +199,7 @@ def main() -> None:
         for timer, model in timers.values():  # warm-up, untimed
             rates(timer, model, inputs, 4, args.cache)
         measured = alternating_rounds(
-            {name: lambda t=timer, m=model: rates(t, m, inputs, args.new_tokens, args.cache)
+            {name: lambda t=timer, m=model, inputs=inputs: rates(t, m, inputs, args.new_tokens, args.cache)
              for name, (timer, model) in timers.items()}, args.rounds)  # fmt: skip
         decode = {name: [tok_s for tok_s, _ in r] for name, r in measured.items()}
         prefill = {name: [first for _, first in r] for name, r in measured.items()}
@@ -208,6 +210,7 @@ def main() -> None:
             "ratio": round(med["mmlm"] / med["transformers"], 3),
             "prefill_s": {name: spread(p, 3) for name, p in prefill.items()}, "load": os.getloadavg(),
         }), flush=True)  # fmt: skip
+
 
 if __name__ == "__main__":
     main()
