@@ -4,10 +4,11 @@ The same small CLIP (or ViT-B/16 with `--model b16`) is trained by the three lib
 pixel/token batches, with the same AdamW settings and the same step: forward, symmetric InfoNCE, backward,
 gradient clipping, optimiser step, logit-scale clamp. Each library runs in its own worker process, so the peak
 memory of one (max RSS on CPU, `torch.cuda.max_memory_allocated` on GPU) never includes another's. The parent
-sends the workers timed windows in turn (A, B, C, A, B, C, ...) so that machine noise lands on all of them, and
-reports the median (and best) samples/s over the windows, the peak memory, and the ratios mmlm/open_clip and
-mmlm/transformers. On CPU it first waits (up to 10 minutes) for the 1-minute load average to fall below
---max-load; a default run then takes 2-3 minutes on two quiet cores.
+sends the workers timed windows in turn, reversing the order every window (A, B, C, C, B, A, ...) so that
+machine noise lands on all of them, and reports the median (and best and worst) samples/s over the windows, the
+peak memory, and the ratios mmlm/open_clip and mmlm/transformers. On CPU it first waits (up to 10 minutes)
+for the 1-minute load average to fall below --max-load; a default run then takes 2-3 minutes on two quiet
+cores.
 
 Run in the benchmark environment (open_clip needs torchvision, which mmlm does not):
     make bench-env && .bench-env/bin/python benchmarks/bench_clip_train.py
@@ -321,6 +322,7 @@ def main() -> None:
     figures = {
         "median_samples_per_s": {name: statistics.median(rates[name]) for name in implementations},
         "best_samples_per_s": {name: max(rates[name]) for name in implementations},
+        "worst_samples_per_s": {name: min(rates[name]) for name in implementations},
     }
     for key in (
         ("max_allocated_mib",) if args.device.startswith("cuda") else ("peak_rss_mib", "peak_anon_rss_mib")
