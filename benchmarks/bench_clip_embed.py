@@ -2,9 +2,11 @@
 
 A CLIPModel with random weights at real ViT-B/32 or ViT-B/16 shapes is saved to a temporary folder and read
 back with `mmlm.load`. Both implementations then embed the same pixels and the same token ids, model only
-(preprocessing excluded), fp32, under `torch.inference_mode`, alternating round by round; medians are reported.
+(preprocessing excluded), fp32, under `torch.inference_mode`, alternating round by round and reversing which
+goes first every round (timing.py); medians, min and max are reported.
 
     python benchmarks/bench_clip_embed.py --arch b32
+    python benchmarks/bench_clip_embed.py --quick     # a 2-layer CLIP, 1 round: checks that it runs
 """
 
 import argparse
@@ -12,13 +14,13 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
+from timing import interleaved_seconds, rate_spread
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
@@ -34,8 +36,18 @@ CAPTION_TOKENS = (10, 20)  # with <|startoftext|> and <|endoftext|>; COCO captio
 
 
 def reference_clip(arch: str) -> transformers.CLIPModel:
-    """Return a randomly initialised transformers CLIPModel at ViT-B/32 or ViT-B/16 shapes, in eval mode."""
+    """Return a randomly initialised transformers CLIPModel at ViT-B/32 or ViT-B/16 shapes (or toy ones), in eval mode."""
     torch.manual_seed(0)
+    if arch == "tiny":  # --quick: the real vocabulary and 224 px, two narrow layers per tower
+        cfg = transformers.CLIPConfig(
+            text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                             bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=224, patch_size=32, hidden_act="quick_gelu"),
+            projection_dim=16,
+        )  # fmt: skip
+        return transformers.CLIPModel(cfg).eval()
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                          num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -74,22 +86,6 @@ def caption_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def time_alternating(
-    fns: dict[str, Callable[[], torch.Tensor]], warmup: int, repeats: int
-) -> dict[str, list[float]]:
-    """Return seconds per call for each function, run in turn within each round so drift hits both alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    seconds: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
 def measure(
     task: str,
     unit: str,
@@ -101,9 +97,7 @@ def measure(
     """Return one measurement: medians of both implementations, their ratio and the embeddings' max |diff|."""
     with torch.inference_mode():
         diff = (F.normalize(reference(), dim=-1) - ours()).abs().max().item()
-        seconds = time_alternating(
-            {"transformers": reference, "mmlm": ours}, warmup=args.warmup, repeats=args.repeats
-        )
+        seconds = interleaved_seconds({"transformers": reference, "mmlm": ours}, args.repeats, args.warmup)
     median = {name: statistics.median(s) for name, s in seconds.items()}
     return {
         "task": task,
@@ -114,6 +108,7 @@ def measure(
         f"mmlm_{unit}_per_s": round(items / median["mmlm"], 2),
         "ratio_mmlm_over_transformers": round(median["transformers"] / median["mmlm"], 3),
         "max_abs_diff": diff,
+        f"{unit}_per_s_spread": {name: rate_spread(s, items, 2) for name, s in seconds.items()},
         "transformers_s": [round(s, 4) for s in seconds["transformers"]],
         "mmlm_s": [round(s, 4) for s in seconds["mmlm"]],
     }
@@ -127,7 +122,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per implementation")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per implementation first")
     parser.add_argument("--text-batch", type=int, default=TEXT_BATCH, help="captions per text batch")
+    parser.add_argument("--quick", action="store_true", help="a 2-layer CLIP, 1 round: a check that it runs")
     args = parser.parse_args()
+    if args.quick:
+        args.arch, args.batch, args.text_batch, args.repeats = "tiny", [2], 8, 1
     if min(args.batch) < 1 or args.text_batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch, --text-batch and --repeats must be positive, --warmup non-negative")
     return args
@@ -181,9 +179,7 @@ def main() -> None:
     print(json.dumps(results[-1]))
     print(json.dumps({"load_average_1m_after": os.getloadavg()[0]}))
 
-    print(
-        f"\nViT-{args.arch.upper()[0]}/{args.arch[1:]}, fp32, {setup['threads']} threads, torch {torch.__version__}"
-    )
+    print(f"\n{args.arch}, fp32, {setup['threads']} threads, torch {torch.__version__}")
     for r in results:
         unit = "images" if r["task"] == "image" else "texts"
         print(

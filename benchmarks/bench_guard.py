@@ -16,6 +16,7 @@ OCR word recall and the median/p90 seconds per image.
 
     python benchmarks/bench_guard.py                  # all 240 images (a few minutes on 2 cores)
     python benchmarks/bench_guard.py --limit 10       # quick look: 10 texts of each label
+    python benchmarks/bench_guard.py --quick          # 2 texts of each label: checks that it runs
 """
 
 import argparse
@@ -281,7 +282,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="texts of each label (default: all)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--quick", action="store_true", help="2 texts of each label: a check that it runs")
     args = parser.parse_args()
+    if args.quick:
+        args.limit = 2
     if tesseract_path() is None:
         sys.exit("bench_guard: needs the tesseract binary (apt-get install tesseract-ocr)")
     texts = [(t, True) for t in INSTRUCTIONS[: args.limit]] + [(t, False) for t in ORDINARY[: args.limit]]

@@ -11,6 +11,7 @@ in a fixed ladder whose recall@10 reaches the target) and then measured on the e
 
     python benchmarks/bench_index.py                      # 1M x 512, 10k clusters (several minutes)
     python benchmarks/bench_index.py --n 100000 --clusters 1000 --index-images 60   # quick look
+    python benchmarks/bench_index.py --quick     # 2,000 x 32, 8 images: checks that it runs
 """
 
 import argparse
@@ -313,7 +314,13 @@ def main() -> None:
     p.add_argument("--index-images", type=int, default=300, help="images for the index build run (0 skips)")
     p.add_argument("--index-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="2,000 x 32, 8 images: a check that it runs")
     args = p.parse_args()
+    if args.quick:
+        quick = dict(n=2000, dim=32, clusters=20, queries=50, tune_queries=30, latency_queries=20,
+                     slow_latency_queries=5, batch_queries=16, repeats=1, nlist=16, index_images=8,
+                     index_batch_size=4)  # fmt: skip
+        vars(args).update(quick)
     print(json.dumps({"faiss": faiss.__version__, "numpy": np.__version__, "threads": faiss.omp_get_max_threads(),
                       "cpus": os.cpu_count()}), flush=True)  # fmt: skip
     start = time.perf_counter()

@@ -7,6 +7,7 @@ Phase 2 overfills the queue on purpose (many clients, a small --max-queue): ever
 429 with Retry-After; a 5xx or a dropped connection counts as a failure.
 
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo/vlm --clients 16 --seconds 20
+    .venv/bin/python benchmarks/bench_serve.py --quick    # the tests' tiny VLM, 1 s a run: checks that it runs
 """
 
 import argparse
@@ -25,6 +26,8 @@ from pathlib import Path
 import httpx
 
 MODEL_ID = "mmlm-demo"
+# --quick serves the tests' tiny VLM checkpoint, so a run check needs no `make demo`
+QUICK_MODEL = Path(__file__).resolve().parents[1] / "tests/fixtures/checkpoints/llava_vlm"
 
 
 def free_port() -> int:
@@ -125,7 +128,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--overfill-clients", type=int, default=64)
     parser.add_argument("--overfill-queue", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="the tests' tiny VLM, 1 s a run, few clients")
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.clients, args.seconds, args.max_tokens = str(QUICK_MODEL), 2, 1.0, 4
+        args.overfill_clients, args.overfill_queue = 4, 1
     if not Path(args.model, "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no model there (make demo writes runs/demo/vlm)")
     runs = [("batching on", [], args.clients), ("batching off", ["--no-batching"], args.clients),

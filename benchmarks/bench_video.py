@@ -12,10 +12,13 @@ folder, then times:
 - encode: `encode_frames` with a ViT-Ti/16-shaped tower (224 px, width 192, 12 layers, 3 heads), CLIP
   preprocessing of the 256 px frames, batch 32.
 
-Each figure is the median over rounds after one untimed round.
+The pairs that are compared (every frame against 16 kept; sequential against seeking) run in interleaved
+rounds that reverse the order every round (timing.py), after one untimed call each; every figure is the
+median with its min and max over rounds, and each pair's ratio is the ratio of median times.
 
     .venv/bin/python benchmarks/bench_video.py [--frames 300] [--encode-frames 64] [--rounds 3] [--threads N]
         [--long-seconds 90] [--long-gop 60]
+    .venv/bin/python benchmarks/bench_video.py --quick     # tiny clips, 1 round: checks that it runs
 """
 
 import argparse
@@ -28,7 +31,7 @@ import av
 import numpy as np
 import torch
 from PIL import Image
-from timing import median_seconds
+from timing import interleaved_seconds, rate_spread, ratio_of_medians, spread
 
 from mmlm.data.synthetic.videos import make_video, write_video
 from mmlm.models.vision import VisionConfig, VisionTransformer
@@ -64,7 +67,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--long-seconds", type=int, default=90, help="length of the long clip (30 fps)")
     parser.add_argument("--long-gop", type=int, default=60, help="frames between the long clip's keyframes")
+    parser.add_argument("--quick", action="store_true", help="tiny clips, 1 round: a check that it runs")
     args = parser.parse_args()
+    if args.quick:
+        args.frames, args.encode_frames, args.rounds, args.long_seconds = 30, 4, 1, 6
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -77,8 +83,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = write_video(frames, Path(folder) / "clip.mp4", 30)
         size = path.stat().st_size
-        decode_s = median_seconds(lambda: read_video(path, fps=30, max_frames=args.frames), args.rounds)
-        sparse_s = median_seconds(lambda: read_video(path, num_frames=16), args.rounds)
+        decode_s = interleaved_seconds(
+            {
+                "every_frame": lambda: read_video(path, fps=30, max_frames=args.frames),
+                "keep_16": lambda: read_video(path, num_frames=16),
+            },
+            args.rounds,
+        )
         long_path = write_video(
             _long_frames(args.long_seconds * 30), Path(folder) / "long.mp4", 30, args.long_gop
         )
@@ -86,14 +97,21 @@ def main() -> None:
         sequential = read_video(long_path, num_frames=8, seek=False)
         seeking = read_video(long_path, num_frames=8)
         assert [f.tobytes() for f in sequential.frames] == [f.tobytes() for f in seeking.frames]
-        sequential_s = median_seconds(lambda: read_video(long_path, num_frames=8, seek=False), args.rounds)
-        seek_s = median_seconds(lambda: read_video(long_path, num_frames=8), args.rounds)
+        long_s = interleaved_seconds(
+            {
+                "sequential": lambda: read_video(long_path, num_frames=8, seek=False),
+                "seeking": lambda: read_video(long_path, num_frames=8),
+            },
+            args.rounds,
+        )
 
     torch.manual_seed(0)
     vision = VisionTransformer(VIT_TINY).eval()
     processor = ImageProcessor.clip(224)
     to_encode = frames[: args.encode_frames]
-    encode_s = median_seconds(lambda: encode_frames(vision, processor, to_encode, batch_size=32), args.rounds)
+    encode_s = interleaved_seconds(
+        {"encode": lambda: encode_frames(vision, processor, to_encode, batch_size=32)}, args.rounds
+    )["encode"]
 
     print(
         json.dumps(
@@ -105,8 +123,11 @@ def main() -> None:
                     "codec": "h264",
                     "bytes": size,
                 },
-                "decode_frames_per_s": round(args.frames / decode_s, 1),
-                "sparse_decode_frames_per_s": round(args.frames / sparse_s, 1),  # all decoded, 16 kept
+                "rounds": args.rounds,
+                "decode_frames_per_s": rate_spread(decode_s["every_frame"], args.frames),
+                # every frame decoded, 16 converted to RGB
+                "sparse_decode_frames_per_s": rate_spread(decode_s["keep_16"], args.frames),
+                "sparse_speedup": ratio_of_medians(decode_s["every_frame"], decode_s["keep_16"], 1),
                 "long_video": {
                     "seconds": args.long_seconds,
                     "size": "128x128",
@@ -114,10 +135,10 @@ def main() -> None:
                     "keyframe_every": args.long_gop,
                     "bytes": long_size,
                 },
-                "long_8_frames_sequential_ms": round(1000 * sequential_s, 1),
-                "long_8_frames_seeking_ms": round(1000 * seek_s, 1),
-                "long_seeking_speedup": round(sequential_s / seek_s, 1),
-                "encode_frames_per_s": round(len(to_encode) / encode_s, 1),
+                "long_8_frames_sequential_ms": spread([1000 * s for s in long_s["sequential"]], 1),
+                "long_8_frames_seeking_ms": spread([1000 * s for s in long_s["seeking"]], 1),
+                "long_seeking_speedup": ratio_of_medians(long_s["sequential"], long_s["seeking"], 1),
+                "encode_frames_per_s": rate_spread(encode_s, len(to_encode)),
                 "encoder": "ViT-Ti/16 shape, 224 px, random weights, fp32, batch 32",
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,

@@ -6,8 +6,12 @@ fp32. Both decode greedily from the same prompt (one image, 24 text tokens) and 
 speed excludes the prefill, as in bench_decode.py: batch / the median time between new tokens (robust to other
 jobs taking the CPU for a moment); prefill is the time to the first new token, vision tower included.
 
-    .venv/bin/python benchmarks/bench_vlm_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5]
+Both sides use the same kind of KV cache, as in bench_decode.py: `--cache static` (the default) or `--cache
+dynamic`, never one of each. The timed rounds alternate the two, reversing which goes first every round.
+
+    .venv/bin/python benchmarks/bench_vlm_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5] [--cache static]
     .venv/bin/python benchmarks/bench_vlm_decode.py --memory [--batch 1 4]
+    .venv/bin/python benchmarks/bench_vlm_decode.py --quick     # toy shapes, 1 round: checks that it runs
 
 --memory reports instead the peak memory one generation call adds above the loaded weights: each side runs
 in a fresh process holding only its own model, returns freed memory to the system (malloc_trim), then samples
@@ -27,7 +31,8 @@ import time
 
 import torch
 import transformers
-from bench_decode import SMOLLM2_135M, StepClock
+from bench_decode import CACHES, SMOLLM2_135M, TINY_LLAMA, StepClock, mmlm_cache, transformers_cache_settings
+from timing import alternating_rounds, spread
 
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
@@ -36,15 +41,24 @@ from mmlm.models.vlm import VisionLanguageModel
 
 SIGLIP_B16_224 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       image_size=224, patch_size=16)  # fmt: skip
-IMAGE_TOKEN = SMOLLM2_135M["vocab_size"] - 1
+TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=16)  # fmt: skip
+# the image token is the last id; mmlm's and transformers' prompts both use it
+SHAPES = {"nanovlm": (SIGLIP_B16_224, SMOLLM2_135M), "tiny": (TINY_SIGLIP, TINY_LLAMA)}
 
 
-def build_models(seed: int = 0):
+def image_token(shapes: str) -> int:
+    """Return the image placeholder id for `shapes`: the vocabulary's last."""
+    return SHAPES[shapes][1]["vocab_size"] - 1
+
+
+def build_models(shapes: str = "nanovlm", seed: int = 0):
     """Return (transformers LLaVA, mmlm VisionLanguageModel) holding the same random weights."""
     torch.manual_seed(seed)
+    vision, text = SHAPES[shapes]
     cfg = transformers.LlavaConfig(
-        vision_config=transformers.SiglipVisionConfig(**SIGLIP_B16_224),
-        text_config=transformers.LlamaConfig(**SMOLLM2_135M), image_token_index=IMAGE_TOKEN,
+        vision_config=transformers.SiglipVisionConfig(**vision),
+        text_config=transformers.LlamaConfig(**text), image_token_index=image_token(shapes),
         vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True,
     )  # fmt: skip
     ref = transformers.LlavaForConditionalGeneration(cfg).eval()
@@ -59,43 +73,47 @@ def build_models(seed: int = 0):
     return ref, ours
 
 
-def prompt(batch: int, image_tokens: int, text_tokens: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ids [B, 1 + image_tokens + text_tokens] (bos, image slots, text) and random pixels [B, 3, 224, 224]."""
+def prompt(
+    batch: int, image_tokens: int, shapes: str = "nanovlm", text_tokens: int = 24
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ids [B, 1 + image_tokens + text_tokens] (bos, image slots, text) and random pixels [B, 3, H, W]."""
     g = torch.Generator().manual_seed(batch)
-    text = torch.randint(3, IMAGE_TOKEN, (batch, text_tokens), generator=g)
+    image_id, size = image_token(shapes), SHAPES[shapes][0]["image_size"]
+    text = torch.randint(3, image_id, (batch, text_tokens), generator=g)
     ids = torch.cat(
-        [torch.ones(batch, 1, dtype=torch.long), torch.full((batch, image_tokens), IMAGE_TOKEN), text], 1
+        [torch.ones(batch, 1, dtype=torch.long), torch.full((batch, image_tokens), image_id), text], 1
     )
-    return ids, torch.randn(batch, 3, 224, 224, generator=g)
+    return ids, torch.randn(batch, 3, size, size, generator=g)
 
 
-def transformers_token_times(model, inputs, new_tokens: int) -> list[float]:
+def transformers_token_times(model, inputs, new_tokens: int, cache: str) -> list[float]:
     """Return the call's start, then the arrival time of each new token, in transformers' LLaVA generate."""
     ids, pixels = inputs
     clock = StepClock()
     start = time.perf_counter()
     out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                         stopping_criteria=transformers.StoppingCriteriaList([clock]))  # fmt: skip
+                         stopping_criteria=transformers.StoppingCriteriaList([clock]),
+                         **transformers_cache_settings(cache))  # fmt: skip
     assert out.shape[1] == ids.shape[1] + new_tokens
     return [start, *clock.times]
 
 
-def mmlm_token_times(model, inputs, new_tokens: int) -> list[float]:
+def mmlm_token_times(model, inputs, new_tokens: int, cache: str) -> list[float]:
     """Return the call's start, then the arrival time of each new token, in mmlm's greedy generation."""
     ids, pixels = inputs
     start = time.perf_counter()
     embeds = model.embed_inputs(ids, pixels)
-    cache = model.lm.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
+    cache = mmlm_cache(model.lm, ids.shape[0], ids.shape[1] + new_tokens, cache)
     settings = GenerationSettings(new_tokens)
     times = [time.perf_counter() for _ in generate_ids(lm_step(model.lm), cache, settings, [], None, embeds)]
     assert len(times) == new_tokens
     return [start, *times]
 
 
-def rates(token_times, model, inputs, new_tokens: int) -> tuple[float, float]:
+def rates(token_times, model, inputs, new_tokens: int, cache: str) -> tuple[float, float]:
     """Return (decode tokens/s: batch / median step between new tokens, prefill seconds to the first token)."""
-    times = token_times(model, inputs, new_tokens)
+    times = token_times(model, inputs, new_tokens, cache)
     steps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]
     return inputs[0].shape[0] / statistics.median(steps), times[1] - times[0]
 
@@ -127,23 +145,24 @@ def peak_added_bytes(fn) -> int:
     return max(peak[0], resident_bytes()) - base
 
 
-def child_memory(name: str, batch: int, new_tokens: int) -> None:
+def child_memory(name: str, batch: int, new_tokens: int, cache: str, shapes: str) -> None:
     """In this process: build only `name`'s model, generate once, print the peak memory it added as JSON."""
-    ref, ours = build_models()
-    inputs = prompt(batch, ours.image_tokens)
+    ref, ours = build_models(shapes)
+    inputs = prompt(batch, ours.image_tokens, shapes)
     model, timer = (ref, transformers_token_times) if name == "transformers" else (ours, mmlm_token_times)
     del ref, ours
-    added = peak_added_bytes(lambda: timer(model, inputs, new_tokens))
+    added = peak_added_bytes(lambda: timer(model, inputs, new_tokens, cache))
     print(json.dumps({"name": name, "batch": batch, "peak_added_mb": round(added / 2**20, 1)}))
 
 
-def memory(batches: list[int], new_tokens: int) -> None:
+def memory(batches: list[int], new_tokens: int, cache: str, quick: bool) -> None:
     """Print, per batch, the peak memory generation adds in transformers and in mmlm (fresh processes)."""
     for batch in batches:
-        row = {"batch": batch, "new_tokens": new_tokens}
+        row = {"batch": batch, "new_tokens": new_tokens, "cache": cache}
         for name in ("transformers", "mmlm"):
             out = subprocess.run([sys.executable, __file__, "--child-memory", name, "--batch", str(batch),
-                                  "--new-tokens", str(new_tokens)], capture_output=True, text=True, check=True)  # fmt: skip
+                                  "--new-tokens", str(new_tokens), "--cache", cache] + ["--quick"] * quick,
+                                 capture_output=True, text=True, check=True)  # fmt: skip
             row[f"{name}_peak_added_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_added_mb"]
         print(json.dumps(row), flush=True)
 
@@ -159,34 +178,37 @@ def main() -> None:
         "--memory", action="store_true", help="report peak memory added by generation instead"
     )
     parser.add_argument("--child-memory", choices=["transformers", "mmlm"], help=argparse.SUPPRESS)
+    parser.add_argument("--cache", choices=CACHES, default="static", help="the KV cache of both sides")
+    parser.add_argument("--quick", action="store_true", help="toy shapes, 1 round: a check that it runs")
     args = parser.parse_args()
+    shapes = "tiny" if args.quick else "nanovlm"
+    if args.quick and not args.child_memory:
+        args.batch, args.new_tokens, args.rounds = [1], 6, 1
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)  # steadier than 2 threads when other jobs share the cores
     if args.child_memory:
-        return child_memory(args.child_memory, args.batch[0], args.new_tokens)
+        return child_memory(args.child_memory, args.batch[0], args.new_tokens, args.cache, shapes)
+    print(f"# KV cache: {args.cache} on both sides", file=sys.stderr)
     if args.memory:
-        return memory(args.batch, args.new_tokens)
-    ref, ours = build_models()
+        return memory(args.batch, args.new_tokens, args.cache, args.quick)
+    ref, ours = build_models(shapes)
     timers = {"transformers": (transformers_token_times, ref), "mmlm": (mmlm_token_times, ours)}
     for batch in args.batch:
-        inputs = prompt(batch, ours.image_tokens)
+        inputs = prompt(batch, ours.image_tokens, shapes)
         for timer, model in timers.values():  # warm-up, untimed
-            rates(timer, model, inputs, 4)
-        decode: dict[str, list[float]] = {name: [] for name in timers}
-        prefill: dict[str, list[float]] = {name: [] for name in timers}
-        for _ in range(args.rounds):  # alternating, so a busy moment falls on both
-            for name, (timer, model) in timers.items():
-                tok_s, first = rates(timer, model, inputs, args.new_tokens)
-                decode[name].append(tok_s)
-                prefill[name].append(first)
+            rates(timer, model, inputs, 4, args.cache)
+        measured = alternating_rounds(
+            {name: lambda t=timer, m=model, inputs=inputs: rates(t, m, inputs, args.new_tokens, args.cache)
+             for name, (timer, model) in timers.items()}, args.rounds)  # fmt: skip
+        decode = {name: [tok_s for tok_s, _ in r] for name, r in measured.items()}
+        prefill = {name: [first for _, first in r] for name, r in measured.items()}
         med = {name: statistics.median(r) for name, r in decode.items()}
         print(json.dumps({
-            "batch": batch, "image_tokens": ours.image_tokens, "new_tokens": args.new_tokens,
-            "transformers_tok_s": round(med["transformers"], 2), "mmlm_tok_s": round(med["mmlm"], 2),
+            "batch": batch, "cache": args.cache, "image_tokens": ours.image_tokens, "new_tokens": args.new_tokens,
+            "rounds": args.rounds, "tok_s": {name: spread(r, 2) for name, r in decode.items()},
             "ratio": round(med["mmlm"] / med["transformers"], 3),
-            "prefill_s": {name: round(statistics.median(p), 3) for name, p in prefill.items()},
-            "runs": {name: [round(x, 2) for x in r] for name, r in decode.items()}, "load": os.getloadavg(),
+            "prefill_s": {name: spread(p, 3) for name, p in prefill.items()}, "load": os.getloadavg(),
         }), flush=True)  # fmt: skip
 
 

@@ -85,7 +85,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="one failing input per kind")
     parser.add_argument("--hang-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="20 inputs per target: a check that it runs")
     args = parser.parse_args()
+    if args.quick:
+        args.count = 20
     args.out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGALRM, _alarm)
     for name in args.targets:

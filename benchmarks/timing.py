@@ -1,16 +1,62 @@
-"""Timing shared by the benchmarks: the median of several timed runs after one warm-up run."""
+"""Timing shared by the benchmarks: interleaved rounds, alternating which side goes first, and their spread.
+
+A shared machine drifts: another job starts, the CPU clocks down. Timing one side's rounds and then the
+other's puts the drift on one side only, and always running the same side first gives it the warmer (or
+colder) caches. So every benchmark that compares runs them round by round, reversing the order each round,
+and reports each side's median with its min-max spread, and the ratio of medians.
+"""
 
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Return the median wall-clock seconds of `repeats` calls of `run`, after one untimed warm-up call."""
-    run()  # warm-up: caches, FFT plans, the allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def alternating_rounds(measures: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Return each side's measurements over `rounds` rounds, in which the sides run in turn, reversed every other round."""
+    names = list(measures)
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            results[name].append(measures[name]())
+    return results
+
+
+def interleaved_seconds(
+    runs: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Return each side's wall-clock seconds per call over `rounds` alternating rounds, after `warmup` untimed calls each."""
+    for _ in range(warmup):  # caches, FFT plans, the allocator
+        for run in runs.values():
+            run()
+
+    def timed(run: Callable[[], object]) -> Callable[[], float]:
+        def measure() -> float:
+            start = time.perf_counter()
+            run()
+            return time.perf_counter() - start
+
+        return measure
+
+    return alternating_rounds({name: timed(run) for name, run in runs.items()}, rounds)
+
+
+def spread(values: list[float], digits: int = 4) -> dict[str, float]:
+    """Return the median, min and max of `values`, rounded to `digits` decimals."""
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
+
+
+def rate_spread(seconds: list[float], items: float, digits: int = 1) -> dict[str, float]:
+    """Return the median, min and max of `items / s` over the timed seconds: items per second."""
+    return spread([items / s for s in seconds], digits)
+
+
+def ratio_of_medians(numerator: list[float], denominator: list[float], digits: int = 3) -> float:
+    """Return median(numerator) / median(denominator), rounded."""
+    return round(statistics.median(numerator) / statistics.median(denominator), digits)

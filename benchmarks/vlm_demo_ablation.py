@@ -8,6 +8,8 @@ test questions, overall and per type. The baseline uses `make demo`'s scene-tune
     .venv/bin/python benchmarks/vlm_demo_ablation.py sample_loss     # loss_average: sample
     .venv/bin/python benchmarks/vlm_demo_ablation.py aligned_tower   # a fresh 48 px tower, 16 px patches on the
                                                                      # 3×3 scene grid, scene-label pre-trained
+    .venv/bin/python benchmarks/vlm_demo_ablation.py lm4 --quick     # 2 steps a stage, 8 eval questions,
+                                                                     # a fresh tower: checks that it runs
 """
 
 import argparse
@@ -38,6 +40,17 @@ def config(variant: str, out: Path, tower: Path):
     return cfg
 
 
+def shrink(cfg):
+    """Return `cfg` cut to a run check: 2 steps a stage, batch 4, 8 eval questions, small sample pools."""
+    for stage in cfg.stages.values():
+        stage.steps = 2
+        stage.vision_from_step = min(stage.vision_from_step, 1)
+        stage.optim.warmup_steps = 1
+        stage.data.samples, stage.data.text_samples = 64, 64
+    cfg.batch_size, cfg.eval_samples = 4, 8
+    return cfg
+
+
 def pretrain_fresh_towers(steps: int = 300) -> None:
     """Make the run scene-label pre-train its fresh tower in place, as tune_clip_tower does for the CLIP's."""
     build = loop.build_vlm
@@ -58,12 +71,19 @@ def main() -> None:
     parser.add_argument("variant", choices=VARIANTS)
     parser.add_argument("--tower", default="runs/demo/vlm_tower", help="make demo's scene-tuned CLIP tower")
     parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps, a fresh tower: a check that it runs"
+    )
     args = parser.parse_args()
     out = Path(args.out) / args.variant
     if args.variant == "aligned_tower":
-        pretrain_fresh_towers()
+        pretrain_fresh_towers(2 if args.quick else 300)
     start = time.perf_counter()
-    _, records = loop.run_vlm_training(config(args.variant, out, Path(args.tower)))
+    cfg = config(args.variant, out, Path(args.tower))
+    if args.quick:
+        cfg.model.vision_init = None  # make demo's tower is not needed to check the run
+        cfg = shrink(cfg)
+    _, records = loop.run_vlm_training(cfg)
     figures = {k: round(v, 3) for k, v in records[-1].items() if k.startswith("vqa_")}
     print(json.dumps({"variant": args.variant, "seconds": round(time.perf_counter() - start, 1), **figures}))
 
