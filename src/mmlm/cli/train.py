@@ -6,31 +6,31 @@ SIGTERM or SIGINT stops a run after its current step with a checkpoint; the exit
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import Any
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
     """Train a CLIP/SigLIP model from a training config file plus key=value overrides."""
     from mmlm.train.config import load_train_config
     from mmlm.train.run import run_clip_training
-    from mmlm.train.stop_signals import RunStopped
 
-    cfg = load_train_config(args.config, args.overrides)
-    try:
-        loaded, records = run_clip_training(cfg, resume=args.resume)
-    except RunStopped as stop:  # the trainer logged the stop and wrote its checkpoint
-        raise SystemExit(stop.exit_status) from None
-    print(json.dumps({"out_dir": cfg.out_dir, **records[-1]}))
+    _train(run_clip_training, load_train_config(args.config, args.overrides), args.resume)
 
 
 def cmd_train_vlm(args: argparse.Namespace) -> None:
     """Train a vision-language model through its stages from a training config file plus key=value overrides."""
-    from mmlm.train.stop_signals import RunStopped
     from mmlm.train.vlm_config import load_vlm_train_config
     from mmlm.train.vlm_loop import run_vlm_training
 
-    cfg = load_vlm_train_config(args.config, args.overrides)
+    _train(run_vlm_training, load_vlm_train_config(args.config, args.overrides), args.resume)
+
+
+def _train(run: Callable[..., tuple[Any, list[dict]]], cfg: Any, resume: str | None) -> None:
+    from mmlm.train.stop_signals import RunStopped
+
     try:
-        loaded, records = run_vlm_training(cfg, resume=args.resume)
+        _, records = run(cfg, resume=resume)
     except RunStopped as stop:  # the trainer logged the stop and wrote its checkpoint
         raise SystemExit(stop.exit_status) from None
     print(json.dumps({"out_dir": cfg.out_dir, **records[-1]}))
