@@ -5,7 +5,9 @@ import torch
 
 from mmlm.errors import InputError
 from mmlm.fusion import (
+    CONNECTORS,
     LLAVA_PROJECTOR_KEYS,
+    STYLES,
     ConnectorConfig,
     build_connector,
     pixel_shuffle,
@@ -94,6 +96,4 @@ def test_unknown_kind_names_the_field_and_registry_extends() -> None:
     try:
         assert isinstance(build_connector(ConnectorConfig(kind="resampler"), 4, 8), LinearProjector)
     finally:
-        from mmlm.fusion import CONNECTORS
-
-        del CONNECTORS["resampler"]
+        del CONNECTORS["resampler"], STYLES["resampler"]
