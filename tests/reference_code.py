@@ -24,7 +24,9 @@ def load_reference(dist: str, path: str, stubs: dict[str, object] | None = None)
         location = distribution(dist).locate_file(path)
     except PackageNotFoundError:
         pytest.skip(f"{dist} is not installed (make install-dev installs it)")
-    spec = importlib.util.spec_from_file_location(f"reference_{dist}_{path}".replace("/", "_").replace(".", "_").replace("-", "_"), location)
+    spec = importlib.util.spec_from_file_location(
+        f"reference_{dist}_{path}".replace("/", "_").replace(".", "_").replace("-", "_"), location
+    )
     module = importlib.util.module_from_spec(spec)
     saved = {name: sys.modules.get(name) for name in stubs or {}}
     sys.modules.update(stubs or {})
