@@ -14,7 +14,9 @@ import pytest
 from reference_code import load_reference
 
 from mmlm.errors import InputError
+from mmlm.eval.captioning import caption_metric
 from mmlm.eval.chair_coco import CATEGORIES, CATEGORY_OF, coco_chair_scores, coco_mentions
+from mmlm.eval.tasks import Sample
 
 # WordNetLemmatizer().lemmatize(word, "n") on the plurals the captions use
 WORDNET_LEMMAS = {"dogs": "dog", "cats": "cat", "men": "man", "women": "woman", "people": "people",
@@ -129,3 +131,18 @@ def test_bad_objects_raise_input_error():
         coco_chair_scores(["a dog"], [["doggo"]])
     with pytest.raises(InputError):
         coco_chair_scores(["a dog", "a cat"], [["dog"]])
+
+
+def test_caption_metric_adds_coco_chair_for_samples_with_coco_objects():
+    samples = [
+        Sample("1", "q", answers=["a dog on a bench"], meta={"coco_objects": ["dog", "bench"]}),
+        Sample("2", "q", answers=["two cats on a couch"], meta={"coco_objects": ["cat", "couch"]}),
+    ]
+    summary, _ = caption_metric(
+        ["a dog on a bench", "two cats and a dog on a sofa"], samples, tokenizer="python-fallback"
+    )
+    assert (summary["chair_i"], summary["chair_s"], summary["chair_recall"]) == (
+        pytest.approx(1 / 5),
+        0.5,
+        1.0,
+    )
