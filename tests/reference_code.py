@@ -23,7 +23,7 @@ def load_reference(dist: str, path: str, stubs: dict[str, object] | None = None)
     try:
         location = distribution(dist).locate_file(path)
     except PackageNotFoundError:
-        pytest.skip(f"{dist} is not installed (make install-dev installs it)")
+        pytest.skip(f"{dist} is not installed (make install-dev installs it)", allow_module_level=True)
     spec = importlib.util.spec_from_file_location(
         f"reference_{dist}_{path}".replace("/", "_").replace(".", "_").replace("-", "_"), location
     )

@@ -11,12 +11,12 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from reference_code import load_reference
 
 from mmlm.errors import InputError
 from mmlm.eval.captioning import caption_metric
 from mmlm.eval.chair_coco import CATEGORIES, CATEGORY_OF, coco_chair_scores, coco_mentions
 from mmlm.eval.tasks import Sample
+from reference_code import load_reference
 
 # WordNetLemmatizer().lemmatize(word, "n") on the plurals the captions use
 WORDNET_LEMMAS = {"dogs": "dog", "cats": "cat", "men": "man", "women": "woman", "people": "people",

@@ -8,12 +8,12 @@ pins the difference (docs/parity.md).
 import random
 
 import pytest
-from fixtures_answers import YES_NO, free_text, number, short_answer
-from reference_code import load_reference
 
+from fixtures_answers import YES_NO, free_text, number, short_answer
 from mmlm.eval.metrics import METRICS, pope_figures, relaxed_correctness
 from mmlm.eval.parsers import PARSERS, mmmu_option, yes_no
 from mmlm.eval.tasks import Sample
+from reference_code import load_reference
 
 CHARTQA = load_reference("lmms-eval", "lmms_eval/tasks/chartqa/utils.py")
 POPE = load_reference("lmms-eval", "lmms_eval/tasks/pope/utils.py")

@@ -11,12 +11,12 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from fixtures_answers import free_text, short_answer
-from reference_code import load_reference
 
+from fixtures_answers import free_text, short_answer
 from mmlm.eval.metrics import METRICS
 from mmlm.eval.tasks import Sample
 from mmlm.eval.vqa import normalize_answer, strip_answer, vqa_accuracy
+from reference_code import load_reference
 
 OFFICIAL = load_reference("salesforce-lavis", "lavis/common/vqa_tools/vqa_eval.py")
 LMMS = load_reference("lmms-eval", "lmms_eval/tasks/_task_utils/vqa_eval_metric.py")
