@@ -39,6 +39,10 @@ $(DEV_STAMP): $(STAMP)
 	# CLIP_benchmark is the reference for the metric parity tests; its metric modules need only
 	# torch, tqdm and scikit-learn, so its heavy dependencies are left out.
 	$(BIN)/pip install -q --no-deps "clip-benchmark==1.6.2"
+	# lmms-eval's task files (VQA processor, ChartQA, POPE, MMMU) and LAVIS's copy of the official VQA
+	# vqaEval.py are the references of the VQA/ChartQA/POPE/MMMU parity tests; those files need only the
+	# standard library and numpy, and the tests load them one by one, so the packages' dependencies are left out.
+	$(BIN)/pip install -q --no-deps "lmms-eval==0.7.3" "salesforce-lavis==1.0.2"
 	touch $(DEV_STAMP)
 
 demo: install

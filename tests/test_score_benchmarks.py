@@ -17,7 +17,7 @@ EXPECTED = {
     "infovqa": ("anls", "raw"),
     "chartqa": ("relaxed_accuracy", "raw"),
     "pope": ("pope", "yes_no"),
-    "mmmu": ("multiple_choice", "option_letter"),
+    "mmmu": ("multiple_choice", "mmmu_option"),
     "mmbench": ("multiple_choice", "option_letter"),
     "coco-caption": ("caption", "caption"),
 }
@@ -60,6 +60,8 @@ HUMANS = ["2"] * 3 + ["3"] * 7  # three of ten annotators say "2": VQA accuracy 
             "accuracy",
             1.0,
         ),
+        # MMMU's parser finds no letter in a lower-case "b" (it would draw one at random): scored wrong
+        ("mmmu", {"prediction": "b", "choices": ["cat", "dog"], "label": "B"}, "accuracy", 0.0),
         ("mmbench", {"prediction": "dog", "choices": ["cat", "dog"], "label": "B"}, "accuracy", 1.0),
         ("docvqa", {"prediction": "Invoice No\n42", "answers": ["invoice no 42"]}, "anls", 1.0),
     ],

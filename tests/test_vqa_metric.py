@@ -57,17 +57,23 @@ def test_accuracy_is_the_mean_over_leave_one_out_subsets(agreeing, accuracy):
     assert vqa_accuracy("2", answers) == pytest.approx(accuracy)
 
 
-def test_normalisation_applies_when_the_answers_disagree():
-    answers = ["two"] * 3 + ["2"] * 4 + ["three"] * 3  # after normalisation: seven "2"
+def test_the_prediction_is_normalised_the_answers_only_lose_punctuation():
+    # The official evaluate(): processPunctuation + processDigitArticle on the prediction, processPunctuation
+    # alone on the human answers (when they differ), so "two" and "the cat" written by humans never match.
+    answers = ["two"] * 3 + ["2"] * 4 + ["three"] * 3  # the prediction "2" meets the four "2" only
     assert vqa_accuracy("Two.", answers) == pytest.approx(1.0)
-    assert vqa_accuracy("a cat", ["cat", "cats", "kitten", "the cat"] + ["dog"] * 6) == pytest.approx(0.6)
+    assert vqa_accuracy("two", ["two"] * 3 + ["2"] * 2 + ["three"] * 5) == pytest.approx(0.6)
+    assert vqa_accuracy("a cat", ["cat", "cats", "kitten", "the cat"] + ["dog"] * 6) == pytest.approx(0.3)
+    assert vqa_accuracy("cat", ["cat.", "cat."] + ["dog"] * 8) == pytest.approx(0.6)  # periods do go
+    assert vqa_accuracy("cat", ["cat!", "cat!"] + ["dog"] * 8) == 0.0  # "!" becomes a space: "cat "
 
 
 def test_unanimous_answers_compare_as_written_unless_always_normalize():
-    # The official code normalises only when the references differ; EvalAI also normalises predictions.
-    assert vqa_accuracy("Two", ["2"] * 10) == 0.0
-    assert vqa_accuracy("  2\n", ["2"] * 10) == 1.0  # stripping still applies
-    assert vqa_accuracy("Two", ["2"] * 10, always_normalize=True) == 1.0
+    # Unanimous answers are compared as written; the prediction is normalised in every case.
+    assert vqa_accuracy("Two", ["2"] * 10) == 1.0
+    assert vqa_accuracy("  2\n", ["2"] * 10) == 1.0
+    assert vqa_accuracy("2", ["Two"] * 10) == 0.0
+    assert vqa_accuracy("2", ["Two"] * 10, always_normalize=True) == 1.0  # lmms-eval's vqav2 rule
 
 
 def test_single_reference_gives_zero_vqa_accuracy_but_exact_match_works():

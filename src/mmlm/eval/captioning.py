@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from mmlm.errors import InputError
 from mmlm.eval.chair import chair_scores
+from mmlm.eval.chair_coco import coco_chair_scores
 
 if TYPE_CHECKING:
     from mmlm.eval.tasks import Sample
@@ -148,7 +149,8 @@ def caption_metric(
 ) -> tuple[dict[str, float | str], list[float]]:
     """Return BLEU-1..4, CIDEr-D ("cider_<type>": mean per-caption CIDEr-D) and CHAIR; per sample CIDEr-D.
 
-    References are `sample.answers`. CHAIR_i / CHAIR_s are added over the samples whose meta has "objects".
+    References are `sample.answers`. CHAIR_i / CHAIR_s are added over the samples whose meta has "objects"
+    (shapes-world names), or "coco_objects" (COCO category names: `chair_coco`, with "chair_recall").
     """
     if len(predictions) != len(samples) or not samples:
         raise InputError(f"expected one prediction per sample, got {len(predictions)} for {len(samples)}")
@@ -170,5 +172,9 @@ def caption_metric(
                 [s.id for _, s in with_objects],
             )
         )
+    with_coco = [(p, s) for p, s in zip(predictions, samples, strict=True) if "coco_objects" in s.meta]
+    if with_coco:
+        coco = coco_chair_scores([p for p, _ in with_coco], [s.meta["coco_objects"] for _, s in with_coco])
+        summary.update(chair_i=coco["chair_i"], chair_s=coco["chair_s"], chair_recall=coco["recall"])
     summary["primary"] = "cider"
     return summary, per_caption

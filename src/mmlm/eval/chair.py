@@ -1,5 +1,8 @@
 """CHAIR (Rohrbach et al. 2018, "Object Hallucination in Image Captioning"), for the shapes world.
 
+COCO captions are scored by `mmlm.eval.chair_coco` with the published COCO vocabulary; this module applies
+the same reading to the shapes world's colours and shapes.
+
   CHAIR_i = hallucinated object mentions / all object mentions      (over every caption together)
   CHAIR_s = captions with at least one hallucinated mention / captions
 

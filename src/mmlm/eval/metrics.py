@@ -249,7 +249,7 @@ METRIC_PARSERS: dict[str, str] = {
     "vqa_accuracy": "vqa",
     "exact_match": "vqa",
     "anls": "raw",  # the official scripts score the whole response; ANLS cleans it itself
-    "relaxed_accuracy": "vqa",
+    "relaxed_accuracy": "raw",  # Pix2Struct's relaxed_correctness reads the whole response
     "pope": "yes_no",
     "multiple_choice": "option_letter",
     "caption": "caption",

@@ -6,6 +6,7 @@ metric may run its own parser again on answers that were parsed already. `PARSER
   vqa            strip, then keep the first line (VQA v2, DocVQA, ChartQA short answers).
   yes_no         POPE's official rule (`yes_no`): "yes" unless a negation word is in the first sentence.
   option_letter  the chosen option's letter for multiple choice (`option_letter`), "" when none is found.
+  mmmu_option    MMMU's own parse_multi_choice_response (`mmmu_option`), "" where it would pick at random.
   number         the first number in the text (`first_number`), for counting and chart questions.
   caption        strip.
   raw            the response unchanged (ANLS and relaxed accuracy clean the text themselves, as their
@@ -142,6 +143,49 @@ def option_letter(response: str, sample: Sample | None = None) -> str:
     return _option_text_letter(text, choices) if choices else ""
 
 
+# MMMU's parse_multi_choice_response (github.com/MMMU-Benchmark/MMMU, as lmms-eval's mmmu task): the marks it
+# strips from both ends, one after another
+MMMU_EDGE_MARKS = (",", ".", "!", "?", ";", ":", "'")
+
+
+def _mmmu_candidates(response: str, letters: str, index2ans: dict[str, str]) -> tuple[list[str], str]:
+    """Return MMMU's candidate letters and how they were found: "bracket", "letter" or "text"."""
+    found = [c for c in letters if f"({c})" in response]
+    if found:
+        return found, "bracket"
+    found = [c for c in letters if f"{c} " in response] or [c for c in letters if f"{c}." in response]
+    if found:
+        return found, "letter"
+    if len(response.split()) > 5:
+        return [c for c, text in index2ans.items() if text.lower() in response.lower()], "text"
+    return [], "letter"
+
+
+def mmmu_option(response: str, sample: Sample | None = None) -> str:
+    """Return the letter MMMU's parse_multi_choice_response picks, or "" where it would pick one at random.
+
+    In order: "(B)" anywhere; "B " or "B." anywhere (case-sensitive, so "A cat" reads A); past 5 words, an
+    option's text. Of several candidates the one written last wins. Deliberate deviation: with no
+    candidate MMMU draws a random letter, we return "" (scored wrong), so a score does not depend on a seed.
+    """
+    choices = list(getattr(sample, "choices", None) or [])
+    letters = LETTERS[: len(choices)] if choices else LETTERS
+    index2ans = dict(zip(letters, choices, strict=False))
+    for mark in MMMU_EDGE_MARKS:
+        response = response.strip(mark)
+    response = f" {response} "
+    candidates, how = _mmmu_candidates(response, letters, index2ans)
+    if not candidates:
+        return ""
+    if how == "bracket":
+        positions = [response.rfind(f"({c})") for c in candidates]
+    elif how == "letter":
+        positions = [response.rfind(f" {c} ") for c in candidates]
+    else:
+        positions = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
+    return candidates[positions.index(max(positions))]  # the first of equal maxima, as np.argmax
+
+
 # ---- numbers ----
 
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -172,6 +216,7 @@ PARSERS: dict[str, Callable[[str, Sample], str]] = {
     "vqa": first_line,
     "yes_no": yes_no,
     "option_letter": option_letter,
+    "mmmu_option": mmmu_option,
     "number": first_number,
     "caption": strip_response,
     "raw": raw_response,

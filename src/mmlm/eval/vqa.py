@@ -13,6 +13,8 @@ Normalisation of an answer, in the official order:
 Accuracy (VQA v2): an answer is correct if at least 3 of the 10 humans gave it, averaged over the 10 subsets
 of 9 humans: acc = 1/10 Σ_i min(1, #{j ≠ i : answer_j = prediction} / 3). One human agreeing gives 0.3, two 0.6,
 three 0.9, four or more 1.0. With a single reference it is always 0: use `exact_match` for one-answer data.
+As the official evaluate() (GT-Vision-Lab/VQA, the version LAVIS and MMF ship): the prediction is normalised in
+full; the human answers only by step 2 and 3 and only when they are not all the same, as written otherwise.
 """
 
 import re
@@ -95,17 +97,17 @@ def normalize_answer(text: str) -> str:
 def vqa_accuracy(prediction: str, answers: Sequence[str], always_normalize: bool = False) -> float:
     """Return the VQA v2 accuracy of one prediction against the human answers (usually 10), in [0, 1].
 
-    As the official code: answers and prediction are stripped; both are normalised only when the answers are
-    not all the same (when they agree, the prediction must equal the answer as written). `always_normalize`
-    normalises both in every case, as the EvalAI server and lmms-eval do for the prediction.
+    As the official evaluate(): the prediction is normalised (`normalize_answer`); the answers get only the
+    punctuation step, and only when they are not all the same, so an answer written "Two" or "the cat" never
+    matches (docs/parity.md). `always_normalize` normalises the answers in full too, as lmms-eval's vqav2 task.
     """
     if isinstance(answers, str) or not answers:
         raise InputError(f"answers: expected a non-empty list of reference answers, got {answers!r}")
-    answers = [strip_answer(a) for a in answers]
-    prediction = strip_answer(prediction)
-    if always_normalize or len(set(answers)) > 1:
+    prediction = normalize_answer(prediction)
+    if always_normalize:
         answers = [normalize_answer(a) for a in answers]
-        prediction = normalize_answer(prediction)
+    elif len(set(answers)) > 1:
+        answers = [process_punctuation(a) for a in answers]
     matches = [a == prediction for a in answers]
     total = sum(matches)
     # leave human i out: the other answers that match are total − matches[i]
