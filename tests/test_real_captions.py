@@ -20,7 +20,9 @@ def test_a_crop_stays_inside_its_quadrant():
         crop, caption = photo_crop(image, (150, 100, 300, 200), "a test", 32, rng)
         pixels = np.asarray(crop)
         assert pixels.min() == pixels.max()
-        assert caption.split(", ")[-1] in ("bottom right", "bottom", "right", "centre") and "a test" in caption
+        assert (
+            caption.split(", ")[-1] in ("bottom right", "bottom", "right", "centre") and "a test" in caption
+        )
 
 
 def test_digit_splits_partition_the_samples():
