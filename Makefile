@@ -72,5 +72,6 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	$(BENCH_VENV)/bin/pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BENCH_VENV)/bin/pip install -q open_clip_torch transformers
+	$(BENCH_VENV)/bin/pip install -q scikit-image  # the photographs of bench_clip_small_data.py's real captioned set
 	$(BENCH_VENV)/bin/pip install -q -e .
 	touch $@

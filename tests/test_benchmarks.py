@@ -27,6 +27,7 @@ BENCHMARKS = REPO / "benchmarks"
 QUICK_RUNS = {
     "bench_audio.py": ([], '"mmlm_over_transformers_call"'),
     "bench_clip_embed.py": ([], "ratio"),
+    "bench_clip_small_data.py": ([], '"summary"'),
     "bench_clip_train.py": ([], '"summary"'),
     "bench_decode.py": ([], '"cache": "static"'),
     "bench_guard.py": ([], '"low_contrast"'),
@@ -76,7 +77,7 @@ def test_benchmark_runs_in_quick_mode(quick_runs, script):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["bench_clip_train.py", "open_clip_parity.py"])
+@pytest.mark.parametrize("script", ["bench_clip_small_data.py", "bench_clip_train.py", "open_clip_parity.py"])
 def test_a_missing_reference_is_said_not_faked(quick_runs, script):
     try:
         import open_clip  # noqa: F401

@@ -146,3 +146,32 @@ def test_fine_tuning_a_siglip_checkpoint_keeps_its_format(tmp_path):
     assert not torch.equal(before, loaded.model.visual.pos_embed.detach())
     again = transformers.SiglipModel.from_pretrained(tmp_path / "run" / "model")
     torch.testing.assert_close(again.logit_bias.detach().reshape(()), loaded.model.logit_bias.detach())
+
+
+def test_a_short_run_warms_up_for_a_tenth_of_its_steps_and_reaches_the_peak_lr():
+    from mmlm.train.config import OptimConfig
+    from mmlm.train.optim import build_scheduler
+
+    def lrs(cfg: OptimConfig, total: int) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        sched = build_scheduler(opt, cfg, total)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    short = lrs(OptimConfig(lr=1.0), 50)  # default warmup_steps=100, capped at 10% of 50 steps
+    assert short[4] == pytest.approx(1.0) and short[3] == pytest.approx(0.8)
+    long = lrs(OptimConfig(lr=1.0), 2000)  # a long run keeps its 100-step warmup
+    assert long[99] == pytest.approx(1.0) and long[49] == pytest.approx(0.5)
+    uncapped = lrs(OptimConfig(lr=1.0, max_warmup_fraction=None), 50)
+    assert uncapped[49] == pytest.approx(0.5)
+
+
+def test_a_warmup_fraction_outside_zero_to_one_is_refused():
+    from mmlm.errors import InputError
+
+    with pytest.raises(InputError, match="max_warmup_fraction"):
+        load_train_config(None, ["optim.max_warmup_fraction=1.5"])

@@ -20,6 +20,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100
+    max_warmup_fraction: float | None = 0.1  # warmup lasts at most this share of the run; None: warmup_steps
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     accumulation: int = 1
@@ -127,6 +128,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     cfg = config_from_dict(TrainConfig, apply_overrides(data, list(overrides)))
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError(f"steps and batch_size must be positive, got {cfg.steps} and {cfg.batch_size}")
+    fraction = cfg.optim.max_warmup_fraction
+    if fraction is not None and not 0 < fraction <= 1:
+        raise InputError(f"optim.max_warmup_fraction: got {fraction!r}; expected a share in (0, 1] or null")
     model = cfg.model
     if model.audio is not None and model.audio_embed_dim != model.text.embed_dim:
         raise InputError(

@@ -37,12 +37,25 @@ def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.0) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_length(cfg: OptimConfig, total_steps: int) -> int:
+    """Return the warmup steps of a `total_steps` run: cfg.warmup_steps, at most cfg.max_warmup_fraction of the run.
+
+    A fixed warmup sized for long runs would spend most of a short one below the peak learning rate: on small
+    real data at a few CPU-minutes (about 50-200 steps) the 100-step warmup cost a third of held-out recall@10
+    (docs/benchmarks.md, "From-scratch CLIP on small real data").
+    """
+    if cfg.max_warmup_fraction is None:
+        return cfg.warmup_steps
+    return min(cfg.warmup_steps, max(1, math.ceil(cfg.max_warmup_fraction * total_steps)))
+
+
 def build_scheduler(
     opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Return the warmup + cosine LambdaLR for `total_steps` optimiser steps."""
+    warmup = warmup_length(cfg, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_schedule(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        opt, lambda s: cosine_schedule(s, total_steps, warmup, cfg.min_lr_ratio)
     )
 
 
