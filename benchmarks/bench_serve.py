@@ -51,11 +51,16 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
-    """Start `mmlm serve` and wait until /health answers."""
+def start_server(model: str, port: int, extra: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start `mmlm serve` and wait until /health answers; its stderr goes to `log` (a long run fills a pipe)."""
     cmd = [sys.executable, "-m", "mmlm", "serve", "--model", model, "--model-name", MODEL_ID, "--port", str(port),
            *extra]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    stderr = log.open("wb") if log is not None else subprocess.PIPE
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ})
+
+    def said() -> str:
+        return (log.read_bytes() if log is not None else server.stderr.read()).decode()[-2000:]
+
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -64,7 +69,7 @@ def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
         except httpx.HTTPError:
             time.sleep(0.3)
         if server.poll() is not None:
-            raise SystemExit(f"mmlm serve exited: {server.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"mmlm serve exited: {said()}")
     server.kill()
     raise SystemExit("mmlm serve did not answer /health within 120 s")
 
