@@ -5,9 +5,12 @@ log-normal cluster weights, isotropic noise of norm about `spread` before renorm
 neighbours are real structure rather than the near-ties of uniform random vectors. Queries are fresh draws
 from the same mixture. Exact top-10 for every query comes from FAISS IndexFlatIP.
 
-Latency is single-query: one query per call, timed one by one; each method reports p50 and p99 per
-repetition and the medians over repetitions. IVF's nprobe is tuned on separate queries (the smallest value
-in a fixed ladder whose recall@10 reaches the target) and then measured on the evaluation queries.
+Latency is single-query: one query per call, timed one by one. Every comparison runs in --repeats
+interleaved rounds, the order of the sides reversing every round (benchmarks/timing.py): the three search
+methods' single-query passes and batched searches, and `mmlm index build` against encode_image alone. Each
+method reports the median over rounds of its p50 and p99 with their min-max spread, and speed-ups are ratios
+of medians. IVF's nprobe is tuned on separate queries (the smallest value in a fixed ladder whose recall@10
+reaches the target) and then measured on the evaluation queries.
 
     python benchmarks/bench_index.py                      # 1M x 512, 10k clusters (several minutes)
     python benchmarks/bench_index.py --n 100000 --clusters 1000 --index-images 60   # quick look
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from timing import alternating_rounds, interleaved_seconds, rate_spread, ratio_of_medians, spread
 
 NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -73,27 +77,37 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     )
 
 
-def single_query_latency(
-    search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, repeats: int
-) -> dict:
-    """Return medians over repetitions of the p50 and p99 latency (ms) of one query per call, and the ids found."""
-    search(queries[:1])  # warm caches and thread pools
-    p50, p99, found = [], [], []
-    for _ in range(repeats):
-        times, found = [], []
-        for q in queries:
-            start = time.perf_counter_ns()
-            found.append(search(q[None]))
-            times.append((time.perf_counter_ns() - start) / 1e6)
-        p50.append(float(np.percentile(times, 50)))
-        p99.append(float(np.percentile(times, 99)))
+def latency_pass(
+    search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray
+) -> tuple[float, float, np.ndarray]:
+    """Return the p50 and p99 latency (ms) of one query per call over `queries`, and the ids found [Q, k]."""
+    times, found = [], []
+    for q in queries:
+        start = time.perf_counter_ns()
+        found.append(search(q[None]))
+        times.append((time.perf_counter_ns() - start) / 1e6)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99)), np.concatenate(found)
+
+
+def interleaved_latency(methods: dict[str, tuple[Callable, np.ndarray]], rounds: int) -> dict[str, dict]:
+    """Return each method's p50/p99 (median over rounds, with spread) and ids found, timed in alternating rounds."""
+    for search, queries in methods.values():
+        search(queries[:1])  # warm caches and thread pools
+    passes = alternating_rounds(
+        {
+            name: (lambda s=search, q=queries: latency_pass(s, q))
+            for name, (search, queries) in methods.items()
+        },
+        rounds,
+    )
     return {
-        "p50_ms": statistics.median(p50),
-        "p99_ms": statistics.median(p99),
-        "p50_ms_runs": [round(v, 3) for v in p50],
-        "p99_ms_runs": [round(v, 3) for v in p99],
-        "found": np.concatenate(found),
-    }
+        name: {
+            "p50_ms": round(statistics.median(p[0] for p in runs), 4), "p99_ms": round(statistics.median(p[1] for p in runs), 4),
+            "p50_ms_spread": spread([p[0] for p in runs], 3), "p99_ms_spread": spread([p[1] for p in runs], 3),
+            "p50_ms_runs": [p[0] for p in runs], "found": runs[-1][2],
+        }
+        for name, runs in passes.items()
+    }  # fmt: skip
 
 
 def numpy_top_k(x: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1 << 17) -> np.ndarray:
@@ -118,58 +132,76 @@ def numpy_top_k(x: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1 << 17
 
 def emit(row: dict) -> dict:
     """Print one JSON line (without bulky fields) and return the row."""
-    print(json.dumps({k: v for k, v in row.items() if k != "found"}), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("found", "p50_ms_runs")}), flush=True)
     return row
 
 
 def bench_search(args: argparse.Namespace) -> list[dict]:
-    """Time numpy brute force, FAISS flat and FAISS IVF on the clustered vectors; return one row per method."""
-    k, rows = 10, []
+    """Time numpy brute force, FAISS flat and FAISS IVF on the clustered vectors; return one row per method.
+
+    The three methods are built first and then timed in interleaved rounds, the order reversing every round
+    (timing.py), so drift on a shared machine lands on every method alike. That keeps all three in memory at
+    once: about 3·4·N·D bytes (6 GB at the 1M x 512 default).
+    """
+    k = 10
     centres, weights = mixture(args.dim, args.clusters, args.seed)
     start = time.perf_counter()
     x = draw(centres, weights, args.n, args.spread, args.seed + 1)
     generate_s = time.perf_counter() - start
     queries = draw(centres, weights, args.queries + args.tune_queries, args.spread, args.seed + 2)
     evaluate, tune = queries[: args.queries], queries[args.queries :]
-    timed = evaluate[: args.latency_queries]
-    slow_timed = evaluate[: args.slow_latency_queries]
+    timed, slow_timed = evaluate[: args.latency_queries], evaluate[: args.slow_latency_queries]
+    batch = evaluate[: args.batch_queries]
     print(json.dumps({"data": "clustered", "n": args.n, "dim": args.dim, "clusters": args.clusters,
-                      "spread": args.spread, "generate_s": round(generate_s, 1),
+                      "spread": args.spread, "generate_s": round(generate_s, 1), "rounds": args.repeats,
                       "loadavg_start": os.getloadavg()[0]}), flush=True)  # fmt: skip
 
     before = rss_bytes()
     start = time.perf_counter()
     flat = faiss.IndexFlatIP(args.dim)
     flat.add(x)
-    flat_build = time.perf_counter() - start
-    flat_rss = rss_bytes() - before
+    flat_build, flat_rss = time.perf_counter() - start, rss_bytes() - before
     start = time.perf_counter()
     _, exact = flat.search(queries, k)  # batched: BLAS
     exact_s = time.perf_counter() - start
     exact_eval, exact_tune = exact[: args.queries], exact[args.queries :]
-    batch = evaluate[: args.batch_queries]
-    start = time.perf_counter()
-    flat.search(batch, k)
-    flat_batched_qps = len(batch) / (time.perf_counter() - start)
-    lat = single_query_latency(lambda q: flat.search(q, k)[1], slow_timed, args.repeats)
-    rows.append(emit({
-        "method": "faiss_flat", "build_s": round(flat_build, 2), "index_bytes": int(flat.ntotal) * args.dim * 4,
-        "rss_delta_bytes": flat_rss, "recall_at_10": recall_at_k(lat["found"], exact_eval[: len(slow_timed)]),
-        "latency_queries": len(slow_timed), "batched_qps": round(flat_batched_qps, 1),
-        "exact_ground_truth_s": round(exact_s, 1), **lat,
-    }))  # fmt: skip
-    flat = None  # frees 4·N·D bytes before the IVF copy is built
+    ivf, ivf_row = build_ivf(args, x, tune, exact_tune, k)
 
-    start = time.perf_counter()
-    numpy_top_k(x, batch, k)
-    numpy_batched_qps = len(batch) / (time.perf_counter() - start)
-    lat = single_query_latency(lambda q: numpy_top_k(x, q, k, chunk=len(x)), slow_timed, args.repeats)
-    rows.append(emit({
-        "method": "numpy_brute_force", "build_s": 0.0, "index_bytes": x.nbytes, "rss_delta_bytes": 0,
-        "recall_at_10": recall_at_k(lat["found"], exact_eval[: len(slow_timed)]),
-        "latency_queries": len(slow_timed), "batched_qps": round(numpy_batched_qps, 1), **lat,
-    }))  # fmt: skip
+    methods = {
+        "faiss_flat": (lambda q: flat.search(q, k)[1], slow_timed),
+        "numpy_brute_force": (lambda q: numpy_top_k(x, q, k, chunk=len(x)), slow_timed),
+        "faiss_ivf": (lambda q: ivf.search(q, k)[1], timed),
+    }
+    latency = interleaved_latency(methods, args.repeats)
+    batched = interleaved_seconds(
+        {"faiss_flat": lambda: flat.search(batch, k), "numpy_brute_force": lambda: numpy_top_k(x, batch, k),
+         "faiss_ivf": lambda: ivf.search(batch, k)}, args.repeats,
+    )  # fmt: skip
+    base_p50 = latency["numpy_brute_force"]["p50_ms_runs"]
+    extra = {
+        "faiss_flat": {"build_s": round(flat_build, 2), "index_bytes": int(flat.ntotal) * args.dim * 4,
+                       "rss_delta_bytes": flat_rss, "exact_ground_truth_s": round(exact_s, 1)},
+        "numpy_brute_force": {"build_s": 0.0, "index_bytes": x.nbytes, "rss_delta_bytes": 0},
+        "faiss_ivf": ivf_row,
+    }  # fmt: skip
+    rows = []
+    for name, (_, method_queries) in methods.items():
+        lat, qps = latency[name], rate_spread(batched[name], len(batch))
+        recall = recall_at_k(lat["found"], exact_eval[: len(method_queries)])
+        if name == "faiss_ivf":  # recall over every evaluation query, batched
+            recall = recall_at_k(ivf.search(evaluate, k)[1], exact_eval)
+        rows.append(emit({
+            "method": name, **extra[name], "recall_at_10": recall, "latency_queries": len(method_queries),
+            "batched_qps": qps["median"], "batched_qps_spread": qps, **lat,
+            "p50_speedup_vs_numpy": ratio_of_medians(base_p50, lat["p50_ms_runs"]),
+        }))  # fmt: skip
+    return rows
 
+
+def build_ivf(
+    args: argparse.Namespace, x: np.ndarray, tune: np.ndarray, exact_tune: np.ndarray, k: int
+) -> tuple[faiss.Index, dict]:
+    """Return an IVF index over `x` with nprobe tuned on `tune` to the target recall, and its build facts."""
     before = rss_bytes()
     start = time.perf_counter()
     quantizer = faiss.IndexFlatIP(args.dim)
@@ -181,8 +213,7 @@ def bench_search(args: argparse.Namespace) -> list[dict]:
     ivf.train(x[np.sort(sample)])
     train_s = time.perf_counter() - start
     ivf.add(x)
-    ivf_build = time.perf_counter() - start
-    ivf_rss = rss_bytes() - before
+    ivf_build, ivf_rss = time.perf_counter() - start, rss_bytes() - before
     tuning = {}
     for nprobe in NPROBE_LADDER:
         if nprobe > args.nlist:
@@ -192,15 +223,12 @@ def bench_search(args: argparse.Namespace) -> list[dict]:
         if tuning[nprobe] >= args.target_recall:
             break
     ivf.nprobe = nprobe
-    lat = single_query_latency(lambda q: ivf.search(q, k)[1], timed, args.repeats)
-    _, found = ivf.search(evaluate, k)
-    rows.append(emit({
-        "method": "faiss_ivf", "nlist": args.nlist, "nprobe": nprobe, "build_s": round(ivf_build, 2),
-        "train_s": round(train_s, 2), "index_bytes": int(ivf.ntotal) * (args.dim * 4 + 8) + args.nlist * args.dim * 4,
-        "rss_delta_bytes": ivf_rss, "recall_at_10": recall_at_k(found, exact_eval), "recall_queries": len(evaluate),
-        "tuning_recall": {str(p): round(r, 4) for p, r in tuning.items()}, "latency_queries": len(timed), **lat,
-    }))  # fmt: skip
-    return rows
+    return ivf, {
+        "nlist": args.nlist, "nprobe": nprobe, "build_s": round(ivf_build, 2), "train_s": round(train_s, 2),
+        "index_bytes": int(ivf.ntotal) * (args.dim * 4 + 8) + args.nlist * args.dim * 4,
+        "rss_delta_bytes": ivf_rss, "recall_queries": args.queries,
+        "tuning_recall": {str(p): round(r, 4) for p, r in tuning.items()},
+    }  # fmt: skip
 
 
 def photos(count: int, folder: Path, seed: int) -> list[Path]:
@@ -247,8 +275,8 @@ def small_clip(folder: Path) -> None:
     transformers.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)  # fmt: skip
 
 
-def bench_index_build(count: int, batch_size: int, seed: int) -> dict:
-    """Time `mmlm index build` over `count` JPEGs with a small model, against the model's encode_image alone."""
+def bench_index_build(count: int, batch_size: int, seed: int, rounds: int) -> dict:
+    """Time `mmlm index build` over `count` JPEGs with a small model against encode_image alone, in alternating rounds."""
     import mmlm
     from mmlm.index import build_index
 
@@ -260,25 +288,38 @@ def bench_index_build(count: int, batch_size: int, seed: int) -> dict:
         paths = photos(count, root / "photos", seed)
         model = mmlm.load(root / "model")
         model.encode_image([paths[0]])  # warm-up
+        fresh = iter(range(rounds))  # each round builds a new index: a rebuild would skip every image
+        reports = []
+
+        def build() -> None:
+            reports.append(
+                build_index(model, root / "model", root / "photos", root / f"index{next(fresh)}", batch_size)
+            )
+
+        seconds = interleaved_seconds(
+            {"encode_only": lambda: model.encode_image(paths, batch_size), "index_build": build},
+            rounds,
+            warmup=0,
+        )
         start = time.perf_counter()
-        model.encode_image(paths, batch_size)
-        encode_s = time.perf_counter() - start
-        report = build_index(model, root / "model", root / "photos", root / "index", batch_size)
-        start = time.perf_counter()
-        again = build_index(model, root / "model", root / "photos", root / "index", batch_size)
+        again = build_index(model, root / "model", root / "photos", root / "index0", batch_size)
         rerun_s = time.perf_counter() - start
         digest = hashlib.sha256(b"".join(p.read_bytes()[:64] for p in paths)).hexdigest()[:8]
+    build_rate, encode_rate = (
+        rate_spread(seconds["index_build"], count),
+        rate_spread(seconds["encode_only"], count),
+    )
     return emit({
-        "method": "mmlm_index_build", "images": count, "batch_size": batch_size, "added": report.added,
-        "build_s": round(report.seconds, 2), "images_per_s": round(report.images_per_s, 1),
-        "encode_only_images_per_s": round(count / encode_s, 1), "rerun_s": round(rerun_s, 2),
-        "rerun_added": again.added, "photos_digest": digest,
+        "method": "mmlm_index_build", "images": count, "batch_size": batch_size, "rounds": rounds,
+        "added": reports[0].added, "images_per_s": build_rate["median"], "images_per_s_spread": build_rate,
+        "encode_only_images_per_s": encode_rate["median"], "encode_only_spread": encode_rate,
+        "build_over_encode_time": ratio_of_medians(seconds["index_build"], seconds["encode_only"]),
+        "rerun_s": round(rerun_s, 2), "rerun_added": again.added, "photos_digest": digest,
     })  # fmt: skip
 
 
 def ratio_table(rows: list[dict]) -> str:
-    """Return a markdown table of the search rows, with speed-ups over numpy brute force."""
-    base = next(r for r in rows if r["method"] == "numpy_brute_force")
+    """Return a markdown table of the search rows (medians over rounds), with speed-ups over numpy brute force."""
     lines = [
         "| method | p50 ms | p99 ms | p50 speed-up vs numpy | recall@10 | build s | index MB | batched q/s |",
         "|---|---|---|---|---|---|---|---|",
@@ -286,7 +327,7 @@ def ratio_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['method']}{' nprobe=' + str(r['nprobe']) if 'nprobe' in r else ''} | {r['p50_ms']:.2f} | "
-            f"{r['p99_ms']:.2f} | {base['p50_ms'] / r['p50_ms']:.1f}x | {r['recall_at_10']:.4f} | "
+            f"{r['p99_ms']:.2f} | {r['p50_speedup_vs_numpy']:.1f}x | {r['recall_at_10']:.4f} | "
             f"{r['build_s']:.1f} | {r['index_bytes'] / 2**20:.0f} | {r.get('batched_qps', '-')} |"
         )
     return "\n".join(lines)
@@ -318,7 +359,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         quick = dict(n=2000, dim=32, clusters=20, queries=50, tune_queries=30, latency_queries=20,
-                     slow_latency_queries=5, batch_queries=16, repeats=1, nlist=16, index_images=8,
+                     slow_latency_queries=5, batch_queries=16, repeats=2, nlist=16, index_images=8,
                      index_batch_size=4)  # fmt: skip
         vars(args).update(quick)
     print(json.dumps({"faiss": faiss.__version__, "numpy": np.__version__, "threads": faiss.omp_get_max_threads(),
@@ -326,7 +367,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = bench_search(args)
     if args.index_images:
-        bench_index_build(args.index_images, args.index_batch_size, args.seed)
+        bench_index_build(args.index_images, args.index_batch_size, args.seed, args.repeats)
     print(ratio_table(rows))
     print(json.dumps({"total_s": round(time.perf_counter() - start, 1), "loadavg_end": os.getloadavg()[0]}))
 

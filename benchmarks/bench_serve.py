@@ -1,8 +1,11 @@
 """Load test of `mmlm serve` on loopback: concurrent chat clients, with the engine's batching on and off.
 
-Phase 1, for each of batching on and off: start `mmlm serve --model MODEL` in a subprocess, run N clients for
-T seconds, each sending chat requests (one shapes-world image as a data URL, a question, greedy, max_tokens)
-back to back; report requests, errors, p50/p99 latency, requests/s and generated tokens/s (from `usage`).
+Phase 1 starts `mmlm serve --model MODEL` twice in subprocesses, batching on and off, and loads them in
+--rounds interleaved rounds, the order reversing every round (benchmarks/timing.py), so drift on a shared
+machine lands on both sides: each round runs N clients for T seconds, each sending chat requests (one
+shapes-world image as a data URL, a question, greedy, max_tokens) back to back. Each round prints requests,
+errors, p50/p99 latency, requests/s and generated tokens/s (from `usage`); each side then prints the median
+and min-max spread over its rounds, and the last line the ratio of the medians of requests/s.
 Phase 2 overfills the queue on purpose (many clients, a small --max-queue): every response must be a 200 or a
 429 with Retry-After; a 5xx or a dropped connection counts as a failure.
 
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+from timing import alternating_rounds, ratio_of_medians, spread
 
 MODEL_ID = "mmlm-demo"
 # --quick serves the tests' tiny VLM checkpoint, so a run check needs no `make demo`
@@ -47,11 +51,16 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
-    """Start `mmlm serve` and wait until /health answers."""
+def start_server(model: str, port: int, extra: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start `mmlm serve` and wait until /health answers; its stderr goes to `log` (a long run fills a pipe)."""
     cmd = [sys.executable, "-m", "mmlm", "serve", "--model", model, "--model-name", MODEL_ID, "--port", str(port),
            *extra]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    stderr = log.open("wb") if log is not None else subprocess.PIPE
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ})
+
+    def said() -> str:
+        return (log.read_bytes() if log is not None else server.stderr.read()).decode()[-2000:]
+
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -60,7 +69,7 @@ def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
         except httpx.HTTPError:
             time.sleep(0.3)
         if server.poll() is not None:
-            raise SystemExit(f"mmlm serve exited: {server.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"mmlm serve exited: {said()}")
     server.kill()
     raise SystemExit("mmlm serve did not answer /health within 120 s")
 
@@ -119,34 +128,68 @@ def summary(records: list, seconds: float) -> dict:
     }  # fmt: skip
 
 
+def compare_batching(args: argparse.Namespace) -> None:
+    """Serve the model twice (batching on, off), load the two in alternating rounds; print each round and a summary."""
+    sides = {"batching on": [], "batching off": ["--no-batching"]}
+    ports = {name: free_port() for name in sides}
+    servers = {}
+    try:
+        for name, extra in sides.items():  # both stay up; the idle one waits on an event, using no CPU
+            servers[name] = start_server(args.model, ports[name], extra)
+
+        def measure(name: str):
+            def one_round() -> dict:
+                row = summary(
+                    run_load(ports[name], args.clients, args.seconds, args.max_tokens), args.seconds
+                )
+                print(json.dumps({"round_of": name, **row}), flush=True)
+                return row
+
+            return one_round
+
+        rounds = alternating_rounds({name: measure(name) for name in sides}, args.rounds)
+    finally:
+        for server in servers.values():
+            server.terminate()
+            server.wait(timeout=30)
+    for name, rows in rounds.items():
+        print(json.dumps({
+            "run": name, "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
+            "requests": sum(r["requests"] for r in rows), "failures": sum(r["failures"] for r in rows),
+            **{key: spread([r[key] for r in rows if r[key] is not None], 2)
+               for key in ("requests_per_s", "tokens_per_s", "p50_ms", "p99_ms")},
+        }), flush=True)  # fmt: skip
+    on, off = ([r["requests_per_s"] for r in rounds[name]] for name in sides)
+    print(json.dumps({"batching_on_over_off_requests_per_s": ratio_of_medians(on, off)}), flush=True)
+
+
 def main() -> None:
-    """Run both phases and print one JSON line per run."""
+    """Compare batching on and off in interleaved rounds, then overfill the queue; print JSON lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/demo/vlm")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=20, help="load per round and side")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per side (timing.py)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--overfill-clients", type=int, default=64)
     parser.add_argument("--overfill-queue", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="the tests' tiny VLM, 1 s a run, few clients")
     args = parser.parse_args()
     if args.quick:
-        args.model, args.clients, args.seconds, args.max_tokens = str(QUICK_MODEL), 2, 1.0, 4
+        args.model, args.clients, args.seconds, args.max_tokens, args.rounds = str(QUICK_MODEL), 2, 1.0, 4, 2
         args.overfill_clients, args.overfill_queue = 4, 1
     if not Path(args.model, "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no model there (make demo writes runs/demo/vlm)")
-    runs = [("batching on", [], args.clients), ("batching off", ["--no-batching"], args.clients),
-            ("overfill", ["--max-queue", str(args.overfill_queue)], args.overfill_clients)]  # fmt: skip
-    for name, extra, clients in runs:
-        port = free_port()
-        server = start_server(args.model, port, extra)
-        try:
-            records = run_load(port, clients, args.seconds, args.max_tokens)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-        print(json.dumps({"run": name, "clients": clients, "seconds": args.seconds,
-                          **summary(records, args.seconds)}), flush=True)  # fmt: skip
+    compare_batching(args)
+    port = free_port()
+    server = start_server(args.model, port, ["--max-queue", str(args.overfill_queue)])
+    try:
+        records = run_load(port, args.overfill_clients, args.seconds, args.max_tokens)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(json.dumps({"run": "overfill", "clients": args.overfill_clients, "seconds": args.seconds,
+                      **summary(records, args.seconds)}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

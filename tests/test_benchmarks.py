@@ -38,6 +38,7 @@ QUICK_RUNS = {
     "bench_vlm_decode.py": ([], '"cache": "static"'),
     "fuzz.py": ([], '"target": "server"'),
     "open_clip_parity.py": ([], '"ok": true'),
+    "soak_serve.py": ([], '"verdict": {"pass": true, "no_errors": true'),
     "vlm_demo_ablation.py": (["lm4"], '"vqa_accuracy"'),
 }
 

@@ -212,6 +212,12 @@ def test_page_classifies_streams_searches_and_shows_errors(browser, open_server,
     scores = [float(s) for s in page.locator("#results .result-score").all_inner_texts()]
     assert scores and scores == sorted(scores, reverse=True)
     assert all(caption.strip() for caption in page.locator("#results .result-caption").all_inner_texts())
+    page.wait_for_function(  # each result shows its indexed image's thumbnail, decoded by the browser
+        "[...document.querySelectorAll('#results .result')].every(card => {"
+        " const img = card.querySelector('img.result-thumbnail');"
+        " return img && !img.hidden && img.complete && img.naturalWidth > 0; })"
+    )
+    assert page.locator("#results img.result-thumbnail").count() == len(scores)
 
     page.click("#search-image")  # the uploaded image is itself in the index: it must come first
     page.wait_for_function("document.querySelector('#results .result-score').textContent.startsWith('1.00')")
@@ -266,6 +272,12 @@ def test_page_asks_for_the_api_key_once(browser, keyed_server, image_path):
     assert len(bars) == 2
     answer, _ = ask_and_wait(page, "What shape is this?")
     assert answer.strip()
+    page.fill("#search-text", "a blue square")
+    page.click("#search")  # the thumbnails are fetched with the key too: an <img src> could not send it
+    page.wait_for_function(
+        "(() => { const img = document.querySelector('#results img.result-thumbnail');"
+        " return img && !img.hidden && img.complete && img.naturalWidth > 0; })()"
+    )
     assert page.is_hidden("#error")
     assert page.evaluate("window.keyFormShown") == 1
     context.close()

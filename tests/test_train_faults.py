@@ -3,9 +3,11 @@
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -52,6 +54,46 @@ def test_sigterm_checkpoints_the_step_exits_143_and_resumes_exactly(tmp_path):
     subprocess.run(
         train_command(tmp_path / "stopped", *steps, "--resume", "latest"), check=True, capture_output=True
     )
+    assert losses_by_step(tmp_path / "stopped") == losses_by_step(tmp_path / "straight")
+
+
+def torchrun_command(run_dir, *extra):
+    """`mmlm train clip` (TINY) under torchrun: two gloo processes on the CPU, one thread each."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "mmlm", "train", "clip", *TINY, f"out_dir={run_dir}", *extra]  # fmt: skip
+
+
+@pytest.mark.slow  # three two-process runs, ~30 s on 2 cores
+def test_sigterm_to_torchrun_checkpoints_once_and_every_rank_stops_and_resumes_exactly(tmp_path):
+    steps = ["steps=12"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(torchrun_command(tmp_path / "straight", *steps), check=True, capture_output=True, env=env)
+    launcher = subprocess.Popen(
+        torchrun_command(tmp_path / "stopped", *steps), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, env=env,
+    )  # fmt: skip
+    wait_for_steps(tmp_path / "stopped", 3, launcher)
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, err = launcher.communicate(timeout=120)
+    # torchrun re-raises the signal as its SignalException (status 1); each rank exits 143 on its own
+    assert launcher.returncode == 1 and "got signal: 15" in err, err[-3000:]
+    assert "SIGKILL" not in err, "a rank had to be killed: it did not stop on SIGTERM"
+    ranks = [int(pid) for pid in re.findall(r"Sending process (\d+) closing signal SIGTERM", err)]
+    assert len(ranks) == 2
+    for pid in ranks:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    latest = json.loads((tmp_path / "stopped" / "checkpoints" / "latest.json").read_text())
+    assert [line for line in err.splitlines() if line.startswith("mmlm: SIGTERM")] == [
+        f"mmlm: SIGTERM: stopped after step {latest['step']}; checkpoint "
+        f"{tmp_path / 'stopped' / 'checkpoints' / latest['path']} written, continue with --resume latest"
+    ]  # one line: the first rank speaks; both ranks stopped at the same step, or the save would hang
+    assert "RunStopped" not in err and 3 <= latest["step"] < 12
+    assert not (tmp_path / "stopped" / "model").exists()
+    subprocess.run(
+        torchrun_command(tmp_path / "stopped", *steps, "--resume", "latest"), check=True, capture_output=True,
+        env=env,
+    )  # fmt: skip
     assert losses_by_step(tmp_path / "stopped") == losses_by_step(tmp_path / "straight")
 
 

@@ -151,6 +151,11 @@ class MetadataStore:
         names = ("id", "path", "caption", "sha256", "width", "height")
         return {row[0]: dict(zip(names, row, strict=True)) for row in query}
 
+    def row_by_hash(self, sha256: str) -> dict[str, Any] | None:
+        """Return the metadata of the row holding this content hash, or None."""
+        row = self.db.execute("SELECT id FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else self.rows([row[0]])[row[0]]
+
     def _transaction(self) -> "_Transaction":
         return _Transaction(self.db)
 

@@ -3,8 +3,8 @@
 Requests are checked at this boundary (schema, size, images, limits, key) and handed to the Engine, which
 batches and runs the models. Every refusal is a 4xx in OpenAI's error shape (`mmlm.serve.errors`). A client
 that goes away cancels its engine work: each engine call races the client's disconnect. The routes live by
-group: routes_openai.py (chat completions, models), routes_embed.py (embeddings, classify, search) and
-routes_page.py (health, metrics, the web page).
+group: routes_openai.py (chat completions, models), routes_embed.py (embeddings, classify, search),
+thumbnails.py (search results' images) and routes_page.py (health, metrics, the web page).
 """
 
 from collections.abc import AsyncIterator
@@ -20,6 +20,7 @@ from mmlm.serve.requests import ClientGone, RequestGate
 from mmlm.serve.routes_embed import add_embedding_routes
 from mmlm.serve.routes_openai import add_openai_routes
 from mmlm.serve.routes_page import add_page_routes
+from mmlm.serve.thumbnails import add_thumbnail_route
 
 
 def create_app(engine, config: ServeConfig) -> FastAPI:
@@ -42,6 +43,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
     app.add_middleware(RequestGate, config=config, counts=counts, drain=app.state.drain)
     add_openai_routes(app, engine, config)
     add_embedding_routes(app, engine, config)
+    add_thumbnail_route(app, engine, config)
     add_page_routes(app, engine, counts)
     return app
 

@@ -300,13 +300,25 @@ async function ask() {
 
 // ---- search ---------------------------------------------------------------------------------------
 
-// A URL the <img> can show, if the row carries one (a thumbnail data URL); mmlm's hits carry path and caption.
-function resultImage(row) {
-  return row.thumbnail || row.image || row.image_url || row.url || null;
+// The thumbnail of an indexed image as an object URL: fetched with the API key (an <img src> cannot send it).
+async function thumbnailUrl(row) {
+  const response = await api(`/v1/search/thumbnail/${encodeURIComponent(row.id)}`);
+  return URL.createObjectURL(await response.blob());
+}
+
+// Fills the card's <img> once its thumbnail arrives; a vanished file leaves the card with its caption only.
+function showThumbnail(img, row) {
+  thumbnailUrl(row)
+    .then((url) => {
+      img.src = url;
+      img.hidden = false;
+    })
+    .catch(() => img.remove());
 }
 
 function drawResults(rows) {
   const results = $("results");
+  for (const old of results.querySelectorAll("img[src^='blob:']")) URL.revokeObjectURL(old.src);
   if (!rows.length) {
     results.textContent = "No results.";
     return;
@@ -315,12 +327,13 @@ function drawResults(rows) {
     ...rows.map((row) => {
       const card = document.createElement("figure");
       card.className = "result";
-      const src = resultImage(row);
-      if (src) {
+      if (row.id !== undefined) {
         const img = document.createElement("img");
-        img.src = src;
+        img.className = "result-thumbnail";
         img.alt = row.caption || row.path || "search result";
+        img.hidden = true;
         card.append(img);
+        showThumbnail(img, row);
       }
       const caption = document.createElement("figcaption");
       const text = document.createElement("span");
