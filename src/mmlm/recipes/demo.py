@@ -8,6 +8,7 @@ uniquely among 500.
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from mmlm.train.run import run_clip_training
 TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")
 
 
-def demo_config(out: Path, steps: int = 450, image_size: int = 32, patch_size: int = 8) -> TrainConfig:
+def demo_config(out: Path, steps: int = 450, image_size: int = 48, patch_size: int = 8) -> TrainConfig:
     """Return the demo's model and training settings: a 4-layer ViT with a conv stem, a 2-layer text tower."""
     vision = VisionConfig(image_size=image_size, patch_size=patch_size, width=128, layers=4, heads=4, mlp_dim=512,
                           act="gelu", embed_dim=128, stem="conv")  # fmt: skip
@@ -55,18 +56,31 @@ def write_eval_sets(out: Path, zero_shot: shapes.ZeroShotSet, retrieval: list) -
     (out / "retrieval.jsonl").write_text("".join(rows))
 
 
-def shapes_evaluation(image_size: int, seed: int = 0, write_to: Path | None = None):
-    """Return an evaluate(model, step) function on the held-out zero-shot set and the retrieval set."""
+# Seed streams of the evaluation sets, apart from each other and from the training stream (seed + 1): the
+# validation sets steer the recipe and are scored during training; the test sets are scored once, at the end.
+TEST_STREAMS = {"zero_shot": 2, "retrieval": 3, "seen": 4}
+VALIDATION_STREAMS = {"zero_shot": 1002, "retrieval": 1003, "seen": 1004}
+
+
+def shapes_evaluation(image_size: int, seed: int = 0, write_to: Path | None = None, *, validation: bool = False,
+                      n_per_class: int = 10, n_retrieval: int = 500):  # fmt: skip
+    """Return an evaluate(model, step) function on a held-out zero-shot set and a retrieval set (the test sets,
+    or with `validation` the validation sets, drawn from other seed streams), and the number of held-out pairs."""
+    streams = VALIDATION_STREAMS if validation else TEST_STREAMS
     train_pairs, heldout = shapes.split_combinations(seed, holdout_fraction=0.25)
-    zero_shot = shapes.zero_shot_set(10, heldout, seed=seed + 2, image_size=image_size)
-    seen = shapes.zero_shot_set(
-        3, train_pairs, seed=seed + 4, image_size=image_size
-    )  # the generalisation gap
-    retrieval = shapes.retrieval_set(500, seed=seed + 3, pairs=train_pairs, image_size=image_size)
+    zero_shot = shapes.zero_shot_set(
+        n_per_class, heldout, seed=seed + streams["zero_shot"], image_size=image_size
+    )
+    seen = shapes.zero_shot_set(  # the generalisation gap
+        max(1, n_per_class // 3), train_pairs, seed=seed + streams["seen"], image_size=image_size
+    )
+    retrieval = shapes.retrieval_set(n_retrieval, seed=seed + streams["retrieval"], pairs=train_pairs,
+                                     image_size=image_size)  # fmt: skip
     if write_to is not None:
         write_eval_sets(write_to, zero_shot, retrieval)
 
     def evaluate(loaded: ContrastiveModel, step: int) -> dict[str, float]:
+        was_training = loaded.model.training
         loaded.model.eval()
         class_emb = loaded.class_embeddings(zero_shot.class_names, TEMPLATES)
         image_emb = loaded.encode_image([s.image for s in zero_shot.samples], batch_size=256)
@@ -76,19 +90,25 @@ def shapes_evaluation(image_size: int, seed: int = 0, write_to: Path | None = No
         r_img = loaded.encode_image([s.image for s in retrieval], batch_size=256)
         r_txt = loaded.encode_text([s.caption for s in retrieval])
         rt = retrieval_metrics(r_img, r_txt, list(range(len(retrieval))))
+        loaded.model.train(was_training)
         return {**{f"zero_shot_{k}": v for k, v in zs.items()}, **rt}
 
     return evaluate, len(heldout)
 
 
-def run_demo(out: Path, steps: int = 450) -> dict:
+def run_demo(out: Path, steps: int = 450, seed: int = 0) -> dict:
     """Run the demo end to end; write and return runs/demo/summary.json."""
     start = time.perf_counter()
-    cfg = demo_config(out, steps)
-    evaluate, n_heldout = shapes_evaluation(cfg.model.vision.image_size, cfg.seed, write_to=out / "eval")
+    cfg = replace(demo_config(out, steps), seed=seed)
+    size = cfg.model.vision.image_size
+    validate, n_heldout = shapes_evaluation(size, seed, validation=True, n_per_class=6, n_retrieval=300)
     print(f"shapes world: {cfg.data.shapes_samples} training pairs; {n_heldout} colour×shape pairs held out")
-    loaded, records = run_clip_training(cfg, evaluate=evaluate)
-    metrics = {k: v for k, v in records[-1].items() if k.startswith(("zero_shot", "image_to", "text_to"))}
+    loaded, records = run_clip_training(cfg, evaluate=validate)
+    test, _ = shapes_evaluation(size, seed, write_to=out / "eval")
+    metrics = test(loaded, cfg.steps)  # the test sets' one scoring
+    validation = {
+        f"val_{k}": v for k, v in records[-1].items() if k.startswith(("zero_shot", "image_to", "text_to"))
+    }
     summary = {
         "zero_shot_top1": metrics["zero_shot_top1"],
         "retrieval_r1_t2i": metrics["text_to_image_R@1"],
@@ -98,6 +118,8 @@ def run_demo(out: Path, steps: int = 450) -> dict:
         "zero_shot_classes": 64,
         "train_pairs": cfg.data.shapes_samples,
         "steps": cfg.steps,
+        "seed": seed,
+        "validation": validation,
         "final_loss": records[-1]["loss"],
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -1,0 +1,44 @@
+"""The CLIP demo's evaluation: validation and test sets are drawn apart, and zero-shot asks only about held-out pairs."""
+
+import torch
+
+from mmlm.data.synthetic import shapes
+from mmlm.recipes import demo
+from mmlm.train.config import DataConfig
+from mmlm.train.run import shapes_pairs
+
+
+class _Recorder:
+    """Stands in for a ContrastiveModel and records the images and texts each evaluation asks it to encode."""
+
+    def __init__(self) -> None:
+        self.model = torch.nn.Linear(1, 1)
+        self.images: list[bytes] = []
+
+    def class_embeddings(self, names, templates) -> torch.Tensor:
+        return torch.eye(len(names))
+
+    def encode_image(self, images, batch_size: int = 256) -> torch.Tensor:
+        self.images += [im.tobytes() for im in images]
+        return torch.nn.functional.one_hot(torch.arange(len(images)) % 64, 64).float()
+
+    def encode_text(self, texts) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.arange(len(texts)) % 64, 64).float()
+
+
+def test_validation_and_test_sets_share_no_image() -> None:
+    val, _ = demo.shapes_evaluation(32, seed=0, validation=True, n_per_class=3, n_retrieval=40)
+    test, n_heldout = demo.shapes_evaluation(32, seed=0, n_per_class=3, n_retrieval=40)
+    on_val, on_test = _Recorder(), _Recorder()
+    val(on_val, 0)
+    test(on_test, 0)
+    assert n_heldout == 16
+    assert on_val.images and on_test.images
+    assert not set(on_val.images) & set(on_test.images)
+
+
+def test_training_captions_never_name_a_heldout_pair() -> None:
+    _, heldout = shapes.split_combinations(0, holdout_fraction=0.25)
+    captions = [text for _, text in shapes_pairs(DataConfig(shapes_samples=400), 32, seed=0)]
+    named = [f"{color} {shape}" for color, shape in heldout]
+    assert not [c for c in captions if any(n in c for n in named)]
