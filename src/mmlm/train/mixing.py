@@ -21,6 +21,7 @@ import torch
 
 from mmlm.data.conversations import encode_conversation, read_conversations
 from mmlm.data.synthetic.instructions import make_instruction, text_corpus
+from mmlm.data.synthetic.world import World
 from mmlm.errors import InputError
 from mmlm.eval.vqa import question_messages
 from mmlm.processing.bpe import EOS
@@ -56,7 +57,7 @@ def shapes_instructions(
     processor: VLMProcessor,
     size: int,
     seed: int,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, str]] | World,
     image_size: int,
     question_types: Sequence[str] | None = None,
 ) -> EncodedSource:
@@ -78,7 +79,7 @@ def plain_text_source(processor: VLMProcessor, texts: Sequence[str]) -> EncodedS
 
 
 def shapes_text(
-    processor: VLMProcessor, size: int, seed: int, pairs: Sequence[tuple[str, str]]
+    processor: VLMProcessor, size: int, seed: int, pairs: Sequence[tuple[str, str]] | World
 ) -> EncodedSource:
     """Return `size` templated shapes-world sentences as a text-only source."""
     return plain_text_source(processor, text_corpus(size, seed, pairs=pairs))
@@ -209,7 +210,7 @@ def stage_batches(
     processor: VLMProcessor,
     batch_size: int,
     seed: int,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, str]] | World,
     image_size: int,
     rank: int = 0,
     video_pool: int = 1,
@@ -236,7 +237,7 @@ def stage_batches(
 
 
 def corpus_texts(
-    stages: Iterable[StageData], seed: int, pairs: Sequence[tuple[str, str]], per_source: int = 4000
+    stages: Iterable[StageData], seed: int, pairs: Sequence[tuple[str, str]] | World, per_source: int = 4000
 ) -> list[str]:
     """Return text for training a tokenizer: the stages' conversations as the LLaVA v1 template writes them
     (so "USER:" and "ASSISTANT:" become few tokens), their text-only sentences and conversations."""

@@ -39,10 +39,11 @@ from mmlm.data.synthetic.shapes import (
     sample_scene,
     split_combinations,
 )
+from mmlm.data.synthetic.world import World, as_world
 from mmlm.errors import InputError
 
 QUESTION_TYPES: tuple[str, ...] = ("caption", "count", "color", "relation", "presence", "text", "chart")
-SPLITS = {"train": 10, "test": 11, "heldout": 12}  # random streams, apart from shapes.py's 0, 1, 2
+SPLITS = {"train": 10, "test": 11, "heldout": 12, "val": 14}  # random streams, apart from shapes.py's 0, 1, 2
 _CORPUS_STREAM = 13
 OPPOSITE = {
     "to the left of": "to the right of",
@@ -176,14 +177,14 @@ def make_instruction(
     seed: int,
     *,
     split: str = "train",
-    pairs: Sequence[tuple[str, str]] | None = None,
+    pairs: Sequence[tuple[str, str]] | World | None = None,
     image_size: int = 32,
     type_weights: Mapping[str, float] | None = None,
     max_objects: int = 4,
 ) -> Instruction:
     """Return instruction sample `index` of (seed, split); it depends on nothing else, so streams resume."""
     _check(split, type_weights)
-    pairs = list(pairs) if pairs is not None else all_pairs()
+    world = as_world(pairs if pairs is not None else all_pairs())
     rng = np.random.default_rng([seed, SPLITS[split], index])
     weights = dict(type_weights or dict.fromkeys(QUESTION_TYPES, 1.0))
     types = [t for t in QUESTION_TYPES if weights.get(t, 0) > 0]
@@ -193,8 +194,8 @@ def make_instruction(
         kind = _SCENE_KIND.get(question_type, "objects")
         if question_type == "caption":
             kind = KINDS[int(rng.choice(len(KINDS), p=[_CAPTION_KINDS[k] for k in KINDS]))]
-        scene = sample_scene(rng, pairs, kind, max_objects)
-        qa = ask(scene, question_type, rng, pairs)
+        scene = sample_scene(rng, world, kind, max_objects)
+        qa = ask(scene, question_type, rng, world.pairs)
         if qa is not None:
             return Instruction(render(scene, image_size), qa[0], qa[1], question_type, scene)
     raise InputError(
@@ -266,15 +267,15 @@ def write_instruction_splits(
 
 
 def text_corpus(
-    n: int, seed: int, *, pairs: Sequence[tuple[str, str]] | None = None, max_objects: int = 4
+    n: int, seed: int, *, pairs: Sequence[tuple[str, str]] | World | None = None, max_objects: int = 4
 ) -> list[str]:
     """Return n templated sentences about random scenes (captions, and questions with their answers)."""
-    pairs = list(pairs) if pairs is not None else all_pairs()
+    world = as_world(pairs if pairs is not None else all_pairs())
     sentences = []
     for index in range(n):
         rng = np.random.default_rng([seed, _CORPUS_STREAM, index])
         kind = KINDS[int(rng.choice(len(KINDS), p=[_CAPTION_KINDS[k] for k in KINDS]))]
-        scene = sample_scene(rng, pairs, kind, max_objects)
+        scene = sample_scene(rng, world, kind, max_objects)
         form = int(rng.integers(3))
         if form == 0:
             sentences.append(f"The image shows {describe(scene)}.")
@@ -282,7 +283,7 @@ def text_corpus(
             sentences.append(f"{caption(scene, rng).capitalize()}.")
         else:
             question_type = {"text": "text", "chart": "chart"}.get(kind) or _pick(rng, QUESTION_TYPES[1:5])
-            qa = ask(scene, question_type, rng, pairs) or ("Describe the image.", describe(scene))
+            qa = ask(scene, question_type, rng, world.pairs) or ("Describe the image.", describe(scene))
             sentences.append(f"{qa[0]} {qa[1]}.")
     return sentences
 
