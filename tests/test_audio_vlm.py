@@ -56,7 +56,7 @@ def run_config(out, data: str, steps: int = 2, train=("connector", "lm", "audio"
     }  # fmt: skip
     stages = {"train": {"steps": steps, "train": list(train),
                         "data": {"source": data, "multimodal_fraction": 1.0},
-                        "optim": {"lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 5}}}  # fmt: skip
+                        "optim": {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 5}}}  # fmt: skip
     return vlm_config_from_dict({"model": model, "stages": stages, "batch_size": 8, "max_length": 64,
                                  "log_every": 1, "eval_samples": 0, "out_dir": str(out), "device": "cpu"})  # fmt: skip
 
@@ -79,7 +79,7 @@ def trained(tmp_path_factory, pitch_data):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("mmlm.train.vlm_loop.plot_training", lambda records, out: [])
         patch.setattr("mmlm.train.vlm_loop.plot_modality_losses", lambda records, out: out)
-        loaded, records = run_vlm_training(run_config(out, pitch_data, steps=60))
+        loaded, records = run_vlm_training(run_config(out, pitch_data, steps=120))
     return loaded, records, out
 
 

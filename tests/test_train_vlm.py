@@ -232,7 +232,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, tokenizer
 
 @pytest.mark.slow
 def test_training_loss_falls_on_a_tiny_shapes_set(tmp_path, tokenizer):
-    stage = {"steps": 24, "train": ["connector", "lm"], "optim": {"lr": 5e-3, "warmup_steps": 4},
+    stage = {"steps": 24, "train": ["connector", "lm"], "optim": {"lr": 1e-2, "warmup_steps": 4},
              "data": {"samples": 16, "question_types": ["color", "presence"]}}  # fmt: skip
     _, records = run_vlm_training(
         tiny_config(tmp_path, {"instruct": stage}, tokenizer, batch_size=8, log_every=5)

@@ -128,7 +128,9 @@ def blip2_connector_from_state_dict(
         lm_dim = tensors["language_projection.weight"].shape[0]
     if lm_dim is None:
         raise InputError(f"{source}: text_config.hidden_size is missing and there is no language_projection")
-    model = build_qformer_connector(cfg, blip2_vision_width(hf), lm_dim)
+    with torch.device("meta"):  # no random init for weights about to be replaced
+        model = build_qformer_connector(cfg, blip2_vision_width(hf), lm_dim)
+    model = model.to_empty(device="cpu")  # the checkpoint's tensors are copied in, cast to fp32
     theirs = {k: v for k, v in tensors.items() if k.startswith(CONNECTOR_PREFIXES) and not TEXT_ONLY.match(k)}
     our_shapes = {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(to_ours(theirs, blip2_key_map(cfg), our_shapes, source))

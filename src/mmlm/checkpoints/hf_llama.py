@@ -18,6 +18,7 @@ LLAMA_DEFAULTS: dict[str, Any] = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
     hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
     attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    initializer_range=0.02,
 )  # fmt: skip
 DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": LLAMA_DEFAULTS,
@@ -88,6 +89,7 @@ def lm_config_from_hf(hf: dict[str, Any]) -> LMConfig:
         mlp_bias=bool(c.get("mlp_bias", False)) if model_type == "llama" else False,
         sliding_window=window, sliding_layers=sliding_layers, bos_token_id=c.get("bos_token_id"),
         eos_token_ids=_ids(c.get("eos_token_id")), pad_token_id=c.get("pad_token_id"),
+        initializer_range=float(c["initializer_range"]),
     )  # fmt: skip
 
 
@@ -101,7 +103,7 @@ def lm_config_to_hf(cfg: LMConfig, model_type: str) -> dict[str, Any]:
         num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
         hidden_act=cfg.act, max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings, rope_parameters=rope, bos_token_id=cfg.bos_token_id,
-        eos_token_id=eos, pad_token_id=cfg.pad_token_id,
+        eos_token_id=eos, pad_token_id=cfg.pad_token_id, initializer_range=cfg.initializer_range,
     )  # fmt: skip
     if model_type == "llama":
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)

@@ -18,6 +18,7 @@ WHISPER_DEFAULTS = dict(
     encoder_ffn_dim=1536,
     max_source_positions=1500,
     activation_function="gelu",
+    init_std=0.02,
 )
 # where the encoder's tensors live, per model class; the first prefix a checkpoint holds conv1 under wins
 ENCODER_PREFIXES = ("model.encoder.", "encoder.", "")
@@ -29,7 +30,7 @@ def audio_config_from_whisper(hf: dict[str, Any]) -> AudioConfig:
     return AudioConfig(
         n_mels=w["num_mel_bins"], width=w["d_model"], layers=w["encoder_layers"],
         heads=w["encoder_attention_heads"], mlp_dim=w["encoder_ffn_dim"], max_frames=w["max_source_positions"],
-        act=w["activation_function"],
+        act=w["activation_function"], init_std=float(w["init_std"]),
     )  # fmt: skip
 
 
@@ -37,7 +38,8 @@ def audio_config_to_whisper(cfg: AudioConfig) -> dict[str, Any]:
     """Return the encoder keys of a transformers WhisperConfig dict for `cfg`."""
     return dict(num_mel_bins=cfg.n_mels, d_model=cfg.width, encoder_layers=cfg.layers,
                 encoder_attention_heads=cfg.heads, encoder_ffn_dim=cfg.mlp_dim,
-                max_source_positions=cfg.max_frames, activation_function=cfg.act)  # fmt: skip
+                max_source_positions=cfg.max_frames, activation_function=cfg.act,
+                init_std=cfg.init_std)  # fmt: skip
 
 
 def whisper_encoder_key_map(cfg: AudioConfig, theirs: str = "encoder.") -> list[Rule]:

@@ -33,13 +33,19 @@ def _bias(cfg: ConnectorConfig, default: bool) -> bool:
 
 # registration order is the budget's comparison-table order (the MULTIMODAL_LLMS chapter's); `comparison`
 # gives a style its row there, with K = 32 queries (Q-Former) or L = 64 latents (Perceiver, Flamingo)
-register_connector("linear", lambda cfg, dv, dl: LinearProjector(dv, dl, bias=_bias(cfg, True)),
-                   projector_cost, any_length=True)  # fmt: skip
-register_connector("mlp", lambda cfg, dv, dl: MLPProjector(dv, dl, act=cfg.act, bias=_bias(cfg, True)),
-                   projector_cost, any_length=True, comparison={})  # fmt: skip
+register_connector(
+    "linear", lambda cfg, dv, dl: LinearProjector(dv, dl, _bias(cfg, True), cfg.initializer_range),
+    projector_cost, any_length=True,
+)  # fmt: skip
+register_connector(
+    "mlp", lambda cfg, dv, dl: MLPProjector(dv, dl, cfg.act, _bias(cfg, True), cfg.initializer_range),
+    projector_cost, any_length=True, comparison={},
+)  # fmt: skip
 register_connector(
     "pixel_shuffle",
-    lambda cfg, dv, dl: PixelShuffleConnector(dv, dl, scale_factor=cfg.scale_factor, bias=_bias(cfg, False)),
+    lambda cfg, dv, dl: PixelShuffleConnector(
+        dv, dl, cfg.scale_factor, _bias(cfg, False), cfg.initializer_range
+    ),
     pixel_shuffle_cost, comparison={},
 )  # fmt: skip
 register_connector("qformer", build_qformer_connector, qformer_cost, any_length=True,
@@ -48,8 +54,8 @@ register_connector(
     "perceiver",  # the resampler runs at vision width (as in Idefics); its MLP uses Idefics' ReLU, not cfg.act
     lambda cfg, dv, dl: PerceiverConnector(
         PerceiverResampler(dv, cfg.depth, cfg.num_queries, cfg.heads, cfg.head_dim or dv // cfg.heads,
-                           cfg.mlp_dim or 4 * dv, max_frames=cfg.max_frames),
-        dv, dl, bias=_bias(cfg, True),
+                           cfg.mlp_dim or 4 * dv, cfg.max_frames, init_std=cfg.initializer_range),
+        dv, dl, bias=_bias(cfg, True), init_std=cfg.initializer_range,
     ),
     perceiver_cost, any_length=True, reads_frames=True, comparison={"num_queries": 64},
 )  # fmt: skip

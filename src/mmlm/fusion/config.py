@@ -27,4 +27,7 @@ class ConnectorConfig:
     max_frames: int = 0  # perceiver, cross_attention: frames with a learned time embedding (0: none)
     codebook_size: int = 256  # unified: VQ codes, added to the LM vocabulary
     norm_eps: float | None = None  # qformer: its LayerNorms' eps (None: BLIP-2's 1e-12)
+    # std of every fresh Linear (and the Q-Former's queries): transformers' initializer_range of LLaVA, BLIP-2,
+    # Idefics and Idefics3, whose `_init_weights` each style follows
+    initializer_range: float = 0.02
     version: int = CONNECTOR_CONFIG_VERSION

@@ -15,6 +15,7 @@ from torch import nn
 
 from mmlm.layers import Attention, GatedMLP, RMSNorm
 from mmlm.layers.attention import KVCache
+from mmlm.layers.init import initialise, normal_init
 
 
 def media_attention_mask(input_ids: torch.Tensor, media_token_id: int, num_media_tokens: int) -> torch.Tensor:
@@ -44,6 +45,7 @@ class GatedCrossAttentionBlock(nn.Module):
         alpha_type: str = "float",
         qk_norm: bool = False,
         eps: float = 1e-6,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         if alpha_type not in ("float", "vector"):
@@ -60,6 +62,8 @@ class GatedCrossAttentionBlock(nn.Module):
             torch.zeros(shape)
         )  # Flamingo: tanh(0) = 0, the block starts as identity
         self.alpha_mlp = nn.Parameter(torch.zeros(shape))
+        # Idefics' `_init_weights`: Linear N(0, initializer_range²), RMSNorms 1; the gates keep α = 0
+        initialise(self, lambda m: normal_init(m, init_std))
 
     def cross_attention(
         self,

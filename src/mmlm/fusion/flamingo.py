@@ -81,19 +81,19 @@ class FlamingoFusion(nn.Module):
 
     def __init__(
         self, num_latents: int, depth: int, heads: int, head_dim: int | None, mlp_dim: int | None,
-        max_frames: int, every: int, vision_dim: int, lm: LMShape,
+        max_frames: int, every: int, vision_dim: int, lm: LMShape, init_std: float = 0.02,
     ) -> None:  # fmt: skip
         super().__init__()
         self.media_dim = vision_dim
         self.resampler = PerceiverResampler(
             vision_dim, depth, num_latents, heads, head_dim or vision_dim // heads,
-            mlp_dim or 4 * vision_dim, max_frames=max_frames,
+            mlp_dim or 4 * vision_dim, max_frames=max_frames, init_std=init_std,
         )  # fmt: skip
         self.marker = nn.Parameter(torch.zeros(1, 1, lm.width))  # the LM's input where each <image> was
         self.blocks = nn.ModuleDict(
             {
                 str(layer): GatedCrossAttentionBlock(
-                    lm.width, vision_dim, lm.heads, lm.dim_per_head, lm.mlp_dim
+                    lm.width, vision_dim, lm.heads, lm.dim_per_head, lm.mlp_dim, init_std=init_std
                 )
                 for layer in range(0, lm.layers, every)
             }
@@ -167,7 +167,8 @@ class FlamingoStyle(FusionStyle):
     def build(self, cfg: ConnectorConfig, vision_dim: int, lm: LMShape) -> FlamingoFusion:
         """Return the resampler, marker and gated blocks for an LM of `lm`'s sizes (an LMConfig)."""
         return FlamingoFusion(cfg.num_queries, cfg.depth, cfg.heads, cfg.head_dim, cfg.mlp_dim,
-                              cfg.max_frames, cfg.cross_attn_every_n_layers, vision_dim, lm)  # fmt: skip
+                              cfg.max_frames, cfg.cross_attn_every_n_layers, vision_dim, lm,
+                              init_std=cfg.initializer_range)  # fmt: skip
 
     def check_video(self, cfg: ConnectorConfig, video_pool: int, video_merge: str) -> None:
         """Raise InputError for more than one frame per slot: each frame goes through the resampler."""

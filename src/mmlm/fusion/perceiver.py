@@ -15,6 +15,7 @@ from mmlm.fusion.config import ConnectorConfig
 from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.layers import MLP, Attention
 from mmlm.layers.flops import cross_attention_flops, linear_flops, mlp_flops
+from mmlm.layers.init import initialise, normal_init
 
 
 class PerceiverLayer(nn.Module):
@@ -54,6 +55,7 @@ class PerceiverResampler(nn.Module):
         max_frames: int = 0,
         qk_layer_norms: bool = False,
         act: str = "relu",
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.num_latents = num_latents
@@ -65,6 +67,8 @@ class PerceiverResampler(nn.Module):
             PerceiverLayer(dim, heads, head_dim, mlp_dim, qk_layer_norms, act) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
+        # Idefics' `_init_weights`: Linear N(0, initializer_range²), norms identity; the latents stay N(0, 1)
+        initialise(self, lambda m: normal_init(m, init_std))
 
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         """Return num_latents resampled tokens [B, L, D] for media [B, N, D] or video frames [B, T, N, D]."""
@@ -88,11 +92,17 @@ class PerceiverConnector(nn.Module):
     """A Perceiver resampler at vision width, then a linear map to LM width (identity when the widths match)."""
 
     def __init__(
-        self, resampler: PerceiverResampler, vision_dim: int, lm_dim: int, bias: bool = True
+        self,
+        resampler: PerceiverResampler,
+        vision_dim: int,
+        lm_dim: int,
+        bias: bool = True,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.resampler = resampler
         self.proj = nn.Linear(vision_dim, lm_dim, bias=bias) if vision_dim != lm_dim else nn.Identity()
+        initialise(self.proj, lambda m: normal_init(m, init_std))
 
     def num_tokens(self, num_patches: int) -> int:
         """Return the visual tokens this connector emits: num_latents, whatever `num_patches`."""

@@ -15,6 +15,7 @@ from mmlm.errors import InputError
 from mmlm.fusion.config import ConnectorConfig
 from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.layers.flops import linear_flops
+from mmlm.layers.init import initialise, normal_init
 
 
 def square_grid(num_patches: int, scale_factor: int) -> tuple[int, int]:
@@ -46,13 +47,18 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: int, grid: tuple[int, int] | No
 class PixelShuffleConnector(nn.Module):
     """Pixel shuffle by `scale_factor` then a linear map to the LM width; r² fewer tokens than patches."""
 
-    def __init__(self, vision_dim: int, lm_dim: int, scale_factor: int = 2, bias: bool = False) -> None:
+    def __init__(
+        self, vision_dim: int, lm_dim: int, scale_factor: int = 2, bias: bool = False, init_std: float = 0.02
+    ) -> None:
         super().__init__()
         if scale_factor < 1:
             raise InputError(f"scale_factor: got {scale_factor}; expected a positive integer")
         self.scale_factor = scale_factor
         # Idefics3 and nanoVLM name this projection `proj` and give it no bias
         self.proj = nn.Linear(vision_dim * scale_factor**2, lm_dim, bias=bias)
+        initialise(
+            self, lambda m: normal_init(m, init_std)
+        )  # transformers' Idefics3: N(0, initializer_range²)
 
     def num_tokens(self, num_patches: int) -> int:
         """Return the visual tokens emitted for a square grid of `num_patches` patches: num_patches / r²."""

@@ -11,6 +11,7 @@ from mmlm.fusion.config import ConnectorConfig
 from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.layers import MLP
 from mmlm.layers.flops import linear_flops
+from mmlm.layers.init import initialise, normal_init
 
 # transformers' LlavaMultiModalProjector submodule -> ours (weight and bias follow the module name)
 LLAVA_PROJECTOR_KEYS: dict[str, str] = {"linear_1": "fc1", "linear_2": "fc2"}
@@ -19,9 +20,10 @@ LLAVA_PROJECTOR_KEYS: dict[str, str] = {"linear_1": "fc1", "linear_2": "fc2"}
 class LinearProjector(nn.Module):
     """LLaVA v1's connector: H_v = Z_v·W, one linear map per visual token."""
 
-    def __init__(self, vision_dim: int, lm_dim: int, bias: bool = True) -> None:
+    def __init__(self, vision_dim: int, lm_dim: int, bias: bool = True, init_std: float = 0.02) -> None:
         super().__init__()
         self.proj = nn.Linear(vision_dim, lm_dim, bias=bias)
+        initialise(self, lambda m: normal_init(m, init_std))  # transformers' LLaVA: N(0, initializer_range²)
 
     def num_tokens(self, num_patches: int) -> int:
         """Return the visual tokens this connector emits for `num_patches` patch tokens (the same number)."""
@@ -35,8 +37,11 @@ class LinearProjector(nn.Module):
 class MLPProjector(MLP):
     """LLaVA-1.5's connector: fc2(GELU(fc1(z))), with fc1: Dv -> D_lm and fc2: D_lm -> D_lm."""
 
-    def __init__(self, vision_dim: int, lm_dim: int, act: str = "gelu", bias: bool = True) -> None:
+    def __init__(
+        self, vision_dim: int, lm_dim: int, act: str = "gelu", bias: bool = True, init_std: float = 0.02
+    ) -> None:
         super().__init__(vision_dim, lm_dim, act=act, bias=bias, out_dim=lm_dim)
+        initialise(self, lambda m: normal_init(m, init_std))  # transformers' LLaVA: N(0, initializer_range²)
 
     def num_tokens(self, num_patches: int) -> int:
         """Return the visual tokens this connector emits for `num_patches` patch tokens (the same number)."""

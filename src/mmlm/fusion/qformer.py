@@ -20,6 +20,7 @@ from mmlm.fusion.config import ConnectorConfig
 from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.layers import Block
 from mmlm.layers.flops import cross_attention_flops, linear_flops, mlp_flops, self_attention_flops
+from mmlm.layers.init import initialise, normal_init
 
 # transformers' Blip2QFormerConfig.layer_norm_eps (BERT's), ConnectorConfig.norm_eps's default
 BLIP2_LAYER_NORM_EPS = 1e-12
@@ -41,20 +42,23 @@ class QFormer(nn.Module):
         act: str = "gelu",
         eps: float = BLIP2_LAYER_NORM_EPS,
         bias: bool = True,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.num_queries = num_queries
         self.vision_dim = vision_dim
         self.cross_attention_frequency = cross_attention_frequency
-        # LAVIS initialises the queries N(0, 0.02) (transformers zeros them, expecting a checkpoint); zeros
-        # would make all K queries identical and keep them so under training
-        self.query_tokens = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)  # [1, K, W]
+        # LAVIS initialises the queries N(0, initializer_range²) (transformers zeros them, expecting a
+        # checkpoint); zeros would make all K queries identical and keep them so under training
+        self.query_tokens = nn.Parameter(torch.randn(1, num_queries, width) * init_std)  # [1, K, W]
         self.query_norm = nn.LayerNorm(width, eps=eps)
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_dim or 4 * width, act=act, norm="layer", eps=eps, prenorm=False, bias=bias,
                   head_dim=head_dim, cross_attention=i % cross_attention_frequency == 0, context_dim=vision_dim)
             for i in range(depth)
         )  # fmt: skip
+        # BLIP-2's `_init_weights`: Linear N(0, initializer_range²), biases 0, LayerNorms identity
+        initialise(self, lambda m: normal_init(m, init_std))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return the queries' final states [B, K, W] for image features [B, N, Dv].
@@ -76,10 +80,11 @@ class QFormer(nn.Module):
 class QFormerConnector(nn.Module):
     """BLIP-2's connector: a Q-Former then `language_projection` to the LM width; always K visual tokens."""
 
-    def __init__(self, qformer: QFormer, lm_dim: int, bias: bool = True) -> None:
+    def __init__(self, qformer: QFormer, lm_dim: int, bias: bool = True, init_std: float = 0.02) -> None:
         super().__init__()
         self.qformer = qformer
         self.language_projection = nn.Linear(qformer.query_tokens.shape[-1], lm_dim, bias=bias)
+        initialise(self.language_projection, lambda m: normal_init(m, init_std))
 
     def num_tokens(self, num_patches: int) -> int:
         """Return K, the number of learned queries, whatever `num_patches`."""
@@ -97,9 +102,9 @@ def build_qformer_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) 
     eps = BLIP2_LAYER_NORM_EPS if cfg.norm_eps is None else cfg.norm_eps
     qformer = QFormer(
         vision_dim, cfg.num_queries, cfg.width or vision_dim, cfg.depth, cfg.heads, cfg.head_dim, cfg.mlp_dim,
-        cfg.cross_attention_frequency, act=cfg.act, eps=eps, bias=bias,
+        cfg.cross_attention_frequency, act=cfg.act, eps=eps, bias=bias, init_std=cfg.initializer_range,
     )  # fmt: skip
-    return QFormerConnector(qformer, lm_dim, bias=bias)
+    return QFormerConnector(qformer, lm_dim, bias=bias, init_std=cfg.initializer_range)
 
 
 def qformer_flops(patches: int, vision_dim: int, lm_dim: int, c: ConnectorConfig) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 
 from mmlm.errors import InputError
 from mmlm.layers import Transformer
+from mmlm.layers.init import initialise, normal_init
 from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.frame_pooling import mean_frames
 
@@ -26,6 +27,7 @@ class AudioConfig:
     max_frames: int = 1500  # positions after the stride-2 conv: 30 s of audio at 100 mel frames/s -> 1500
     act: str = "gelu"
     eps: float = 1e-5  # Whisper's LayerNorms use PyTorch's default eps
+    init_std: float = 0.02  # std of every fresh Linear and convolution (transformers' WhisperConfig.init_std)
     version: int = CONFIG_VERSION
 
     @property
@@ -80,6 +82,9 @@ class AudioEncoder(nn.Module):
             cfg.layers, dim=d, heads=cfg.heads, mlp_dim=cfg.mlp_dim, act=cfg.act, eps=cfg.eps
         )
         self.norm_post = nn.LayerNorm(d, eps=cfg.eps)
+        # transformers' Whisper `_init_weights`: Linear and Conv1d N(0, init_std²), biases 0, norms identity; the
+        # sinusoidal positions are fixed and stay as built
+        initialise(self, lambda m: normal_init(m, cfg.init_std))
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """Return frame tokens plus positions, [B, n_mels, 2T] -> [B, T, D]."""

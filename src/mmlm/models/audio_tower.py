@@ -8,6 +8,7 @@ SigLIP's attention-pooling head) -> a linear projection to the shared embedding 
 import torch
 from torch import nn
 
+from mmlm.layers.init import initialise, normal_linear
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder
 from mmlm.models.vision import AttentionPool
 
@@ -26,6 +27,8 @@ class AudioTower(AudioEncoder):
             AttentionPool(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.eps) if pool == "map" else None
         )
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False) if embed_dim is not None else None
+        if self.proj is not None:  # as the image tower's projection (open_clip): N(0, width⁻¹)
+            initialise(self.proj, lambda proj: normal_linear(proj, cfg.width**-0.5))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Return one unnormalised embedding per clip, [B, n_mels, 2T] -> [B, embed_dim]."""

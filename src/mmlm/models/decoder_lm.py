@@ -14,6 +14,7 @@ from torch import nn
 
 from mmlm.errors import InputError
 from mmlm.layers.attention import KVCache, StaticKVCache
+from mmlm.layers.init import initialise, normal_init
 from mmlm.layers.linear import DECODE_ROWS, project, rows_times_matrix
 from mmlm.layers.norm import RMSNorm
 from mmlm.layers.rotary import rope_cos_sin, rope_frequencies
@@ -48,6 +49,7 @@ class LMConfig:
     bos_token_id: int | None = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     pad_token_id: int | None = None
+    initializer_range: float = 0.02  # std of every fresh Linear and Embedding (transformers' LlamaConfig)
     version: int = CONFIG_VERSION
 
     @property
@@ -123,6 +125,9 @@ class DecoderLM(nn.Module):
         # Tied: the head reuses token_embed.weight (one parameter, so fine-tuning keeps them equal).
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         self.inv_freq = rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+        # transformers' Llama `_init_weights`: Linear and Embedding N(0, initializer_range²), biases 0, norms 1.
+        # Unlike there, the pad row is not zeroed: our embedding has no padding_idx, so it would train anyway.
+        initialise(self, lambda m: normal_init(m, cfg.initializer_range))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return token embeddings [B, T, width] for ids [B, T] (the VLM merges image features into these)."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mmlm.layers import Transformer
+from mmlm.layers.init import initialise, normal_linear, open_clip_transformer_init
 from mmlm.models.config import CONFIG_VERSION
 
 
@@ -44,6 +45,7 @@ class TextTransformer(nn.Module):
         )
         self.norm_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.proj = nn.Linear(cfg.width, cfg.embed_dim, bias=cfg.proj_bias) if cfg.embed_dim else None
+        initialise(self, init_text_tower)
 
     def pool_index(self, ids: torch.Tensor) -> torch.Tensor:
         """Return the position pooled in each sequence [B]."""
@@ -69,3 +71,16 @@ class TextTransformer(nn.Module):
         # the final norm is per token, so norming only the pooled one is equal and cheaper
         pooled = self.norm_final(x[torch.arange(ids.shape[0], device=ids.device), self.pool_index(ids)])
         return self.proj(pooled) if self.proj is not None else pooled
+
+
+def init_text_tower(tower: TextTransformer) -> None:
+    """open_clip's `TextTransformer.init_parameters`: tokens N(0, 0.02²), positions N(0, 0.01²), the blocks by
+    width and depth (`open_clip_transformer_init`), the projection N(0, width⁻¹)."""
+    width = tower.cfg.width
+    nn.init.normal_(tower.token_embed.weight, std=0.02)
+    nn.init.normal_(tower.pos_embed, std=0.01)
+    open_clip_transformer_init(tower.transformer, width)
+    nn.init.ones_(tower.norm_final.weight)
+    nn.init.zeros_(tower.norm_final.bias)
+    if tower.proj is not None:
+        normal_linear(tower.proj, width**-0.5)

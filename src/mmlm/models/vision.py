@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlm.layers import MLP, Attention, Transformer
+from mmlm.layers.init import (
+    initialise,
+    normal_linear,
+    open_clip_transformer_init,
+    reset_norms,
+    xavier_uniform_fused,
+)
 from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.token_merging import merge_block, merge_blocks
 
@@ -67,6 +74,7 @@ class ConvStem(nn.Module):
             c = out
         layers.append(nn.Conv2d(c, width, 1))
         self.layers = nn.Sequential(*layers)
+        initialise(self, init_conv_stem)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Return the patch-grid features [B, D, H/p, W/p]."""
@@ -82,6 +90,7 @@ class AttentionPool(nn.Module):
         self.attn = Attention(dim, heads, cross=True)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim, act)
+        initialise(self, init_attention_pool)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Return one pooled vector per image, [B, N, D] -> [B, D]."""
@@ -111,6 +120,7 @@ class VisionTransformer(nn.Module):
             AttentionPool(d, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps) if cfg.pool == "map" else None
         )
         self.proj = nn.Linear(d, cfg.embed_dim, bias=cfg.proj_bias) if cfg.embed_dim else None
+        initialise(self, init_vision_tower)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Return patch tokens plus positions (class token first if any), [B, C, H, W] -> [B, N(+1), D]."""
@@ -171,3 +181,49 @@ class VisionTransformer(nn.Module):
         else:
             pooled = self.pool(self.forward_features(pixels)[0])
         return self.proj(pooled) if self.proj is not None else pooled
+
+
+def init_conv_stem(stem: ConvStem) -> None:
+    """Kaiming-normal (fan_out) convolutions and zero biases, as torchvision's ResNets initialise their convolutions.
+
+    open_clip has no convolutional stem to follow; Xiao et al. train theirs from this standard choice.
+    """
+    for conv in stem.layers:
+        if isinstance(conv, nn.Conv2d):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+
+
+def init_attention_pool(pool: AttentionPool) -> None:
+    """transformers' SigLIP init of the MAP head: probe and in-projection Xavier-uniform (the in-projection as one
+    fused [3D, D] matrix), out-projection LeCun-normal, MLP Xavier-uniform with biases N(0, 10⁻¹²), norm identity."""
+    dim = pool.probe.shape[-1]
+    nn.init.xavier_uniform_(pool.probe)
+    for linear in (pool.attn.q, pool.attn.kv):
+        xavier_uniform_fused(linear.weight, 3 * dim)
+        nn.init.zeros_(linear.bias)
+    normal_linear(pool.attn.out, pool.attn.out.weight.shape[1] ** -0.5)  # LeCun normal: N(0, 1/fan_in)
+    for linear in (pool.mlp.fc1, pool.mlp.fc2):
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.normal_(linear.bias, std=1e-6)
+    reset_norms(pool)
+
+
+def init_vision_tower(tower: VisionTransformer) -> None:
+    """open_clip's ViT recipe: class token, positions and projection N(0, width⁻¹), the blocks as the text tower's.
+
+    open_clip's `VisionTransformer.init_parameters` keeps PyTorch's defaults for the blocks (its recipe there is
+    commented out, "OpenAI CLIP did not define an init"); we apply that recipe, the text tower's, so both towers
+    start alike. The patch convolution keeps PyTorch's default, as in open_clip; a conv stem and a MAP head
+    initialise themselves (`init_conv_stem`, `init_attention_pool`).
+    """
+    width = tower.cfg.width
+    scale = width**-0.5
+    if tower.class_token is not None:
+        nn.init.normal_(tower.class_token, std=scale)
+    nn.init.normal_(tower.pos_embed, std=scale)
+    open_clip_transformer_init(tower.transformer, width)
+    for norm in (tower.norm_pre, tower.norm_post):
+        reset_norms(norm)
+    if tower.proj is not None:
+        normal_linear(tower.proj, scale)
