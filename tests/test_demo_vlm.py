@@ -7,8 +7,9 @@ import pytest
 
 from mmlm.cli import main
 from mmlm.data.synthetic import shapes
-from mmlm.data.synthetic.instructions import make_instruction, text_corpus
+from mmlm.data.synthetic.instructions import conversation_turns, make_instruction, plural, text_corpus
 from mmlm.data.synthetic.world import split_bars, split_words
+from mmlm.errors import InputError
 from mmlm.recipes.demo_ladder import (
     SLOT_FEATURES,
     SLOTS,
@@ -20,7 +21,7 @@ from mmlm.recipes.demo_ladder import (
 from mmlm.recipes.demo_vlm import VLMDemoBudget, run_vlm_demo
 from mmlm.recipes.demo_vlm_eval import answer_prior
 from mmlm.train.mixing import corpus_texts
-from mmlm.train.vlm_config import StageData
+from mmlm.train.vlm_config import StageData, vlm_config_from_dict
 
 
 def test_word_and_bar_splits_are_disjoint_cover_everything_and_depend_on_the_seed():
@@ -103,3 +104,19 @@ def test_the_whole_vlm_demo_runs_at_toy_size_and_writes_its_figures(tmp_path):
                 "pope_f1_random", "pope_f1_popular", "pope_f1_adversarial", "pope_yes_ratio_adversarial"):  # fmt: skip
         assert 0 <= summary[key] <= 1, key
     assert summary["pope_questions"] == 12 and (tmp_path / "vlm" / "config.json").is_file()
+
+
+def test_follow_up_questions_are_distinct_and_true_of_the_same_scene():
+    sample = make_instruction(3, 0, type_weights={"count": 1.0})
+    turns = conversation_turns(sample, 4, 0, 3, shapes.all_pairs())
+    assert turns[0] == (sample.question, sample.answer) and len({q for q, _ in turns}) == len(turns) >= 3
+    for question, answer in turns:
+        if question.startswith("How many "):
+            shape = next(s for s in shapes.SHAPES if plural(s) in question)
+            assert answer == str(sample.scene.count(shape=shape))
+    assert conversation_turns(sample, 1, 0, 3, shapes.all_pairs()) == turns[:1]
+
+
+def test_a_stage_asks_at_least_one_question_per_image():
+    with pytest.raises(InputError, match="stages.instruct.data.turns: expected a positive integer"):
+        vlm_config_from_dict({"stages": {"instruct": {"data": {"turns": 0}}}})

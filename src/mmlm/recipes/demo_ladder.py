@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlm.data.synthetic import shapes
-from mmlm.data.synthetic.instructions import ask, make_instruction
+from mmlm.data.synthetic.instructions import conversation_turns, make_instruction
 from mmlm.models.decoder_lm import DecoderLM, LMConfig
 from mmlm.models.vision import VisionConfig, VisionTransformer
 from mmlm.train.config import OptimConfig
@@ -51,7 +51,6 @@ class LadderConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 30
-    init_std: float | None = 0.02  # None: PyTorch's default init (nn.Embedding N(0, 1))
     image_size: int = 32
     patch_size: int = 8
     val_samples: int = 300
@@ -129,10 +128,6 @@ class LadderModel(nn.Module):
         self.connector = nn.Sequential(
             nn.Linear(features, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.width)
         )
-        if cfg.init_std is not None:
-            for module in self.lm.modules():  # Llama's `_init_weights`: normal(0, initializer_range)
-                if isinstance(module, nn.Linear | nn.Embedding):
-                    nn.init.normal_(module.weight, std=cfg.init_std)
 
     def prefix(self, samples: list[LadderSample]) -> torch.Tensor | None:
         """Return the image tokens [B, P, D] of the rung (None for text)."""
@@ -183,25 +178,6 @@ def answer_loss_and_hits(
     return loss, hits
 
 
-def more_turns(sample: Any, turns: int, seed: int, index: int, pairs: list) -> tuple[tuple[str, str], ...]:
-    """Return the sample's question and up to turns - 1 further distinct questions about the same scene."""
-    rng = np.random.default_rng([seed, 99, index])
-    kinds = {"objects": ("count", "color", "relation", "presence"), "text": ("text",), "chart": ("chart",)}
-    out = [(sample.question, sample.answer)]
-    for _ in range(4 * turns):
-        if len(out) == turns:
-            break
-        qa = ask(
-            sample.scene,
-            kinds[sample.scene.kind][int(rng.integers(len(kinds[sample.scene.kind])))],
-            rng,
-            pairs,
-        )
-        if qa is not None and qa[0] not in {q for q, _ in out}:
-            out.append(qa)
-    return tuple(out)
-
-
 def ladder_data(
     cfg: LadderConfig, n_train: int
 ) -> tuple[list[LadderSample], list[LadderSample], dict[str, int]]:
@@ -213,7 +189,9 @@ def ladder_data(
     train = []
     for i in range(n_train):
         s = make(i, "train")
-        train.append(LadderSample(s.image, s.scene, s.type, more_turns(s, cfg.turns, cfg.seed, i, pairs)))
+        train.append(
+            LadderSample(s.image, s.scene, s.type, conversation_turns(s, cfg.turns, cfg.seed, i, pairs))
+        )
     val = [LadderSample(s.image, s.scene, s.type, ((s.question, s.answer),))
            for s in (make(i, "val") for i in range(cfg.val_samples))]  # fmt: skip
     text = " ".join(f"{shapes.describe(s.scene)} {q} {a}" for s in train for q, a in s.turns)

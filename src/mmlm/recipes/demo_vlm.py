@@ -1,17 +1,21 @@
 """The VLM part of `make demo`: a LLaVA-style model on the demo CLIP's vision tower, trained on CPU in minutes.
 
   tower     the CLIP's ViT, fine-tuned to read each scene's labels from its patch tokens (see below);
-  pretrain  a tiny Llama-style LM (2 layers, width 128, a BPE trained on the data) learns the shapes world's
-            templated text (text only, α = 0);
+  pretrain  a tiny Llama-style LM (2 layers, width 128, a BPE trained on the data, Llama's initialisation)
+            learns the shapes world's templated text (text only, α = 0);
   align     LLaVA stage 1: the MLP connector alone, on captions ("Describe the image."), ViT and LM frozen;
-  instruct  LLaVA stage 2: connector + LM on all question types with 5% text-only samples mixed in; the ViT's
-            last block unfreezes for the final third.
-Evaluation: greedy decoding with the KV cache on test questions about unseen images (colour×shape pairs seen in
-training), exact match after VQA normalisation, overall and per question type; and on images of held-out pairs.
+  instruct  LLaVA stage 2: connector + LM on all question types, up to 3 questions per image as one
+            conversation, with 5% text-only samples mixed in; the ViT's last block unfreezes for the final third.
+Every training sample (and the BPE's text) uses only the train side of `shapes.split_world(seed)`; the figures
+are on images of the held-out side (colour×shape pairs, words and chart bars no training sample showed):
+VQA (greedy, exact match after VQA normalisation) on the validation stream, used while tuning, and on the test
+stream, scored once; the blind probe (grey images) beside the answer prior; POPE through `mmlm eval vlm`'s
+harness (see `mmlm.recipes.demo_vlm_eval`).
 
-What limits it is the LM, not the pixels: trained on text where the scene is spelled out before the question,
-an LM of this size reaches only ~0.6 on presence, count and relation questions after 77k samples (proxy runs
-while tuning), so the image model, with fewer samples per type, stays near chance on those.
+What limits it is the LM, not only the pixels: `mmlm study ladder` (docs/demo-ladder.md) trains this LM on the
+scene spelled out as text, on oracle slot features and on a tower. Presence, count and relation stay at the
+answer prior on every rung within this budget, even with the scene given exactly; colour, text and chart
+questions are learnt, and several questions per image learn them from far fewer images.
 """
 
 import json
@@ -54,6 +58,9 @@ class VLMDemoBudget:
     eval_samples: int = 420  # validation and test questions each
     pope_samples: int = 300  # shapes-pope questions (50 images × 3 splits × yes/no)
     batch_size: int = 64
+    turns: int = (
+        3  # questions per training image (the ladder: colour, text and chart learn from far fewer images)
+    )
 
 
 def demo_vlm_config(
@@ -77,7 +84,8 @@ def demo_vlm_config(
                              optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=10)),
         "instruct": StageConfig(steps=instruct, train=["connector", "lm"], vision_layers=1,
                                 vision_from_step=instruct * 2 // 3,
-                                data=StageData(samples=100_000, multimodal_fraction=0.95, text_source="shapes"),
+                                data=StageData(samples=100_000, multimodal_fraction=0.95, text_source="shapes",
+                                               turns=budget.turns),
                                 optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30)),
     }  # fmt: skip
     return VLMTrainConfig(model=parts, stages=stages, batch_size=budget.batch_size, max_length=128,

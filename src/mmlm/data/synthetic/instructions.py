@@ -44,7 +44,9 @@ from mmlm.errors import InputError
 
 QUESTION_TYPES: tuple[str, ...] = ("caption", "count", "color", "relation", "presence", "text", "chart")
 SPLITS = {"train": 10, "test": 11, "heldout": 12, "val": 14}  # random streams, apart from shapes.py's 0, 1, 2
-_CORPUS_STREAM = 13
+_CORPUS_STREAM, _FOLLOW_UP_STREAM = 13, 15
+# the question types a scene of each kind can answer (captions aside)
+FOLLOW_UPS = {"objects": ("count", "color", "relation", "presence"), "text": ("text",), "chart": ("chart",)}
 OPPOSITE = {
     "to the left of": "to the right of",
     "to the right of": "to the left of",
@@ -201,6 +203,25 @@ def make_instruction(
     raise InputError(
         f"pairs: no {question_type} question found in {_MAX_DRAWS} scenes; allow more pairs or objects"
     )
+
+
+def conversation_turns(
+    sample: Instruction, turns: int, seed: int, index: int, pairs: Sequence[tuple[str, str]] | World
+) -> tuple[tuple[str, str], ...]:
+    """Return the sample's (question, answer) and up to `turns` - 1 more, distinct, about the same scene.
+
+    Several questions per image give the LM several supervised answers for one pass of the vision tower.
+    """
+    rng = np.random.default_rng([seed, _FOLLOW_UP_STREAM, index])
+    types, world = FOLLOW_UPS[sample.scene.kind], as_world(pairs)
+    out = [(sample.question, sample.answer)]
+    for _ in range(4 * turns):  # a scene may support fewer distinct questions than asked for
+        if len(out) >= turns:
+            break
+        qa = ask(sample.scene, types[int(rng.integers(len(types)))], rng, world.pairs)
+        if qa is not None and qa[0] not in {q for q, _ in out}:
+            out.append(qa)
+    return tuple(out)
 
 
 def generate_instructions(n: int, seed: int, *, start: int = 0, **options: Any) -> Iterator[Instruction]:
