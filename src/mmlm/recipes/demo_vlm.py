@@ -56,7 +56,7 @@ class VLMDemoBudget:
     align_steps: int = 50
     instruct_steps: int = INSTRUCT_STEPS
     eval_samples: int = 420  # validation and test questions each
-    pope_samples: int = 200  # shapes-pope questions (the built-in task holds 200: 34 images × 3 splits × yes/no)
+    pope_samples: int = 200  # shapes-pope questions (the built-in task holds 200)
     batch_size: int = 64
     turns: int = (
         3  # questions per training image (the ladder: colour, text and chart learn from far fewer images)
