@@ -1,21 +1,26 @@
 """The VLM part of `make demo`: a LLaVA-style model on the demo CLIP's vision tower, trained on CPU in minutes.
 
   tower     the CLIP's ViT, fine-tuned to read each scene's labels from its patch tokens (see below);
-  pretrain  a tiny Llama-style LM (2 layers, width 128, a BPE trained on the data) learns the shapes world's
-            templated text (text only, α = 0);
+  pretrain  a tiny Llama-style LM (2 layers, width 128, a BPE trained on the data, Llama's initialisation)
+            learns the shapes world's templated text (text only, α = 0);
   align     LLaVA stage 1: the MLP connector alone, on captions ("Describe the image."), ViT and LM frozen;
-  instruct  LLaVA stage 2: connector + LM on all question types with 5% text-only samples mixed in; the ViT's
-            last block unfreezes for the final third.
-Evaluation: greedy decoding with the KV cache on test questions about unseen images (colour×shape pairs seen in
-training), exact match after VQA normalisation, overall and per question type; and on images of held-out pairs.
+  instruct  LLaVA stage 2: connector + LM on all question types, up to 3 questions per image as one
+            conversation, with 5% text-only samples mixed in; the ViT's last block unfreezes for the final third.
+Every training sample (and the BPE's text) uses only the train side of `shapes.split_world(seed)`; the figures
+are on images of the held-out side (colour×shape pairs, words and chart bars no training sample showed):
+VQA (greedy, exact match after VQA normalisation) on the validation stream, used while tuning, and on the test
+stream, scored once; the blind probe (grey images) beside the answer prior; POPE through `mmlm eval vlm`'s
+harness (see `mmlm.recipes.demo_vlm_eval`).
 
-What limits it is the LM, not the pixels: trained on text where the scene is spelled out before the question,
-an LM of this size reaches only ~0.6 on presence, count and relation questions after 77k samples (proxy runs
-while tuning), so the image model, with fewer samples per type, stays near chance on those.
+What limits it is the LM, not only the pixels: `mmlm study ladder` (docs/demo-ladder.md) trains this LM on the
+scene spelled out as text, on oracle slot features and on a tower. Presence, count and relation stay at the
+answer prior on every rung within this budget, even with the scene given exactly; colour, text and chart
+questions are learnt, and several questions per image learn them from far fewer images.
 """
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +31,13 @@ from torch import nn
 
 import mmlm
 from mmlm.data.synthetic import shapes
-from mmlm.data.synthetic.instructions import QUESTION_TYPES, make_instruction
-from mmlm.eval.vqa import answer_questions, exact_match, vqa_scores
+from mmlm.data.synthetic.instructions import QUESTION_TYPES
+from mmlm.eval.tasks import POPE_SPLITS
+from mmlm.eval.vqa import exact_match
 from mmlm.fusion import ConnectorConfig
 from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.vision import VisionConfig
+from mmlm.recipes.demo_vlm_eval import answer_prior, pope_summary, questions, vqa_figures
 from mmlm.train.config import OptimConfig
 from mmlm.train.optim import build_scheduler
 from mmlm.train.vlm_config import StageConfig, StageData, VLMParts, VLMTrainConfig
@@ -40,26 +47,50 @@ EXAMPLE_QUESTION, EXAMPLE_ANSWER = "What word is written?", "cake"
 TOWER_STEPS, INSTRUCT_STEPS = 200, 1700
 
 
-def demo_vlm_config(out: Path, tower_folder: Path | None, eval_samples: int = 420) -> VLMTrainConfig:
+@dataclass
+class VLMDemoBudget:
+    """The demo VLM's step counts and evaluation sizes (a test shrinks them to run the whole path in seconds)."""
+
+    tower_steps: int = TOWER_STEPS
+    pretrain_steps: int = 100
+    align_steps: int = 50
+    instruct_steps: int = INSTRUCT_STEPS
+    eval_samples: int = 420  # validation and test questions each
+    pope_samples: int = 200  # shapes-pope questions (the built-in task holds 200)
+    batch_size: int = 64
+    turns: int = (
+        3  # questions per training image (the ladder: colour, text and chart learn from far fewer images)
+    )
+
+
+def demo_vlm_config(
+    out: Path, tower_folder: Path | None, eval_samples: int = 420, budget: VLMDemoBudget | None = None,
+    seed: int = 0,
+) -> VLMTrainConfig:  # fmt: skip
     """Return the demo's VLM run: the tuned CLIP tower (or a fresh one), a 2-layer LM, an MLP connector, 3 stages."""
+    budget = budget or VLMDemoBudget()
     lm = LMConfig(width=128, layers=2, heads=4, kv_heads=4, mlp_dim=256, tie_word_embeddings=True)
     vision = VisionConfig(image_size=32, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512, act="gelu",
                           embed_dim=None, stem="conv")  # fmt: skip
     parts = VLMParts(vision_init=None if tower_folder is None else str(tower_folder), vision=vision, lm=lm,
                      connector=ConnectorConfig(kind="mlp"), feature_layers=[-1], vocab_size=512)  # fmt: skip
     text = StageData(multimodal_fraction=0.0, text_source="shapes", text_samples=20_000)
+    instruct = budget.instruct_steps
     stages = {
-        "pretrain": StageConfig(steps=100, train=["lm"], data=text,
+        "pretrain": StageConfig(steps=budget.pretrain_steps, train=["lm"], data=text,
                                 optim=OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=15)),
-        "align": StageConfig(steps=50, train=["connector"], data=StageData(question_types=["caption"],
-                             samples=5_000), optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=10)),
-        "instruct": StageConfig(steps=INSTRUCT_STEPS, train=["connector", "lm"], vision_layers=1,
-                                vision_from_step=INSTRUCT_STEPS * 2 // 3,
-                                data=StageData(samples=100_000, multimodal_fraction=0.95, text_source="shapes"),
+        "align": StageConfig(steps=budget.align_steps, train=["connector"], data=StageData(
+                             question_types=["caption"], samples=5_000),
+                             optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=10)),
+        "instruct": StageConfig(steps=instruct, train=["connector", "lm"], vision_layers=1,
+                                vision_from_step=instruct * 2 // 3,
+                                data=StageData(samples=100_000, multimodal_fraction=0.95, text_source="shapes",
+                                               turns=budget.turns),
                                 optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30)),
     }  # fmt: skip
-    return VLMTrainConfig(model=parts, stages=stages, batch_size=64, max_length=128, eval_samples=eval_samples,
-                          out_dir=str(out / "vlm_train"), log_every=10, device="cpu")  # fmt: skip
+    return VLMTrainConfig(model=parts, stages=stages, batch_size=budget.batch_size, max_length=128,
+                          eval_samples=eval_samples, out_dir=str(out / "vlm_train"), log_every=10, device="cpu",
+                          seed=seed)  # fmt: skip
 
 
 # ---- scene-label pre-training of the vision tower ----
@@ -97,7 +128,7 @@ def scene_targets(scene: shapes.Scene) -> list[int]:
 
 
 def pretrain_tower(
-    tower: nn.Module, image_processor: Any, pairs: list, steps: int, batch_size: int = 128, seed: int = 0,
+    tower: nn.Module, image_processor: Any, pairs: list | shapes.World, steps: int, batch_size: int = 128, seed: int = 0,
     lr: float = 2e-3, feature_layer: int = -1,
 ) -> list[float]:  # fmt: skip
     """Fine-tune `tower` (a VisionTransformer) to predict scene labels from its patch tokens; return the losses."""
@@ -136,58 +167,74 @@ def example_scene() -> shapes.Scene:
     return shapes.Scene(word=shapes.TextWord(EXAMPLE_ANSWER, "orange"))
 
 
-def _table(scores: dict[str, float], heldout: dict[str, float]) -> str:
-    rows = [f"{'question type':<14}{'test':>8}{'held-out pairs':>16}"]
-    for t in ("all", *QUESTION_TYPES):
-        key = "accuracy" if t == "all" else f"accuracy_{t}"
-        rows.append(f"{t:<14}{scores.get(key, float('nan')):>8.3f}{heldout.get(key, float('nan')):>16.3f}")
-    return "\n".join(rows)
-
-
 def tune_clip_tower(clip_folder: Path, out: Path, steps: int = TOWER_STEPS, seed: int = 0) -> Path:
     """Write the CLIP at `clip_folder` with its vision tower fine-tuned on scene labels to `out`; return `out`."""
 
     clip = mmlm.load(clip_folder)
-    pairs, _ = shapes.split_combinations(seed)
+    world, _ = shapes.split_world(seed)
     torch.manual_seed(seed)
-    losses = pretrain_tower(clip.model.visual, clip.image_processor, pairs, steps, seed=seed)
+    losses = pretrain_tower(clip.model.visual, clip.image_processor, world, steps, seed=seed)
     print(f"vision tower: scene-label loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f} in {steps} steps")
     clip.save_pretrained(out, format="mmlm")
     return out
 
 
-def run_vlm_demo(out: Path, clip_folder: Path | None) -> dict[str, Any]:
-    """Train and evaluate the demo VLM; write it to <out>/vlm; return the figures summary.json gets."""
-    start = time.perf_counter()
-    tower = tune_clip_tower(clip_folder, out / "vlm_tower") if clip_folder is not None else None
-    tower_seconds = time.perf_counter() - start
-    cfg = demo_vlm_config(out, tower)
-    loaded, records = run_vlm_training(cfg)
-    final = records[-1]
-    scores = {k.removeprefix("vqa_"): v for k, v in final.items() if k.startswith("vqa_")}
-    train_seconds = time.perf_counter() - start
-    # images of colour×shape pairs no training image showed (the caption and presence answers name them)
-    _, heldout_pairs = shapes.split_combinations(cfg.seed, cfg.holdout_fraction)
+def evaluate_demo_vlm(loaded: Any, cfg: VLMTrainConfig, budget: VLMDemoBudget, out: Path) -> dict[str, Any]:
+    """Return the demo VLM's figures: VQA on the held-out world (val, then test once), blind probe, prior, POPE."""
+    train_world, heldout_world = shapes.split_world(cfg.seed, cfg.holdout_fraction)
     size = loaded.config.vision.image_size
-    heldout = [make_instruction(i, cfg.seed, split="heldout", pairs=heldout_pairs, image_size=size)
-               for i in range(cfg.eval_samples // 2)]  # fmt: skip
-    answers = answer_questions(loaded, [s.image for s in heldout], [s.question for s in heldout])
-    heldout_scores = vqa_scores(answers, [[s.answer] for s in heldout], [s.type for s in heldout])
+    val = questions(heldout_world, "val", budget.eval_samples, cfg.seed, size)
+    test = questions(heldout_world, "test", budget.eval_samples, cfg.seed, size)
+    train = questions(train_world, "train", 2000, cfg.seed, size)
+    figures: dict[str, Any] = {f"vqa_val_{k}": v for k, v in vqa_figures(loaded, val).items()}
+    figures.update({f"vqa_{k}": v for k, v in vqa_figures(loaded, test).items()})
+    figures.update({f"vqa_blind_{k}": v for k, v in vqa_figures(loaded, test, blind=True).items()})
+    figures.update({f"vqa_prior_{k}": v for k, v in answer_prior(train, test).items()})
+    figures.update(pope_summary(loaded, out / "eval_data", budget.pope_samples))
+    return figures
+
+
+def _summary_lines(figures: dict[str, Any]) -> str:
+    rows = [f"{'question type':<14}{'test':>8}{'val':>8}{'blind':>8}{'prior':>8}"]
+    for t in ("all", *QUESTION_TYPES):
+        key = "accuracy" if t == "all" else f"accuracy_{t}"
+        cells = [figures.get(f"vqa_{p}{key}", float("nan")) for p in ("", "val_", "blind_", "prior_")]
+        rows.append(f"{t:<14}" + "".join(f"{c:>8.3f}" for c in cells))
+    pope = "  ".join(f"{s} F1 {figures[f'pope_f1_{s}']:.3f} yes {figures[f'pope_yes_ratio_{s}']:.2f}"
+                     for s in POPE_SPLITS)  # fmt: skip
+    return "\n".join([*rows, f"POPE ({figures['pope_questions']} questions): {pope}"])
+
+
+def run_vlm_demo(
+    out: Path, clip_folder: Path | None, seed: int = 0, budget: VLMDemoBudget | None = None
+) -> dict[str, Any]:
+    """Train and evaluate the demo VLM; write it to <out>/vlm; return the figures summary.json gets."""
+    budget = budget or VLMDemoBudget()
+    start = time.perf_counter()
+    tower = None
+    if clip_folder is not None:
+        tower = tune_clip_tower(clip_folder, out / "vlm_tower", budget.tower_steps, seed)
+    tower_seconds = time.perf_counter() - start
+    cfg = demo_vlm_config(out, tower, budget.eval_samples, budget, seed)
+    loaded, records = run_vlm_training(cfg, evaluate=lambda model, step: {})  # scored below, once
+    train_seconds = time.perf_counter() - start
+    figures = evaluate_demo_vlm(loaded, cfg, budget, out)
     loaded.save_pretrained(out / "vlm")
+    size = loaded.config.vision.image_size
     image = shapes.render(example_scene(), size)
     image.save(out / "vlm_example.png")
     reply = loaded.generate([{"role": "user", "content": f"<image>\n{EXAMPLE_QUESTION}"}], [image])
     seconds = time.perf_counter() - start
-    print(_table(scores, heldout_scores))
-    print(f"VQA accuracy {scores['accuracy']:.3f} on {cfg.eval_samples} test questions (exact match after VQA "
-          f"normalisation, greedy); {heldout_scores['accuracy']:.3f} on held-out colour×shape pairs")  # fmt: skip
+    print(_summary_lines(figures))
+    print(f"VQA accuracy {figures['vqa_accuracy']:.3f} on {budget.eval_samples} test questions about held-out "
+          f"colour×shape pairs, words and chart bars (exact match after VQA normalisation, greedy); "
+          f"blind {figures['vqa_blind_accuracy']:.3f}, answer prior {figures['vqa_prior_accuracy']:.3f}")  # fmt: skip
     print(f"example: {out / 'vlm_example.png'} {EXAMPLE_QUESTION!r} -> {reply!r}  "
           f"(expected {EXAMPLE_ANSWER!r}: {exact_match(reply, EXAMPLE_ANSWER)})")  # fmt: skip
     print(f"wrote the VLM to {out / 'vlm'}  ({seconds:.1f}s: training {train_seconds:.1f}s)")
-    summary: dict[str, Any] = {f"vqa_{k}": v for k, v in scores.items()}
-    summary.update({f"vqa_heldout_pairs_{k}": v for k, v in heldout_scores.items()})
-    summary.update({"vqa_questions": cfg.eval_samples, "vlm_steps": cfg.total_steps,
-                    "vlm_tower_seconds": round(tower_seconds, 1),
-                    "vlm_final_loss": final["loss"], "vlm_seconds": round(seconds, 1)})  # fmt: skip
+    summary: dict[str, Any] = dict(figures)
+    summary.update({"vqa_questions": budget.eval_samples, "vlm_steps": cfg.total_steps, "vlm_seed": seed,
+                    "vlm_tower_seconds": round(tower_seconds, 1), "vlm_final_loss": records[-1]["loss"],
+                    "vlm_seconds": round(seconds, 1)})  # fmt: skip
     (out / "vlm_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from mmlm.data.conversations import encode_conversation, read_conversations
-from mmlm.data.synthetic.instructions import make_instruction, text_corpus
+from mmlm.data.synthetic.instructions import conversation_turns, make_instruction, text_corpus
+from mmlm.data.synthetic.world import World
 from mmlm.errors import InputError
 from mmlm.eval.vqa import question_messages
 from mmlm.processing.bpe import EOS
@@ -56,17 +57,26 @@ def shapes_instructions(
     processor: VLMProcessor,
     size: int,
     seed: int,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, str]] | World,
     image_size: int,
     question_types: Sequence[str] | None = None,
+    turns: int = 1,
 ) -> EncodedSource:
-    """Return shapes-world instruction samples (train split, the given colour×shape pairs) as a source."""
+    """Return shapes-world instruction samples (train split, the given colour×shape pairs) as a source, each a
+    conversation of up to `turns` questions about one image."""
     weights = None if question_types is None else dict.fromkeys(question_types, 1.0)
 
     def make(index: int) -> EncodedSample | None:
         sample = make_instruction(index, seed, split="train", pairs=pairs, image_size=image_size,
                                   type_weights=weights)  # fmt: skip
-        messages = [*question_messages(sample.question), {"role": "assistant", "content": sample.answer}]
+        qas = (
+            conversation_turns(sample, turns, seed, index, pairs)
+            if turns > 1
+            else [(sample.question, sample.answer)]
+        )
+        messages = [*question_messages(qas[0][0]), {"role": "assistant", "content": qas[0][1]}]
+        for question, answer in qas[1:]:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         return processor.encode(messages, [sample.image])
 
     return EncodedSource(size, make)
@@ -78,7 +88,7 @@ def plain_text_source(processor: VLMProcessor, texts: Sequence[str]) -> EncodedS
 
 
 def shapes_text(
-    processor: VLMProcessor, size: int, seed: int, pairs: Sequence[tuple[str, str]]
+    processor: VLMProcessor, size: int, seed: int, pairs: Sequence[tuple[str, str]] | World
 ) -> EncodedSource:
     """Return `size` templated shapes-world sentences as a text-only source."""
     return plain_text_source(processor, text_corpus(size, seed, pairs=pairs))
@@ -209,7 +219,7 @@ def stage_batches(
     processor: VLMProcessor,
     batch_size: int,
     seed: int,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, str]] | World,
     image_size: int,
     rank: int = 0,
     video_pool: int = 1,
@@ -218,7 +228,9 @@ def stage_batches(
     sources: dict[str, EncodedSource] = {}
     if data.multimodal_fraction > 0:
         sources[MULTIMODAL] = (
-            shapes_instructions(processor, data.samples, seed, pairs, image_size, data.question_types)
+            shapes_instructions(
+                processor, data.samples, seed, pairs, image_size, data.question_types, data.turns
+            )
             if data.source == "shapes"
             else conversation_source(processor, data.source, data.image_folder, data.video_frames, video_pool)
         )
@@ -236,7 +248,7 @@ def stage_batches(
 
 
 def corpus_texts(
-    stages: Iterable[StageData], seed: int, pairs: Sequence[tuple[str, str]], per_source: int = 4000
+    stages: Iterable[StageData], seed: int, pairs: Sequence[tuple[str, str]] | World, per_source: int = 4000
 ) -> list[str]:
     """Return text for training a tokenizer: the stages' conversations as the LLaVA v1 template writes them
     (so "USER:" and "ASSISTANT:" become few tokens), their text-only sentences and conversations."""

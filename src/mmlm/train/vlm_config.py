@@ -72,6 +72,7 @@ class StageData:
     video_frames: int = 8  # frames sampled uniformly from each video of a conversations file
     question_types: list[str] | None = None  # shapes: which question types (None: all); [caption] to align
     samples: int = 20_000  # shapes: generated training samples
+    turns: int = 1  # shapes: questions per image, asked as one multi-turn conversation
     text_source: str | None = None  # "shapes" (templated sentences), a .txt file (one text a line), or a
     # conversations file without images; None: no text-only data
     text_samples: int = 20_000  # shapes: sentences generated
@@ -200,6 +201,7 @@ def check_stage(name: str, stage: StageConfig) -> None:
         if path not in (None, "shapes") and not Path(path).is_file():
             raise InputError(f"{where}.data.{key}: {path} not found; expected 'shapes' or a file")
     _positive(data.samples, f"{where}.data.samples")
+    _positive(data.turns, f"{where}.data.turns")
     _positive(data.video_frames, f"{where}.data.video_frames")
     _positive(data.text_samples, f"{where}.data.text_samples")
 

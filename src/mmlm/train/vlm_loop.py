@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.checkpoints.peft import llama_module_names, save_adapter
 from mmlm.data.synthetic.instructions import make_instruction
-from mmlm.data.synthetic.shapes import split_combinations
+from mmlm.data.synthetic.shapes import World, split_world
 from mmlm.errors import InputError
 from mmlm.eval.vqa import answer_questions, vqa_scores
 from mmlm.inference.vlm import GenerativeModel
@@ -355,7 +355,7 @@ def patch_feature_sample(model: VisionLanguageModel, batches: MixedBatches, imag
 
 
 def shapes_vqa_evaluator(
-    loaded: GenerativeModel, cfg: VLMTrainConfig, pairs: list[tuple[str, str]], split: str = "test"
+    loaded: GenerativeModel, cfg: VLMTrainConfig, pairs: list[tuple[str, str]] | World, split: str = "test"
 ) -> Callable[[int], dict[str, float]]:
     """Return evaluate(step): VQA accuracy (exact match after normalisation) on shapes questions of `split`."""
     size = loaded.config.vision.image_size
@@ -383,7 +383,8 @@ def run_vlm_training(
     if resume:
         find_checkpoint(run_dir, resume)  # a missing checkpoint fails now, not after the data is built
     run_dir.mkdir(parents=True, exist_ok=True)
-    pairs, _ = split_combinations(cfg.seed, cfg.holdout_fraction)
+    # every training sample (and the tokenizer's text) keeps off the held-out pairs, words and chart bars
+    pairs, _ = split_world(cfg.seed, cfg.holdout_fraction)
     stage_data = [s.data for s in cfg.stages.values()]
     corpus = lambda: corpus_texts(stage_data, cfg.seed, pairs)  # noqa: E731
     if dist.rank == 0:  # one process trains the BPE; the others read it

@@ -39,11 +39,14 @@ from mmlm.data.synthetic.shapes import (
     sample_scene,
     split_combinations,
 )
+from mmlm.data.synthetic.world import World, as_world
 from mmlm.errors import InputError
 
 QUESTION_TYPES: tuple[str, ...] = ("caption", "count", "color", "relation", "presence", "text", "chart")
-SPLITS = {"train": 10, "test": 11, "heldout": 12}  # random streams, apart from shapes.py's 0, 1, 2
-_CORPUS_STREAM = 13
+SPLITS = {"train": 10, "test": 11, "heldout": 12, "val": 14}  # random streams, apart from shapes.py's 0, 1, 2
+_CORPUS_STREAM, _FOLLOW_UP_STREAM = 13, 15
+# the question types a scene of each kind can answer (captions aside)
+FOLLOW_UPS = {"objects": ("count", "color", "relation", "presence"), "text": ("text",), "chart": ("chart",)}
 OPPOSITE = {
     "to the left of": "to the right of",
     "to the right of": "to the left of",
@@ -176,14 +179,14 @@ def make_instruction(
     seed: int,
     *,
     split: str = "train",
-    pairs: Sequence[tuple[str, str]] | None = None,
+    pairs: Sequence[tuple[str, str]] | World | None = None,
     image_size: int = 32,
     type_weights: Mapping[str, float] | None = None,
     max_objects: int = 4,
 ) -> Instruction:
     """Return instruction sample `index` of (seed, split); it depends on nothing else, so streams resume."""
     _check(split, type_weights)
-    pairs = list(pairs) if pairs is not None else all_pairs()
+    world = as_world(pairs if pairs is not None else all_pairs())
     rng = np.random.default_rng([seed, SPLITS[split], index])
     weights = dict(type_weights or dict.fromkeys(QUESTION_TYPES, 1.0))
     types = [t for t in QUESTION_TYPES if weights.get(t, 0) > 0]
@@ -193,13 +196,32 @@ def make_instruction(
         kind = _SCENE_KIND.get(question_type, "objects")
         if question_type == "caption":
             kind = KINDS[int(rng.choice(len(KINDS), p=[_CAPTION_KINDS[k] for k in KINDS]))]
-        scene = sample_scene(rng, pairs, kind, max_objects)
-        qa = ask(scene, question_type, rng, pairs)
+        scene = sample_scene(rng, world, kind, max_objects)
+        qa = ask(scene, question_type, rng, world.pairs)
         if qa is not None:
             return Instruction(render(scene, image_size), qa[0], qa[1], question_type, scene)
     raise InputError(
         f"pairs: no {question_type} question found in {_MAX_DRAWS} scenes; allow more pairs or objects"
     )
+
+
+def conversation_turns(
+    sample: Instruction, turns: int, seed: int, index: int, pairs: Sequence[tuple[str, str]] | World
+) -> tuple[tuple[str, str], ...]:
+    """Return the sample's (question, answer) and up to `turns` - 1 more, distinct, about the same scene.
+
+    Several questions per image give the LM several supervised answers for one pass of the vision tower.
+    """
+    rng = np.random.default_rng([seed, _FOLLOW_UP_STREAM, index])
+    types, world = FOLLOW_UPS[sample.scene.kind], as_world(pairs)
+    out = [(sample.question, sample.answer)]
+    for _ in range(4 * turns):  # a scene may support fewer distinct questions than asked for
+        if len(out) >= turns:
+            break
+        qa = ask(sample.scene, types[int(rng.integers(len(types)))], rng, world.pairs)
+        if qa is not None and qa[0] not in {q for q, _ in out}:
+            out.append(qa)
+    return tuple(out)
 
 
 def generate_instructions(n: int, seed: int, *, start: int = 0, **options: Any) -> Iterator[Instruction]:
@@ -266,15 +288,15 @@ def write_instruction_splits(
 
 
 def text_corpus(
-    n: int, seed: int, *, pairs: Sequence[tuple[str, str]] | None = None, max_objects: int = 4
+    n: int, seed: int, *, pairs: Sequence[tuple[str, str]] | World | None = None, max_objects: int = 4
 ) -> list[str]:
     """Return n templated sentences about random scenes (captions, and questions with their answers)."""
-    pairs = list(pairs) if pairs is not None else all_pairs()
+    world = as_world(pairs if pairs is not None else all_pairs())
     sentences = []
     for index in range(n):
         rng = np.random.default_rng([seed, _CORPUS_STREAM, index])
         kind = KINDS[int(rng.choice(len(KINDS), p=[_CAPTION_KINDS[k] for k in KINDS]))]
-        scene = sample_scene(rng, pairs, kind, max_objects)
+        scene = sample_scene(rng, world, kind, max_objects)
         form = int(rng.integers(3))
         if form == 0:
             sentences.append(f"The image shows {describe(scene)}.")
@@ -282,7 +304,7 @@ def text_corpus(
             sentences.append(f"{caption(scene, rng).capitalize()}.")
         else:
             question_type = {"text": "text", "chart": "chart"}.get(kind) or _pick(rng, QUESTION_TYPES[1:5])
-            qa = ask(scene, question_type, rng, pairs) or ("Describe the image.", describe(scene))
+            qa = ask(scene, question_type, rng, world.pairs) or ("Describe the image.", describe(scene))
             sentences.append(f"{qa[0]} {qa[1]}.")
     return sentences
 

@@ -41,13 +41,14 @@ from mmlm.data.synthetic.scene import (
     relation,
     relation_holds,
 )
+from mmlm.data.synthetic.world import World, as_world, sample_chart, split_bars, split_words
 from mmlm.errors import InputError
 
 __all__ = [
     "COLORS", "GRID", "KINDS", "RELATION_MARGIN", "RELATIONS", "SHAPES", "SIZES", "WORDS",
     "BarChart", "Sample", "Scene", "ShapeObject", "TextWord", "ZeroShotSet",
     "all_pairs", "caption", "cell_of", "describe", "generate", "make_sample", "position_name", "relation",
-    "relation_holds", "render", "retrieval_set", "sample_scene", "single_object_scene", "split_combinations",
+    "relation_holds", "render", "retrieval_set", "sample_scene", "single_object_scene", "split_combinations", "split_world", "World",
     "write_dataset", "write_samples", "zero_shot_set",
 ]  # fmt: skip
 
@@ -150,14 +151,24 @@ def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
 
 
 def sample_scene(
-    rng: np.random.Generator, pairs: Sequence[tuple[str, str]], kind: str = "objects", max_objects: int = 4
+    rng: np.random.Generator,
+    pairs: Sequence[tuple[str, str]] | World,
+    kind: str = "objects",
+    max_objects: int = 4,
 ) -> Scene:
-    """Return a random scene of `kind`; its objects use only the given (colour, shape) pairs."""
+    """Return a random scene of `kind` using only the given (colour, shape) pairs, or a World's pairs, words
+    and chart bars."""
+    world = as_world(pairs)
     if kind == "text":
         jitter = rng.uniform(-0.1, 0.1)
-        return Scene(word=TextWord(_pick(rng, WORDS), _pick(rng, list(COLORS)), 0.5, round(0.5 + jitter, 4)))
+        word = _pick(rng, world.words)
+        return Scene(word=TextWord(word, _pick(rng, list(COLORS)), 0.5, round(0.5 + jitter, 4)))
     if kind == "chart":
-        return Scene(chart=sample_bar_chart(rng, list(COLORS)))
+        every_bar = len(world.bars) == len(COLORS) * BarChart.MAX_HEIGHT  # the original stream, unchanged
+        return Scene(
+            chart=sample_bar_chart(rng, list(COLORS)) if every_bar else sample_chart(rng, world.bars)
+        )
+    pairs = world.pairs
     n = int(rng.integers(1, max_objects + 1))
     objects: list[ShapeObject] = []
     for cell in rng.choice(9, size=n, replace=False):
@@ -291,6 +302,15 @@ def split_combinations(
     return train, [pair for pair in all_pairs() if pair in heldout]
 
 
+def split_world(seed: int, holdout_fraction: float = 0.25) -> tuple[World, World]:
+    """Return (train, heldout) Worlds: `split_combinations`' pairs with `split_words` and `split_bars`."""
+    train_pairs, heldout_pairs = split_combinations(seed, holdout_fraction)
+    train_words, heldout_words = split_words(seed, holdout_fraction)
+    train_bars, heldout_bars = split_bars(seed, holdout_fraction)
+    return (World(tuple(train_pairs), train_words, train_bars),
+            World(tuple(heldout_pairs), heldout_words, heldout_bars))  # fmt: skip
+
+
 def zero_shot_set(
     n_per_class: int, pairs: Sequence[tuple[str, str]] | None = None, seed: int = 0, *, image_size: int = 64
 ) -> ZeroShotSet:
@@ -354,7 +374,7 @@ def make_sample(
     weights = dict(kind_weights or {"objects": 1.0})
     kinds = list(weights)
     kind = kinds[int(rng.choice(len(kinds), p=np.array([weights[k] for k in kinds]) / sum(weights.values())))]
-    scene = sample_scene(rng, list(pairs) if pairs is not None else all_pairs(), kind, max_objects)
+    scene = sample_scene(rng, pairs if pairs is not None else all_pairs(), kind, max_objects)
     return Sample(render(scene, image_size), caption(scene, rng), scene)
 
 
@@ -381,11 +401,12 @@ def generate(
 
 
 def _check_options(
-    pairs: Sequence[tuple[str, str]] | None,
+    pairs: Sequence[tuple[str, str]] | World | None,
     image_size: int,
     kind_weights: Mapping[str, float] | None,
     max_objects: int,
 ) -> None:
+    pairs = None if pairs is None else as_world(pairs).pairs
     if pairs is not None and (not pairs or any(c not in COLORS or s not in SHAPES for c, s in pairs)):
         raise InputError(
             f"pairs: expected a non-empty list of (colour, shape) from {list(COLORS)} × {SHAPES}"

@@ -1,0 +1,122 @@
+"""The VLM half of `make demo`: honest splits, the diagnosis ladder, and the whole path at toy sizes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mmlm.cli import main
+from mmlm.data.synthetic import shapes
+from mmlm.data.synthetic.instructions import conversation_turns, make_instruction, plural, text_corpus
+from mmlm.data.synthetic.world import split_bars, split_words
+from mmlm.errors import InputError
+from mmlm.recipes.demo_ladder import (
+    SLOT_FEATURES,
+    SLOTS,
+    LadderConfig,
+    ladder_table,
+    oracle_slots,
+    run_ladder,
+)
+from mmlm.recipes.demo_vlm import VLMDemoBudget, run_vlm_demo
+from mmlm.recipes.demo_vlm_eval import answer_prior
+from mmlm.train.mixing import corpus_texts
+from mmlm.train.vlm_config import StageData, vlm_config_from_dict
+
+
+def test_word_and_bar_splits_are_disjoint_cover_everything_and_depend_on_the_seed():
+    train, heldout = split_words(0)
+    assert len(heldout) == 6 and not set(train) & set(heldout) and len(train) + len(heldout) == 24
+    assert split_words(1) != (train, heldout)
+    train_bars, heldout_bars = split_bars(0)
+    assert len(heldout_bars) == 18 and not set(train_bars) & set(heldout_bars)
+    for side in (train_bars, heldout_bars):  # every colour and every height keeps bars on both sides
+        assert {c for c, _ in side} == set(shapes.COLORS) and {h for _, h in side} == set(range(1, 10))
+
+
+def _bars(scene):
+    return set(zip(scene.chart.labels, scene.chart.heights, strict=True)) if scene.chart else set()
+
+
+def test_no_held_out_pair_word_or_bar_reaches_training_and_the_test_asks_only_about_them():
+    train, heldout = shapes.split_world(0)
+    samples = [make_instruction(i, 0, pairs=train) for i in range(300)]
+    assert all(s.scene.pairs() <= set(train.pairs) and _bars(s.scene) <= set(train.bars) for s in samples)
+    assert all(s.scene.word.word in train.words for s in samples if s.scene.word)
+    test = [make_instruction(i, 0, split="test", pairs=heldout) for i in range(300)]
+    assert all(s.scene.pairs() <= set(heldout.pairs) and _bars(s.scene) <= set(heldout.bars) for s in test)
+    assert {s.scene.word.word for s in test if s.scene.word} <= set(heldout.words)
+    # the LM's text corpus and the tokenizer's text (which includes the instruction stream) name none of them
+    texts = text_corpus(500, 0, pairs=train) + corpus_texts([StageData(text_source="shapes",
+                                                                       multimodal_fraction=0.5)], 0, train, 300)  # fmt: skip
+    unseen = [f"{c} {s}" for c, s in heldout.pairs] + [f'"{w}"' for w in heldout.words]
+    assert not [t for t in texts for name in unseen if name in t]
+
+
+def test_val_and_test_are_separate_streams():
+    _, heldout = shapes.split_world(0)
+    val = [make_instruction(i, 0, split="val", pairs=heldout).question for i in range(20)]
+    test = [make_instruction(i, 0, split="test", pairs=heldout).question for i in range(20)]
+    assert val != test
+
+
+def test_answer_prior_is_the_most_common_training_answer_per_type():
+    make = lambda t, a: type("I", (), {"type": t, "answer": a})()  # noqa: E731
+    train = [make("presence", "yes")] * 3 + [make("presence", "no"), make("count", "2")]
+    test = [make("presence", "yes"), make("presence", "no"), make("count", "3")]
+    prior = answer_prior(train, test)
+    assert prior["accuracy_presence"] == 0.5 and prior["accuracy_count"] == 0.0
+    assert prior["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_oracle_slots_are_one_hot_per_cell_word_and_bar():
+    scene = shapes.Scene((shapes.ShapeObject("star", "red", "small", 0.18, 0.18),))
+    slots = oracle_slots(scene)
+    assert slots.shape == (SLOTS, SLOT_FEATURES)
+    assert slots[0].sum() == 4 and slots[1].sum() == 2  # kind + shape + colour + size; kind + "empty"
+    word = oracle_slots(shapes.Scene(word=shapes.TextWord("cake", "orange")))
+    assert not np.array_equal(
+        word[9].numpy(), oracle_slots(shapes.Scene(word=shapes.TextWord("dog", "orange")))[9].numpy()
+    )
+
+
+def test_the_ladder_trains_each_rung_and_tabulates_it():
+    rows = run_ladder(LadderConfig(steps=2, batch_size=4, val_samples=12, width=32, image_size=32))
+    assert [r["rung"] for r in rows] == ["text", "oracle", "tower"]
+    assert all(0 <= r["all"] <= 1 and r["first_loss"] > 0 for r in rows)
+    assert ladder_table(rows).splitlines()[2].startswith("| text |")
+
+
+def test_bad_ladder_input_is_one_line(capsys):
+    assert main(["study", "ladder", "--rungs", "text,pixels"]) == 2
+    err = capsys.readouterr().err
+    assert "--rungs" in err and "\n" not in err.strip()
+
+
+@pytest.mark.slow
+def test_the_whole_vlm_demo_runs_at_toy_size_and_writes_its_figures(tmp_path):
+    budget = VLMDemoBudget(tower_steps=1, pretrain_steps=1, align_steps=1, instruct_steps=3, eval_samples=8,
+                           pope_samples=12, batch_size=4)  # fmt: skip
+    summary = run_vlm_demo(tmp_path, None, seed=1, budget=budget)
+    written = json.loads((tmp_path / "vlm_summary.json").read_text())
+    assert written == summary and summary["vlm_seed"] == 1 and summary["vlm_steps"] == 5
+    for key in ("vqa_accuracy", "vqa_val_accuracy", "vqa_blind_accuracy", "vqa_prior_accuracy",
+                "pope_f1_random", "pope_f1_popular", "pope_f1_adversarial", "pope_yes_ratio_adversarial"):  # fmt: skip
+        assert 0 <= summary[key] <= 1, key
+    assert summary["pope_questions"] == 12 and (tmp_path / "vlm" / "config.json").is_file()
+
+
+def test_follow_up_questions_are_distinct_and_true_of_the_same_scene():
+    sample = make_instruction(3, 0, type_weights={"count": 1.0})
+    turns = conversation_turns(sample, 4, 0, 3, shapes.all_pairs())
+    assert turns[0] == (sample.question, sample.answer) and len({q for q, _ in turns}) == len(turns) >= 3
+    for question, answer in turns:
+        if question.startswith("How many "):
+            shape = next(s for s in shapes.SHAPES if plural(s) in question)
+            assert answer == str(sample.scene.count(shape=shape))
+    assert conversation_turns(sample, 1, 0, 3, shapes.all_pairs()) == turns[:1]
+
+
+def test_a_stage_asks_at_least_one_question_per_image():
+    with pytest.raises(InputError, match="stages.instruct.data.turns: expected a positive integer"):
+        vlm_config_from_dict({"stages": {"instruct": {"data": {"turns": 0}}}})
