@@ -26,13 +26,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
         return
     from mmlm.recipes.demo import run_demo
 
-    run_demo(Path(args.out))
+    if args.seed < 0:
+        raise InputError(f"--seed: expected a non-negative integer, got {args.seed}")
+    run_demo(Path(args.out), seed=args.seed)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `demo` to the command line."""
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="image: the seed of data, splits and weights")
     p.add_argument("--frames", type=int, default=8, help="video: frames sampled from each clip")
     p.add_argument("--video-pool", type=int, default=2, help="video: frames merged into one image slot")
     p.add_argument("--video-merge", choices=["mean", "resampler"], default="resampler",

@@ -20,7 +20,7 @@ from mmlm.inference.contrastive import ContrastiveModel
 from mmlm.models.dual_encoder import DualEncoderConfig
 from mmlm.models.text import TextConfig
 from mmlm.models.vision import VisionConfig
-from mmlm.recipes.demo_vlm import run_vlm_demo
+from mmlm.recipes.demo_vlm import VLMDemoBudget, run_vlm_demo
 from mmlm.train.config import DataConfig, OptimConfig, TrainConfig
 from mmlm.train.run import run_clip_training
 
@@ -96,8 +96,9 @@ def shapes_evaluation(image_size: int, seed: int = 0, write_to: Path | None = No
     return evaluate, len(heldout)
 
 
-def run_demo(out: Path, steps: int = 450, seed: int = 0) -> dict:
-    """Run the demo end to end; write and return runs/demo/summary.json."""
+def run_demo(out: Path, steps: int = 450, seed: int = 0, vlm_budget: VLMDemoBudget | None = None) -> dict:
+    """Run the demo end to end with `seed`; write and return runs/demo/summary.json (`steps`, `vlm_budget`: the
+    CLIP's and the VLM's step counts, which a test shrinks to run the whole path in seconds)."""
     start = time.perf_counter()
     cfg = replace(demo_config(out, steps), seed=seed)
     size = cfg.model.vision.image_size
@@ -139,7 +140,7 @@ def run_demo(out: Path, steps: int = 450, seed: int = 0) -> dict:
     )
     # the VLM part: the CLIP's vision tower + a tiny LM, LLaVA's stages, VQA accuracy per question type
     summary["clip_seconds"] = summary["seconds"]
-    summary.update(run_vlm_demo(out, out / "model"))
+    summary.update(run_vlm_demo(out, out / "model", seed, vlm_budget))
     summary["seconds"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out / 'summary.json'}  (whole demo {summary['seconds']}s)")
