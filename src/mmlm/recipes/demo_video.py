@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mmlm
 from mmlm.data.synthetic.videos import VIDEO_KINDS, make_video, write_video
 from mmlm.eval.backends import MMLMBackend
 from mmlm.eval.harness import evaluate_vlm
@@ -94,8 +95,11 @@ def demo_video_config(
                                 optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30)),
     }  # fmt: skip
     slots = -(-frames // video_pool)
-    # 16 tokens per slot (the demo tower's 4×4 patches) plus room for the question and answer: 128 at 4 slots
-    cfg.batch_size, cfg.max_length, cfg.out_dir = 32, 64 + 16 * slots, str(out / "video_train")
+    # a slot is the perceiver's 16 latents, or one token per patch of the tower (16 at 32 px, 36 at 48 px);
+    # 64 more leave room for the question and answer
+    vision = cfg.model.vision if tower is None else mmlm.load(tower).config.vision
+    per_slot = 16 if video_merge == "resampler" else vision.grid**2
+    cfg.batch_size, cfg.max_length, cfg.out_dir = 32, 64 + per_slot * slots, str(out / "video_train")
     return cfg
 
 
