@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from test_serve_api import image_host, png
+from test_serve_engine import run
 
 import mmlm
 from fixtures_vlm import write_tiny_llava
@@ -124,7 +125,7 @@ def test_a_stream_nobody_reads_is_ended_and_its_row_leaves_the_batch(vlm_dir, ca
         return stats, late, text
 
     with caplog.at_level(logging.WARNING, logger="mmlm.serve"):
-        stats, late, text = _run(engine, body)
+        stats, late, text = run(engine, body)
     assert len(late) <= 3  # the buffer held no more than stream_buffer pieces
     assert stats.completion_tokens <= 5 < 40  # decoding stopped for it once the buffer was full
     assert text == expected_other
@@ -134,17 +135,6 @@ def test_a_stream_nobody_reads_is_ended_and_its_row_leaves_the_batch(vlm_dir, ca
 
 async def _collect(pieces) -> str:
     return "".join([piece async for piece in pieces])
-
-
-def _run(engine, body):
-    async def main():
-        await engine.start()
-        try:
-            return await body()
-        finally:
-            await engine.stop()
-
-    return asyncio.run(main())
 
 
 def test_a_stalled_stream_closes_its_response_though_the_socket_is_stuck():
