@@ -67,7 +67,10 @@ def torchrun_command(run_dir, *extra):
 def test_sigterm_to_torchrun_checkpoints_once_and_every_rank_stops_and_resumes_exactly(tmp_path):
     steps = ["steps=12"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(torchrun_command(tmp_path / "straight", *steps), check=True, capture_output=True, env=env)
+    straight = subprocess.run(
+        torchrun_command(tmp_path / "straight", *steps), capture_output=True, text=True, env=env
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]  # a failure shows the ranks' own error
     launcher = subprocess.Popen(
         torchrun_command(tmp_path / "stopped", *steps), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
         text=True, env=env,
