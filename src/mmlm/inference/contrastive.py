@@ -21,6 +21,7 @@ from mmlm.checkpoints.hf_clip import (
 )
 from mmlm.checkpoints.keymap import Rule, to_theirs
 from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
+from mmlm.checkpoints.processor_files import image_processor_settings
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
 from mmlm.inference.audio import AudioInput, read_preprocessor, whisper_preprocessor
@@ -243,8 +244,8 @@ def load_hf_dual_encoder(
     model = build_from_weights(
         lambda: DualEncoder(cfg), read_weights(folder), fmt.key_map(cfg), str(folder), device, dtype
     )
-    pre = folder / "preprocessor_config.json"
-    processor = ImageProcessor.from_hf(read_json_object(pre)) if pre.is_file() else default_processor(cfg)
+    settings = image_processor_settings(folder, required=False)
+    processor = ImageProcessor.from_hf(settings) if settings is not None else default_processor(cfg)
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
     return ContrastiveModel(model, tokenizer, processor)
 
@@ -258,7 +259,7 @@ def load_mmlm_dual_encoder(
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
     if cfg.audio is not None:
         return ContrastiveModel(model, tokenizer, None, read_preprocessor(folder, cfg.audio))
-    processor = ImageProcessor.from_hf(read_json_object(folder / "preprocessor_config.json"))
+    processor = ImageProcessor.from_hf(image_processor_settings(folder))
     return ContrastiveModel(model, tokenizer, processor)
 
 

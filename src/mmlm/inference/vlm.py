@@ -24,13 +24,13 @@ from mmlm.checkpoints.hf_llava import (
 )
 from mmlm.checkpoints.keymap import to_theirs
 from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
+from mmlm.checkpoints.processor_files import image_processor_settings
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
 from mmlm.inference.audio import whisper_preprocessor
 from mmlm.inference.base import GenerativeBase, check_request, end_token_ids, generation_settings
 from mmlm.inference.causal_lm import generation_eos_ids
 from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
-from mmlm.json_files import read_json_object
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 from mmlm.processing.image import ImageProcessor, ImageSource
 from mmlm.processing.vlm_processor import VLMProcessor
@@ -243,10 +243,7 @@ def load_llava(
     del weights
     if device.type == "cpu":
         model.lm.prepare_for_inference()  # the decode layout: same values, faster CPU matrix-vector products
-    pre = folder / "preprocessor_config.json"
-    if not pre.is_file():
-        raise InputError(f"{folder}: preprocessor_config.json is missing")
-    image_processor = ImageProcessor.from_hf(read_json_object(pre))
+    image_processor = ImageProcessor.from_hf(image_processor_settings(folder))
     return GenerativeModel(
         model, _processor(folder, model, image_processor), generation_eos_ids(folder), "llava"
     )
@@ -261,5 +258,5 @@ def load_mmlm_vlm(
     )
     if device.type == "cpu":
         model.lm.prepare_for_inference()
-    image_processor = ImageProcessor.from_hf(read_json_object(folder / "preprocessor_config.json"))
+    image_processor = ImageProcessor.from_hf(image_processor_settings(folder))
     return GenerativeModel(model, _processor(folder, model, image_processor), generation_eos_ids(folder))
