@@ -61,7 +61,9 @@ def write_tiny_idefics3(
     config_class, model_class, processor_class = CLASSES[model_type]
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   image_size=image_size, patch_size=patch_size)  # fmt: skip
-    text = tiny_lm_config("llama", vocab_size=tok.get_vocab_size() + 4, initializer_range=0.15, **lm_overrides)
+    text = tiny_lm_config(
+        "llama", vocab_size=tok.get_vocab_size() + 4, initializer_range=0.15, **lm_overrides
+    )
     torch.manual_seed(seed)
     cfg = config_class(
         vision_config=vision, text_config=text.to_dict(), image_token_id=image_token_id,
@@ -73,7 +75,8 @@ def write_tiny_idefics3(
         model.model.vision_model.embeddings.position_embedding.weight.normal_(0, 0.5)
     model.save_pretrained(folder)
     processor_class(
-        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": image_size},
+        size={"longest_edge": longest_edge},
+        max_image_size={"longest_edge": image_size},
         do_image_splitting=splitting,
     ).save_pretrained(folder)
     tokens_per_tile = (image_size // patch_size) ** 2 // scale_factor**2

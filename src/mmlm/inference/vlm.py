@@ -253,6 +253,11 @@ def _processor(folder: Path, model: VisionLanguageModel) -> VLMProcessor:
     kind = str(settings.get("image_processor_type", "")).removesuffix("Pil").removesuffix("Fast")
     if kind in IDEFICS3_IMAGE_PROCESSORS:
         splitting, image_processor = idefics3_processing_from_hf(settings)
+        if splitting.max_image_size != cfg.vision.image_size:
+            raise InputError(
+                f"{folder}: max_image_size {splitting.max_image_size} px, but mmlm reads Idefics3 tiles at the "
+                f"tower's image_size ({cfg.vision.image_size} px), as the released checkpoints use"
+            )
         seq_len = processor_settings(folder).get("image_seq_len", model.image_tokens)
         if seq_len != model.image_tokens:
             raise InputError(

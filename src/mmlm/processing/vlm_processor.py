@@ -257,6 +257,25 @@ class VLMProcessor:
                 f"audio: got {len(audio)} clip(s) for {int(is_audio.sum())} {AUDIO_TOKEN} placeholder(s)"
             )
         pixel_values, tiles, grids, sizes, frames = self._images(images)
+        ids, labels, is_media = self._expand(ids, labels, is_image, is_audio, tiles, grids)
+
+        if self.max_length is not None and len(ids) > self.max_length:
+            if bool(is_media[self.max_length :].any()):
+                return None  # cutting would leave a part of an image or clip, or one with no tokens
+            had_answer = bool((labels != IGNORE_INDEX).any())
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if had_answer and not bool((labels != IGNORE_INDEX).any()):
+                return None  # nothing left to learn from
+        features = (
+            audio_batch_features(audio, self.audio_config, self.audio_preprocessor, sampling_rate)
+            if audio
+            else None
+        )
+        return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes, features, frames)
+
+    def _expand(self, ids: torch.Tensor, labels: torch.Tensor, is_image: torch.Tensor, is_audio: torch.Tensor,
+                tiles: list[int], grids: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Return ids, labels (ignored on media) and the media positions with every placeholder expanded."""
         expansions = None
         if self.image_prompt is not None:
             expansions = [
@@ -274,20 +293,7 @@ class VLMProcessor:
         if expansions:
             ids[is_image.repeat_interleave(repeats)] = torch.cat(expansions)
         labels[is_media] = IGNORE_INDEX
-
-        if self.max_length is not None and len(ids) > self.max_length:
-            if bool(is_media[self.max_length :].any()):
-                return None  # cutting would leave a part of an image or clip, or one with no tokens
-            had_answer = bool((labels != IGNORE_INDEX).any())
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if had_answer and not bool((labels != IGNORE_INDEX).any()):
-                return None  # nothing left to learn from
-        features = (
-            audio_batch_features(audio, self.audio_config, self.audio_preprocessor, sampling_rate)
-            if audio
-            else None
-        )
-        return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes, features, frames)
+        return ids, labels, is_media
 
     def _check_expansions(self, expansions: list[torch.Tensor], tiles: list[int]) -> None:
         for expansion, n in zip(expansions, tiles, strict=True):
