@@ -2,6 +2,8 @@
 transformers' processors, logits within 1e-4, greedy generations token-identical to transformers' generate (one
 by one and batched with left padding), over splitting on/off, scale factors 2, 4 and 5, and tied embeddings."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers.models.smolvlm import processing_smolvlm
 
 import mmlm
 from fixtures_idefics3 import write_tiny_idefics3
+from mmlm.cli import main
 from mmlm.errors import InputError
 from mmlm.inference.vlm import GenerativeModel
 from mmlm.models.vision import bucket_position_ids
@@ -58,7 +61,7 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = write_tiny_idefics3(folder, max_position_embeddings=1024, **CONFIGS[request.param])
     m = mmlm.load(folder)
-    return ref, m, reference_processor(folder, ref, m.processor.tokens_per_tile)
+    return ref, m, reference_processor(folder, ref, m.processor.tokens_per_tile), folder
 
 
 def views_per_prompt(batch) -> list[int]:
@@ -74,7 +77,7 @@ def reference_inputs(batch) -> dict[str, torch.Tensor]:
 
 
 def test_loads_as_a_generative_model(pair):
-    ref, m, theirs = pair
+    ref, m, theirs, _ = pair
     assert isinstance(m, GenerativeModel)
     v, r = ref.config.vision_config, ref.config.scale_factor
     assert m.model.image_tokens == m.processor.tokens_per_tile == (v.image_size // v.patch_size) ** 2 // r**2
@@ -82,7 +85,7 @@ def test_loads_as_a_generative_model(pair):
 
 
 def test_processor_matches_transformers(pair):
-    _, m, theirs = pair
+    _, m, theirs, _ = pair
     prompts = ["User:<image>What is this? And <image> this?<end_of_utterance>\nAssistant:",
                "User: one more <image><end_of_utterance>\nAssistant:"]  # fmt: skip
     images = [photos()[:2], photos()[2:]]
@@ -100,7 +103,7 @@ def test_processor_matches_transformers(pair):
 
 
 def test_logits_match_transformers(pair):
-    ref, m, _ = pair
+    ref, m, _, _ = pair
     prompt = "User:<image>What is in the picture? And here:<image><end_of_utterance>\nAssistant:"
     batch = m.processor(prompt, photos()[:2])
     with torch.no_grad():
@@ -121,7 +124,7 @@ def reference_generate(ref, batch, max_new_tokens: int) -> list[list[int]]:
 
 
 def test_greedy_generation_is_token_identical(pair):
-    ref, m, _ = pair
+    ref, m, _, _ = pair
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     batch = m.processor(messages, [photos()[0]])
     theirs = reference_generate(ref, batch, 20)[0]
@@ -132,7 +135,7 @@ def test_greedy_generation_is_token_identical(pair):
 
 
 def test_batched_left_padded_generation_matches_transformers(pair):
-    ref, m, _ = pair
+    ref, m, _, _ = pair
     prompts = ["User:<image>Hi<end_of_utterance>\nAssistant:",
                "User:<image>A much longer question about <image> these two<end_of_utterance>\nAssistant:"]  # fmt: skip
     images = [[photos()[1]], [photos()[0], photos()[2]]]
@@ -145,7 +148,7 @@ def test_batched_left_padded_generation_matches_transformers(pair):
 
 
 def test_export_round_trip_loads_in_transformers(pair, tmp_path):
-    ref, m, _ = pair
+    ref, m, _, _ = pair
     m.save_pretrained(tmp_path)
     again = type(ref).from_pretrained(tmp_path).eval()
     prompt = "User:<image>Hi<end_of_utterance>\nAssistant:"
@@ -164,7 +167,7 @@ def test_export_round_trip_loads_in_transformers(pair, tmp_path):
 
 
 def test_bad_inputs(pair, monkeypatch):
-    _, m, _ = pair
+    _, m, _, _ = pair
     with pytest.raises(InputError, match=r"^images: got 2 image\(s\) for 1 <image> placeholder\(s\)$"):
         m.generate("User:<image>Hi<end_of_utterance>\nAssistant:", photos()[:2])
     with pytest.raises(InputError, match="placeholder"):
@@ -192,3 +195,16 @@ def test_bucketed_positions_match_idefics3_embeddings(side, grid):
         theirs = embeddings(pixels, torch.ones(1, *grid, dtype=torch.bool))[0]
     ours = embeddings.position_embedding.weight[bucket_position_ids(side, grid)]
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_budget_counts_the_tiles_of_an_image_resolution(pair, capsys):
+    _, m, _, folder = pair
+    for photo in photos():
+        argv = ["budget", "--model", str(folder), "--resolution", f"{photo.height}x{photo.width}", "--json"]
+        assert main(argv) == 0
+        planned = json.loads(capsys.readouterr().out)["styles"][0]["visual_tokens"]
+        ids = m.processor("<image>", [photo])["input_ids"]
+        assert planned == int((ids == m.config.image_token_id).sum())
+    assert main(["budget", "--model", str(folder), "--resolution", "3 by 4"]) != 0
+    error = "mmlm: error: --resolution: got '3 by 4'; expected HEIGHTxWIDTH in pixels, e.g. 480x640\n"
+    assert capsys.readouterr().err == error
