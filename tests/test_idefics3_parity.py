@@ -147,7 +147,7 @@ def test_batched_left_padded_generation_matches_transformers(pair):
     assert together == alone == [m.decode(t) for t in theirs]
 
 
-def test_export_round_trip_loads_in_transformers(pair, tmp_path):
+def test_export_round_trip_loads_in_transformers_and_mmlm(pair, tmp_path):
     ref, m, _, _ = pair
     m.save_pretrained(tmp_path)
     again = type(ref).from_pretrained(tmp_path).eval()
@@ -160,10 +160,11 @@ def test_export_round_trip_loads_in_transformers(pair, tmp_path):
     exported = reference_processor(tmp_path, again, m.processor.tokens_per_tile)
     theirs = exported(text=[prompt], images=[[photos()[1]]], return_tensors="pt")
     assert theirs["input_ids"].tolist() == batch["input_ids"].tolist()
-    reloaded = mmlm.load(tmp_path)
-    assert reloaded.generate(prompt, [photos()[1]], max_new_tokens=6) == m.generate(
-        prompt, [photos()[1]], max_new_tokens=6
-    )
+    expected = m.generate(prompt, [photos()[1]], max_new_tokens=6)
+    for folder in (tmp_path, m.save_pretrained(tmp_path / "mmlm", format="mmlm")):  # and mmlm's own format
+        reloaded = mmlm.load(folder)
+        assert reloaded.processor(prompt, [photos()[1]])["input_ids"].tolist() == batch["input_ids"].tolist()
+        assert reloaded.generate(prompt, [photos()[1]], max_new_tokens=6) == expected
 
 
 def test_bad_inputs(pair, monkeypatch):
