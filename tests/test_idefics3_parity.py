@@ -3,6 +3,7 @@ transformers' processors, logits within 1e-4, greedy generations token-identical
 by one and batched with left padding), over splitting on/off, scale factors 2, 4 and 5, and tied embeddings."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import mmlm
 from fixtures_idefics3 import write_tiny_idefics3
 from mmlm.cli import main
 from mmlm.errors import InputError
+from mmlm.eval.backends import MMLMBackend
 from mmlm.inference.vlm import GenerativeModel
 from mmlm.models.vision import bucket_position_ids
 from mmlm.processing.idefics3_image import Idefics3Splitting, pad_views
@@ -209,3 +211,27 @@ def test_budget_counts_the_tiles_of_an_image_resolution(pair, capsys):
     assert main(["budget", "--model", str(folder), "--resolution", "3 by 4"]) != 0
     error = "mmlm: error: --resolution: got '3 by 4'; expected HEIGHTxWIDTH in pixels, e.g. 480x640\n"
     assert capsys.readouterr().err == error
+
+
+# The shape of the chat template Idefics3 and SmolVLM hub repositories ship: it renders content parts only
+PARTS_ONLY_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def test_eval_backend_sends_the_image_as_a_content_part(pair, tmp_path):
+    # a "<image>\n..." string would render as nothing under such a template, and the image would have no slot
+    *_, folder = pair
+    shutil.copytree(folder, tmp_path / "model")
+    (tmp_path / "model" / "chat_template.jinja").write_text(PARTS_ONLY_TEMPLATE)
+    backend = MMLMBackend(mmlm.load(tmp_path / "model"), "tiny")
+    assert (
+        backend.render("What is it?", True)
+        == "<|im_start|>User:<image>What is it?<end_of_utterance>\nAssistant:"
+    )
+    answers = backend.generate(["What is it?", "And this?"], [[photos()[0]], [photos()[2]]], max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

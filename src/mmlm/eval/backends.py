@@ -70,10 +70,17 @@ def medium_of(items: Sequence[Any]) -> str | None:
     return "audio" if isinstance(items[0], Audio) else "video" if isinstance(items[0], Video) else "image"
 
 
-def image_messages(prompt: str, with_image: bool | str | None) -> list[dict[str, str]]:
-    """Return the chat messages of mmlm's instruction data: "<image>\\n" (or "<audio>\\n", "<video>\\n") + prompt, or
-    the prompt alone."""
+def image_messages(prompt: str, with_image: bool | str | None) -> list[dict[str, Any]]:
+    """Return one user message: an image part then the prompt's text part, "<audio>\\n" (or "<video>\\n") + prompt,
+    or the prompt alone.
+
+    The image goes in as a content part, as transformers' backend sends it: some checkpoints' templates (Idefics3,
+    SmolVLM) render only parts, and mmlm's built-in templates render an image part as "<image>\\n", the text
+    its instruction data was trained on.
+    """
     kind = "image" if with_image is True else with_image
+    if kind == "image":
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return [{"role": "user", "content": f"{PLACEHOLDERS[kind]}\n{prompt}" if kind else prompt}]
 
 
