@@ -10,6 +10,7 @@ inside the LM or its vocabulary is one file with a `FusionStyle` subclass plus o
 from mmlm.fusion.config import CONNECTOR_CONFIG_VERSION, ConnectorConfig
 from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.fusion.flamingo import FlamingoStyle
+from mmlm.fusion.patch_merger import PatchMerger, PatchMergerStyle, build_patch_merger, patch_merger_cost
 from mmlm.fusion.perceiver import PerceiverConnector, PerceiverResampler, perceiver_cost
 from mmlm.fusion.pixel_shuffle import PixelShuffleConnector, pixel_shuffle, pixel_shuffle_cost
 from mmlm.fusion.projector import LLAVA_PROJECTOR_KEYS, LinearProjector, MLPProjector, projector_cost
@@ -61,6 +62,8 @@ register_connector(
 )  # fmt: skip
 register_style(FlamingoStyle())  # Flamingo: a resampler feeds gated cross-attention blocks inside the LM
 register_style(UnifiedStyle())  # VQ image codes in the LM vocabulary, no connector
+CONNECTORS["patch_merger"] = build_patch_merger  # Qwen2-VL; a style of its own (not batchable), no table row
+register_style(PatchMergerStyle("patch_merger", patch_merger_cost))
 
 __all__ = [
     "CONNECTORS",
@@ -74,6 +77,7 @@ __all__ = [
     "FusionStyle",
     "LinearProjector",
     "MLPProjector",
+    "PatchMerger",
     "PerceiverConnector",
     "PerceiverResampler",
     "PixelShuffleConnector",

@@ -27,6 +27,7 @@ from mmlm.inference.contrastive import (
     load_mmlm_dual_encoder,
     load_open_clip,
 )
+from mmlm.inference.qwen2_vl import load_qwen2_vl
 from mmlm.inference.vlm import GenerativeModel, load_idefics3, load_llava, load_mmlm_vlm
 from mmlm.json_files import read_json_object
 from mmlm.models.config import DTYPE_NAMES
@@ -139,6 +140,8 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "llava": HFArchitecture(("LlavaForConditionalGeneration",), load_llava),
     "idefics3": HFArchitecture(("Idefics3ForConditionalGeneration",), load_idefics3),
     "smolvlm": HFArchitecture(("SmolVLMForConditionalGeneration",), load_idefics3),
+    "qwen2_vl": HFArchitecture(("Qwen2VLForConditionalGeneration",), load_qwen2_vl),
+    "qwen2_5_vl": HFArchitecture(("Qwen2_5_VLForConditionalGeneration",), load_qwen2_vl),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper

@@ -46,14 +46,31 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
 
 
 def rope_cos_sin(
-    position_ids: torch.Tensor, inv_freq: tuple[float, ...], dtype: torch.dtype
+    position_ids: torch.Tensor,
+    inv_freq: tuple[float, ...],
+    dtype: torch.dtype,
+    sections: tuple[int, ...] | list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (cos, signed sin) of the rotation angles, [B, T, 1, head_dim] each, for positions [B, T].
 
-    The sine's first half is negated, so that `apply_rotary` needs no negation per layer.
+    The sine's first half is negated, so that `apply_rotary` needs no negation per layer. With `sections`,
+    positions carry A axes, [A, B, T], and frequency θ_i reads axis k where sections[k] holds i (the axes
+    cycle when there are more sections than axes): M-RoPE (Qwen2-VL, Wang et al. 2024 §2.1) splits the
+    frequencies into (temporal, height, width) sections; a 2-D axial rotary is two sections over (h, w).
     """
     freq = torch.tensor(inv_freq, dtype=torch.float32, device=position_ids.device)
-    angles = position_ids.float()[..., None] * freq  # [B, T, d/2], fp32 like the reference
+    if sections is None:
+        angles = position_ids.float()[..., None] * freq  # [B, T, d/2], fp32 like the reference
+    else:
+        if sum(sections) != len(inv_freq):
+            raise InputError(
+                f"mrope_section: {list(sections)} sums to {sum(sections)}; expected {len(inv_freq)}"
+            )
+        axes = position_ids.shape[0]
+        axis = torch.cat([torch.full((n,), k % axes) for k, n in enumerate(sections)]).to(position_ids.device)
+        # [A, B, T] -> [B, T, d/2]: frequency i rotates by the position on its own axis
+        positions = position_ids.float().permute(1, 2, 0)[..., axis]
+        angles = positions * freq
     cos, sin = angles.cos(), angles.sin()
     # [B, T, 1, d]: channel i and i + d/2 share θ_i
     return torch.cat([cos, cos], -1)[:, :, None].to(dtype), torch.cat([-sin, sin], -1)[:, :, None].to(dtype)

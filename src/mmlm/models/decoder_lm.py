@@ -39,6 +39,8 @@ class LMConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    # M-RoPE (Qwen2-VL): rotary frequencies per (temporal, height, width) position axis; None: one axis
+    mrope_section: list[int] | None = None
     max_positions: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: q, k, v projections have biases
@@ -189,7 +191,8 @@ class DecoderLM(nn.Module):
         """Return logits for ids [B, T] or embeddings [B, T, width], appending this call's keys/values to `cache`.
 
         `attention_mask` [B, S] (1 = token, 0 = padding) covers the cached slots and these T, so S = cached + T;
-        None means no padding. `position_ids` [B, T] default to cumsum(mask) − 1, or to cached + arange(T).
+        None means no padding. `position_ids` [B, T] default to cumsum(mask) − 1, or to cached + arange(T);
+        with `cfg.mrope_section` they may be [3, B, T] (M-RoPE's temporal, height, width positions).
         `last_only` computes logits for the last position only, which is all decoding needs. `before_block(i, x)`
         runs on the hidden states before layer i (Flamingo's gated cross-attention blocks hang there).
         """
@@ -208,7 +211,10 @@ class DecoderLM(nn.Module):
                 position_ids = positions_from_mask(attention_mask, length)
             else:
                 position_ids = torch.arange(past, past + length, device=x.device).expand(batch, length)
-        rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        sections = self.cfg.mrope_section
+        if sections is not None and position_ids.dim() == 2:
+            position_ids = position_ids.expand(3, *position_ids.shape)  # text: one position on every axis
+        rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype, sections)
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}  # one per distinct window
         for i, block in enumerate(self.blocks):
             window = self.cfg.window(i)

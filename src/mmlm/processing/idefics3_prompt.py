@@ -37,6 +37,10 @@ class Idefics3Prompt:
         )
         return f"{tiles}\n{global_view}"
 
+    def image_tokens(self, grid: tuple[int, int], views: int, tokens_per_view: int) -> int:
+        """Return the image tokens the model fills for one image: tokens_per_view for each of its views."""
+        return views * tokens_per_view
+
     def markers(self, rows: int, cols: int) -> Sequence[str]:
         """Return the special tokens the expansion of a rows × cols split uses."""
         tiles = [f"<row_{r + 1}_col_{c + 1}>" for r in range(rows) for c in range(cols)]

@@ -63,10 +63,15 @@ class ImageTiling(Protocol):
 
 
 class ImagePrompt(Protocol):
-    """The token ids one `<image>` becomes, given its tiling grid (idefics3_prompt.Idefics3Prompt)."""
+    """The token ids one `<image>` becomes, given its tiling grid (idefics3_prompt.Idefics3Prompt,
+    qwen2_vl_prompt.Qwen2VLPrompt)."""
 
     def ids(self, tokenizer: Tokenizer, grid: tuple[int, int]) -> list[int]:
         """Return the ids of one image's expansion; its image tokens fill the model's slots in order."""
+        ...
+
+    def image_tokens(self, grid: tuple[int, int], views: int, tokens_per_view: int) -> int:
+        """Return the image tokens the model fills for one image of `views` views and this grid."""
         ...
 
 
@@ -281,7 +286,7 @@ class VLMProcessor:
             expansions = [
                 torch.tensor(self.image_prompt.ids(self.tokenizer, g), dtype=torch.long) for g in grids
             ]
-            self._check_expansions(expansions, tiles)
+            self._check_expansions(expansions, tiles, grids)
         # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times (or its expansion's
         # length), in image order; an audio placeholder tokens_per_audio times
         repeats = torch.ones_like(ids)
@@ -295,13 +300,16 @@ class VLMProcessor:
         labels[is_media] = IGNORE_INDEX
         return ids, labels, is_media
 
-    def _check_expansions(self, expansions: list[torch.Tensor], tiles: list[int]) -> None:
-        for expansion, n in zip(expansions, tiles, strict=True):
+    def _check_expansions(
+        self, expansions: list[torch.Tensor], tiles: list[int], grids: list[tuple[int, int]]
+    ) -> None:
+        for expansion, n, grid in zip(expansions, tiles, grids, strict=True):
             found = int((expansion == self.image_token_id).sum())
-            if found != n * self.tokens_per_tile:
+            expected = self.image_prompt.image_tokens(grid, n, self.tokens_per_tile)
+            if found != expected:
                 raise InputError(
                     f"image_prompt: an image of {n} view(s) expands to {found} {self.image_token} tokens; "
-                    f"the model fills {n * self.tokens_per_tile} ({self.tokens_per_tile} per view)"
+                    f"the model fills {expected}"
                 )
 
     def _images(
