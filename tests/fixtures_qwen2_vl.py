@@ -11,7 +11,14 @@ from tokenizers import AddedToken, Tokenizer
 
 from fixtures_lm import tiny_lm_config, write_lm_tokenizer
 
-SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # Qwen/Qwen2-VL-2B-Instruct's chat template without its video branch
 TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}"
@@ -85,7 +92,11 @@ def write_tiny_qwen2_vl(
                 p.normal_(1, 0.2)
     model.save_pretrained(folder)
     transformers.Qwen2VLImageProcessorPil(
-        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=2, temporal_patch_size=2
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
     ).save_pretrained(folder)
     return model
 
@@ -94,7 +105,9 @@ def reference_processor(folder: Path, model_type: str):
     """transformers' own Qwen2-VL (or Qwen2.5-VL) processor for the folder, without its video processor."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(folder)
-    processor = transformers.Qwen2VLProcessor if model_type == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+    processor = (
+        transformers.Qwen2VLProcessor if model_type == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+    )
     with pytest.MonkeyPatch.context() as patch:  # the video processor (torchvision) is not under test
         patch.setattr(processor, "check_argument_for_proper_class", lambda *a: None)
         return processor(image_processor, tokenizer, None, chat_template=TEMPLATE)

@@ -114,7 +114,11 @@ def qwen2_vl_config_to_hf(cfg: Qwen2VLConfig) -> dict[str, Any]:
                       window_size=v.window_size, fullatt_block_indexes=list(v.full_attention_blocks))  # fmt: skip
     else:
         model_type = "qwen2_vl"
-        vision = dict(common, embed_dim=v.width, hidden_size=lm.width, mlp_ratio=v.mlp_dim / v.width)
+        if v.mlp_dim % v.width:
+            raise InputError(
+                f"vision.mlp_dim: {v.mlp_dim} is not a whole multiple of the width {v.width} (mlp_ratio)"
+            )
+        vision = dict(common, embed_dim=v.width, hidden_size=lm.width, mlp_ratio=v.mlp_dim // v.width)
     return dict(
         model_type=model_type, architectures=[MODEL_TYPES[model_type]], text_config=text, vision_config=vision,
         image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
