@@ -2,14 +2,19 @@
 transformers' processor, logits within 1e-4, greedy generations token-identical to transformers' generate (one by
 one and batched with left padding), the export round trip, and bad inputs with their one-line errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from fixtures_qwen2_vl import reference_processor, write_tiny_qwen2_vl
 from PIL import Image
 from skimage import data
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import mmlm
+from mmlm.cli import main
 from mmlm.errors import InputError
 from mmlm.inference.qwen2_vl import Qwen2VLGenerativeModel, image_grid_thw
 from mmlm.models.qwen2_vl_vision import window_order
@@ -199,3 +204,27 @@ def test_reference_smart_resize_agrees():
         for lo, hi in [(56 * 56, 28 * 28 * 1280), (4 * 28 * 28, 20 * 28 * 28)]:
             ours = Qwen2VLResize(lo, hi).resized_size(height, width)
             assert ours == smart_resize(height, width, 28, lo, hi)
+
+
+def test_budget_counts_the_tokens_and_tower_flops_of_an_image_resolution(pair, capsys):
+    _, m, _, folder = pair
+    for photo in photos():
+        argv = ["budget", "--model", str(folder), "--resolution", f"{photo.height}x{photo.width}", "--json"]
+        assert main(argv) == 0
+        planned = json.loads(capsys.readouterr().out)
+        batch = m.processor(IMAGE, [photo])
+        assert planned["styles"][0]["visual_tokens"] == int(
+            (batch["input_ids"] == m.config.image_token_id).sum()
+        )
+        if (
+            m.config.vision.window_size is None
+        ):  # FlopCounterMode counts the full T² pairs a masked SDPA computes
+            # on CPU it sees attention through the math backend only (as tests/test_budget.py)
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                m.model.vision(batch["pixel_values"], image_grid_thw(batch["image_grid"]))
+            assert planned["vision_flops"] == counter.get_total_flops()
+    assert main(["budget", "--model", str(folder)]) != 0
+    error = (
+        "mmlm: error: --resolution: Qwen2-VL reads each image at its own size; give HEIGHTxWIDTH in pixels\n"
+    )
+    assert capsys.readouterr().err == error

@@ -353,6 +353,11 @@ def cmd_budget(args: argparse.Namespace) -> None:
         source = Path(args.config)
         if source.is_dir():
             raise InputError(f"--config {source} is a folder; pass its config.json, or use --model {source}")
+    if read_json_object(source).get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
+        from mmlm.cli.budget_qwen2_vl import qwen2_vl_budget_report
+
+        print(qwen2_vl_budget_report(args, read_json_object(source), folder))
+        return
     spec = spec_from_config(read_json_object(source), str(source))
     v = spec.backbone.vision
     size = _positive("--image-size", args.image_size or v.image_size, v.patch_size)
@@ -399,7 +404,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles", help="ROWSxCOLS tiles of --image-size each, plus one global view (LLaVA-NeXT)")
     p.add_argument(
         "--resolution",
-        help="HEIGHTxWIDTH of an image: its tiles as the --model folder's Idefics3 processor splits it",
+        help="HEIGHTxWIDTH of an image: its tiles as the --model folder's Idefics3 processor splits it, or its "
+        "patch grid as a Qwen2-VL processor resizes it",
     )
     p.add_argument("--frames", type=int, default=1, help="video frames per image (each encoded)")
     p.add_argument("--video-seconds", type=float, help="a video's duration; with --fps sets the frame count")

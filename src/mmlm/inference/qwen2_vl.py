@@ -62,7 +62,7 @@ class Qwen2VLGenerativeModel(GenerativeModel):
                 num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
         """Return (step, cache, settings cut to the context, prompt embeddings, mask or None) for a batch of prompts."""
         check_request(settings, cache)
-        if videos is not None or any(audio or ()):
+        if any(any(media) for media in (*(videos or ()), *(audio or ()))):
             raise InputError("videos, audio: mmlm reads Qwen2-VL images only")
         batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
