@@ -3,12 +3,14 @@ transformers' processor, logits within 1e-4, greedy generations token-identical 
 one and batched with left padding), the export round trip, and bad inputs with their one-line errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from fixtures_qwen2_vl import reference_processor, write_tiny_qwen2_vl
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from skimage import data
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -228,3 +230,34 @@ def test_budget_counts_the_tokens_and_tower_flops_of_an_image_resolution(pair, c
         "mmlm: error: --resolution: Qwen2-VL reads each image at its own size; give HEIGHTxWIDTH in pixels\n"
     )
     assert capsys.readouterr().err == error
+
+
+def test_hub_layout_of_transformers_4_loads_the_same(pair, tmp_path):
+    """The hub's files: tensors under visual.* and model.*, text settings at the top level, rope_scaling
+    {"type": "mrope"}, min_pixels / max_pixels in preprocessor_config.json."""
+    ref, m, _, folder = pair
+    weights = load_file(folder / "model.safetensors")
+    renamed = {k.replace("model.visual.", "visual.").replace("model.language_model.", "model."): v
+               for k, v in weights.items()}  # fmt: skip
+    save_file(renamed, tmp_path / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    text["rope_theta"] = rope["rope_theta"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, **text, "model_type": config["model_type"]}))
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    size = settings.pop("size")
+    settings.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, tmp_path / name)
+    old = mmlm.load(tmp_path)
+    batch = m.processor(chat("Hi", 2), photos()[1:])
+    assert old.processor(chat("Hi", 2), photos()[1:])["input_ids"].tolist() == batch["input_ids"].tolist()
+    with torch.no_grad():
+        theirs = ref(**reference_inputs(m, batch)).logits
+        ours = old.model(
+            batch["input_ids"], batch["pixel_values"], image_grid_thw(batch["image_grid"])
+        ).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
