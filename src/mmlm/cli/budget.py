@@ -356,7 +356,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
     if read_json_object(source).get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
         from mmlm.cli.budget_qwen2_vl import qwen2_vl_budget_report
 
-        print(qwen2_vl_budget_report(args, read_json_object(source), folder))
+        print(qwen2_vl_budget_report(args, read_json_object(source), folder, DTYPE_BYTES, flops_unit))
         return
     spec = spec_from_config(read_json_object(source), str(source))
     v = spec.backbone.vision

@@ -7,17 +7,24 @@ this prints the model's own row only.
 import argparse
 import json
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mmlm.errors import InputError
 
 
-def qwen2_vl_budget_report(args: argparse.Namespace, config: dict[str, Any], folder: Path | None) -> str:
-    """Return the budget of one `--resolution` image as JSON (`--json`) or a table."""
+def qwen2_vl_budget_report(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    folder: Path | None,
+    dtype_bytes: Mapping[str, int],
+    flops_unit: Callable[[list[int]], tuple[float, str]],
+) -> str:
+    """Return the budget of one `--resolution` image as JSON (`--json`) or a table; `dtype_bytes` and `flops_unit`
+    are the budget command's (passed in: this module sits below it)."""
     from mmlm.checkpoints.hf_qwen2_vl import qwen2_vl_config_from_hf
     from mmlm.checkpoints.processor_files import image_processor_settings
-    from mmlm.cli.budget import DTYPE_BYTES, flops_unit
     from mmlm.models.config import DTYPE_NAMES
     from mmlm.models.qwen2_vl_budget import qwen2_vl_budget
     from mmlm.processing.qwen2_vl_image import qwen2_vl_processing_from_hf
@@ -39,10 +46,10 @@ def qwen2_vl_budget_report(args: argparse.Namespace, config: dict[str, Any], fol
     resize, _ = qwen2_vl_processing_from_hf(settings)  # no folder: transformers' default pixel range
     cfg = qwen2_vl_config_from_hf(config)
     dtype = DTYPE_NAMES.get(args.dtype, args.dtype) if args.dtype else str(config.get("dtype") or "bfloat16")
-    if dtype not in DTYPE_BYTES:
-        raise InputError(f"--dtype: got {args.dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
+    if dtype not in dtype_bytes:
+        raise InputError(f"--dtype: got {args.dtype!r}; expected one of {sorted(dtype_bytes)}")
     budget = qwen2_vl_budget(
-        cfg, resize.grid(int(match[1]), int(match[2])), args.text_tokens, DTYPE_BYTES[dtype]
+        cfg, resize.grid(int(match[1]), int(match[2])), args.text_tokens, dtype_bytes[dtype]
     )
     if args.json:
         return json.dumps({"model": config["model_type"], "kv_dtype": dtype, **budget.to_dict()}, indent=2)
