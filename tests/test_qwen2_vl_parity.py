@@ -261,3 +261,13 @@ def test_hub_layout_of_transformers_4_loads_the_same(pair, tmp_path):
             batch["input_ids"], batch["pixel_values"], image_grid_thw(batch["image_grid"])
         ).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_chat_command_answers_about_an_image(pair, tmp_path, capsys):
+    _, m, _, folder = pair
+    photos()[2].save(tmp_path / "astronaut.png")
+    argv = ["chat", "--model", str(folder), "--image", str(tmp_path / "astronaut.png"), "What is it?",
+            "--max-new-tokens", "6"]  # fmt: skip
+    assert main(argv) == 0
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert capsys.readouterr().out == m.generate(messages, [photos()[2]], max_new_tokens=6) + "\n"
