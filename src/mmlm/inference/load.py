@@ -133,6 +133,7 @@ def load(
 HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "clip": HFArchitecture(("CLIPModel",), functools.partial(load_hf_dual_encoder, "clip")),
     "siglip": HFArchitecture(("SiglipModel",), functools.partial(load_hf_dual_encoder, "siglip")),
+    "siglip2": HFArchitecture(("Siglip2Model",), functools.partial(load_hf_dual_encoder, "siglip2")),
     "llama": HFArchitecture(("LlamaForCausalLM",), load_hf_causal_lm),
     "mistral": HFArchitecture(("MistralForCausalLM",), load_hf_causal_lm),
     "qwen2": HFArchitecture(("Qwen2ForCausalLM",), load_hf_causal_lm),
