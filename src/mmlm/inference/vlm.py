@@ -24,7 +24,11 @@ from mmlm.checkpoints.hf_llava import (
 )
 from mmlm.checkpoints.keymap import to_theirs
 from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
-from mmlm.checkpoints.processor_files import image_processor_settings
+from mmlm.checkpoints.processor_files import (
+    check_image_tokens,
+    image_processor_settings,
+    llava_processor_config,
+)
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
 from mmlm.inference.audio import whisper_preprocessor
@@ -213,6 +217,15 @@ class GenerativeModel(GenerativeBase):
                             "chat_template": processor.chat_template.source}  # fmt: skip
         write_json(folder / "tokenizer_config.json", tokenizer_config)
         write_json(folder / "preprocessor_config.json", processor.image_processor.to_hf())
+        size = _fixed_output_size(processor.image_processor)
+        # LlavaProcessor expands every image into one fixed grid of the tower's own size: no tiles
+        square = (cfg.vision.image_size, cfg.vision.image_size)
+        if llava_representable(cfg) and size == square and processor.dynamic_resolution is None:
+            write_json(folder / "processor_config.json", llava_processor_config(
+                cfg.vision.patch_size, cfg.feature_select, self.model.image_tokens, size, processor.image_token
+            ))  # fmt: skip
+            # transformers' processors read their template from this file only, not tokenizer_config.json
+            (folder / "chat_template.jinja").write_text(processor.chat_template.source, encoding="utf-8")
         generation = {"bos_token_id": cfg.lm.bos_token_id, "eos_token_id": self.eos_token_ids,
                       "pad_token_id": cfg.lm.pad_token_id}  # fmt: skip
         write_json(folder / "generation_config.json", generation)
@@ -226,6 +239,14 @@ def _processor(folder: Path, model: VisionLanguageModel, image_processor: ImageP
     return VLMProcessor.from_pretrained(
         folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, **audio
     )
+
+
+def _fixed_output_size(image_processor: ImageProcessor) -> tuple[int, int] | None:
+    # the (height, width) every image leaves the processor at; None when it follows the input's aspect ratio
+    if image_processor.crop_size is not None:
+        return image_processor.crop_size
+    fixed = image_processor.do_resize and isinstance(image_processor.size, tuple)
+    return image_processor.size if fixed else None
 
 
 def load_llava(
@@ -244,6 +265,7 @@ def load_llava(
     if device.type == "cpu":
         model.lm.prepare_for_inference()  # the decode layout: same values, faster CPU matrix-vector products
     image_processor = ImageProcessor.from_hf(image_processor_settings(folder))
+    check_image_tokens(folder, model.image_tokens, _fixed_output_size(image_processor))
     return GenerativeModel(
         model, _processor(folder, model, image_processor), generation_eos_ids(folder), "llava"
     )
