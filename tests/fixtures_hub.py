@@ -31,6 +31,7 @@ class FakeHub:
         self.commits: dict[str, dict[str, dict[str, bytes]]] = {}  # repo -> commit -> path -> bytes
         self.refs: dict[str, dict[str, str]] = {}  # repo -> branch or tag -> commit
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
+        self.gated: set[str] = set()  # repositories whose terms this (anonymous) user has not accepted
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
@@ -98,6 +99,8 @@ class FakeHub:
                 self._send(404, b"{}", {}, body)  # a route mmlm does not need (e.g. /api/agent-harnesses)
 
             def _api(self, repo_id: str, kind: str, revision: str, body: bool) -> None:
+                if repo_id in hub.gated:
+                    return self._send(401, b"{}", {"X-Error-Code": "GatedRepo"}, body)
                 if repo_id not in hub.commits:
                     return self._error("RepoNotFound", body)
                 commit = hub._commit(repo_id, revision)
@@ -140,8 +143,8 @@ def serve_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeH
     settings = {"ENDPOINT": served.url, "HUGGINGFACE_CO_URL_TEMPLATE": served.url + "/{repo_id}/resolve/{revision}/{filename}",
                 "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": False,
                 "AGENT_HARNESSES_PATH": str(tmp_path / "hf-home" / ".agent_harnesses.json")}  # fmt: skip
-    for key, value in settings.items():
-        monkeypatch.setattr(huggingface_hub.constants, key, value)
+    for key, value in settings.items():  # AGENT_HARNESSES_PATH: huggingface_hub >= 2 only
+        monkeypatch.setattr(huggingface_hub.constants, key, value, raising=key != "AGENT_HARNESSES_PATH")
     monkeypatch.setenv("HF_ENDPOINT", served.url)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # huggingface_hub's other files, out of ~/.cache

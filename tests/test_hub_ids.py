@@ -100,10 +100,14 @@ def test_an_incomplete_cache_entry_is_completed_when_the_network_allows(hub, cli
 
 def test_each_failure_is_one_line_that_says_what_was_tried(hub, clips, monkeypatch):
     hub.push("tiny-org/tiny-clip", clips[0])
+    hub.push("tiny-org/gated", clips[0])
+    hub.gated.add("tiny-org/gated")
     cache = f"the Hugging Face cache ({hub.cache})"
     cases = {
+        ("tiny-org/gated", None): f"model tiny-org/gated: not a folder; not in {cache} at revision main; "
+        f"download failed: tiny-org/gated is gated on {hub.url}: accept its terms there and set HF_TOKEN",
         ("tiny-org/missing", None): f"model tiny-org/missing: not a folder; not in {cache} at revision main; "
-        f"download failed: no repository tiny-org/missing on {hub.url} (or it is private: log in with hf auth login)",
+        f"download failed: no repository tiny-org/missing on {hub.url} (or it is private: set HF_TOKEN)",
         ("tiny-org/tiny-clip", "nope"): f"model tiny-org/tiny-clip: not a folder; not in {cache} at revision nope; "
         f"download failed: no revision nope in tiny-org/tiny-clip on {hub.url}",
     }  # fmt: skip
@@ -219,3 +223,32 @@ def test_model_files_cover_what_transformers_saves(tmp_path):
     write_tiny_llava(tmp_path / "llava")
     names = [p.name for p in (tmp_path / "llava").iterdir()]
     assert all(any(fnmatch.fnmatch(n, pattern) for pattern in MODEL_FILES) for n in names), names
+
+
+def test_an_index_built_from_an_id_searches_with_that_id_and_revision(hub, clips, tmp_path, capsys):
+    hub.push("tiny-org/tiny-clip", clips[0], revision="v1")
+    hub.push("tiny-org/tiny-clip", clips[1])
+    (tmp_path / "photos").mkdir()
+    for name, photo in zip(["cat.png", "coffee.png"], photos(), strict=True):
+        photo.save(tmp_path / "photos" / name)
+    index = str(tmp_path / "index")
+    build = [
+        "index",
+        "build",
+        "--model",
+        "tiny-org/tiny-clip",
+        "--revision",
+        "v1",
+        "--images",
+        str(tmp_path / "photos"),
+    ]
+    assert main([*build, "--index", index]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["index", "info", "--index", index]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["model_path"], info["model_revision"]) == ("tiny-org/tiny-clip", "v1")
+    # search reloads the recorded id at the recorded revision: main's weights would fail the index's probe
+    assert main(["search", "--index", index, "--text", "a cat", "--json"]) == 0, capsys.readouterr().err
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 2
+    assert main(["search", "--index", index, "--text", "a cat", "--model", "tiny-org/tiny-clip"]) == 2
+    assert "tiny-org/tiny-clip" in capsys.readouterr().err

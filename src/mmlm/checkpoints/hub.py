@@ -87,9 +87,9 @@ def _snapshot(repo_id: str, revision: str | None, files: list[str]) -> Path:
 def _download_failure(error: Exception, repo_id: str, revision: str | None, endpoint: str, errors) -> str:
     # most specific first: GatedRepoError is a RepositoryNotFoundError, IncompleteSnapshotError a LocalEntry...
     if isinstance(error, errors.GatedRepoError):
-        return f"{repo_id} is gated on {endpoint}: accept its terms there and log in (hf auth login)"
+        return f"{repo_id} is gated on {endpoint}: accept its terms there and set HF_TOKEN"
     if isinstance(error, errors.RepositoryNotFoundError):
-        return f"no repository {repo_id} on {endpoint} (or it is private: log in with hf auth login)"
+        return f"no repository {repo_id} on {endpoint} (or it is private: set HF_TOKEN)"
     if isinstance(error, errors.RevisionNotFoundError):
         return f"no revision {revision} in {repo_id} on {endpoint}"
     if isinstance(error, errors.LocalEntryNotFoundError):  # the hub could not be reached
