@@ -19,7 +19,7 @@ from skimage import data
 import mmlm
 from fixtures_hub import go_offline, serve_hub
 from fixtures_models import write_tiny_clip
-from fixtures_vlm import write_tiny_llava
+from fixtures_vlm import write_tiny_llava, write_tiny_llava_processor_save
 from mmlm.checkpoints.hub import MODEL_FILES, resolve_folder
 from mmlm.cli import main
 from mmlm.errors import InputError
@@ -220,8 +220,10 @@ def test_serve_resolves_an_id_and_a_revision(hub, clips, monkeypatch):
 def test_model_files_cover_what_transformers_saves(tmp_path):
     import fnmatch
 
-    write_tiny_llava(tmp_path / "llava")
-    names = [p.name for p in (tmp_path / "llava").iterdir()]
+    write_tiny_llava(tmp_path / "v4")  # preprocessor_config.json, the template in tokenizer_config.json
+    write_tiny_llava_processor_save(tmp_path / "v5")  # processor_config.json, chat_template.jinja
+    names = {p.name for folder in ("v4", "v5") for p in (tmp_path / folder).iterdir()}
+    assert {"preprocessor_config.json", "processor_config.json", "chat_template.jinja"} <= names
     assert all(any(fnmatch.fnmatch(n, pattern) for pattern in MODEL_FILES) for n in names), names
 
 

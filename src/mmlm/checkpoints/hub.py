@@ -28,7 +28,8 @@ MODEL_FILES = (
 CONFIG_FILES = ("config.json", "open_clip_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "open_clip_model.safetensors")
 
-# "org/name": what huggingface_hub's validate_repo_id accepts, with the organisation required
+# the shape of "org/name" (an organisation is required, so a mistyped relative folder "name" is never looked
+# up); huggingface_hub's validate_repo_id has the last word
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -85,7 +86,7 @@ def _snapshot(repo_id: str, revision: str | None, files: list[str]) -> Path:
 
 
 def _download_failure(error: Exception, repo_id: str, revision: str | None, endpoint: str, errors) -> str:
-    # most specific first: GatedRepoError is a RepositoryNotFoundError, IncompleteSnapshotError a LocalEntry...
+    # most specific first: a GatedRepoError is a RepositoryNotFoundError
     if isinstance(error, errors.GatedRepoError):
         return f"{repo_id} is gated on {endpoint}: accept its terms there and set HF_TOKEN"
     if isinstance(error, errors.RepositoryNotFoundError):
