@@ -15,11 +15,14 @@ mmlm its growing KVCache and transformers its DynamicCache. transformers never c
 on a GPU a static cache would otherwise switch on torch.compile for transformers alone).
 
     .venv/bin/python benchmarks/bench_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5] [--threads N]
-        [--cache static|dynamic]
+        [--cache static|dynamic] [--clock wall|cpu]
     .venv/bin/python benchmarks/bench_decode.py --quick    # a 2-layer model, 1 round: checks that it runs
 
 mmlm.load puts the CPU model in its decode layout (DecoderLM.prepare_for_inference); `--layout plain` keeps
 the checkpoint's layout, to measure what the layout alone brings.
+
+`--clock cpu --threads 1` times steps by the calling thread's CPU time instead of the wall clock: on a machine
+other jobs share, a step's wall time includes the time it waited for a core, its CPU time does not.
 """
 
 import argparse
@@ -29,12 +32,11 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers
-from timing import alternating_rounds, spread
+from timing import CLOCKS, alternating_rounds, now, spread, use_clock
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import mmlm
@@ -73,7 +75,7 @@ class StepClock(transformers.StoppingCriteria):
         self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.times.append(time.perf_counter())
+        self.times.append(now())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
@@ -102,7 +104,7 @@ def mmlm_token_times(lm, ids: torch.Tensor, new_tokens: int, cache: str) -> list
     """Return the arrival time of each new token in mmlm's greedy generation (no early stop)."""
     cache = mmlm_cache(lm.model, ids.shape[0], ids.shape[1] + new_tokens, cache)
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    times = [time.perf_counter() for _ in generate_ids(lm_step(lm.model), cache, settings, [], ids)]
+    times = [now() for _ in generate_ids(lm_step(lm.model), cache, settings, [], ids)]
     assert len(times) == new_tokens
     return times
 
@@ -127,12 +129,18 @@ def main() -> None:
     parser.add_argument("--layout", choices=["decode", "plain"], default="decode")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, 2 here)")
     parser.add_argument("--cache", choices=CACHES, default="static", help="the KV cache of both sides")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: time a user waits; cpu: the thread's CPU time, steady on a shared machine "
+                             "(needs --threads 1)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a 2-layer model, 1 round: a check that it runs")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.new_tokens, args.rounds = [1], 8, 1
     shapes = TINY_LLAMA if args.quick else SMOLLM2_135M
     torch.set_grad_enabled(False)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts the calling thread only: run it with --threads 1")
+    use_clock(args.clock)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "

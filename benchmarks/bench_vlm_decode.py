@@ -10,6 +10,7 @@ Both sides use the same kind of KV cache, as in bench_decode.py: `--cache static
 dynamic`, never one of each. The timed rounds alternate the two, reversing which goes first every round.
 
     .venv/bin/python benchmarks/bench_vlm_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5] [--cache static]
+        [--threads 1 --clock cpu]   # CPU time per step: steady when other jobs share the cores (bench_decode.py)
     .venv/bin/python benchmarks/bench_vlm_decode.py --memory [--batch 1 4]
     .venv/bin/python benchmarks/bench_vlm_decode.py --quick     # toy shapes, 1 round: checks that it runs
 
@@ -32,7 +33,7 @@ import time
 import torch
 import transformers
 from bench_decode import CACHES, SMOLLM2_135M, TINY_LLAMA, StepClock, mmlm_cache, transformers_cache_settings
-from timing import alternating_rounds, spread
+from timing import CLOCKS, alternating_rounds, now, spread, use_clock
 
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
@@ -90,7 +91,7 @@ def transformers_token_times(model, inputs, new_tokens: int, cache: str) -> list
     """Return the call's start, then the arrival time of each new token, in transformers' LLaVA generate."""
     ids, pixels = inputs
     clock = StepClock()
-    start = time.perf_counter()
+    start = now()
     out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                          stopping_criteria=transformers.StoppingCriteriaList([clock]),
@@ -102,11 +103,11 @@ def transformers_token_times(model, inputs, new_tokens: int, cache: str) -> list
 def mmlm_token_times(model, inputs, new_tokens: int, cache: str) -> list[float]:
     """Return the call's start, then the arrival time of each new token, in mmlm's greedy generation."""
     ids, pixels = inputs
-    start = time.perf_counter()
+    start = now()
     embeds = model.embed_inputs(ids, pixels)
     cache = mmlm_cache(model.lm, ids.shape[0], ids.shape[1] + new_tokens, cache)
     settings = GenerationSettings(new_tokens)
-    times = [time.perf_counter() for _ in generate_ids(lm_step(model.lm), cache, settings, [], None, embeds)]
+    times = [now() for _ in generate_ids(lm_step(model.lm), cache, settings, [], None, embeds)]
     assert len(times) == new_tokens
     return [start, *times]
 
@@ -179,12 +180,18 @@ def main() -> None:
     )
     parser.add_argument("--child-memory", choices=["transformers", "mmlm"], help=argparse.SUPPRESS)
     parser.add_argument("--cache", choices=CACHES, default="static", help="the KV cache of both sides")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: time a user waits; cpu: the thread's CPU time, steady on a shared machine "
+                             "(needs --threads 1)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="toy shapes, 1 round: a check that it runs")
     args = parser.parse_args()
     shapes = "tiny" if args.quick else "nanovlm"
     if args.quick and not args.child_memory:
         args.batch, args.new_tokens, args.rounds = [1], 6, 1
     torch.set_grad_enabled(False)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts the calling thread only: run it with --threads 1")
+    use_clock(args.clock)
     if args.threads:
         torch.set_num_threads(args.threads)  # steadier than 2 threads when other jobs share the cores
     if args.child_memory:

@@ -29,7 +29,7 @@ QUICK_RUNS = {
     "bench_clip_embed.py": ([], "ratio"),
     "bench_clip_small_data.py": ([], '"summary"'),
     "bench_clip_train.py": ([], '"summary"'),
-    "bench_decode.py": ([], '"cache": "static"'),
+    "bench_decode.py": (["--threads", "1", "--clock", "cpu"], '"cache": "static"'),
     "bench_guard.py": ([], '"low_contrast"'),
     "bench_index.py": ([], "faiss_ivf"),
     "bench_retrieval_metrics.py": ([], '"same_recall": true'),

@@ -93,10 +93,11 @@ def test_sigterm_to_torchrun_checkpoints_once_and_every_rank_stops_and_resumes_e
     ]  # one line: the first rank speaks; both ranks stopped at the same step, or the save would hang
     assert "RunStopped" not in err and 3 <= latest["step"] < 12
     assert not (tmp_path / "stopped" / "model").exists()
-    subprocess.run(
-        torchrun_command(tmp_path / "stopped", *steps, "--resume", "latest"), check=True, capture_output=True,
+    resumed = subprocess.run(
+        torchrun_command(tmp_path / "stopped", *steps, "--resume", "latest"), capture_output=True, text=True,
         env=env,
     )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses_by_step(tmp_path / "stopped") == losses_by_step(tmp_path / "straight")
 
 

@@ -25,6 +25,7 @@ MODEL_FILES = (
     "vocab.json", "merges.txt", "spiece.model",
     "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
+SETTINGS_FILES = tuple(name for name in MODEL_FILES if "safetensors" not in name)  # all but the weights
 CONFIG_FILES = ("config.json", "open_clip_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "open_clip_model.safetensors")
 

@@ -1,7 +1,7 @@
 """`mmlm budget`: the visual-token budget of one image, from a model config alone or a model folder.
 
-Reads a transformers config.json (LLaVA, CLIP, SigLIP, bare CLIP/SigLIP vision, BLIP-2 with an OPT LM) or
-mmlm's own (vlm, dual_encoder), prints tokens, FLOPs per stage and KV-cache bytes for the model's connector and
+Reads a transformers config.json (LLaVA, Idefics3/SmolVLM, CLIP, SigLIP, bare CLIP/SigLIP vision, BLIP-2 with an
+OPT LM) or mmlm's own (vlm, dual_encoder), prints tokens, FLOPs per stage and KV-cache bytes for the model's connector and
 for every fusion style on the same tower and LM (mmlm/models/budget.py), and with --measure times each stage.
 """
 
@@ -95,6 +95,7 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
         siglip_config_from_hf,
         siglip_vision_config_from_hf,
     )
+    from mmlm.checkpoints.hf_idefics3 import MODEL_TYPES, vlm_config_from_idefics3
     from mmlm.checkpoints.hf_llava import vlm_config_from_llava
     from mmlm.models.config import config_from_dict
     from mmlm.models.dual_encoder import DualEncoderConfig
@@ -124,6 +125,9 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
     try:
         if model_type == "llava":
             return _vlm_spec("llava (LlavaForConditionalGeneration)", vlm_config_from_llava(data), dtype)
+        if model_type in MODEL_TYPES:
+            cfg = vlm_config_from_idefics3(data)
+            return _vlm_spec(f"{model_type} ({MODEL_TYPES[model_type]})", cfg, dtype)
         if model_type in ("clip", "siglip"):
             read = clip_config_from_hf if model_type == "clip" else siglip_config_from_hf
             dual = read(data)
@@ -145,7 +149,7 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
             f"{source}: model_type {model_type!r} is a text-only LM; budget needs a vision tower"
         )
     raise InputError(
-        f"{source}: model_type {model_type!r} is not supported; mmlm budget reads llava, clip, siglip, "
+        f"{source}: model_type {model_type!r} is not supported; mmlm budget reads llava, idefics3, smolvlm, clip, siglip, "
         "clip_vision_model, siglip_vision_model, blip-2 and mmlm's own vlm and dual_encoder configs"
     )
 
@@ -158,6 +162,26 @@ def parse_tiles(value: str | None) -> tuple[int, int] | None:
     if not match or int(match[1]) < 1 or int(match[2]) < 1:
         raise InputError(f"--tiles: got {value!r}; expected ROWSxCOLS with positive integers, e.g. 2x2")
     return int(match[1]), int(match[2])
+
+
+def resolution_tiles(value: str, folder: Path | None) -> tuple[int, int] | None:
+    """Return the (rows, cols) tiles an image of `value` ("HxW" px) is split into by the folder's image processor
+    (Idefics3/SmolVLM splitting), None when it stays one view; InputError without such a processor."""
+    from mmlm.checkpoints.processor_files import image_processor_settings
+    from mmlm.processing.idefics3_image import HF_TYPES, idefics3_processing_from_hf
+
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise InputError(f"--resolution: got {value!r}; expected HEIGHTxWIDTH in pixels, e.g. 480x640")
+    settings = image_processor_settings(folder, required=False) if folder is not None else None
+    kind = str((settings or {}).get("image_processor_type", "")).removesuffix("Pil").removesuffix("Fast")
+    if kind not in HF_TYPES:
+        raise InputError(
+            "--resolution: needs --model with an image processor that splits images (Idefics3, SmolVLM); "
+            "use --tiles otherwise"
+        )
+    rows, cols = idefics3_processing_from_hf(settings)[0].grid(int(match[1]), int(match[2]))
+    return (rows, cols) if rows else None
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> int:
@@ -318,13 +342,14 @@ def render_table(spec: ModelSpec, budget, dtype: str, dtype_source: str, measure
 
 def cmd_budget(args: argparse.Namespace) -> None:
     """Print the visual-token budget of one image: tokens, FLOPs per stage, KV cache, fusion styles."""
-    from mmlm.checkpoints.hub import CONFIG_FILES, MODEL_FILES, resolve_folder
+    from mmlm.checkpoints.hub import MODEL_FILES, SETTINGS_FILES, resolve_folder
     from mmlm.json_files import read_json_object
     from mmlm.models.budget import ImageInput, plan_budget
 
+    folder = None
     if args.model:
-        # the plan reads config.json alone: a hub id's weights are fetched only to --measure them
-        folder = resolve_folder(args.model, args.revision, MODEL_FILES if args.measure else CONFIG_FILES)
+        # the plan reads config.json (and the image processor's settings): weights only to --measure them
+        folder = resolve_folder(args.model, args.revision, MODEL_FILES if args.measure else SETTINGS_FILES)
         source = folder / "config.json"
     else:
         source = Path(args.config)
@@ -338,7 +363,12 @@ def cmd_budget(args: argparse.Namespace) -> None:
         if args.video_pool is not None
         else read_json_object(source).get("config", {}).get("video_pool", 1)
     )
-    image = ImageInput(size, parse_tiles(args.tiles), video_frames(args),
+    if args.resolution is not None and args.tiles is not None:
+        raise InputError(
+            "--resolution and --tiles: give one (--resolution finds the tiles of an image that size)"
+        )
+    tiles = parse_tiles(args.tiles) if args.resolution is None else resolution_tiles(args.resolution, folder)
+    image = ImageInput(size, tiles, video_frames(args),
                        _positive("--text-tokens", args.text_tokens, 0),
                        _positive("--merge-tokens", v.merge_tokens if args.merge_tokens is None else args.merge_tokens, 0),
                        _positive("--video-pool", pool))  # fmt: skip
@@ -372,6 +402,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image-size", type=int, help="the tower's input side in px (default: the config's)")
     p.add_argument("--tiles", help="ROWSxCOLS tiles of --image-size each, plus one global view (LLaVA-NeXT)")
+    p.add_argument(
+        "--resolution",
+        help="HEIGHTxWIDTH of an image: its tiles as the --model folder's Idefics3 processor splits it",
+    )
     p.add_argument("--frames", type=int, default=1, help="video frames per image (each encoded)")
     p.add_argument("--video-seconds", type=float, help="a video's duration; with --fps sets the frame count")
     p.add_argument("--fps", type=float, help="frames sampled per second of video (f_s)")

@@ -26,7 +26,7 @@ from mmlm.inference.contrastive import (
     load_mmlm_dual_encoder,
     load_open_clip,
 )
-from mmlm.inference.vlm import GenerativeModel, load_llava, load_mmlm_vlm
+from mmlm.inference.vlm import GenerativeModel, load_idefics3, load_llava, load_mmlm_vlm
 from mmlm.json_files import read_json_object
 from mmlm.models.config import DTYPE_NAMES
 
@@ -107,6 +107,8 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "mistral": HFArchitecture(("MistralForCausalLM",), load_hf_causal_lm),
     "qwen2": HFArchitecture(("Qwen2ForCausalLM",), load_hf_causal_lm),
     "llava": HFArchitecture(("LlavaForConditionalGeneration",), load_llava),
+    "idefics3": HFArchitecture(("Idefics3ForConditionalGeneration",), load_idefics3),
+    "smolvlm": HFArchitecture(("SmolVLMForConditionalGeneration",), load_idefics3),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper

@@ -1,5 +1,5 @@
 """A loaded vision-language model: VisionLanguageModel + VLMProcessor, with `generate`, `stream`, `chat` and
-`save_pretrained`; and reading/writing such folders (transformers LLaVA, or mmlm's own format).
+`save_pretrained`; and reading/writing such folders (transformers LLaVA, Idefics3 / SmolVLM, or mmlm's own format).
 
 A str prompt is used as written, with `<image>` where each image goes (`<audio>` each audio clip, `<video>` each
 video); a list of chat messages gets the checkpoint's chat template (or the built-in LLaVA v1 / ChatML one) with
@@ -15,6 +15,12 @@ import numpy as np
 import torch
 
 from mmlm.checkpoints.build import build_from_weights
+from mmlm.checkpoints.hf_idefics3 import (
+    idefics3_config_to_hf,
+    idefics3_key_map,
+    idefics3_representable,
+    vlm_config_from_idefics3,
+)
 from mmlm.checkpoints.hf_llava import (
     llava_config_to_hf,
     llava_key_map,
@@ -28,6 +34,7 @@ from mmlm.checkpoints.processor_files import (
     check_image_tokens,
     image_processor_settings,
     llava_processor_config,
+    processor_settings,
 )
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
@@ -36,6 +43,15 @@ from mmlm.inference.base import GenerativeBase, check_request, end_token_ids, ge
 from mmlm.inference.causal_lm import generation_eos_ids
 from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
+from mmlm.processing.idefics3_image import (
+    HF_TYPES as IDEFICS3_IMAGE_PROCESSORS,
+)
+from mmlm.processing.idefics3_image import (
+    Idefics3Splitting,
+    idefics3_processing_from_hf,
+    idefics3_processing_to_hf,
+)
+from mmlm.processing.idefics3_prompt import Idefics3Prompt
 from mmlm.processing.image import ImageProcessor, ImageSource
 from mmlm.processing.vlm_processor import VLMProcessor
 
@@ -204,7 +220,12 @@ class GenerativeModel(GenerativeBase):
     def _transformers_folder(
         self, weights: dict[str, torch.Tensor]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """A transformers LLaVA folder, where LLaVA represents the model."""
+        """A transformers LLaVA or Idefics3 / SmolVLM folder, where one represents the model."""
+        if idefics3_representable(self.config):
+            model_type = self.source_format if self.source_format in ("idefics3", "smolvlm") else "idefics3"
+            return idefics3_config_to_hf(self.config, model_type), to_theirs(
+                weights, idefics3_key_map(self.config)
+            )
         lm_type = llava_representable(self.config)
         if lm_type is None:
             return None
@@ -216,7 +237,12 @@ class GenerativeModel(GenerativeBase):
         tokenizer_config = {**processor.special_tokens, "model_max_length": cfg.lm.max_positions,
                             "chat_template": processor.chat_template.source}  # fmt: skip
         write_json(folder / "tokenizer_config.json", tokenizer_config)
-        write_json(folder / "preprocessor_config.json", processor.image_processor.to_hf())
+        if isinstance(processor.dynamic_resolution, Idefics3Splitting):
+            settings = idefics3_processing_to_hf(processor.dynamic_resolution, processor.image_processor)
+            write_json(folder / "preprocessor_config.json", settings)
+            write_json(folder / "processor_config.json", {"image_seq_len": processor.tokens_per_tile})
+        else:
+            write_json(folder / "preprocessor_config.json", processor.image_processor.to_hf())
         size = _fixed_output_size(processor.image_processor)
         # LlavaProcessor expands every image into one fixed grid of the tower's own size: no tiles
         square = (cfg.vision.image_size, cfg.vision.image_size)
@@ -231,11 +257,30 @@ class GenerativeModel(GenerativeBase):
         write_json(folder / "generation_config.json", generation)
 
 
-def _processor(folder: Path, model: VisionLanguageModel, image_processor: ImageProcessor) -> VLMProcessor:
+def _processor(folder: Path, model: VisionLanguageModel) -> VLMProcessor:
+    """The folder's processor: its image processor's settings pick plain views or Idefics3's split + prompt."""
     cfg = model.cfg
     audio = {} if cfg.audio is None else dict(
         tokens_per_audio=model.audio_tokens, audio_config=cfg.audio, audio_preprocessor=whisper_preprocessor(cfg.audio)
     )  # fmt: skip
+    settings = image_processor_settings(folder)
+    kind = str(settings.get("image_processor_type", "")).removesuffix("Pil").removesuffix("Fast")
+    if kind in IDEFICS3_IMAGE_PROCESSORS:
+        splitting, image_processor = idefics3_processing_from_hf(settings)
+        if splitting.max_image_size != cfg.vision.image_size:
+            raise InputError(
+                f"{folder}: max_image_size {splitting.max_image_size} px, but mmlm reads Idefics3 tiles at the "
+                f"tower's image_size ({cfg.vision.image_size} px), as the released checkpoints use"
+            )
+        seq_len = processor_settings(folder).get("image_seq_len", model.image_tokens)
+        if seq_len != model.image_tokens:
+            raise InputError(
+                f"{folder}: image_seq_len {seq_len} in processor_config.json, but the model makes "
+                f"{model.image_tokens} tokens per tile"
+            )
+        audio.update(dynamic_resolution=splitting, image_prompt=Idefics3Prompt(model.image_tokens))
+    else:
+        image_processor = ImageProcessor.from_hf(settings)
     return VLMProcessor.from_pretrained(
         folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, **audio
     )
@@ -249,6 +294,17 @@ def _fixed_output_size(image_processor: ImageProcessor) -> tuple[int, int] | Non
     return image_processor.size if fixed else None
 
 
+def _load_hf_vlm(folder: Path, cfg: VLMConfig, rules: list, head: str, dtype: torch.dtype,
+                 device: torch.device, weights: dict[str, torch.Tensor], source_format: str) -> GenerativeModel:  # fmt: skip
+    if cfg.lm.tie_word_embeddings:
+        weights.pop(head, None)
+    model = build_from_weights(lambda: VisionLanguageModel(cfg), weights, rules, str(folder), device, dtype)
+    weights.clear()
+    if device.type == "cpu":
+        model.lm.prepare_for_inference()  # the decode layout: same values, faster CPU matrix-vector products
+    return GenerativeModel(model, _processor(folder, model), generation_eos_ids(folder), source_format)
+
+
 def load_llava(
     folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> GenerativeModel:
@@ -256,19 +312,24 @@ def load_llava(
     cfg = vlm_config_from_llava(cfg_json)
     weights = read_weights(folder, dtype)  # cast as read: a bf16 load never holds fp32 weights
     layout = llava_layout(set(weights))
-    if cfg.lm.tie_word_embeddings:
-        weights.pop(f"{layout.head}.weight", None)
-    model = build_from_weights(
-        lambda: VisionLanguageModel(cfg), weights, llava_key_map(cfg, layout), str(folder), device, dtype
+    loaded = _load_hf_vlm(folder, cfg, llava_key_map(cfg, layout), f"{layout.head}.weight", dtype, device, weights,
+                          "llava")  # fmt: skip
+    check_image_tokens(
+        folder, loaded.model.image_tokens, _fixed_output_size(loaded.processor.image_processor)
     )
-    del weights
-    if device.type == "cpu":
-        model.lm.prepare_for_inference()  # the decode layout: same values, faster CPU matrix-vector products
-    image_processor = ImageProcessor.from_hf(image_processor_settings(folder))
-    check_image_tokens(folder, model.image_tokens, _fixed_output_size(image_processor))
-    return GenerativeModel(
-        model, _processor(folder, model, image_processor), generation_eos_ids(folder), "llava"
-    )
+    return loaded
+
+
+def load_idefics3(
+    folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> GenerativeModel:
+    """Return a transformers Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration folder as a
+    GenerativeModel."""
+    weights = read_weights(folder, dtype)
+    # a head-less checkpoint is tied whatever its config says (transformers 4 read the text config's flag)
+    cfg = vlm_config_from_idefics3(cfg_json, tied=None if "lm_head.weight" in weights else True)
+    return _load_hf_vlm(folder, cfg, idefics3_key_map(cfg), "lm_head.weight", dtype, device, weights,
+                        cfg_json.get("model_type", "idefics3"))  # fmt: skip
 
 
 def load_mmlm_vlm(
@@ -280,5 +341,4 @@ def load_mmlm_vlm(
     )
     if device.type == "cpu":
         model.lm.prepare_for_inference()
-    image_processor = ImageProcessor.from_hf(image_processor_settings(folder))
-    return GenerativeModel(model, _processor(folder, model, image_processor), generation_eos_ids(folder))
+    return GenerativeModel(model, _processor(folder, model), generation_eos_ids(folder))

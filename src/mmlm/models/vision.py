@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlm.errors import InputError
 from mmlm.layers import MLP, Attention, Transformer
 from mmlm.layers.init import (
     initialise,
@@ -39,6 +40,9 @@ class VisionConfig:
     embed_dim: int | None = 512  # output projection size; None means no projection (SigLIP)
     proj_bias: bool = False
     merge_tokens: int = 0  # ToMe: tokens merged per block (r); 0 = off (models/token_merging.py)
+    # how a patch grid other than image_size/patch_size finds its positions: interpolate (bicubic resize of the
+    # learned grid, CLIP/SigLIP) | bucket (Idefics2/3, after NaViT: fractional coordinates bucketed to the grid)
+    positions: str = "interpolate"
     version: int = CONFIG_VERSION
 
     @property
@@ -55,6 +59,22 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tup
     grid = pos.reshape(1, *old_grid, dim).permute(0, 3, 1, 2)  # [1, D, h, w]
     grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
     return grid.permute(0, 2, 3, 1).reshape(-1, dim)
+
+
+def bucket_position_ids(side: int, grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """Return the learned-grid position id of each patch of an h×w grid, [h·w], as Idefics3VisionEmbeddings does
+    for an unpadded image: patch i of n along a side sits at fraction i/n, bucketed into `side` equal bins.
+
+    The float32 arithmetic is transformers' own: at the native grid it is not always the identity (for a side of
+    19, 25, 29, 31, 38, ... a bin boundary rounds below i/n), and parity needs the same ids.
+    """
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=device)
+    ids = []
+    for n in grid:
+        step = 1.0 / torch.tensor(n, device=device)
+        fraction = torch.arange(n, device=device, dtype=torch.float32) * step
+        ids.append(torch.bucketize(fraction.clamp(max=1.0 - 1e-6), boundaries, right=True))
+    return (ids[0][:, None] * side + ids[1][None, :]).reshape(-1)
 
 
 class ConvStem(nn.Module):
@@ -103,6 +123,8 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
+        if cfg.positions not in ("interpolate", "bucket"):
+            raise InputError(f"positions: expected 'interpolate' or 'bucket', got {cfg.positions!r}")
         self.cfg = cfg
         d = cfg.width
         if cfg.stem == "conv":
@@ -129,7 +151,11 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
         pos = self.pos_embed
         n_cls = int(self.class_token is not None)
-        pos = torch.cat([pos[:n_cls], resize_pos_embed(pos[n_cls:], (self.cfg.grid,) * 2, grid)])
+        if self.cfg.positions == "bucket":
+            patches = pos[n_cls:][bucket_position_ids(self.cfg.grid, grid, pos.device)]
+        else:
+            patches = resize_pos_embed(pos[n_cls:], (self.cfg.grid,) * 2, grid)
+        pos = torch.cat([pos[:n_cls], patches])
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x], dim=1)
         return x + pos

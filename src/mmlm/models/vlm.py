@@ -48,6 +48,9 @@ class VLMConfig:
     image_token_id: int = 32000
     feature_layers: list[int] = field(default_factory=lambda: [-2])  # transformers' vision_feature_layer
     feature_select: str = "default"  # default: drop the first token (CLIP's class token) | full: keep all
+    feature_norm: bool = (
+        False  # apply the tower's final LayerNorm to the features read (Idefics3: last_hidden_state)
+    )
     audio: AudioConfig | None = None  # a Whisper-style audio tower; None: no audio input
     audio_connector: ConnectorConfig = field(default_factory=ConnectorConfig)  # encoder frames -> LM width
     audio_pool: int = 4  # consecutive encoder frames merged into one before the audio connector
@@ -158,6 +161,8 @@ class VisionLanguageModel(nn.Module):
     def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Return the tower's tokens that reach the connector, [I, 3, H, W] -> [I, N, Dv·layers]."""
         states = self.vision.layer_features(pixel_values, self.cfg.feature_layers)
+        if self.cfg.feature_norm:
+            states = [self.vision.norm_post(s) for s in states]
         if self.cfg.feature_select == "default":
             states = [s[:, 1:] for s in states]  # as transformers: drops the class token (any first token)
         return torch.cat(states, dim=-1)

@@ -1,6 +1,7 @@
 """Train a byte-level BPE tokenizer on a caption corpus (for from-scratch models) with `tokenizers`."""
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -9,8 +10,15 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "<|pad|>"
 
 
-def train_bpe(texts: Iterable[str], folder: Path, vocab_size: int = 1024, context_length: int = 32) -> Path:
-    """Write tokenizer.json + tokenizer_config.json (lower-cased byte-level BPE, <bos> text <eos>); return folder."""
+def train_bpe(
+    texts: Iterable[str],
+    folder: Path,
+    vocab_size: int = 1024,
+    context_length: int = 32,
+    template: str = f"{BOS} $A {EOS}",
+) -> Path:
+    """Write tokenizer.json + tokenizer_config.json (lower-cased byte-level BPE, each text framed as `template`
+    says); return folder."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -27,11 +35,20 @@ def train_bpe(texts: Iterable[str], folder: Path, vocab_size: int = 1024, contex
     )
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))]
+        single=template, special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))]
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
               "pad_token": PAD, "model_max_length": context_length}  # fmt: skip
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    # every rank of a torchrun job trains the same tokenizer into the same folder: each file appears whole
+    # (written aside, then renamed), so a rank never reads another's half-written file
+    write_atomically(folder / "tokenizer.json", tok.to_str(pretty=True))
+    write_atomically(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a process-private temporary file and one rename."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)

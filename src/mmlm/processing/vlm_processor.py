@@ -8,7 +8,10 @@ the model can fill them without a Python loop:
     inputs_embeds[input_ids == image_token_id] = features.reshape(-1, D)
 
 That works because the image tokens appear in the order of `pixel_values`: sample by sample in the batch,
-image by image in each prompt, and tile by tile (global view first) in each image.
+image by image in each prompt, and tile by tile (in the tiling's order) in each image.
+
+A model whose prompts mark the tiles (Idefics3: row/column tokens around each tile's image tokens) gives an
+`image_prompt`: each placeholder then becomes the ids of that expansion instead of bare image tokens.
 
 Audio clips work the same way: every `<audio>` (or audio part) becomes `tokens_per_audio` copies of the audio
 token id, and the clip becomes Whisper log-mel features [n_mels, 2·max_frames] in `audio_features`, in order.
@@ -21,14 +24,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from tokenizers import AddedToken, Tokenizer
 
 from mmlm.errors import InputError
 from mmlm.models.audio_encoder import AudioConfig
-from mmlm.processing.anyres import DynamicResolution
+from mmlm.processing.anyres import TiledImage
 from mmlm.processing.audio import audio_batch_features
 from mmlm.processing.chat import (
     AUDIO_TOKEN,
@@ -45,6 +48,26 @@ from mmlm.processing.video_prompt import expand_videos, frame_sampler
 IGNORE_INDEX = -100  # labels the loss skips (torch's cross_entropy default ignore_index)
 Prompt = str | Sequence[Message]
 PaddingSide = Literal["left", "right"]
+
+
+class ImageTiling(Protocol):
+    """Cuts an image into encoder-sized views (anyres.DynamicResolution, idefics3_image.Idefics3Splitting)."""
+
+    def num_tiles(self, height: int, width: int) -> int:
+        """Return how many views an image of this size becomes."""
+        ...
+
+    def __call__(self, image: Any) -> TiledImage:
+        """Return the image's views in prompt order and its grid."""
+        ...
+
+
+class ImagePrompt(Protocol):
+    """The token ids one `<image>` becomes, given its tiling grid (idefics3_prompt.Idefics3Prompt)."""
+
+    def ids(self, tokenizer: Tokenizer, grid: tuple[int, int]) -> list[int]:
+        """Return the ids of one image's expansion; its image tokens fill the model's slots in order."""
+        ...
 
 
 @dataclass
@@ -93,7 +116,8 @@ class VLMProcessor:
         *,
         chat_template: ChatTemplate | None = None,
         image_token: str = IMAGE_TOKEN,
-        dynamic_resolution: DynamicResolution | None = None,
+        dynamic_resolution: ImageTiling | None = None,
+        image_prompt: ImagePrompt | None = None,
         max_length: int | None = None,
         special_tokens: Mapping[str, str] | None = None,
         tokens_per_audio: int = 0,
@@ -125,6 +149,7 @@ class VLMProcessor:
         self.special_tokens = dict(special_tokens or {})
         self.chat_template = chat_template or self._builtin_template()
         self.dynamic_resolution = dynamic_resolution
+        self.image_prompt = image_prompt
         self.max_length = max_length
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
@@ -232,16 +257,7 @@ class VLMProcessor:
                 f"audio: got {len(audio)} clip(s) for {int(is_audio.sum())} {AUDIO_TOKEN} placeholder(s)"
             )
         pixel_values, tiles, grids, sizes, frames = self._images(images)
-        # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times, in image order; an
-        # audio placeholder tokens_per_audio times
-        repeats = torch.ones_like(ids)
-        repeats[is_image] = torch.tensor([n * self.tokens_per_tile for n in tiles], dtype=torch.long)
-        repeats[is_audio] = self.tokens_per_audio
-        ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
-        is_media = ids == self.image_token_id
-        if audio:
-            is_media |= ids == self.audio_token_id
-        labels[is_media] = IGNORE_INDEX
+        ids, labels, is_media = self._expand(ids, labels, is_image, is_audio, tiles, grids)
 
         if self.max_length is not None and len(ids) > self.max_length:
             if bool(is_media[self.max_length :].any()):
@@ -256,6 +272,37 @@ class VLMProcessor:
             else None
         )
         return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes, features, frames)
+
+    def _expand(self, ids: torch.Tensor, labels: torch.Tensor, is_image: torch.Tensor, is_audio: torch.Tensor,
+                tiles: list[int], grids: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Return ids, labels (ignored on media) and the media positions with every placeholder expanded."""
+        expansions = None
+        if self.image_prompt is not None:
+            expansions = [
+                torch.tensor(self.image_prompt.ids(self.tokenizer, g), dtype=torch.long) for g in grids
+            ]
+            self._check_expansions(expansions, tiles)
+        # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times (or its expansion's
+        # length), in image order; an audio placeholder tokens_per_audio times
+        repeats = torch.ones_like(ids)
+        lengths = [len(e) for e in expansions] if expansions else [n * self.tokens_per_tile for n in tiles]
+        repeats[is_image] = torch.tensor(lengths, dtype=torch.long)
+        repeats[is_audio] = self.tokens_per_audio
+        ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+        is_media = (is_image | is_audio).repeat_interleave(repeats)  # every position an image or clip fills
+        if expansions:
+            ids[is_image.repeat_interleave(repeats)] = torch.cat(expansions)
+        labels[is_media] = IGNORE_INDEX
+        return ids, labels, is_media
+
+    def _check_expansions(self, expansions: list[torch.Tensor], tiles: list[int]) -> None:
+        for expansion, n in zip(expansions, tiles, strict=True):
+            found = int((expansion == self.image_token_id).sum())
+            if found != n * self.tokens_per_tile:
+                raise InputError(
+                    f"image_prompt: an image of {n} view(s) expands to {found} {self.image_token} tokens; "
+                    f"the model fills {n * self.tokens_per_tile} ({self.tokens_per_tile} per view)"
+                )
 
     def _images(
         self, images: Sequence[ImageSource]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer
 
 import mmlm
 from mmlm.errors import InputError
@@ -34,13 +34,7 @@ def build_tokenizer(cfg: VLMTrainConfig, run_dir: Path, corpus: Callable[[], lis
     folder = run_dir / "tokenizer"
     if (folder / "tokenizer.json").is_file():  # a resumed run keeps its tokenizer
         return folder
-    train_bpe(corpus(), folder, cfg.model.vocab_size, cfg.max_length)
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
-    )
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
+    return train_bpe(corpus(), folder, cfg.model.vocab_size, cfg.max_length, template=f"{BOS} $A")
 
 
 def audio_encoder_of(folder: str) -> tuple[AudioConfig, dict[str, torch.Tensor], dict[str, Any]]:
