@@ -65,3 +65,22 @@ def write_tiny_llava(
     else:
         transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     return model
+
+
+def write_tiny_llava_processor_save(folder: Path, tower: str = "clip", **llava_options):
+    """Write a tiny LLaVA folder the way transformers 5 saves one (`LlavaForConditionalGeneration.save_pretrained`
+    + `LlavaProcessor.save_pretrained`: processor_config.json, chat_template.jinja, no preprocessor_config.json);
+    return (model, processor)."""
+    parts = folder.parent / f"{folder.name}-parts"
+    model = write_tiny_llava(parts, tower=tower, **llava_options)
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(parts, backend="pil"),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(parts),
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(tower == "clip"),  # CLIP's class token
+        chat_template=LLAVA_TEMPLATE,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor

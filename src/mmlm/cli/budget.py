@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmlm.cli.model_args import add_revision_arg
 from mmlm.errors import InputError
 from mmlm.models.config import DTYPE_NAMES
 
@@ -341,13 +342,14 @@ def render_table(spec: ModelSpec, budget, dtype: str, dtype_source: str, measure
 
 def cmd_budget(args: argparse.Namespace) -> None:
     """Print the visual-token budget of one image: tokens, FLOPs per stage, KV cache, fusion styles."""
-    from mmlm.inference.load import resolve_folder
+    from mmlm.checkpoints.hub import MODEL_FILES, SETTINGS_FILES, resolve_folder
     from mmlm.json_files import read_json_object
     from mmlm.models.budget import ImageInput, plan_budget
 
     folder = None
     if args.model:
-        folder = resolve_folder(args.model)
+        # the plan reads config.json (and the image processor's settings): weights only to --measure them
+        folder = resolve_folder(args.model, args.revision, MODEL_FILES if args.measure else SETTINGS_FILES)
         source = folder / "config.json"
     else:
         source = Path(args.config)
@@ -391,7 +393,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `budget` to the command line."""
     p = sub.add_parser("budget", help="visual tokens, FLOPs and KV cache per image, for every fusion style")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a model folder (reads its config.json; --measure loads its weights)")
+    source.add_argument(
+        "--model", help="a model folder or hub id (reads its config.json; --measure loads its weights)"
+    )
+    add_revision_arg(p)
     source.add_argument(
         "--config", help="a model config.json alone: transformers' (LLaVA, CLIP, SigLIP, BLIP-2) or mmlm's"
     )

@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace, spec: Any, budget: Any) -> dict[str, Any]:
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype or ("float32" if device.type == "cpu" else spec.torch_dtype))
     if args.model:
-        loaded = mmlm.load(args.model, device=device, dtype=dtype)
+        loaded = mmlm.load(args.model, device=device, dtype=dtype, revision=args.revision)
         model = getattr(loaded.model, "visual", loaded.model)
     else:
         model = _random_model(spec, device, dtype)

@@ -30,7 +30,12 @@ from mmlm.checkpoints.hf_llava import (
 )
 from mmlm.checkpoints.keymap import to_theirs
 from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
-from mmlm.checkpoints.processor_files import image_processor_settings, processor_settings
+from mmlm.checkpoints.processor_files import (
+    check_image_tokens,
+    image_processor_settings,
+    llava_processor_config,
+    processor_settings,
+)
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
 from mmlm.inference.audio import whisper_preprocessor
@@ -238,6 +243,15 @@ class GenerativeModel(GenerativeBase):
             write_json(folder / "processor_config.json", {"image_seq_len": processor.tokens_per_tile})
         else:
             write_json(folder / "preprocessor_config.json", processor.image_processor.to_hf())
+        size = _fixed_output_size(processor.image_processor)
+        # LlavaProcessor expands every image into one fixed grid of the tower's own size: no tiles
+        square = (cfg.vision.image_size, cfg.vision.image_size)
+        if llava_representable(cfg) and size == square and processor.dynamic_resolution is None:
+            write_json(folder / "processor_config.json", llava_processor_config(
+                cfg.vision.patch_size, cfg.feature_select, self.model.image_tokens, size, processor.image_token
+            ))  # fmt: skip
+            # transformers' processors read their template from this file only, not tokenizer_config.json
+            (folder / "chat_template.jinja").write_text(processor.chat_template.source, encoding="utf-8")
         generation = {"bos_token_id": cfg.lm.bos_token_id, "eos_token_id": self.eos_token_ids,
                       "pad_token_id": cfg.lm.pad_token_id}  # fmt: skip
         write_json(folder / "generation_config.json", generation)
@@ -272,6 +286,14 @@ def _processor(folder: Path, model: VisionLanguageModel) -> VLMProcessor:
     )
 
 
+def _fixed_output_size(image_processor: ImageProcessor) -> tuple[int, int] | None:
+    # the (height, width) every image leaves the processor at; None when it follows the input's aspect ratio
+    if image_processor.crop_size is not None:
+        return image_processor.crop_size
+    fixed = image_processor.do_resize and isinstance(image_processor.size, tuple)
+    return image_processor.size if fixed else None
+
+
 def _load_hf_vlm(folder: Path, cfg: VLMConfig, rules: list, head: str, dtype: torch.dtype,
                  device: torch.device, weights: dict[str, torch.Tensor], source_format: str) -> GenerativeModel:  # fmt: skip
     if cfg.lm.tie_word_embeddings:
@@ -290,8 +312,12 @@ def load_llava(
     cfg = vlm_config_from_llava(cfg_json)
     weights = read_weights(folder, dtype)  # cast as read: a bf16 load never holds fp32 weights
     layout = llava_layout(set(weights))
-    return _load_hf_vlm(folder, cfg, llava_key_map(cfg, layout), f"{layout.head}.weight", dtype, device, weights,
-                        "llava")  # fmt: skip
+    loaded = _load_hf_vlm(folder, cfg, llava_key_map(cfg, layout), f"{layout.head}.weight", dtype, device, weights,
+                          "llava")  # fmt: skip
+    check_image_tokens(
+        folder, loaded.model.image_tokens, _fixed_output_size(loaded.processor.image_processor)
+    )
+    return loaded
 
 
 def load_idefics3(
