@@ -137,6 +137,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "mistral": HFArchitecture(("MistralForCausalLM",), load_hf_causal_lm),
     "qwen2": HFArchitecture(("Qwen2ForCausalLM",), load_hf_causal_lm),
     "llava": HFArchitecture(("LlavaForConditionalGeneration",), load_llava),
+    "llava_next": HFArchitecture(("LlavaNextForConditionalGeneration",), load_llava),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper

@@ -1,5 +1,5 @@
 """A loaded vision-language model: VisionLanguageModel + VLMProcessor, with `generate`, `stream`, `chat` and
-`save_pretrained`; and reading/writing such folders (transformers LLaVA, or mmlm's own format).
+`save_pretrained`; and reading/writing such folders (transformers LLaVA and LLaVA-NeXT, or mmlm's own format).
 
 A str prompt is used as written, with `<image>` where each image goes (`<audio>` each audio clip, `<video>` each
 video); a list of chat messages gets the checkpoint's chat template (or the built-in LLaVA v1 / ChatML one) with
@@ -16,6 +16,7 @@ import torch
 
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_llava import (
+    LLAVA_NEXT_PINPOINTS,
     llava_config_to_hf,
     llava_key_map,
     llava_layout,
@@ -32,6 +33,7 @@ from mmlm.inference.base import GenerativeBase, check_request, end_token_ids, ge
 from mmlm.inference.causal_lm import generation_eos_ids
 from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
+from mmlm.processing.anyres import DynamicResolution
 from mmlm.processing.image import ImageProcessor, ImageSource
 from mmlm.processing.vlm_processor import VLMProcessor
 
@@ -61,6 +63,12 @@ class GenerativeModel(GenerativeBase):
             raise InputError(
                 f"the processor reserves {processor.tokens_per_tile} tokens per image, the model makes "
                 f"{model.image_tokens}"
+            )
+        if (processor.spatial_unpad is None) != (model.anyres is None):
+            raise InputError(
+                f"the processor's image token counts are for patch_merge "
+                f"{'flat' if processor.spatial_unpad is None else 'spatial_unpad'}, the model merges "
+                f"{model.cfg.patch_merge}"
             )
         if processor.tokens_per_audio != model.audio_tokens or (
             model.audio_tokens and processor.audio_token_id != model.cfg.audio_token_id
@@ -103,6 +111,7 @@ class GenerativeModel(GenerativeBase):
                 None if pixels is None else pixels.to(self.device, self.dtype),
                 None if sound is None else sound.to(self.device, self.dtype),
                 frames,
+                batch["image_sizes"],
             )
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.new_cache(ids.shape[0], length, media)  # the style's media ride in it (see vlm_step)
@@ -212,27 +221,52 @@ class GenerativeModel(GenerativeBase):
         tokenizer_config = {**processor.special_tokens, "model_max_length": cfg.lm.max_positions,
                             "chat_template": processor.chat_template.source}  # fmt: skip
         write_json(folder / "tokenizer_config.json", tokenizer_config)
-        write_json(folder / "preprocessor_config.json", processor.image_processor.to_hf())
+        image_settings = processor.image_processor.to_hf()
+        if processor.spatial_unpad is not None:  # LLaVA-NeXT's tiling rides in the same file
+            image_settings.update(processor.dynamic_resolution.to_hf())
+        write_json(folder / "preprocessor_config.json", image_settings)
         generation = {"bos_token_id": cfg.lm.bos_token_id, "eos_token_id": self.eos_token_ids,
                       "pad_token_id": cfg.lm.pad_token_id}  # fmt: skip
         write_json(folder / "generation_config.json", generation)
 
 
-def _processor(folder: Path, model: VisionLanguageModel, image_processor: ImageProcessor) -> VLMProcessor:
+def _processor(folder: Path, model: VisionLanguageModel) -> VLMProcessor:
     cfg = model.cfg
+    settings = image_processor_settings(folder)
     audio = {} if cfg.audio is None else dict(
         tokens_per_audio=model.audio_tokens, audio_config=cfg.audio, audio_preprocessor=whisper_preprocessor(cfg.audio)
     )  # fmt: skip
+    anyres = {} if model.anyres is None else dict(
+        dynamic_resolution=_tiling(folder, settings, model), spatial_unpad=model.anyres
+    )  # fmt: skip
     return VLMProcessor.from_pretrained(
-        folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, **audio
-    )
+        folder, ImageProcessor.from_hf(settings), model.image_tokens, max_length=cfg.lm.max_positions,
+        **audio, **anyres,
+    )  # fmt: skip
+
+
+def _tiling(folder: Path, settings: dict[str, Any], model: VisionLanguageModel) -> DynamicResolution:
+    """LLaVA-NeXT's tiling from the image processor's settings; it must cut the grids the model merges."""
+    tiler = DynamicResolution.from_hf(settings, LLAVA_NEXT_PINPOINTS)
+    grids = (model.anyres.tile_size, list(model.anyres.resolutions))
+    if (tiler.tile_size, list(tiler.resolutions)) != grids:
+        raise InputError(
+            f"{folder}: the image processor cuts {tiler.tile_size}-px tiles on image_grid_pinpoints "
+            f"{[list(r) for r in tiler.resolutions]}, but config.json's model merges {grids[0]}-px tiles on "
+            f"{[list(r) for r in grids[1]]}"
+        )
+    return tiler
 
 
 def load_llava(
     folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> GenerativeModel:
-    """Return a transformers LlavaForConditionalGeneration folder as a GenerativeModel."""
-    cfg = vlm_config_from_llava(cfg_json)
+    """Return a transformers LlavaForConditionalGeneration or LlavaNextForConditionalGeneration folder as a
+    GenerativeModel."""
+    try:
+        cfg = vlm_config_from_llava(cfg_json)
+    except InputError as error:
+        raise InputError(f"{folder / 'config.json'}: {error}") from None
     weights = read_weights(folder, dtype)  # cast as read: a bf16 load never holds fp32 weights
     layout = llava_layout(set(weights))
     if cfg.lm.tie_word_embeddings:
@@ -243,9 +277,8 @@ def load_llava(
     del weights
     if device.type == "cpu":
         model.lm.prepare_for_inference()  # the decode layout: same values, faster CPU matrix-vector products
-    image_processor = ImageProcessor.from_hf(image_processor_settings(folder))
     return GenerativeModel(
-        model, _processor(folder, model, image_processor), generation_eos_ids(folder), "llava"
+        model, _processor(folder, model), generation_eos_ids(folder), cfg_json.get("model_type", "llava")
     )
 
 
@@ -258,5 +291,4 @@ def load_mmlm_vlm(
     )
     if device.type == "cpu":
         model.lm.prepare_for_inference()
-    image_processor = ImageProcessor.from_hf(image_processor_settings(folder))
-    return GenerativeModel(model, _processor(folder, model, image_processor), generation_eos_ids(folder))
+    return GenerativeModel(model, _processor(folder, model), generation_eos_ids(folder))
