@@ -12,9 +12,11 @@ from PIL import Image
 from skimage import data
 
 import mmlm
-from fixtures_vlm import write_tiny_llava_next
+from fixtures_vlm import write_llava_tokenizer, write_tiny_llava_next
+from mmlm.cli import main
 from mmlm.errors import InputError
 from mmlm.inference.vlm import GenerativeModel
+from mmlm.train.vlm_loop import RowLosses, batch_loss
 
 CONFIGS = {
     # CLIP drops its class token ("default"); a Llama LM; transformers 4's preprocessor_config.json
@@ -107,6 +109,21 @@ def test_greedy_generation_is_token_identical(pair):
     assert together == alone == m.generate(prompts, images, max_new_tokens=20)
 
 
+def test_training_loss_matches_transformers(pair):
+    ref, _, m, _ = pair
+    samples = [m.processor.encode("USER: <image>\nWhat is it? ASSISTANT:", [image], answer=" A photo.")
+               for image in photos()[1:]]  # fmt: skip
+    batch = m.processor.collate(samples, padding_side="right")
+    row_loss, row_tokens = RowLosses(m.model)(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                              batch["pixel_values"], None, batch["image_frames"],
+                                              batch["image_sizes"])  # fmt: skip
+    with torch.no_grad():
+        theirs = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
+                     labels=batch["labels"]).loss  # fmt: skip
+    torch.testing.assert_close(batch_loss(row_loss, row_tokens).detach(), theirs, atol=1e-5, rtol=0)
+
+
 def test_export_round_trip_loads_in_transformers(pair, tmp_path):
     ref, _, m, _ = pair
     m.save_pretrained(tmp_path)
@@ -177,3 +194,69 @@ def test_processor_tiles_need_one_square_size(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
     with pytest.raises(InputError, match="mmlm's anyres tiles need the global view and the tiles the same"):
         mmlm.load(tmp_path)
+
+
+# llava-hf/llava-v1.6-mistral-7b-hf's config.json in short (default image_grid_pinpoints: 336-px tiles)
+LLAVA_V16_MISTRAL_7B = {
+    "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next", "image_token_index": 32000,
+    "torch_dtype": "float16", "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "text_config": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064,
+                    "max_position_embeddings": 32768, "rms_norm_eps": 1e-05},
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
+                      "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768},
+}  # fmt: skip
+RESOLUTIONS = [(400, 600), (336, 336), (1000, 300), (2000, 2000), (500, 80), (768, 1024)]
+
+
+def budget_tokens(capsys, *argv) -> dict:
+    assert main(["budget", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_budget_counts_tokens_as_llava_next_processor(tmp_path, capsys):
+    folder = tmp_path / "tokenizer"
+    write_llava_tokenizer(folder)
+    reference = transformers.LlavaNextProcessor(
+        image_processor=transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+        ),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder), patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )  # fmt: skip
+    expected = reference._get_num_multimodal_tokens(image_sizes=RESOLUTIONS)["num_image_tokens"]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAVA_V16_MISTRAL_7B))
+    plans = [budget_tokens(capsys, "--config", config, "--resolution", f"{h}x{w}") for h, w in RESOLUTIONS]
+    assert [p["styles"][0]["visual_tokens"] for p in plans] == expected
+    # by hand, 24x24 tokens per tile: 400x600 -> 2x2 grid, a 48x48 canvas keeps 32 rows: 576 + 32·(48 + 1);
+    # 336x336 -> 1x2 grid, a 24x48 canvas keeps 24 columns: 576 + 24·(24 + 1)
+    assert expected[:2] == [2144, 1176]
+    assert plans[0]["image"]["tiles"] == [2, 2] and plans[0]["views"] == 5
+
+
+def test_budget_of_a_tiny_folder_matches_its_processor(pair, capsys):
+    _, _, m, folder = pair
+    for image in photos():
+        plan = budget_tokens(capsys, "--model", folder, "--resolution", f"{image.height}x{image.width}")
+        assert plan["styles"][0]["visual_tokens"] == m.processor.image_token_count(image.height, image.width)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--tiles", "2x2"],
+            "--tiles: a LLaVA-NeXT model picks its grid from the image; give --resolution HxW",
+        ),
+        (["--resolution", "4x0"], "--resolution: got '4x0'; expected HEIGHTxWIDTH with positive integers"),
+        (["--image-size", "28"], "--image-size: got 28; a LLaVA-NeXT model's tiles are its tower's 336 px"),
+    ],
+)
+def test_budget_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAVA_V16_MISTRAL_7B))
+    assert main(["budget", "--config", str(config), *argv]) != 0
+    assert message in capsys.readouterr().err
