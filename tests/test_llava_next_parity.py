@@ -138,10 +138,11 @@ def test_export_round_trip_loads_in_transformers(pair, tmp_path):
         a = again(input_ids=batch["input_ids"], **theirs).logits
         b = ref(input_ids=batch["input_ids"], **theirs).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    reloaded = mmlm.load(tmp_path)
-    assert reloaded.generate(prompt, photos()[1:], max_new_tokens=6) == m.generate(
-        prompt, photos()[1:], max_new_tokens=6
-    )
+    expected = m.generate(prompt, photos()[1:], max_new_tokens=6)
+    assert mmlm.load(tmp_path).generate(prompt, photos()[1:], max_new_tokens=6) == expected
+    own = m.save_pretrained(tmp_path / "mmlm", format="mmlm")  # mmlm's own folder keeps the tiling too
+    assert json.loads((own / "config.json").read_text())["config"]["patch_merge"] == "spatial_unpad"
+    assert mmlm.load(own).generate(prompt, photos()[1:], max_new_tokens=6) == expected
 
 
 def test_bad_images(pair):
