@@ -377,7 +377,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model folder (reads its config.json; --measure loads its weights)")
     source.add_argument(
-        "--config", help="a model config.json alone: transformers' (LLaVA, CLIP, SigLIP, BLIP-2) or mmlm's"
+        "--config",
+        help="a model config.json alone: transformers' (LLaVA, LLaVA-NeXT, CLIP, SigLIP, BLIP-2) or mmlm's",
     )
     p.add_argument("--image-size", type=int, help="the tower's input side in px (default: the config's)")
     p.add_argument("--tiles", help="ROWSxCOLS tiles of --image-size each, plus one global view (LLaVA-NeXT)")

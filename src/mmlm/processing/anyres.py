@@ -84,11 +84,15 @@ class DynamicResolution:
         """Return the tiling a transformers LlavaNextImageProcessor config describes (its image_grid_pinpoints,
         else `default_resolutions`)."""
         crop, size = config.get("crop_size") or {}, config.get("size") or {}
+        # older files write bare ints: crop_size 336 is a square, size 336 the shortest edge
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+        size = {"shortest_edge": size} if isinstance(size, int) else size
         # LlavaNextImageProcessor's tile side: crop_size's height (even with do_center_crop off), else size's
         tile = crop.get("height") or size.get("height") or size.get("shortest_edge")
         # its global view: the whole image squashed to size (shortest_edge: a square of it)
-        view = (size["height"], size["width"]) if "height" in size else (size.get("shortest_edge"),) * 2
-        if not isinstance(tile, int) or view != (tile, tile):
+        view = (size["height"], size.get("width")) if "height" in size else (size.get("shortest_edge"),) * 2
+        square = crop.get("width", tile) == tile
+        if not isinstance(tile, int) or view != (tile, tile) or not square:
             raise InputError(
                 f"image processor: size {dict(size)} and crop_size {dict(crop)}: mmlm's anyres tiles need the "
                 "global view and the tiles the same square size"
