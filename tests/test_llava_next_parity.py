@@ -100,8 +100,8 @@ def test_greedy_generation_is_token_identical(pair):
         alone.append(m.decode(theirs))
         assert m.generate(prompt, image, max_new_tokens=20) == alone[-1]
         assert "".join(m.stream(prompt, image, max_new_tokens=20)) == alone[-1]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=prompts, images=[i[0] for i in images], padding=True, return_tensors="pt")
+    inputs = processor(text=prompts, images=[i[0] for i in images], padding=True, padding_side="left",
+                       return_tensors="pt")  # fmt: skip
     assert (inputs["attention_mask"][:, 0] == 0).any()  # the shorter prompt is left-padded
     with torch.no_grad():
         out = ref.generate(**inputs, max_new_tokens=20, do_sample=False)
