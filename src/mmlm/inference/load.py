@@ -110,6 +110,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "llava": HFArchitecture(("LlavaForConditionalGeneration",), load_llava),
     "idefics3": HFArchitecture(("Idefics3ForConditionalGeneration",), load_idefics3),
     "smolvlm": HFArchitecture(("SmolVLMForConditionalGeneration",), load_idefics3),
+    "llava_next": HFArchitecture(("LlavaNextForConditionalGeneration",), load_llava),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper
