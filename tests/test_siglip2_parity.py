@@ -13,6 +13,7 @@ from skimage import data
 
 import mmlm
 from fixtures_models import write_tiny_siglip2
+from fixtures_text import write_siglip2_tokenizer
 from mmlm.errors import InputError
 from mmlm.inference.contrastive import ContrastiveModel
 from mmlm.processing.naflex import NaFlexProcessor, size_for_max_patches
@@ -147,3 +148,26 @@ def test_similarity_and_index_run_on_a_naflex_model(pair, tmp_path, capsys):
     assert main(["search", "--index", str(tmp_path / "i"), "--image", str(folder / "cat.png"), "-k", "1",
                  "--json"]) == 0  # fmt: skip
     assert "cat.png" in capsys.readouterr().out  # an image's nearest neighbour is itself
+
+
+def test_a_fixed_resolution_siglip2_folder_masks_its_padding_as_transformers(tmp_path):
+    # google/siglip2-*-224 style: a SiglipModel (model_type "siglip") with SigLIP 2's Gemma tokenizer, whose
+    # attention mask transformers passes on; SigLIP's own tokenizer_config.json asks for input_ids alone
+    _, vocab = write_siglip2_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    ref = transformers.SiglipModel(transformers.SiglipConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=0, eos_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+    )).eval()  # fmt: skip
+    ref.save_pretrained(tmp_path)
+    texts = ["a cat", "a cup of coffee"]
+    inputs = transformers.AutoTokenizer.from_pretrained(tmp_path)(
+        texts, padding="max_length", max_length=16, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(ref.get_text_features(**inputs).pooler_output, dim=-1)
+    m = mmlm.load(tmp_path)
+    assert m.config.text.mask_padding
+    torch.testing.assert_close(m.encode_text(texts), expected, atol=1e-5, rtol=0)
