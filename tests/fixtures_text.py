@@ -196,3 +196,22 @@ def write_siglip_tokenizer(
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return directory, vocab_size
+
+
+def write_siglip2_tokenizer(directory: Path) -> tuple[Path, int]:
+    """Returns (folder, vocab size) of a SigLIP 2-style tokenizer.json: Gemma's kind of BPE (spaces as "▁",
+    lower-casing, <pad>=0, <eos>=1, <bos>=2), eos appended and no bos, as google/siglip2-* tokenizer_config.json
+    says (add_bos_token false, add_eos_token true); padding on the right."""
+    from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz0123456789.,!?'"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "a"), ("▁", "c"), ("o", "f"), ("a", "t"), ("▁c", "at"), ("▁", "o"), ("▁o", "f")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tokenizer = Siglip2Tokenizer(
+        vocab=vocab, merges=merges, add_bos_token=False, add_eos_token=True, padding_side="right"
+    )
+    tokenizer.save_pretrained(directory)
+    return directory, len(vocab)

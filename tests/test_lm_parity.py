@@ -12,6 +12,7 @@ import transformers
 from safetensors.torch import save_file
 
 import mmlm
+from fixtures_hub import go_offline, serve_hub
 from fixtures_lm import one_thread, tiny_lm_config, write_lm_tokenizer, write_tiny_lm  # noqa: F401 (autouse)
 from mmlm.inference.causal_lm import CausalLM
 from mmlm.layers.attention import project
@@ -168,28 +169,21 @@ def test_bf16_load_of_an_fp32_checkpoint_never_holds_fp32_weights(tmp_path):
     assert peak_mib < bf16_mib + 0.15 * fp32_mib, (peak_mib, bf16_mib, fp32_mib)
 
 
-def fake_hub_cache(root, repo_id: str, source) -> None:
-    """Lay `source`'s files out as huggingface_hub does: models--org--name/{refs/main, snapshots/<rev>/}."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / "0123abcd"
-    snapshot.mkdir(parents=True)
-    for f in source.iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abcd")
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    yield from serve_hub(tmp_path, monkeypatch)
 
 
-def test_hub_id_resolves_through_the_local_cache_and_never_downloads(tmp_path, monkeypatch):
+def test_hub_id_loads_through_the_hugging_face_cache(tmp_path, monkeypatch, hub):
     ref = write_tiny_lm(tmp_path / "src")
-    fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", tmp_path / "src")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub.push("tiny-org/tiny-llama", tmp_path / "src")
     monkeypatch.chdir(tmp_path)  # "tiny-org/tiny-llama" is not a folder here
-    assert_same_logits(mmlm.load("tiny-org/tiny-llama"), ref)
-    with pytest.raises(mmlm.InputError, match="not in the Hugging Face cache.*never downloads"):
+    assert_same_logits(mmlm.load("tiny-org/tiny-llama"), ref)  # downloaded into the cache
+    hub.close()
+    go_offline(monkeypatch)
+    assert isinstance(mmlm.load("tiny-org/tiny-llama"), CausalLM)  # from the cache
+    with pytest.raises(mmlm.InputError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE=1"):
         mmlm.load("tiny-org/not-cached")
-    monkeypatch.delenv("HF_HUB_CACHE")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # $HF_HOME/hub
-    assert isinstance(mmlm.load("tiny-org/tiny-llama"), CausalLM)
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "llama-tied", "llama-rope-llama3", "mistral-sliding-window",

@@ -1,8 +1,11 @@
 """transformers CLIPModel and SiglipModel folders <-> mmlm's DualEncoder: config translation and key maps."""
 
+import dataclasses
+import math
 from typing import Any
 
 from mmlm.checkpoints.keymap import Rule, fused, linear, rename
+from mmlm.errors import InputError
 from mmlm.models.dual_encoder import DualEncoderConfig
 from mmlm.models.text import TextConfig
 from mmlm.models.vision import VisionConfig
@@ -87,6 +90,26 @@ def siglip_config_from_hf(hf: dict[str, Any]) -> DualEncoderConfig:
     return DualEncoderConfig.siglip(v, t)
 
 
+def siglip2_config_from_hf(hf: dict[str, Any]) -> DualEncoderConfig:
+    """Return the DualEncoderConfig of a transformers Siglip2Model (NaFlex) config.json."""
+    cfg = siglip_config_from_hf({**hf, "vision_config": {}})
+    return dataclasses.replace(cfg, vision=siglip2_vision_config_from_hf(hf.get("vision_config") or {}))
+
+
+def siglip2_vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:
+    """Return the VisionConfig of a transformers Siglip2VisionConfig dict: NaFlex patches over a learned
+    sqrt(num_patches)-square position grid."""
+    num_patches = int(hf.get("num_patches", 256))
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise InputError(
+            f"vision_config.num_patches: got {num_patches}; expected a square (the position grid)"
+        )
+    patch = int(hf.get("patch_size", SIGLIP_VISION_DEFAULTS["patch_size"]))
+    v = siglip_vision_config_from_hf({**hf, "image_size": grid * patch})
+    return dataclasses.replace(v, stem="linear", positions="naflex")
+
+
 def clip_vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:
     """Return the VisionConfig of a transformers CLIPVisionConfig dict, without projection (a VLM's tower)."""
     return _vision(hf, CLIP_VISION_DEFAULTS, embed_dim=None)
@@ -120,10 +143,16 @@ def _text_hf(t: TextConfig) -> dict[str, Any]:
 
 
 def config_to_hf(cfg: DualEncoderConfig) -> dict[str, Any]:
-    """Return a transformers config.json dict (CLIPModel or SiglipModel) for `cfg`."""
+    """Return a transformers config.json dict (CLIPModel, SiglipModel or Siglip2Model) for `cfg`."""
     if cfg.family == "siglip":
         text = dict(_text_hf(cfg.text), projection_size=cfg.text.embed_dim)
         vision = dict(_vision_hf(cfg.vision), vision_use_head=cfg.vision.pool == "map")
+        if cfg.vision.positions == "naflex":
+            del vision["image_size"]
+            vision["num_patches"] = cfg.vision.grid**2
+            return dict(
+                model_type="siglip2", architectures=["Siglip2Model"], text_config=text, vision_config=vision
+            )
         return dict(
             model_type="siglip", architectures=["SiglipModel"], text_config=text, vision_config=vision
         )

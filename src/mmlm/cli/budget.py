@@ -1,7 +1,8 @@
 """`mmlm budget`: the visual-token budget of one image, from a model config alone or a model folder.
 
-Reads a transformers config.json (LLaVA, Idefics3/SmolVLM, CLIP, SigLIP, bare CLIP/SigLIP vision, BLIP-2 with an
-OPT LM) or mmlm's own (vlm, dual_encoder), prints tokens, FLOPs per stage and KV-cache bytes for the model's connector and
+Reads a transformers config.json (LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, CLIP, SigLIP, bare CLIP/SigLIP vision, BLIP-2
+with an OPT LM) or mmlm's own (vlm, dual_encoder), prints tokens, FLOPs per stage and KV-cache bytes for the model's
+connector and
 for every fusion style on the same tower and LM (mmlm/models/budget.py), and with --measure times each stage.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmlm.cli.model_args import add_revision_arg
 from mmlm.errors import InputError
 from mmlm.models.config import DTYPE_NAMES
 
@@ -42,9 +44,10 @@ def _hf_dtype(data: dict[str, Any]) -> str | None:
 
 def _vlm_spec(name: str, cfg, dtype: str | None):
     from mmlm.models.budget import Backbone, LMShape
+    from mmlm.models.vlm import spatial_unpad
 
     backbone = Backbone(cfg.vision, LMShape.from_config(cfg.lm), cfg.connector, tuple(cfg.feature_layers),
-                        cfg.feature_select)  # fmt: skip
+                        cfg.feature_select, anyres=spatial_unpad(cfg, cfg.patches))  # fmt: skip
     return ModelSpec(name, backbone, dtype, cfg)
 
 
@@ -127,6 +130,10 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
         if model_type in MODEL_TYPES:
             cfg = vlm_config_from_idefics3(data)
             return _vlm_spec(f"{model_type} ({MODEL_TYPES[model_type]})", cfg, dtype)
+        if model_type == "llava_next":
+            return _vlm_spec(
+                "llava_next (LlavaNextForConditionalGeneration)", vlm_config_from_llava(data), dtype
+            )
         if model_type in ("clip", "siglip"):
             read = clip_config_from_hf if model_type == "clip" else siglip_config_from_hf
             dual = read(data)
@@ -148,18 +155,21 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
             f"{source}: model_type {model_type!r} is a text-only LM; budget needs a vision tower"
         )
     raise InputError(
-        f"{source}: model_type {model_type!r} is not supported; mmlm budget reads llava, idefics3, smolvlm, clip, siglip, "
+        f"{source}: model_type {model_type!r} is not supported; mmlm budget reads llava, llava_next, idefics3, smolvlm, "
+        f"clip, siglip, "
         "clip_vision_model, siglip_vision_model, blip-2 and mmlm's own vlm and dual_encoder configs"
     )
 
 
-def parse_tiles(value: str | None) -> tuple[int, int] | None:
-    """Return (rows, cols) from "RxC", or raise InputError."""
+def parse_tiles(
+    value: str | None, option: str = "--tiles", example: str = "ROWSxCOLS"
+) -> tuple[int, int] | None:
+    """Return (rows, cols) from "RxC" (or (height, width) from `--resolution` HxW), or raise InputError."""
     if value is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
     if not match or int(match[1]) < 1 or int(match[2]) < 1:
-        raise InputError(f"--tiles: got {value!r}; expected ROWSxCOLS with positive integers, e.g. 2x2")
+        raise InputError(f"{option}: got {value!r}; expected {example} with positive integers, e.g. 2x2")
     return int(match[1]), int(match[2])
 
 
@@ -261,6 +271,12 @@ def describe(spec: ModelSpec, budget, dtype: str, dtype_source: str) -> list[str
     if image.tiles is not None:
         (rows, cols), px = image.tiles, image.image_size
         views = f"{rows}x{cols} tiles of {px} px (a {rows * px}×{cols * px} image) + 1 global view"
+    if b.anyres is not None:
+        (height, width), g = image.resolution, b.anyres.side
+        top, bottom, left, right = b.anyres.window(height, width)
+        lines.append(f"  anyres   a {height}x{width} image: grid {rows}x{cols} from image_grid_pinpoints; spatial_unpad "
+                     f"keeps {bottom - top}x{right - left} of the {rows * g}x{cols * g} tile tokens, + "
+                     f"{bottom - top} newlines + {g * g} global view")  # fmt: skip
     frames = f"{image.frames} frame" + ("s" if image.frames > 1 else "")
     if image.video_pool > 1:
         frames += f" ({image.video_pool} averaged per slot: {image.slots} slots)"
@@ -341,13 +357,14 @@ def render_table(spec: ModelSpec, budget, dtype: str, dtype_source: str, measure
 
 def cmd_budget(args: argparse.Namespace) -> None:
     """Print the visual-token budget of one image: tokens, FLOPs per stage, KV cache, fusion styles."""
-    from mmlm.inference.load import resolve_folder
+    from mmlm.checkpoints.hub import MODEL_FILES, SETTINGS_FILES, resolve_folder
     from mmlm.json_files import read_json_object
     from mmlm.models.budget import ImageInput, plan_budget
 
     folder = None
     if args.model:
-        folder = resolve_folder(args.model)
+        # the plan reads config.json (and the image processor's settings): weights only to --measure them
+        folder = resolve_folder(args.model, args.revision, MODEL_FILES if args.measure else SETTINGS_FILES)
         source = folder / "config.json"
     else:
         source = Path(args.config)
@@ -370,11 +387,14 @@ def cmd_budget(args: argparse.Namespace) -> None:
         raise InputError(
             "--resolution and --tiles: give one (--resolution finds the tiles of an image that size)"
         )
-    tiles = parse_tiles(args.tiles) if args.resolution is None else resolution_tiles(args.resolution, folder)
+    # LLaVA-NeXT finds its grid from the resolution in plan_budget; Idefics3's processor splits it here
+    by_processor = args.resolution is not None and spec.backbone.anyres is None
+    tiles = resolution_tiles(args.resolution, folder) if by_processor else parse_tiles(args.tiles)
     image = ImageInput(size, tiles, video_frames(args),
                        _positive("--text-tokens", args.text_tokens, 0),
                        _positive("--merge-tokens", v.merge_tokens if args.merge_tokens is None else args.merge_tokens, 0),
-                       _positive("--video-pool", pool))  # fmt: skip
+                       _positive("--video-pool", pool),
+                       None if by_processor else parse_tiles(args.resolution, "--resolution", "HEIGHTxWIDTH"))  # fmt: skip
     _positive("--runs", args.runs)
     _positive("--batch-size", args.batch_size)
     dtype, dtype_source = _dtype(args, spec)
@@ -396,16 +416,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `budget` to the command line."""
     p = sub.add_parser("budget", help="visual tokens, FLOPs and KV cache per image, for every fusion style")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a model folder (reads its config.json; --measure loads its weights)")
     source.add_argument(
-        "--config", help="a model config.json alone: transformers' (LLaVA, CLIP, SigLIP, BLIP-2) or mmlm's"
+        "--model", help="a model folder or hub id (reads its config.json; --measure loads its weights)"
+    )
+    add_revision_arg(p)
+    source.add_argument(
+        "--config",
+        help="a model config.json alone: transformers' (LLaVA, LLaVA-NeXT, CLIP, SigLIP, BLIP-2) or mmlm's",
     )
     p.add_argument("--image-size", type=int, help="the tower's input side in px (default: the config's)")
     p.add_argument("--tiles", help="ROWSxCOLS tiles of --image-size each, plus one global view (LLaVA-NeXT)")
     p.add_argument(
         "--resolution",
-        help="HEIGHTxWIDTH of an image: its tiles as the --model folder's Idefics3 processor splits it, or its "
-        "patch grid as a Qwen2-VL processor resizes it",
+        help="HEIGHTxWIDTH of an image: a LLaVA-NeXT model picks its tiles and token count from it; an Idefics3 "
+        "processor (--model folder) splits it into its tiles; a Qwen2-VL processor resizes it to its patch grid",
     )
     p.add_argument("--frames", type=int, default=1, help="video frames per image (each encoded)")
     p.add_argument("--video-seconds", type=float, help="a video's duration; with --fps sets the frame count")

@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace, spec: Any, budget: Any) -> dict[str, Any]:
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype or ("float32" if device.type == "cpu" else spec.torch_dtype))
     if args.model:
-        loaded = mmlm.load(args.model, device=device, dtype=dtype)
+        loaded = mmlm.load(args.model, device=device, dtype=dtype, revision=args.revision)
         model = getattr(loaded.model, "visual", loaded.model)
     else:
         model = _random_model(spec, device, dtype)
@@ -110,11 +110,14 @@ def measure(args: argparse.Namespace, spec: Any, budget: Any) -> dict[str, Any]:
             model.connector, features, lambda: model.slot_tokens(features, frames)
         )
         slots = model.image_tokens * len(frames) // args.batch_size
+        sizes = None
+        if model.anyres is not None:  # LLaVA-NeXT: each image's slots follow its resolution
+            slots, sizes = budget.own.visual_tokens, torch.tensor([image.resolution] * args.batch_size)
         text = torch.full((args.batch_size, image.text_tokens), 1, device=device)
         ids = torch.cat(
             [torch.full((args.batch_size, slots), cfg.image_token_id, device=device), text], dim=1
         )
-        embeds, media = model.prepare(ids, pixels, None, frames)
+        embeds, media = model.prepare(ids, pixels, None, frames, sizes)
         tokens = slots
         result["vision_ms"] = median_ms(lambda: model.patch_features(pixels), args.runs, sync)
         result["connector_ms"] = median_ms(connect, args.runs, sync)

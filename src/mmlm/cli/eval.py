@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlm.cli.model_args import add_device_args, add_model_args, load_model
+from mmlm.cli.model_args import add_device_args, add_model_args, add_revision_arg, load_model
 from mmlm.errors import InputError
 
 
@@ -120,7 +120,7 @@ def _vlm_backend(args: argparse.Namespace):
         return OpenAIBackend(args.endpoint, api_key, args.served_model, concurrency=args.batch_size)
     if args.transformers:
         return TransformersBackend(args.transformers, args.device, args.dtype)
-    return MMLMBackend.load(args.model, args.device, args.dtype, args.frames)
+    return MMLMBackend.load(args.model, args.device, args.dtype, args.frames, args.revision)
 
 
 def cmd_eval_vlm(args: argparse.Namespace) -> None:
@@ -218,11 +218,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "vlm", help="VQA-style tasks for a generative VLM, with blind / shuffled image probes"
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="an mmlm or transformers LLaVA folder, run by mmlm")
+    source.add_argument("--model", help="an mmlm or transformers LLaVA folder or hub id, run by mmlm")
     source.add_argument("--endpoint", help="an OpenAI-compatible server URL (POST {URL}/v1/chat/completions)")
     source.add_argument(
         "--transformers", help="any transformers image-text-to-text folder, run by transformers"
     )
+    add_revision_arg(p)
     p.add_argument("--api-key", help="bearer token for --endpoint (default: $OPENAI_API_KEY)")
     p.add_argument("--served-model", help="model name for --endpoint (default: the first of /v1/models)")
     p.add_argument(

@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from mmlm.cli.model_args import add_device_args, add_model_args, load_model
+from mmlm.cli.model_args import add_device_args, add_model_args, add_revision_arg, load_model
 from mmlm.errors import InputError
 
 
@@ -19,7 +19,9 @@ def cmd_index_build(args: argparse.Namespace) -> None:
         raise InputError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     ann = AnnSettings(threshold=args.ann_threshold, nlist=args.nlist, target_recall=args.target_recall)
     model = load_model(args)
-    report = build_index(model, args.model, args.images, args.index, args.batch_size, ann)
+    report = build_index(
+        model, args.model, args.images, args.index, args.batch_size, ann, revision=args.revision
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -63,7 +65,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         model_path = args.model or index.metadata.get("model_path")
         if not model_path:
             raise InputError(f"--model: the index {args.index} records no model; give --model")
-        model = mmlm.load(model_path, device=args.device, dtype=args.dtype)
+        revision = args.revision if args.model else index.metadata.get("model_revision")
+        model = mmlm.load(model_path, device=args.device, dtype=args.dtype, revision=revision)
         index.check_model(model)
         query = model.encode_text([args.text]) if args.text is not None else model.encode_image([args.image])
         hits = index.search(query, args.k)[0]
@@ -123,7 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="a text query")
     p.add_argument("--image", help="an image file as the query")
     p.add_argument("-k", type=int, default=10, help="results to show")
-    p.add_argument("--model", help="the model folder (default: the one that built the index)")
+    p.add_argument("--model", help="the model folder or hub id (default: the one that built the index)")
+    add_revision_arg(p)
     add_device_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_search)

@@ -7,13 +7,23 @@ from typing import Any
 
 from mmlm.errors import InputError
 
+MODEL_HELP = "a transformers-format or mmlm checkpoint folder, or a Hugging Face hub id (org/name)"
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Add --model, --device, --dtype, --batch-size and --json to a subcommand's parser."""
-    p.add_argument("--model", required=True, help="a transformers-format or mmlm checkpoint folder")
+    """Add --model, --revision, --device, --dtype, --batch-size and --json to a subcommand's parser."""
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    add_revision_arg(p)
     add_device_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_revision_arg(
+    p: argparse.ArgumentParser, flag: str = "--revision", model_flag: str = "--model"
+) -> None:
+    """Add --revision, the branch, tag or commit of a hub id given as `model_flag`, to a subcommand's parser."""
+    p.add_argument(flag, help=f"the branch, tag or commit of a hub id {model_flag} (default: main)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +38,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    return mmlm.load(args.model, device=args.device, dtype=args.dtype)
+    return mmlm.load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
 
 
 def load_contrastive_inputs(args: argparse.Namespace) -> tuple[Any, list[str], str]:

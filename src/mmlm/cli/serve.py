@@ -5,7 +5,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from mmlm.cli.model_args import add_device_args
+from mmlm.cli.model_args import add_device_args, add_revision_arg
 from mmlm.errors import InputError
 from mmlm.serve.config import GUARD_MODES, ServeConfig
 
@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         if tesseract_path() is None:
             raise InputError("--guard needs the tesseract binary (apt-get install tesseract-ocr)")
-    model = mmlm.load(args.model, device=args.device, dtype=args.dtype)
+    model = mmlm.load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     vlm = model if isinstance(model, GenerativeModel) else None
     embedder = model if isinstance(model, ContrastiveModel) else None
     if vlm is None and embedder is None:
@@ -56,10 +56,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.embed_model:
         if embedder is not None:
             raise InputError("--embed-model: --model is already a contrastive model; give one of them")
-        embedder = mmlm.load(args.embed_model, device=args.device, dtype=args.dtype)
+        embedder = mmlm.load(
+            args.embed_model, device=args.device, dtype=args.dtype, revision=args.embed_model_revision
+        )
         if not isinstance(embedder, ContrastiveModel):
             raise InputError(f"--embed-model {args.embed_model}: expected a contrastive (CLIP/SigLIP) model")
-        embed_model_id = args.embed_model_name or Path(args.embed_model).resolve().name
+        embed_model_id = args.embed_model_name or served_name(args.embed_model)
     index = None
     if args.index:
         from mmlm.index import ImageIndex
@@ -68,11 +70,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise InputError("--index needs a contrastive model (--model or --embed-model) to embed queries")
         index = ImageIndex.open(args.index)
         index.check_model(embedder)
-    config = serve_config(args, args.model_name or Path(args.model).resolve().name, embed_model_id)
+    config = serve_config(args, args.model_name or served_name(args.model), embed_model_id)
     engine_config = EngineConfig(
         max_queue=args.max_queue, max_batch=args.batch_size, batching=not args.no_batching
     )
     run(Engine(vlm=vlm, embedder=embedder, index=index, config=engine_config), config, args.host, args.port)
+
+
+def served_name(model: str) -> str:
+    """Return the id clients send for `model`: a folder's name, or a hub id as given ("org/name")."""
+    return Path(model).resolve().name if Path(model).is_dir() else model
 
 
 def run(engine, config: ServeConfig, host: str, port: int) -> None:
@@ -108,10 +115,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the command line."""
     defaults = ServeConfig()
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: chat, embeddings, classify, search")
-    p.add_argument("--model", required=True, help="a VLM or a contrastive (CLIP/SigLIP) model folder")
-    p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
-    p.add_argument("--embed-model", help="a contrastive model folder for embeddings, classify and search")
-    p.add_argument("--embed-model-name", help="the id of --embed-model (default: the folder's name)")
+    p.add_argument(
+        "--model", required=True, help="a VLM or a contrastive (CLIP/SigLIP) model folder or hub id"
+    )
+    add_revision_arg(p)
+    p.add_argument(
+        "--model-name", help="the model id clients send (default: the folder's name, or the hub id)"
+    )
+    p.add_argument(
+        "--embed-model", help="a contrastive model folder or hub id for embeddings, classify and search"
+    )
+    add_revision_arg(p, "--embed-model-revision", "--embed-model")
+    p.add_argument(
+        "--embed-model-name", help="the id of --embed-model (default: the folder's name, or the hub id)"
+    )
     p.add_argument("--index", help="an image index folder (mmlm index build) for /v1/search")
     add_device_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="requests per model batch")

@@ -107,11 +107,19 @@ class MMLMBackend:
 
     @classmethod
     def load(
-        cls, folder: str, device: str = "cpu", dtype: str = "float32", num_frames: int = 8
+        cls,
+        folder: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        num_frames: int = 8,
+        revision: str | None = None,
     ) -> "MMLMBackend":
-        """Return the backend of the mmlm or transformers LLaVA folder `folder`."""
+        """Return the backend of the mmlm or transformers LLaVA folder `folder` (or hub id, at `revision`)."""
         import mmlm
+        from mmlm.checkpoints.hub import resolve_folder
 
+        # a hub id's snapshot folder names its commit, so the generation cache keeps revisions apart
+        folder = resolve_folder(folder, revision)
         model = mmlm.load(folder, device=device, dtype=dtype)
         return cls(model, f"mmlm:{Path(folder).resolve()}:{dtype}", num_frames)
 

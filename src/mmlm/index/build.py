@@ -106,6 +106,7 @@ def build_index(
     batch_size: int = 32,
     ann: AnnSettings | None = None,
     save_every_s: float = 60.0,
+    revision: str | None = None,
 ) -> BuildReport:
     """Add the images of a folder or manifest to the index in `folder` (created if absent); return a report."""
     if batch_size < 1:
@@ -114,7 +115,8 @@ def build_index(
     start = time.perf_counter()
     report = BuildReport(str(folder), len(sources), unreadable=len(skipped), skipped=skipped)
     with _build_lock(Path(folder)):
-        _build(model, model_path, sources, folder, batch_size, ann, save_every_s, report, start)
+        fingerprint = model_fingerprint(model, model_path, revision)
+        _build(model, fingerprint, sources, folder, batch_size, ann, save_every_s, report, start)
     report.seconds = time.perf_counter() - start
     report.images_per_s = report.added / report.seconds if report.seconds else 0.0
     return report
@@ -134,9 +136,9 @@ def _build_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-def _build(model, model_path, sources, folder, batch_size, ann, save_every_s, report, start) -> None:
+def _build(model, fingerprint, sources, folder, batch_size, ann, save_every_s, report, start) -> None:
     last_save = start
-    index = ImageIndex.open_or_create(folder, model_fingerprint(model, model_path))
+    index = ImageIndex.open_or_create(folder, fingerprint)
     try:
         index.check_model(model)
         progress = Progress(len(sources), desc="index build", every=10)

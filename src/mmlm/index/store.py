@@ -54,11 +54,14 @@ class Hit:
         return asdict(self)
 
 
-def model_fingerprint(model, model_path: str | Path) -> dict[str, Any]:
-    """Return what an index records about the model that embeds into it: path, family, dim, probe vector."""
+def model_fingerprint(model, model_path: str | Path, revision: str | None = None) -> dict[str, Any]:
+    """Return what an index records about the model that embeds into it: path (a folder, or a hub id and its
+    revision), family, dim, probe vector."""
     probe = model.encode_text([PROBE_TEXT])[0].cpu()
+    folder = Path(model_path)
     return {
-        "model_path": str(Path(model_path).resolve()),
+        "model_path": str(folder.resolve()) if folder.is_dir() else str(model_path),
+        **({"model_revision": revision} if revision is not None else {}),
         "model_family": model.config.family,
         "dim": int(probe.shape[0]),
         "model_probe": [round(float(v), 6) for v in probe],

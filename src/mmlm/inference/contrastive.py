@@ -16,6 +16,7 @@ from mmlm.checkpoints.hf_clip import (
     clip_config_from_hf,
     clip_key_map,
     config_to_hf,
+    siglip2_config_from_hf,
     siglip_config_from_hf,
     siglip_key_map,
 )
@@ -30,6 +31,8 @@ from mmlm.json_files import read_json_object
 from mmlm.models.dual_encoder import DualEncoder, DualEncoderConfig
 from mmlm.processing.audio import audio_batch_features
 from mmlm.processing.image import ImageProcessor, ImageSource
+from mmlm.processing.naflex import HF_TYPE as NAFLEX_HF_TYPE
+from mmlm.processing.naflex import NaFlexProcessor
 from mmlm.processing.tokenizer import TextTokenizer, load_tokenizer
 from mmlm.progress import Progress
 
@@ -56,6 +59,7 @@ class DualEncoderFormat:
 DUAL_ENCODER_FORMATS = {
     "clip": DualEncoderFormat(clip_config_from_hf, clip_key_map),
     "siglip": DualEncoderFormat(siglip_config_from_hf, siglip_key_map),
+    "siglip2": DualEncoderFormat(siglip2_config_from_hf, siglip_key_map),  # NaFlex: the same tensors
 }
 
 
@@ -70,7 +74,7 @@ class ContrastiveModel(LoadedModel):
         self,
         model: DualEncoder,
         tokenizer: TextTokenizer,
-        image_processor: ImageProcessor | None,
+        image_processor: ImageProcessor | NaFlexProcessor | None,
         audio_preprocessor: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
@@ -220,19 +224,38 @@ class ContrastiveModel(LoadedModel):
 
 def hf_family(cfg: DualEncoderConfig) -> str | None:
     """Return the transformers model_type that represents `cfg` exactly, or None if none does."""
-    fmt = DUAL_ENCODER_FORMATS.get(cfg.family)
+    family = "siglip2" if cfg.family == "siglip" and cfg.vision.positions == "naflex" else cfg.family
+    fmt = DUAL_ENCODER_FORMATS.get(family)
     if fmt is None or cfg.audio is not None:  # transformers' ClapModel has an HTSAT tower, not Whisper's
         return None
     back = fmt.config_from_hf(config_to_hf(cfg))
+    # padding masks follow the tokenizer files, which are saved beside the weights
+    text = dataclasses.replace(back.text, mask_padding=cfg.text.mask_padding)
     same = dataclasses.replace(back, logit_scale_init=cfg.logit_scale_init, logit_bias_init=cfg.logit_bias_init,
-                               logit_scale_max=cfg.logit_scale_max)  # fmt: skip
-    return cfg.family if same == cfg else None
+                               logit_scale_max=cfg.logit_scale_max, text=text)  # fmt: skip
+    return family if same == cfg else None
 
 
-def default_processor(cfg: DualEncoderConfig) -> ImageProcessor:
-    """Return the family's standard preprocessing at the model's resolution."""
+def default_processor(cfg: DualEncoderConfig) -> ImageProcessor | NaFlexProcessor:
+    """Return the family's standard preprocessing at the model's resolution (NaFlex: its position grid's patches)."""
+    if cfg.vision.positions == "naflex":
+        return NaFlexProcessor(cfg.vision.patch_size, cfg.vision.grid**2)
     size = cfg.vision.image_size
     return ImageProcessor.siglip(size) if cfg.family == "siglip" else ImageProcessor.clip(size)
+
+
+def returns_attention_mask(folder: Path) -> bool:
+    """Return whether the folder's tokenizer gives transformers an attention mask (tokenizer_config.json's
+    model_input_names; transformers' tokenizers return one unless told not to)."""
+    path = folder / "tokenizer_config.json"
+    names = read_json_object(path).get("model_input_names") if path.is_file() else None
+    return names is None or "attention_mask" in names
+
+
+def image_processor_from_hf(settings: dict[str, Any]) -> ImageProcessor | NaFlexProcessor:
+    """Return the image processor a transformers config dict describes: NaFlex (SigLIP 2) or CLIP/SigLIP's."""
+    kind = str(settings.get("image_processor_type", "")).removesuffix("Pil").removesuffix("Fast")
+    return NaFlexProcessor.from_hf(settings) if kind == NAFLEX_HF_TYPE else ImageProcessor.from_hf(settings)
 
 
 def load_hf_dual_encoder(
@@ -241,11 +264,13 @@ def load_hf_dual_encoder(
     """Return a transformers CLIPModel or SiglipModel folder as a ContrastiveModel."""
     fmt = DUAL_ENCODER_FORMATS[family]
     cfg = fmt.config_from_hf(cfg_json)
+    if cfg.family == "siglip" and returns_attention_mask(folder):
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, mask_padding=True))
     model = build_from_weights(
         lambda: DualEncoder(cfg), read_weights(folder), fmt.key_map(cfg), str(folder), device, dtype
     )
     settings = image_processor_settings(folder, required=False)
-    processor = ImageProcessor.from_hf(settings) if settings is not None else default_processor(cfg)
+    processor = image_processor_from_hf(settings) if settings is not None else default_processor(cfg)
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
     return ContrastiveModel(model, tokenizer, processor)
 
@@ -259,7 +284,7 @@ def load_mmlm_dual_encoder(
     tokenizer = load_tokenizer(folder, cfg.text.context_length, cfg.text.padding)
     if cfg.audio is not None:
         return ContrastiveModel(model, tokenizer, None, read_preprocessor(folder, cfg.audio))
-    processor = ImageProcessor.from_hf(image_processor_settings(folder))
+    processor = image_processor_from_hf(image_processor_settings(folder))
     return ContrastiveModel(model, tokenizer, processor)
 
 

@@ -1,14 +1,12 @@
 """`mmlm.load`: one entry point for transformers folders and mmlm's own, dispatched on config.json alone.
 
 Each architecture entry knows how to build its loaded object: a ContrastiveModel (CLIP, SigLIP) or a CausalLM
-(Llama, Mistral, Qwen2). A name like "org/model" that is not a folder is looked up in the local Hugging Face
-cache; nothing is ever downloaded.
+(Llama, Mistral, Qwen2). A name like "org/model" that is not a folder is a hub id: its snapshot in the Hugging
+Face cache, downloaded when missing and the network allows (mmlm.checkpoints.hub).
 """
 
 import dataclasses
 import functools
-import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 
 from mmlm.checkpoints import open_clip
+from mmlm.checkpoints.hub import resolve_folder
 from mmlm.checkpoints.manifest import verify_manifest
 from mmlm.checkpoints.mmlm_format import mmlm_architecture
 from mmlm.errors import InputError
@@ -67,44 +66,15 @@ def parse_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def hub_cache() -> Path:
-    """Return the local Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    return Path.home() / ".cache" / "huggingface" / "hub"
-
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def resolve_folder(path: str | Path) -> Path:
-    """Return the model folder `path` names: a folder, or the cached snapshot of a hub id such as "org/name"."""
-    folder = Path(path)
-    if folder.is_dir():
-        return folder
-    if not (isinstance(path, str) and HUB_ID.fullmatch(path)):
-        raise InputError(f"model folder {folder} not found")
-    repo = hub_cache() / ("models--" + path.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
-    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
-        return repo / "snapshots" / ref.read_text().strip()
-    if len(snapshots) == 1:  # no refs/main (e.g. fetched at a revision): the only snapshot there is
-        return snapshots[0]
-    raise InputError(
-        f"model folder {path} not found, and {path} is not in the Hugging Face cache ({repo}); mmlm never "
-        f"downloads: fetch it first (huggingface-cli download {path}) or pass a folder"
-    )
-
-
 def load(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
 ) -> Loaded:
-    """Return the model in a transformers-format folder (CLIP, SigLIP, Llama, Mistral, Qwen2), a cached hub id,
-    or an mmlm checkpoint folder."""
-    folder = resolve_folder(path)
+    """Return the model in a transformers-format folder (CLIP, SigLIP, Llama, Mistral, Qwen2), a hub id such as
+    "org/name" (at `revision`: a branch, tag or commit), or an mmlm checkpoint folder."""
+    folder = resolve_folder(path, revision)
     dtype, device = parse_dtype(dtype), parse_device(device)
     verify_manifest(
         folder
@@ -134,12 +104,14 @@ def load(
 HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "clip": HFArchitecture(("CLIPModel",), functools.partial(load_hf_dual_encoder, "clip")),
     "siglip": HFArchitecture(("SiglipModel",), functools.partial(load_hf_dual_encoder, "siglip")),
+    "siglip2": HFArchitecture(("Siglip2Model",), functools.partial(load_hf_dual_encoder, "siglip2")),
     "llama": HFArchitecture(("LlamaForCausalLM",), load_hf_causal_lm),
     "mistral": HFArchitecture(("MistralForCausalLM",), load_hf_causal_lm),
     "qwen2": HFArchitecture(("Qwen2ForCausalLM",), load_hf_causal_lm),
     "llava": HFArchitecture(("LlavaForConditionalGeneration",), load_llava),
     "idefics3": HFArchitecture(("Idefics3ForConditionalGeneration",), load_idefics3),
     "smolvlm": HFArchitecture(("SmolVLMForConditionalGeneration",), load_idefics3),
+    "llava_next": HFArchitecture(("LlavaNextForConditionalGeneration",), load_llava),
     "qwen2_vl": HFArchitecture(("Qwen2VLForConditionalGeneration",), load_qwen2_vl),
     "qwen2_5_vl": HFArchitecture(("Qwen2_5_VLForConditionalGeneration",), load_qwen2_vl),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read

@@ -1,5 +1,5 @@
 """A loaded vision-language model: VisionLanguageModel + VLMProcessor, with `generate`, `stream`, `chat` and
-`save_pretrained`; and reading/writing such folders (transformers LLaVA, Idefics3 / SmolVLM, or mmlm's own format).
+`save_pretrained`; and reading/writing such folders (transformers LLaVA, LLaVA-NeXT, Idefics3 / SmolVLM, or mmlm's own format).
 
 A str prompt is used as written, with `<image>` where each image goes (`<audio>` each audio clip, `<video>` each
 video); a list of chat messages gets the checkpoint's chat template (or the built-in LLaVA v1 / ChatML one) with
@@ -22,6 +22,7 @@ from mmlm.checkpoints.hf_idefics3 import (
     vlm_config_from_idefics3,
 )
 from mmlm.checkpoints.hf_llava import (
+    LLAVA_NEXT_PINPOINTS,
     llava_config_to_hf,
     llava_key_map,
     llava_layout,
@@ -30,7 +31,12 @@ from mmlm.checkpoints.hf_llava import (
 )
 from mmlm.checkpoints.keymap import to_theirs
 from mmlm.checkpoints.mmlm_format import load_mmlm_model, write_json
-from mmlm.checkpoints.processor_files import image_processor_settings, processor_settings
+from mmlm.checkpoints.processor_files import (
+    check_image_tokens,
+    image_processor_settings,
+    llava_processor_config,
+    processor_settings,
+)
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
 from mmlm.inference.audio import whisper_preprocessor
@@ -38,6 +44,7 @@ from mmlm.inference.base import GenerativeBase, check_request, end_token_ids, ge
 from mmlm.inference.causal_lm import generation_eos_ids
 from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
+from mmlm.processing.anyres import DynamicResolution
 from mmlm.processing.idefics3_image import (
     HF_TYPES as IDEFICS3_IMAGE_PROCESSORS,
 )
@@ -76,6 +83,12 @@ class GenerativeModel(GenerativeBase):
             raise InputError(
                 f"the processor reserves {processor.tokens_per_tile} tokens per image, the model makes "
                 f"{model.image_tokens}"
+            )
+        if (processor.spatial_unpad is None) != (model.anyres is None):
+            raise InputError(
+                f"the processor's image token counts are for patch_merge "
+                f"{'flat' if processor.spatial_unpad is None else 'spatial_unpad'}, the model merges "
+                f"{model.cfg.patch_merge}"
             )
         if processor.tokens_per_audio != model.audio_tokens or (
             model.audio_tokens and processor.audio_token_id != model.cfg.audio_token_id
@@ -118,6 +131,7 @@ class GenerativeModel(GenerativeBase):
                 None if pixels is None else pixels.to(self.device, self.dtype),
                 None if sound is None else sound.to(self.device, self.dtype),
                 frames,
+                batch["image_sizes"],
             )
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.new_cache(ids.shape[0], length, media)  # the style's media ride in it (see vlm_step)
@@ -237,7 +251,19 @@ class GenerativeModel(GenerativeBase):
             write_json(folder / "preprocessor_config.json", settings)
             write_json(folder / "processor_config.json", {"image_seq_len": processor.tokens_per_tile})
         else:
-            write_json(folder / "preprocessor_config.json", processor.image_processor.to_hf())
+            image_settings = processor.image_processor.to_hf()
+            if processor.spatial_unpad is not None:  # LLaVA-NeXT's tiling rides in the same file
+                image_settings.update(processor.dynamic_resolution.to_hf())
+            write_json(folder / "preprocessor_config.json", image_settings)
+        size = _fixed_output_size(processor.image_processor)
+        # LlavaProcessor expands every image into one fixed grid of the tower's own size: no tiles
+        square = (cfg.vision.image_size, cfg.vision.image_size)
+        if llava_representable(cfg) and size == square and processor.dynamic_resolution is None:
+            write_json(folder / "processor_config.json", llava_processor_config(
+                cfg.vision.patch_size, cfg.feature_select, self.model.image_tokens, size, processor.image_token
+            ))  # fmt: skip
+            # transformers' processors read their template from this file only, not tokenizer_config.json
+            (folder / "chat_template.jinja").write_text(processor.chat_template.source, encoding="utf-8")
         generation = {"bos_token_id": cfg.lm.bos_token_id, "eos_token_id": self.eos_token_ids,
                       "pad_token_id": cfg.lm.pad_token_id}  # fmt: skip
         write_json(folder / "generation_config.json", generation)
@@ -246,10 +272,10 @@ class GenerativeModel(GenerativeBase):
 def _processor(folder: Path, model: VisionLanguageModel) -> VLMProcessor:
     """The folder's processor: its image processor's settings pick plain views or Idefics3's split + prompt."""
     cfg = model.cfg
+    settings = image_processor_settings(folder)
     audio = {} if cfg.audio is None else dict(
         tokens_per_audio=model.audio_tokens, audio_config=cfg.audio, audio_preprocessor=whisper_preprocessor(cfg.audio)
     )  # fmt: skip
-    settings = image_processor_settings(folder)
     kind = str(settings.get("image_processor_type", "")).removesuffix("Pil").removesuffix("Fast")
     if kind in IDEFICS3_IMAGE_PROCESSORS:
         splitting, image_processor = idefics3_processing_from_hf(settings)
@@ -267,9 +293,33 @@ def _processor(folder: Path, model: VisionLanguageModel) -> VLMProcessor:
         audio.update(dynamic_resolution=splitting, image_prompt=Idefics3Prompt(model.image_tokens))
     else:
         image_processor = ImageProcessor.from_hf(settings)
+    anyres = {} if model.anyres is None else dict(
+        dynamic_resolution=_tiling(folder, settings, model), spatial_unpad=model.anyres
+    )  # fmt: skip
     return VLMProcessor.from_pretrained(
-        folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, **audio
+        folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, **audio, **anyres
     )
+
+
+def _tiling(folder: Path, settings: dict[str, Any], model: VisionLanguageModel) -> DynamicResolution:
+    """LLaVA-NeXT's tiling from the image processor's settings; it must cut the grids the model merges."""
+    tiler = DynamicResolution.from_hf(settings, LLAVA_NEXT_PINPOINTS)
+    grids = (model.anyres.tile_size, list(model.anyres.resolutions))
+    if (tiler.tile_size, list(tiler.resolutions)) != grids:
+        raise InputError(
+            f"{folder}: the image processor cuts {tiler.tile_size}-px tiles on image_grid_pinpoints "
+            f"{[list(r) for r in tiler.resolutions]}, but config.json's model merges {grids[0]}-px tiles on "
+            f"{[list(r) for r in grids[1]]}"
+        )
+    return tiler
+
+
+def _fixed_output_size(image_processor: ImageProcessor) -> tuple[int, int] | None:
+    # the (height, width) every image leaves the processor at; None when it follows the input's aspect ratio
+    if image_processor.crop_size is not None:
+        return image_processor.crop_size
+    fixed = image_processor.do_resize and isinstance(image_processor.size, tuple)
+    return image_processor.size if fixed else None
 
 
 def _load_hf_vlm(folder: Path, cfg: VLMConfig, rules: list, head: str, dtype: torch.dtype,
@@ -286,12 +336,20 @@ def _load_hf_vlm(folder: Path, cfg: VLMConfig, rules: list, head: str, dtype: to
 def load_llava(
     folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> GenerativeModel:
-    """Return a transformers LlavaForConditionalGeneration folder as a GenerativeModel."""
-    cfg = vlm_config_from_llava(cfg_json)
+    """Return a transformers LlavaForConditionalGeneration or LlavaNextForConditionalGeneration folder as a
+    GenerativeModel."""
+    try:
+        cfg = vlm_config_from_llava(cfg_json)
+    except InputError as error:
+        raise InputError(f"{folder / 'config.json'}: {error}") from None
     weights = read_weights(folder, dtype)  # cast as read: a bf16 load never holds fp32 weights
     layout = llava_layout(set(weights))
-    return _load_hf_vlm(folder, cfg, llava_key_map(cfg, layout), f"{layout.head}.weight", dtype, device, weights,
-                        "llava")  # fmt: skip
+    loaded = _load_hf_vlm(folder, cfg, llava_key_map(cfg, layout), f"{layout.head}.weight", dtype, device, weights,
+                          cfg_json.get("model_type", "llava"))  # fmt: skip
+    check_image_tokens(
+        folder, loaded.model.image_tokens, _fixed_output_size(loaded.processor.image_processor)
+    )
+    return loaded
 
 
 def load_idefics3(

@@ -13,6 +13,9 @@ Pure arithmetic on config shapes; no model is built. The conventions, so every n
   mmlm.processing.anyres cuts them), each of `frames` frames. Per-frame styles (projectors, pixel shuffle,
   Q-Former, unified) see ceil(frames / video_pool) slots when `video_pool` frames are averaged per slot (the
   VLM's `video_pool`); the resampler styles read every frame together, as before.
+- A LLaVA-NeXT model (spatial_unpad, mmlm.models.anyres) picks the grid from the image's own resolution and
+  sends the LM g² + h'·w' + h' tokens (global view, un-padded tile canvas, a newline per row); the other
+  styles in its comparison table see the same views, each at its own per-view count.
 """
 
 import dataclasses
@@ -28,6 +31,7 @@ from mmlm.layers.flops import (
     mlp_flops,
     self_attention_flops,
 )
+from mmlm.models.anyres import SpatialUnpad
 from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.token_merging import merges_at
 from mmlm.models.vision import VisionConfig
@@ -165,6 +169,7 @@ class Backbone:
     feature_layers: tuple[int, ...] = (-1,)  # transformers' hidden_states indices, as VLMConfig
     feature_select: str = "full"  # default: drop the first token (CLIP's class token) | full
     encoder_head: bool = False  # count pooling and projection (a dual encoder's image embedding)
+    anyres: SpatialUnpad | None = None  # LLaVA-NeXT's merge: tokens follow the image's resolution
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,7 @@ class ImageInput:
     text_tokens: int = 32
     merge_tokens: int = 0
     video_pool: int = 1  # frames averaged into one slot before the connector
+    resolution: tuple[int, int] | None = None  # the original image's (height, width), for an anyres model
 
     @property
     def slots(self) -> int:
@@ -244,10 +250,15 @@ def blocks_run(backbone: Backbone) -> int:
     return max(i % total for i in backbone.feature_layers)
 
 
-def style_budget(kind: str, c: ConnectorConfig, x: FusionInput, vision_flops: int) -> StyleBudget:
+def style_budget(
+    kind: str, c: ConnectorConfig, x: FusionInput, vision_flops: int, anyres: SpatialUnpad | None = None,
+    resolution: tuple[int, int] | None = None,
+) -> StyleBudget:  # fmt: skip
     """Return one image's budget in fusion style `kind`: its cost (the style's answer), then the LM prefill and
-    KV cache."""
+    KV cache; with `anyres`, the image of `resolution` sends its spatial_unpad count instead."""
     f = fusion_style(kind).cost(c, x)
+    if anyres is not None and f.tokens is not None:
+        f = dataclasses.replace(f, label=f"{f.label}, spatial_unpad", tokens=anyres.num_tokens(*resolution))
     if f.tokens is None:
         return StyleBudget(f.label, kind, None, note=f.note)
     lm, sequence = x.lm, f.tokens + x.text_tokens
@@ -274,8 +285,27 @@ def comparison_connector(kind: str, own: ConnectorConfig) -> ConnectorConfig:
     return ConnectorConfig(kind=kind, **(fusion_style(kind).comparison or {}))
 
 
+def anyres_image(backbone: Backbone, image: ImageInput) -> ImageInput:
+    """Return `image` with the tiles its resolution gets from an anyres backbone's grids (the tower's square
+    when no resolution is given); InputError for a resolution without an anyres model, or with --tiles."""
+    if backbone.anyres is None:
+        if image.resolution is not None:
+            raise InputError("--resolution: only a LLaVA-NeXT (spatial_unpad) model picks its tiles from it")
+        return image
+    if image.tiles is not None:
+        raise InputError("--tiles: a LLaVA-NeXT model picks its grid from the image; give --resolution HxW")
+    if image.image_size != backbone.anyres.tile_size:
+        raise InputError(
+            f"--image-size: got {image.image_size}; a LLaVA-NeXT model's tiles are its tower's "
+            f"{backbone.anyres.tile_size} px"
+        )
+    resolution = image.resolution or (image.image_size, image.image_size)
+    return dataclasses.replace(image, tiles=backbone.anyres.grid(*resolution), resolution=resolution)
+
+
 def plan_budget(backbone: Backbone, image: ImageInput, dtype_bytes: int = 2) -> Budget:
     """Return the budget of one image through `backbone`: tokens, FLOPs per stage and KV cache per style."""
+    image = anyres_image(backbone, image)
     v = backbone.vision
     if image.merge_tokens and len(set(backbone.feature_layers)) > 1:
         raise InputError(
@@ -293,8 +323,10 @@ def plan_budget(backbone: Backbone, image: ImageInput, dtype_bytes: int = 2) -> 
         x = FusionInput(features, v.width * len(backbone.feature_layers), backbone.lm, image.views, image.frames,
                         image.slots, image.text_tokens, image.merge_tokens > 0, dtype_bytes)  # fmt: skip
         per_image = cost.flops * image.views * image.frames
+        anyres = backbone.anyres, image.resolution
         for kind in [own.kind] + [k for k in comparison_kinds() if k != own.kind]:
-            styles.append(style_budget(kind, comparison_connector(kind, own), x, per_image))
+            styles.append(style_budget(kind, comparison_connector(kind, own), x, per_image, *anyres))
+            anyres = None, None  # the other styles keep their per-view counts
         if styles[0].visual_tokens is None:
             raise InputError(f"connector {styles[0].style}: {styles[0].note.removeprefix('n/a: ')}")
     return Budget(image, patches, cost, features, dtype_bytes, styles)

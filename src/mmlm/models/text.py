@@ -27,6 +27,9 @@ class TextConfig:
     eos_token_id: int = 49407
     pad_token_id: int = 49407
     padding: str = "longest"  # how the tokenizer pads: longest (CLIP) | max_length (SigLIP)
+    # padding tokens hidden from attention, as transformers does when the tokenizer returns an attention mask
+    # (SigLIP 2's Gemma tokenizer does; SigLIP's tokenizer_config.json asks for input_ids alone)
+    mask_padding: bool = False
     embed_dim: int | None = 512
     proj_bias: bool = False
     version: int = CONFIG_VERSION
@@ -55,19 +58,26 @@ class TextTransformer(nn.Module):
             return (ids == self.cfg.eos_token_id).int().argmax(-1)
         return torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
 
+    def padding_mask(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Return the keys each token may attend to, [B, 1, 1, L] (True = a real token), or None without
+        `mask_padding`."""
+        return (ids != self.cfg.pad_token_id)[:, None, None, :] if self.cfg.mask_padding else None
+
     def forward_features(
         self, ids: torch.Tensor, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Return (final-normed token states [B, L, D], per-layer hidden states or None)."""
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
         # CLIP pads on the right and pools at the end token, so the causal mask alone hides padding from it.
-        x, hidden = self.transformer(x, is_causal=self.cfg.causal, output_hidden_states=output_hidden_states)
+        x, hidden = self.transformer(
+            x, self.padding_mask(ids), is_causal=self.cfg.causal, output_hidden_states=output_hidden_states
+        )
         return self.norm_final(x), hidden
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Return the (projected, not normalised) text embedding [B, embed_dim or D] for token ids [B, L]."""
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
-        x, _ = self.transformer(x, is_causal=self.cfg.causal)
+        x, _ = self.transformer(x, self.padding_mask(ids), is_causal=self.cfg.causal)
         # the final norm is per token, so norming only the pooled one is equal and cheaper
         pooled = self.norm_final(x[torch.arange(ids.shape[0], device=ids.device), self.pool_index(ids)])
         return self.proj(pooled) if self.proj is not None else pooled

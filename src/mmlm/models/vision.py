@@ -1,4 +1,8 @@
-"""The Vision Transformer (Dosovitskiy et al. 2020): patches -> tokens -> blocks -> pooled embedding."""
+"""The Vision Transformer (Dosovitskiy et al. 2020): patches -> tokens -> blocks -> pooled embedding.
+
+Images arrive as a [B, C, H, W] batch of one size, or (SigLIP 2's NaFlex, after NaViT) as a `PatchBatch`: each
+image at its own aspect ratio, cut into patches, padded to one sequence length, with a mask over the padding.
+"""
 
 from dataclasses import dataclass
 
@@ -34,14 +38,17 @@ class VisionConfig:
     channels: int = 3
     class_token: bool = True  # CLIP has one; SigLIP does not
     patch_bias: bool = False  # CLIP's patch conv has no bias; SigLIP's has one
-    stem: str = "patch"  # patch (one linear map per patch) | conv (early 3×3 convolutions, for small data)
+    # patch (one linear map per patch, a strided convolution) | conv (early 3×3 convolutions, for small data) |
+    # linear (NaFlex: the patches arrive flattened in a PatchBatch, one nn.Linear maps each)
+    stem: str = "patch"
     pre_norm: bool = True  # CLIP's LayerNorm before the blocks ("ln_pre")
     pool: str = "cls"  # cls | mean | map (SigLIP's multihead attention-pooling head)
     embed_dim: int | None = 512  # output projection size; None means no projection (SigLIP)
     proj_bias: bool = False
     merge_tokens: int = 0  # ToMe: tokens merged per block (r); 0 = off (models/token_merging.py)
     # how a patch grid other than image_size/patch_size finds its positions: interpolate (bicubic resize of the
-    # learned grid, CLIP/SigLIP) | bucket (Idefics2/3, after NaViT: fractional coordinates bucketed to the grid)
+    # learned grid, CLIP/SigLIP) | bucket (Idefics2/3, after NaViT: fractional coordinates bucketed to the grid) |
+    # naflex (SigLIP 2: the grid resized bilinearly, with antialiasing, to each image's own patch grid)
     positions: str = "interpolate"
     version: int = CONFIG_VERSION
 
@@ -49,6 +56,40 @@ class VisionConfig:
     def grid(self) -> int:
         """Return the number of patches per side at the configured resolution."""
         return self.image_size // self.patch_size
+
+
+@dataclass
+class PatchBatch:
+    """Images as NaFlex patch sequences (SigLIP 2): each at its own aspect ratio, padded to one length P."""
+
+    patches: torch.Tensor  # [B, P, p·p·C]: each image's patches row by row, each patch (row, column, channel)
+    mask: torch.Tensor  # [B, P] bool: True where a patch is real, False where it pads
+    shapes: torch.Tensor  # [B, 2] long: each image's patch grid (rows, columns)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PatchBatch":
+        """Return the batch on `device`, its patches in `dtype` (mask and shapes keep theirs)."""
+        return PatchBatch(self.patches.to(device, dtype), self.mask.to(device), self.shapes.to(device))
+
+    def __len__(self) -> int:
+        return self.patches.shape[0]
+
+
+def naflex_pos_embed(pos: torch.Tensor, grid: int, shapes: torch.Tensor, length: int) -> torch.Tensor:
+    """Return each image's positions, [grid², D] -> [B, length, D]: the learned grid resized (bilinear, antialiased,
+    as SigLIP 2) to the image's (rows, columns), padded with its first position."""
+    dim = pos.shape[-1]
+    table = pos.reshape(1, grid, grid, dim).permute(0, 3, 1, 2).float()  # [1, D, grid, grid]
+    out = pos.new_empty(len(shapes), length, dim)
+    resized: dict[tuple[int, int], torch.Tensor] = {}
+    for i, (rows, cols) in enumerate(shapes.tolist()):
+        if (rows, cols) not in resized:
+            grid_pos = F.interpolate(
+                table, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True
+            )
+            resized[rows, cols] = grid_pos.reshape(dim, rows * cols).T.to(pos.dtype)  # [rows·cols, D]
+        out[i, : rows * cols] = resized[rows, cols]
+        out[i, rows * cols :] = resized[rows, cols][0]
+    return out
 
 
 def resize_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -112,9 +153,10 @@ class AttentionPool(nn.Module):
         self.mlp = MLP(dim, mlp_dim, act)
         initialise(self, init_attention_pool)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Return one pooled vector per image, [B, N, D] -> [B, D]."""
-        x = self.attn(self.probe.expand(tokens.shape[0], -1, -1), context=tokens)
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return one pooled vector per image, [B, N, D] -> [B, D]; `mask` [B, N] (True = real) hides padding."""
+        keys = mask[:, None, None, :] if mask is not None else None  # [B, 1, 1, N]
+        x = self.attn(self.probe.expand(tokens.shape[0], -1, -1), context=tokens, mask=keys)
         return (x + self.mlp(self.norm(x)))[:, 0]
 
 
@@ -123,12 +165,18 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        if cfg.positions not in ("interpolate", "bucket"):
-            raise InputError(f"positions: expected 'interpolate' or 'bucket', got {cfg.positions!r}")
+        if cfg.positions not in ("interpolate", "bucket", "naflex"):
+            raise InputError(
+                f"positions: expected 'interpolate', 'bucket' or 'naflex', got {cfg.positions!r}"
+            )
+        if (cfg.stem == "linear") != (cfg.positions == "naflex"):
+            raise InputError("stem='linear' and positions='naflex' go together (NaFlex patch sequences)")
         self.cfg = cfg
         d = cfg.width
         if cfg.stem == "conv":
             self.patch_embed = ConvStem(cfg.channels, d, cfg.patch_size)
+        elif cfg.stem == "linear":
+            self.patch_embed = nn.Linear(cfg.channels * cfg.patch_size**2, d, bias=cfg.patch_bias)
         else:
             self.patch_embed = nn.Conv2d(cfg.channels, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.class_token = nn.Parameter(torch.randn(d) * d**-0.5) if cfg.class_token else None
@@ -144,8 +192,16 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Linear(d, cfg.embed_dim, bias=cfg.proj_bias) if cfg.embed_dim else None
         initialise(self, init_vision_tower)
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Return patch tokens plus positions (class token first if any), [B, C, H, W] -> [B, N(+1), D]."""
+    def embed(self, pixels: torch.Tensor | PatchBatch) -> torch.Tensor:
+        """Return patch tokens plus positions (class token first if any), [B, C, H, W] -> [B, N(+1), D]
+        (a PatchBatch: [B, P, p·p·C] -> [B, P, D])."""
+        if isinstance(pixels, PatchBatch):
+            if self.cfg.stem != "linear":
+                raise InputError("a PatchBatch (NaFlex patches) needs a tower with stem='linear'")
+            x = self.patch_embed(pixels.patches.to(self.pos_embed.dtype))  # [B, P, D]
+            return x + naflex_pos_embed(self.pos_embed, self.cfg.grid, pixels.shapes, x.shape[1])
+        if self.cfg.stem == "linear":
+            raise InputError("this tower reads NaFlex patches (a PatchBatch), not a [B, C, H, W] image batch")
         x = self.patch_embed(pixels.to(self.pos_embed.dtype))  # [B, D, H/p, W/p]
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
@@ -161,10 +217,15 @@ class VisionTransformer(nn.Module):
         return x + pos
 
     def forward_features(
-        self, pixels: torch.Tensor, output_hidden_states: bool = False
+        self, pixels: torch.Tensor | PatchBatch, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Return (final-normed tokens [B, N(+1), D], per-layer hidden states or None)."""
         x = self.norm_pre(self.embed(pixels))
+        if isinstance(pixels, PatchBatch):  # padding patches are never attended to
+            x, hidden = self.transformer(
+                x, mask=pixels.mask[:, None, None, :], output_hidden_states=output_hidden_states
+            )
+            return self.norm_post(x), hidden
         if self.cfg.merge_tokens:
             r, has_class = self.cfg.merge_tokens, self.class_token is not None
             x, states = merge_blocks(self.transformer.blocks, x, r, has_class)
@@ -172,7 +233,7 @@ class VisionTransformer(nn.Module):
         x, hidden = self.transformer(x, output_hidden_states=output_hidden_states)
         return self.norm_post(x), hidden
 
-    def layer_features(self, pixels: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    def layer_features(self, pixels: torch.Tensor | PatchBatch, layers: list[int]) -> list[torch.Tensor]:
         """Return the hidden states [B, N(+1), D] at `layers`, indexed as transformers' `hidden_states`.
 
         Index 0 is the blocks' input (after ln_pre), i the output of block i, negative indices count from the
@@ -181,31 +242,38 @@ class VisionTransformer(nn.Module):
         total = len(self.transformer.blocks) + 1
         wanted = [i % total for i in layers]
         x = self.norm_pre(self.embed(pixels))
+        mask = pixels.mask[:, None, None, :] if isinstance(pixels, PatchBatch) else None
         states, size = {0: x}, None
         for i, block in enumerate(self.transformer.blocks[: max(wanted)], start=1):
             if self.cfg.merge_tokens:  # ToMe: fewer tokens after each block, so layers differ in length
                 x, size = merge_block(block, x, size, self.cfg.merge_tokens, self.class_token is not None)
             else:
-                x = block(x)
+                x = block(x, mask=mask)
             states[i] = x
         return [states[i] for i in wanted]
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Return the pooled image vector [B, D] by class token, mean over patches, or attention pooling."""
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the pooled image vector [B, D] by class token, mean over patches, or attention pooling;
+        `mask` [B, N] (True = real patch) leaves padding out."""
         if self.cfg.pool == "cls":
             return tokens[:, 0]
         if self.cfg.pool == "mean":
-            return tokens[:, int(self.class_token is not None) :].mean(1)
-        return self.head(tokens)
+            patches = tokens[:, int(self.class_token is not None) :]
+            if mask is None:
+                return patches.mean(1)
+            weights = mask[..., None].to(patches.dtype)
+            return (patches * weights).sum(1) / weights.sum(1)
+        return self.head(tokens, mask)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor | PatchBatch) -> torch.Tensor:
         """Return the (projected, not normalised) image embedding [B, embed_dim or D]."""
         # the final norm is per token, so norming only the class token is equal (ToMe: the general path)
         if self.cfg.pool == "cls" and not self.cfg.merge_tokens:
             x, _ = self.transformer(self.norm_pre(self.embed(pixels)))
             pooled = self.norm_post(x[:, 0])
         else:
-            pooled = self.pool(self.forward_features(pixels)[0])
+            mask = pixels.mask if isinstance(pixels, PatchBatch) else None
+            pooled = self.pool(self.forward_features(pixels)[0], mask)
         return self.proj(pooled) if self.proj is not None else pooled
 
 

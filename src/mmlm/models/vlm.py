@@ -10,6 +10,11 @@ styles (mmlm.fusion: the model asks `self.style`, never its name) differ in what
   cross_attention                                  one learned marker per image; the image reaches the LM
                                                    through Flamingo's gated cross-attention blocks instead.
 
+Dynamic resolution (LLaVA-NeXT): an image is a global view plus rows×cols tiles. `patch_merge` "flat" fills
+its slots with every tile's tokens in order; "spatial_unpad" (mmlm.models.anyres) gathers, per image, the global
+view's tokens, then the tiles' canvas un-padded to the image's aspect ratio with `image_newline` after each row,
+so the count depends on the image's size (`image_sizes`), and the processor reserves exactly that many slots.
+
 Video frames are images, `video_pool` of them per slot: the processor groups a video's consecutive frames and the
 model merges each group (`video_merge`) before its slots are filled, so a video costs the LM frames / video_pool
 images' worth of tokens.
@@ -30,6 +35,7 @@ from torch import nn
 
 from mmlm.errors import InputError
 from mmlm.fusion import STYLES, ConnectorConfig, FusionStyle, build_connector, fusion_style
+from mmlm.models.anyres import SpatialUnpad
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder, pool_frames
 from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.decoder_lm import DecoderLM, LayerCache, LMConfig, LMOutput
@@ -61,6 +67,10 @@ class VLMConfig:
     # with its learned time embeddings: connector.max_frames >= video_pool)
     video_pool: int = 1
     video_merge: str = "mean"
+    # how an image's tiles (mmlm.processing.anyres) become its tokens: flat (every tile's, global view first) |
+    # spatial_unpad (LLaVA-NeXT: un-padded canvas + a newline per row; the grid from image_grid_pinpoints)
+    patch_merge: str = "flat"
+    image_grid_pinpoints: list[list[int]] = field(default_factory=list)  # [height, width] px grids
     version: int = CONFIG_VERSION
 
     @property
@@ -113,6 +123,9 @@ class VisionLanguageModel(nn.Module):
         vision_dim = cfg.vision.width * len(cfg.feature_layers)  # several layers are concatenated
         self.connector = build_fusion(cfg, vision_dim)
         self.lm = DecoderLM(cfg.lm)
+        self.anyres = spatial_unpad(cfg, self.image_tokens)
+        if self.anyres is not None:  # LlavaNextModel's init: N(0, 1/D)
+            self.image_newline = nn.Parameter(torch.randn(cfg.lm.width) / cfg.lm.width**0.5)
         check_video(cfg)
         if cfg.audio is not None:
             check_audio(cfg)
@@ -181,6 +194,16 @@ class VisionLanguageModel(nn.Module):
             return torch.cat([self.connector(g[None]) for g in features.split(sizes)])
         return self.visual_tokens(mean_frames(features, sizes))  # [S, N, Dv]
 
+    def merge_tiles(self, tokens: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+        """Return the images' tokens in slot order under spatial_unpad, tile tokens [T, g², D] -> [M, D]."""
+        if image_sizes is None:
+            raise InputError(
+                "image_sizes: a spatial_unpad (LLaVA-NeXT) model needs each image's original (height, width)"
+            )
+        index = self.anyres.gather_index([(h, w) for h, w in image_sizes.tolist()], tokens.shape[0])
+        pool = torch.cat([tokens.flatten(0, 1), self.image_newline[None].to(tokens.dtype)])  # [T·g² + 1, D]
+        return pool[index.to(pool.device)]
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Return visual tokens in LM width, [I, 3, H, W] -> [I, image_tokens, D_lm]."""
         return self.visual_tokens(self.patch_features(pixel_values))
@@ -191,10 +214,12 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,
         image_frames: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Return the LM's input embeddings [B, T, D] with the images and audio clips in their slots, and the
         fusion style's per-prompt media (None for most; Flamingo's for its gated blocks). `image_frames` [S] counts the
-        pixel_values rows (a video's frames) merged into each image slot; None: one each."""
+        pixel_values rows (a video's frames) merged into each image slot; None: one each. `image_sizes` [I, 2]:
+        each image's original (height, width), which spatial_unpad needs."""
         is_image = input_ids == self.cfg.image_token_id
         is_audio = input_ids == self.cfg.audio_token_id if self.cfg.audio_token_id is not None else None
         slots = is_image if is_audio is None else is_image | is_audio
@@ -211,7 +236,14 @@ class VisionLanguageModel(nn.Module):
                 )
             return embeds, self.style.media(self.connector, input_ids, self.cfg.image_token_id, None)
         features = self.patch_features(pixel_values)
-        embeds = fill_slots(embeds, is_image, self.slot_tokens(features, image_frames), "image", "visual")
+        tokens = self.slot_tokens(features, image_frames)
+        if self.anyres is not None:
+            images = None if image_sizes is None else len(image_sizes)
+            embeds = fill_slots(
+                embeds, is_image, self.merge_tiles(tokens, image_sizes), "image", "visual", images
+            )
+        else:
+            embeds = fill_slots(embeds, is_image, tokens, "image", "visual")
         return embeds, self.style.media(self.connector, input_ids, self.cfg.image_token_id, features)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,22 +277,29 @@ class VisionLanguageModel(nn.Module):
         last_only: bool = False,
         audio_features: torch.Tensor | None = None,
         image_frames: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> LMOutput:
         """Return LM logits [B, T, vocab] for ids [B, T] whose image slots are filled from `pixel_values` (and
         audio slots from `audio_features`)."""
-        embeds, media = self.prepare(input_ids, pixel_values, audio_features, image_frames)
+        embeds, media = self.prepare(input_ids, pixel_values, audio_features, image_frames, image_sizes)
         return self.run_lm(embeds, media, attention_mask, cache, last_only)
 
 
 def fill_slots(
-    embeds: torch.Tensor, is_slot: torch.Tensor | None, tokens: torch.Tensor | None, item: str, kind: str
+    embeds: torch.Tensor,
+    is_slot: torch.Tensor | None,
+    tokens: torch.Tensor | None,
+    item: str,
+    kind: str,
+    items: int | None = None,
 ) -> torch.Tensor:
-    """Return `embeds` [B, T, D] with `tokens` [I, K, D] written, in order, into the positions `is_slot` marks."""
+    """Return `embeds` [B, T, D] with `tokens` written, in order, into the positions `is_slot` marks: [I, K, D]
+    (K per item), or [M, D] from `items` items of varying length."""
     slots = 0 if is_slot is None else int(is_slot.sum())
-    given = 0 if tokens is None else tokens.shape[0] * tokens.shape[1]
+    given = 0 if tokens is None else tokens[..., 0].numel()
     if slots != given:
-        per = "" if tokens is None else f" ({tokens.shape[1]} each)"
-        count = 0 if tokens is None else tokens.shape[0]
+        per = "" if tokens is None or tokens.dim() == 2 else f" ({tokens.shape[1]} each)"
+        count = 0 if tokens is None else (items if tokens.dim() == 2 else tokens.shape[0])
         raise InputError(
             f"the text holds {slots} {item}-token slots but {count} {item}(s) give {given} {kind} tokens{per}"
         )
@@ -289,6 +328,23 @@ def check_audio(cfg: VLMConfig) -> None:
     kinds = [kind for kind, style in STYLES.items() if style.any_length]  # token connectors of any length
     if cfg.audio_connector.kind not in kinds:
         raise InputError(f"audio_connector.kind: got {cfg.audio_connector.kind!r}; expected one of {kinds}")
+
+
+def spatial_unpad(cfg: VLMConfig, tile_tokens: int) -> SpatialUnpad | None:
+    """Return the spatial_unpad merge `cfg.patch_merge` asks for (None for flat); InputError where the connector's
+    `tile_tokens` per tile are no square patch grid."""
+    if cfg.patch_merge not in ("flat", "spatial_unpad"):
+        raise InputError(f"patch_merge: expected 'flat' or 'spatial_unpad', got {cfg.patch_merge!r}")
+    if cfg.patch_merge == "flat":
+        return None
+    side = cfg.vision.grid
+    if tile_tokens != side * side:
+        raise InputError(
+            f"patch_merge 'spatial_unpad': each tile gives {tile_tokens} tokens, expected its {side}x{side} patch "
+            "grid (no class token: feature_select 'default' for CLIP, a token-per-patch connector)"
+        )
+    pinpoints = tuple((int(h), int(w)) for h, w in cfg.image_grid_pinpoints)
+    return SpatialUnpad(pinpoints, cfg.vision.image_size, side)
 
 
 def build_fusion(cfg: VLMConfig, vision_dim: int) -> nn.Module:

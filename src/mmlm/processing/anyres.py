@@ -6,39 +6,24 @@ to fit it with its aspect ratio kept, padded to it with black, centred, and cut 
 row-major order; the whole image squashed to one tile comes first as the global view. This matches
 transformers' LlavaNextImageProcessorPil pixel for pixel.
 
-Deliberate deviation from LLaVA-NeXT's model side: every tile, global view included, gives the connector's
-full token count (no un-padding and no newline token per row), so an image costs (1 + rows·cols) × tile tokens.
+What the tiles become is the model's choice (VLMConfig.patch_merge): "flat", mmlm's own models' default,
+gives every tile, global view included, the connector's full token count, so an image costs
+(1 + rows·cols) × tile tokens; "spatial_unpad", LLaVA-NeXT's (transformers' llava_next folders load with it),
+un-pads the tiles' canvas to the image's aspect ratio and adds a newline token per row (mmlm.models.anyres).
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from mmlm.errors import InputError
+from mmlm.models.anyres import select_best_resolution
 
-
-def select_best_resolution(size: tuple[int, int], resolutions: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """Return the (height, width) in `resolutions` that keeps most of an image of `size` (height, width).
-
-    Effective resolution = pixels of the image after scaling it to fit (never more than the original has);
-    ties go to the candidate with the least wasted (padded) area.
-    """
-    height, width = size
-    best, best_effective, best_wasted = None, 0, math.inf
-    for res_height, res_width in resolutions:
-        scale = min(res_width / width, res_height / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = res_width * res_height - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (res_height, res_width), effective, wasted
-    if best is None:
-        raise InputError(
-            f"resolutions: got {list(resolutions)}; expected at least one positive (height, width)"
-        )
-    return best
+__all__ = ["DynamicResolution", "TiledImage", "fit_size", "select_best_resolution", "tile_resolutions"]
 
 
 def tile_resolutions(tile_size: int, max_tiles: int) -> list[tuple[int, int]]:
@@ -91,6 +76,38 @@ class DynamicResolution:
                 raise InputError(
                     f"resolutions: got ({height}, {width}); expected positive multiples of tile_size={self.tile_size}"
                 )
+
+    @classmethod
+    def from_hf(
+        cls, config: Mapping[str, Any], default_resolutions: Sequence[Sequence[int]] = ()
+    ) -> "DynamicResolution":
+        """Return the tiling a transformers LlavaNextImageProcessor config describes (its image_grid_pinpoints,
+        else `default_resolutions`)."""
+        crop, size = config.get("crop_size") or {}, config.get("size") or {}
+        # older files write bare ints: crop_size 336 is a square, size 336 the shortest edge
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+        size = {"shortest_edge": size} if isinstance(size, int) else size
+        # LlavaNextImageProcessor's tile side: crop_size's height (even with do_center_crop off), else size's
+        tile = crop.get("height") or size.get("height") or size.get("shortest_edge")
+        # its global view: the whole image squashed to size (shortest_edge: a square of it)
+        view = (size["height"], size.get("width")) if "height" in size else (size.get("shortest_edge"),) * 2
+        square = crop.get("width", tile) == tile
+        if not isinstance(tile, int) or view != (tile, tile) or not square:
+            raise InputError(
+                f"image processor: size {dict(size)} and crop_size {dict(crop)}: mmlm's anyres tiles need the "
+                "global view and the tiles the same square size"
+            )
+        resolutions = config.get("image_grid_pinpoints") or default_resolutions
+        if not all(isinstance(r, Sequence) and len(r) == 2 for r in resolutions):
+            raise InputError(f"image_grid_pinpoints: got {resolutions!r}; expected [height, width] pairs")
+        return cls(tile, [tuple(r) for r in resolutions], resample=int(config.get("resample", cls.resample)))
+
+    def to_hf(self) -> dict[str, Any]:
+        """Return the LlavaNextImageProcessor keys of this tiling (added to the image processor's own)."""
+        t = self.tile_size
+        # crop_size sets LlavaNextImageProcessor's tile side even when it does not centre-crop
+        return {"image_processor_type": "LlavaNextImageProcessor", "crop_size": {"height": t, "width": t},
+                "image_grid_pinpoints": [list(r) for r in self.resolutions], "do_pad": True}  # fmt: skip
 
     def capped_size(self, height: int, width: int) -> tuple[int, int]:
         """Return the (height, width) after the `max_side` cap (unchanged when within it)."""

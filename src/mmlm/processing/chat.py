@@ -1,8 +1,8 @@
 """Chat templates: a conversation -> the prompt string a checkpoint was trained on, plus where its answers are.
 
-A checkpoint's own Jinja `chat_template` (chat_template.jinja, chat_template.json or tokenizer_config.json)
-is rendered in jinja2's `ImmutableSandboxedEnvironment` with the globals transformers gives it
-(`raise_exception`, `strftime_now`, the special tokens, `add_generation_prompt`, a JSON `tojson`), so the
+A checkpoint's own Jinja `chat_template` (processor_config.json, chat_template.jinja, chat_template.json or
+tokenizer_config.json) is rendered in jinja2's `ImmutableSandboxedEnvironment` with the globals transformers
+gives it (`raise_exception`, `strftime_now`, the special tokens, `add_generation_prompt`, a JSON `tojson`), so the
 text equals `apply_chat_template(..., tokenize=False)` and no code from a checkpoint runs outside the sandbox.
 Without one, `ChatTemplate.llava_v1()` and `ChatTemplate.chatml()` are built-in templates of the same kind.
 
@@ -195,16 +195,20 @@ class ChatTemplate:
         """Return the template a checkpoint folder ships (with its special tokens), or None if it has none."""
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json")
-        source = None
-        if (folder / "chat_template.jinja").is_file():
+        # transformers' ProcessorMixin.from_pretrained: a "chat_template" key in processor_config.json (older
+        # processor saves) wins over the template files
+        source = _read_json(folder / "processor_config.json").get("chat_template")
+        if source is None and (folder / "chat_template.jinja").is_file():
             source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        elif (folder / "chat_template.json").is_file():
+        elif source is None and (folder / "chat_template.json").is_file():
             source = _read_json(folder / "chat_template.json").get("chat_template")
-        else:
+        elif source is None:
             source = config.get("chat_template")
         if isinstance(source, list):  # several named templates: transformers uses "default"
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
             source = named.get("default")
+        elif isinstance(source, Mapping) and "default" in source:  # named templates saved as {name: template}
+            source = source["default"]
         if source is None:
             return None
         if not isinstance(source, str):

@@ -32,11 +32,12 @@ MAX_PIXELS = 178_956_970  # PIL's DecompressionBombError level, 2 * Image.MAX_IM
 ImageSource = str | os.PathLike | bytes | bytearray | Image.Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opens 16-bit PNGs
-_HF_TYPES = ("CLIPImageProcessor", "SiglipImageProcessor")
+# LLaVA-NeXT's processes each tile as CLIP's does (its tiling: mmlm.processing.anyres.DynamicResolution.from_hf)
+_HF_TYPES = ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaNextImageProcessor")
 _HF_KEYS = {
     "image_processor_type", "feature_extractor_type", "processor_class", "do_convert_rgb", "do_resize", "size",
     "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-    "image_std",
+    "image_std", "image_grid_pinpoints", "do_pad",
 }  # fmt: skip
 
 
@@ -195,7 +196,7 @@ class ImageProcessor:
             raise InputError(f"image_processor_type: got {kind!r}; expected one of {_HF_TYPES}")
         if unknown := sorted(set(config) - _HF_KEYS):
             warnings.warn(f"preprocessor config: ignoring unknown keys {unknown}", stacklevel=2)
-        base = cls.clip(224) if kind == "CLIPImageProcessor" else cls.siglip(224)
+        base = cls.siglip(224) if kind == "SiglipImageProcessor" else cls.clip(224)
         size = config.get("size")
         if size is None:
             resize_mode, size = base.resize_mode, base.size

@@ -8,7 +8,9 @@ the model can fill them without a Python loop:
     inputs_embeds[input_ids == image_token_id] = features.reshape(-1, D)
 
 That works because the image tokens appear in the order of `pixel_values`: sample by sample in the batch,
-image by image in each prompt, and tile by tile (in the tiling's order) in each image.
+image by image in each prompt, and tile by tile (in the tiling's order) in each image. Under LLaVA-NeXT's
+spatial_unpad merge (`spatial_unpad`, mmlm.models.anyres) an image instead gets the count its size gives
+(global view + un-padded tile canvas + one newline per row), exactly as LlavaNextProcessor reserves them.
 
 A model whose prompts mark the tiles (Idefics3: row/column tokens around each tile's image tokens) gives an
 `image_prompt`: each placeholder then becomes the ids of that expansion instead of bare image tokens.
@@ -30,6 +32,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 
 from mmlm.errors import InputError
+from mmlm.models.anyres import SpatialUnpad
 from mmlm.models.audio_encoder import AudioConfig
 from mmlm.processing.anyres import TiledImage
 from mmlm.processing.audio import audio_batch_features
@@ -128,9 +131,12 @@ class VLMProcessor:
         tokens_per_audio: int = 0,
         audio_config: AudioConfig | None = None,
         audio_preprocessor: Mapping[str, Any] | None = None,
+        spatial_unpad: SpatialUnpad | None = None,
     ) -> None:
         if tokens_per_tile < 1:
             raise InputError(f"tokens_per_tile: got {tokens_per_tile}; expected at least 1")
+        if spatial_unpad is not None and dynamic_resolution is None:
+            raise InputError("spatial_unpad: the LLaVA-NeXT merge needs dynamic_resolution to cut the tiles")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.tokens_per_tile = tokens_per_tile
@@ -155,6 +161,7 @@ class VLMProcessor:
         self.chat_template = chat_template or self._builtin_template()
         self.dynamic_resolution = dynamic_resolution
         self.image_prompt = image_prompt
+        self.spatial_unpad = spatial_unpad
         self.max_length = max_length
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
@@ -189,7 +196,10 @@ class VLMProcessor:
         return ChatTemplate.llava_v1(self.special_tokens.get("eos_token", "</s>"), self.image_token)
 
     def image_token_count(self, height: int, width: int) -> int:
-        """Return how many image tokens an image of this size becomes (tiles × tokens_per_tile)."""
+        """Return how many image tokens an image of this size becomes: tiles × tokens_per_tile, or under
+        spatial_unpad the global view's, the un-padded tiles' and one newline per row."""
+        if self.spatial_unpad is not None:
+            return self.spatial_unpad.num_tokens(height, width)
         tiles = 1 if self.dynamic_resolution is None else self.dynamic_resolution.num_tiles(height, width)
         return tiles * self.tokens_per_tile
 
@@ -262,7 +272,7 @@ class VLMProcessor:
                 f"audio: got {len(audio)} clip(s) for {int(is_audio.sum())} {AUDIO_TOKEN} placeholder(s)"
             )
         pixel_values, tiles, grids, sizes, frames = self._images(images)
-        ids, labels, is_media = self._expand(ids, labels, is_image, is_audio, tiles, grids)
+        ids, labels, is_media = self._expand(ids, labels, is_image, is_audio, tiles, grids, sizes)
 
         if self.max_length is not None and len(ids) > self.max_length:
             if bool(is_media[self.max_length :].any()):
@@ -279,7 +289,8 @@ class VLMProcessor:
         return EncodedSample(ids, labels, pixel_values, tiles, grids, sizes, features, frames)
 
     def _expand(self, ids: torch.Tensor, labels: torch.Tensor, is_image: torch.Tensor, is_audio: torch.Tensor,
-                tiles: list[int], grids: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                tiles: list[int], grids: list[tuple[int, int]],
+                sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """Return ids, labels (ignored on media) and the media positions with every placeholder expanded."""
         expansions = None
         if self.image_prompt is not None:
@@ -287,10 +298,11 @@ class VLMProcessor:
                 torch.tensor(self.image_prompt.ids(self.tokenizer, g), dtype=torch.long) for g in grids
             ]
             self._check_expansions(expansions, tiles, grids)
-        # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times (or its expansion's
-        # length), in image order; an audio placeholder tokens_per_audio times
+        # [L] -> [L + Σ(n_k - 1)]: placeholder k repeats tiles_k · tokens_per_tile times (spatial_unpad: its
+        # image's count; an image prompt: its expansion's length), in image order; an audio placeholder
+        # tokens_per_audio times
         repeats = torch.ones_like(ids)
-        lengths = [len(e) for e in expansions] if expansions else [n * self.tokens_per_tile for n in tiles]
+        lengths = [len(e) for e in expansions] if expansions else self._slot_counts(tiles, sizes)
         repeats[is_image] = torch.tensor(lengths, dtype=torch.long)
         repeats[is_audio] = self.tokens_per_audio
         ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
@@ -312,6 +324,12 @@ class VLMProcessor:
                     f"the model fills {expected}"
                 )
 
+    def _slot_counts(self, tiles: list[int], sizes: list[tuple[int, int]]) -> list[int]:
+        """Return the image tokens each image gets: its tiles × tokens_per_tile, or its spatial_unpad count."""
+        if self.spatial_unpad is None:
+            return [n * self.tokens_per_tile for n in tiles]
+        return [self.spatial_unpad.num_tokens(*size) for size in sizes]
+
     def _images(
         self, images: Sequence[ImageSource]
     ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, int]], list[tuple[int, int]], list[int]]:
@@ -322,6 +340,10 @@ class VLMProcessor:
         for source in images:
             group = list(source) if isinstance(source, list | tuple) else None
             if group is not None:
+                if self.spatial_unpad is not None:
+                    raise InputError(
+                        "videos: a LLaVA-NeXT (spatial_unpad) model reads images, not video frames"
+                    )
                 if not group:
                     raise InputError("images: an empty frame group; a video slot needs at least one frame")
                 loaded = [load_image(frame, self.image_processor.max_pixels) for frame in group]

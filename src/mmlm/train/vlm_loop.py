@@ -150,10 +150,11 @@ class RowLosses(nn.Module):
         pixels: torch.Tensor | None,
         audio_features: torch.Tensor | None = None,
         image_frames: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (summed loss [B], answer tokens [B]) for ids, labels and mask [B, T] and the batch's images
-        (and audio clips)."""
-        embeds, media = self.model.prepare(input_ids, pixels, audio_features, image_frames)  # [B, T, D]
+        (and audio clips; `image_sizes` for LLaVA-NeXT's spatial_unpad)."""
+        embeds, media = self.model.prepare(input_ids, pixels, audio_features, image_frames, image_sizes)
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
@@ -239,7 +240,7 @@ def accumulate_gradients(
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
                                        batch["pixel_values"], batch["audio_features"],
-                                       batch["image_frames"])  # fmt: skip
+                                       batch["image_frames"], batch["image_sizes"])  # fmt: skip
         loss = batch_loss(row_loss, row_tokens, loss_average)
         (loss / micro_batches).backward()
         interval.add(row_loss.detach(), row_tokens, row_modalities(batch))
