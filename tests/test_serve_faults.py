@@ -220,7 +220,9 @@ def serve_process(model: str, step_seconds: float, drain_seconds: float):
 
 def stream_chat(url: str, max_tokens: int, first: threading.Event, lines: list[str]) -> None:
     """POST a streamed chat request, set `first` at its first event, and collect every event line."""
-    body = {"model": "llava", "stream": True, "max_tokens": max_tokens, "messages": user("Tell a long story")}
+    # greedy: a sampled reply may end at an eos before max_tokens, and the tests count on the full length
+    body = {"model": "llava", "stream": True, "max_tokens": max_tokens, "temperature": 0,
+            "messages": user("Tell a long story")}  # fmt: skip
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
