@@ -10,17 +10,15 @@ class ConnectorConfig:
     """Which connector to build and its options; fields a kind does not use are ignored."""
 
     # the fusion style: linear (LLaVA v1) | mlp (LLaVA-1.5) | pixel_shuffle (Idefics3, nanoVLM) | qformer (BLIP-2)
-    # | patch_merger (Qwen2-VL) | perceiver (a resampler, its latents as tokens) | cross_attention (Flamingo: a resampler feeds gated
+    # | perceiver (a resampler, its latents as tokens) | cross_attention (Flamingo: a resampler feeds gated
     # cross-attention blocks inside the LM) | unified (VQ image codes in the LM vocabulary, no connector)
+    # | patch_merger (Qwen2-VL: each r×r block of patches, normed, through a two-layer MLP)
     kind: str = "mlp"
     act: str = "gelu"  # mlp: the activation between the two layers
     bias: bool | None = None  # None: the reference's choice (linear, mlp: True; pixel_shuffle: False)
-    scale_factor: int = (
-        2  # pixel_shuffle, patch_merger: r, the side of each block of patches merged into one token
-    )
-    norm: str = (
-        "layer"  # patch_merger: the norm on each patch before merging, layer (Qwen2-VL) | rms (Qwen2.5-VL)
-    )
+    # pixel_shuffle, patch_merger: r, the side of each block of patches merged into one token
+    scale_factor: int = 2
+    norm: str = "layer"  # patch_merger: the norm on each patch, layer (Qwen2-VL) | rms (Qwen2.5-VL)
     num_queries: int = 32  # qformer: learned queries K; perceiver, cross_attention: latents L
     depth: int = 2  # qformer, perceiver, cross_attention: blocks of the Q-Former / resampler
     heads: int = 8  # qformer, perceiver, cross_attention: attention heads of those blocks

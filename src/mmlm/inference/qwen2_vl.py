@@ -121,15 +121,11 @@ def qwen2_vl_processor(folder: Path, model: Qwen2VLModel) -> VLMProcessor:
         raise InputError(f"{folder}: image_processor_type {kind!r}; expected one of {list(HF_TYPES)}")
     resize, patches = qwen2_vl_processing_from_hf(settings)
     v = model.cfg.vision
-    if (patches.patch_size, patches.merge_size, patches.temporal_patch_size) != (
-        v.patch_size,
-        v.merge_size,
-        v.temporal_patch_size,
-    ):
+    theirs = (patches.patch_size, patches.merge_size, patches.temporal_patch_size)
+    if theirs != (v.patch_size, v.merge_size, v.temporal_patch_size):
         raise InputError(
-            f"{folder}: the image processor's patch_size, merge_size, temporal_patch_size "
-            f"({patches.patch_size}, {patches.merge_size}, {patches.temporal_patch_size}) differ from the tower's "
-            f"({v.patch_size}, {v.merge_size}, {v.temporal_patch_size})"
+            f"{folder}: the image processor's patch_size, merge_size, temporal_patch_size {theirs} differ from "
+            f"the tower's {(v.patch_size, v.merge_size, v.temporal_patch_size)}"
         )
     # tokens_per_tile is unused: the expansion's count depends on each image's grid
     return VLMProcessor.from_pretrained(

@@ -23,11 +23,9 @@ def mrope_positions(input_ids: torch.Tensor, grids: torch.Tensor | None, image_t
     deltas = torch.zeros(batch, dtype=torch.long)
     images = iter([] if grids is None else grids.tolist())
     for row in range(batch):
-        real = (
-            torch.ones(length, dtype=torch.bool)
-            if attention_mask is None
-            else attention_mask[row].bool().cpu()
-        )
+        real = torch.ones(length, dtype=torch.bool)
+        if attention_mask is not None:
+            real = attention_mask[row].bool().cpu()
         is_image = (input_ids[row].cpu()[real] == image_token_id).tolist()
         parts, start = [], 0
         for image, run in itertools.groupby(is_image):

@@ -38,9 +38,8 @@ class Qwen2VisionConfig:
     temporal_patch_size: int = 2
     merge_size: int = 2
     rope_theta: float = 10000.0
-    window_size: int | None = (
-        None  # Qwen2.5-VL: window side in pixels; None: every block sees the whole image
-    )
+    # Qwen2.5-VL: the window side in pixels; None: every block sees the whole image
+    window_size: int | None = None
     full_attention_blocks: list[int] = field(default_factory=list)  # blocks that see the whole image anyway
     version: int = CONFIG_VERSION
 
@@ -121,7 +120,7 @@ class Qwen2VisionTransformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.sections)  # [1, N, 1, hd]
         frames = torch.repeat_interleave(grids[:, 1] * grids[:, 2], grids[:, 0]).tolist()
         full = block_diagonal(frames, x.device)
-        order = None
+        order, windows = None, None
         if any(self.windowed(i) for i in range(cfg.layers)):
             window = cfg.window_size // cfg.merge_size // cfg.patch_size
             blocks, lengths = window_order(grids, cfg.merge_size, window)
@@ -131,7 +130,7 @@ class Qwen2VisionTransformer(nn.Module):
             windows = block_diagonal(lengths, x.device)
         x = x[None]  # [1, N, Dv]: one packed sequence
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=windows if order is not None and self.windowed(i) else full, rope=(cos, sin))
+            x = block(x, mask=windows if windows is not None and self.windowed(i) else full, rope=(cos, sin))
         x = x[0]
         if order is not None:
             x = x[torch.argsort(order)]
