@@ -18,7 +18,9 @@ mmlm.load gives on CPU). Both decode greedily and never stop early, with a stati
 new tokens; prefill is the time to the first new token, vision tower included. The timed rounds alternate the
 two sides, reversing which goes first each round (timing.py). `same_tokens` says whether both sides generated
 the same tokens in the untimed warm-up, and `max_logit_gap` is the largest difference between their prompt
-logits: both show that the two sides ran the same model on the same inputs.
+logits: both show that the two sides ran the same model on the same inputs. `image_s` splits the prefill: each
+side's time to turn the images into LM-width tokens alone (tower, connector, LLaVA-NeXT's tile merge), timed
+apart from generation in rounds of its own.
 
     .venv/bin/python benchmarks/bench_vlm_families.py [--family llava llava_next idefics3] [--batch 1 4]
         [--new-tokens 64] [--rounds 3] [--threads 1 --clock cpu]
@@ -205,6 +207,27 @@ def rates(run, model, inputs: Inputs, new_tokens: int) -> tuple[float, float]:
     return inputs.ids.shape[0] / statistics.median(steps), times[1] - times[0]
 
 
+def image_seconds(ref, ours, inputs: Inputs, rounds: int) -> dict[str, list[float]]:
+    """Return each side's seconds to turn the batch's images into LM-width tokens, over alternating rounds:
+    transformers' get_image_features, mmlm's prepare (which also embeds the prompt and fills its image slots)."""
+
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        def measure() -> float:
+            start = now()
+            fn()
+            return now() - start
+
+        return measure
+
+    return alternating_rounds(
+        {
+            "transformers": timed(lambda: ref.model.get_image_features(**inputs.theirs)),
+            "mmlm": timed(lambda: ours.prepare(inputs.ids, **inputs.ours)),
+        },
+        rounds,
+    )
+
+
 def measure(family: str, shapes: str, batches: list[int], new_tokens: int, rounds: int) -> None:
     """Print one JSON line per batch size for `family`: both sides' decode rate, prefill time and the ratios."""
     ref, ours = build_models(family, shapes)
@@ -222,6 +245,7 @@ def measure(family: str, shapes: str, batches: list[int], new_tokens: int, round
             },
             rounds,
         )
+        images = image_seconds(ref, ours, inputs, rounds)
         decode = {name: [tok_s for tok_s, _ in r] for name, r in measured.items()}
         prefill = {name: [first for _, first in r] for name, r in measured.items()}
         med = {name: statistics.median(r) for name, r in decode.items()}
@@ -233,6 +257,7 @@ def measure(family: str, shapes: str, batches: list[int], new_tokens: int, round
             "ratio": round(med["mmlm"] / med["transformers"], 3),
             "prefill_s": {n: spread(p, 4) for n, p in prefill.items()},
             "prefill_ratio": round(first["transformers"] / first["mmlm"], 3),  # > 1: mmlm's first token sooner
+            "image_s": {n: spread(t, 4) for n, t in images.items()},  # tower + connector, part of the prefill
             "same_tokens": warm["mmlm"][1] == warm["transformers"][1], "max_logit_gap": float(f"{logit_gap:.1e}"),
             "load": os.getloadavg(),
         }), flush=True)  # fmt: skip
