@@ -1,0 +1,295 @@
+"""VLM decode and prefill speed per family on CPU: mmlm against transformers' generate, same random weights.
+
+One family table drives every family: how transformers builds the model from small shapes, how mmlm reads
+that config and which key map renames its state_dict, and how one prompt's inputs look on each side. The
+families (small shapes: a SigLIP-style tower of 4 layers, width 256, 64-px tiles; a Llama LM of 6 layers, width
+384, vocabulary 8192, tied embeddings; fp32):
+
+- llava: LLaVA-1.5, one 64-px image of 4-px patches: 256 image tokens;
+- llava_next: LLaVA-NeXT, one 128x128 image cut into a 2x2 grid of 64-px tiles (8-px patches) plus the global
+  view: 64 + 16x(16+1) = 336 image tokens;
+- idefics3: Idefics3/SmolVLM, one image split into 2x2 64-px tiles plus the global view, 4-px patches, pixel
+  shuffle r=2: 5 x 64 = 320 image tokens.
+
+Each prompt is <bos>, the image tokens, 24 random text tokens; pixels are random. transformers builds the model,
+its state_dict goes through the family's key map into mmlm's VisionLanguageModel (in the decode layout that
+mmlm.load gives on CPU). Both decode greedily and never stop early, with a static KV cache on both sides
+(transformers: cache_implementation="static", disable_compile). Decode speed is batch / the median time between
+new tokens; prefill is the time to the first new token, vision tower included. The timed rounds alternate the
+two sides, reversing which goes first each round (timing.py). `same_tokens` says whether both sides generated
+the same tokens in the untimed warm-up, and `max_logit_gap` is the largest difference between their prompt
+logits: both show that the two sides ran the same model on the same inputs. `image_s` splits the prefill: each
+side's time to turn the images into LM-width tokens alone (tower, connector, LLaVA-NeXT's tile merge), timed
+apart from generation in rounds of its own.
+
+    .venv/bin/python benchmarks/bench_vlm_families.py [--family llava llava_next idefics3] [--batch 1 4]
+        [--new-tokens 64] [--rounds 3] [--threads 1 --clock cpu]
+    .venv/bin/python benchmarks/bench_vlm_families.py --quick     # toy shapes, 1 round: checks that it runs
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+from bench_decode import TINY_LLAMA, StepClock, transformers_cache_settings
+from timing import CLOCKS, alternating_rounds, now, spread, use_clock
+
+from mmlm.checkpoints.build import build_from_weights
+from mmlm.checkpoints.hf_idefics3 import idefics3_key_map, vlm_config_from_idefics3
+from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
+from mmlm.checkpoints.keymap import Rule
+from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
+from mmlm.models.vlm import VisionLanguageModel, VLMConfig
+
+SMALL_SIGLIP = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=64, patch_size=4)  # fmt: skip
+SMALL_LLAMA = dict(TINY_LLAMA, vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                   num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
+TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=8)  # fmt: skip
+SHAPES = {"small": (SMALL_SIGLIP, SMALL_LLAMA), "tiny": (TINY_SIGLIP, TINY_LLAMA)}
+TEXT_TOKENS = 24
+GRID = 2  # llava_next's and idefics3's image: a 2x2 grid of tiles, plus the global view
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build one VLM family on both sides and feed both the same prompt."""
+
+    reference: Callable[[dict, dict, int], transformers.PreTrainedModel]  # (vision, text, image id) -> model
+    config: Callable[[dict], VLMConfig]  # transformers config dict -> mmlm's
+    key_map: Callable[[VLMConfig, set[str]], tuple[list[Rule], str]]  # -> (rules, the tied head's name)
+    # (mmlm model, batch, pixels [B·views, 3, S, S]) -> (image tokens per prompt, transformers' extra
+    # generate arguments, mmlm's extra prepare arguments)
+    images: Callable[[VisionLanguageModel, int, torch.Tensor], tuple[int, dict, dict]]
+    views: int  # tower inputs per image
+
+
+def llava_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
+    """Return LLaVA-1.5 with a SigLIP tower (every token kept) and a Llama LM."""
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.SiglipVisionConfig(**vision), text_config=transformers.LlamaConfig(**text),
+        image_token_index=image_id, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return transformers.LlavaForConditionalGeneration(cfg)
+
+
+def llava_next_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
+    """Return LLaVA-NeXT with 8-px patches (64 tokens per 64-px tile) whose grids include 2x2 tiles."""
+    side = vision["image_size"]
+    cfg = transformers.LlavaNextConfig(
+        vision_config=transformers.SiglipVisionConfig(**dict(vision, patch_size=2 * vision["patch_size"])),
+        text_config=transformers.LlamaConfig(**text), image_token_index=image_id, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=True,
+        image_grid_pinpoints=[[side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
+    )  # fmt: skip
+    return transformers.LlavaNextForConditionalGeneration(cfg)
+
+
+def idefics3_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
+    """Return Idefics3 (pixel shuffle r=2, bias-free projection) with a Llama LM."""
+    cfg = transformers.Idefics3Config(
+        vision_config=vision, text_config=transformers.LlamaConfig(**text).to_dict(), image_token_id=image_id,
+        scale_factor=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    return transformers.Idefics3ForConditionalGeneration(cfg)
+
+
+def llava_rules(cfg: VLMConfig, names: set[str]) -> tuple[list[Rule], str]:
+    """Return LLaVA's (or LLaVA-NeXT's) key map for the tensor names transformers wrote, and its head's name."""
+    layout = llava_layout(names)
+    return llava_key_map(cfg, layout), f"{layout.head}.weight"
+
+
+def one_image(model: VisionLanguageModel, batch: int, pixels: torch.Tensor) -> tuple[int, dict, dict]:
+    """LLaVA-1.5: one image per prompt, the same pixels on both sides."""
+    return model.image_tokens, {"pixel_values": pixels}, {"pixel_values": pixels}
+
+
+def tiled_anyres(model: VisionLanguageModel, batch: int, pixels: torch.Tensor) -> tuple[int, dict, dict]:
+    """LLaVA-NeXT: a square image twice the tile side, so a 2x2 grid; transformers takes [B, views, 3, S, S]."""
+    side = GRID * model.cfg.vision.image_size
+    sizes = torch.tensor([[side, side]] * batch)
+    theirs = {"pixel_values": pixels.unflatten(0, (batch, -1)), "image_sizes": sizes}
+    return model.anyres.num_tokens(side, side), theirs, {"pixel_values": pixels, "image_sizes": sizes}
+
+
+def split_views(model: VisionLanguageModel, batch: int, pixels: torch.Tensor) -> tuple[int, dict, dict]:
+    """Idefics3: 2x2 tiles and the global view per image, each its own row of image tokens."""
+    views = pixels.unflatten(0, (batch, -1))  # [B, views, 3, S, S]
+    mask = torch.ones(*views.shape[:2], *views.shape[3:], dtype=torch.long)  # no padded view
+    theirs = {"pixel_values": views, "pixel_attention_mask": mask}
+    return views.shape[1] * model.image_tokens, theirs, {"pixel_values": pixels}
+
+
+FAMILIES = {
+    "llava": Family(llava_reference, vlm_config_from_llava, llava_rules, one_image, 1),
+    "llava_next": Family(llava_next_reference, vlm_config_from_llava, llava_rules, tiled_anyres, 1 + GRID**2),
+    "idefics3": Family(idefics3_reference, vlm_config_from_idefics3,
+                       lambda cfg, names: (idefics3_key_map(cfg), "lm_head.weight"), split_views, 1 + GRID**2),
+}  # fmt: skip
+
+
+def build_models(family: str, shapes: str, seed: int = 0):
+    """Return (transformers model, mmlm VisionLanguageModel) of `family` holding the same random weights."""
+    vision, text = SHAPES[shapes]
+    spec = FAMILIES[family]
+    torch.manual_seed(seed)
+    ref = spec.reference(vision, text, text["vocab_size"] - 1).eval()
+    cfg = spec.config(ref.config.to_dict())
+    weights = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    rules, head = spec.key_map(cfg, set(weights))
+    weights.pop(head, None)  # tied to the embedding
+    ours = build_from_weights(lambda: VisionLanguageModel(cfg), weights, rules, family)
+    ours.lm.prepare_for_inference()  # what mmlm.load does on CPU
+    return ref, ours
+
+
+@dataclass
+class Inputs:
+    """One batch of prompts as each side takes it."""
+
+    ids: torch.Tensor  # [B, T]: bos, image tokens, text
+    theirs: dict  # transformers generate's image arguments
+    ours: dict  # mmlm prepare's image arguments
+
+
+def make_inputs(family: str, model: VisionLanguageModel, batch: int) -> Inputs:
+    """Return `batch` prompts of one random image (cut as the family cuts it) and random text."""
+    g = torch.Generator().manual_seed(batch)
+    spec, size, image_id = FAMILIES[family], model.cfg.vision.image_size, model.cfg.image_token_id
+    pixels = torch.randn(batch * spec.views, 3, size, size, generator=g)
+    image_tokens, theirs, ours = spec.images(model, batch, pixels)
+    text = torch.randint(3, image_id, (batch, TEXT_TOKENS), generator=g)
+    image = torch.full((batch, image_tokens), image_id)
+    return Inputs(torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], 1), theirs, ours)
+
+
+def transformers_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float], list[list[int]]]:
+    """Return the call's start and each new token's arrival time, and the tokens, in transformers' generate."""
+    clock = StepClock()
+    start = now()
+    out = model.generate(input_ids=inputs.ids, attention_mask=torch.ones_like(inputs.ids), **inputs.theirs,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         stopping_criteria=transformers.StoppingCriteriaList([clock]),
+                         **transformers_cache_settings("static"))  # fmt: skip
+    assert out.shape[1] == inputs.ids.shape[1] + new_tokens
+    return [start, *clock.times], out[:, inputs.ids.shape[1] :].tolist()
+
+
+def mmlm_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float], list[list[int]]]:
+    """Return the call's start and each new token's arrival time, and the tokens, in mmlm's greedy generation."""
+    start = now()
+    embeds, media = model.prepare(inputs.ids, **inputs.ours)
+    batch, length = inputs.ids.shape
+    cache = model.new_cache(batch, length + new_tokens, media)  # static: preallocated
+    times, tokens = [start], [[] for _ in range(batch)]
+    for step in generate_ids(vlm_step(model), cache, GenerationSettings(new_tokens), [], None, embeds):
+        times.append(now())
+        for row, token in step:
+            tokens[row].append(token)
+    assert len(times) == new_tokens + 1
+    return times, tokens
+
+
+def rates(run, model, inputs: Inputs, new_tokens: int) -> tuple[float, float]:
+    """Return (decode tokens/s: batch / median step between new tokens, prefill seconds to the first token)."""
+    times, _ = run(model, inputs, new_tokens)
+    steps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]
+    return inputs.ids.shape[0] / statistics.median(steps), times[1] - times[0]
+
+
+def image_seconds(ref, ours, inputs: Inputs, rounds: int) -> dict[str, list[float]]:
+    """Return each side's seconds to turn the batch's images into LM-width tokens, over alternating rounds:
+    transformers' get_image_features, mmlm's prepare (which also embeds the prompt and fills its image slots)."""
+
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        def measure() -> float:
+            start = now()
+            fn()
+            return now() - start
+
+        return measure
+
+    return alternating_rounds(
+        {
+            "transformers": timed(lambda: ref.model.get_image_features(**inputs.theirs)),
+            "mmlm": timed(lambda: ours.prepare(inputs.ids, **inputs.ours)),
+        },
+        rounds,
+    )
+
+
+def measure(family: str, shapes: str, batches: list[int], new_tokens: int, rounds: int) -> None:
+    """Print one JSON line per batch size for `family`: both sides' decode rate, prefill time and the ratios."""
+    ref, ours = build_models(family, shapes)
+    runs = {"transformers": (transformers_run, ref), "mmlm": (mmlm_run, ours)}
+    for batch in batches:
+        inputs = make_inputs(family, ours, batch)
+        warm = {name: run(model, inputs, 8) for name, (run, model) in runs.items()}  # untimed
+        ids = inputs.ids
+        theirs = ref(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs.theirs).logits
+        logit_gap = (ours(ids, **inputs.ours).logits - theirs).abs().max().item()
+        measured = alternating_rounds(
+            {
+                name: lambda r=run, m=model, x=inputs: rates(r, m, x, new_tokens)
+                for name, (run, model) in runs.items()
+            },
+            rounds,
+        )
+        images = image_seconds(ref, ours, inputs, rounds)
+        decode = {name: [tok_s for tok_s, _ in r] for name, r in measured.items()}
+        prefill = {name: [first for _, first in r] for name, r in measured.items()}
+        med = {name: statistics.median(r) for name, r in decode.items()}
+        first = {name: statistics.median(p) for name, p in prefill.items()}
+        print(json.dumps({
+            "family": family, "batch": batch, "prompt_tokens": inputs.ids.shape[1],
+            "image_tokens": int((inputs.ids == ours.cfg.image_token_id).sum()) // batch,
+            "new_tokens": new_tokens, "rounds": rounds, "tok_s": {n: spread(r, 2) for n, r in decode.items()},
+            "ratio": round(med["mmlm"] / med["transformers"], 3),
+            "prefill_s": {n: spread(p, 4) for n, p in prefill.items()},
+            "prefill_ratio": round(first["transformers"] / first["mmlm"], 3),  # > 1: mmlm's first token sooner
+            "image_s": {n: spread(t, 4) for n, t in images.items()},  # tower + connector, part of the prefill
+            "same_tokens": warm["mmlm"][1] == warm["transformers"][1], "max_logit_gap": float(f"{logit_gap:.1e}"),
+            "load": os.getloadavg(),
+        }), flush=True)  # fmt: skip
+
+
+def main() -> None:
+    """Run the benchmark and print one JSON line per (family, batch size)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, 2 here)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: time a user waits; cpu: the thread's CPU time, steady on a shared machine "
+                             "(needs --threads 1)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="toy shapes, 1 round: a check that it runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.new_tokens, args.rounds = [1], 6, 1
+    torch.set_grad_enabled(False)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts the calling thread only: run it with --threads 1")
+    use_clock(args.clock)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}, python {platform.python_version()}, clock {args.clock}, "
+          f"load {os.getloadavg()}; KV cache: static on both sides", file=sys.stderr)  # fmt: skip
+    for family in args.family:
+        measure(family, "tiny" if args.quick else "small", args.batch, args.new_tokens, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
