@@ -9,7 +9,11 @@ families (small shapes: a SigLIP-style tower of 4 layers, width 256, 64-px tiles
 - llava_next: LLaVA-NeXT, one 128x128 image cut into a 2x2 grid of 64-px tiles (8-px patches) plus the global
   view: 64 + 16x(16+1) = 336 image tokens;
 - idefics3: Idefics3/SmolVLM, one image split into 2x2 64-px tiles plus the global view, 4-px patches, pixel
-  shuffle r=2: 5 x 64 = 320 image tokens.
+  shuffle r=2: 5 x 64 = 320 image tokens;
+- qwen2_vl, qwen2_5_vl: Qwen2-VL / Qwen2.5-VL, one 128-px image at native resolution, 4-px patches (a 32x32 grid,
+  two frames per patch as Qwen's processor stacks a still image) merged 2x2: 256 image tokens; the same Llama
+  shapes as a Qwen2 LM (biased q/k/v) with M-RoPE sections [8, 12, 12]. Qwen2.5-VL's tower is RMSNorm + SwiGLU
+  with 32-px attention windows in blocks 0-2 and the whole image in block 3.
 
 Each prompt is <bos>, the image tokens, 24 random text tokens; pixels are random. transformers builds the model,
 its state_dict goes through the family's key map into mmlm's VisionLanguageModel (in the decode layout that
@@ -22,7 +26,7 @@ logits: both show that the two sides ran the same model on the same inputs. `ima
 side's time to turn the images into LM-width tokens alone (tower, connector, LLaVA-NeXT's tile merge), timed
 apart from generation in rounds of its own.
 
-    .venv/bin/python benchmarks/bench_vlm_families.py [--family llava llava_next idefics3] [--batch 1 4]
+    .venv/bin/python benchmarks/bench_vlm_families.py [--families llava qwen2_vl ...] [--batch 1 4]
         [--new-tokens 64] [--rounds 3] [--threads 1 --clock cpu]
     .venv/bin/python benchmarks/bench_vlm_families.py --quick     # toy shapes, 1 round: checks that it runs
 """
@@ -44,8 +48,10 @@ from timing import CLOCKS, alternating_rounds, now, spread, use_clock
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_idefics3 import idefics3_key_map, vlm_config_from_idefics3
 from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
+from mmlm.checkpoints.hf_qwen2_vl import qwen2_vl_config_from_hf, qwen2_vl_key_map
 from mmlm.checkpoints.keymap import Rule
 from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
+from mmlm.models.qwen2_vl import Qwen2VLModel
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
 SMALL_SIGLIP = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
@@ -56,7 +62,9 @@ TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
                    image_size=32, patch_size=8)  # fmt: skip
 SHAPES = {"small": (SMALL_SIGLIP, SMALL_LLAMA), "tiny": (TINY_SIGLIP, TINY_LLAMA)}
 TEXT_TOKENS = 24
-GRID = 2  # llava_next's and idefics3's image: a 2x2 grid of tiles, plus the global view
+GRID = (
+    2  # llava_next's and idefics3's image: a 2x2 grid of tiles, plus the global view; Qwen's: twice as wide
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ class Family:
     # generate arguments, mmlm's extra prepare arguments)
     images: Callable[[VisionLanguageModel, int, torch.Tensor], tuple[int, dict, dict]]
     views: int  # tower inputs per image
+    side: int = 1  # an image's side in tiles of the SigLIP shapes' image_size
+    model: Callable[[object], torch.nn.Module] = VisionLanguageModel  # mmlm's model class for the config
 
 
 def llava_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
@@ -103,6 +113,34 @@ def idefics3_reference(vision: dict, text: dict, image_id: int) -> transformers.
     return transformers.Idefics3ForConditionalGeneration(cfg)
 
 
+def qwen_reference(model_type: str) -> Callable[[dict, dict, int], transformers.PreTrainedModel]:
+    """Return a builder of Qwen2-VL or Qwen2.5-VL from the SigLIP shapes (as the native-resolution tower) and
+    the Llama shapes (as a Qwen2 LM with M-RoPE)."""
+
+    def build(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
+        heads = text["num_attention_heads"]
+        third = text["hidden_size"] // heads // 2 // 8  # M-RoPE's t/h/w frequencies in Qwen's 2:3:3 split
+        lm = dict(text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [2 * third, 3 * third, 3 * third]})  # fmt: skip
+        common = dict(depth=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
+                      patch_size=vision["patch_size"], spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+        if model_type == "qwen2_vl":
+            tower = dict(common, embed_dim=vision["hidden_size"], hidden_size=text["hidden_size"],
+                         mlp_ratio=vision["intermediate_size"] // vision["hidden_size"])  # fmt: skip
+            config, model = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        else:  # windows of 4x4 merged tokens, as Qwen2.5-VL's 112 px at 14-px patches; the last block sees all
+            tower = dict(common, hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
+                         out_hidden_size=text["hidden_size"], window_size=8 * vision["patch_size"],
+                         fullatt_block_indexes=[vision["num_hidden_layers"] - 1])  # fmt: skip
+            config, model = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        cfg = config(vision_config=tower, text_config=lm, image_token_id=image_id, video_token_id=image_id - 1,
+                     vision_start_token_id=image_id - 2, vision_end_token_id=image_id - 3,
+                     tie_word_embeddings=True)  # fmt: skip
+        return model(cfg)
+
+    return build
+
+
 def llava_rules(cfg: VLMConfig, names: set[str]) -> tuple[list[Rule], str]:
     """Return LLaVA's (or LLaVA-NeXT's) key map for the tensor names transformers wrote, and its head's name."""
     layout = llava_layout(names)
@@ -130,11 +168,35 @@ def split_views(model: VisionLanguageModel, batch: int, pixels: torch.Tensor) ->
     return views.shape[1] * model.image_tokens, theirs, {"pixel_values": pixels}
 
 
+def native_resolution(model: Qwen2VLModel, batch: int, pixels: torch.Tensor) -> tuple[int, dict, dict]:
+    """Qwen2-VL: each image as Qwen's processor packs it, [h·w, C·t·p·p] patches (the still frame twice) with
+    its grid (t, h, w); M-RoPE needs transformers to be told which tokens are the image's."""
+    v = model.cfg.vision
+    p, m = v.patch_size, v.merge_size
+    side = pixels.shape[-1] // p
+    frames = pixels[:, :, None].expand(-1, -1, v.temporal_patch_size, -1, -1)  # [B, C, t, S, S]
+    # [B, C, t, h/m, m, p, w/m, m, p] -> [B, h/m, w/m, m, m, C, t, p, p]: merge groups adjacent, as the processor
+    grouped = frames.reshape(batch, v.channels, v.temporal_patch_size, side // m, m, p, side // m, m, p)
+    patches = grouped.permute(0, 3, 6, 4, 7, 1, 2, 5, 8).reshape(batch * side * side, -1)
+    grid = torch.tensor([[1, side, side]] * batch)
+    theirs = {"pixel_values": patches, "image_grid_thw": grid}
+    return side * side // m**2, theirs, {"pixel_values": patches, "image_grid": grid}
+
+
+def qwen_rules(cfg, names: set[str]) -> tuple[list[Rule], str]:
+    """Return Qwen2-VL's key map for transformers' tensor names, and its (tied) head's name."""
+    return qwen2_vl_key_map(cfg), "lm_head.weight"
+
+
 FAMILIES = {
     "llava": Family(llava_reference, vlm_config_from_llava, llava_rules, one_image, 1),
     "llava_next": Family(llava_next_reference, vlm_config_from_llava, llava_rules, tiled_anyres, 1 + GRID**2),
     "idefics3": Family(idefics3_reference, vlm_config_from_idefics3,
                        lambda cfg, names: (idefics3_key_map(cfg), "lm_head.weight"), split_views, 1 + GRID**2),
+    "qwen2_vl": Family(qwen_reference("qwen2_vl"), qwen2_vl_config_from_hf, qwen_rules, native_resolution, 1,
+                       GRID, Qwen2VLModel),
+    "qwen2_5_vl": Family(qwen_reference("qwen2_5_vl"), qwen2_vl_config_from_hf, qwen_rules, native_resolution, 1,
+                         GRID, Qwen2VLModel),
 }  # fmt: skip
 
 
@@ -148,7 +210,7 @@ def build_models(family: str, shapes: str, seed: int = 0):
     weights = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     rules, head = spec.key_map(cfg, set(weights))
     weights.pop(head, None)  # tied to the embedding
-    ours = build_from_weights(lambda: VisionLanguageModel(cfg), weights, rules, family)
+    ours = build_from_weights(lambda: spec.model(cfg), weights, rules, family)
     ours.lm.prepare_for_inference()  # what mmlm.load does on CPU
     return ref, ours
 
@@ -162,15 +224,19 @@ class Inputs:
     ours: dict  # mmlm prepare's image arguments
 
 
-def make_inputs(family: str, model: VisionLanguageModel, batch: int) -> Inputs:
+def make_inputs(family: str, model: VisionLanguageModel, batch: int, shapes: str) -> Inputs:
     """Return `batch` prompts of one random image (cut as the family cuts it) and random text."""
     g = torch.Generator().manual_seed(batch)
-    spec, size, image_id = FAMILIES[family], model.cfg.vision.image_size, model.cfg.image_token_id
+    spec, image_id = FAMILIES[family], model.cfg.image_token_id
+    size = spec.side * SHAPES[shapes][0]["image_size"]
     pixels = torch.randn(batch * spec.views, 3, size, size, generator=g)
     image_tokens, theirs, ours = spec.images(model, batch, pixels)
     text = torch.randint(3, image_id, (batch, TEXT_TOKENS), generator=g)
     image = torch.full((batch, image_tokens), image_id)
-    return Inputs(torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], 1), theirs, ours)
+    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], 1)
+    if "image_grid_thw" in theirs:  # transformers' M-RoPE finds the image tokens by this mask, not by id
+        theirs["mm_token_type_ids"] = (ids == image_id).int()
+    return Inputs(ids, theirs, ours)
 
 
 def transformers_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float], list[list[int]]]:
@@ -219,9 +285,11 @@ def image_seconds(ref, ours, inputs: Inputs, rounds: int) -> dict[str, list[floa
 
         return measure
 
+    # mm_token_type_ids belongs to the prompt, not the images
+    images = {k: v for k, v in inputs.theirs.items() if k != "mm_token_type_ids"}
     return alternating_rounds(
         {
-            "transformers": timed(lambda: ref.model.get_image_features(**inputs.theirs)),
+            "transformers": timed(lambda: ref.model.get_image_features(**images)),
             "mmlm": timed(lambda: ours.prepare(inputs.ids, **inputs.ours)),
         },
         rounds,
@@ -233,7 +301,7 @@ def measure(family: str, shapes: str, batches: list[int], new_tokens: int, round
     ref, ours = build_models(family, shapes)
     runs = {"transformers": (transformers_run, ref), "mmlm": (mmlm_run, ours)}
     for batch in batches:
-        inputs = make_inputs(family, ours, batch)
+        inputs = make_inputs(family, ours, batch, shapes)
         warm = {name: run(model, inputs, 8) for name, (run, model) in runs.items()}  # untimed
         ids = inputs.ids
         theirs = ref(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs.theirs).logits
@@ -266,7 +334,8 @@ def measure(family: str, shapes: str, batches: list[int], new_tokens: int, round
 def main() -> None:
     """Run the benchmark and print one JSON line per (family, batch size)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--families", "--family", dest="family", nargs="+", choices=list(FAMILIES),
+                        default=list(FAMILIES))  # fmt: skip
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)

@@ -36,7 +36,7 @@ QUICK_RUNS = {
     "bench_serve.py": ([], '"run": "overfill"'),
     "bench_video.py": ([], '"long_seeking_speedup"'),
     "bench_vlm_decode.py": ([], '"cache": "static"'),
-    "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "idefics3"'),
+    "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "qwen2_5_vl"'),
     "fuzz.py": ([], '"target": "server"'),
     "open_clip_parity.py": ([], '"ok": true'),
     "soak_serve.py": ([], '"verdict": {"pass": true, "no_errors": true'),
