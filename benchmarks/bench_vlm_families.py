@@ -62,9 +62,7 @@ TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
                    image_size=32, patch_size=8)  # fmt: skip
 SHAPES = {"small": (SMALL_SIGLIP, SMALL_LLAMA), "tiny": (TINY_SIGLIP, TINY_LLAMA)}
 TEXT_TOKENS = 24
-GRID = (
-    2  # llava_next's and idefics3's image: a 2x2 grid of tiles, plus the global view; Qwen's: twice as wide
-)
+GRID = 2  # llava_next's, idefics3's image: a 2x2 grid of tiles (+ the global view); Qwen's: twice as wide
 
 
 @dataclass(frozen=True)
