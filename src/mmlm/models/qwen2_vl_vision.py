@@ -4,7 +4,7 @@ All images of a batch are one sequence of patches [N, C·t·p·p] (the processor
 in merge-window order: every merge_size² consecutive patches form one square block). Then:
   patch embedding   one Linear on the flattened patch (transformers' Conv3d with stride = kernel is that map);
   positions         2-D rotary over each patch's (row, column) in its own image, no learned table;
-  attention         restricted to each image (a block-diagonal mask on SDPA, transformers' cu_seqlens);
+  attention         restricted to each image (each image its own sequence, as transformers' cu_seqlens split);
   Qwen2.5-VL        RMSNorm + SwiGLU blocks, and windowed attention: outside `full_attention_blocks` a patch
                     sees only its window of window_size px (the patches regrouped window by window first).
 The tower returns its last block's states [N, Dv] in the input order; the patch merger (fusion/patch_merger.py)
@@ -82,12 +82,28 @@ def window_order(grids: torch.Tensor, merge_size: int, window: int) -> tuple[tor
     return torch.cat(order), lengths
 
 
-def block_diagonal(lengths: list[int], device: torch.device) -> torch.Tensor:
-    """Return the boolean mask [1, 1, N, N] where a patch attends to the patches of its own segment only."""
-    segment = torch.repeat_interleave(
-        torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
-    )
-    return (segment[:, None] == segment[None, :])[None, None]
+def segment_groups(lengths: list[int], device: torch.device) -> list[torch.Tensor]:
+    """Return the packed positions of the segments (images or windows) of `lengths`, grouped by length: one
+    [k, L] index tensor per distinct length L, the k segments of that length in order."""
+    starts = torch.tensor([0, *lengths], device=device).cumsum(0)[:-1]
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    return [starts[rows][:, None] + torch.arange(n, device=device) for n, rows in by_length.items()]
+
+
+def attend_within_segments(
+    block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: list[torch.Tensor]
+) -> torch.Tensor:
+    """Run `block` on each segment as its own sequence, [N, D] -> [N, D] (cos, sin [N, 1, hd]).
+
+    Segments of one length form one batch, so the cost is Σ L² per segment, not N² as a block-diagonal mask
+    over the packed sequence would make it (transformers' cu_seqlens split, in batches).
+    """
+    out = torch.empty_like(x)
+    for index in groups:  # [k, L]
+        out[index] = block(x[index], rope=(cos[index], sin[index]))
+    return out
 
 
 class Qwen2VisionTransformer(nn.Module):
@@ -119,7 +135,7 @@ class Qwen2VisionTransformer(nn.Module):
         positions = patch_positions(grids, cfg.merge_size).to(x.device)[:, None]  # [2, 1, N]
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.sections)  # [1, N, 1, hd]
         frames = torch.repeat_interleave(grids[:, 1] * grids[:, 2], grids[:, 0]).tolist()
-        full = block_diagonal(frames, x.device)
+        full = segment_groups(frames, x.device)
         order, windows = None, None
         if any(self.windowed(i) for i in range(cfg.layers)):
             window = cfg.window_size // cfg.merge_size // cfg.patch_size
@@ -127,11 +143,11 @@ class Qwen2VisionTransformer(nn.Module):
             # [N/m²] merge blocks -> [N] patches: whole blocks move, so the merger's groups stay intact
             order = (blocks[:, None] * unit + torch.arange(unit)).flatten().to(x.device)
             x, cos, sin = x[order], cos[:, order], sin[:, order]
-            windows = block_diagonal(lengths, x.device)
-        x = x[None]  # [1, N, Dv]: one packed sequence
+            windows = segment_groups(lengths, x.device)
+        cos, sin = cos[0], sin[0]  # [N, 1, hd]
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=windows if windows is not None and self.windowed(i) else full, rope=(cos, sin))
-        x = x[0]
+            groups = windows if windows is not None and self.windowed(i) else full
+            x = attend_within_segments(block, x, cos, sin, groups)
         if order is not None:
             x = x[torch.argsort(order)]
         return x
