@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from fixtures_qwen2_vl import write_tiny_qwen2_vl
 from PIL import Image
 from skimage import data
 
@@ -22,6 +23,13 @@ from mmlm.serve.engine import Engine, EngineConfig, QueueFull, RequestTimeout
 def vlm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava")
     write_tiny_llava(folder)
+    return mmlm.load(folder)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen2_5_vl")
+    write_tiny_qwen2_vl(folder, "qwen2_5_vl")
     return mmlm.load(folder)
 
 
@@ -75,6 +83,15 @@ REQUESTS = [
 
 @pytest.mark.parametrize("batching", [True, False])
 def test_concurrent_requests_equal_generate_one_at_a_time(vlm, batching):
+    assert_batched_equals_alone(vlm, batching)
+
+
+def test_qwen2_vl_rows_join_a_running_batch_with_their_own_mrope_offsets(qwen):
+    # each row's M-RoPE offset depends on its images; merged batches carry every row's own
+    assert_batched_equals_alone(qwen, batching=True)
+
+
+def assert_batched_equals_alone(vlm, batching: bool) -> None:
     images = photos()
     alone = [
         vlm.generate(

@@ -62,7 +62,7 @@ register_connector(
 )  # fmt: skip
 register_style(FlamingoStyle())  # Flamingo: a resampler feeds gated cross-attention blocks inside the LM
 register_style(UnifiedStyle())  # VQ image codes in the LM vocabulary, no connector
-CONNECTORS["patch_merger"] = build_patch_merger  # Qwen2-VL; a style of its own (not batchable), no table row
+CONNECTORS["patch_merger"] = build_patch_merger  # Qwen2-VL; a style of its own, no table row
 register_style(PatchMergerStyle("patch_merger", patch_merger_cost))
 
 __all__ = [

@@ -50,10 +50,8 @@ class PatchMerger(nn.Module):
 
 
 class PatchMergerStyle(ConnectorStyle):
-    """The patch merger as a fusion style. Not batchable: its model keeps each prompt's M-RoPE position offset
-    in the generation cache, which merging rows into a running batch would drop."""
-
-    batchable = False
+    """The patch merger as a fusion style. Its model keeps each prompt's M-RoPE position offset in the generation
+    cache; merging running batches concatenates those offsets (MRopeState.cat), so rows may join a batch."""
 
 
 def build_patch_merger(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> PatchMerger:

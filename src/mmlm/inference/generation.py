@@ -293,8 +293,11 @@ def merge_batches(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
         )
         for la, lb in zip(a.cache, b.cache, strict=True)
     ]
-    if isinstance(a.cache, VLMCache):  # only batchable styles merge, and they keep no cache of their own
-        cache = VLMCache(cache)
+    if isinstance(
+        a.cache, VLMCache
+    ):  # only batchable styles merge; a per-row state of theirs is concatenated
+        fusion = a.cache.fusion.cat(b.cache.fusion) if a.cache.fusion is not None else None
+        cache = VLMCache(cache, fusion)
     mask = torch.cat([left_pad(masks[0], n, 1), left_pad(masks[1], n, 1)])
     return DecodeBatch(
         a.rows + b.rows, cache, None if bool(mask.all()) else mask, torch.cat([a.pending, b.pending])

@@ -51,6 +51,12 @@ class MRopeState:
         if self.prompt_positions is not None:
             self.prompt_positions = self.prompt_positions[:, rows]
 
+    def cat(self, other: "MRopeState") -> "MRopeState":
+        """Return the state of this batch's rows followed by `other`'s (serving merges running batches). Only
+        offsets carry over: decode positions count each row's real tokens (its mask), so left padding added by
+        the merge does not move them."""
+        return MRopeState(torch.cat([self.deltas, other.deltas]))
+
 
 class Qwen2VLModel(nn.Module):
     """Vision tower + patch merger + M-RoPE decoder LM; `forward` takes ids with image slots, packed patches and
