@@ -19,7 +19,9 @@ class Rule:
     ours: tuple[str, ...]
     theirs: tuple[str, ...]
     sizes: tuple[int, ...] | None = None  # rows of each tensor on the side that has several
-    their_shape: tuple[int, ...] | None = None  # their shape where it differs from ours (e.g. [1] vs [])
+    their_shape: tuple[int, ...] | None = (
+        None  # their shape (each one's, if fused) where it differs from ours
+    )
     transpose: bool = False  # one 2-D tensor on each side, theirs = oursᵀ
 
 
@@ -88,7 +90,7 @@ def to_theirs(ours: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, tor
     for rule in rules:
         src = [ours[o].T if rule.transpose else ours[o] for o in rule.ours]
         if len(rule.theirs) > 1:
-            shapes = [(n, *src[0].shape[1:]) for n in rule.sizes]
+            shapes = [rule.their_shape or (n, *src[0].shape[1:]) for n in rule.sizes]
         else:
             shapes = [rule.their_shape if rule.their_shape is not None else src[0].shape]
             if len(src) > 1:

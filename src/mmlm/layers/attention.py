@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlm.layers.linear import project
-from mmlm.layers.norm import make_norm
+from mmlm.layers.norm import HeadwiseLayerNorm, make_norm
 from mmlm.layers.rotary import apply_rotary
 
 
@@ -93,7 +93,8 @@ class Attention(nn.Module):
 
     Self-attention projects q, k, v with one fused `qkv` linear; cross-attention (`cross=True`) projects q from
     the sequence with `q` and k, v from the context with `kv`. `qk_norm` ("layer" or "rms") normalises each head's
-    queries and keys over head_dim with `q_norm`/`k_norm` before the dot product (and before rotary positions).
+    queries and keys over head_dim with `q_norm`/`k_norm` before the dot product (and before rotary positions);
+    "layer_per_head" gives each head its own LayerNorm weight and bias (Chameleon; self-attention only).
     """
 
     def __init__(
@@ -124,7 +125,12 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=bias)
         self.out = nn.Linear(q_dim, dim, bias=bias if out_bias is None else out_bias)
         self.qk_norm = qk_norm is not None
-        if qk_norm is not None:
+        if qk_norm == "layer_per_head":
+            if cross:
+                raise ValueError("qk_norm 'layer_per_head' is for self-attention only")
+            self.q_norm = HeadwiseLayerNorm(heads, self.head_dim, qk_norm_eps)
+            self.k_norm = HeadwiseLayerNorm(self.kv_heads, self.head_dim, qk_norm_eps)
+        elif qk_norm is not None:
             self.q_norm = make_norm(qk_norm, self.head_dim, qk_norm_eps)
             self.k_norm = make_norm(qk_norm, self.head_dim, qk_norm_eps)
 

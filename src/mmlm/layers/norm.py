@@ -1,4 +1,4 @@
-"""LayerNorm and RMSNorm, chosen by name."""
+"""LayerNorm and RMSNorm, chosen by name, and a LayerNorm with its own scale and shift per attention head."""
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,24 @@ class RMSNorm(nn.Module):
         # one fused op for x·rsqrt(mean(x²) + eps) in fp32; the weight multiplies after the cast back, as in Llama
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+class HeadwiseLayerNorm(nn.Module):
+    """LayerNorm over head_dim whose weight and bias are [heads, head_dim]: each head has its own (Chameleon's qk norm).
+
+    Chameleon trained with heads sharded over devices, each shard keeping its own affine parameters; the
+    statistics are still per head, over head_dim. Input [..., heads, head_dim].
+    """
+
+    def __init__(self, heads: int, head_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the normalised tensor, same shape as x [..., heads, head_dim]."""
+        return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * self.weight + self.bias
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:

@@ -13,6 +13,7 @@ class Block(nn.Module):
     """Self-attention, optional cross-attention, then MLP, each with a residual.
 
     Pre-norm (ViT, CLIP, Llama): x + f(norm(x)). Post-norm (BERT, the Q-Former): norm(x + f(x)).
+    `residual_norm` (Swin v2, Chameleon's swin_norm): x + norm(f(x)), the norm on the branch's output.
     """
 
     def __init__(
@@ -32,12 +33,17 @@ class Block(nn.Module):
         context_dim: int | None = None,
         out_bias: bool | None = None,
         mlp_bias: bool | None = None,
+        qk_norm: str | None = None,
+        qk_norm_eps: float = 1e-6,
+        residual_norm: bool = False,
     ) -> None:
         super().__init__()
         self.prenorm = prenorm
+        self.residual_norm = residual_norm
         self.norm1 = make_norm(norm, dim, eps)
         # `bias` covers every linear unless out_bias / mlp_bias say otherwise (Qwen2: q, k, v biases only)
-        self.attn = Attention(dim, heads, kv_heads=kv_heads, head_dim=head_dim, bias=bias, out_bias=out_bias)
+        self.attn = Attention(dim, heads, kv_heads=kv_heads, head_dim=head_dim, bias=bias, out_bias=out_bias,
+                              qk_norm=qk_norm, qk_norm_eps=qk_norm_eps)  # fmt: skip
         if cross_attention:
             self.norm_cross = make_norm(norm, dim, eps)
             self.cross_attn = Attention(
@@ -48,6 +54,8 @@ class Block(nn.Module):
         self.mlp = GatedMLP(dim, mlp_dim, act, mlp_bias) if gated_mlp else MLP(dim, mlp_dim, act, mlp_bias)
 
     def _residual(self, x: torch.Tensor, f, norm: nn.Module) -> torch.Tensor:
+        if self.residual_norm:
+            return x + norm(f(x))
         return x + f(norm(x)) if self.prenorm else norm(x + f(x))
 
     def forward(

@@ -52,6 +52,9 @@ class LMConfig:
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     pad_token_id: int | None = None
     initializer_range: float = 0.02  # std of every fresh Linear and Embedding (transformers' LlamaConfig)
+    qk_norm: str | None = None  # "layer_per_head" (Chameleon): queries and keys LayerNorm-ed per head
+    qk_norm_eps: float = 1e-5
+    swin_norm: bool = False  # Chameleon-30B: x + norm(f(x)) in each block instead of x + f(norm(x))
     version: int = CONFIG_VERSION
 
     @property
@@ -120,7 +123,8 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_dim, act=cfg.act, norm="rms", eps=cfg.norm_eps,
                   bias=cfg.qkv_bias, out_bias=cfg.out_bias, mlp_bias=cfg.mlp_bias, kv_heads=cfg.kv_heads,
-                  head_dim=cfg.dim_per_head, gated_mlp=True)
+                  head_dim=cfg.dim_per_head, gated_mlp=True, qk_norm=cfg.qk_norm, qk_norm_eps=cfg.qk_norm_eps,
+                  residual_norm=cfg.swin_norm)
             for _ in range(cfg.layers)
         )  # fmt: skip
         self.norm = RMSNorm(cfg.width, eps=cfg.norm_eps)

@@ -3,7 +3,7 @@
 `load_image` is the boundary: it turns a path, encoded bytes or a PIL image into an upright 8-bit RGB image,
 or raises `InputError`. `ImageProcessor` then resizes (PIL, on uint8), centre-crops and normalises a batch
 into the float32 [B, 3, H, W] tensor a vision tower takes, with the same numbers as transformers'
-`CLIPImageProcessorPil` / `SiglipImageProcessorPil`.
+`CLIPImageProcessorPil` / `SiglipImageProcessorPil` (and `ChameleonImageProcessorPil`, the same steps).
 
 Deliberate deviation from transformers: 16-bit grayscale ("I;16", "I;16B", "I") is scaled to 8 bits
 (value >> 8); transformers' `convert_to_rgb` lets PIL clip every value above 255 to white.
@@ -33,7 +33,12 @@ ImageSource = str | os.PathLike | bytes | bytearray | Image.Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opens 16-bit PNGs
 # LLaVA-NeXT's processes each tile as CLIP's does (its tiling: mmlm.processing.anyres.DynamicResolution.from_hf)
-_HF_TYPES = ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaNextImageProcessor")
+_HF_TYPES = (
+    "CLIPImageProcessor",
+    "SiglipImageProcessor",
+    "LlavaNextImageProcessor",
+    "ChameleonImageProcessor",
+)
 _HF_KEYS = {
     "image_processor_type", "feature_extractor_type", "processor_class", "do_convert_rgb", "do_resize", "size",
     "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
@@ -188,6 +193,13 @@ class ImageProcessor:
         return cls("exact", image_size, None, SIGLIP_MEAN, SIGLIP_STD, hf_type="SiglipImageProcessor")
 
     @classmethod
+    def chameleon(cls, image_size: int) -> "ImageProcessor":
+        """Return Chameleon's preprocessing: short side to `image_size` (Lanczos), centre crop, x·0.0078 − 1."""
+        return cls("shortest_edge", image_size, (image_size, image_size), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0),
+                   rescale_factor=0.0078, resample=Image.Resampling.LANCZOS,
+                   hf_type="ChameleonImageProcessor")  # fmt: skip
+
+    @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> "ImageProcessor":
         """Return the processor a transformers preprocessor_config.json dict (CLIP or SigLIP) describes."""
         kind = str(config.get("image_processor_type") or config.get("feature_extractor_type") or _HF_TYPES[0])
@@ -196,7 +208,9 @@ class ImageProcessor:
             raise InputError(f"image_processor_type: got {kind!r}; expected one of {_HF_TYPES}")
         if unknown := sorted(set(config) - _HF_KEYS):
             warnings.warn(f"preprocessor config: ignoring unknown keys {unknown}", stacklevel=2)
-        base = cls.siglip(224) if kind == "SiglipImageProcessor" else cls.clip(224)
+        base = {"SiglipImageProcessor": cls.siglip(224), "ChameleonImageProcessor": cls.chameleon(512)}.get(
+            kind, cls.clip(224)
+        )
         size = config.get("size")
         if size is None:
             resize_mode, size = base.resize_mode, base.size
