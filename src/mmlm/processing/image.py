@@ -33,7 +33,7 @@ ImageSource = str | os.PathLike | bytes | bytearray | Image.Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opens 16-bit PNGs
 # LLaVA-NeXT's processes each tile as CLIP's does (its tiling: mmlm.processing.anyres.DynamicResolution.from_hf)
-_HF_TYPES = ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaNextImageProcessor")
+_HF_TYPES = ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaNextImageProcessor", "BlipImageProcessor")
 _HF_KEYS = {
     "image_processor_type", "feature_extractor_type", "processor_class", "do_convert_rgb", "do_resize", "size",
     "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
@@ -188,6 +188,11 @@ class ImageProcessor:
         return cls("exact", image_size, None, SIGLIP_MEAN, SIGLIP_STD, hf_type="SiglipImageProcessor")
 
     @classmethod
+    def blip(cls, image_size: int) -> "ImageProcessor":
+        """Return BLIP / BLIP-2's preprocessing: squash to `image_size` square (bicubic), no crop, CLIP mean/std."""
+        return cls("exact", image_size, None, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, hf_type="BlipImageProcessor")
+
+    @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> "ImageProcessor":
         """Return the processor a transformers preprocessor_config.json dict (CLIP or SigLIP) describes."""
         kind = str(config.get("image_processor_type") or config.get("feature_extractor_type") or _HF_TYPES[0])
@@ -196,7 +201,8 @@ class ImageProcessor:
             raise InputError(f"image_processor_type: got {kind!r}; expected one of {_HF_TYPES}")
         if unknown := sorted(set(config) - _HF_KEYS):
             warnings.warn(f"preprocessor config: ignoring unknown keys {unknown}", stacklevel=2)
-        base = cls.siglip(224) if kind == "SiglipImageProcessor" else cls.clip(224)
+        bases = {"SiglipImageProcessor": cls.siglip(224), "BlipImageProcessor": cls.blip(384)}
+        base = bases.get(kind, cls.clip(224))
         size = config.get("size")
         if size is None:
             resize_mode, size = base.resize_mode, base.size
