@@ -11,6 +11,7 @@ from skimage import data
 
 import mmlm
 from fixtures_blip2 import CONFIGS, write_tiny_blip2
+from mmlm.checkpoints.hf_blip2 import fuse_vision_qkv_bias
 from mmlm.cli import main
 from mmlm.errors import InputError
 from mmlm.inference.vlm import GenerativeModel
@@ -165,3 +166,16 @@ def test_bad_config_is_one_line_input_error(tmp_path, edit, message):
     with pytest.raises(InputError, match=message) as error:
         mmlm.load(folder)
     assert "\n" not in str(error.value) and str(folder) in str(error.value)
+
+
+def test_older_files_q_bias_and_v_bias_are_fused_with_a_zero_k_bias() -> None:
+    q, v = torch.randn(4), torch.randn(4)
+    weights = {
+        "vision_model.encoder.layers.0.self_attn.q_bias": q,
+        "vision_model.encoder.layers.0.self_attn.v_bias": v,
+    }
+    fuse_vision_qkv_bias(weights)
+    assert list(weights) == ["vision_model.encoder.layers.0.self_attn.qkv.bias"]
+    assert torch.equal(
+        weights["vision_model.encoder.layers.0.self_attn.qkv.bias"], torch.cat([q, torch.zeros(4), v])
+    )
