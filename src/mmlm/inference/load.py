@@ -27,7 +27,7 @@ from mmlm.inference.contrastive import (
     load_open_clip,
 )
 from mmlm.inference.qwen2_vl import load_qwen2_vl
-from mmlm.inference.vlm import GenerativeModel, load_idefics3, load_llava, load_mmlm_vlm
+from mmlm.inference.vlm import GenerativeModel, load_blip2, load_idefics3, load_llava, load_mmlm_vlm
 from mmlm.json_files import read_json_object
 from mmlm.models.config import DTYPE_NAMES
 
@@ -114,6 +114,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "llava_next": HFArchitecture(("LlavaNextForConditionalGeneration",), load_llava),
     "qwen2_vl": HFArchitecture(("Qwen2VLForConditionalGeneration",), load_qwen2_vl),
     "qwen2_5_vl": HFArchitecture(("Qwen2_5_VLForConditionalGeneration",), load_qwen2_vl),
+    "blip-2": HFArchitecture(("Blip2ForConditionalGeneration",), load_blip2),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper

@@ -15,6 +15,14 @@ import numpy as np
 import torch
 
 from mmlm.checkpoints.build import build_from_weights
+from mmlm.checkpoints.hf_blip2 import (
+    TEXT_ONLY,
+    blip2_config_to_hf,
+    blip2_representable,
+    blip2_vlm_key_map,
+    fuse_vision_qkv_bias,
+    vlm_config_from_blip2,
+)
 from mmlm.checkpoints.hf_idefics3 import (
     idefics3_config_to_hf,
     idefics3_key_map,
@@ -229,7 +237,10 @@ class GenerativeModel(GenerativeBase):
     def _transformers_folder(
         self, weights: dict[str, torch.Tensor]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """A transformers LLaVA or Idefics3 / SmolVLM folder, where one represents the model."""
+        """A transformers LLaVA, Idefics3 / SmolVLM or BLIP-2 folder, where one represents the model."""
+        if blip2_representable(self.config):
+            hf = blip2_config_to_hf(self.config, self.model.image_tokens)
+            return hf, to_theirs(weights, blip2_vlm_key_map(self.config))
         if idefics3_representable(self.config):
             model_type = self.source_format if self.source_format in ("idefics3", "smolvlm") else "idefics3"
             return idefics3_config_to_hf(self.config, model_type), to_theirs(
@@ -246,6 +257,8 @@ class GenerativeModel(GenerativeBase):
         tokenizer_config = {**processor.special_tokens, "model_max_length": cfg.lm.max_positions,
                             "chat_template": processor.chat_template.source}  # fmt: skip
         write_json(folder / "tokenizer_config.json", tokenizer_config)
+        if processor.images_first:  # Blip2Processor's own file: it puts K image tokens before the text
+            write_json(folder / "processor_config.json", {"num_query_tokens": processor.tokens_per_tile})
         if isinstance(processor.dynamic_resolution, Idefics3Splitting):
             settings = idefics3_processing_to_hf(processor.dynamic_resolution, processor.image_processor)
             write_json(folder / "preprocessor_config.json", settings)
@@ -269,9 +282,11 @@ class GenerativeModel(GenerativeBase):
         write_json(folder / "generation_config.json", generation)
 
 
-def _processor(folder: Path, model: VisionLanguageModel) -> VLMProcessor:
-    """The folder's processor: its image processor's settings pick plain views or Idefics3's split + prompt."""
+def _processor(folder: Path, model: VisionLanguageModel, images_first: bool = False) -> VLMProcessor:
+    """The folder's processor: its image processor's settings pick plain views or Idefics3's split + prompt;
+    BLIP-2's (`images_first`, or Blip2Processor's num_query_tokens in processor_config.json) puts images first."""
     cfg = model.cfg
+    images_first = images_first or "num_query_tokens" in processor_settings(folder)
     settings = image_processor_settings(folder)
     audio = {} if cfg.audio is None else dict(
         tokens_per_audio=model.audio_tokens, audio_config=cfg.audio, audio_preprocessor=whisper_preprocessor(cfg.audio)
@@ -297,8 +312,9 @@ def _processor(folder: Path, model: VisionLanguageModel) -> VLMProcessor:
         dynamic_resolution=_tiling(folder, settings, model), spatial_unpad=model.anyres
     )  # fmt: skip
     return VLMProcessor.from_pretrained(
-        folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, **audio, **anyres
-    )
+        folder, image_processor, model.image_tokens, max_length=cfg.lm.max_positions, images_first=images_first,
+        **audio, **anyres,
+    )  # fmt: skip
 
 
 def _tiling(folder: Path, settings: dict[str, Any], model: VisionLanguageModel) -> DynamicResolution:
@@ -323,14 +339,34 @@ def _fixed_output_size(image_processor: ImageProcessor) -> tuple[int, int] | Non
 
 
 def _load_hf_vlm(folder: Path, cfg: VLMConfig, rules: list, head: str, dtype: torch.dtype,
-                 device: torch.device, weights: dict[str, torch.Tensor], source_format: str) -> GenerativeModel:  # fmt: skip
+                 device: torch.device, weights: dict[str, torch.Tensor], source_format: str,
+                 images_first: bool = False) -> GenerativeModel:  # fmt: skip
     if cfg.lm.tie_word_embeddings:
         weights.pop(head, None)
     model = build_from_weights(lambda: VisionLanguageModel(cfg), weights, rules, str(folder), device, dtype)
     weights.clear()
     if device.type == "cpu":
         model.lm.prepare_for_inference()  # the decode layout: same values, faster CPU matrix-vector products
-    return GenerativeModel(model, _processor(folder, model), generation_eos_ids(folder), source_format)
+    return GenerativeModel(
+        model, _processor(folder, model, images_first), generation_eos_ids(folder), source_format
+    )
+
+
+def load_blip2(
+    folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> GenerativeModel:
+    """Return a transformers Blip2ForConditionalGeneration folder (OPT LM) as a GenerativeModel."""
+    try:
+        cfg = vlm_config_from_blip2(cfg_json)
+    except InputError as error:
+        raise InputError(f"{folder / 'config.json'}: {error}") from None
+    weights = read_weights(folder, dtype)
+    fuse_vision_qkv_bias(weights)  # files written before transformers 5 keep q_bias and v_bias apart
+    # the Q-Former's text-token FFN and embeddings serve BLIP-2's stage-1 objectives only (see hf_blip2)
+    for name in [k for k in weights if TEXT_ONLY.match(k)]:
+        del weights[name]
+    return _load_hf_vlm(folder, cfg, blip2_vlm_key_map(cfg), "language_model.lm_head.weight", dtype, device,
+                        weights, "blip-2", images_first=True)  # fmt: skip
 
 
 def load_llava(

@@ -137,7 +137,7 @@ class LMShape:
         """Return the shape of an mmlm LMConfig."""
         layers = tuple(cfg.sliding_layers) if cfg.sliding_layers is not None else None
         return cls(cfg.width, cfg.layers, cfg.heads, cfg.kv_heads, cfg.dim_per_head, cfg.mlp_dim, cfg.vocab_size,
-                   True, cfg.sliding_window, layers, cfg.max_positions)  # fmt: skip
+                   cfg.gated_mlp, cfg.sliding_window, layers, cfg.max_positions)  # fmt: skip
 
     def window(self, layer: int) -> int | None:
         """Return the sliding window of `layer`, or None for full causal attention."""

@@ -1,6 +1,10 @@
 """The decoder-only language model of the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): token embedding,
 pre-norm blocks of RMSNorm + rotary GQA attention + SwiGLU MLP, final RMSNorm, LM head.
 
+Options cover OPT (Zhang et al. 2022, BLIP-2's LM) in the same model: `positions="learned"` adds a learned
+position table (OPT's ids are offset by `position_offset` = 2) to the token embeddings instead of rotating q and k,
+`norm="layer"` uses LayerNorm, `gated_mlp=False` the two-matrix MLP (ReLU), and the bias flags biased projections.
+
 The model holds weights only. Caches are created by `new_cache`, passed in, filled in place and returned.
 """
 
@@ -16,7 +20,7 @@ from mmlm.errors import InputError
 from mmlm.layers.attention import KVCache, StaticKVCache
 from mmlm.layers.init import initialise, normal_init
 from mmlm.layers.linear import DECODE_ROWS, project, rows_times_matrix
-from mmlm.layers.norm import RMSNorm
+from mmlm.layers.norm import make_norm
 from mmlm.layers.rotary import rope_cos_sin, rope_frequencies
 from mmlm.layers.transformer import Block
 from mmlm.models.config import CONFIG_VERSION
@@ -55,6 +59,10 @@ class LMConfig:
     qk_norm: str | None = None  # "layer_per_head" (Chameleon): queries and keys LayerNorm-ed per head
     qk_norm_eps: float = 1e-5
     swin_norm: bool = False  # Chameleon-30B: x + norm(f(x)) in each block instead of x + f(norm(x))
+    norm: str = "rms"  # rms (Llama) | layer (OPT: LayerNorm with a bias)
+    gated_mlp: bool = True  # SwiGLU (Llama); False: fc2(act(fc1(x))) (OPT)
+    positions: str = "rope"  # rope (rotary q, k) | learned (OPT: a table added to the token embeddings)
+    position_offset: int = 0  # learned: row of position 0 in the table (OPT: 2, a fairseq relic)
     version: int = CONFIG_VERSION
 
     @property
@@ -118,16 +126,22 @@ class DecoderLM(nn.Module):
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
+        if cfg.positions not in ("rope", "learned"):
+            raise InputError(f"positions: expected 'rope' or 'learned', got {cfg.positions!r}")
+        if cfg.norm not in ("rms", "layer"):
+            raise InputError(f"norm: expected 'rms' or 'layer', got {cfg.norm!r}")
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        if cfg.positions == "learned":  # [max_positions + offset, width]
+            self.pos_embed = nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.width)
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_dim, act=cfg.act, norm="rms", eps=cfg.norm_eps,
+            Block(cfg.width, cfg.heads, cfg.mlp_dim, act=cfg.act, norm=cfg.norm, eps=cfg.norm_eps,
                   bias=cfg.qkv_bias, out_bias=cfg.out_bias, mlp_bias=cfg.mlp_bias, kv_heads=cfg.kv_heads,
-                  head_dim=cfg.dim_per_head, gated_mlp=True, qk_norm=cfg.qk_norm, qk_norm_eps=cfg.qk_norm_eps,
-                  residual_norm=cfg.swin_norm)
+                  head_dim=cfg.dim_per_head, gated_mlp=cfg.gated_mlp, qk_norm=cfg.qk_norm,
+                  qk_norm_eps=cfg.qk_norm_eps, residual_norm=cfg.swin_norm)
             for _ in range(cfg.layers)
         )  # fmt: skip
-        self.norm = RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
         # Tied: the head reuses token_embed.weight (one parameter, so fine-tuning keeps them equal).
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         self.inv_freq = rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
@@ -215,10 +229,14 @@ class DecoderLM(nn.Module):
                 position_ids = positions_from_mask(attention_mask, length)
             else:
                 position_ids = torch.arange(past, past + length, device=x.device).expand(batch, length)
-        sections = self.cfg.mrope_section
-        if sections is not None and position_ids.dim() == 2:
-            position_ids = position_ids.expand(3, *position_ids.shape)  # text: one position on every axis
-        rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype, sections)
+        if self.cfg.positions == "learned":  # OPT: positions enter once, added to the embeddings
+            x = x + self.pos_embed(position_ids + self.cfg.position_offset).to(x.dtype)
+            rope = None
+        else:
+            sections = self.cfg.mrope_section
+            if sections is not None and position_ids.dim() == 2:
+                position_ids = position_ids.expand(3, *position_ids.shape)  # text: one position on every axis
+            rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype, sections)
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}  # one per distinct window
         for i, block in enumerate(self.blocks):
             window = self.cfg.window(i)

@@ -38,6 +38,7 @@ _HF_TYPES = (
     "SiglipImageProcessor",
     "LlavaNextImageProcessor",
     "ChameleonImageProcessor",
+    "BlipImageProcessor",
 )
 _HF_KEYS = {
     "image_processor_type", "feature_extractor_type", "processor_class", "do_convert_rgb", "do_resize", "size",
@@ -200,6 +201,11 @@ class ImageProcessor:
                    hf_type="ChameleonImageProcessor")  # fmt: skip
 
     @classmethod
+    def blip(cls, image_size: int) -> "ImageProcessor":
+        """Return BLIP / BLIP-2's preprocessing: squash to `image_size` square (bicubic), no crop, CLIP mean/std."""
+        return cls("exact", image_size, None, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, hf_type="BlipImageProcessor")
+
+    @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> "ImageProcessor":
         """Return the processor a transformers preprocessor_config.json dict (CLIP or SigLIP) describes."""
         kind = str(config.get("image_processor_type") or config.get("feature_extractor_type") or _HF_TYPES[0])
@@ -208,9 +214,9 @@ class ImageProcessor:
             raise InputError(f"image_processor_type: got {kind!r}; expected one of {_HF_TYPES}")
         if unknown := sorted(set(config) - _HF_KEYS):
             warnings.warn(f"preprocessor config: ignoring unknown keys {unknown}", stacklevel=2)
-        base = {"SiglipImageProcessor": cls.siglip(224), "ChameleonImageProcessor": cls.chameleon(512)}.get(
-            kind, cls.clip(224)
-        )
+        bases = {"SiglipImageProcessor": cls.siglip(224), "ChameleonImageProcessor": cls.chameleon(512),
+                 "BlipImageProcessor": cls.blip(384)}  # fmt: skip
+        base = bases.get(kind, cls.clip(224))
         size = config.get("size")
         if size is None:
             resize_mode, size = base.resize_mode, base.size

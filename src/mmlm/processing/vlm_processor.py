@@ -18,11 +18,16 @@ A model whose prompts mark the tiles (Idefics3: row/column tokens around each ti
 Audio clips work the same way: every `<audio>` (or audio part) becomes `tokens_per_audio` copies of the audio
 token id, and the clip becomes Whisper log-mel features [n_mels, 2·max_frames] in `audio_features`, in order.
 
+A model whose images always open the sequence (BLIP-2: `images_first`) takes prompts without `<image>`: each
+image's tokens are put before everything, BOS included, as Blip2Processor writes them (placeholders a prompt
+does hold, with the newline after each, are taken out of the text first).
+
 Labels are the input ids (not shifted; the model shifts) on assistant answers and their end-of-turn token,
 -100 everywhere else. A sample that `max_length` would cut inside its image or audio tokens is dropped, not cut.
 """
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +118,24 @@ def images_in(messages: Sequence[Message], kind: str = "image") -> list[Any]:
     return found
 
 
+def drop_placeholders(
+    text: str, spans: tuple[tuple[int, int], ...], placeholder: str, images: int
+) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """Return `text` without its `placeholder`s (each with the newline after it) and `spans` moved to match.
+
+    Raise InputError when the text holds placeholders, but not one per image.
+    """
+    pattern = re.compile(re.escape(placeholder) + r"\n?")
+    cuts = [(m.start(), m.end()) for m in pattern.finditer(text)]
+    if cuts and len(cuts) != images:
+        raise InputError(f"images: got {images} image(s) for {len(cuts)} {placeholder} placeholder(s)")
+
+    def moved(position: int) -> int:
+        return position - sum(min(end, position) - start for start, end in cuts if start < position)
+
+    return pattern.sub("", text), tuple((moved(a), moved(b)) for a, b in spans)
+
+
 class VLMProcessor:
     """Tokenises prompts with a chat template, expands image placeholders, masks labels, preprocesses images."""
 
@@ -132,6 +155,7 @@ class VLMProcessor:
         audio_config: AudioConfig | None = None,
         audio_preprocessor: Mapping[str, Any] | None = None,
         spatial_unpad: SpatialUnpad | None = None,
+        images_first: bool = False,
     ) -> None:
         if tokens_per_tile < 1:
             raise InputError(f"tokens_per_tile: got {tokens_per_tile}; expected at least 1")
@@ -162,6 +186,7 @@ class VLMProcessor:
         self.dynamic_resolution = dynamic_resolution
         self.image_prompt = image_prompt
         self.spatial_unpad = spatial_unpad
+        self.images_first = images_first
         self.max_length = max_length
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
@@ -246,6 +271,8 @@ class VLMProcessor:
                 audio = images_in(prompt, "audio")
         images, audio = list(images or []), list(audio or [])
         text, spans = self.render(prompt, answer, add_generation_prompt)
+        if self.images_first:
+            text, spans = drop_placeholders(text, spans, self.image_token, len(images))
         # transformers' processors add the tokenizer's specials unless the template already wrote bos.
         add_special = not (self.bos_token and text.startswith(self.bos_token))
         encoding = self.tokenizer.encode(text, add_special_tokens=add_special)
@@ -256,6 +283,9 @@ class VLMProcessor:
         for start, end in spans:  # a token is an answer token if its characters overlap the answer
             answer |= (starts < end) & (ends > start) & (ends > starts)
         labels = torch.where(answer, ids, IGNORE_INDEX)
+        if self.images_first:  # [L] -> [len(images) + L]: one placeholder per image, ahead of BOS
+            ids = torch.cat([torch.full((len(images),), self.image_token_id, dtype=torch.long), ids])
+            labels = torch.cat([torch.full((len(images),), IGNORE_INDEX, dtype=torch.long), labels])
 
         is_image = ids == self.image_token_id
         if int(is_image.sum()) != len(images):
