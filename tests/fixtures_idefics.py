@@ -32,7 +32,7 @@ def write_tiny_idefics(
                      qk_layer_norms_perceiver=qk_layer_norms)  # fmt: skip
     config = transformers.IdeficsConfig(
         vocab_size=vocab, additional_vocab_size=len(ADDED), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256, initializer_range=0.1,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256, initializer_range=0.3,
         cross_layer_interval=cross_layer_interval, use_resampler=use_resampler, qk_layer_norms=qk_layer_norms,
         alpha_type=alpha_type, alpha_initializer="ones", vision_config=vision,
         perceiver_config=perceiver, pad_token_id=0, bos_token_id=1, eos_token_id=2,

@@ -75,7 +75,9 @@ def idefics_representable(cfg: VLMConfig) -> bool:
     """Return whether transformers' Idefics holds `cfg` exactly (CLIP tower read whole, its fusion, Llama LM)."""
     v, c = cfg.vision, cfg.connector
     tower = v.class_token and v.pre_norm and not v.patch_bias and v.stem == "patch" and v.embed_dim is None
-    features = cfg.feature_layers in ([-1], [v.layers]) and cfg.feature_select == "full" and not cfg.feature_norm
+    features = (
+        cfg.feature_layers in ([-1], [v.layers]) and cfg.feature_select == "full" and not cfg.feature_norm
+    )
     fusion = (c.kind == "cross_attention" and c.marker_token_id == cfg.image_token_id and c.max_frames == 0
               and (not c.resampler or c.mlp_dim in (None, 4 * v.width)))  # fmt: skip
     lm = cfg.lm.kv_heads == cfg.lm.heads and hf_model_type(cfg.lm, prefer="llama") == "llama"
@@ -87,7 +89,14 @@ def idefics_config_to_hf(cfg: VLMConfig, additional_vocab_size: int = 2) -> dict
     """Return a transformers IdeficsConfig dict for `cfg`, its last `additional_vocab_size` tokens decoupled."""
     v, c, lm = cfg.vision, cfg.connector, cfg.lm
     text = lm_config_to_hf(lm, "llama")
-    for key in ("model_type", "architectures", "num_key_value_heads", "head_dim", "attention_bias", "mlp_bias"):
+    for key in (
+        "model_type",
+        "architectures",
+        "num_key_value_heads",
+        "head_dim",
+        "attention_bias",
+        "mlp_bias",
+    ):
         text.pop(key, None)
     vision = dict(embed_dim=v.width, image_size=v.image_size, intermediate_size=v.mlp_dim, patch_size=v.patch_size,
                   num_hidden_layers=v.layers, num_attention_heads=v.heads, num_channels=v.channels,
@@ -110,7 +119,9 @@ def idefics_key_map(cfg: VLMConfig, additional_vocab_size: int) -> list[Rule]:
     rules = clip_vision_key_map(cfg.vision, "vision", VISION)
     if c.resampler:
         head_dim = c.head_dim or cfg.vision.width // c.heads
-        rules += idefics_perceiver_key_map(c.depth, c.heads, head_dim, c.resampler_qk_norm, "connector.resampler")
+        rules += idefics_perceiver_key_map(
+            c.depth, c.heads, head_dim, c.resampler_qk_norm, "connector.resampler"
+        )
     for i, layer in enumerate(range(0, lm.layers, c.cross_attn_every_n_layers)):
         rules += idefics_gated_cross_attention_key_map(lm.width, lm.heads, lm.dim_per_head, c.qk_norm, c.alpha_type,
                                                        f"connector.blocks.{layer}", f"model.gated_cross_attn_layers.{i}")  # fmt: skip

@@ -99,8 +99,16 @@ class FlamingoFusion(nn.Module):
         self.blocks = nn.ModuleDict(
             {
                 str(layer): GatedCrossAttentionBlock(
-                    lm.width, vision_dim, lm.heads, lm.dim_per_head, lm.mlp_dim, act=lm.act,
-                    alpha_type=cfg.alpha_type, qk_norm=cfg.qk_norm, eps=lm.norm_eps, init_std=cfg.initializer_range,
+                    lm.width,
+                    vision_dim,
+                    lm.heads,
+                    lm.dim_per_head,
+                    lm.mlp_dim,
+                    act=lm.act,
+                    alpha_type=cfg.alpha_type,
+                    qk_norm=cfg.qk_norm,
+                    eps=lm.norm_eps,
+                    init_std=cfg.initializer_range,
                 )  # fmt: skip
                 for layer in range(0, lm.layers, cfg.cross_attn_every_n_layers)
             }
@@ -222,7 +230,9 @@ class FlamingoStyle(FusionStyle):
         media = per_view * x.views
         gated = gated_cross_attention_layers(x.lm.layers, cfg.cross_attn_every_n_layers)
         queries = 1 + x.text_tokens
-        resampler = perceiver_resampler_flops(x.features * x.frames, x.vision_dim, cfg) if cfg.resampler else 0
+        resampler = (
+            perceiver_resampler_flops(x.features * x.frames, x.vision_dim, cfg) if cfg.resampler else 0
+        )
         return FusionCost(
             f"cross_attention {f'L={cfg.num_queries}' if cfg.resampler else f'N={per_view}'} "
             f"every {cfg.cross_attn_every_n_layers}", 1,

@@ -46,7 +46,9 @@ class IdeficsGenerativeModel(GenerativeModel):
             return None
         first = self.processor.tokenizer.token_to_id(FAKE_TOKEN)
         extra = self.config.lm.vocab_size - first if first is not None else 0
-        return idefics_config_to_hf(self.config, extra), to_theirs(weights, idefics_key_map(self.config, extra))
+        return idefics_config_to_hf(self.config, extra), to_theirs(
+            weights, idefics_key_map(self.config, extra)
+        )
 
     def _save_files(self, folder: Path) -> None:
         super()._save_files(folder)

@@ -60,7 +60,9 @@ class IdeficsProcessor(VLMProcessor):
             text = idefics_prompt_text(prompt, self.image_token, self.bos_token)
             if answer is None:
                 return text, ()
-            return text + answer + (self.eos_token or ""), ((len(text), len(text) + len(answer) + len(self.eos_token or "")),)
+            return text + answer + (self.eos_token or ""), (
+                (len(text), len(text) + len(answer) + len(self.eos_token or "")),
+            )
         rendered, spans = super().render(prompt, answer, add_generation_prompt)
         text, shifts = wrap_images(rendered, self.image_token)
         return text, tuple((_moved(start, 0, shifts), _moved(end, 0, shifts)) for start, end in spans)
