@@ -11,6 +11,7 @@ from PIL import Image
 from skimage import data
 
 import mmlm
+from mmlm.cli import main
 from mmlm.errors import InputError
 
 transformers = pytest.importorskip("transformers")
@@ -188,3 +189,16 @@ def test_bad_config_and_tokenizer(tmp_path) -> None:
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(InputError, match=r"tokenizer.json: no <image> token, which Idefics prompts need"):
         mmlm.load(folder)
+
+
+def test_budget_counts_one_slot_and_the_media_per_image(pair, capsys) -> None:
+    ours, _, _, folder = pair
+    assert main(["budget", "--model", str(folder), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)["styles"][0]
+    c = ours.config.connector
+    # the resampler's latents, or without it every tower token (16 patches + the class token)
+    assert (own["kind"], own["visual_tokens"], own["media_tokens"]) == (
+        "cross_attention",
+        1,
+        c.num_queries if c.resampler else 17,
+    )
