@@ -97,6 +97,7 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
         siglip_config_from_hf,
         siglip_vision_config_from_hf,
     )
+    from mmlm.checkpoints.hf_idefics import vlm_config_from_idefics
     from mmlm.checkpoints.hf_idefics3 import MODEL_TYPES, vlm_config_from_idefics3
     from mmlm.checkpoints.hf_llava import vlm_config_from_llava
     from mmlm.models.config import config_from_dict
@@ -130,6 +131,8 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
         if model_type in MODEL_TYPES:
             cfg = vlm_config_from_idefics3(data)
             return _vlm_spec(f"{model_type} ({MODEL_TYPES[model_type]})", cfg, dtype)
+        if model_type == "idefics":
+            return _vlm_spec("idefics (IdeficsForVisionText2Text)", vlm_config_from_idefics(data), dtype)
         if model_type == "llava_next":
             return _vlm_spec(
                 "llava_next (LlavaNextForConditionalGeneration)", vlm_config_from_llava(data), dtype

@@ -28,6 +28,17 @@ class ConnectorConfig:
     cross_attention_frequency: int = 2  # qformer: every n-th block cross-attends to the image (BLIP-2: 2)
     cross_attn_every_n_layers: int = 4  # cross_attention: a gated block before every n-th LM layer
     max_frames: int = 0  # perceiver, cross_attention: frames with a learned time embedding (0: none)
+    # cross_attention, as Idefics (v1) configures it: one α per block or per channel ("float" | "vector"),
+    # per-head RMSNorm on the gated blocks' q and k, LayerNorm on the resampler's; `resampler` False: the gated
+    # blocks read the tower's tokens directly; `marker_token_id`: the image slots keep that token's own LM
+    # embedding instead of a learned marker; `media_reset_token_id`: text after that token (Idefics: the
+    # end-of-document eos) sees no image until the next one
+    alpha_type: str = "float"
+    qk_norm: bool = False
+    resampler_qk_norm: bool = False
+    resampler: bool = True
+    marker_token_id: int | None = None
+    media_reset_token_id: int | None = None
     codebook_size: int = 256  # unified: VQ codes, added to the LM vocabulary
     norm_eps: float | None = None  # qformer: its LayerNorms' eps (None: BLIP-2's 1e-12)
     # std of every fresh Linear (and the Q-Former's queries): transformers' initializer_range of LLaVA, BLIP-2,

@@ -11,6 +11,7 @@ GELU MLP here; Idefics, our parity reference, uses RMSNorm and SwiGLU like its L
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmlm.layers import Attention, GatedMLP, RMSNorm
@@ -18,14 +19,23 @@ from mmlm.layers.attention import KVCache
 from mmlm.layers.init import initialise, normal_init
 
 
-def media_attention_mask(input_ids: torch.Tensor, media_token_id: int, num_media_tokens: int) -> torch.Tensor:
+def media_attention_mask(
+    input_ids: torch.Tensor, media_token_id: int, num_media_tokens: int, reset_token_id: int | None = None
+) -> torch.Tensor:
     """Return bool [B, T, M·num_media_tokens]: True where text token t may see a media slot (M = most images in a row).
 
     Row b's i-th image (counted in order along the row) owns slots i·n .. (i+1)·n - 1 of the media tensor. Token t
-    sees exactly the slots of the latest `<image>` at or before t; tokens before a row's first image see none.
+    sees exactly the slots of the latest `<image>` at or before t; tokens before a row's first image see none, and
+    so do tokens after a `reset_token_id` with no image since (IdeficsProcessor: a document ends at eos).
     """
     is_media = input_ids == media_token_id  # [B, T]
     latest = is_media.long().cumsum(-1) - 1  # [B, T]: index of the latest image so far, -1 before the first
+    if reset_token_id is not None:
+        position = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        last_image = torch.where(is_media, position, -1).cummax(-1).values  # [B, T]
+        last_reset = torch.where(input_ids == reset_token_id, position, -1).cummax(-1).values
+        reset_before = F.pad(last_reset[..., :-1], (1, 0), value=-1)  # a reset strictly before t
+        latest = latest.masked_fill(reset_before > last_image, -1)
     images = int(is_media.sum(-1).max()) if input_ids.numel() else 0
     slot_image = torch.arange(images * num_media_tokens, device=input_ids.device) // num_media_tokens  # [M·n]
     return latest[..., None] == slot_image  # [B, T, 1] == [M·n] -> [B, T, M·n]

@@ -71,31 +71,46 @@ class LMShape(Protocol):
     heads: int
     layers: int
     mlp_dim: int
+    act: str
+    norm_eps: float
 
     @property
     def dim_per_head(self) -> int: ...
 
 
 class FlamingoFusion(nn.Module):
-    """The resampler, the learned `<image>` marker and the gated cross-attention blocks keyed by LM layer."""
+    """The resampler, the `<image>` marker and the gated cross-attention blocks keyed by LM layer."""
 
-    def __init__(
-        self, num_latents: int, depth: int, heads: int, head_dim: int | None, mlp_dim: int | None,
-        max_frames: int, every: int, vision_dim: int, lm: LMShape, init_std: float = 0.02,
-    ) -> None:  # fmt: skip
+    def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm: LMShape) -> None:
         super().__init__()
         self.media_dim = vision_dim
-        self.resampler = PerceiverResampler(
-            vision_dim, depth, num_latents, heads, head_dim or vision_dim // heads,
-            mlp_dim or 4 * vision_dim, max_frames=max_frames, init_std=init_std,
-        )  # fmt: skip
-        self.marker = nn.Parameter(torch.zeros(1, 1, lm.width))  # the LM's input where each <image> was
+        self.media_reset_token_id = cfg.media_reset_token_id
+        self.resampler = None
+        if cfg.resampler:
+            self.resampler = PerceiverResampler(
+                vision_dim, cfg.depth, cfg.num_queries, cfg.heads, cfg.head_dim or vision_dim // cfg.heads,
+                cfg.mlp_dim or 4 * vision_dim, max_frames=cfg.max_frames, qk_layer_norms=cfg.resampler_qk_norm,
+                init_std=cfg.initializer_range,
+            )  # fmt: skip
+        self.marker_token_id = cfg.marker_token_id
+        if self.marker_token_id is None:  # the LM's input where each <image> was
+            self.marker = nn.Parameter(torch.zeros(1, 1, lm.width))
+        # the blocks use the LM's own activation and norm eps, as Idefics builds them from its LM's config
         self.blocks = nn.ModuleDict(
             {
                 str(layer): GatedCrossAttentionBlock(
-                    lm.width, vision_dim, lm.heads, lm.dim_per_head, lm.mlp_dim, init_std=init_std
-                )
-                for layer in range(0, lm.layers, every)
+                    lm.width,
+                    vision_dim,
+                    lm.heads,
+                    lm.dim_per_head,
+                    lm.mlp_dim,
+                    act=lm.act,
+                    alpha_type=cfg.alpha_type,
+                    qk_norm=cfg.qk_norm,
+                    eps=lm.norm_eps,
+                    init_std=cfg.initializer_range,
+                )  # fmt: skip
+                for layer in range(0, lm.layers, cfg.cross_attn_every_n_layers)
             }
         )
 
@@ -103,9 +118,16 @@ class FlamingoFusion(nn.Module):
         """Return the LM slots of one image: the marker alone, whatever the patches."""
         return 1
 
-    def markers(self, images: int) -> torch.Tensor:
-        """Return the marker embedding of `images` images, [I, 1, D_lm]."""
-        return self.marker.expand(images, 1, -1)
+    def markers(self, images: int, lm: nn.Module) -> torch.Tensor:
+        """Return the marker embedding of `images` images, [I, 1, D_lm]: learned, or the marker token's own."""
+        if self.marker_token_id is None:
+            return self.marker.expand(images, 1, -1)
+        token = torch.full((1, 1), self.marker_token_id, device=lm.token_embed.weight.device)
+        return lm.embed(token).expand(images, 1, -1)
+
+    def resample(self, features: torch.Tensor) -> torch.Tensor:
+        """Return the media of each image, [I, N, Dv] -> [I, L, Dv] (the features themselves without resampler)."""
+        return features if self.resampler is None else self.resampler(features)
 
     def media(
         self, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor | None
@@ -116,16 +138,19 @@ class FlamingoFusion(nn.Module):
         """
         batch = len(input_ids)
         if features is None:  # text only: one masked-out slot, so the blocks still run (and add 0)
-            tokens = self.marker.new_zeros(batch, 1, self.media_dim)
+            weight = next(self.blocks.parameters())
+            tokens = weight.new_zeros(batch, 1, self.media_dim)
             mask = torch.zeros(batch, input_ids.shape[1], 1, dtype=torch.bool, device=tokens.device)
             return MediaCache(tokens, mask)
-        latents = self.resampler(features)  # [I, N, Dv] -> [I, L, Dv]
+        latents = self.resample(features)  # [I, N, Dv] -> [I, L, Dv]
         per_row = (input_ids == image_token_id).sum(1)  # [B]
         most = int(per_row.max())
         tokens = latents.new_zeros(batch, most, *latents.shape[1:])  # [B, M, L, Dv]
         slot = torch.arange(most, device=per_row.device)[None] < per_row[:, None]  # [B, M]
         tokens[slot] = latents
-        mask = media_attention_mask(input_ids, image_token_id, latents.shape[1])  # [B, T, M·L]
+        mask = media_attention_mask(
+            input_ids, image_token_id, latents.shape[1], self.media_reset_token_id
+        )  # [B, T, M·L]
         return MediaCache(tokens.flatten(1, 2), mask)
 
     def before_block(self, media: MediaCache) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -166,9 +191,7 @@ class FlamingoStyle(FusionStyle):
 
     def build(self, cfg: ConnectorConfig, vision_dim: int, lm: LMShape) -> FlamingoFusion:
         """Return the resampler, marker and gated blocks for an LM of `lm`'s sizes (an LMConfig)."""
-        return FlamingoFusion(cfg.num_queries, cfg.depth, cfg.heads, cfg.head_dim, cfg.mlp_dim,
-                              cfg.max_frames, cfg.cross_attn_every_n_layers, vision_dim, lm,
-                              init_std=cfg.initializer_range)  # fmt: skip
+        return FlamingoFusion(cfg, vision_dim, lm)
 
     def check_video(self, cfg: ConnectorConfig, video_pool: int, video_merge: str) -> None:
         """Raise InputError for more than one frame per slot: each frame goes through the resampler."""
@@ -180,7 +203,7 @@ class FlamingoStyle(FusionStyle):
 
     def slot_tokens(self, module: nn.Module, features: torch.Tensor, lm: nn.Module) -> torch.Tensor:
         """Return the learned marker of each image, [I, 1, D_lm]."""
-        return module.markers(len(features))
+        return module.markers(len(features), lm)
 
     def media(
         self, module: nn.Module, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor | None
@@ -198,17 +221,22 @@ class FlamingoStyle(FusionStyle):
 
     def connector_work(self, module: nn.Module, features: torch.Tensor, fill: Callable[[], Any]) -> Any:
         """Return the resampler's latents: the markers cost nothing, the resampler is the connector's work."""
-        return module.resampler(features)
+        return module.resample(features)
 
     def cost(self, cfg: ConnectorConfig, x: FusionInput) -> FusionCost:
         """Flamingo: one <image> marker in the sequence; every gated block before every n-th LM layer lets the
         marker and the text attend to the L latents of each view, whose keys/values it caches."""
-        media = cfg.num_queries * x.views
+        per_view = cfg.num_queries if cfg.resampler else x.features * x.frames  # without: the tower's tokens
+        media = per_view * x.views
         gated = gated_cross_attention_layers(x.lm.layers, cfg.cross_attn_every_n_layers)
         queries = 1 + x.text_tokens
+        resampler = (
+            perceiver_resampler_flops(x.features * x.frames, x.vision_dim, cfg) if cfg.resampler else 0
+        )
         return FusionCost(
-            f"cross_attention L={cfg.num_queries} every {cfg.cross_attn_every_n_layers}", 1,
-            connector_flops=perceiver_resampler_flops(x.features * x.frames, x.vision_dim, cfg) * x.views,
+            f"cross_attention {f'L={cfg.num_queries}' if cfg.resampler else f'N={per_view}'} "
+            f"every {cfg.cross_attn_every_n_layers}", 1,
+            connector_flops=resampler * x.views,
             media_tokens=media,
             lm_extra_flops=gated * gated_cross_attention_flops(queries, media, x.lm, x.vision_dim),
             kv_extra_bytes=kv_cache_bytes(gated, x.lm.heads, x.lm.head_dim, media, x.dtype_bytes),

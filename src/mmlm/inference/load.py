@@ -26,6 +26,7 @@ from mmlm.inference.contrastive import (
     load_mmlm_dual_encoder,
     load_open_clip,
 )
+from mmlm.inference.idefics import load_idefics
 from mmlm.inference.qwen2_vl import load_qwen2_vl
 from mmlm.inference.vlm import GenerativeModel, load_blip2, load_idefics3, load_llava, load_mmlm_vlm
 from mmlm.json_files import read_json_object
@@ -115,6 +116,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "qwen2_vl": HFArchitecture(("Qwen2VLForConditionalGeneration",), load_qwen2_vl),
     "qwen2_5_vl": HFArchitecture(("Qwen2_5_VLForConditionalGeneration",), load_qwen2_vl),
     "blip-2": HFArchitecture(("Blip2ForConditionalGeneration",), load_blip2),
+    "idefics": HFArchitecture(("IdeficsForVisionText2Text",), load_idefics),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper
