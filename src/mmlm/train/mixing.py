@@ -5,21 +5,23 @@ keep the LM's language skills, tracked with a loss per modality). Every draw is 
 batch number), and each source is read in a fresh seeded permutation per epoch, so a run resumes from the
 sampler's small state (batches served, samples drawn per source) and gives the same batches again.
 
-Sources hold samples as the VLM processor encodes them (`EncodedSample`), encoded on first use and kept:
+Sources give samples as the VLM processor encodes them (`EncodedSample`), encoded on every draw, in the data
+workers of `MixedBatches` (mmlm.train.mixed_batches), and never kept:
     shapes_instructions   the shapes world's instruction data (question types chosen per stage)
     shapes_text           templated sentences about shapes-world scenes (`text_corpus`), labels on all tokens
     text_file             a .txt file, one text per line, labels on all tokens
-    conversation_source   a LLaVA conversations JSON/JSONL file (with images, or text-only conversations)
+    conversation_source   a LLaVA conversations JSON/JSONL file (with images, or text-only conversations), read
+                          record by record; bad records are skipped and counted by reason
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmlm.data.conversations import encode_conversation, read_conversations
+from mmlm.data.conversation_records import ConversationRecords, encode_record
 from mmlm.data.synthetic.instructions import conversation_turns, make_instruction, text_corpus
 from mmlm.data.synthetic.world import World
 from mmlm.errors import InputError
@@ -27,30 +29,27 @@ from mmlm.eval.vqa import question_messages
 from mmlm.processing.bpe import EOS
 from mmlm.processing.chat import IMAGE_TOKEN, ChatTemplate
 from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
+from mmlm.train.mixed_batches import MixedBatches
 from mmlm.train.vlm_config import StageData
 
 MULTIMODAL, TEXT = "multimodal", "text"
-EMPTY_BATCH_LIMIT = 20
 
 
 class EncodedSource:
-    """`size` samples made by `make(index)` and encoded by the processor on first use, then kept in memory."""
+    """`size` samples made by `make(index)` and encoded by the processor on every draw; nothing is kept."""
 
     def __init__(self, size: int, make: Callable[[int], EncodedSample | None]) -> None:
         if size < 1:
             raise InputError("a data source has no samples")
         self.size, self.make = size, make
-        self.cache: dict[int, EncodedSample | None] = {}
 
     def __len__(self) -> int:
         """Return the number of samples."""
         return self.size
 
     def __getitem__(self, index: int) -> EncodedSample | None:
-        """Return sample `index` encoded (None if truncation dropped it)."""
-        if index not in self.cache:
-            self.cache[index] = self.make(index)
-        return self.cache[index]
+        """Return sample `index` encoded (None if truncation dropped it; SampleSkipped for bad data)."""
+        return self.make(index)
 
 
 def shapes_instructions(
@@ -113,14 +112,13 @@ def conversation_source(
     frames: int = 8,
     video_pool: int = 1,
 ) -> EncodedSource:
-    """Return the records of a LLaVA conversations file as a source (images, audio and videos read when first
-    encoded; each video as `frames` frames, `video_pool` per image slot)."""
-    conversations = read_conversations(path, image_folder)
-    if not conversations:
+    """Return the records of a LLaVA conversations file as a source, each read, with its images, audio and
+    videos, when drawn (each video as `frames` frames, `video_pool` per image slot); a bad one raises
+    SampleSkipped."""
+    records = ConversationRecords(path, image_folder)
+    if not len(records):
         raise InputError(f"{path}: no conversations")
-    return EncodedSource(
-        len(conversations), lambda i: encode_conversation(processor, conversations[i], frames, video_pool)
-    )
+    return EncodedSource(len(records), lambda i: encode_record(processor, records, i, frames, video_pool))
 
 
 class MixingSampler:
@@ -169,39 +167,6 @@ class MixingSampler:
         self.position, self.drawn = state["position"], dict(state["drawn"])
 
 
-class MixedBatches:
-    """An endless, resumable stream of collated training batches drawn by a MixingSampler from its sources."""
-
-    def __init__(self, sources: dict[str, EncodedSource], sampler: MixingSampler, processor: VLMProcessor):
-        self.sources, self.sampler, self.processor = sources, sampler, processor
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        empty = 0  # batches in a row whose every sample was dropped
-        while True:
-            batch = self.processor.collate(
-                [self.sources[s][i] for s, i in self.sampler.next_batch()], "right"
-            )
-            if len(batch["input_ids"]):
-                empty = 0
-                yield batch
-                continue
-            empty += 1
-            if empty == EMPTY_BATCH_LIMIT:  # not a data problem that more draws would fix: stop, do not spin
-                raise InputError(
-                    f"the last {empty} batches lost every sample: their image or audio tokens do not fit in "
-                    f"max_length {self.processor.max_length}; raise max_length, or give each image fewer tokens "
-                    "(fewer frames, video_pool, a connector with fewer tokens)"
-                )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the sampler's resume state."""
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the sampler."""
-        self.sampler.load_state_dict(state)
-
-
 ROW_MODALITIES = ("image", "audio", "text")
 
 
@@ -223,8 +188,11 @@ def stage_batches(
     image_size: int,
     rank: int = 0,
     video_pool: int = 1,
+    workers: int = 0,
+    timeout: float = 0.0,
 ) -> MixedBatches:
-    """Return the batch stream of one stage: its multimodal source (if α > 0) mixed with its text (if α < 1)."""
+    """Return the batch stream of one stage: its multimodal source (if α > 0) mixed with its text (if α < 1),
+    encoded in `workers` DataLoader workers (0: this process), each allowed `timeout` seconds a batch."""
     sources: dict[str, EncodedSource] = {}
     if data.multimodal_fraction > 0:
         sources[MULTIMODAL] = (
@@ -242,9 +210,8 @@ def stage_batches(
         else:
             sources[TEXT] = conversation_source(processor, data.text_source)
     sizes = {name: len(source) for name, source in sources.items()}
-    return MixedBatches(
-        sources, MixingSampler(sizes, data.multimodal_fraction, batch_size, seed, rank), processor
-    )
+    sampler = MixingSampler(sizes, data.multimodal_fraction, batch_size, seed, rank)
+    return MixedBatches(sources, sampler, processor, workers, timeout)
 
 
 def corpus_texts(
@@ -266,11 +233,14 @@ def corpus_texts(
                 texts.append(rendered([*question_messages(sample.question),
                                        {"role": "assistant", "content": sample.answer}]))  # fmt: skip
         elif data.multimodal_fraction > 0:
-            texts += [rendered(c.messages) for c in read_conversations(data.source, data.image_folder)]
+            texts += [
+                rendered(c.messages)
+                for c in ConversationRecords(data.source, data.image_folder).conversations()
+            ]
         if data.multimodal_fraction < 1 and data.text_source == "shapes":
             texts += text_corpus(min(data.text_samples, per_source), seed, pairs=pairs)
         elif data.multimodal_fraction < 1 and Path(data.text_source).suffix == ".txt":
             texts += Path(data.text_source).read_text(encoding="utf-8").splitlines()
         elif data.multimodal_fraction < 1:
-            texts += [rendered(c.messages) for c in read_conversations(data.text_source)]
+            texts += [rendered(c.messages) for c in ConversationRecords(data.text_source).conversations()]
     return texts

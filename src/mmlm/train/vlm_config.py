@@ -80,6 +80,14 @@ class StageData:
 
 
 @dataclass
+class DataLoading:
+    """How every stage's samples are encoded: in `workers` DataLoader worker processes (0: in the trainer)."""
+
+    workers: int = 2  # decoding, preprocessing and tokenising off the training process; 2 suits a CPU run
+    timeout: float = 300.0  # seconds a worker may take for one batch before the run stops (0: no limit)
+
+
+@dataclass
 class StageConfig:
     """One training stage: what trains (connector, lm or lora), for how long, on what, with what optimiser."""
 
@@ -124,6 +132,7 @@ class VLMTrainConfig:
     model: VLMParts = field(default_factory=VLMParts)
     stages: dict[str, StageConfig] = field(default_factory=default_stages)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataLoading = field(default_factory=DataLoading)
     batch_size: int = 32  # per process
     max_length: int = 128  # tokens per sample (image tokens included); longer samples are cut or dropped
     holdout_fraction: float = 0.25  # shapes: colour×shape pairs kept out of training
@@ -215,6 +224,9 @@ def check_config(cfg: VLMTrainConfig) -> None:
     _positive(cfg.batch_size, "batch_size")
     _positive(cfg.max_length, "max_length")
     _positive(cfg.log_every, "log_every")
+    if not isinstance(cfg.data.workers, int) or isinstance(cfg.data.workers, bool) or cfg.data.workers < 0:
+        raise InputError(f"data.workers: expected an integer >= 0, got {cfg.data.workers!r}")
+    _number(cfg.data.timeout, "data.timeout", 0, float("inf"))
     for key in ("eval_samples", "eval_every", "checkpoint_every"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or value < 0:

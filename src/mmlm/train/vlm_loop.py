@@ -34,7 +34,8 @@ from mmlm.progress import Progress
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loop import _all_ranks, resolve_device
-from mmlm.train.mixing import ROW_MODALITIES, MixedBatches, corpus_texts, row_modalities, stage_batches
+from mmlm.train.mixed_batches import MixedBatches
+from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, no_decay
 from mmlm.train.plots import plot_training
 from mmlm.train.run import run_info
@@ -312,7 +313,8 @@ def train_vlm(
                 step += 1
                 if step % cfg.log_every == 0 or step == end:
                     record = {"step": step, "stage": name, **interval.figures(dist.world_size),
-                              "lr": sched.get_last_lr()[0]}  # fmt: skip
+                              "lr": sched.get_last_lr()[0],
+                              **{f"skipped_{k}": n for k, n in sorted(data.skipped.items())}}  # fmt: skip
                     if evaluate and main and (step == cfg.total_steps or every(cfg.eval_every, step)):
                         record.update(evaluate(step))
                         model.train()
@@ -409,7 +411,7 @@ def run_vlm_training(
     def batches(index: int, name: str, stage: StageConfig) -> MixedBatches:
         seed = cfg.seed * 1000 + index  # each stage draws its own order
         return stage_batches(stage.data, processor, cfg.batch_size, seed, pairs, model.cfg.vision.image_size,
-                             dist.rank, model.cfg.video_pool)  # fmt: skip
+                             dist.rank, model.cfg.video_pool, cfg.data.workers, cfg.data.timeout)  # fmt: skip
 
     def after_stage(name: str, stage: StageConfig) -> None:
         if "lora" in stage.train and cfg.lora.save_adapter:

@@ -1,0 +1,152 @@
+"""The VLM trainer's batch stream: a MixingSampler's batches encoded in DataLoader workers, resumable exactly.
+
+Batch b of the sampler's sequence is encoded by worker (b - b0) mod W, b0 the first batch of the pass (W = `workers`, or this process when 0): every
+worker replays the sampler from the resume state (its draws cost a few random numbers) and encodes only its own
+batches, and the DataLoader hands them back in order, so the sequence does not depend on W. This process replays
+the sampler too, one batch per batch received, so its state counts what the trainer consumed, never what the
+workers prefetched. Nothing is kept per sample: memory does not grow with the samples drawn.
+
+Samples that cannot be trained on are skipped and counted by reason (`skipped`, SKIP_REASONS); a run of
+EMPTY_BATCH_LIMIT batches that lost every sample stops with one line, and so does a worker that dies.
+"""
+
+import copy
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmlm.data.conversation_records import SampleSkipped
+from mmlm.errors import InputError
+from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
+
+if TYPE_CHECKING:
+    from mmlm.train.mixing import MixingSampler
+
+EMPTY_BATCH_LIMIT = 20
+
+
+class DataWorkerError(InputError):
+    """A DataLoader worker died or stopped answering; the message says which and how to see its own error."""
+
+
+class Source(Protocol):
+    """Samples by index, encoded on each call: EncodedSample, None (too long) or SampleSkipped raised."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> EncodedSample | None: ...
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)  # W workers each with every core's threads would oversubscribe the CPU
+
+
+class BatchStream(IterableDataset):
+    """Collated batches of a sampler's sequence from its resume state; in a worker, only that worker's share."""
+
+    def __init__(
+        self, sources: Mapping[str, Source], sampler: "MixingSampler", processor: VLMProcessor
+    ) -> None:
+        self.sources, self.sampler, self.processor = sources, sampler, processor
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        sampler = copy.deepcopy(self.sampler)
+        start = sampler.position  # the DataLoader asks worker 0 first, whatever the resume position
+        while True:
+            position = sampler.position
+            slots = sampler.next_batch()
+            if (position - start) % workers == worker:
+                yield self.encode(position, slots)
+
+    def encode(self, position: int, slots: list[tuple[str, int]]) -> dict[str, Any]:
+        """Return batch `position` collated from its (source, index) slots, with its skips by reason."""
+        samples, skipped = [], Counter()
+        for source, index in slots:
+            try:
+                sample = self.sources[source][index]
+            except SampleSkipped as skip:
+                skipped[skip.reason] += 1
+                continue
+            if sample is None:
+                skipped["too_long"] += 1
+                continue
+            samples.append(sample)
+        batch = self.processor.collate(samples, "right")
+        batch["position"], batch["skipped"] = position, dict(skipped)
+        return batch
+
+
+class MixedBatches:
+    """An endless, resumable stream of collated training batches drawn by a MixingSampler from its sources."""
+
+    def __init__(
+        self,
+        sources: Mapping[str, Source],
+        sampler: "MixingSampler",
+        processor: VLMProcessor,
+        workers: int = 0,
+        timeout: float = 0.0,
+    ) -> None:
+        self.sources, self.sampler, self.processor = dict(sources), sampler, processor
+        self.workers, self.timeout = workers, timeout
+        self.skipped: Counter[str] = Counter()  # samples skipped by reason, over the whole run
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream = BatchStream(self.sources, copy.deepcopy(self.sampler), self.processor)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
+                            timeout=self.timeout if self.workers else 0,
+                            worker_init_fn=_one_thread if self.workers else None,
+                            # its own generator: the loader's seed draw must not move the run's RNG state
+                            generator=torch.Generator().manual_seed(self.sampler.seed))  # fmt: skip
+        batches, empty = iter(loader), 0  # empty: batches in a row whose every sample was dropped
+        while True:
+            batch = self._next(batches)
+            if batch.pop("position") != self.sampler.position:
+                raise RuntimeError(
+                    "data: a worker's batch arrived out of order"
+                )  # the DataLoader keeps order
+            self.sampler.next_batch()  # this process's count of batches consumed (the resume state)
+            self.skipped.update(batch.pop("skipped"))
+            if len(batch["input_ids"]):
+                empty = 0
+                yield batch
+                continue
+            empty += 1
+            if empty == EMPTY_BATCH_LIMIT:  # not a data problem that more draws would fix: stop, do not spin
+                raise InputError(self._empty_message(empty))
+
+    def _next(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return next(batches)
+        except RuntimeError as error:  # the DataLoader's own report of a dead or silent worker
+            text = str(error)
+            if "DataLoader worker" not in text and "DataLoader timed out" not in text:
+                raise
+            first = text.strip().splitlines()[0]
+            raise DataWorkerError(
+                f"data: a loader worker failed ({first}); rerun with data.workers=0 to see its error here"
+            ) from None
+
+    def _empty_message(self, empty: int) -> str:
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items())) or "none"
+        message = f"data: the last {empty} batches lost every sample (skipped so far: {counts})"
+        if self.skipped["too_long"]:
+            message += (
+                f"; too_long: their image or audio tokens do not fit in max_length {self.processor.max_length}, "
+                "so raise max_length or give each image fewer tokens (fewer frames, video_pool, another connector)"
+            )
+        return message
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the resume state: the sampler's (batches consumed, samples drawn per source) and skip counts."""
+        return {**self.sampler.state_dict(), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the sampler and the skip counts."""
+        self.sampler.load_state_dict(state)
+        self.skipped = Counter(state.get("skipped", {}))  # absent in checkpoints from before skip counts
