@@ -10,10 +10,11 @@ Samples that cannot be trained on are skipped and counted by reason (`skipped`, 
 EMPTY_BATCH_LIMIT batches that lost every sample stops with one line, and so does a worker that dies.
 """
 
+import contextlib
 import copy
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -22,14 +23,45 @@ from mmlm.data.conversation_records import SampleSkipped
 from mmlm.errors import InputError
 from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
 
-if TYPE_CHECKING:
-    from mmlm.train.mixing import MixingSampler
-
 EMPTY_BATCH_LIMIT = 20
 
 
 class DataWorkerError(InputError):
     """A DataLoader worker died or stopped answering; the message says which and how to see its own error."""
+
+
+@contextlib.contextmanager
+def worker_failures_as_errors() -> Iterator[None]:
+    """Turn the DataLoader's report of a dead or silent worker into one DataWorkerError line.
+
+    The DataLoader notices a worker's death in a SIGCHLD handler, which raises in whatever the main thread runs
+    at that moment (often the training step, not the `next()` that asked for a batch): the trainer wraps its
+    whole loop in this, not only the draw.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        if "DataLoader worker" not in text and "DataLoader timed out" not in text:
+            raise
+        first = text.strip().splitlines()[0]
+        raise DataWorkerError(
+            f"data: a loader worker failed ({first}); rerun with data.workers=0 to see its error here"
+        ) from None
+
+
+class BatchSampler(Protocol):
+    """What the stream needs of a sampler (train/mixing.py's MixingSampler): a seeded sequence of batches of
+    (source, index), its position in it, and its resume state."""
+
+    seed: int
+    position: int
+
+    def next_batch(self) -> list[tuple[str, int]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Source(Protocol):
@@ -47,9 +79,7 @@ def _one_thread(worker_id: int) -> None:
 class BatchStream(IterableDataset):
     """Collated batches of a sampler's sequence from its resume state; in a worker, only that worker's share."""
 
-    def __init__(
-        self, sources: Mapping[str, Source], sampler: "MixingSampler", processor: VLMProcessor
-    ) -> None:
+    def __init__(self, sources: Mapping[str, Source], sampler: BatchSampler, processor: VLMProcessor) -> None:
         self.sources, self.sampler, self.processor = sources, sampler, processor
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -87,7 +117,7 @@ class MixedBatches:
     def __init__(
         self,
         sources: Mapping[str, Source],
-        sampler: "MixingSampler",
+        sampler: BatchSampler,
         processor: VLMProcessor,
         workers: int = 0,
         timeout: float = 0.0,
@@ -121,16 +151,8 @@ class MixedBatches:
                 raise InputError(self._empty_message(empty))
 
     def _next(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
-        try:
+        with worker_failures_as_errors():
             return next(batches)
-        except RuntimeError as error:  # the DataLoader's own report of a dead or silent worker
-            text = str(error)
-            if "DataLoader worker" not in text and "DataLoader timed out" not in text:
-                raise
-            first = text.strip().splitlines()[0]
-            raise DataWorkerError(
-                f"data: a loader worker failed ({first}); rerun with data.workers=0 to see its error here"
-            ) from None
 
     def _empty_message(self, empty: int) -> str:
         counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items())) or "none"

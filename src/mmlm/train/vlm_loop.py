@@ -34,7 +34,7 @@ from mmlm.progress import Progress
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loop import _all_ranks, resolve_device
-from mmlm.train.mixed_batches import MixedBatches
+from mmlm.train.mixed_batches import MixedBatches, worker_failures_as_errors
 from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, no_decay
 from mmlm.train.plots import plot_training
@@ -284,7 +284,7 @@ def train_vlm(
     state = torch.load(checkpoint / "training_state.pt", weights_only=False) if checkpoint else None
     step, records = (state["step"], state["records"]) if state else (0, [])
     log, first = RunLog(run_dir, cfg.total_steps, step, main), 0
-    with StopSignals() as stop:
+    with StopSignals() as stop, worker_failures_as_errors():
         for index, (name, stage) in enumerate(cfg.stages.items()):
             end = first + stage.steps
             if state is not None and index < state["stage"]:
