@@ -13,12 +13,14 @@ TEXT_TOKENS = 96
 IMAGE, BOI, EOI, SEP = "<image>", "<racm3:break>", "<eoss>", "<reserved08706>"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"  # ids 0-3
 WORDS = ["USER", "ASSISTANT", ":"]  # ids 4-6: what the chat template writes around the text
-# the chat template of facebook/chameleon-7b's processor: images first, then text, one turn per line
+# a LLaVA-style chat template (each turn's images first, then its text; a str content as written)
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
-    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    "{% endif %}{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}"
+    "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 # two VQ-GANs: A without encoder attention below the middle, 8×8 codes; B with attention at 16 px and 4×4 codes
