@@ -12,6 +12,7 @@ from PIL import Image
 from skimage import data
 
 import mmlm
+from mmlm.cli import main
 from mmlm.errors import InputError
 from mmlm.inference.generation import GenerationSettings, generate_ids
 
@@ -127,3 +128,21 @@ def test_image_seq_length_must_match_the_vq_grid(pair, tmp_path):
         match=rf"^{tmp_path}/processor_config.json: image_seq_length 5, but the VQ-GAN makes {n} codes per image$",
     ):
         mmlm.load(tmp_path)
+
+
+def test_mmlm_chat_answers_with_the_models_greedy_text(pair, tmp_path, capsys):
+    _, _, ours, folder = pair
+    _photo("coffee").save(tmp_path / "coffee.png")
+    argv = [
+        "chat",
+        "--model",
+        str(folder),
+        "--image",
+        str(tmp_path / "coffee.png"),
+        "--max-new-tokens",
+        "8",
+        "t4 t5",
+    ]
+    assert main(argv) == 0
+    want = ours.generate(_chat("t4 t5", 1), [_photo("coffee")], max_new_tokens=8)
+    assert want and capsys.readouterr().out.strip() == want
