@@ -8,7 +8,7 @@ holds them as one fused qkv linear [3C, C] and an output linear [C, C], so those
 import dataclasses
 from typing import Any
 
-from mmlm.checkpoints.hf_llama import LLAMA_DEFAULTS, llama_key_map, lm_config_from_hf
+from mmlm.checkpoints.hf_llama import LLAMA_DEFAULTS, llama_key_map, lm_config_from_hf, lm_config_to_hf
 from mmlm.checkpoints.keymap import Rule, linear, rename
 from mmlm.errors import InputError
 from mmlm.models.chameleon import ChameleonConfig
@@ -134,6 +134,22 @@ def chameleon_config_from_hf(hf: dict[str, Any], source: str = "config.json") ->
         vq=vq, lm=lm, image_token_id=int(vocabulary["<image>"]),
         code_token_ids=code_token_ids(vocabulary, vq.num_embeddings),
     )  # fmt: skip
+
+
+def chameleon_config_to_hf(cfg: ChameleonConfig, vocabulary: dict[str, int]) -> dict[str, Any]:
+    """Return transformers' config.json for `cfg`; `vocabulary` (the tokenizer's) becomes its vocabulary_map."""
+    if vocabulary.get("<image>") != cfg.image_token_id or (
+        code_token_ids(vocabulary, cfg.vq.num_embeddings) != cfg.code_token_ids
+    ):
+        raise InputError(
+            "vocabulary: its <image> and IMGIMG tokens are not the ids the model's image_token_id and "
+            "code_token_ids name"
+        )
+    hf = lm_config_to_hf(cfg.lm, "llama")
+    hf.pop("head_dim")  # ChameleonConfig has none: hidden_size / num_attention_heads
+    hf.update(model_type="chameleon", architectures=["ChameleonForConditionalGeneration"],
+              swin_norm=cfg.lm.swin_norm, vq_config=vq_config_to_hf(cfg.vq), vocabulary_map=dict(vocabulary))  # fmt: skip
+    return hf
 
 
 def _under(prefix: str, rules: list[Rule]) -> list[Rule]:

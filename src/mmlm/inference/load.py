@@ -20,6 +20,7 @@ from mmlm.checkpoints.mmlm_format import mmlm_architecture
 from mmlm.errors import InputError
 from mmlm.inference.audio import AudioModel, load_hf_whisper, load_mmlm_audio
 from mmlm.inference.causal_lm import CausalLM, load_hf_causal_lm, load_mmlm_causal_lm
+from mmlm.inference.chameleon import load_chameleon
 from mmlm.inference.contrastive import (
     ContrastiveModel,
     load_hf_dual_encoder,
@@ -117,6 +118,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "qwen2_5_vl": HFArchitecture(("Qwen2_5_VLForConditionalGeneration",), load_qwen2_vl),
     "blip-2": HFArchitecture(("Blip2ForConditionalGeneration",), load_blip2),
     "idefics": HFArchitecture(("IdeficsForVisionText2Text",), load_idefics),
+    "chameleon": HFArchitecture(("ChameleonForConditionalGeneration",), load_chameleon),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmlm.errors import InputError
+from mmlm.fusion.style import FusionStyle
 from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.decoder_lm import DecoderLM, LayerCache, LMConfig, LMOutput
 from mmlm.models.vq_image_tokenizer import VQImageTokenizer, VQTokenizerConfig
@@ -39,6 +40,10 @@ class ChameleonConfig:
 
 class ChameleonModel(nn.Module):
     """VQ-GAN image tokenizer + decoder LM; `forward` takes ids with `<image>` placeholders and their images."""
+
+    # what generation and the server ask a VLM's style: Chameleon keeps no per-prompt state, so rows may join a
+    # running batch, and every decoded id is the vocabulary's own
+    style = FusionStyle()
 
     def __init__(self, cfg: ChameleonConfig) -> None:
         super().__init__()
@@ -79,6 +84,18 @@ class ChameleonModel(nn.Module):
     def new_cache(self, batch: int, max_length: int | None = None, *_: object) -> list[LayerCache]:
         """Return the LM's empty per-layer caches (preallocated for `max_length` positions if given)."""
         return self.lm.new_cache(batch, max_length)
+
+    def run_lm(
+        self,
+        embeds: torch.Tensor,
+        media: None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+        last_only: bool = False,
+    ) -> LMOutput:
+        """Return the LM's output (image tokens suppressed) for the embeddings [B, T, D] of spliced ids."""
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, last_only=last_only)
+        return LMOutput(self.suppress_image_tokens(out.logits), out.cache)
 
     def forward(
         self,

@@ -156,6 +156,7 @@ class VLMProcessor:
         audio_preprocessor: Mapping[str, Any] | None = None,
         spatial_unpad: SpatialUnpad | None = None,
         images_first: bool = False,
+        prompt_suffix: str = "",
     ) -> None:
         if tokens_per_tile < 1:
             raise InputError(f"tokens_per_tile: got {tokens_per_tile}; expected at least 1")
@@ -187,6 +188,8 @@ class VLMProcessor:
         self.image_prompt = image_prompt
         self.spatial_unpad = spatial_unpad
         self.images_first = images_first
+        # text after every prompt, before any answer (Chameleon's separator token, which ChameleonProcessor appends)
+        self.prompt_suffix = prompt_suffix
         self.max_length = max_length
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
@@ -231,8 +234,10 @@ class VLMProcessor:
     def render(
         self, prompt: Prompt, answer: str | None = None, add_generation_prompt: bool = False
     ) -> tuple[str, tuple[tuple[int, int], ...]]:
-        """Return the prompt's text and its answers' character spans; a str is used as written (plus `answer`)."""
+        """Return the prompt's text and its answers' character spans; a str is used as written (plus `prompt_suffix`
+        and `answer`)."""
         if isinstance(prompt, str):
+            prompt += self.prompt_suffix
             if answer is None:
                 return prompt, ()
             text = prompt + answer + (self.eos_token or "")
@@ -240,7 +245,8 @@ class VLMProcessor:
         if answer is not None:
             raise InputError("answer: only for a str prompt; put the answer in the conversation instead")
         rendered = self.chat_template.render(prompt, add_generation_prompt=add_generation_prompt)
-        return rendered.text, rendered.answer_spans
+        suffix = self.prompt_suffix if add_generation_prompt else ""
+        return rendered.text + suffix, rendered.answer_spans
 
     def encode(
         self,
