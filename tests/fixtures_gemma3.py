@@ -56,7 +56,9 @@ def write_tiny_gemma3(folder: Path, seed: int = 0, image_size: int = 32, patch_s
         tie_word_embeddings=text.get("tie_word_embeddings", True),
     )  # fmt: skip
     model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # transformers starts norms at 0 (scale 1) and biases at 0, which would test neither
+    with (
+        torch.no_grad()
+    ):  # transformers starts norms at 0 (scale 1) and biases at 0, which would test neither
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.3)
@@ -65,7 +67,9 @@ def write_tiny_gemma3(folder: Path, seed: int = 0, image_size: int = 32, patch_s
             elif "mm_input_projection" in name:
                 p.normal_(0, 0.15)
     model.save_pretrained(folder)
-    transformers.Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    transformers.Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(
+        folder
+    )
     (folder / "processor_config.json").write_text(json.dumps({"image_seq_length": mm_tokens_per_image}))
     return model
 
@@ -75,4 +79,6 @@ def reference_processor(folder: Path) -> transformers.Gemma3Processor:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     image_processor = transformers.Gemma3ImageProcessorPil.from_pretrained(folder)
     seq = json.loads((folder / "processor_config.json").read_text())["image_seq_length"]
-    return transformers.Gemma3Processor(image_processor, tokenizer, chat_template=TEMPLATE, image_seq_length=seq)
+    return transformers.Gemma3Processor(
+        image_processor, tokenizer, chat_template=TEMPLATE, image_seq_length=seq
+    )

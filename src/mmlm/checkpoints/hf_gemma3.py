@@ -42,7 +42,9 @@ def _rope(c: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
     local_theta = float(local.pop("rope_theta", c["rope_local_base_freq"]))
     kind = full.pop("rope_type", full.pop("type", "default"))
     if kind not in ROPE_TYPES or local.get("rope_type", "default") != "default":
-        raise InputError(f"rope_parameters: mmlm reads Gemma 3's rope types {ROPE_TYPES} (global), default (local)")
+        raise InputError(
+            f"rope_parameters: mmlm reads Gemma 3's rope types {ROPE_TYPES} (global), default (local)"
+        )
     return theta, (None if kind == "default" else {"rope_type": kind, **full}), local_theta
 
 
@@ -51,13 +53,18 @@ def gemma3_lm_config_from_hf(text: dict[str, Any], final_softcap: bool = True) -
     whose reference skips final_logit_softcapping."""
     c = {**TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
     if c.get("use_bidirectional_attention"):
-        raise InputError("use_bidirectional_attention: mmlm reads Gemma 3's causal LM only (not EmbeddingGemma)")
+        raise InputError(
+            "use_bidirectional_attention: mmlm reads Gemma 3's causal LM only (not EmbeddingGemma)"
+        )
     layers = c["num_hidden_layers"]
     types = c.get("layer_types") or [
-        "sliding_attention" if (i + 1) % c["sliding_window_pattern"] else "full_attention" for i in range(layers)
+        "sliding_attention" if (i + 1) % c["sliding_window_pattern"] else "full_attention"
+        for i in range(layers)
     ]
     if len(types) != layers or set(types) - {"sliding_attention", "full_attention"}:
-        raise InputError(f"layer_types: expected {layers} of 'sliding_attention' / 'full_attention', got {types}")
+        raise InputError(
+            f"layer_types: expected {layers} of 'sliding_attention' / 'full_attention', got {types}"
+        )
     theta, scaling, local_theta = _rope(c)
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     eos = c.get("eos_token_id")
@@ -83,7 +90,7 @@ def gemma3_lm_config_to_hf(cfg: LMConfig) -> dict[str, Any]:
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.dim_per_head, hidden_activation=cfg.act, max_position_embeddings=cfg.max_positions,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.qkv_bias,
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window or 4096,
+        query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar), sliding_window=cfg.sliding_window or 4096,
         layer_types=["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.layers)],
         rope_parameters={"full_attention": full,
                          "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
@@ -91,6 +98,11 @@ def gemma3_lm_config_to_hf(cfg: LMConfig) -> dict[str, Any]:
         eos_token_id=cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else cfg.eos_token_ids,
         pad_token_id=cfg.pad_token_id, initializer_range=cfg.initializer_range,
     )  # fmt: skip
+
+
+def _int_if_whole(value: float | None) -> float | int | None:
+    # Gemma3TextConfig's strict fields type query_pre_attn_scalar as int
+    return int(value) if value is not None and float(value).is_integer() else value
 
 
 def gemma3_config_from_hf(hf: dict[str, Any]) -> Gemma3Config:
@@ -155,7 +167,9 @@ def gemma3_key_map(cfg: Gemma3Config, layout: LlavaLayout) -> list[Rule]:
     """Return every rule between a Gemma3ForConditionalGeneration checkpoint (in `layout`) and Gemma3Model."""
     rules = siglip_vision_key_map(cfg.vision, "vision", layout.vision)
     rules += linear("connector.norm", f"{layout.projector}.mm_soft_emb_norm", bias=False)
-    rules.append(rename("connector.proj.weight", f"{layout.projector}.mm_input_projection_weight", transpose=True))
+    rules.append(
+        rename("connector.proj.weight", f"{layout.projector}.mm_input_projection_weight", transpose=True)
+    )
     for rule in gemma3_lm_key_map(cfg.lm, layout.lm, layout.head):
         rules.append(Rule(tuple(f"lm.{n}" for n in rule.ours), rule.theirs, rule.sizes, rule.their_shape,
                           rule.transpose))  # fmt: skip

@@ -12,8 +12,8 @@ from mmlm.fusion.cost import FusionCost, FusionInput
 from mmlm.fusion.flamingo import FlamingoStyle
 from mmlm.fusion.patch_merger import PatchMerger, PatchMergerStyle, build_patch_merger, patch_merger_cost
 from mmlm.fusion.perceiver import PerceiverConnector, PerceiverResampler, perceiver_cost
-from mmlm.fusion.pooled_projector import PooledProjector, build_pooled_projector, pooled_projector_cost
 from mmlm.fusion.pixel_shuffle import PixelShuffleConnector, pixel_shuffle, pixel_shuffle_cost
+from mmlm.fusion.pooled_projector import PooledProjector, build_pooled_projector, pooled_projector_cost
 from mmlm.fusion.projector import LLAVA_PROJECTOR_KEYS, LinearProjector, MLPProjector, projector_cost
 from mmlm.fusion.qformer import build_qformer_connector, qformer_cost
 from mmlm.fusion.style import (

@@ -35,7 +35,9 @@ class PooledProjector(nn.Module):
         """Return the LM tokens a square grid of `num_patches` patches becomes: (side // k)²."""
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise InputError(f"num_patches: got {num_patches}; the pooled projector needs a square patch grid")
+            raise InputError(
+                f"num_patches: got {num_patches}; the pooled projector needs a square patch grid"
+            )
         return (side // self.kernel) ** 2
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

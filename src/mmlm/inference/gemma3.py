@@ -77,7 +77,9 @@ class Gemma3GenerativeModel(GenerativeModel):
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
         pixels = batch["pixel_values"]
         with torch.inference_mode():
-            embeds, blocks = self.model.prepare(ids, None if pixels is None else pixels.to(self.device, self.dtype))
+            embeds, blocks = self.model.prepare(
+                ids, None if pixels is None else pixels.to(self.device, self.dtype)
+            )
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.new_cache(ids.shape[0], length, blocks)  # the prompt's image numbering rides in it
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
@@ -85,7 +87,9 @@ class Gemma3GenerativeModel(GenerativeModel):
     def _transformers_folder(
         self, weights: dict[str, torch.Tensor]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        layout = llava_layout({"model.language_model.x"})  # transformers 5's layout, as save_pretrained writes
+        layout = llava_layout(
+            {"model.language_model.x"}
+        )  # transformers 5's layout, as save_pretrained writes
         return gemma3_config_to_hf(self.config), to_theirs(weights, gemma3_key_map(self.config, layout))
 
     def save_pretrained(self, folder: str | Path, format: str = "auto") -> Path:

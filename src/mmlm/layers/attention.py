@@ -186,7 +186,13 @@ class Attention(nn.Module):
             is_causal = False
         is_causal = is_causal and q.shape[2] > 1
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.kv_heads != self.heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=self.kv_heads != self.heads,
         )
         return project(self.out, y.transpose(1, 2).flatten(2))  # [B, H, L, hd] -> [B, L, H·hd] -> [B, L, dim]
 

@@ -71,6 +71,7 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Return the block output, same shape as `x` [B, L, dim]; `rope` is (cos, sin) for rotary positions."""
+
         def attend(h: torch.Tensor) -> torch.Tensor:
             h = self.attn(h, mask=mask, is_causal=is_causal, cache=cache, rope=rope)
             return self.post_attn_norm(h) if self.sandwich_norm else h

@@ -63,7 +63,9 @@ class LMConfig:
     sandwich_norm: bool = False  # a norm on each block branch's output as well (Gemma 2, 3)
     qk_norm: bool = False  # `norm` over head_dim on queries and keys before rotary positions (Gemma 3)
     query_pre_attn_scalar: float | None = None  # attention scale s^-1/2 instead of head_dim^-1/2 (Gemma)
-    local_rope_theta: float | None = None  # rotary base of the sliding-window layers (Gemma 3: 10000); None: same
+    local_rope_theta: float | None = (
+        None  # rotary base of the sliding-window layers (Gemma 3: 10000); None: same
+    )
     final_logit_softcap: float | None = None  # logits -> c·tanh(logits / c) (Gemma 2, Gemma 3's text-only LM)
     version: int = CONFIG_VERSION
 
@@ -119,7 +121,9 @@ def build_attention_mask(
     key = torch.arange(total, device=device)[None, :]  # [1, S]
     allowed = key <= query
     if image_blocks is not None:
-        blocks = torch.nn.functional.pad(image_blocks, (past, 0), value=-1)  # [B, S]: cached slots are not images
+        blocks = torch.nn.functional.pad(
+            image_blocks, (past, 0), value=-1
+        )  # [B, S]: cached slots are not images
         same = (blocks[:, None, :] == image_blocks[:, :, None]) & (image_blocks[:, :, None] >= 0)  # [B, T, S]
         allowed = allowed | same
     if window is not None:
@@ -163,7 +167,9 @@ class DecoderLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return token embeddings [B, T, width] for ids [B, T] (the VLM merges image features into these)."""
         x = self.token_embed(input_ids)
-        if self.cfg.embed_scale:  # Gemma: √width rounded to the weights' dtype first (55.4256 -> 55.5 in bf16)
+        if (
+            self.cfg.embed_scale
+        ):  # Gemma: √width rounded to the weights' dtype first (55.4256 -> 55.5 in bf16)
             x = x * torch.tensor(self.cfg.width**0.5, dtype=x.dtype, device=x.device)
         return x
 
@@ -266,7 +272,9 @@ class DecoderLM(nn.Module):
                 ropes[inv_freq] = rope_cos_sin(position_ids, inv_freq, x.dtype, sections)
             if before_block is not None:
                 x = before_block(i, x)
-            x = block(x, mask=mask, is_causal=is_causal, cache=cache[i] if cache else None, rope=ropes[inv_freq])
+            x = block(
+                x, mask=mask, is_causal=is_causal, cache=cache[i] if cache else None, rope=ropes[inv_freq]
+            )
         if last_only:
             x = x[:, -1:]
         return LMOutput(self.head(self.norm(x)), cache)

@@ -101,7 +101,9 @@ class Gemma3Model(nn.Module):
             if pixel_values is None:
                 raise InputError(f"{int(is_image.sum())} image-token slots but no images")
             embeds = fill_slots(embeds, is_image, self.image_features(pixel_values), "image", "visual")
-        return embeds, ImageBlocks(image_blocks(input_ids, self.cfg.image_token_id) if bool(is_image.any()) else None)
+        return embeds, ImageBlocks(
+            image_blocks(input_ids, self.cfg.image_token_id) if bool(is_image.any()) else None
+        )
 
     def new_cache(self, batch: int, length: int | None = None, media: Any = None) -> VLMCache:
         """Return an empty generation cache for `batch` rows (`length` positions: static) carrying `media`, the

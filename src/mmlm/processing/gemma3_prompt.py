@@ -35,7 +35,9 @@ class Gemma3Prompt:
 
     def ids(self, tokenizer: Tokenizer, grid: tuple[int, int]) -> list[int]:
         """Return the token ids of one image's expansion; InputError if the tokenizer lacks one of its markers."""
-        missing = [t for t in (self.boi_token, self.eoi_token, self.slot_token) if tokenizer.token_to_id(t) is None]
+        missing = [
+            t for t in (self.boi_token, self.eoi_token, self.slot_token) if tokenizer.token_to_id(t) is None
+        ]
         if missing:
             raise InputError(f"tokenizer.json: no {missing[0]} token, which Gemma 3's image prompt needs")
         return tokenizer.encode(self.text(), add_special_tokens=False).ids
