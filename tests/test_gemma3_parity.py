@@ -13,6 +13,7 @@ from PIL import Image
 from skimage import data
 
 import mmlm
+from mmlm.cli import main
 from mmlm.errors import InputError
 from mmlm.inference.gemma3 import Gemma3GenerativeModel
 from mmlm.models.decoder_lm import build_attention_mask
@@ -190,3 +191,14 @@ def test_bad_inputs(pair, tmp_path):
     assert str(error.value) == (
         f"{copy / 'config.json'}: mm_tokens_per_image: got 5; expected a square that divides the tower's 8x8 grid"
     )
+
+
+def test_budget_counts_the_slots_an_image_fills(pair, capsys):
+    _, m, _, folder = pair
+    assert main(["budget", "--model", str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "gemma3 (Gemma3ForConditionalGeneration)"
+    assert report["styles"][0]["kind"] == "pooled"
+    assert report["styles"][0]["visual_tokens"] == m.model.image_tokens
+    filled = m.processor(chat("Hi", 1), [photos()[0]])["input_ids"] == m.config.image_token_id
+    assert int(filled.sum()) == m.model.image_tokens

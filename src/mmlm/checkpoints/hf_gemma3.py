@@ -20,6 +20,7 @@ from mmlm.errors import InputError
 from mmlm.fusion import ConnectorConfig
 from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.gemma3 import Gemma3Config
+from mmlm.models.vlm import VLMConfig
 
 # Gemma3TextConfig's defaults for keys a config.json may leave out
 TEXT_DEFAULTS: dict[str, Any] = dict(
@@ -127,6 +128,14 @@ def gemma3_config_from_hf(hf: dict[str, Any]) -> Gemma3Config:
         boi_token_id=int(hf.get("boi_token_index", 255_999)),
         eoi_token_id=int(hf.get("eoi_token_index", 256_000)),
     )  # fmt: skip
+
+
+def gemma3_budget_config(hf: dict[str, Any]) -> VLMConfig:
+    """Return a transformers Gemma3Config dict as the VLMConfig `mmlm budget` reads: the same tower, projector
+    and LM, every patch of the last layer (after the tower's final norm) reaching the projector."""
+    cfg = gemma3_config_from_hf(hf)
+    return VLMConfig(vision=cfg.vision, lm=cfg.lm, connector=cfg.connector, image_token_id=cfg.image_token_id,
+                     feature_layers=[-1], feature_select="full", feature_norm=True)  # fmt: skip
 
 
 def gemma3_config_to_hf(cfg: Gemma3Config) -> dict[str, Any]:
