@@ -8,11 +8,13 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from fixtures_gemma3 import reference_processor, write_tiny_gemma3
 from PIL import Image
 from skimage import data
 
 import mmlm
+from fixtures_lm import write_lm_tokenizer
 from mmlm.cli import main
 from mmlm.errors import InputError
 from mmlm.inference.gemma3 import Gemma3GenerativeModel
@@ -202,3 +204,43 @@ def test_budget_counts_the_slots_an_image_fills(pair, capsys):
     assert report["styles"][0]["visual_tokens"] == m.model.image_tokens
     filled = m.processor(chat("Hi", 1), [photos()[0]])["input_ids"] == m.config.image_token_id
     assert int(filled.sum()) == m.model.image_tokens
+
+
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    """A tiny Gemma3ForCausalLM (model_type gemma3_text) with final logit soft-capping, and mmlm's load of it."""
+    folder = tmp_path_factory.mktemp("gemma3_text")
+    write_lm_tokenizer(folder)
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=3.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.15, tie_word_embeddings=False,
+    )  # fmt: skip
+    ref = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.2)
+    ref.save_pretrained(folder)
+    return ref, mmlm.load(folder)
+
+
+def test_text_only_lm_matches_transformers(text_pair):
+    ref, m = text_pair
+    prompt = "a cat sitting on a wooden bench near the window"
+    ids, _ = m.encode([prompt])
+    assert ids.shape[1] > 2 * ref.config.sliding_window  # the prompt crosses the window
+    with torch.no_grad():
+        theirs = ref(input_ids=ids).logits
+        ours = m.model(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert float(ours.abs().max()) < 3.0  # soft-capped at 3
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False
+        )
+    reference = out[0, ids.shape[1] :].tolist()
+    assert len(reference) == 20 and EOS not in reference
+    assert m.generate(prompt, max_new_tokens=20) == m.decode(reference)

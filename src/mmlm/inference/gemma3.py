@@ -1,4 +1,4 @@
-"""A loaded Gemma 3 image-text model: GenerativeModel's generate, stream and chat over Gemma3Model, and reading
+"""A loaded Gemma 3 image-text model (or its text-only LM, Gemma3ForCausalLM, as a CausalLM): GenerativeModel's generate, stream and chat over Gemma3Model, and reading
 and writing transformers Gemma3ForConditionalGeneration folders.
 
 The processor is VLMProcessor with Gemma's steps plugged in: `<start_of_image>` is the placeholder (the chat
@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from mmlm.checkpoints.build import build_from_weights
-from mmlm.checkpoints.hf_gemma3 import gemma3_config_from_hf, gemma3_config_to_hf, gemma3_key_map
+from mmlm.checkpoints.hf_gemma3 import (
+    gemma3_config_from_hf,
+    gemma3_config_to_hf,
+    gemma3_key_map,
+    gemma3_lm_config_from_hf,
+    gemma3_lm_key_map,
+)
+from mmlm.checkpoints.hf_llama import drop_derived
 from mmlm.checkpoints.hf_llava import llava_layout
 from mmlm.checkpoints.keymap import to_theirs
 from mmlm.checkpoints.mmlm_format import write_json
@@ -22,10 +29,11 @@ from mmlm.checkpoints.processor_files import image_processor_settings, processor
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
 from mmlm.inference.base import check_request, end_token_ids
-from mmlm.inference.causal_lm import generation_eos_ids
+from mmlm.inference.causal_lm import CausalLM, build_cast_per_tensor, generation_eos_ids, lm_tokenizer
 from mmlm.inference.generation import vlm_step
 from mmlm.inference.vlm import GenerativeModel
 from mmlm.models.gemma3 import Gemma3Model
+from mmlm.processing.chat import ChatTemplate
 from mmlm.processing.gemma3_prompt import BOI_TOKEN, Gemma3Prompt
 from mmlm.processing.image import ImageProcessor
 from mmlm.processing.vlm_processor import VLMProcessor
@@ -164,3 +172,18 @@ def load_gemma3(
     if device.type == "cpu":
         model.lm.prepare_for_inference()
     return Gemma3GenerativeModel(model, gemma3_processor(folder, model), generation_eos_ids(folder), "gemma3")
+
+
+def load_gemma3_text(
+    folder: Path, cfg_json: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> CausalLM:
+    """Return a transformers Gemma3ForCausalLM folder (model_type gemma3_text) as a CausalLM; it saves in mmlm's
+    format, since the Llama-family export does not hold Gemma's options."""
+    try:
+        cfg = gemma3_lm_config_from_hf(cfg_json)
+    except InputError as error:
+        raise InputError(f"{folder / 'config.json'}: {error}") from None
+    weights = drop_derived(read_weights(folder), cfg)
+    model = build_cast_per_tensor(cfg, weights, gemma3_lm_key_map(cfg), str(folder), device, dtype)
+    return CausalLM(model, lm_tokenizer(folder, cfg), "gemma3_text", generation_eos_ids(folder),
+                    ChatTemplate.from_pretrained(folder))  # fmt: skip

@@ -26,7 +26,7 @@ from mmlm.inference.contrastive import (
     load_mmlm_dual_encoder,
     load_open_clip,
 )
-from mmlm.inference.gemma3 import load_gemma3
+from mmlm.inference.gemma3 import load_gemma3, load_gemma3_text
 from mmlm.inference.qwen2_vl import load_qwen2_vl
 from mmlm.inference.vlm import GenerativeModel, load_idefics3, load_llava, load_mmlm_vlm
 from mmlm.json_files import read_json_object
@@ -116,6 +116,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "qwen2_vl": HFArchitecture(("Qwen2VLForConditionalGeneration",), load_qwen2_vl),
     "qwen2_5_vl": HFArchitecture(("Qwen2_5_VLForConditionalGeneration",), load_qwen2_vl),
     "gemma3": HFArchitecture(("Gemma3ForConditionalGeneration",), load_gemma3),
+    "gemma3_text": HFArchitecture(("Gemma3ForCausalLM",), load_gemma3_text),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper
