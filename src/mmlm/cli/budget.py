@@ -151,6 +151,10 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
             return _encoder_spec(model_type, vision, dtype, vision)
         if model_type == "blip-2":
             return _blip2_spec(data, dtype)
+        if model_type == "gemma3":
+            from mmlm.checkpoints.hf_gemma3 import gemma3_budget_config
+
+            return _vlm_spec("gemma3 (Gemma3ForConditionalGeneration)", gemma3_budget_config(data), dtype)
     except (KeyError, TypeError) as e:
         raise InputError(f"{source}: a {model_type} config without a valid {e}") from None
     if model_type in TEXT_ONLY:
@@ -160,7 +164,7 @@ def spec_from_config(data: dict[str, Any], source: str) -> ModelSpec:
     raise InputError(
         f"{source}: model_type {model_type!r} is not supported; mmlm budget reads llava, llava_next, idefics3, smolvlm, "
         f"clip, siglip, "
-        "clip_vision_model, siglip_vision_model, blip-2 and mmlm's own vlm and dual_encoder configs"
+        "clip_vision_model, siglip_vision_model, blip-2, gemma3 and mmlm's own vlm and dual_encoder configs"
     )
 
 

@@ -13,6 +13,7 @@ from mmlm.fusion.flamingo import FlamingoStyle
 from mmlm.fusion.patch_merger import PatchMerger, PatchMergerStyle, build_patch_merger, patch_merger_cost
 from mmlm.fusion.perceiver import PerceiverConnector, PerceiverResampler, perceiver_cost
 from mmlm.fusion.pixel_shuffle import PixelShuffleConnector, pixel_shuffle, pixel_shuffle_cost
+from mmlm.fusion.pooled_projector import PooledProjector, build_pooled_projector, pooled_projector_cost
 from mmlm.fusion.projector import LLAVA_PROJECTOR_KEYS, LinearProjector, MLPProjector, projector_cost
 from mmlm.fusion.qformer import build_qformer_connector, qformer_cost
 from mmlm.fusion.style import (
@@ -64,6 +65,7 @@ register_style(FlamingoStyle())  # Flamingo: a resampler feeds gated cross-atten
 register_style(UnifiedStyle())  # VQ image codes in the LM vocabulary, no connector
 CONNECTORS["patch_merger"] = build_patch_merger  # Qwen2-VL; a style of its own, no table row
 register_style(PatchMergerStyle("patch_merger", patch_merger_cost))
+register_connector("pooled", build_pooled_projector, pooled_projector_cost)  # Gemma 3; no table row
 
 __all__ = [
     "CONNECTORS",
@@ -78,6 +80,7 @@ __all__ = [
     "LinearProjector",
     "MLPProjector",
     "PatchMerger",
+    "PooledProjector",
     "PerceiverConnector",
     "PerceiverResampler",
     "PixelShuffleConnector",

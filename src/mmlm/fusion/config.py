@@ -13,12 +13,14 @@ class ConnectorConfig:
     # | perceiver (a resampler, its latents as tokens) | cross_attention (Flamingo: a resampler feeds gated
     # cross-attention blocks inside the LM) | unified (VQ image codes in the LM vocabulary, no connector)
     # | patch_merger (Qwen2-VL: each r×r block of patches, normed, through a two-layer MLP)
+    # | pooled (Gemma 3: r×r average pooling of the patch grid, a norm, one linear)
     kind: str = "mlp"
     act: str = "gelu"  # mlp: the activation between the two layers
     bias: bool | None = None  # None: the reference's choice (linear, mlp: True; pixel_shuffle: False)
-    # pixel_shuffle, patch_merger: r, the side of each block of patches merged into one token
+    # pixel_shuffle, patch_merger, pooled: r, the side of each block of patches merged into one token
     scale_factor: int = 2
-    norm: str = "layer"  # patch_merger: the norm on each patch, layer (Qwen2-VL) | rms (Qwen2.5-VL)
+    # patch_merger: the norm on each patch, layer (Qwen2-VL) | rms (Qwen2.5-VL); pooled: rms_offset (Gemma 3)
+    norm: str = "layer"
     num_queries: int = 32  # qformer: learned queries K; perceiver, cross_attention: latents L
     depth: int = 2  # qformer, perceiver, cross_attention: blocks of the Q-Former / resampler
     heads: int = 8  # qformer, perceiver, cross_attention: attention heads of those blocks

@@ -27,6 +27,7 @@ from mmlm.inference.contrastive import (
     load_mmlm_dual_encoder,
     load_open_clip,
 )
+from mmlm.inference.gemma3 import load_gemma3, load_gemma3_text
 from mmlm.inference.idefics import load_idefics
 from mmlm.inference.qwen2_vl import load_qwen2_vl
 from mmlm.inference.vlm import GenerativeModel, load_blip2, load_idefics3, load_llava, load_mmlm_vlm
@@ -119,6 +120,8 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "blip-2": HFArchitecture(("Blip2ForConditionalGeneration",), load_blip2),
     "idefics": HFArchitecture(("IdeficsForVisionText2Text",), load_idefics),
     "chameleon": HFArchitecture(("ChameleonForConditionalGeneration",), load_chameleon),
+    "gemma3": HFArchitecture(("Gemma3ForConditionalGeneration",), load_gemma3),
+    "gemma3_text": HFArchitecture(("Gemma3ForCausalLM",), load_gemma3_text),
     # the encoder alone: a Whisper folder loads as an AudioModel (encoder states), the decoder is not read
     "whisper": HFArchitecture(
         ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"), load_hf_whisper

@@ -95,6 +95,7 @@ class Attention(nn.Module):
     the sequence with `q` and k, v from the context with `kv`. `qk_norm` ("layer" or "rms") normalises each head's
     queries and keys over head_dim with `q_norm`/`k_norm` before the dot product (and before rotary positions);
     "layer_per_head" gives each head its own LayerNorm weight and bias (Chameleon; self-attention only).
+    `scale` replaces 1/√d where the model says so (Gemma's query_pre_attn_scalar).
     """
 
     def __init__(
@@ -109,9 +110,11 @@ class Attention(nn.Module):
         context_dim: int | None = None,
         qk_norm: str | None = None,
         qk_norm_eps: float = 1e-6,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = scale  # None: 1/√head_dim; Gemma: query_pre_attn_scalar^-1/2
         self.kv_heads = kv_heads or heads
         if heads % self.kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
@@ -189,7 +192,13 @@ class Attention(nn.Module):
             is_causal = False
         is_causal = is_causal and q.shape[2] > 1
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.kv_heads != self.heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=self.kv_heads != self.heads,
         )
         return project(self.out, y.transpose(1, 2).flatten(2))  # [B, H, L, hd] -> [B, L, H·hd] -> [B, L, dim]
 

@@ -49,10 +49,10 @@ def normal_linear(linear: nn.Module, std: float) -> None:
 
 
 def reset_norms(module: nn.Module) -> None:
-    """Set every LayerNorm and RMSNorm in `module` to the identity: weight 1, bias 0."""
+    """Set every LayerNorm and RMSNorm in `module` to the identity: weight 1 (0 under a unit offset), bias 0."""
     for m in module.modules():
         if isinstance(m, NORMS):
-            nn.init.ones_(m.weight)
+            (nn.init.zeros_ if getattr(m, "unit_offset", False) else nn.init.ones_)(m.weight)
             zero_bias(m)
 
 

@@ -14,6 +14,8 @@ class Block(nn.Module):
 
     Pre-norm (ViT, CLIP, Llama): x + f(norm(x)). Post-norm (BERT, the Q-Former): norm(x + f(x)).
     `residual_norm` (Swin v2, Chameleon's swin_norm): x + norm(f(x)), the norm on the branch's output.
+    Sandwich (Gemma 2 and 3, `sandwich_norm`): pre-norm with a second norm on each branch's output,
+    x + post(f(norm(x))).
     """
 
     def __init__(
@@ -36,6 +38,8 @@ class Block(nn.Module):
         qk_norm: str | None = None,
         qk_norm_eps: float = 1e-6,
         residual_norm: bool = False,
+        attn_scale: float | None = None,
+        sandwich_norm: bool = False,
     ) -> None:
         super().__init__()
         self.prenorm = prenorm
@@ -43,7 +47,11 @@ class Block(nn.Module):
         self.norm1 = make_norm(norm, dim, eps)
         # `bias` covers every linear unless out_bias / mlp_bias say otherwise (Qwen2: q, k, v biases only)
         self.attn = Attention(dim, heads, kv_heads=kv_heads, head_dim=head_dim, bias=bias, out_bias=out_bias,
-                              qk_norm=qk_norm, qk_norm_eps=qk_norm_eps)  # fmt: skip
+                              qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, scale=attn_scale)  # fmt: skip
+        self.sandwich_norm = sandwich_norm
+        if sandwich_norm:
+            self.post_attn_norm = make_norm(norm, dim, eps)
+            self.post_mlp_norm = make_norm(norm, dim, eps)
         if cross_attention:
             self.norm_cross = make_norm(norm, dim, eps)
             self.cross_attn = Attention(
@@ -69,14 +77,18 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Return the block output, same shape as `x` [B, L, dim]; `rope` is (cos, sin) for rotary positions."""
-        x = self._residual(
-            x, lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, rope=rope), self.norm1
-        )
+
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            h = self.attn(h, mask=mask, is_causal=is_causal, cache=cache, rope=rope)
+            return self.post_attn_norm(h) if self.sandwich_norm else h
+
+        x = self._residual(x, attend, self.norm1)
         if context is not None:
             x = self._residual(
                 x, lambda h: self.cross_attn(h, context=context, mask=context_mask), self.norm_cross
             )
-        return self._residual(x, self.mlp, self.norm2)
+        mlp = (lambda h: self.post_mlp_norm(self.mlp(h))) if self.sandwich_norm else self.mlp
+        return self._residual(x, mlp, self.norm2)
 
 
 class Transformer(nn.Module):

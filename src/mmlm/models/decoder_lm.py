@@ -4,6 +4,10 @@ pre-norm blocks of RMSNorm + rotary GQA attention + SwiGLU MLP, final RMSNorm, L
 Options cover OPT (Zhang et al. 2022, BLIP-2's LM) in the same model: `positions="learned"` adds a learned
 position table (OPT's ids are offset by `position_offset` = 2) to the token embeddings instead of rotating q and k,
 `norm="layer"` uses LayerNorm, `gated_mlp=False` the two-matrix MLP (ReLU), and the bias flags biased projections.
+Gemma 3 is the same stack with options set: embeddings scaled by √width, RMSNorm with scale (1 + w), a norm
+on each branch's output too (sandwich), GeGLU, per-head q/k norms, attention scaled by query_pre_attn_scalar^-1/2,
+sliding-window layers with their own rotary base, tanh soft-capped logits, and image tokens of one image that
+attend to each other both ways (`image_blocks`).
 
 The model holds weights only. Caches are created by `new_cache`, passed in, filled in place and returned.
 """
@@ -56,13 +60,23 @@ class LMConfig:
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     pad_token_id: int | None = None
     initializer_range: float = 0.02  # std of every fresh Linear and Embedding (transformers' LlamaConfig)
-    qk_norm: str | None = None  # "layer_per_head" (Chameleon): queries and keys LayerNorm-ed per head
+    # per-head norm on queries and keys before rotary positions: "layer_per_head" (Chameleon: a LayerNorm per head)
+    # or a norm kind shared by the heads ("rms_offset": Gemma 3)
+    qk_norm: str | None = None
     qk_norm_eps: float = 1e-5
     swin_norm: bool = False  # Chameleon-30B: x + norm(f(x)) in each block instead of x + f(norm(x))
-    norm: str = "rms"  # rms (Llama) | layer (OPT: LayerNorm with a bias)
+    norm: str = "rms"  # rms (Llama) | rms_offset (Gemma: scale 1 + w) | layer (OPT: LayerNorm with a bias)
     gated_mlp: bool = True  # SwiGLU (Llama); False: fc2(act(fc1(x))) (OPT)
     positions: str = "rope"  # rope (rotary q, k) | learned (OPT: a table added to the token embeddings)
     position_offset: int = 0  # learned: row of position 0 in the table (OPT: 2, a fairseq relic)
+    # Gemma 3 options; the defaults are Llama's
+    embed_scale: bool = False  # multiply token embeddings by √width (rounded to the weights' dtype, as Gemma)
+    sandwich_norm: bool = False  # a norm on each block branch's output as well (Gemma 2, 3)
+    query_pre_attn_scalar: float | None = None  # attention scale s^-1/2 instead of head_dim^-1/2 (Gemma)
+    local_rope_theta: float | None = (
+        None  # rotary base of the sliding-window layers (Gemma 3: 10000); None: same
+    )
+    final_logit_softcap: float | None = None  # logits -> c·tanh(logits / c) (Gemma 2, Gemma 3's text-only LM)
     version: int = CONFIG_VERSION
 
     @property
@@ -94,14 +108,21 @@ def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tens
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, past: int, length: int, window: int | None, device: torch.device
+    attention_mask: torch.Tensor | None,
+    past: int,
+    length: int,
+    window: int | None,
+    device: torch.device,
+    image_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """Return (boolean mask [B or 1, 1, T, S] or None, is_causal) for `length` queries after `past` cached slots.
 
     Query at slot q may see key slot k when k ≤ q, k > q − window (sliding window) and the key is not padding.
+    `image_blocks` [B, T] (this call's slots; -1 for text) lets slots of one image see each other both ways,
+    as Gemma 3 does: (causal or same image) and window and not padding.
     """
     total = past + length
-    if attention_mask is None and (window is None or total <= window):
+    if image_blocks is None and attention_mask is None and (window is None or total <= window):
         if length == 1:
             return None, False  # one query sees every cached key
         if past == 0:
@@ -109,6 +130,12 @@ def build_attention_mask(
     query = torch.arange(past, total, device=device)[:, None]  # [T, 1]
     key = torch.arange(total, device=device)[None, :]  # [1, S]
     allowed = key <= query
+    if image_blocks is not None:
+        blocks = torch.nn.functional.pad(
+            image_blocks, (past, 0), value=-1
+        )  # [B, S]: cached slots are not images
+        same = (blocks[:, None, :] == image_blocks[:, :, None]) & (image_blocks[:, :, None] >= 0)  # [B, T, S]
+        allowed = allowed | same
     if window is not None:
         allowed = allowed & (key > query - window)
     if attention_mask is not None:
@@ -116,7 +143,7 @@ def build_attention_mask(
         # A padding query would see no key at all and its softmax would be NaN, which then spreads through
         # its keys/values (0·NaN = NaN); letting it see itself keeps it finite and touches no real token.
         allowed = allowed | (key == query)
-    else:
+    elif allowed.dim() == 2:
         allowed = allowed[None]
     return allowed[:, None], False
 
@@ -128,40 +155,54 @@ class DecoderLM(nn.Module):
         super().__init__()
         if cfg.positions not in ("rope", "learned"):
             raise InputError(f"positions: expected 'rope' or 'learned', got {cfg.positions!r}")
-        if cfg.norm not in ("rms", "layer"):
-            raise InputError(f"norm: expected 'rms' or 'layer', got {cfg.norm!r}")
+        if cfg.norm not in ("rms", "rms_offset", "layer"):
+            raise InputError(f"norm: expected 'rms', 'rms_offset' or 'layer', got {cfg.norm!r}")
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         if cfg.positions == "learned":  # [max_positions + offset, width]
             self.pos_embed = nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.width)
+        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_dim, act=cfg.act, norm=cfg.norm, eps=cfg.norm_eps,
                   bias=cfg.qkv_bias, out_bias=cfg.out_bias, mlp_bias=cfg.mlp_bias, kv_heads=cfg.kv_heads,
                   head_dim=cfg.dim_per_head, gated_mlp=cfg.gated_mlp, qk_norm=cfg.qk_norm,
-                  qk_norm_eps=cfg.qk_norm_eps, residual_norm=cfg.swin_norm)
+                  qk_norm_eps=cfg.qk_norm_eps, residual_norm=cfg.swin_norm, attn_scale=scale,
+                  sandwich_norm=cfg.sandwich_norm)
             for _ in range(cfg.layers)
         )  # fmt: skip
         self.norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
         # Tied: the head reuses token_embed.weight (one parameter, so fine-tuning keeps them equal).
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         self.inv_freq = rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+        self.local_inv_freq = self.inv_freq  # Gemma 3: the sliding-window layers rotate at their own base
+        if cfg.local_rope_theta is not None:
+            self.local_inv_freq = rope_frequencies(cfg.dim_per_head, cfg.local_rope_theta)
         # transformers' Llama `_init_weights`: Linear and Embedding N(0, initializer_range²), biases 0, norms 1.
         # Unlike there, the pad row is not zeroed: our embedding has no padding_idx, so it would train anyway.
         initialise(self, lambda m: normal_init(m, cfg.initializer_range))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return token embeddings [B, T, width] for ids [B, T] (the VLM merges image features into these)."""
-        return self.token_embed(input_ids)
+        x = self.token_embed(input_ids)
+        if (
+            self.cfg.embed_scale
+        ):  # Gemma: √width rounded to the weights' dtype first (55.4256 -> 55.5 in bf16)
+            x = x * torch.tensor(self.cfg.width**0.5, dtype=x.dtype, device=x.device)
+        return x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Return logits [..., vocab] from final hidden states (already normalised)."""
+        """Return logits [..., vocab] from final hidden states (already normalised), soft-capped if so configured."""
         if self.lm_head is not None:
-            return project(self.lm_head, hidden)
-        weight = self.token_embed.weight
-        decoding = hidden.device.type == "cpu" and hidden.numel() <= DECODE_ROWS * hidden.shape[-1]
-        if decoding and weight.is_contiguous():
-            return rows_times_matrix(hidden, weight)  # see rows_times_matrix: 2× faster here
-        return F.linear(hidden, weight)
+            logits = project(self.lm_head, hidden)
+        else:
+            weight = self.token_embed.weight
+            decoding = hidden.device.type == "cpu" and hidden.numel() <= DECODE_ROWS * hidden.shape[-1]
+            if decoding and weight.is_contiguous():
+                logits = rows_times_matrix(hidden, weight)  # see rows_times_matrix: 2× faster here
+            else:
+                logits = F.linear(hidden, weight)
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
     def prepare_for_inference(self) -> "DecoderLM":
@@ -205,6 +246,7 @@ class DecoderLM(nn.Module):
         cache: list[LayerCache] | None = None,
         last_only: bool = False,
         before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        image_blocks: torch.Tensor | None = None,
     ) -> LMOutput:
         """Return logits for ids [B, T] or embeddings [B, T, width], appending this call's keys/values to `cache`.
 
@@ -213,6 +255,7 @@ class DecoderLM(nn.Module):
         with `cfg.mrope_section` they may be [3, B, T] (M-RoPE's temporal, height, width positions).
         `last_only` computes logits for the last position only, which is all decoding needs. `before_block(i, x)`
         runs on the hidden states before layer i (Flamingo's gated cross-attention blocks hang there).
+        `image_blocks` [B, T] numbers each image's slots (-1 for text) so they attend both ways (Gemma 3).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("DecoderLM: pass exactly one of input_ids and inputs_embeds")
@@ -229,20 +272,28 @@ class DecoderLM(nn.Module):
                 position_ids = positions_from_mask(attention_mask, length)
             else:
                 position_ids = torch.arange(past, past + length, device=x.device).expand(batch, length)
+        ropes = None  # per rotary base (Gemma 3's local layers have their own): (cos, sin)
         if self.cfg.positions == "learned":  # OPT: positions enter once, added to the embeddings
             x = x + self.pos_embed(position_ids + self.cfg.position_offset).to(x.dtype)
-            rope = None
         else:
             sections = self.cfg.mrope_section
             if sections is not None and position_ids.dim() == 2:
                 position_ids = position_ids.expand(3, *position_ids.shape)  # text: one position on every axis
-            rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype, sections)
+            ropes = {self.inv_freq: rope_cos_sin(position_ids, self.inv_freq, x.dtype, sections)}
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}  # one per distinct window
         for i, block in enumerate(self.blocks):
             window = self.cfg.window(i)
             if window not in masks:
-                masks[window] = build_attention_mask(attention_mask, past, length, window, x.device)
+                masks[window] = build_attention_mask(
+                    attention_mask, past, length, window, x.device, image_blocks
+                )
             mask, is_causal = masks[window]
+            rope = None
+            if ropes is not None:
+                inv_freq = self.inv_freq if window is None else self.local_inv_freq
+                if inv_freq not in ropes:
+                    ropes[inv_freq] = rope_cos_sin(position_ids, inv_freq, x.dtype, sections)
+                rope = ropes[inv_freq]
             if before_block is not None:
                 x = before_block(i, x)
             x = block(x, mask=mask, is_causal=is_causal, cache=cache[i] if cache else None, rope=rope)

@@ -351,12 +351,15 @@ class VLMProcessor:
     def _check_expansions(
         self, expansions: list[torch.Tensor], tiles: list[int], grids: list[tuple[int, int]]
     ) -> None:
+        # a prompt whose slots hold another token than its placeholder names it (Gemma 3: <image_soft_token>)
+        slot_token = getattr(self.image_prompt, "slot_token", self.image_token)
+        slot_id = self.tokenizer.token_to_id(slot_token)
         for expansion, n, grid in zip(expansions, tiles, grids, strict=True):
-            found = int((expansion == self.image_token_id).sum())
+            found = int((expansion == slot_id).sum())
             expected = self.image_prompt.image_tokens(grid, n, self.tokens_per_tile)
             if found != expected:
                 raise InputError(
-                    f"image_prompt: an image of {n} view(s) expands to {found} {self.image_token} tokens; "
+                    f"image_prompt: an image of {n} view(s) expands to {found} {slot_token} tokens; "
                     f"the model fills {expected}"
                 )
 
