@@ -40,7 +40,8 @@ QUICK_RUNS = {
     "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "qwen2_5_vl"'),
     "fuzz.py": ([], '"target": "server"'),
     "open_clip_parity.py": ([], '"ok": true'),
-    "soak_serve.py": ([], '"verdict": {"pass": true, "no_errors": true'),
+    # no errors; its latency and memory verdict is for the 10-minute run, not 10 s on a busy machine
+    "soak_serve.py": ([], '"errors": 0, "first_errors": []'),
     "vlm_demo_ablation.py": (["lm4"], '"vqa_accuracy"'),
 }
 
