@@ -28,7 +28,7 @@ TEXT_DEFAULTS = dict(DEFAULTS["qwen2"], vocab_size=152064, hidden_size=8192, int
 VISION_DEFAULTS = {
     "qwen2_vl": dict(depth=32, embed_dim=1280, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16),
     "qwen2_5_vl": dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
-                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=4),
 }  # fmt: skip
 
 
@@ -95,6 +95,7 @@ def qwen2_vl_config_from_hf(hf: dict[str, Any], tied: bool | None = None) -> Qwe
         vision=vision, lm=lm, connector=ConnectorConfig(kind="patch_merger", scale_factor=merge, norm=norm),
         image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
         vision_start_token_id=hf.get("vision_start_token_id", 151652),
+        tokens_per_second=None if model_type == "qwen2_vl" else float(v["tokens_per_second"]),
     )  # fmt: skip
 
 
@@ -111,7 +112,8 @@ def qwen2_vl_config_to_hf(cfg: Qwen2VLConfig) -> dict[str, Any]:
     if v.gated_mlp:
         model_type = "qwen2_5_vl"
         vision = dict(common, hidden_size=v.width, intermediate_size=v.mlp_dim, out_hidden_size=lm.width,
-                      window_size=v.window_size, fullatt_block_indexes=list(v.full_attention_blocks))  # fmt: skip
+                      window_size=v.window_size, fullatt_block_indexes=list(v.full_attention_blocks),
+                      tokens_per_second=_whole(cfg.tokens_per_second if cfg.tokens_per_second is not None else 4))  # fmt: skip
     else:
         model_type = "qwen2_vl"
         if v.mlp_dim % v.width:
@@ -124,6 +126,11 @@ def qwen2_vl_config_to_hf(cfg: Qwen2VLConfig) -> dict[str, Any]:
         image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
         vision_start_token_id=cfg.vision_start_token_id, tie_word_embeddings=lm.tie_word_embeddings,
     )  # fmt: skip
+
+
+def _whole(value: float) -> int | float:
+    """Return `value` as an int when it is whole (transformers' config types tokens_per_second as int)."""
+    return int(value) if float(value).is_integer() else value
 
 
 def qwen2_vl_key_map(cfg: Qwen2VLConfig, layout: Qwen2VLLayout = Qwen2VLLayout()) -> list[Rule]:

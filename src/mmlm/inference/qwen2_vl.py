@@ -3,7 +3,9 @@ writing transformers Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalG
 
 The processor is VLMProcessor with Qwen's steps plugged in: `<|image_pad|>` is the image placeholder (the chat
 template writes `<|vision_start|><|image_pad|><|vision_end|>` for each image part), the resize step gives each
-image its own patch grid, and the prompt expansion repeats the placeholder once per merged token.
+image its own patch grid, and the prompt expansion repeats the placeholder once per merged token. Videos
+(`{"type": "video"}` parts, `<video>` or `<|video_pad|>` in a str prompt) go through processing/qwen2_vl_video.py:
+frames sampled as for mmlm's other video models, or given as a list of frames.
 """
 
 import dataclasses
@@ -29,6 +31,7 @@ from mmlm.inference.base import check_request, end_token_ids
 from mmlm.inference.causal_lm import generation_eos_ids
 from mmlm.inference.generation import vlm_step
 from mmlm.inference.vlm import GenerativeModel
+from mmlm.json_files import read_json_object
 from mmlm.models.qwen2_vl import Qwen2VLModel
 from mmlm.processing.qwen2_vl_image import (
     HF_TYPES,
@@ -36,6 +39,12 @@ from mmlm.processing.qwen2_vl_image import (
     qwen2_vl_processing_to_hf,
 )
 from mmlm.processing.qwen2_vl_prompt import IMAGE_PAD, Qwen2VLPrompt
+from mmlm.processing.qwen2_vl_video import (
+    Qwen2VLVideoProcessing,
+    qwen2_vl_batch,
+    qwen2_vl_video_from_hf,
+    video_settings_file,
+)
 from mmlm.processing.vlm_processor import VLMProcessor
 
 
@@ -45,7 +54,8 @@ class Qwen2VLGenerativeModel(GenerativeModel):
     architecture = "qwen2_vl"
 
     def __init__(self, model: Qwen2VLModel, processor: VLMProcessor, eos_token_ids: Sequence[int] | None = None,
-                 source_format: str | None = None) -> None:  # fmt: skip
+                 source_format: str | None = None,
+                 video_processing: Qwen2VLVideoProcessing | None = None) -> None:  # fmt: skip
         # tokens per image vary with its size, so GenerativeModel's fixed-count check does not apply
         if processor.image_token_id != model.cfg.image_token_id:
             raise InputError(
@@ -55,6 +65,10 @@ class Qwen2VLGenerativeModel(GenerativeModel):
         self.model = model
         self.processor = processor
         self.source_format = source_format
+        # no video settings of their own: the image processor's resize and patches
+        self.video_processing = video_processing or Qwen2VLVideoProcessing(
+            processor.dynamic_resolution, processor.image_processor
+        )
         end = processor.tokenizer.token_to_id(processor.eos_token) if processor.eos_token else None
         self.eos_token_ids = end_token_ids(model.cfg.lm.eos_token_ids, eos_token_ids, end)
 
@@ -62,22 +76,26 @@ class Qwen2VLGenerativeModel(GenerativeModel):
                 num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
         """Return (step, cache, settings cut to the context, prompt embeddings, mask or None) for a batch of prompts."""
         check_request(settings, cache)
-        if any(any(media) for media in (*(videos or ()), *(audio or ()))):
-            raise InputError("videos, audio: mmlm reads Qwen2-VL images only")
-        batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left")
+        if any(any(clips) for clips in audio or ()):
+            raise InputError("audio: Qwen2-VL has no audio tower")
+        batch = qwen2_vl_batch(self.processor, self.video_processing, self.config.video_token_id, prompts, images,
+                               videos, num_frames, video_fps)  # fmt: skip
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         room = self.config.lm.max_positions - ids.shape[1]
         if room <= 0:
             raise InputError(
-                f"prompt: {ids.shape[1]} tokens (image tokens included), but the model's context holds "
+                f"prompt: {ids.shape[1]} tokens (image and video tokens included), but the model's context holds "
                 f"{self.config.lm.max_positions}"
             )
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
         pixels, grids = batch["pixel_values"], image_grid_thw(batch["image_grid"])
+        video = batch["video_values"]
         with torch.inference_mode():
             embeds, state = self.model.prepare(
-                ids, None if pixels is None else pixels.to(self.device, self.dtype), grids, mask
-            )
+                ids, None if pixels is None else pixels.to(self.device, self.dtype), grids, mask,
+                None if video is None else video.to(self.device, self.dtype),
+                None if video is None else batch["video_grid"], batch["second_per_grid"],
+            )  # fmt: skip
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.new_cache(ids.shape[0], length, state)  # the M-RoPE offsets ride in it
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
@@ -101,6 +119,11 @@ class Qwen2VLGenerativeModel(GenerativeModel):
         write_json(folder / "tokenizer_config.json", tokenizer_config)
         settings = qwen2_vl_processing_to_hf(processor.dynamic_resolution, processor.image_processor)
         write_json(folder / "preprocessor_config.json", settings)
+        video = self.video_processing
+        video_settings = qwen2_vl_processing_to_hf(video.resize, video.patches)
+        video_settings["video_processor_type"] = "Qwen2VLVideoProcessor"
+        del video_settings["image_processor_type"]
+        write_json(video_settings_file(folder), video_settings)
         generation = {"bos_token_id": self.config.lm.bos_token_id, "eos_token_id": self.eos_token_ids,
                       "pad_token_id": self.config.lm.pad_token_id}  # fmt: skip
         write_json(folder / "generation_config.json", generation)
@@ -150,4 +173,10 @@ def load_qwen2_vl(
     if device.type == "cpu":
         model.lm.prepare_for_inference()
     processor = qwen2_vl_processor(folder, model)
-    return Qwen2VLGenerativeModel(model, processor, generation_eos_ids(folder), cfg_json.get("model_type"))
+    video_file = video_settings_file(folder)
+    video = qwen2_vl_video_from_hf(
+        read_json_object(video_file) if video_file.is_file() else None, image_processor_settings(folder)
+    )
+    return Qwen2VLGenerativeModel(
+        model, processor, generation_eos_ids(folder), cfg_json.get("model_type"), video
+    )

@@ -2,7 +2,9 @@
 Qwen2 LM with M-RoPE.
 
 Images keep their own size: each becomes t·h·w/m² LM tokens (the processor reserves that many image-token slots
-per image), which the model fills in order from one packed run of the tower over every image's patches. The LM's
+per image), which the model fills in order from one packed run of the tower over every image's patches. Videos
+are the same with t temporal patches of temporal_patch_size frames each, in video-token slots, from a second run
+of the tower (as transformers runs it: attention stays within each temporal patch's frame). The LM's
 rotary positions have three axes (models/mrope.py); the prompt's offsets (`delta`) ride in the generation cache,
 so decoding continues each row from its own maximum position.
 """
@@ -32,6 +34,9 @@ class Qwen2VLConfig:
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
+    # Qwen2.5-VL: M-RoPE time steps per second of video (temporal patch k sits at k·this·seconds per patch);
+    # None: Qwen2-VL, temporal patch k at k
+    tokens_per_second: float | None = None
     audio: None = None  # what GenerativeModel asks every VLM: no audio tower, one frame per image slot
     audio_token_id: None = None
     video_pool: int = 1
@@ -92,20 +97,33 @@ class Qwen2VLModel(nn.Module):
         return self.connector(states[None])[0]
 
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_grid: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MRopeState]:  # fmt: skip
-        """Return the LM's input embeddings [B, T, D] with the images in their slots, and the prompt's M-RoPE
-        state (positions and offsets)."""
-        is_image = input_ids == self.cfg.image_token_id
-        embeds = self.lm.embed(input_ids.masked_fill(is_image, 0))
-        if pixel_values is not None or bool(is_image.any()):
-            if pixel_values is None or image_grid is None:
-                raise InputError(f"{int(is_image.sum())} image-token slots but no images")
-            tokens = self.image_features(pixel_values, image_grid)
-            embeds = fill_slots(embeds, is_image, tokens[None], "image", "visual")
+                image_grid: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                video_values: torch.Tensor | None = None, video_grid: torch.Tensor | None = None,
+                second_per_grid: torch.Tensor | None = None) -> tuple[torch.Tensor, MRopeState]:  # fmt: skip
+        """Return the LM's input embeddings [B, T, D] with the images and videos in their slots, and the prompt's
+        M-RoPE state (positions and offsets). Videos: packed patches [N, C·t·p·p], grids [V, 3] and seconds per
+        temporal patch [V] (Qwen2.5-VL's time axis; None: transformers' default of 1 s)."""
+        cfg = self.cfg
+        is_image, is_video = input_ids == cfg.image_token_id, input_ids == cfg.video_token_id
+        embeds = self.lm.embed(input_ids.masked_fill(is_image | is_video, 0))
+        for values, grid, slots, item in ((pixel_values, image_grid, is_image, "image"),
+                                          (video_values, video_grid, is_video, "video")):  # fmt: skip
+            if values is not None or bool(slots.any()):
+                if values is None or grid is None:
+                    raise InputError(f"{int(slots.sum())} {item}-token slots but no {item}s")
+                tokens = self.image_features(values, grid)
+                embeds = fill_slots(embeds, slots, tokens[None], item, "visual")
+        intervals = None
+        if video_grid is not None:
+            intervals = (
+                torch.ones(len(video_grid)) if second_per_grid is None else second_per_grid.float().cpu()
+            )
+            # transformers: tokens_per_second · seconds in float32 (Qwen2-VL: a step of 1 per temporal patch)
+            intervals = intervals * cfg.tokens_per_second if cfg.tokens_per_second is not None else None
         positions, deltas = mrope_positions(
-            input_ids, image_grid, self.cfg.image_token_id, self.cfg.vision.merge_size, attention_mask
-        )
+            input_ids, image_grid, cfg.image_token_id, cfg.vision.merge_size, attention_mask,
+            video_grid, cfg.video_token_id, intervals,
+        )  # fmt: skip
         return embeds, MRopeState(deltas, positions)
 
     def new_cache(self, batch: int, length: int | None = None, media: Any = None) -> VLMCache:
@@ -131,8 +149,12 @@ class Qwen2VLModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_grid: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: list[LayerCache] | None = None, last_only: bool = False) -> LMOutput:  # fmt: skip
+                cache: list[LayerCache] | None = None, last_only: bool = False,
+                video_values: torch.Tensor | None = None, video_grid: torch.Tensor | None = None,
+                second_per_grid: torch.Tensor | None = None) -> LMOutput:  # fmt: skip
         """Return LM logits [B, T, vocab] for ids [B, T] whose image slots are filled from packed patches
-        `pixel_values` [N, C·t·p·p] of images with grids `image_grid` [I, 3]."""
-        embeds, state = self.prepare(input_ids, pixel_values, image_grid, attention_mask)
+        `pixel_values` [N, C·t·p·p] of images with grids `image_grid` [I, 3], and whose video slots from
+        `video_values` of videos with grids `video_grid` [V, 3] (`second_per_grid` [V]: see `prepare`)."""
+        embeds, state = self.prepare(input_ids, pixel_values, image_grid, attention_mask, video_values, video_grid,
+                                     second_per_grid)  # fmt: skip
         return self.run_lm(embeds, state, attention_mask, cache, last_only)
