@@ -14,6 +14,14 @@ families (small shapes: a SigLIP-style tower of 4 layers, width 256, 64-px tiles
   two frames per patch as Qwen's processor stacks a still image) merged 2x2: 256 image tokens; the same Llama
   shapes as a Qwen2 LM (biased q/k/v) with M-RoPE sections [8, 12, 12]. Qwen2.5-VL's tower is RMSNorm + SwiGLU
   with 32-px attention windows in blocks 0-2 and the whole image in block 3.
+- gemma3: Gemma 3, the SigLIP tower pooled 2x2 (64 image tokens, attending both ways in the prompt), a Gemma 3
+  LM of the Llama shapes (head_dim 64, 5 sliding-window layers of window 128, then a global one);
+- blip2: BLIP-2 with OPT, an EVA-style tower of the SigLIP shapes, a Q-Former as wide and deep (cross-attention
+  every 2nd layer) with 32 queries (32 image tokens, before OPT's </s>), an OPT LM of the Llama shapes;
+- idefics: Idefics (v1, Flamingo-style), a CLIP tower, a 2-layer Perceiver of 64 latents, the Llama shapes
+  (no grouped KV heads) with a gated cross-attention block before every 2nd layer: one <image> token;
+- chameleon: Chameleon, a VQ-GAN coding the 64-px image as 16x16 = 256 code tokens (codebook 1024), the Llama
+  shapes with per-head q/k LayerNorm.
 
 Each prompt is <bos>, the image tokens, 24 random text tokens; pixels are random. transformers builds the model,
 its state_dict goes through the family's key map into mmlm's VisionLanguageModel (in the decode layout that
@@ -35,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -46,11 +55,17 @@ from bench_decode import TINY_LLAMA, StepClock, transformers_cache_settings
 from timing import CLOCKS, alternating_rounds, now, spread, use_clock
 
 from mmlm.checkpoints.build import build_from_weights
+from mmlm.checkpoints.hf_blip2 import TEXT_ONLY, blip2_vlm_key_map, vlm_config_from_blip2
+from mmlm.checkpoints.hf_chameleon import chameleon_config_from_hf, chameleon_key_map
+from mmlm.checkpoints.hf_gemma3 import gemma3_config_from_hf, gemma3_key_map
+from mmlm.checkpoints.hf_idefics import idefics_key_map, vlm_config_from_idefics
 from mmlm.checkpoints.hf_idefics3 import idefics3_key_map, vlm_config_from_idefics3
 from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
 from mmlm.checkpoints.hf_qwen2_vl import qwen2_vl_config_from_hf, qwen2_vl_key_map
 from mmlm.checkpoints.keymap import Rule
 from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
+from mmlm.models.chameleon import ChameleonModel
+from mmlm.models.gemma3 import Gemma3Model
 from mmlm.models.qwen2_vl import Qwen2VLModel
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
@@ -78,6 +93,16 @@ class Family:
     views: int  # tower inputs per image
     side: int = 1  # an image's side in tiles of the SigLIP shapes' image_size
     model: Callable[[object], torch.nn.Module] = VisionLanguageModel  # mmlm's model class for the config
+    # (batch, image tokens, text [B, 24], image id) -> ids [B, T]: bos, the image tokens, the text by default
+    prompt: Callable[[int, int, torch.Tensor, int], torch.Tensor] = None  # type: ignore[assignment]
+    # (ids, image id) -> transformers' inputs that mark the prompt's image tokens (not the images themselves)
+    marks: Callable[[torch.Tensor, int], dict] | None = None
+    # (transformers model, its image arguments) -> its images in LM width (or codes): timed as image_s
+    reference_images: Callable[[transformers.PreTrainedModel, dict], object] | None = None
+    # (mmlm model, ids, its image arguments) -> (prompt embeddings, media): mmlm's prefill before the LM
+    prepare: Callable[[torch.nn.Module, torch.Tensor, dict], tuple[torch.Tensor, object]] | None = None
+    dropped: re.Pattern | None = None  # transformers tensors mmlm's inference does not use
+    cache: str = "static"  # the KV cache both sides use
 
 
 def llava_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
@@ -186,6 +211,140 @@ def qwen_rules(cfg, names: set[str]) -> tuple[list[Rule], str]:
     return qwen2_vl_key_map(cfg), "lm_head.weight"
 
 
+def lm_shapes(text: dict) -> dict:
+    """Return the Llama shapes' sizes alone (no Llama-only options), as other LM configs name them."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return {k: text[k] for k in keys}
+
+
+def gemma3_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
+    """Return Gemma 3: the SigLIP tower pooled 2x2 (64 tokens from a 64-px image), a Gemma 3 LM of the Llama
+    shapes (5 sliding-window layers of window 128, then a global one; head_dim 64, tied embeddings)."""
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    lm = dict(lm_shapes(text), num_key_value_heads=text["num_key_value_heads"], head_dim=head_dim,
+              query_pre_attn_scalar=head_dim, sliding_window=128, max_position_embeddings=2048, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0)  # fmt: skip
+    grid = vision["image_size"] // vision["patch_size"]
+    cfg = transformers.Gemma3Config(
+        text_config=lm, vision_config=dict(vision, vision_use_head=False), mm_tokens_per_image=(grid // 2) ** 2,
+        image_token_index=image_id, boi_token_index=image_id - 1, eoi_token_index=image_id - 2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return transformers.Gemma3ForConditionalGeneration(cfg)
+
+
+def gemma3_rules(cfg, names: set[str]) -> tuple[list[Rule], str]:
+    """Return Gemma 3's key map for transformers' tensor names, and its (tied) head's name."""
+    layout = llava_layout(names)
+    return gemma3_key_map(cfg, layout), f"{layout.head}.weight"
+
+
+def image_blocks(ids: torch.Tensor, image_id: int) -> dict:
+    """Gemma 3: token_type_ids mark the image slots, which attend both ways within their image in the prompt."""
+    return {"token_type_ids": (ids == image_id).long()}
+
+
+def blip2_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
+    """Return BLIP-2: an EVA-style tower of the SigLIP shapes, a Q-Former as wide and deep as the tower
+    (cross-attention every 2nd layer) with 32 queries, and an OPT LM of the Llama shapes."""
+    qformer = dict(hidden_size=vision["hidden_size"], num_hidden_layers=vision["num_hidden_layers"],
+                   num_attention_heads=vision["num_attention_heads"], intermediate_size=vision["intermediate_size"],
+                   cross_attention_frequency=2, encoder_hidden_size=vision["hidden_size"])  # fmt: skip
+    opt = transformers.OPTConfig(**dict(lm_shapes(text), ffn_dim=text["intermediate_size"]),
+                                 word_embed_proj_dim=text["hidden_size"], max_position_embeddings=2048,
+                                 bos_token_id=2, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    cfg = transformers.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=opt.to_dict(),
+                                   num_query_tokens=32, image_token_index=image_id)  # fmt: skip
+    return transformers.Blip2ForConditionalGeneration(cfg)
+
+
+def images_then_text(batch: int, image_tokens: int, text: torch.Tensor, image_id: int) -> torch.Tensor:
+    """BLIP-2 (OPT): the query tokens' slots, then OPT's </s> (id 2) opening the text, as Blip2Processor."""
+    return torch.cat([torch.full((batch, image_tokens), image_id), torch.full((batch, 1), 2), text], 1)
+
+
+def idefics_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
+    """Return Idefics (v1): a CLIP tower of the SigLIP shapes, a Perceiver resampler of 64 latents (2 layers),
+    a Llama LM of the Llama shapes (no grouped KV heads, as Idefics' LM) with a gated cross-attention block
+    before every 2nd layer (random gates: zero would hide the image); `<image>` is the last added token."""
+    heads = vision["num_attention_heads"]
+    tower = dict(embed_dim=vision["hidden_size"], image_size=vision["image_size"], patch_size=vision["patch_size"],
+                 intermediate_size=vision["intermediate_size"], num_hidden_layers=vision["num_hidden_layers"],
+                 num_attention_heads=heads)  # fmt: skip
+    perceiver = dict(resampler_n_latents=64, resampler_depth=2, resampler_n_heads=heads,
+                     resampler_head_dim=vision["hidden_size"] // heads)  # fmt: skip
+    cfg = transformers.IdeficsConfig(
+        **dict(lm_shapes(text), vocab_size=image_id - 1), additional_vocab_size=2, max_position_embeddings=2048,
+        cross_layer_interval=2, use_resampler=True, vision_config=tower, perceiver_config=perceiver,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.IdeficsForVisionText2Text(cfg)
+    with torch.no_grad():
+        for layer in model.model.gated_cross_attn_layers:
+            layer.alpha_cross_attn.normal_(0, 1.0)
+            layer.alpha_dense.normal_(0, 1.0)
+    return model
+
+
+def untied_rules(
+    key_map: Callable[[object], list[Rule]],
+) -> Callable[[object, set[str]], tuple[list[Rule], None]]:
+    """Return a family's rules for an LM whose head is its own tensor (nothing to drop)."""
+    return lambda cfg, names: (key_map(cfg), None)
+
+
+def between_markers(batch: int, image_tokens: int, text: torch.Tensor, image_id: int) -> torch.Tensor:
+    """Idefics: bos, then each image's one `<image>` token between `<fake_token_around_image>`s, then the text."""
+    fake = torch.full((batch, 1), image_id - 1)
+    image = torch.full((batch, image_tokens), image_id)
+    return torch.cat([torch.ones(batch, 1, dtype=torch.long), fake, image, fake, text], 1)
+
+
+def latest_image(ids: torch.Tensor, image_id: int) -> dict:
+    """Idefics: image_attention_mask [B, T, 1], whether each position has seen the (one) image yet."""
+    return {"image_attention_mask": ((ids == image_id).cumsum(1) > 0).long()[..., None]}
+
+
+def cross_attended(model: VisionLanguageModel, batch: int, pixels: torch.Tensor) -> tuple[int, dict, dict]:
+    """Idefics: one image per prompt, read by the gated blocks; transformers takes [B, images, 3, S, S]."""
+    return 1, {"pixel_values": pixels[:, None]}, {"pixel_values": pixels}
+
+
+def idefics_images(ref, images: dict) -> torch.Tensor:
+    """Idefics: transformers' tower and resampler, as its forward runs them (it has no get_image_features)."""
+    pixels = images["pixel_values"].flatten(0, 1)
+    states = ref.model.vision_model(pixel_values=pixels).last_hidden_state
+    return ref.model.perceiver_resampler(states)
+
+
+def chameleon_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
+    """Return Chameleon: a VQ-GAN coding a 64-px image as 16x16 = 256 codes of 1024 (the tiny shapes: 8x8 of
+    64) and an LM of the Llama shapes with per-head q/k LayerNorm; the codes are the vocabulary's ids below
+    `<image>`'s."""
+    side = vision["image_size"]
+    codes = 1024 if side >= 64 else 64
+    vq = dict(base_channels=32, channel_multiplier=[1, 2, 2], num_res_blocks=1, resolution=side,
+              embed_dim=64, latent_channels=64, num_embeddings=codes)  # fmt: skip
+    digits = lambda code: "".join(chr(ord("A") + int(d)) for d in str(code))  # noqa: E731
+    vocabulary = {"<image>": image_id, **{f"IMGIMG{digits(c)}Z": image_id - codes + c for c in range(codes)}}
+    cfg = transformers.ChameleonConfig(
+        **lm_shapes(text), num_key_value_heads=text["num_key_value_heads"], vq_config=vq,
+        vocabulary_map=vocabulary, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return transformers.ChameleonForConditionalGeneration(cfg)
+
+
+def vq_coded(model: ChameleonModel, batch: int, pixels: torch.Tensor) -> tuple[int, dict, dict]:
+    """Chameleon: one image per prompt, whose `<image>` placeholders become its VQ codes' token ids."""
+    return model.cfg.image_tokens, {"pixel_values": pixels}, {"pixel_values": pixels}
+
+
+def spliced(model: ChameleonModel, ids: torch.Tensor, images: dict) -> tuple[torch.Tensor, None]:
+    """Chameleon: the placeholders overwritten by the image's code ids, embedded as any token."""
+    return model.lm.embed(model.splice(ids, images["pixel_values"])), None
+
+
 FAMILIES = {
     "llava": Family(llava_reference, vlm_config_from_llava, llava_rules, one_image, 1),
     "llava_next": Family(llava_next_reference, vlm_config_from_llava, llava_rules, tiled_anyres, 1 + GRID**2),
@@ -195,6 +354,18 @@ FAMILIES = {
                        GRID, Qwen2VLModel),
     "qwen2_5_vl": Family(qwen_reference("qwen2_5_vl"), qwen2_vl_config_from_hf, qwen_rules, native_resolution, 1,
                          GRID, Qwen2VLModel),
+    "gemma3": Family(gemma3_reference, gemma3_config_from_hf, gemma3_rules, one_image, 1, model=Gemma3Model,
+                     marks=image_blocks),
+    "blip2": Family(blip2_reference, vlm_config_from_blip2, lambda cfg, names: (blip2_vlm_key_map(cfg),
+                    "language_model.lm_head.weight"), one_image, 1, prompt=images_then_text,
+                    reference_images=lambda ref, images: ref.get_image_features(**images), dropped=TEXT_ONLY),
+    "idefics": Family(idefics_reference, vlm_config_from_idefics, untied_rules(lambda cfg: idefics_key_map(cfg, 2)),
+                      cross_attended, 1, prompt=between_markers, marks=latest_image,
+                      reference_images=idefics_images),
+    "chameleon": Family(chameleon_reference, chameleon_config_from_hf, lambda cfg, names: (
+                        chameleon_key_map(cfg), "lm_head.weight"), vq_coded, 1, model=ChameleonModel,
+                        reference_images=lambda ref, images: ref.model.get_image_tokens(**images),
+                        prepare=spliced),
 }  # fmt: skip
 
 
@@ -207,7 +378,10 @@ def build_models(family: str, shapes: str, seed: int = 0):
     cfg = spec.config(ref.config.to_dict())
     weights = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     rules, head = spec.key_map(cfg, set(weights))
-    weights.pop(head, None)  # tied to the embedding
+    if head:
+        weights.pop(head, None)  # tied to the embedding
+    for name in [k for k in weights if spec.dropped and spec.dropped.match(k)]:
+        del weights[name]
     ours = build_from_weights(lambda: spec.model(cfg), weights, rules, family)
     ours.lm.prepare_for_inference()  # what mmlm.load does on CPU
     return ref, ours
@@ -220,6 +394,14 @@ class Inputs:
     ids: torch.Tensor  # [B, T]: bos, image tokens, text
     theirs: dict  # transformers generate's image arguments
     ours: dict  # mmlm prepare's image arguments
+    family: str
+    marks: tuple[str, ...] = ()  # keys of `theirs` that mark the prompt's image tokens, not images
+
+
+def bos_image_text(batch: int, image_tokens: int, text: torch.Tensor, image_id: int) -> torch.Tensor:
+    """Most families: bos, the image's tokens, the text."""
+    image = torch.full((batch, image_tokens), image_id)
+    return torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], 1)
 
 
 def make_inputs(family: str, model: VisionLanguageModel, batch: int, shapes: str) -> Inputs:
@@ -230,11 +412,11 @@ def make_inputs(family: str, model: VisionLanguageModel, batch: int, shapes: str
     pixels = torch.randn(batch * spec.views, 3, size, size, generator=g)
     image_tokens, theirs, ours = spec.images(model, batch, pixels)
     text = torch.randint(3, image_id, (batch, TEXT_TOKENS), generator=g)
-    image = torch.full((batch, image_tokens), image_id)
-    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], 1)
+    ids = (spec.prompt or bos_image_text)(batch, image_tokens, text, image_id)
+    marks = spec.marks(ids, image_id) if spec.marks else {}
     if "image_grid_thw" in theirs:  # transformers' M-RoPE finds the image tokens by this mask, not by id
-        theirs["mm_token_type_ids"] = (ids == image_id).int()
-    return Inputs(ids, theirs, ours)
+        marks["mm_token_type_ids"] = (ids == image_id).int()
+    return Inputs(ids, {**theirs, **marks}, ours, family, tuple(marks))
 
 
 def transformers_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float], list[list[int]]]:
@@ -244,17 +426,24 @@ def transformers_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float
     out = model.generate(input_ids=inputs.ids, attention_mask=torch.ones_like(inputs.ids), **inputs.theirs,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                          stopping_criteria=transformers.StoppingCriteriaList([clock]),
-                         **transformers_cache_settings("static"))  # fmt: skip
+                         **transformers_cache_settings(FAMILIES[inputs.family].cache))  # fmt: skip
     assert out.shape[1] == inputs.ids.shape[1] + new_tokens
     return [start, *clock.times], out[:, inputs.ids.shape[1] :].tolist()
+
+
+def ours_prepare(model, inputs: Inputs) -> tuple[torch.Tensor, object]:
+    """Return mmlm's prompt embeddings and media for `inputs` (the family's prepare, or the model's)."""
+    prepare = FAMILIES[inputs.family].prepare
+    return prepare(model, inputs.ids, inputs.ours) if prepare else model.prepare(inputs.ids, **inputs.ours)
 
 
 def mmlm_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float], list[list[int]]]:
     """Return the call's start and each new token's arrival time, and the tokens, in mmlm's greedy generation."""
     start = now()
-    embeds, media = model.prepare(inputs.ids, **inputs.ours)
+    embeds, media = ours_prepare(model, inputs)
     batch, length = inputs.ids.shape
-    cache = model.new_cache(batch, length + new_tokens, media)  # static: preallocated
+    static = FAMILIES[inputs.family].cache == "static"
+    cache = model.new_cache(batch, length + new_tokens if static else None, media)  # static: preallocated
     times, tokens = [start], [[] for _ in range(batch)]
     for step in generate_ids(vlm_step(model), cache, GenerationSettings(new_tokens), [], None, embeds):
         times.append(now())
@@ -283,12 +472,14 @@ def image_seconds(ref, ours, inputs: Inputs, rounds: int) -> dict[str, list[floa
 
         return measure
 
-    # mm_token_type_ids belongs to the prompt, not the images
-    images = {k: v for k, v in inputs.theirs.items() if k != "mm_token_type_ids"}
+    images = {k: v for k, v in inputs.theirs.items() if k not in inputs.marks}
+    theirs = FAMILIES[inputs.family].reference_images or (
+        lambda model, x: model.model.get_image_features(**x)
+    )
     return alternating_rounds(
         {
-            "transformers": timed(lambda: ref.model.get_image_features(**images)),
-            "mmlm": timed(lambda: ours.prepare(inputs.ids, **inputs.ours)),
+            "transformers": timed(lambda: theirs(ref, images)),
+            "mmlm": timed(lambda: ours_prepare(ours, inputs)),
         },
         rounds,
     )
@@ -319,7 +510,7 @@ def measure(family: str, shapes: str, batches: list[int], new_tokens: int, round
         print(json.dumps({
             "family": family, "batch": batch, "prompt_tokens": inputs.ids.shape[1],
             "image_tokens": int((inputs.ids == ours.cfg.image_token_id).sum()) // batch,
-            "new_tokens": new_tokens, "rounds": rounds, "tok_s": {n: spread(r, 2) for n, r in decode.items()},
+            "new_tokens": new_tokens, "rounds": rounds, "cache": FAMILIES[family].cache, "tok_s": {n: spread(r, 2) for n, r in decode.items()},
             "ratio": round(med["mmlm"] / med["transformers"], 3),
             "prefill_s": {n: spread(p, 4) for n, p in prefill.items()},
             "prefill_ratio": round(first["transformers"] / first["mmlm"], 3),  # > 1: mmlm's first token sooner
@@ -353,7 +544,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, python {platform.python_version()}, clock {args.clock}, "
-          f"load {os.getloadavg()}; KV cache: static on both sides", file=sys.stderr)  # fmt: skip
+          f"load {os.getloadavg()}; KV cache: the row's cache, the same on both sides", file=sys.stderr)  # fmt: skip
     for family in args.family:
         measure(family, "tiny" if args.quick else "small", args.batch, args.new_tokens, args.rounds)
 

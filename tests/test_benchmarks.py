@@ -37,7 +37,7 @@ QUICK_RUNS = {
     "bench_video.py": ([], '"long_seeking_speedup"'),
     "bench_vlm_data_memory.py": ([], '"pass": true'),
     "bench_vlm_decode.py": ([], '"cache": "static"'),
-    "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "qwen2_5_vl"'),
+    "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "chameleon"'),
     "fuzz.py": ([], '"target": "server"'),
     "open_clip_parity.py": ([], '"ok": true'),
     "soak_serve.py": ([], '"verdict": {"pass": true, "no_errors": true'),
