@@ -14,6 +14,14 @@ families (small shapes: a SigLIP-style tower of 4 layers, width 256, 64-px tiles
   two frames per patch as Qwen's processor stacks a still image) merged 2x2: 256 image tokens; the same Llama
   shapes as a Qwen2 LM (biased q/k/v) with M-RoPE sections [8, 12, 12]. Qwen2.5-VL's tower is RMSNorm + SwiGLU
   with 32-px attention windows in blocks 0-2 and the whole image in block 3.
+- gemma3: Gemma 3, the SigLIP tower pooled 2x2 (64 image tokens, attending both ways in the prompt), a Gemma 3
+  LM of the Llama shapes (head_dim 64, 5 sliding-window layers of window 128, then a global one);
+- blip2: BLIP-2 with OPT, an EVA-style tower of the SigLIP shapes, a Q-Former as wide and deep (cross-attention
+  every 2nd layer) with 32 queries (32 image tokens, before OPT's </s>), an OPT LM of the Llama shapes;
+- idefics: Idefics (v1, Flamingo-style), a CLIP tower, a 2-layer Perceiver of 64 latents, the Llama shapes
+  (no grouped KV heads) with a gated cross-attention block before every 2nd layer: one <image> token;
+- chameleon: Chameleon, a VQ-GAN coding the 64-px image as 16x16 = 256 code tokens (codebook 1024), the Llama
+  shapes with per-head q/k LayerNorm.
 
 Each prompt is <bos>, the image tokens, 24 random text tokens; pixels are random. transformers builds the model,
 its state_dict goes through the family's key map into mmlm's VisionLanguageModel (in the decode layout that
@@ -35,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -44,13 +53,35 @@ import torch
 import transformers
 from bench_decode import TINY_LLAMA, StepClock, transformers_cache_settings
 from timing import CLOCKS, alternating_rounds, now, spread, use_clock
+from vlm_family_builders import (
+    between_markers,
+    blip2_reference,
+    chameleon_reference,
+    cross_attended,
+    gemma3_reference,
+    gemma3_rules,
+    idefics_images,
+    idefics_reference,
+    image_blocks,
+    images_then_text,
+    latest_image,
+    spliced,
+    untied_rules,
+    vq_coded,
+)
 
 from mmlm.checkpoints.build import build_from_weights
+from mmlm.checkpoints.hf_blip2 import TEXT_ONLY, blip2_vlm_key_map, vlm_config_from_blip2
+from mmlm.checkpoints.hf_chameleon import chameleon_config_from_hf, chameleon_key_map
+from mmlm.checkpoints.hf_gemma3 import gemma3_config_from_hf
+from mmlm.checkpoints.hf_idefics import idefics_key_map, vlm_config_from_idefics
 from mmlm.checkpoints.hf_idefics3 import idefics3_key_map, vlm_config_from_idefics3
 from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
 from mmlm.checkpoints.hf_qwen2_vl import qwen2_vl_config_from_hf, qwen2_vl_key_map
 from mmlm.checkpoints.keymap import Rule
 from mmlm.inference.generation import GenerationSettings, generate_ids, vlm_step
+from mmlm.models.chameleon import ChameleonModel
+from mmlm.models.gemma3 import Gemma3Model
 from mmlm.models.qwen2_vl import Qwen2VLModel
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 
@@ -78,6 +109,16 @@ class Family:
     views: int  # tower inputs per image
     side: int = 1  # an image's side in tiles of the SigLIP shapes' image_size
     model: Callable[[object], torch.nn.Module] = VisionLanguageModel  # mmlm's model class for the config
+    # (batch, image tokens, text [B, 24], image id) -> ids [B, T]: bos, the image tokens, the text by default
+    prompt: Callable[[int, int, torch.Tensor, int], torch.Tensor] = None  # type: ignore[assignment]
+    # (ids, image id) -> transformers' inputs that mark the prompt's image tokens (not the images themselves)
+    marks: Callable[[torch.Tensor, int], dict] | None = None
+    # (transformers model, its image arguments) -> its images in LM width (or codes): timed as image_s
+    reference_images: Callable[[transformers.PreTrainedModel, dict], object] | None = None
+    # (mmlm model, ids, its image arguments) -> (prompt embeddings, media): mmlm's prefill before the LM
+    prepare: Callable[[torch.nn.Module, torch.Tensor, dict], tuple[torch.Tensor, object]] | None = None
+    dropped: re.Pattern | None = None  # transformers tensors mmlm's inference does not use
+    cache: str = "static"  # the KV cache both sides use
 
 
 def llava_reference(vision: dict, text: dict, image_id: int) -> transformers.PreTrainedModel:
@@ -195,6 +236,18 @@ FAMILIES = {
                        GRID, Qwen2VLModel),
     "qwen2_5_vl": Family(qwen_reference("qwen2_5_vl"), qwen2_vl_config_from_hf, qwen_rules, native_resolution, 1,
                          GRID, Qwen2VLModel),
+    "gemma3": Family(gemma3_reference, gemma3_config_from_hf, gemma3_rules, one_image, 1, model=Gemma3Model,
+                     marks=image_blocks),
+    "blip2": Family(blip2_reference, vlm_config_from_blip2, lambda cfg, names: (blip2_vlm_key_map(cfg),
+                    "language_model.lm_head.weight"), one_image, 1, prompt=images_then_text,
+                    reference_images=lambda ref, images: ref.get_image_features(**images), dropped=TEXT_ONLY),
+    "idefics": Family(idefics_reference, vlm_config_from_idefics, untied_rules(lambda cfg: idefics_key_map(cfg, 2)),
+                      cross_attended, 1, prompt=between_markers, marks=latest_image,
+                      reference_images=idefics_images),
+    "chameleon": Family(chameleon_reference, chameleon_config_from_hf, lambda cfg, names: (
+                        chameleon_key_map(cfg), "lm_head.weight"), vq_coded, 1, model=ChameleonModel,
+                        reference_images=lambda ref, images: ref.model.get_image_tokens(**images),
+                        prepare=spliced),
 }  # fmt: skip
 
 
@@ -207,7 +260,10 @@ def build_models(family: str, shapes: str, seed: int = 0):
     cfg = spec.config(ref.config.to_dict())
     weights = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     rules, head = spec.key_map(cfg, set(weights))
-    weights.pop(head, None)  # tied to the embedding
+    if head:
+        weights.pop(head, None)  # tied to the embedding
+    for name in [k for k in weights if spec.dropped and spec.dropped.match(k)]:
+        del weights[name]
     ours = build_from_weights(lambda: spec.model(cfg), weights, rules, family)
     ours.lm.prepare_for_inference()  # what mmlm.load does on CPU
     return ref, ours
@@ -220,6 +276,14 @@ class Inputs:
     ids: torch.Tensor  # [B, T]: bos, image tokens, text
     theirs: dict  # transformers generate's image arguments
     ours: dict  # mmlm prepare's image arguments
+    family: str
+    marks: tuple[str, ...] = ()  # keys of `theirs` that mark the prompt's image tokens, not images
+
+
+def bos_image_text(batch: int, image_tokens: int, text: torch.Tensor, image_id: int) -> torch.Tensor:
+    """Most families: bos, the image's tokens, the text."""
+    image = torch.full((batch, image_tokens), image_id)
+    return torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], 1)
 
 
 def make_inputs(family: str, model: VisionLanguageModel, batch: int, shapes: str) -> Inputs:
@@ -230,11 +294,11 @@ def make_inputs(family: str, model: VisionLanguageModel, batch: int, shapes: str
     pixels = torch.randn(batch * spec.views, 3, size, size, generator=g)
     image_tokens, theirs, ours = spec.images(model, batch, pixels)
     text = torch.randint(3, image_id, (batch, TEXT_TOKENS), generator=g)
-    image = torch.full((batch, image_tokens), image_id)
-    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], 1)
+    ids = (spec.prompt or bos_image_text)(batch, image_tokens, text, image_id)
+    marks = spec.marks(ids, image_id) if spec.marks else {}
     if "image_grid_thw" in theirs:  # transformers' M-RoPE finds the image tokens by this mask, not by id
-        theirs["mm_token_type_ids"] = (ids == image_id).int()
-    return Inputs(ids, theirs, ours)
+        marks["mm_token_type_ids"] = (ids == image_id).int()
+    return Inputs(ids, {**theirs, **marks}, ours, family, tuple(marks))
 
 
 def transformers_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float], list[list[int]]]:
@@ -244,17 +308,24 @@ def transformers_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float
     out = model.generate(input_ids=inputs.ids, attention_mask=torch.ones_like(inputs.ids), **inputs.theirs,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                          stopping_criteria=transformers.StoppingCriteriaList([clock]),
-                         **transformers_cache_settings("static"))  # fmt: skip
+                         **transformers_cache_settings(FAMILIES[inputs.family].cache))  # fmt: skip
     assert out.shape[1] == inputs.ids.shape[1] + new_tokens
     return [start, *clock.times], out[:, inputs.ids.shape[1] :].tolist()
+
+
+def ours_prepare(model, inputs: Inputs) -> tuple[torch.Tensor, object]:
+    """Return mmlm's prompt embeddings and media for `inputs` (the family's prepare, or the model's)."""
+    prepare = FAMILIES[inputs.family].prepare
+    return prepare(model, inputs.ids, inputs.ours) if prepare else model.prepare(inputs.ids, **inputs.ours)
 
 
 def mmlm_run(model, inputs: Inputs, new_tokens: int) -> tuple[list[float], list[list[int]]]:
     """Return the call's start and each new token's arrival time, and the tokens, in mmlm's greedy generation."""
     start = now()
-    embeds, media = model.prepare(inputs.ids, **inputs.ours)
+    embeds, media = ours_prepare(model, inputs)
     batch, length = inputs.ids.shape
-    cache = model.new_cache(batch, length + new_tokens, media)  # static: preallocated
+    static = FAMILIES[inputs.family].cache == "static"
+    cache = model.new_cache(batch, length + new_tokens if static else None, media)  # static: preallocated
     times, tokens = [start], [[] for _ in range(batch)]
     for step in generate_ids(vlm_step(model), cache, GenerationSettings(new_tokens), [], None, embeds):
         times.append(now())
@@ -283,12 +354,14 @@ def image_seconds(ref, ours, inputs: Inputs, rounds: int) -> dict[str, list[floa
 
         return measure
 
-    # mm_token_type_ids belongs to the prompt, not the images
-    images = {k: v for k, v in inputs.theirs.items() if k != "mm_token_type_ids"}
+    images = {k: v for k, v in inputs.theirs.items() if k not in inputs.marks}
+    theirs = FAMILIES[inputs.family].reference_images or (
+        lambda model, x: model.model.get_image_features(**x)
+    )
     return alternating_rounds(
         {
-            "transformers": timed(lambda: ref.model.get_image_features(**images)),
-            "mmlm": timed(lambda: ours.prepare(inputs.ids, **inputs.ours)),
+            "transformers": timed(lambda: theirs(ref, images)),
+            "mmlm": timed(lambda: ours_prepare(ours, inputs)),
         },
         rounds,
     )
@@ -319,7 +392,7 @@ def measure(family: str, shapes: str, batches: list[int], new_tokens: int, round
         print(json.dumps({
             "family": family, "batch": batch, "prompt_tokens": inputs.ids.shape[1],
             "image_tokens": int((inputs.ids == ours.cfg.image_token_id).sum()) // batch,
-            "new_tokens": new_tokens, "rounds": rounds, "tok_s": {n: spread(r, 2) for n, r in decode.items()},
+            "new_tokens": new_tokens, "rounds": rounds, "cache": FAMILIES[family].cache, "tok_s": {n: spread(r, 2) for n, r in decode.items()},
             "ratio": round(med["mmlm"] / med["transformers"], 3),
             "prefill_s": {n: spread(p, 4) for n, p in prefill.items()},
             "prefill_ratio": round(first["transformers"] / first["mmlm"], 3),  # > 1: mmlm's first token sooner
@@ -353,7 +426,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, python {platform.python_version()}, clock {args.clock}, "
-          f"load {os.getloadavg()}; KV cache: static on both sides", file=sys.stderr)  # fmt: skip
+          f"load {os.getloadavg()}; KV cache: the row's cache, the same on both sides", file=sys.stderr)  # fmt: skip
     for family in args.family:
         measure(family, "tiny" if args.quick else "small", args.batch, args.new_tokens, args.rounds)
 
