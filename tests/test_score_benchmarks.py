@@ -17,7 +17,7 @@ EXPECTED = {
     "infovqa": ("anls", "raw"),
     "chartqa": ("relaxed_accuracy", "raw"),
     "pope": ("pope", "yes_no"),
-    "mmmu": ("multiple_choice", "mmmu_option"),
+    "mmmu": ("mmmu", "raw"),
     "mmbench": ("multiple_choice", "option_letter"),
     "coco-caption": ("caption", "caption"),
 }
@@ -62,6 +62,9 @@ HUMANS = ["2"] * 3 + ["3"] * 7  # three of ten annotators say "2": VQA accuracy 
         ),
         # MMMU's parser finds no letter in a lower-case "b" (it would draw one at random): scored wrong
         ("mmmu", {"prediction": "b", "choices": ["cat", "dog"], "label": "B"}, "accuracy", 0.0),
+        # an open question (no choices): MMMU's eval_open on the candidates after its key phrases
+        ("mmmu", {"prediction": "First 3 + 4.\nSo the total is 7.00", "answers": ["7"]}, "accuracy", 1.0),
+        ("mmmu", {"prediction": "The answer is 8", "answers": ["7"]}, "accuracy", 0.0),
         ("mmbench", {"prediction": "dog", "choices": ["cat", "dog"], "label": "B"}, "accuracy", 1.0),
         ("docvqa", {"prediction": "Invoice No\n42", "answers": ["invoice no 42"]}, "anls", 1.0),
     ],

@@ -8,7 +8,9 @@
   docvqa, infovqa ANLS (the RRC DocVQA / InfographicVQA task), on the response as given.
   chartqa         relaxed accuracy (Pix2Struct's relaxed_correctness), on the response as given.
   pope            POPE's evaluate.py: its yes/no rule, accuracy, precision, recall, F1, yes-ratio.
-  mmmu            accuracy of the option letter MMMU's parse_multi_choice_response picks (`mmmu_option`).
+  mmmu            MMMU's eval_utils.py on the raw response: the letter parse_multi_choice_response picks
+                  (`mmmu_option`) for a sample with choices, eval_open over parse_open_response's candidates
+                  (`mmlm.eval.mmmu`) for an open question.
   mmbench         accuracy of the option letter (`option_letter`, MMBench's and lmms-eval's matchers).
   coco-caption    BLEU-1..4 and CIDEr-D with pycocoevalcap's PTB tokenizer.
 """
@@ -31,7 +33,7 @@ BENCHMARK_SCORING: dict[str, Scoring] = {
     "infovqa": Scoring("anls", "raw"),
     "chartqa": Scoring("relaxed_accuracy", "raw"),
     "pope": Scoring("pope", "yes_no"),
-    "mmmu": Scoring("multiple_choice", "mmmu_option"),
+    "mmmu": Scoring("mmmu", "raw"),
     "mmbench": Scoring("multiple_choice", "option_letter"),
     "coco-caption": Scoring("caption", "caption"),
 }

@@ -13,6 +13,7 @@ and `METRIC_REFERENCES` the `Sample` field that holds its references.
   relaxed_accuracy  ChartQA (Masry et al. 2022), Pix2Struct's relaxed_correctness (`relaxed_correctness`).
   pope              POPE (Li et al. 2023) evaluate.py: accuracy, precision, recall, F1, yes_ratio.
   multiple_choice   accuracy of the chosen letter against `sample.label`.
+  mmmu              MMMU's eval_utils.py: multiple choice by its letter parser, open questions by eval_open.
   caption           BLEU-1..4 and CIDEr-D (pycocoevalcap), CHAIR_i / CHAIR_s where meta has "objects".
 """
 
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from mmlm.errors import InputError
 from mmlm.eval.captioning import caption_metric
-from mmlm.eval.parsers import option_letter, yes_no
+from mmlm.eval.mmmu import open_answer_correct
+from mmlm.eval.parsers import mmmu_option, option_letter, yes_no
 from mmlm.eval.vqa import exact_match as vqa_exact_match
 from mmlm.eval.vqa import vqa_accuracy as vqa_leave_one_out
 
@@ -235,6 +237,24 @@ def multiple_choice_metric(predictions: list[str], samples: list[Sample]) -> tup
     return mean_by_type("accuracy", scores, samples), scores
 
 
+def mmmu_metric(predictions: list[str], samples: list[Sample]) -> tuple[Summary, list[float]]:
+    """Return MMMU accuracy over raw responses, overall and per type: a sample with `choices` scores the letter
+    MMMU's parser picks against its `label`, an open one (no choices) MMMU's eval_open against its `answers`."""
+    _check(predictions, samples)
+    scores = []
+    for response, sample in zip(predictions, samples, strict=True):
+        if sample.choices:
+            label = str(sample.label or "").strip().upper()
+            if len(label) != 1 or not label.isalpha():
+                raise InputError(f"sample {sample.id}: an MMMU multiple-choice sample needs a letter label")
+            scores.append(float(mmmu_option(response, sample) == label))
+        elif not sample.answers:
+            raise InputError(f"sample {sample.id}: an MMMU open question (no choices) needs its answers")
+        else:
+            scores.append(float(open_answer_correct(response, sample.answers)))
+    return mean_by_type("accuracy", scores, samples), scores
+
+
 METRICS: dict[str, Metric] = {
     "vqa_accuracy": vqa_accuracy_metric,
     "exact_match": exact_match_metric,
@@ -242,6 +262,7 @@ METRICS: dict[str, Metric] = {
     "relaxed_accuracy": relaxed_accuracy_metric,
     "pope": pope_metric,
     "multiple_choice": multiple_choice_metric,
+    "mmmu": mmmu_metric,
     "caption": caption_metric,
 }
 # the parser each metric usually follows (a task may name another)
@@ -252,6 +273,7 @@ METRIC_PARSERS: dict[str, str] = {
     "relaxed_accuracy": "raw",  # Pix2Struct's relaxed_correctness reads the whole response
     "pope": "yes_no",
     "multiple_choice": "option_letter",
+    "mmmu": "raw",  # the metric applies MMMU's own parsers, one per question kind
     "caption": "caption",
 }
 # the Sample field each metric reads its references from
@@ -262,5 +284,6 @@ METRIC_REFERENCES: dict[str, str] = {
     "relaxed_accuracy": "answers",
     "pope": "label",
     "multiple_choice": "label",
+    "mmmu": "label",  # and `answers` for open questions
     "caption": "answers",
 }
