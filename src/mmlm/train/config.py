@@ -9,6 +9,7 @@ from typing import Any
 from mmlm.errors import InputError
 from mmlm.models.config import CONFIG_VERSION, config_from_dict
 from mmlm.models.dual_encoder import DualEncoderConfig
+from mmlm.train.loggers import LogConfig, check_log_config
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/clip"
     log_every: int = 10
+    log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B beside metrics.jsonl
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
     lock_image: int | None = (
@@ -131,6 +133,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     fraction = cfg.optim.max_warmup_fraction
     if fraction is not None and not 0 < fraction <= 1:
         raise InputError(f"optim.max_warmup_fraction: got {fraction!r}; expected a share in (0, 1] or null")
+    check_log_config(cfg.log)  # a missing TensorBoard or W&B package stops the run now, not after the data
     model = cfg.model
     if model.audio is not None and model.audio_embed_dim != model.text.embed_dim:
         raise InputError(

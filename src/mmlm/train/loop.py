@@ -1,6 +1,6 @@
 """The contrastive training loop: one screen, with checkpointing, logging and evaluation hung off it."""
 
-import json
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,6 +15,7 @@ from mmlm.progress import Progress
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.config import TrainConfig
 from mmlm.train.distributed import DistInfo, distributed_clip_loss, distributed_siglip_loss
+from mmlm.train.loggers import MetricLog
 from mmlm.train.optim import build_optimizer, build_scheduler, lock_tower
 from mmlm.train.stop_signals import StopSignals
 
@@ -106,7 +107,7 @@ def train(
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     loss_fn = torch.compile(contrastive_loss) if cfg.compile else contrastive_loss
     main = dist.rank == 0
-    log = (run_dir / "metrics.jsonl").open("a") if main else None
+    log = MetricLog(run_dir, cfg.log, dataclasses.asdict(cfg), main)
     batches, progress = iter(data), Progress(cfg.steps, initial=step, desc="train", enabled=main)
     samples_per_step = cfg.batch_size * cfg.optim.accumulation * dist.world_size
     last, stopping = time.perf_counter(), False
@@ -128,9 +129,7 @@ def train(
                     model.train()
                 last = time.perf_counter()
                 records.append(record)
-                if main:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                log.write(record)
                 progress.update(step, {k: record[k] for k in ("loss", "lr", "logit_scale", "samples_per_s")})
             stopping = step < cfg.steps and stop.requested(
                 dist
@@ -142,8 +141,7 @@ def train(
                                       "data": data_states, "records": records}  # fmt: skip
                     save_checkpoint(run_dir, step, model, training_state, export)
     progress.close()
-    if log is not None:
-        log.close()
+    log.close()
     if stopping:
         raise stop.stopped(step, checkpoint_folder(run_dir, step), main)
     return records

@@ -25,6 +25,7 @@ from mmlm.models.config import CONFIG_VERSION, config_from_dict
 from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.vision import VisionConfig
 from mmlm.train.config import OptimConfig, apply_overrides, read_config_file
+from mmlm.train.loggers import LogConfig, check_log_config
 
 TRAINABLE_PARTS = ("connector", "lm", "lora", "audio")  # audio: the audio encoder
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -141,6 +142,7 @@ class VLMTrainConfig:
     seed: int = 0
     out_dir: str = "runs/vlm"
     log_every: int = 10
+    log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B beside metrics.jsonl
     checkpoint_every: int = 0  # 0: no checkpoints (the model is written at the end)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"
@@ -224,6 +226,7 @@ def check_config(cfg: VLMTrainConfig) -> None:
     _positive(cfg.batch_size, "batch_size")
     _positive(cfg.max_length, "max_length")
     _positive(cfg.log_every, "log_every")
+    check_log_config(cfg.log)
     if not isinstance(cfg.data.workers, int) or isinstance(cfg.data.workers, bool) or cfg.data.workers < 0:
         raise InputError(f"data.workers: expected an integer >= 0, got {cfg.data.workers!r}")
     _number(cfg.data.timeout, "data.timeout", 0, float("inf"))

@@ -33,6 +33,7 @@ from mmlm.models.vlm import VisionLanguageModel, causal_lm_loss
 from mmlm.progress import Progress
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
+from mmlm.train.loggers import MetricLog
 from mmlm.train.loop import _all_ranks, resolve_device
 from mmlm.train.mixed_batches import MixedBatches, worker_failures_as_errors
 from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stage_batches
@@ -212,23 +213,20 @@ class IntervalLosses:
 class RunLog:
     """metrics.jsonl and the progress display, written by the first process only."""
 
-    def __init__(self, run_dir: Path, total: int, initial: int, main: bool) -> None:
-        self.file = (run_dir / "metrics.jsonl").open("a") if main else None
-        self.progress = Progress(total, initial=initial, desc="train vlm", enabled=main)
+    def __init__(self, run_dir: Path, cfg: VLMTrainConfig, initial: int, main: bool) -> None:
+        self.file = MetricLog(run_dir, cfg.log, dataclasses.asdict(cfg), main)  # also TensorBoard / W&B
+        self.progress = Progress(cfg.total_steps, initial=initial, desc="train vlm", enabled=main)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record and show its losses."""
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        self.file.write(record)
         shown = ("loss", "loss_image", "loss_audio", "loss_text", "lr")
         self.progress.update(record["step"], {k: v for k, v in record.items() if k in shown})
 
     def close(self) -> None:
         """Close the file and the progress bar."""
         self.progress.close()
-        if self.file is not None:
-            self.file.close()
+        self.file.close()
 
 
 def accumulate_gradients(
@@ -283,7 +281,7 @@ def train_vlm(
     checkpoint = find_checkpoint(run_dir, resume) if resume else None
     state = torch.load(checkpoint / "training_state.pt", weights_only=False) if checkpoint else None
     step, records = (state["step"], state["records"]) if state else (0, [])
-    log, first = RunLog(run_dir, cfg.total_steps, step, main), 0
+    log, first = RunLog(run_dir, cfg, step, main), 0
     with StopSignals() as stop, worker_failures_as_errors():
         for index, (name, stage) in enumerate(cfg.stages.items()):
             end = first + stage.steps
