@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.errors import InputError
+from mmlm.train.accumulation import accumulate_contrastive_gradients
 from mmlm.train.distributed import (
     DistInfo,
     cleanup,
@@ -93,6 +94,17 @@ def _tower_run(name: str, loss_fn, batch: dict, rows: slice, ddp: bool) -> dict[
     return {"loss": loss.detach(), **{key: p.grad for key, p in model.named_parameters()}}
 
 
+def _accumulated_tower_run(name: str, loss_fn, batch: dict, rows: slice) -> dict[str, torch.Tensor]:
+    """Loss and parameter gradients of the DDP-wrapped DualTower on the given rows as 2 accumulated micro-batches."""
+    model = DualTower(with_bias=name == "siglip")
+    micro_batches = list(zip(batch["pixels"][rows].chunk(2), batch["tokens"][rows].chunk(2), strict=True))
+    features_loss = lambda image, text, scale, bias: _loss(loss_fn, name, image, text, scale, bias)  # noqa: E731
+    loss = accumulate_contrastive_gradients(
+        DistributedDataParallel(model), model, micro_batches, features_loss
+    )
+    return {"loss": loss, **{key: p.grad for key, p in model.named_parameters()}}
+
+
 def _rank_main(rank: int, ports: dict[int, int], out_dir: str) -> None:
     """One process: for each world size it belongs to, join through torchrun's variables, run, save, leave."""
     torch.set_num_threads(1)
@@ -114,6 +126,7 @@ def _rank_main(rank: int, ports: dict[int, int], out_dir: str) -> None:
         for name, (_, distributed_loss) in LOSSES.items():
             results[name] = _embedding_run(name, distributed_loss, batch, rows)
             results[f"{name}_ddp"] = _tower_run(name, distributed_loss, batch, rows, ddp=True)
+            results[f"{name}_ddp_accumulated"] = _accumulated_tower_run(name, distributed_loss, batch, rows)
         torch.save(results, Path(out_dir) / f"world{world_size}_rank{rank}.pt")
         cleanup()
 
@@ -207,6 +220,17 @@ def test_ddp_parameter_gradients_are_single_process(ranks, name):
     for result in ranks:  # DDP has already averaged over ranks, so every rank holds the full gradient
         for key in parameter_names:
             _assert_close(result[f"{name}_ddp"][key], single[key])
+
+
+@pytest.mark.slow  # shares one spawn of 3 processes, ~20 s on 2 cores
+@pytest.mark.parametrize("name", LOSSES)
+def test_ddp_accumulation_with_gathered_negatives_equals_one_single_process_batch(ranks, name):
+    # each rank accumulates 2 micro-batches of 2; the loss sees all W·4 pairs, as one process on the whole batch
+    single = _tower_run(name, LOSSES[name][0], _batch(len(ranks)), slice(None), ddp=False)
+    _assert_close(torch.stack([r[f"{name}_ddp_accumulated"]["loss"] for r in ranks]).mean(), single["loss"])
+    for result in ranks:  # DDP averaged the parameter gradients on the last micro-batch's backward only
+        for key in (key for key in single if key != "loss"):
+            _assert_close(result[f"{name}_ddp_accumulated"][key], single[key])
 
 
 def test_single_process_fallback(monkeypatch):

@@ -37,8 +37,9 @@ def train_command(run_dir, *extra):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_repeats_the_uninterrupted_losses(tmp_path):
-    steps = ["steps=150", "checkpoint_every=10"]
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_after_kill_9_repeats_the_uninterrupted_losses(tmp_path, accumulation):
+    steps = ["steps=150", "checkpoint_every=10", f"optim.accumulation={accumulation}"]
     subprocess.run(train_command(tmp_path / "straight", *steps), check=True, capture_output=True)
     victim = subprocess.Popen(train_command(tmp_path / "killed", *steps), stderr=subprocess.DEVNULL)
     latest = tmp_path / "killed" / "checkpoints" / "latest.json"
@@ -57,6 +58,24 @@ def test_resume_after_kill_9_repeats_the_uninterrupted_losses(tmp_path):
     assert resumed == straight  # bit-identical on CPU with a fixed seed
     checkpoint = mmlm.load(latest.parent / json.loads(latest.read_text())["path"])
     assert checkpoint.encode_text(["a red circle"]).shape == (1, 8)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_resume_with_accumulation_repeats_the_uninterrupted_losses(tmp_path, family):
+    siglip = ["model.family=siglip", "model.logit_bias_init=-10.0"] if family == "siglip" else []
+    overrides = [
+        *TINY,
+        *siglip,
+        "steps=4",
+        "checkpoint_every=2",
+        "optim.accumulation=2",
+        f"out_dir={tmp_path}",
+    ]
+    _, straight = run_clip_training(load_train_config(None, overrides))
+    latest = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 2
+    _, resumed = run_clip_training(load_train_config(None, overrides), resume="latest")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bit-identical on CPU
 
 
 def test_training_on_a_jsonl_manifest_exports_a_loadable_model(tmp_path):

@@ -14,7 +14,12 @@ from mmlm.train.loggers import LogConfig, check_log_config
 
 @dataclass
 class OptimConfig:
-    """AdamW with a warmup + cosine schedule."""
+    """AdamW with a warmup + cosine schedule; `accumulation` micro-batches of batch_size make one step.
+
+    Accumulation keeps full-batch negatives (mmlm.train.accumulation, open_clip's accum_freq): the loss sees all
+    accumulation × batch_size pairs, as one big batch would, at the cost of one extra no-grad forward per
+    micro-batch (about a third more compute per step than plain accumulation) and the cached embeddings.
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -130,6 +135,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     cfg = config_from_dict(TrainConfig, apply_overrides(data, list(overrides)))
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError(f"steps and batch_size must be positive, got {cfg.steps} and {cfg.batch_size}")
+    if cfg.optim.accumulation < 1:
+        raise InputError(f"optim.accumulation: got {cfg.optim.accumulation!r}; expected a positive count")
     fraction = cfg.optim.max_warmup_fraction
     if fraction is not None and not 0 < fraction <= 1:
         raise InputError(f"optim.max_warmup_fraction: got {fraction!r}; expected a share in (0, 1] or null")

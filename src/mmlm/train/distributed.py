@@ -12,7 +12,8 @@ n, so the MEAN of the rank losses equals the single-process loss on the concaten
 Gradients reaching a rank's embeddings sum the contributions of every rank's loss, which is W × the
 gradient of the single-process loss; DDP's averaging of parameter gradients divides by W again, so the
 parameter gradients equal the single-process ones. Every rank must hold the same local batch size n
-(use drop_last=True in the sampler).
+(use drop_last=True in the sampler). With gradient accumulation (mmlm.train.accumulation) a rank's local batch
+is all its K micro-batches, n = K·batch_size, and the convention holds unchanged.
 """
 
 import os

@@ -3,6 +3,7 @@
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.models.dual_encoder import DualEncoder
 from mmlm.progress import Progress
+from mmlm.train.accumulation import accumulate_contrastive_gradients
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.config import TrainConfig
 from mmlm.train.distributed import DistInfo, distributed_clip_loss, distributed_siglip_loss
@@ -21,13 +23,16 @@ from mmlm.train.stop_signals import StopSignals
 
 
 def contrastive_loss(
-    net: torch.nn.Module, model: DualEncoder, inputs: torch.Tensor, ids: torch.Tensor
+    family: str,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Return this rank's share of the configured loss (CLIP's InfoNCE or SigLIP's sigmoid) on one batch."""
-    image, text = net(inputs, ids)  # `net` is `model`, or its DDP wrapper; inputs are pixels or log-mels
-    if model.cfg.family == "siglip":
-        return distributed_siglip_loss(image, text, model.logit_scale, model.logit_bias)
-    return distributed_clip_loss(image, text, model.logit_scale)
+    """Return this rank's share of the `family`'s loss (CLIP's InfoNCE or SigLIP's sigmoid) on batch features."""
+    if family == "siglip":
+        return distributed_siglip_loss(image, text, logit_scale, logit_bias)
+    return distributed_clip_loss(image, text, logit_scale)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,14 +52,15 @@ def _all_ranks(state: Any, dist: DistInfo) -> list[Any]:
 
 def _optimizer_step(cfg: TrainConfig, net: torch.nn.Module, model: DualEncoder, batches: Any,
                     device: torch.device, bf16: bool, loss_fn: Callable, opt: Any, sched: Any) -> torch.Tensor:  # fmt: skip
-    """Run cfg.optim.accumulation batches forward and backward, then one optimiser step; return the last loss."""
-    for _ in range(cfg.optim.accumulation):
-        inputs, ids = next(batches)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            loss = loss_fn(
-                net, model, inputs.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-            )
-        (loss / cfg.optim.accumulation).backward()
+    """Take one optimiser step on cfg.optim.accumulation micro-batches with full-batch negatives; return the loss."""
+    micro_batches = [
+        (inputs.to(device, non_blocking=True), ids.to(device, non_blocking=True))
+        for inputs, ids in (next(batches) for _ in range(cfg.optim.accumulation))
+    ]
+    loss = accumulate_contrastive_gradients(
+        net, model, micro_batches, partial(loss_fn, model.cfg.family),
+        partial(torch.autocast, device.type, torch.bfloat16, enabled=bf16),
+    )  # fmt: skip
     if cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     opt.step()
