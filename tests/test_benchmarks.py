@@ -37,6 +37,7 @@ QUICK_RUNS = {
     "bench_video.py": ([], '"long_seeking_speedup"'),
     "bench_vlm_data_memory.py": ([], '"pass": true'),
     "bench_vlm_decode.py": ([], '"cache": "static"'),
+    "bench_vlm_packing.py": ([], '"packed_over_unpacked"'),
     "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "qwen2_5_vl"'),
     "fuzz.py": ([], '"target": "server"'),
     "open_clip_parity.py": ([], '"ok": true'),

@@ -15,7 +15,7 @@ from mmlm.train.length_grouping import group_by_length
 from mmlm.train.mixed_batches import MixedBatches
 from mmlm.train.mixing import MULTIMODAL, TEXT, EncodedSource, MixingSampler
 from mmlm.train.vlm_config import vlm_config_from_dict
-from mmlm.train.vlm_loop import RowLosses, batch_loss, build_tokenizer, build_vlm
+from mmlm.train.vlm_loop import RowLosses, batch_loss, build_tokenizer, build_vlm, run_vlm_training
 
 TINY_MODEL = {
     "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2, "mlp_dim": 64},
@@ -197,3 +197,27 @@ def test_bad_packing_settings_name_the_field(tmp_path):
         vlm_config_from_dict({"data": {"group_by_length": 0}, "out_dir": str(tmp_path)})
     with pytest.raises(InputError, match=r"^data.pack: expected true or false, got 'yes'$"):
         vlm_config_from_dict({"data": {"pack": "yes"}, "out_dir": str(tmp_path)})
+
+
+def test_packed_grouped_run_with_workers_resumed_inside_a_pool_equals_the_straight_run(tmp_path, monkeypatch):
+    monkeypatch.setattr("mmlm.train.vlm_loop.plot_training", lambda records, out: [])
+    monkeypatch.setattr("mmlm.train.vlm_loop.plot_modality_losses", lambda records, out: out)
+    stage = {
+        "steps": 5,
+        "train": ["connector", "lm"],
+        "data": {"samples": 32, "multimodal_fraction": 0.5, "text_source": "shapes", "text_samples": 32},
+    }
+    data = {"workers": 2, "group_by_length": 2, "pack": True}
+
+    def run(out, **settings):
+        return vlm_config_from_dict({
+            "model": {**TINY_MODEL, **settings.pop("model", {})}, "stages": {"instruct": stage}, "batch_size": 4,
+            "max_length": 64, "log_every": 1, "eval_samples": 0, "out_dir": str(out), "device": "cpu",
+            "data": data, **settings})  # fmt: skip
+
+    _, straight = run_vlm_training(run(tmp_path / "straight", checkpoint_every=3))
+    tokenizer = str(tmp_path / "straight" / "tokenizer")
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-0000003"  # the second batch of pool 1 is next
+    _, resumed = run_vlm_training(run(tmp_path / "resumed", model={"tokenizer": tokenizer}), str(checkpoint))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert any("loss_image" in r for r in straight) and any("loss_text" in r for r in straight)
