@@ -67,12 +67,14 @@ def encoded(processor, count: int, seed: int = 0) -> list:
     return [s for s in samples if s is not None]
 
 
+KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "audio_features", "image_frames", "image_sizes",
+        "position_ids", "segment_ids", "sample_index")  # fmt: skip
+
+
 def forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    keys = ("input_ids", "labels", "attention_mask", "pixel_values", "audio_features", "image_frames",
-            "image_sizes", "position_ids", "segment_ids", "sample_index")  # fmt: skip
     pixels = batch["pixel_values"]
     batch = {**batch, "pixel_values": None if pixels is None else pixels.double()}
-    return RowLosses(model)(*(batch.get(k) for k in keys))
+    return RowLosses(model)(*(batch.get(k) for k in KEYS))
 
 
 def test_pack_rows_fills_rows_first_fit_decreasing_and_rejects_a_sample_too_long():
@@ -221,3 +223,15 @@ def test_packed_grouped_run_with_workers_resumed_inside_a_pool_equals_the_straig
     _, resumed = run_vlm_training(run(tmp_path / "resumed", model={"tokenizer": tokenizer}), str(checkpoint))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert any("loss_image" in r for r in straight) and any("loss_text" in r for r in straight)
+
+
+def test_packing_a_style_with_per_row_media_is_a_one_line_error(tmp_path):
+    model_cfg = {**TINY_MODEL, "connector": {"kind": "cross_attention"}}
+    cfg = vlm_config_from_dict(
+        {"model": model_cfg, "max_length": 96, "out_dir": str(tmp_path), "device": "cpu"}
+    )
+    model, processor = build_vlm(cfg, build_tokenizer(cfg, tmp_path, lambda: [" ".join(WORDS)] * 50))
+    batch = pack_samples(processor, encoded(processor, 3), 96)
+    expected = r"^data.pack: the 'cross_attention' fusion style cannot train on packed rows$"
+    with pytest.raises(InputError, match=expected):
+        RowLosses(model)(*(batch.get(k) for k in KEYS))
