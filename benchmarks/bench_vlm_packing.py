@@ -1,15 +1,16 @@
 """Trained tokens per second of `mmlm train vlm` with packed rows (data.pack) against right-padded batches.
 
-A length-skewed instruction set: most samples are a photograph (crops of scikit-image's, several sizes and
-aspect ratios) with a question and a one-to-three-word answer, a few a long caption, and some text-only. The same
-batches train a tiny VLM (CPU, one thread) from the same initial weights with AdamW, padded (the trainer's
-RowLosses: right padding, the LM run per length group) and packed (rows of max_length, block-diagonal causal
-mask). Each round trains every batch once per side; sides alternate round by round (benchmarks/timing.py).
-A fourth side, padded_grouped, trains the same samples cut into other batches by `data.group_by_length=4`
-(pools of 4 batches sorted by length), so its per-step losses differ; it shows what length grouping alone gives.
-Reported: real tokens trained per second, medians over rounds, and the ratio packed / padded (target >= 1.5),
-with the largest difference of the per-step losses between the two (equal loss: the same samples and maths),
-and the token slots the LM runs (padded: per length group, as RowLosses cuts them; packed: rows × width).
+A length-skewed instruction set (see `instruction_set`) trains a tiny VLM (CPU, one thread) from the same initial
+weights with AdamW, one step per batch, on four sides:
+  padded             the trainer's RowLosses: right padding, the LM run per length group;
+  padded_one_group   the same batches, the LM over the whole padded batch (plain padding);
+  packed             the same batches packed into rows of max_length (block-diagonal causal mask);
+  padded_grouped     the same samples cut into other batches by `data.group_by_length=4`, padded as the trainer
+                     (its per-step losses differ: other samples per step).
+Each round trains every batch once per side; sides alternate round by round (benchmarks/timing.py). Reported:
+real tokens trained per second, medians over rounds with their min-max, the ratio packed / padded (target
+>= 1.5), the largest difference of the per-step losses of packed and padded (equal loss: the same samples and
+maths), and the token slots the LM runs (padded: per length group, as RowLosses cuts them; packed: rows × width).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_vlm_packing.py --clock cpu # 5 rounds
     PYTHONPATH=src python benchmarks/bench_vlm_packing.py --quick                       # seconds
