@@ -38,6 +38,7 @@ QUICK_RUNS = {
     "bench_vlm_data_memory.py": ([], '"pass": true'),
     "bench_vlm_decode.py": ([], '"cache": "static"'),
     "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "chameleon"'),
+    "bench_vlm_packing.py": ([], '"packed_over_unpacked"'),
     "fuzz.py": ([], '"target": "server"'),
     "open_clip_parity.py": ([], '"ok": true'),
     # no errors; its latency and memory verdict is for the 10-minute run, not 10 s on a busy machine

@@ -114,15 +114,22 @@ def build_attention_mask(
     window: int | None,
     device: torch.device,
     image_blocks: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """Return (boolean mask [B or 1, 1, T, S] or None, is_causal) for `length` queries after `past` cached slots.
 
     Query at slot q may see key slot k when k ≤ q, k > q − window (sliding window) and the key is not padding.
     `image_blocks` [B, T] (this call's slots; -1 for text) lets slots of one image see each other both ways,
-    as Gemma 3 does: (causal or same image) and window and not padding.
+    as Gemma 3 does: (causal or same image) and window and not padding. `segment_ids` [B, T] (no cache) numbers
+    the samples packed into one row: a slot sees only its own sample's slots, a block-diagonal causal mask.
     """
     total = past + length
-    if image_blocks is None and attention_mask is None and (window is None or total <= window):
+    if (
+        image_blocks is None
+        and attention_mask is None
+        and segment_ids is None
+        and (window is None or total <= window)
+    ):
         if length == 1:
             return None, False  # one query sees every cached key
         if past == 0:
@@ -136,6 +143,8 @@ def build_attention_mask(
         )  # [B, S]: cached slots are not images
         same = (blocks[:, None, :] == image_blocks[:, :, None]) & (image_blocks[:, :, None] >= 0)  # [B, T, S]
         allowed = allowed | same
+    if segment_ids is not None:  # packed rows: padding is a segment of its own, so no query sees nothing
+        allowed = allowed & (segment_ids[:, None, :] == segment_ids[:, :, None])  # [B, T, T]
     if window is not None:
         allowed = allowed & (key > query - window)
     if attention_mask is not None:
@@ -247,6 +256,7 @@ class DecoderLM(nn.Module):
         last_only: bool = False,
         before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         image_blocks: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """Return logits for ids [B, T] or embeddings [B, T, width], appending this call's keys/values to `cache`.
 
@@ -256,6 +266,8 @@ class DecoderLM(nn.Module):
         `last_only` computes logits for the last position only, which is all decoding needs. `before_block(i, x)`
         runs on the hidden states before layer i (Flamingo's gated cross-attention blocks hang there).
         `image_blocks` [B, T] numbers each image's slots (-1 for text) so they attend both ways (Gemma 3).
+        `segment_ids` [B, T] numbers the samples packed into each row (training, no cache): attention stays
+        inside a sample; pass `position_ids` restarting at 0 per sample with it.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("DecoderLM: pass exactly one of input_ids and inputs_embeds")
@@ -285,7 +297,7 @@ class DecoderLM(nn.Module):
             window = self.cfg.window(i)
             if window not in masks:
                 masks[window] = build_attention_mask(
-                    attention_mask, past, length, window, x.device, image_blocks
+                    attention_mask, past, length, window, x.device, image_blocks, segment_ids
                 )
             mask, is_causal = masks[window]
             rope = None

@@ -257,15 +257,20 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: list[LayerCache] | None = None,
         last_only: bool = False,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
-        """Return the LM's output for input embeddings [B, T, D], the style's hooks reading `media` if any."""
+        """Return the LM's output for input embeddings [B, T, D], the style's hooks reading `media` if any
+        (`position_ids` and `segment_ids` [B, T]: samples packed into rows, see DecoderLM.forward)."""
         hook = self.style.before_block(self.connector, media) if media is not None else None
         return self.lm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             cache=cache,
             last_only=last_only,
             before_block=hook,
+            segment_ids=segment_ids,
         )
 
     def forward(

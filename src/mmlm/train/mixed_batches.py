@@ -6,6 +6,10 @@ batches, and the DataLoader hands them back in order, so the sequence does not d
 the sampler too, one batch per batch received, so its state counts what the trainer consumed, never what the
 workers prefetched. Nothing is kept per sample: memory does not grow with the samples drawn.
 
+With `groups` > 1 each sampler draw is a pool of that many batches' samples, cut by length into batches
+(mmlm.train.length_grouping), and with `pack` each batch's samples are packed into rows (mmlm.processing.packing);
+a worker returns a pool's batches together, and the resume state counts the batches of the current pool taken.
+
 Samples that cannot be trained on are skipped and counted by reason (`skipped`, SKIP_REASONS); a run of
 EMPTY_BATCH_LIMIT batches that lost every sample stops with one line, and so does a worker that dies.
 """
@@ -21,7 +25,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmlm.data.conversation_records import SampleSkipped
 from mmlm.errors import InputError
+from mmlm.processing.packing import pack_samples
 from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
+from mmlm.train.length_grouping import group_by_length
 
 EMPTY_BATCH_LIMIT = 20
 
@@ -77,10 +83,19 @@ def _one_thread(worker_id: int) -> None:
 
 
 class BatchStream(IterableDataset):
-    """Collated batches of a sampler's sequence from its resume state; in a worker, only that worker's share."""
+    """Each draw of a sampler's sequence, from its resume state, as its collated (or packed) batches; in a worker,
+    only that worker's share."""
 
-    def __init__(self, sources: Mapping[str, Source], sampler: BatchSampler, processor: VLMProcessor) -> None:
+    def __init__(
+        self,
+        sources: Mapping[str, Source],
+        sampler: BatchSampler,
+        processor: VLMProcessor,
+        groups: int = 1,
+        pack: bool = False,
+    ) -> None:
         self.sources, self.sampler, self.processor = sources, sampler, processor
+        self.groups, self.pack = groups, pack
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -94,7 +109,7 @@ class BatchStream(IterableDataset):
                 yield self.encode(position, slots)
 
     def encode(self, position: int, slots: list[tuple[str, int]]) -> dict[str, Any]:
-        """Return batch `position` collated from its (source, index) slots, with its skips by reason."""
+        """Return draw `position`'s batches from its (source, index) slots, and its skips by reason."""
         samples, skipped = [], Counter()
         for source, index in slots:
             try:
@@ -106,9 +121,19 @@ class BatchStream(IterableDataset):
                 skipped["too_long"] += 1
                 continue
             samples.append(sample)
-        batch = self.processor.collate(samples, "right")
-        batch["position"], batch["skipped"] = position, dict(skipped)
-        return batch
+        parts = [list(range(len(samples)))]
+        if self.groups > 1:
+            parts = group_by_length(
+                [len(s.input_ids) for s in samples], self.groups, self.sampler.seed, position
+            )
+        batches = [self.collate([samples[i] for i in part]) for part in parts]
+        return {"position": position, "skipped": dict(skipped), "batches": batches}
+
+    def collate(self, samples: list[EncodedSample]) -> dict[str, Any]:
+        """Return one training batch of `samples`: right-padded rows, or packed rows of max_length tokens."""
+        if self.pack and samples:
+            return pack_samples(self.processor, samples, self.processor.max_length)
+        return self.processor.collate(samples, "right")
 
 
 class MixedBatches:
@@ -121,13 +146,18 @@ class MixedBatches:
         processor: VLMProcessor,
         workers: int = 0,
         timeout: float = 0.0,
+        groups: int = 1,
+        pack: bool = False,
     ) -> None:
         self.sources, self.sampler, self.processor = dict(sources), sampler, processor
-        self.workers, self.timeout = workers, timeout
+        self.workers, self.timeout, self.groups, self.pack = workers, timeout, groups, pack
         self.skipped: Counter[str] = Counter()  # samples skipped by reason, over the whole run
+        self.part = 0  # batches of the sampler's current draw already taken (length groups)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stream = BatchStream(self.sources, copy.deepcopy(self.sampler), self.processor)
+        stream = BatchStream(
+            self.sources, copy.deepcopy(self.sampler), self.processor, self.groups, self.pack
+        )
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
                             timeout=self.timeout if self.workers else 0,
                             worker_init_fn=_one_thread if self.workers else None,
@@ -135,20 +165,28 @@ class MixedBatches:
                             generator=torch.Generator().manual_seed(self.sampler.seed))  # fmt: skip
         batches, empty = iter(loader), 0  # empty: batches in a row whose every sample was dropped
         while True:
-            batch = self._next(batches)
-            if batch.pop("position") != self.sampler.position:
+            draw = self._next(batches)
+            if draw["position"] != self.sampler.position:
                 raise RuntimeError(
                     "data: a worker's batch arrived out of order"
                 )  # the DataLoader keeps order
-            self.sampler.next_batch()  # this process's count of batches consumed (the resume state)
-            self.skipped.update(batch.pop("skipped"))
-            if len(batch["input_ids"]):
-                empty = 0
-                yield batch
-                continue
-            empty += 1
-            if empty == EMPTY_BATCH_LIMIT:  # not a data problem that more draws would fix: stop, do not spin
-                raise InputError(self._empty_message(empty))
+            if self.part == 0:  # resumed inside a draw: its skips were counted with its first batch
+                self.skipped.update(draw["skipped"])
+            for part in range(self.part, len(draw["batches"])):
+                batch = draw["batches"][part]
+                self.part = part + 1  # this process's count of batches consumed (the resume state)
+                if self.part == len(draw["batches"]):
+                    self.sampler.next_batch()
+                    self.part = 0
+                if len(batch["input_ids"]):
+                    empty = 0
+                    yield batch
+                    continue
+                empty += 1
+                if (
+                    empty == EMPTY_BATCH_LIMIT
+                ):  # not a data problem that more draws would fix: stop, do not spin
+                    raise InputError(self._empty_message(empty))
 
     def _next(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         with worker_failures_as_errors():
@@ -166,9 +204,10 @@ class MixedBatches:
 
     def state_dict(self) -> dict[str, Any]:
         """Return the resume state: the sampler's (batches consumed, samples drawn per source) and skip counts."""
-        return {**self.sampler.state_dict(), "skipped": dict(self.skipped)}
+        return {**self.sampler.state_dict(), "skipped": dict(self.skipped), "part": self.part}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the sampler and the skip counts."""
+        """Resume the sampler, the skip counts and the position inside the current draw."""
         self.sampler.load_state_dict(state)
         self.skipped = Counter(state.get("skipped", {}))  # absent in checkpoints from before skip counts
+        self.part = state.get("part", 0)  # absent in checkpoints from before length groups

@@ -190,9 +190,12 @@ def stage_batches(
     video_pool: int = 1,
     workers: int = 0,
     timeout: float = 0.0,
+    group_by_length: int = 1,
+    pack: bool = False,
 ) -> MixedBatches:
     """Return the batch stream of one stage: its multimodal source (if α > 0) mixed with its text (if α < 1),
-    encoded in `workers` DataLoader workers (0: this process), each allowed `timeout` seconds a batch."""
+    encoded in `workers` DataLoader workers (0: this process), each allowed `timeout` seconds a batch; drawn
+    `group_by_length` batches at a time and grouped by length, and with `pack`, packed into rows."""
     sources: dict[str, EncodedSource] = {}
     if data.multimodal_fraction > 0:
         sources[MULTIMODAL] = (
@@ -210,8 +213,8 @@ def stage_batches(
         else:
             sources[TEXT] = conversation_source(processor, data.text_source)
     sizes = {name: len(source) for name, source in sources.items()}
-    sampler = MixingSampler(sizes, data.multimodal_fraction, batch_size, seed, rank)
-    return MixedBatches(sources, sampler, processor, workers, timeout)
+    sampler = MixingSampler(sizes, data.multimodal_fraction, batch_size * group_by_length, seed, rank)
+    return MixedBatches(sources, sampler, processor, workers, timeout, group_by_length, pack)
 
 
 def corpus_texts(

@@ -86,6 +86,9 @@ class DataLoading:
 
     workers: int = 2  # decoding, preprocessing and tokenising off the training process; 2 suits a CPU run
     timeout: float = 300.0  # seconds a worker may take for one batch before the run stops (0: no limit)
+    # batches drawn at once and cut by length into batches of similar samples (less padding); 1: off
+    group_by_length: int = 1
+    pack: bool = False  # several samples per row up to max_length, each attending to itself only
 
 
 @dataclass
@@ -230,6 +233,11 @@ def check_config(cfg: VLMTrainConfig) -> None:
     if not isinstance(cfg.data.workers, int) or isinstance(cfg.data.workers, bool) or cfg.data.workers < 0:
         raise InputError(f"data.workers: expected an integer >= 0, got {cfg.data.workers!r}")
     _number(cfg.data.timeout, "data.timeout", 0, float("inf"))
+    group = cfg.data.group_by_length
+    if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+        raise InputError(f"data.group_by_length: expected batches per pool, an integer >= 1, got {group!r}")
+    if not isinstance(cfg.data.pack, bool):
+        raise InputError(f"data.pack: expected true or false, got {cfg.data.pack!r}")
     for key in ("eval_samples", "eval_every", "checkpoint_every"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or value < 0:

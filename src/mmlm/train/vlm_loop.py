@@ -134,10 +134,12 @@ def batch_loss(row_loss: torch.Tensor, row_tokens: torch.Tensor, average: str = 
 
 
 class RowLosses(nn.Module):
-    """The training forward pass: per-row loss sums and answer-token counts of a right-padded batch.
+    """The training forward pass: per-row loss sums and answer-token counts of a right-padded batch, or per
+    sample of a packed one.
 
     The ViT and connector run once; the LM runs per length group, each cut to its own longest row. Right
     padding needs no attention mask: causal attention already keeps real tokens off the padding after them.
+    Packed rows (mmlm.processing.packing) run as one group, attention kept inside each sample by `segment_ids`.
     """
 
     def __init__(self, model: VisionLanguageModel) -> None:
@@ -153,10 +155,16 @@ class RowLosses(nn.Module):
         audio_features: torch.Tensor | None = None,
         image_frames: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        sample_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (summed loss [B], answer tokens [B]) for ids, labels and mask [B, T] and the batch's images
-        (and audio clips; `image_sizes` for LLaVA-NeXT's spatial_unpad)."""
+        (and audio clips; `image_sizes` for LLaVA-NeXT's spatial_unpad); packed rows (`segment_ids`,
+        `position_ids` and `sample_index` [R, T]) give them per sample, in `sample_index` order."""
         embeds, media = self.model.prepare(input_ids, pixels, audio_features, image_frames, image_sizes)
+        if segment_ids is not None:
+            return self.packed(embeds, media, labels, position_ids, segment_ids, sample_index)
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
@@ -168,6 +176,26 @@ class RowLosses(nn.Module):
             loss, tokens = token_losses(logits, labels[rows, :length])
             row_loss, row_tokens = row_loss.index_put((rows,), loss), row_tokens.index_put((rows,), tokens)
         return row_loss, row_tokens
+
+    def packed(
+        self,
+        embeds: torch.Tensor,
+        media: Any,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        segment_ids: torch.Tensor,
+        sample_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (summed loss [N], answer tokens [N]) per sample of packed rows [R, T]."""
+        if media is not None:  # its media are per row: a row holding several samples would mix their images
+            raise InputError(f"data.pack: the {self.model.kind!r} fusion style cannot train on packed rows")
+        logits = self.model.run_lm(embeds, position_ids=position_ids, segment_ids=segment_ids).logits
+        per_token = causal_lm_loss(logits, labels, reduction="none")  # [R·(T-1)]
+        targets = sample_index[:, 1:].flatten()  # the sample each predicted token belongs to
+        answer = labels[:, 1:].flatten() != -100  # never across samples: each sample's first label is -100
+        samples = int(sample_index.max()) + 1
+        loss = per_token.new_zeros(samples).index_add(0, targets[answer], per_token[answer])
+        return loss, torch.bincount(targets[answer], minlength=samples)
 
 
 def add_lora(model: VisionLanguageModel, lora: LoRAConfig) -> list[str]:
@@ -239,7 +267,8 @@ def accumulate_gradients(
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
                                        batch["pixel_values"], batch["audio_features"],
-                                       batch["image_frames"], batch["image_sizes"])  # fmt: skip
+                                       batch["image_frames"], batch["image_sizes"], batch.get("position_ids"),
+                                       batch.get("segment_ids"), batch.get("sample_index"))  # fmt: skip
         loss = batch_loss(row_loss, row_tokens, loss_average)
         (loss / micro_batches).backward()
         interval.add(row_loss.detach(), row_tokens, row_modalities(batch))
@@ -409,7 +438,8 @@ def run_vlm_training(
     def batches(index: int, name: str, stage: StageConfig) -> MixedBatches:
         seed = cfg.seed * 1000 + index  # each stage draws its own order
         return stage_batches(stage.data, processor, cfg.batch_size, seed, pairs, model.cfg.vision.image_size,
-                             dist.rank, model.cfg.video_pool, cfg.data.workers, cfg.data.timeout)  # fmt: skip
+                             dist.rank, model.cfg.video_pool, cfg.data.workers, cfg.data.timeout,
+                             cfg.data.group_by_length, cfg.data.pack)  # fmt: skip
 
     def after_stage(name: str, stage: StageConfig) -> None:
         if "lora" in stage.train and cfg.lora.save_adapter:
