@@ -383,6 +383,11 @@ def cmd_budget(args: argparse.Namespace) -> None:
         print(qwen2_vl_budget_report(args, read_json_object(source), folder, DTYPE_BYTES, flops_unit))
         return
     spec = spec_from_config(read_json_object(source), str(source))
+    if args.train:
+        from mmlm.cli.budget_train import train_budget_report
+
+        print(train_budget_report(args, spec, source))
+        return
     v = spec.backbone.vision
     size = _positive("--image-size", args.image_size or v.image_size, v.patch_size)
     pool = (
@@ -459,6 +464,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", help="float32 | bfloat16 | float16: the KV cache's (default: the config's) and --measure's"
     )
-    p.add_argument("--batch-size", type=int, default=1, help="--measure: images per forward pass")
+    p.add_argument("--batch-size", type=int, default=1, help="--measure: images per forward pass; --train: samples per device")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from mmlm.cli.budget_train import add_train_args
+
+    add_train_args(p)
     p.set_defaults(func=cmd_budget)
