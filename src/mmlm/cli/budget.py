@@ -464,7 +464,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", help="float32 | bfloat16 | float16: the KV cache's (default: the config's) and --measure's"
     )
-    p.add_argument("--batch-size", type=int, default=1, help="--measure: images per forward pass; --train: samples per device")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="--measure: images per forward pass; --train: samples per device",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     from mmlm.cli.budget_train import add_train_args
 

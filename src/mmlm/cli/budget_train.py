@@ -31,13 +31,17 @@ def train_budget_report(args: argparse.Namespace, spec, source: Path) -> str:
     rows = [
         ("weights", b.weights_bytes),
         ("gradients", b.gradients_bytes),
-        ("AdamW states" + (" (fp32 master, m, v)" if setup.precision == "bf16-mixed" else " (m, v)"),
-         b.optimizer_bytes),
+        (
+            "AdamW states" + (" (fp32 master, m, v)" if setup.precision == "bf16-mixed" else " (m, v)"),
+            b.optimizer_bytes,
+        ),
         ("FSDP gathered block", b.gathered_bytes),
         ("activations", b.activations_bytes),
         ("activations, grad checkpointing", b.activations_checkpointed_bytes),
     ]
-    sharded = f"FSDP over {setup.devices}" if setup.sharding == "fsdp" else f"DDP on {setup.devices} (replicated)"
+    sharded = (
+        f"FSDP over {setup.devices}" if setup.sharding == "fsdp" else f"DDP on {setup.devices} (replicated)"
+    )
     lines = [
         f"model: {spec.name}   config: {source}",
         f"training: {mode}, {setup.precision}, {sharded}; per device batch {setup.batch} × {setup.sequence} "
@@ -66,8 +70,12 @@ def vars_of(setup) -> dict:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Add --train and its options to `mmlm budget`."""
-    p.add_argument("--train", action="store_true", help="training memory per device instead of the image budget")
-    p.add_argument("--seq-len", type=int, default=2048, help="--train: LM tokens per sample, image tokens included")
+    p.add_argument(
+        "--train", action="store_true", help="training memory per device instead of the image budget"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=2048, help="--train: LM tokens per sample, image tokens included"
+    )
     p.add_argument("--images", type=int, default=1, help="--train: images per sample")
     p.add_argument("--devices", type=int, default=1, help="--train: devices (N) for DDP or FSDP")
     p.add_argument("--sharding", default="ddp", help="--train: ddp (replicated) | fsdp (sharded 1/N)")
