@@ -254,6 +254,7 @@ def test_training_loss_falls_on_a_tiny_shapes_set(tmp_path, tokenizer):
         ('stages.align.data.question_types=["weather"]', "question_types: expected a list"),
         ("precision=fp8", "precision: expected one of"),
         ("loss_average=batch", "loss_average: expected 'token' or 'sample'"),
+        ("grad_checkpointing=2", "grad_checkpointing: expected true or false, got 2"),
         ("stages.align.optim.lr=fast", "optim.lr"),
         ("model.vision_init=/no/such/folder", "model.vision_init: /no/such/folder is not a folder"),
         ("stages=[]", "stages: expected a mapping"),
