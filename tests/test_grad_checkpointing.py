@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmlm.fusion import ConnectorConfig
-from mmlm.layers.transformer import Block, set_grad_checkpointing
+from mmlm.layers.transformer import Block, Transformer, set_grad_checkpointing
 from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.vision import VisionConfig
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
@@ -108,3 +108,21 @@ def test_adamw_is_fused_on_cuda_only(device, fused):
 def test_rows_of_one_length_run_the_lm_once():
     assert [g.tolist() for g in length_groups(torch.tensor([7, 7, 7]))] == [[0, 1, 2]]
     assert [sorted(g.tolist()) for g in length_groups(torch.tensor([9, 3, 9, 9]))] == [[1], [0, 2, 3]]
+
+
+def test_a_checkpointed_transformer_stack_keeps_its_gradients():
+    torch.manual_seed(0)
+    stack = Transformer(3, dim=16, heads=2, mlp_dim=32).double().train()
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]  # the CLIP trainer's path
+
+    def gradients() -> list[torch.Tensor]:
+        stack.zero_grad(set_to_none=True)
+        x.grad = None
+        stack(x, mask=mask)[0].square().sum().backward()
+        return [x.grad.clone(), *(p.grad for p in stack.parameters())]
+
+    plain = gradients()
+    stack.grad_checkpointing = True
+    for checkpointed, reference in zip(gradients(), plain, strict=True):
+        torch.testing.assert_close(checkpointed, reference, rtol=1e-10, atol=1e-12)

@@ -156,6 +156,17 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tokeniz
     assert [r["loss"] for r in records] == straight_losses
 
 
+def test_grad_checkpointing_run_logs_the_same_losses(tmp_path, tokenizer):
+    runs = [run_vlm_training(tiny_config(tmp_path / str(on), {"instruct": INSTRUCT}, tokenizer,
+                                         grad_checkpointing=on)) for on in (False, True)]  # fmt: skip
+    (plain, plain_records), (checkpointed, records) = runs
+    assert (
+        checkpointed.model.lm.grad_checkpointing and checkpointed.model.vision.transformer.grad_checkpointing
+    )
+    assert not plain.model.lm.grad_checkpointing
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in plain_records], rel=1e-5)
+
+
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     # a resumed run logs the steps after its checkpoint again; the later line wins
     return {
