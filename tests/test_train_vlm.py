@@ -156,6 +156,17 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tokeniz
     assert [r["loss"] for r in records] == straight_losses
 
 
+def test_grad_checkpointing_run_logs_the_same_losses(tmp_path, tokenizer):
+    runs = [run_vlm_training(tiny_config(tmp_path / str(on), {"instruct": INSTRUCT}, tokenizer,
+                                         grad_checkpointing=on)) for on in (False, True)]  # fmt: skip
+    (plain, plain_records), (checkpointed, records) = runs
+    assert (
+        checkpointed.model.lm.grad_checkpointing and checkpointed.model.vision.transformer.grad_checkpointing
+    )
+    assert not plain.model.lm.grad_checkpointing
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in plain_records], rel=1e-5)
+
+
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     # a resumed run logs the steps after its checkpoint again; the later line wins
     return {
@@ -254,6 +265,7 @@ def test_training_loss_falls_on_a_tiny_shapes_set(tmp_path, tokenizer):
         ('stages.align.data.question_types=["weather"]', "question_types: expected a list"),
         ("precision=fp8", "precision: expected one of"),
         ("loss_average=batch", "loss_average: expected 'token' or 'sample'"),
+        ("grad_checkpointing=2", "grad_checkpointing: expected true or false, got 2"),
         ("stages.align.optim.lr=fast", "optim.lr"),
         ("model.vision_init=/no/such/folder", "model.vision_init: /no/such/folder is not a folder"),
         ("stages=[]", "stages: expected a mapping"),

@@ -91,6 +91,24 @@ class Block(nn.Module):
         return self._residual(x, mlp, self.norm2)
 
 
+def run_block(block: nn.Module, x: torch.Tensor, checkpointed: bool, **kwargs) -> torch.Tensor:
+    """Return block(x, **kwargs); when `checkpointed`, its activations are recomputed in backward, not kept.
+
+    Gradient checkpointing (Chen et al. 2016) trades one more forward per block for activation memory. A block
+    that writes a KV cache always runs plainly: recomputing it would append its keys twice.
+    """
+    if checkpointed and torch.is_grad_enabled() and kwargs.get("cache") is None:
+        return checkpoint(block, x, use_reentrant=False, **kwargs)
+    return block(x, **kwargs)
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn gradient checkpointing on or off for every block stack in `model` (ViT, text tower, decoder LM)."""
+    for module in model.modules():
+        if hasattr(module, "grad_checkpointing"):
+            module.grad_checkpointing = enabled
+
+
 class Transformer(nn.Module):
     """A stack of identical blocks; optionally returns every layer's hidden states."""
 
@@ -109,12 +127,10 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Return (output, hidden states) where hidden_states[0] is the input and [i] the output of block i."""
         hidden = [x] if output_hidden_states else None
+        checkpointed = self.grad_checkpointing and self.training
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
-            if self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, is_causal, use_reentrant=False)
-            else:
-                x = block(x, mask=mask, is_causal=is_causal, cache=cache)
+            x = run_block(block, x, checkpointed, mask=mask, is_causal=is_causal, cache=cache)
             if hidden is not None:
                 hidden.append(x)
         return x, hidden

@@ -26,7 +26,7 @@ from mmlm.layers.init import initialise, normal_init
 from mmlm.layers.linear import DECODE_ROWS, project, rows_times_matrix
 from mmlm.layers.norm import make_norm
 from mmlm.layers.rotary import rope_cos_sin, rope_frequencies
-from mmlm.layers.transformer import Block
+from mmlm.layers.transformer import Block, run_block
 from mmlm.models.config import CONFIG_VERSION
 
 LayerCache = KVCache | StaticKVCache
@@ -180,6 +180,7 @@ class DecoderLM(nn.Module):
             for _ in range(cfg.layers)
         )  # fmt: skip
         self.norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
+        self.grad_checkpointing = False  # training: recompute each block's activations in backward
         # Tied: the head reuses token_embed.weight (one parameter, so fine-tuning keeps them equal).
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         self.inv_freq = rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
@@ -293,6 +294,7 @@ class DecoderLM(nn.Module):
                 position_ids = position_ids.expand(3, *position_ids.shape)  # text: one position on every axis
             ropes = {self.inv_freq: rope_cos_sin(position_ids, self.inv_freq, x.dtype, sections)}
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}  # one per distinct window
+        checkpointed = self.grad_checkpointing and self.training
         for i, block in enumerate(self.blocks):
             window = self.cfg.window(i)
             if window not in masks:
@@ -308,7 +310,8 @@ class DecoderLM(nn.Module):
                 rope = ropes[inv_freq]
             if before_block is not None:
                 x = before_block(i, x)
-            x = block(x, mask=mask, is_causal=is_causal, cache=cache[i] if cache else None, rope=rope)
+            x = run_block(block, x, checkpointed, mask=mask, is_causal=is_causal,
+                          cache=cache[i] if cache else None, rope=rope)  # fmt: skip
         if last_only:
             x = x[:, -1:]
         return LMOutput(self.head(self.norm(x)), cache)

@@ -19,6 +19,7 @@ from mmlm.layers.init import (
     reset_norms,
     xavier_uniform_fused,
 )
+from mmlm.layers.transformer import run_block
 from mmlm.models.config import CONFIG_VERSION
 from mmlm.models.token_merging import merge_block, merge_blocks
 
@@ -244,11 +245,12 @@ class VisionTransformer(nn.Module):
         x = self.norm_pre(self.embed(pixels))
         mask = pixels.mask[:, None, None, :] if isinstance(pixels, PatchBatch) else None
         states, size = {0: x}, None
+        checkpointed = self.transformer.grad_checkpointing and self.training
         for i, block in enumerate(self.transformer.blocks[: max(wanted)], start=1):
             if self.cfg.merge_tokens:  # ToMe: fewer tokens after each block, so layers differ in length
                 x, size = merge_block(block, x, size, self.cfg.merge_tokens, self.class_token is not None)
             else:
-                x = block(x, mask=mask)
+                x = run_block(block, x, checkpointed, mask=mask)
             states[i] = x
         return [states[i] for i in wanted]
 

@@ -19,6 +19,12 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     )
 
 
+def fused_adamw(device: torch.device) -> bool | None:
+    """Return True where AdamW's fused kernel should run (CUDA: one launch for all parameters), else None
+    (PyTorch's default, the foreach implementation)."""
+    return True if device.type == "cuda" else None
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:
     """Return AdamW over the trainable parameters, with two groups: decayed and not decayed."""
     decay, plain = [], []

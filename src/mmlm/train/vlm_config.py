@@ -148,6 +148,8 @@ class VLMTrainConfig:
     log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B beside metrics.jsonl
     checkpoint_every: int = 0  # 0: no checkpoints (the model is written at the end)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # recompute each ViT and LM block's activations in backward: less memory, about one more forward pass
+    grad_checkpointing: bool = False
     device: str = "auto"
     # token: the mean over the batch's answer tokens (LLaVA); sample: each sample's mean, then their mean, so a
     # one-word answer weighs as much as a long caption
@@ -244,6 +246,8 @@ def check_config(cfg: VLMTrainConfig) -> None:
             raise InputError(f"{key}: expected an integer >= 0, got {value!r}")
     if cfg.precision not in PRECISIONS:
         raise InputError(f"precision: expected one of {list(PRECISIONS)}, got {cfg.precision!r}")
+    if not isinstance(cfg.grad_checkpointing, bool):
+        raise InputError(f"grad_checkpointing: expected true or false, got {cfg.grad_checkpointing!r}")
     if cfg.loss_average not in ("token", "sample"):
         raise InputError(f"loss_average: expected 'token' or 'sample', got {cfg.loss_average!r}")
     _number(cfg.holdout_fraction, "holdout_fraction", 0, 0.75)

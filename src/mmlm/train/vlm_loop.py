@@ -29,6 +29,7 @@ from mmlm.errors import InputError
 from mmlm.eval.vqa import answer_questions, vqa_scores
 from mmlm.inference.vlm import GenerativeModel
 from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
+from mmlm.layers.transformer import set_grad_checkpointing
 from mmlm.models.vlm import VisionLanguageModel, causal_lm_loss
 from mmlm.progress import Progress
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
@@ -37,7 +38,7 @@ from mmlm.train.loggers import MetricLog
 from mmlm.train.loop import _all_ranks, resolve_device
 from mmlm.train.mixed_batches import MixedBatches, worker_failures_as_errors
 from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stage_batches
-from mmlm.train.optim import build_scheduler, no_decay
+from mmlm.train.optim import build_scheduler, fused_adamw, no_decay
 from mmlm.train.plots import plot_training
 from mmlm.train.run import run_info
 from mmlm.train.stop_signals import StopSignals
@@ -84,9 +85,11 @@ def set_trainable(model: VisionLanguageModel, stage: StageConfig, stage_step: in
         unfreeze_vision(model, stage.vision_layers)
 
 
-def stage_optimizer(model: VisionLanguageModel, stage: StageConfig) -> torch.optim.AdamW:
+def stage_optimizer(
+    model: VisionLanguageModel, stage: StageConfig, device: torch.device
+) -> torch.optim.AdamW:
     """Return AdamW over every parameter the stage trains at any step (the ViT's blocks before they unfreeze too:
-    AdamW skips a parameter without a gradient); no weight decay on gains, biases and embeddings."""
+    AdamW skips a parameter without a gradient); no weight decay on gains, biases and embeddings; fused on CUDA."""
     set_trainable(model, stage, stage.steps)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -102,7 +105,9 @@ def stage_optimizer(model: VisionLanguageModel, stage: StageConfig) -> torch.opt
          "lr": opt.lr * (stage.vision_lr_scale if vision else 1.0)}
         for (plain, vision), params in sorted(groups.items())
     ]  # fmt: skip
-    return torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    return torch.optim.AdamW(
+        param_groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, fused=fused_adamw(device)
+    )
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +125,9 @@ def length_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
     ranked = lengths[order].tolist()
     n = len(ranked)
     # padded tokens with the k shortest rows in their own group: k·len[k-1] + (n-k)·len[n-1]
-    _, k = min((k * ranked[k - 1] + (n - k) * ranked[-1], k) for k in range(1, n + 1))
+    # on a tie, the fewest groups: splitting rows of one length would only run the LM twice at half the batch
+    _, k = min((k * ranked[k - 1] + (n - k) * ranked[-1], -k) for k in range(1, n + 1))
+    k = -k
     return [order[:k], order[k:]] if k < n else [order]
 
 
@@ -305,6 +312,7 @@ def train_vlm(
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
     model.to(device).train()
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     main = dist.rank == 0
     checkpoint = find_checkpoint(run_dir, resume) if resume else None
@@ -319,7 +327,7 @@ def train_vlm(
                 continue  # finished before the checkpoint (a LoRA stage's update is merged in its weights)
             if "lora" in stage.train:
                 add_lora(model, cfg.lora)
-            opt, data = stage_optimizer(model, stage), stage_data(index, name, stage)
+            opt, data = stage_optimizer(model, stage, device), stage_data(index, name, stage)
             sched = build_scheduler(opt, stage.optim, stage.steps)
             if state is not None:
                 load_checkpoint(checkpoint, model)  # weights and RNG state
