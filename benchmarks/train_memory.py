@@ -2,9 +2,13 @@
 
 Measures, in fp32: weights, gradients and AdamW states as the bytes of the real tensors after one
 forward+backward+AdamW step, activations as the unique storages autograd saved for backward
-(torch.autograd.graph.saved_tensors_hooks), and the process's peak-RSS growth over the step (meaningful for the first run only: ru_maxrss is a lifetime peak). Prints one JSON line.
+(torch.autograd.graph.saved_tensors_hooks), and the process's peak-RSS growth over the step (meaningful for the first run only: ru_maxrss is a lifetime peak). Prints one JSON line per mode (full, LoRA r=8).
+
+    .venv/bin/python benchmarks/train_memory.py            # batch 2 x 256 tokens, the docs/training-memory.md figures
+    .venv/bin/python benchmarks/train_memory.py --quick    # batch 1 x 96: a check that it runs
 """
 
+import argparse
 import json
 import resource
 
@@ -68,6 +72,10 @@ def measure(lora: int | None, batch: int = 2, seq: int = 256) -> dict:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 x 96 tokens: a check that it runs")
+    args = parser.parse_args()
     torch.set_num_threads(1)
+    batch, seq = (1, 96) if args.quick else (2, 256)
     for rank in (None, 8):
-        print(json.dumps(measure(rank)))
+        print(json.dumps(measure(rank, batch, seq)))

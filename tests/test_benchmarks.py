@@ -43,6 +43,7 @@ QUICK_RUNS = {
     "open_clip_parity.py": ([], '"ok": true'),
     # no errors; its latency and memory verdict is for the 10-minute run, not 10 s on a busy machine
     "soak_serve.py": ([], '"errors": 0, "first_errors": []'),
+    "train_memory.py": ([], '"mode": "lora8"'),
     "vlm_demo_ablation.py": (["lm4"], '"vqa_accuracy"'),
 }
 
