@@ -8,7 +8,6 @@ the images' code tokens into the ids and hands the decode loop their embeddings,
 `mmlm eval vlm` run Chameleon through the same step as any VLM (ChameleonModel.run_lm).
 """
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from mmlm.checkpoints.mmlm_format import write_json
 from mmlm.checkpoints.processor_files import image_processor_settings, processor_settings
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
-from mmlm.inference.base import check_request, end_token_ids
+from mmlm.inference.base import check_request
 from mmlm.inference.causal_lm import generation_eos_ids
 from mmlm.inference.generation import vlm_step
 from mmlm.inference.vlm import GenerativeModel
@@ -52,11 +51,7 @@ class ChameleonGenerativeModel(GenerativeModel):
                 f"the processor reserves {processor.tokens_per_tile} tokens per image, the VQ-GAN makes "
                 f"{model.cfg.image_tokens}"
             )
-        self.model = model
-        self.processor = processor
-        self.source_format = source_format
-        end = processor.tokenizer.token_to_id(processor.eos_token) if processor.eos_token else None
-        self.eos_token_ids = end_token_ids(model.cfg.lm.eos_token_ids, eos_token_ids, end)
+        self._hold(model, processor, eos_token_ids, source_format)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of token ids, special tokens skipped."""
@@ -66,17 +61,9 @@ class ChameleonGenerativeModel(GenerativeModel):
                 num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
         """Return (step, cache, settings cut to the context, prompt embeddings, mask or None) for a batch of prompts."""
         check_request(settings, cache)
-        if any(any(media) for media in (*(videos or ()), *(audio or ()))):
-            raise InputError("videos, audio: mmlm reads Chameleon images only")
+        self._only_images("Chameleon", audio, videos)
         batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left")
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        room = self.config.lm.max_positions - ids.shape[1]
-        if room <= 0:
-            raise InputError(
-                f"prompt: {ids.shape[1]} tokens (image tokens included), but the model's context holds "
-                f"{self.config.lm.max_positions}"
-            )
-        settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
+        ids, mask, settings = self._fit_context(batch, settings)
         pixels = batch["pixel_values"]
         with torch.inference_mode():
             spliced = self.model.splice(ids, None if pixels is None else pixels.to(self.device, self.dtype))

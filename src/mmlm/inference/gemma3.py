@@ -6,7 +6,6 @@ template writes one per image part), the image processor resizes each image to t
 SigLIP's), and the prompt expansion wraps image_seq_length `<image_soft_token>` slots in the image markers.
 """
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from mmlm.checkpoints.mmlm_format import write_json
 from mmlm.checkpoints.processor_files import image_processor_settings, processor_settings
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
-from mmlm.inference.base import check_request, end_token_ids
+from mmlm.inference.base import check_request
 from mmlm.inference.causal_lm import CausalLM, build_cast_per_tensor, generation_eos_ids, lm_tokenizer
 from mmlm.inference.generation import vlm_step
 from mmlm.inference.vlm import GenerativeModel
@@ -62,27 +61,15 @@ class Gemma3GenerativeModel(GenerativeModel):
                 f"the tokenizer's {processor.image_prompt.slot_token} has id {slot}, the model expects "
                 f"{model.cfg.image_token_id} (image_token_index)"
             )
-        self.model = model
-        self.processor = processor
-        self.source_format = source_format
-        end = processor.tokenizer.token_to_id(processor.eos_token) if processor.eos_token else None
-        self.eos_token_ids = end_token_ids(model.cfg.lm.eos_token_ids, eos_token_ids, end)
+        self._hold(model, processor, eos_token_ids, source_format)
 
     def prepare(self, prompts, images, settings, cache: str, audio=None, sampling_rate=None, videos=None,
                 num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
         """Return (step, cache, settings cut to the context, prompt embeddings, mask or None) for a batch of prompts."""
         check_request(settings, cache)
-        if any(any(media) for media in (*(videos or ()), *(audio or ()))):
-            raise InputError("videos, audio: mmlm reads Gemma 3 images only")
+        self._only_images("Gemma 3", audio, videos)
         batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left")
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        room = self.config.lm.max_positions - ids.shape[1]
-        if room <= 0:
-            raise InputError(
-                f"prompt: {ids.shape[1]} tokens (image tokens included), but the model's context holds "
-                f"{self.config.lm.max_positions}"
-            )
-        settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
+        ids, mask, settings = self._fit_context(batch, settings)
         pixels = batch["pixel_values"]
         with torch.inference_mode():
             embeds, blocks = self.model.prepare(

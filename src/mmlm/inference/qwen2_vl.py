@@ -8,7 +8,6 @@ image its own patch grid, and the prompt expansion repeats the placeholder once 
 frames sampled as for mmlm's other video models, or given as a list of frames.
 """
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from mmlm.checkpoints.mmlm_format import write_json
 from mmlm.checkpoints.processor_files import image_processor_settings
 from mmlm.checkpoints.safetensors_io import read_weights
 from mmlm.errors import InputError
-from mmlm.inference.base import check_request, end_token_ids
+from mmlm.inference.base import check_request
 from mmlm.inference.causal_lm import generation_eos_ids
 from mmlm.inference.generation import vlm_step
 from mmlm.inference.vlm import GenerativeModel
@@ -62,15 +61,11 @@ class Qwen2VLGenerativeModel(GenerativeModel):
                 f"the tokenizer's {IMAGE_PAD} has id {processor.image_token_id}, the model expects "
                 f"{model.cfg.image_token_id}"
             )
-        self.model = model
-        self.processor = processor
-        self.source_format = source_format
+        self._hold(model, processor, eos_token_ids, source_format)
         # no video settings of their own: the image processor's resize and patches
         self.video_processing = video_processing or Qwen2VLVideoProcessing(
             processor.dynamic_resolution, processor.image_processor
         )
-        end = processor.tokenizer.token_to_id(processor.eos_token) if processor.eos_token else None
-        self.eos_token_ids = end_token_ids(model.cfg.lm.eos_token_ids, eos_token_ids, end)
 
     def prepare(self, prompts, images, settings, cache: str, audio=None, sampling_rate=None, videos=None,
                 num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
@@ -80,14 +75,7 @@ class Qwen2VLGenerativeModel(GenerativeModel):
             raise InputError("audio: Qwen2-VL has no audio tower")
         batch = qwen2_vl_batch(self.processor, self.video_processing, self.config.video_token_id, prompts, images,
                                videos, num_frames, video_fps)  # fmt: skip
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        room = self.config.lm.max_positions - ids.shape[1]
-        if room <= 0:
-            raise InputError(
-                f"prompt: {ids.shape[1]} tokens (image and video tokens included), but the model's context holds "
-                f"{self.config.lm.max_positions}"
-            )
-        settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
+        ids, mask, settings = self._fit_context(batch, settings)
         pixels, grids = batch["pixel_values"], image_grid_thw(batch["image_grid"])
         video = batch["video_values"]
         with torch.inference_mode():

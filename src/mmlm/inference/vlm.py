@@ -105,6 +105,12 @@ class GenerativeModel(GenerativeBase):
                 f"the processor reserves {processor.tokens_per_audio} tokens per audio clip (id "
                 f"{processor.audio_token_id}), the model makes {model.audio_tokens} (id {model.cfg.audio_token_id})"
             )
+        self._hold(model, processor, eos_token_ids, source_format)
+
+    def _hold(self, model: torch.nn.Module, processor: VLMProcessor, eos_token_ids: Sequence[int] | None,
+              source_format: str | None) -> None:  # fmt: skip
+        """Keep the model and processor, and the ids generation stops at (the config's, the caller's, the
+        tokenizer's eos)."""
         self.model = model
         self.processor = processor
         self.source_format = source_format
@@ -124,14 +130,7 @@ class GenerativeModel(GenerativeBase):
         batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left", audio=audio,
                                sampling_rate=sampling_rate, videos=videos, num_frames=num_frames,
                                video_fps=video_fps, video_pool=self.config.video_pool)  # fmt: skip
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        room = self.config.lm.max_positions - ids.shape[1]
-        if room <= 0:
-            raise InputError(
-                f"prompt: {ids.shape[1]} tokens (image tokens included), but the model's context holds "
-                f"{self.config.lm.max_positions}"
-            )
-        settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
+        ids, mask, settings = self._fit_context(batch, settings)
         pixels, sound, frames = batch["pixel_values"], batch["audio_features"], batch["image_frames"]
         with torch.inference_mode():
             embeds, media = self.model.prepare(
@@ -144,6 +143,23 @@ class GenerativeModel(GenerativeBase):
         length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
         kv = self.model.new_cache(ids.shape[0], length, media)  # the style's media ride in it (see vlm_step)
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
+
+    def _fit_context(self, batch: dict[str, Any], settings: GenerationSettings) -> tuple[torch.Tensor, torch.Tensor, GenerationSettings]:  # fmt: skip
+        """Return a processed batch's ids and mask on the device, and `settings` with max_new_tokens cut to the
+        room the prompt leaves in the context (one line when there is none)."""
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        room = self.config.lm.max_positions - ids.shape[1]
+        if room <= 0:
+            raise InputError(
+                f"prompt: {ids.shape[1]} tokens (image and video tokens included), but the model's context holds "
+                f"{self.config.lm.max_positions}"
+            )
+        return ids, mask, dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
+
+    def _only_images(self, family: str, audio: Any, videos: Any) -> None:
+        """Refuse audio clips and videos in a request to a model that reads images only."""
+        if any(any(media) for media in (*(videos or ()), *(audio or ()))):
+            raise InputError(f"videos, audio: mmlm reads {family} images only")
 
     @staticmethod
     def _batch(prompt, images) -> tuple[list[Prompt], list[list[ImageSource]] | None, bool]:
