@@ -11,7 +11,6 @@ Each compares mmlm with its reference in the same run, in interleaved rounds who
   one client at a time, requests/s and p99 latency.
 """
 
-import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -57,14 +56,23 @@ def peak_added_mib(run: Callable[[], object], device: torch.device) -> float | N
     return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
 
 
+def open_clip_missing() -> str | None:
+    """Return why open_clip cannot be imported here (not installed, or a dependency missing), or None."""
+    try:
+        import open_clip  # noqa: F401
+    except ImportError as error:
+        return (
+            "open_clip not installed" if error.name == "open_clip" else f"open_clip not importable: {error}"
+        )
+    return None
+
+
 def clip_train(suite) -> None:
     """CLIP training throughput and peak memory of mmlm and open_clip, eager and compiled."""
     smoke = suite.smoke
     model, batch, steps, rounds, warmup = ("tiny", 2, 1, 1, 1) if smoke else ("b16", 256, 10, 3, 3)
-    have_open_clip = importlib.util.find_spec("open_clip") is not None
-    sides = {
-        name: spec for name, spec in CLIP_TRAIN_SIDES.items() if have_open_clip or spec[0] != "open_clip"
-    }
+    missing = open_clip_missing()
+    sides = {name: spec for name, spec in CLIP_TRAIN_SIDES.items() if not missing or spec[0] != "open_clip"}
     dtype = "fp32" if suite.device.type == "cpu" else "bf16-autocast"
 
     def measure() -> list[dict]:
@@ -100,7 +108,7 @@ def clip_train(suite) -> None:
         lines = []
         for name in CLIP_TRAIN_SIDES:
             if name not in sides:
-                lines.append({"name": name, "skipped": "open_clip not installed"})
+                lines.append({"name": name, "skipped": missing})
                 continue
             peak = memory[name].get("max_allocated_mib", memory[name]["peak_rss_mib"])
             line = {"name": name, "model": model, "batch": batch, "samples_per_s": spread(rates[name], 1),

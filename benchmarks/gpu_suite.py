@@ -116,13 +116,12 @@ def environment(suite: Suite) -> None:
 
 
 def add_wheels(folder: str) -> None:
-    """Put every unpacked wheel under `folder` (and the folder itself) on sys.path and on workers' PYTHONPATH."""
+    """Put `folder`, where wheels were unpacked (`make gpu-wheels`), on sys.path and on workers' PYTHONPATH."""
     root = Path(folder)
     if not root.is_dir():
         raise SystemExit(f"--wheels {folder}: no such folder (make gpu-wheels writes .gpu-wheels/)")
-    paths = [str(root.resolve())]
-    sys.path[:0] = paths
-    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])
+    sys.path.insert(0, str(root.resolve()))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root.resolve()), os.environ.get("PYTHONPATH", "")])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
