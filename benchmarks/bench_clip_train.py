@@ -180,7 +180,9 @@ BUILDERS = {"mmlm": build_mmlm, "open_clip": build_open_clip, "transformers": bu
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Train one implementation on request: read `steps N` / `exit` lines on stdin, answer one JSON line each."""
+    """Train one implementation on request: read `steps N` / `release` / `exit` lines on stdin, answer one JSON
+    line each. `release` hands the CUDA allocator's cached blocks back, so that workers that take turns on one
+    GPU each hold their peak memory only while they train (gpu_suite.py runs four)."""
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # library prints go to stderr; stdout carries only the replies
     device = torch.device(args.device)
@@ -202,6 +204,11 @@ def worker(args: argparse.Namespace) -> None:
         command = line.split()
         if command[0] == "exit":
             break
+        if command[0] == "release":
+            if cuda:
+                torch.cuda.empty_cache()
+            reply.write(json.dumps({"released": cuda}) + "\n")
+            continue
         steps = int(command[1])
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):

@@ -4,7 +4,9 @@ Each compares mmlm with its reference in the same run, in interleaved rounds who
 (timing.py), and reports medians with their min-max spread:
 - clip_train: bench_clip_train.py's worker processes (one per side, so that peak memory is each side's own)
   train ViT-B/16 at batch 256 under bf16 autocast with fused AdamW: mmlm eager and compiled, open_clip eager
-  and compiled; samples/s and the ratio to open_clip compiled.
+  and compiled; samples/s and the ratio to open_clip compiled. The four share one GPU by taking turns: each
+  releases its cached memory after its window and regrows it in an untimed step before the next, and only
+  the two compiled ones warm up (compile) at the same time.
 - clip_embed: bench_clip_embed.py's random ViT-B/16 CLIPModel, saved and read back with `mmlm.load`, both in
   bf16: images/s at batch 256, the ratio mmlm/transformers, and the peak memory each call adds.
 - serve: `mmlm serve` in a subprocess, loaded by bench_serve.py's chat clients: 16 concurrent clients against
@@ -70,7 +72,7 @@ def open_clip_missing() -> str | None:
 def clip_train(suite) -> None:
     """CLIP training throughput and peak memory of mmlm and open_clip, eager and compiled."""
     smoke = suite.smoke
-    model, batch, steps, rounds, warmup = ("tiny", 2, 1, 1, 1) if smoke else ("b16", 256, 10, 3, 3)
+    model, batch, steps, rounds, warmup = ("tiny", 2, 1, 1, 1) if smoke else ("b16", 256, 20, 3, 3)
     missing = open_clip_missing()
     sides = {name: spec for name, spec in CLIP_TRAIN_SIDES.items() if not missing or spec[0] != "open_clip"}
     dtype = "fp32" if suite.device.type == "cpu" else "bf16-autocast"
@@ -90,16 +92,33 @@ def clip_train(suite) -> None:
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for name, (worker, compiled) in sides.items()
         }  # fmt: skip
+
+        def window(proc: subprocess.Popen) -> float:
+            """Return samples/s over one timed window; one untimed step first regrows the allocator's cache,
+            and the cache is released afterwards for the next worker's turn."""
+            ask(proc, "steps 1")
+            rate = steps * batch / ask(proc, f"steps {steps}")["seconds"]
+            ask(proc, "release")
+            return rate
+
         try:
-            for proc in workers.values():  # all compile at once, on the machine's many cores
+            for proc in workers.values():
+                proc.stdout.readline()  # ready: built and on the device
+            compiled = [proc for name, proc in workers.items() if sides[name][1]]
+            for (
+                proc
+            ) in compiled:  # compile at once, on the machine's many cores: at most these train together
                 proc.stdin.write(f"steps {warmup}\n")
                 proc.stdin.flush()
-            for proc in workers.values():
-                proc.stdout.readline()  # ready
+            for proc in compiled:
                 proc.stdout.readline()  # the warm-up's reply
-            rates = alternating_rounds(
-                {name: lambda proc=proc: steps * batch / ask(proc, f"steps {steps}")["seconds"]
-                 for name, proc in workers.items()}, rounds)  # fmt: skip
+                ask(proc, "release")
+            for name, proc in workers.items():  # then the eager ones, in turn
+                if not sides[name][1]:
+                    ask(proc, f"steps {warmup}")
+                    ask(proc, "release")
+            rates = alternating_rounds({name: lambda proc=proc: window(proc) for name, proc in workers.items()},
+                                       rounds)  # fmt: skip
             memory = {name: ask(proc, "exit") for name, proc in workers.items()}
         finally:
             for proc in workers.values():  # each has replied to `exit` by now, unless something failed
