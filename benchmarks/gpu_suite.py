@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-SECTIONS = ("environment", "correctness", "clip_train", "clip_embed", "vlm_decode", "serve")
+import transformers
+from gpu_checks import correctness
+from gpu_decode import vlm_decode
+from gpu_speed import clip_embed, clip_train, serve
 
 
 class Budget:
@@ -95,9 +97,7 @@ def environment(suite: Suite) -> None:
     """Emit the versions of torch, transformers and open_clip, and the device's name, capability and bf16."""
 
     def versions() -> dict[str, Any]:
-        import transformers
-
-        try:
+        try:  # from --wheels on a GPU machine
             import open_clip
 
             open_clip_version = open_clip.__version__
@@ -115,6 +115,13 @@ def environment(suite: Suite) -> None:
     suite.part("environment", "versions", "-", versions)
 
 
+# each section emits its own lines, in this order
+SECTIONS: dict[str, Callable[[Suite], None]] = {
+    "environment": environment, "correctness": correctness, "clip_train": clip_train, "clip_embed": clip_embed,
+    "vlm_decode": vlm_decode, "serve": serve,
+}  # fmt: skip
+
+
 def add_wheels(folder: str) -> None:
     """Put `folder`, where wheels were unpacked (`make gpu-wheels`), on sys.path and on workers' PYTHONPATH."""
     root = Path(folder)
@@ -129,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True, help="folder for gpu.jsonl (appended to)")
+    parser.add_argument("--out", required=True, help="folder of gpu.jsonl, which each run appends to")
     parser.add_argument("--cpu-smoke", "--quick", dest="smoke", action="store_true",
                         help="tiny shapes on CPU, one short round each: a check that every section runs")  # fmt: skip
     parser.add_argument(
@@ -138,7 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=480, help="wall-clock seconds for the whole suite")
     parser.add_argument("--wheels", help="a folder of unpacked pure-Python wheels to import (open_clip)")
     parser.add_argument(
-        "--inject-mismatch", action="store_true", help="perturb an mmlm weight: checks must fail"
+        "--inject-mismatch",
+        action="store_true",
+        help="scale mmlm's weights by 1.05 in the checks: they must fail",
     )
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -163,16 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     device = torch.device("cpu" if args.smoke else "cuda")
     suite = Suite(out, stream, device, args.smoke, Budget(args.budget_s), args.inject_mismatch)
-
-    from gpu_checks import correctness
-    from gpu_decode import vlm_decode
-    from gpu_speed import clip_embed, clip_train, serve
-
-    runs = {"environment": environment, "correctness": correctness, "clip_train": clip_train,
-            "clip_embed": clip_embed, "vlm_decode": vlm_decode, "serve": serve}  # fmt: skip
-    for name in SECTIONS:
-        if name in args.sections:
-            suite.part(name, "section", "-", lambda name=name: runs[name](suite) or [])
+    for name, run in SECTIONS.items():
+        if name in args.sections:  # an error outside the section's own parts becomes its "section" line
+            suite.part(name, "section", "-", lambda run=run: run(suite) or [])
     suite.emit({"section": "total", "name": "suite", "device": str(device), "dtype": "-",
                 "seconds": round(suite.budget.spent(), 1), "failed_checks": suite.failed_checks})  # fmt: skip
     return 1 if suite.failed_checks else 0
