@@ -28,6 +28,9 @@ from timing import alternating_rounds, interleaved_seconds, rate_spread, ratio_o
 
 import mmlm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fixtures_vlm import write_llava_tokenizer  # noqa: E402
+
 BENCHMARKS = Path(__file__).resolve().parent
 # side -> (bench_clip_train worker, compiled)
 CLIP_TRAIN_SIDES = {"mmlm_eager": ("mmlm", False), "mmlm_compiled": ("mmlm", True),
@@ -176,13 +179,11 @@ def clip_embed(suite) -> None:
 
 
 def write_serve_model(folder: Path) -> str:
-    """Write the GPU run's served LLaVA folder (see SERVED_MODEL) and return its description.
+    """Write the GPU run's served LLaVA folder and return a description of it for the JSON lines.
 
-    transformers builds it on the GPU in bf16 and writes bf16 weights, which `mmlm serve` reads back.
+    transformers builds it on the GPU in bf16 and writes bf16 weights, which `mmlm serve` reads back; the
+    tokenizer is the tests' small one, with LLaVA's `<image>` token and chat template.
     """
-    sys.path.insert(0, str(BENCHMARKS.parent / "tests"))
-    from fixtures_vlm import write_llava_tokenizer
-
     image_id = write_llava_tokenizer(folder, model_max_length=4096)
     vision = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                            num_attention_heads=16, image_size=336, patch_size=14)  # fmt: skip
@@ -198,12 +199,13 @@ def write_serve_model(folder: Path) -> str:
             transformers.LlavaForConditionalGeneration(cfg).save_pretrained(folder)
     finally:
         torch.set_default_dtype(default)
+    torch.cuda.empty_cache()  # the server, another process, needs the memory
     transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
     ).save_pretrained(folder)
-    return ("LLaVA-1.5-7B's tower (CLIP ViT-L/14-336, 576 image tokens) and LM width (4096) but 8 of its 32 "
-            "layers and a 393-token vocabulary: a whole 7B folder (13 GB) would take much of the budget to "
-            "write and load")  # fmt: skip
+    return (f"LLaVA-1.5-7B's tower (CLIP ViT-L/14-336, 576 image tokens) and LM width (4096) but 8 of its 32 "
+            f"layers and a {text.vocab_size}-token vocabulary: a whole 7B folder (13 GB) would take much of the "
+            "budget to write and load")  # fmt: skip
 
 
 def serve(suite) -> None:
@@ -224,9 +226,7 @@ def serve(suite) -> None:
                                                  "float32" if smoke else "bfloat16", "--batch-size",
                                                  str(clients)], log)  # fmt: skip
             try:
-                run_load(
-                    port, 1, min(seconds, 2.0), max_tokens
-                )  # warm-up: first requests, allocator, kernels
+                run_load(port, 1, min(seconds, 2.0), max_tokens)  # warm-up: allocator, kernels, first batch
                 loads = {f"clients{clients}": clients, "clients1": 1}
                 rows = alternating_rounds(
                     {name: lambda n=n: summary(run_load(port, n, seconds, max_tokens), seconds)
