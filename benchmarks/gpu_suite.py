@@ -157,6 +157,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_sections(suite: Suite, names: list[str]) -> None:
+    """Run the named sections in SECTIONS' order, then emit the total seconds and the failed checks."""
+    for name, run in SECTIONS.items():
+        if name in names:  # an error outside the section's own parts becomes its "section" line
+            suite.part(name, "section", "-", lambda run=run: run(suite) or [])
+    suite.emit({"section": "total", "name": "suite", "device": str(suite.device), "dtype": "-",
+                "seconds": round(suite.budget.spent(), 1), "failed_checks": suite.failed_checks})  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen sections in order; return 1 if a correctness check failed, else 0."""
     args = parse_args(argv)
@@ -172,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     device = torch.device("cpu" if args.smoke else "cuda")
     suite = Suite(out, stream, device, args.smoke, Budget(args.budget_s), args.inject_mismatch)
-    for name, run in SECTIONS.items():
-        if name in args.sections:  # an error outside the section's own parts becomes its "section" line
-            suite.part(name, "section", "-", lambda run=run: run(suite) or [])
-    suite.emit({"section": "total", "name": "suite", "device": str(device), "dtype": "-",
-                "seconds": round(suite.budget.spent(), 1), "failed_checks": suite.failed_checks})  # fmt: skip
+    run_sections(suite, args.sections)
     return 1 if suite.failed_checks else 0
 
 
