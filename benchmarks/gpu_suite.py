@@ -34,7 +34,8 @@ from gpu_speed import clip_embed, clip_train, serve
 
 
 class Budget:
-    """The suite's wall-clock allowance: what is left of `--budget-s` since the start."""
+    """The suite's wall-clock allowance: what is left of `--budget-s` since the start (after the imports, which
+    take some 10 s more)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds, self.start = seconds, time.monotonic()
