@@ -75,3 +75,15 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	$(BENCH_VENV)/bin/pip install -q scikit-image  # the photographs of bench_clip_small_data.py's real captioned set
 	$(BENCH_VENV)/bin/pip install -q -e .
 	touch $@
+
+# open_clip for benchmarks/gpu_suite.py on a GPU machine without network: open_clip_torch and its two pure-Python
+# dependencies that such a machine lacks (ftfy, wcwidth), unpacked into .gpu-wheels/ to carry along with the
+# source; `python3 benchmarks/gpu_suite.py --wheels .gpu-wheels` imports them from there (docs/gpu.md).
+GPU_WHEELS := .gpu-wheels
+
+.PHONY: gpu-wheels
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS)
+	$(BIN)/python -m pip download -q --no-deps -d $(GPU_WHEELS)/downloads open_clip_torch ftfy wcwidth
+	for wheel in $(GPU_WHEELS)/downloads/*.whl; do $(BIN)/python -m zipfile -e $$wheel $(GPU_WHEELS); done
+	rm -rf $(GPU_WHEELS)/downloads

@@ -13,7 +13,7 @@ cores.
 Run in the benchmark environment (open_clip needs torchvision, which mmlm does not):
     make bench-env && .bench-env/bin/python benchmarks/bench_clip_train.py
     .bench-env/bin/python benchmarks/bench_clip_train.py --device cuda --model b16 --batch 256 --compile
-On CPU training runs in fp32; on CUDA under bf16 autocast.
+On CPU training runs in fp32; on CUDA under bf16 autocast, with fused AdamW for every implementation.
 
     .venv/bin/python benchmarks/bench_clip_train.py --quick   # a toy CLIP, 1 window, no waiting: checks that it runs
 --quick runs in mmlm's own environment too: without open_clip it trains mmlm and transformers only, says so,
@@ -101,7 +101,7 @@ def decay_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_mmlm(m: dict, act: str):
+def build_mmlm(m: dict, act: str, fused: bool | None = None):
     """Return (model, loss(pixels, ids), optimizer) for mmlm's DualEncoder, clip_loss and param groups."""
     from mmlm.models.dual_encoder import DualEncoder, DualEncoderConfig
     from mmlm.models.text import TextConfig
@@ -130,10 +130,10 @@ def build_mmlm(m: dict, act: str):
         return clip_loss(image, text, model.logit_scale)
 
     optim = OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS, grad_clip=GRAD_CLIP)
-    return model, loss, build_optimizer(model, optim)
+    return model, loss, build_optimizer(model, optim, fused)
 
 
-def build_open_clip(m: dict, act: str):
+def build_open_clip(m: dict, act: str, fused: bool | None = None):
     """Return (model, loss(pixels, ids), optimizer) for open_clip.CLIP with its ClipLoss."""
     import open_clip
 
@@ -151,10 +151,10 @@ def build_open_clip(m: dict, act: str):
         image, text, scale = model(pixels, ids)  # normalised features, exp(logit_scale)
         return criterion(image, text, scale)
 
-    return model, loss, torch.optim.AdamW(decay_groups(model), lr=LR, betas=BETAS, eps=EPS)
+    return model, loss, torch.optim.AdamW(decay_groups(model), lr=LR, betas=BETAS, eps=EPS, fused=fused)
 
 
-def build_transformers(m: dict, act: str):
+def build_transformers(m: dict, act: str, fused: bool | None = None):
     """Return (model, loss(pixels, ids), optimizer) for transformers' CLIPModel with return_loss=True."""
     import transformers
 
@@ -173,25 +173,28 @@ def build_transformers(m: dict, act: str):
     def loss(pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
 
-    return model, loss, torch.optim.AdamW(decay_groups(model), lr=LR, betas=BETAS, eps=EPS)
+    return model, loss, torch.optim.AdamW(decay_groups(model), lr=LR, betas=BETAS, eps=EPS, fused=fused)
 
 
 BUILDERS = {"mmlm": build_mmlm, "open_clip": build_open_clip, "transformers": build_transformers}
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Train one implementation on request: read `steps N` / `exit` lines on stdin, answer one JSON line each."""
+    """Train one implementation on request: read `steps N` / `release` / `exit` lines on stdin, answer one JSON
+    line each. `release` hands the CUDA allocator's cached blocks back, so that workers that take turns on one
+    GPU each hold their peak memory only while they train (gpu_suite.py runs four)."""
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # library prints go to stderr; stdout carries only the replies
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    model, loss_fn, opt = BUILDERS[args.worker](MODELS[args.model], args.act)
+    # fused AdamW on CUDA for all three (one kernel launch for every parameter), PyTorch's default elsewhere
+    model, loss_fn, opt = BUILDERS[args.worker](MODELS[args.model], args.act, True if cuda else None)
     rss_built = peak_rss_mib()
     model.to(device).train()
     compiled = args.compile and args.worker != "transformers"
     if compiled:
-        loss_fn = torch.compile(loss_fn)
+        loss_fn = torch.compile(loss_fn, backend=args.compile_backend)
     batches = [
         (p.to(device), i.to(device)) for p, i in random_batches(MODELS[args.model], args.batch, BATCHES)
     ]
@@ -201,6 +204,11 @@ def worker(args: argparse.Namespace) -> None:
         command = line.split()
         if command[0] == "exit":
             break
+        if command[0] == "release":
+            if cuda:
+                torch.cuda.empty_cache()
+            reply.write(json.dumps({"released": cuda}) + "\n")
+            continue
         steps = int(command[1])
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
@@ -270,6 +278,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile mmlm's and open_clip's step")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend (gpu_suite.py's CPU smoke run traces with 'eager')",
+    )
     parser.add_argument("--max-load", type=float, default=1.5, help="wait until the 1-minute load is below")
     parser.add_argument("--quick", action="store_true", help="a toy CLIP, 1 window, no waiting for the load")
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
@@ -287,7 +300,7 @@ def main() -> None:
         f"--batch={args.batch}",
         f"--device={args.device}",
     ]
-    forwarded += ["--compile"] * args.compile
+    forwarded += [f"--compile-backend={args.compile_backend}"] + ["--compile"] * args.compile
     load = wait_for_quiet_machine(args.max_load, 600) if args.device == "cpu" else os.getloadavg()[0]
     header = {"model": args.model, **MODELS[args.model], "act": args.act, "batch": args.batch,
               "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -7,6 +7,8 @@ cores and most of each run is start-up).
 
 Left out: benchmarks/serve_screenshot.py, which needs `make demo`'s three models and drives chromium for a
 docs image (tests/test_serve_browser.py covers the page itself).
+benchmarks/gpu_suite.py's quick run (`--cpu-smoke`, alias `--quick`) is tests/test_gpu_suite.py's, which also
+checks what it prints; gpu_checks.py, gpu_speed.py and gpu_decode.py are its sections, not scripts.
 
 Scripts whose reference lives in `.bench-env` (open_clip needs torchvision, which cannot sit beside mmlm's
 torch) run their mmlm side here and must say so rather than print a ratio.
@@ -73,6 +75,10 @@ def test_every_benchmark_script_has_a_quick_run():
         "timing.py",
         "serve_screenshot.py",
         "vlm_family_builders.py",
+        "gpu_suite.py",
+        "gpu_checks.py",
+        "gpu_speed.py",
+        "gpu_decode.py",
     }
     assert scripts == set(QUICK_RUNS)
 
