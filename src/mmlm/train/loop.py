@@ -12,6 +12,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.models.dual_encoder import DualEncoder
+from mmlm.processing.image import PixelNormalize
 from mmlm.progress import Progress
 from mmlm.train.accumulation import accumulate_contrastive_gradients
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
@@ -50,12 +51,20 @@ def _all_ranks(state: Any, dist: DistInfo) -> list[Any]:
     return states
 
 
+def _device_batch(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                  normalize: PixelNormalize | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Return (inputs, ids) on the device: uint8 pixels normalised there, log-mels as they come."""
+    inputs, ids = (t.to(device, non_blocking=True) for t in batch)  # non_blocking: from pinned memory, async
+    return (inputs if normalize is None else normalize(inputs, dtype)), ids
+
+
 def _optimizer_step(cfg: TrainConfig, net: torch.nn.Module, model: DualEncoder, batches: Any,
-                    device: torch.device, bf16: bool, loss_fn: Callable, opt: Any, sched: Any) -> torch.Tensor:  # fmt: skip
+                    device: torch.device, normalize: PixelNormalize | None, bf16: bool, loss_fn: Callable,
+                    opt: Any, sched: Any) -> torch.Tensor:  # fmt: skip
     """Take one optimiser step on cfg.optim.accumulation micro-batches with full-batch negatives; return the loss."""
+    dtype = model.logit_scale.dtype
     micro_batches = [
-        (inputs.to(device, non_blocking=True), ids.to(device, non_blocking=True))
-        for inputs, ids in (next(batches) for _ in range(cfg.optim.accumulation))
+        _device_batch(next(batches), device, normalize, dtype) for _ in range(cfg.optim.accumulation)
     ]
     loss = accumulate_contrastive_gradients(
         net, model, micro_batches, partial(loss_fn, model.cfg.family),
@@ -89,14 +98,18 @@ def train(
     evaluate: Callable[[DualEncoder, int], dict[str, float]] | None = None,
     export: Callable[[Path], Any] | None = None,
     dist: DistInfo | None = None,
+    normalize: PixelNormalize | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` for cfg.steps optimiser steps on batches of (pixels or log-mels, ids); return the records.
 
+    Pixels may come as uint8 and are then normalised on the device by `normalize` (the image processor's
+    numbers); log-mels and float pixels are used as they come.
     SIGTERM or SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
     model.to(device).train()
+    normalize = normalize.to(device) if normalize is not None else None
     # lock_image locks whichever non-text tower the model has (a ViT, or an audio tower)
     for tower, lock in ((model.media_tower, cfg.lock_image), (model.text, cfg.lock_text)):
         if lock is not None:
@@ -119,7 +132,7 @@ def train(
     last, stopping = time.perf_counter(), False
     with StopSignals() as stop:
         while step < cfg.steps and not stopping:
-            loss = _optimizer_step(cfg, net, model, batches, device, bf16, loss_fn, opt, sched)
+            loss = _optimizer_step(cfg, net, model, batches, device, normalize, bf16, loss_fn, opt, sched)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()

@@ -1,7 +1,8 @@
 """Pairs held in memory as uint8 images and token ids, served in seeded shuffled batches.
 
 The position (batches served) is the whole resume state. Images stay uint8 ([N, 3, H, W], a quarter of
-float32) and are normalised per batch through the image processor's value table, as at inference.
+float32) and are served so: the trainer normalises each batch on its device (`PixelNormalize`), with the
+numbers the image processor gives at inference.
 """
 
 from collections.abc import Iterator
@@ -22,14 +23,9 @@ class InMemoryPairs:
         self.pixels = torch.from_numpy(
             np.stack([processor.pixels(im) for im in images]).transpose(0, 3, 1, 2).copy()
         )
-        self.table = torch.from_numpy(processor.value_table())  # [3, 256]: uint8 value -> normalised float
         self.ids, self.batch_size, self.seed = ids, batch_size, seed
         self.batches_per_epoch = max(1, len(self.pixels) // batch_size)
         self.position = 0
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Return uint8 images [B, 3, H, W] as the model's float32 input."""
-        return torch.stack([self.table[c][pixels[:, c].long()] for c in range(3)], dim=1)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -39,7 +35,7 @@ class InMemoryPairs:
             )
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             self.position += 1
-            yield self.normalise(self.pixels[idx]), self.ids[idx]
+            yield self.pixels[idx], self.ids[idx]  # uint8 [B, 3, H, W], token ids [B, L]
 
     def state_dict(self) -> dict[str, Any]:
         """Return the data position."""
