@@ -231,3 +231,19 @@ def test_uint8_batches_normalised_on_the_device_train_as_float_batches(tmp_path)
     assert len(as_uint8) == 3
     for a, b in zip(as_uint8, as_float, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_compiled_model_trains_to_the_eager_losses(tmp_path, accumulation):
+    overrides = [*TINY, "steps=3", f"optim.accumulation={accumulation}", "data.shapes_samples=96"]
+    _, eager = run_clip_training(load_train_config(None, [*overrides, f"out_dir={tmp_path / 'eager'}"]))
+    compiled_cfg = load_train_config(
+        None, [*overrides, "compile=true", "compile_backend=aot_eager", f"out_dir={tmp_path / 'compiled'}"]
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _, compiled = run_clip_training(compiled_cfg)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the model's forward and the loss
+    assert len(compiled) == 3
+    for a, b in zip(compiled, eager, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5, rel=0)

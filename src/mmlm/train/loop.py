@@ -120,11 +120,17 @@ def train(
         if dist.world_size > 1
         else model
     )
+    if cfg.compile:
+        # open_clip compiles the DDP-wrapped model: DDP's graph splitting then keeps its bucketed all-reduces
+        # overlapping the backward pass. `model` stays the plain module: checkpoints keep their tensor names.
+        net = torch.compile(net, backend=cfg.compile_backend)
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
     step, records = _resume(run_dir, resume, model, opt, sched, data, dist) if resume else (0, [])
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    loss_fn = torch.compile(contrastive_loss) if cfg.compile else contrastive_loss
+    loss_fn = (
+        torch.compile(contrastive_loss, backend=cfg.compile_backend) if cfg.compile else contrastive_loss
+    )
     main = dist.rank == 0
     log = MetricLog(run_dir, cfg.log, dataclasses.asdict(cfg), main)
     batches, progress = iter(data), Progress(cfg.steps, initial=step, desc="train", enabled=main)
