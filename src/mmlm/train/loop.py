@@ -104,7 +104,12 @@ def train(
 
     Pixels may come as uint8 and are then normalised on the device by `normalize` (the image processor's
     numbers); log-mels and float pixels are used as they come.
-    SIGTERM or SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
+    SIGTERM or SIGINT stops it after the step in flight (under DDP: at the next multiple of log_every), with a
+    checkpoint, by raising RunStopped.
+
+    Between log steps the host never waits for the device: the copies are non_blocking, the logit-scale clamp
+    and gradient clipping stay on the device. The host syncs only at log steps (the loss and logit scale read,
+    and under DDP the stop question), at evaluation and at checkpoints.
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
@@ -156,9 +161,10 @@ def train(
                 records.append(record)
                 log.write(record)
                 progress.update(step, {k: record[k] for k in ("loss", "lr", "logit_scale", "samples_per_s")})
-            stopping = step < cfg.steps and stop.requested(
-                dist
-            )  # a stop at the last step lets the run finish
+            # under DDP the question is an all-reduce and a host sync, so it waits for a log step (which reads
+            # the loss anyway); every rank asks at the same steps, so all stop together. At the last step: finish.
+            asks = dist.world_size == 1 or step % cfg.log_every == 0
+            stopping = step < cfg.steps and asks and stop.requested(dist)
             if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
                 data_states = _all_ranks(data.state_dict(), dist)
                 if main:
