@@ -247,3 +247,18 @@ def test_a_compiled_model_trains_to_the_eager_losses(tmp_path, accumulation):
     assert len(compiled) == 3
     for a, b in zip(compiled, eager, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5, rel=0)
+
+
+@pytest.mark.cuda
+def test_in_memory_batches_are_pinned_and_normalise_on_the_gpu_to_the_float_path():
+    from mmlm.processing.image import ImageProcessor, PixelNormalize
+    from mmlm.train.memory_data import InMemoryPairs
+
+    images = [shapes.make_sample(i, 0, image_size=16).image for i in range(8)]
+    processor = ImageProcessor.clip(16)
+    data = InMemoryPairs(images, torch.arange(8)[:, None], processor, batch_size=4, pin_memory=True)
+    pixels, ids = next(iter(data))
+    assert pixels.is_pinned() and ids.is_pinned() and pixels.dtype == torch.uint8
+    on_gpu = PixelNormalize(processor).cuda()(pixels.cuda(non_blocking=True))
+    expected = processor([images[i] for i in ids[:, 0].tolist()])
+    torch.testing.assert_close(on_gpu.cpu(), expected, atol=1e-6, rtol=0)

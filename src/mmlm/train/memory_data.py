@@ -8,22 +8,29 @@ numbers the image processor gives at inference.
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
 from mmlm.processing.image import ImageProcessor
 
 
 class InMemoryPairs:
-    """Batch b of epoch e is fixed by (seed, e, b), so a run resumes from the batch count alone."""
+    """Batch b of epoch e is fixed by (seed, e, b), so a run resumes from the batch count alone.
+
+    With `pin_memory` (on CUDA) each batch is gathered into pinned memory, so its copy to the device is
+    asynchronous: from pageable memory the host would wait for it.
+    """
 
     def __init__(
-        self, images: list, ids: torch.Tensor, processor: ImageProcessor, batch_size: int, seed: int = 0
+        self,
+        images: list,
+        ids: torch.Tensor,
+        processor: ImageProcessor,
+        batch_size: int,
+        seed: int = 0,
+        pin_memory: bool = False,
     ):
-        self.pixels = torch.from_numpy(
-            np.stack([processor.pixels(im) for im in images]).transpose(0, 3, 1, 2).copy()
-        )
-        self.ids, self.batch_size, self.seed = ids, batch_size, seed
+        self.pixels = processor.uint8(images)  # [N, 3, H, W]
+        self.ids, self.batch_size, self.seed, self.pin_memory = ids, batch_size, seed, pin_memory
         self.batches_per_epoch = max(1, len(self.pixels) // batch_size)
         self.position = 0
 
@@ -35,7 +42,8 @@ class InMemoryPairs:
             )
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             self.position += 1
-            yield self.pixels[idx], self.ids[idx]  # uint8 [B, 3, H, W], token ids [B, L]
+            pixels, ids = self.pixels[idx], self.ids[idx]  # uint8 [B, 3, H, W], token ids [B, L]
+            yield (pixels.pin_memory(), ids.pin_memory()) if self.pin_memory else (pixels, ids)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the data position."""

@@ -112,7 +112,9 @@ def build_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, processor: Image
         tokenizer = build_tokenizer(cfg, run_dir, (t for _, t in pairs))
         pairs = pairs[dist.rank :: dist.world_size]
         ids = tokenizer([t for _, t in pairs])
-        return tokenizer, InMemoryPairs([p for p, _ in pairs], ids, processor, cfg.batch_size, cfg.seed)
+        images = [p for p, _ in pairs]
+        pin = torch.cuda.is_available()
+        return tokenizer, InMemoryPairs(images, ids, processor, cfg.batch_size, cfg.seed, pin_memory=pin)
     options = {
         k: v for k in ("image_column", "text_column", "image_root", "split") if (v := getattr(cfg.data, k))
     }
