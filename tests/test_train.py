@@ -137,10 +137,7 @@ def test_in_memory_batches_equal_the_image_processor_and_resume_by_position():
     processor = ImageProcessor.clip(16)
     data = InMemoryPairs(images, torch.arange(10)[:, None], processor, batch_size=4, seed=3)
     batches = [b for _, b in zip(range(5), data, strict=False)]
-    for (
-        pixels,
-        ids,
-    ) in batches:  # every batch, normalised, is the processor's output for the images its ids name
+    for pixels, ids in batches:  # every batch, normalised, is the processor's output for its ids' images
         assert pixels.dtype == torch.uint8
         expected = processor([images[i] for i in ids[:, 0].tolist()])
         torch.testing.assert_close(PixelNormalize(processor)(pixels), expected, atol=0, rtol=0)
