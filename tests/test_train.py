@@ -231,7 +231,9 @@ def test_uint8_batches_normalised_on_the_device_train_as_float_batches(tmp_path)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_a_compiled_model_trains_to_the_eager_losses(tmp_path, accumulation):
+def test_a_compiled_model_trains_to_the_eager_losses(tmp_path, monkeypatch, accumulation):
+    from mmlm.models.dual_encoder import DualEncoder
+
     overrides = [*TINY, "steps=3", f"optim.accumulation={accumulation}", "data.shapes_samples=96"]
     _, eager = run_clip_training(load_train_config(None, [*overrides, f"out_dir={tmp_path / 'eager'}"]))
     compiled_cfg = load_train_config(
@@ -239,7 +241,12 @@ def test_a_compiled_model_trains_to_the_eager_losses(tmp_path, accumulation):
     )
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    compiled_objects, compile = [], torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda f, **options: compiled_objects.append(f) or compile(f, **options)
+    )
     _, compiled = run_clip_training(compiled_cfg)
+    assert any(isinstance(f, DualEncoder) for f in compiled_objects)  # the model, not only the loss
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the model's forward and the loss
     assert len(compiled) == 3
     for a, b in zip(compiled, eager, strict=True):
