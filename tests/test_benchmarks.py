@@ -28,6 +28,7 @@ BENCHMARKS = REPO / "benchmarks"
 # script -> (extra arguments, a string its output must contain when it finished)
 QUICK_RUNS = {
     "bench_audio.py": ([], '"mmlm_over_transformers_call"'),
+    "bench_clip_data.py": ([], '"uint8_over_float32"'),
     "bench_clip_embed.py": ([], "ratio"),
     "bench_clip_small_data.py": ([], '"summary"'),
     "bench_clip_train.py": ([], '"summary"'),

@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from mmlm.errors import InputError
 from mmlm.processing.anyres import DynamicResolution, select_best_resolution, tile_resolutions
 from mmlm.processing.chat import ChatTemplate
-from mmlm.processing.image import ImageProcessor
+from mmlm.processing.image import ImageProcessor, PixelNormalize
+from mmlm.processing.qwen2_vl_image import Qwen2VLPatches
 from mmlm.processing.vlm_processor import IGNORE_INDEX, VLMProcessor
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
@@ -354,3 +355,17 @@ def test_max_side_caps_before_choosing_the_grid() -> None:
     assert tiled.size == (100, 50) and all(tile.size == (8, 8) for tile in tiled.tiles)
     with pytest.raises(InputError, match="resolutions"):
         DynamicResolution(tile_size=8, resolutions=[(8, 12)])
+
+
+def test_a_training_copy_carries_uint8_tiles_that_normalise_to_the_float_ones(folders) -> None:
+    tiler = DynamicResolution(tile_size=8, resolutions=[(8, 16), (16, 8), (16, 16)])
+    processor = _processor(folders["none"], tokens_per_tile=3, dynamic_resolution=tiler)
+    images, prompt = [_image(20, 9, 1), _image(30, 30, 3)], "<image> and <image>"
+    small, full = processor.with_uint8_pixels().encode(prompt, images), processor.encode(prompt, images)
+    assert small.pixel_values.dtype == torch.uint8 and full.pixel_values.dtype == torch.float32
+    assert small.pixel_values.shape == full.pixel_values.shape == (8, 3, 8, 8)  # anyres tiles too
+    assert torch.equal(small.input_ids, full.input_ids) and torch.equal(small.labels, full.labels)
+    normalised = PixelNormalize(processor.image_processor)(small.pixel_values)
+    torch.testing.assert_close(normalised, full.pixel_values, atol=1e-6, rtol=0)
+    patches = VLMProcessor.from_pretrained(folders["none"], Qwen2VLPatches(patch_size=4, merge_size=1), 3)
+    assert patches.with_uint8_pixels() is patches  # Qwen2-VL's flattened patches stay float32

@@ -1,6 +1,6 @@
 """Image-text datasets: every format reads the same pairs, corrupt samples are skipped and counted (also in
 DataLoader workers), order is seeded, resume is exact, worker and rank shards cover each sample once, and the
-training augmentation crops, flips and normalises as documented."""
+training augmentation crops and flips as documented, into uint8 pixels normalised on the device."""
 
 import csv
 import hashlib
@@ -30,7 +30,7 @@ from mmlm.data.readers import (
 )
 from mmlm.data.synthetic import shapes
 from mmlm.errors import InputError
-from mmlm.processing.image import ImageProcessor, load_image
+from mmlm.processing.image import ImageProcessor, PixelNormalize, load_image
 
 N = 12
 
@@ -361,6 +361,31 @@ def test_collate_tokenizes_and_pins(world: Path) -> None:
         assert batch.pin_memory().pixels.is_pinned()
 
 
+def test_workers_send_uint8_batches_a_quarter_of_float32(world: Path) -> None:
+    loader = PairLoader(_dataset(world / "manifest.jsonl", batch_size=4), num_workers=2)
+    batch = next(iter(loader))
+    assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (4, 3, 16, 16)
+    assert batch.pixels.untyped_storage().nbytes() == 4 * 3 * 16 * 16  # float32 pixels took 4 bytes each
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_float_path(world: Path) -> None:
+    processor = ImageProcessor.clip(16)
+    table = torch.from_numpy(processor.value_table())  # [3, 256]: the float path's per-level values
+    loader = PairLoader(_dataset(world / "manifest.jsonl", batch_size=4, seed=3), collate=PairCollate())
+    pixels = next(iter(loader)).pixels  # [4, 3, 16, 16] uint8: the same crops as before, seed 3
+    floats = torch.stack([table[c][pixels[:, c].long()] for c in range(3)], dim=1)
+    normalised = PixelNormalize(processor)(pixels)
+    assert normalised.dtype == torch.float32
+    torch.testing.assert_close(normalised, floats, atol=1e-6, rtol=0)
+    assert PixelNormalize(processor)(pixels, torch.bfloat16).dtype == torch.bfloat16
+    assert PixelNormalize(processor)(floats) is floats  # log-mels and float pixels pass unchanged
+    chameleon = ImageProcessor.chameleon(16)  # rescale 0.0078, no mean/std: one float32 rounding off
+    expected = torch.stack(
+        [torch.from_numpy(chameleon.value_table())[c][pixels[:, c].long()] for c in range(3)], 1
+    )
+    torch.testing.assert_close(PixelNormalize(chameleon)(pixels), expected, atol=1e-6, rtol=0)
+
+
 # ---- augmentation ----
 
 
@@ -368,9 +393,7 @@ def test_train_transform_shape_range_and_determinism() -> None:
     transform = TrainTransform(size=(24, 32), scale=(0.3, 1.0))
     photo = Image.fromarray(data.chelsea())
     pixels, caption = transform(photo, "a cat", np.random.default_rng(0))
-    assert pixels.dtype == torch.float32 and pixels.shape == (3, 24, 32) and caption == "a cat"
-    mean, std = torch.tensor(transform.mean).view(3, 1, 1), torch.tensor(transform.std).view(3, 1, 1)
-    assert bool(((pixels * std + mean) >= -1e-6).all() and ((pixels * std + mean) <= 1 + 1e-6).all())
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 32) and caption == "a cat"
     assert torch.equal(pixels, transform(photo, "a cat", np.random.default_rng(0))[0])
     assert not torch.equal(pixels, transform(photo, "a cat", np.random.default_rng(1))[0])
 
@@ -380,10 +403,9 @@ def test_a_whole_image_crop_equals_inference_preprocessing() -> None:
     transform = TrainTransform(size=64, scale=(1.0, 1.0), ratio=(1.0, 1.0), fast_decode=False)
     assert transform.crop_box(512, 512, np.random.default_rng(0)) == (0, 0, 512, 512)
     pixels, _ = transform(photo, "x", np.random.default_rng(0))
-    assert torch.equal(pixels, ImageProcessor.clip(64)([photo])[0])
-    assert torch.equal(
-        EvalTransform(ImageProcessor.clip(64))(photo, "x", np.random.default_rng(0))[0], pixels
-    )
+    processor = ImageProcessor.clip(64)
+    assert torch.equal(PixelNormalize(processor)(pixels), processor([photo])[0])  # the same bits
+    assert torch.equal(EvalTransform(processor)(photo, "x", np.random.default_rng(0))[0], pixels)
 
 
 def test_crop_boxes_follow_random_resized_crop() -> None:
@@ -424,7 +446,7 @@ def test_big_jpegs_decode_in_draft_mode_at_least_twice_the_output(tmp_path: Path
     fast, _ = TrainTransform(**whole)(path, "x", np.random.default_rng(0))
     full, _ = TrainTransform(**whole, fast_decode=False)(path, "x", np.random.default_rng(0))
     assert fast.shape == full.shape == (3, 96, 96)
-    assert (fast - full).abs().mean() < 0.05  # about 3 grey levels
+    assert (fast.float() - full.float()).abs().mean() < 3.5  # grey levels
 
 
 # ---- bad inputs ----

@@ -6,8 +6,10 @@ the mean of the rank losses is the single-process loss, each rank's embedding gr
 single-process gradient of its rows, and averaged (DDP) parameter gradients equal the single-process ones.
 """
 
+import dataclasses
 import math
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -16,10 +18,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_train import tiny_model_and_batches
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.errors import InputError
+from mmlm.processing.image import ImageProcessor, PixelNormalize
 from mmlm.train.accumulation import accumulate_contrastive_gradients
 from mmlm.train.distributed import (
     DistInfo,
@@ -30,7 +34,9 @@ from mmlm.train.distributed import (
     init_distributed,
     is_main,
 )
+from mmlm.train.loop import train
 from mmlm.train.losses import clip_loss, siglip_loss
+from mmlm.train.stop_signals import RunStopped, StopSignals
 
 LOCAL_BATCH, EMBED_DIM, IMAGE_DIM, TEXT_DIM = 4, 8, 6, 5
 ATOL = 1e-6
@@ -94,15 +100,58 @@ def _tower_run(name: str, loss_fn, batch: dict, rows: slice, ddp: bool) -> dict[
     return {"loss": loss.detach(), **{key: p.grad for key, p in model.named_parameters()}}
 
 
-def _accumulated_tower_run(name: str, loss_fn, batch: dict, rows: slice) -> dict[str, torch.Tensor]:
-    """Loss and parameter gradients of the DDP-wrapped DualTower on the given rows as 2 accumulated micro-batches."""
+def _accumulated_tower_run(
+    name: str, loss_fn, batch: dict, rows: slice, compiled: bool = False
+) -> dict[str, torch.Tensor]:
+    """Loss and parameter gradients of the DDP-wrapped DualTower on the given rows as 2 accumulated micro-batches;
+    `compiled`: the DDP module and the loss compiled as the trainer's `compile: true` does (aot_eager here)."""
     model = DualTower(with_bias=name == "siglip")
     micro_batches = list(zip(batch["pixels"][rows].chunk(2), batch["tokens"][rows].chunk(2), strict=True))
     features_loss = lambda image, text, scale, bias: _loss(loss_fn, name, image, text, scale, bias)  # noqa: E731
-    loss = accumulate_contrastive_gradients(
-        DistributedDataParallel(model), model, micro_batches, features_loss
-    )
+    net = DistributedDataParallel(model)
+    if compiled:
+        net, features_loss = (torch.compile(f, backend="aot_eager") for f in (net, features_loss))
+    loss = accumulate_contrastive_gradients(net, model, micro_batches, features_loss)
     return {"loss": loss, **{key: p.grad for key, p in model.named_parameters()}}
+
+
+class _SignalledBatches:
+    """Fixed batches, counting those drawn; rank 1 gets SIGTERM while it draws the second (step 2's)."""
+
+    def __init__(self, batches: list, rank: int) -> None:
+        self.batches, self.rank, self.drawn = batches, rank, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.drawn += 1
+            if self.drawn == 2 and self.rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # StopSignals records it; the step in flight finishes
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def _stopped_run(info: DistInfo, run_dir: Path) -> dict:
+    """A tiny DualEncoder under DDP, log_every=4, rank 1 signalled at step 2: the message of each rank's
+    RunStopped and the steps at which it asked the other ranks about a stop."""
+    cfg, model, batches = tiny_model_and_batches(8)
+    run_dir.mkdir(exist_ok=True)
+    data, asked, requested = _SignalledBatches(batches, info.rank), [], StopSignals.requested
+
+    def counted(stop: StopSignals, dist: DistInfo) -> bool:
+        asked.append(data.drawn)  # one batch per step: the step just taken
+        return requested(stop, dist)
+
+    StopSignals.requested = counted
+    try:
+        train(dataclasses.replace(cfg, log_every=4), model, data, run_dir, dist=info,
+              normalize=PixelNormalize(ImageProcessor.clip(16)))  # fmt: skip
+    except RunStopped as stopped:
+        return {"message": str(stopped), "asked": asked}
+    finally:
+        StopSignals.requested = requested
+    return {"message": "finished without a stop", "asked": asked}
 
 
 def _rank_main(rank: int, ports: dict[int, int], out_dir: str) -> None:
@@ -127,8 +176,13 @@ def _rank_main(rank: int, ports: dict[int, int], out_dir: str) -> None:
             results[name] = _embedding_run(name, distributed_loss, batch, rows)
             results[f"{name}_ddp"] = _tower_run(name, distributed_loss, batch, rows, ddp=True)
             results[f"{name}_ddp_accumulated"] = _accumulated_tower_run(name, distributed_loss, batch, rows)
+            results[f"{name}_ddp_compiled"] = _accumulated_tower_run(
+                name, distributed_loss, batch, rows, compiled=True
+            )
+        results["stopped"] = _stopped_run(info, Path(out_dir) / f"stopped_world{world_size}")
         torch.save(results, Path(out_dir) / f"world{world_size}_rank{rank}.pt")
         cleanup()
+        torch._dynamo.reset()  # compiled code guards on the process group just destroyed
 
 
 def _free_port() -> int:
@@ -146,12 +200,12 @@ def results_by_world_size(tmp_path_factory) -> dict[int, list[dict]]:
     context = mp.start_processes(
         _rank_main, args=(ports, str(out_dir)), nprocs=nprocs, join=False, start_method="spawn"
     )
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while not context.join(timeout=1):  # raises with the rank's traceback if one fails
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail("the ranks did not finish within 90 s (a deadlocked exchange?)")
+            pytest.fail("the ranks did not finish within 120 s (a deadlocked exchange?)")
     return {
         w: [torch.load(out_dir / f"world{w}_rank{r}.pt", weights_only=False) for r in range(w)]
         for w in WORLD_SIZES
@@ -231,6 +285,25 @@ def test_ddp_accumulation_with_gathered_negatives_equals_one_single_process_batc
     for result in ranks:  # DDP averaged the parameter gradients on the last micro-batch's backward only
         for key in (key for key in single if key != "loss"):
             _assert_close(result[f"{name}_ddp_accumulated"][key], single[key])
+
+
+@pytest.mark.slow  # shares one spawn of 3 processes, ~20 s on 2 cores
+@pytest.mark.parametrize("name", LOSSES)
+def test_compiled_ddp_accumulation_equals_one_single_process_batch(ranks, name):
+    # no_sync on the compiled DDP module still holds the all-reduce back to the last micro-batch
+    single = _tower_run(name, LOSSES[name][0], _batch(len(ranks)), slice(None), ddp=False)
+    _assert_close(torch.stack([r[f"{name}_ddp_compiled"]["loss"] for r in ranks]).mean(), single["loss"])
+    for result in ranks:
+        for key in (key for key in single if key != "loss"):
+            _assert_close(result[f"{name}_ddp_compiled"][key], single[key])
+
+
+@pytest.mark.slow  # shares one spawn of 3 processes, ~20 s on 2 cores
+def test_ranks_ask_about_a_stop_only_at_log_steps_and_stop_together(ranks):
+    # rank 1 was signalled during step 2: without asking at every step (a host sync each), all ranks stop at 4
+    for result in ranks:
+        assert result["stopped"]["asked"] == [4]
+        assert result["stopped"]["message"].startswith("SIGTERM: stopped after step 4; checkpoint ")
 
 
 def test_single_process_fallback(monkeypatch):

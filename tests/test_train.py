@@ -129,7 +129,7 @@ def test_in_memory_batches_equal_the_image_processor_and_resume_by_position():
     import numpy as np
     from PIL import Image
 
-    from mmlm.processing.image import ImageProcessor
+    from mmlm.processing.image import ImageProcessor, PixelNormalize
     from mmlm.train.memory_data import InMemoryPairs
 
     rng = np.random.default_rng(0)
@@ -137,8 +137,10 @@ def test_in_memory_batches_equal_the_image_processor_and_resume_by_position():
     processor = ImageProcessor.clip(16)
     data = InMemoryPairs(images, torch.arange(10)[:, None], processor, batch_size=4, seed=3)
     batches = [b for _, b in zip(range(5), data, strict=False)]
-    for pixels, ids in batches:  # every batch is the processor's output for the images its ids name
-        torch.testing.assert_close(pixels, processor([images[i] for i in ids[:, 0].tolist()]), atol=0, rtol=0)
+    for pixels, ids in batches:  # every batch, normalised, is the processor's output for its ids' images
+        assert pixels.dtype == torch.uint8
+        expected = processor([images[i] for i in ids[:, 0].tolist()])
+        torch.testing.assert_close(PixelNormalize(processor)(pixels), expected, atol=0, rtol=0)
     again = InMemoryPairs(images, torch.arange(10)[:, None], processor, batch_size=4, seed=3)
     again.load_state_dict({"position": 3})
     assert [torch.equal(a[1], b[1]) for a, b in zip(batches[3:], iter(again), strict=False)] == [True, True]
@@ -194,3 +196,73 @@ def test_a_warmup_fraction_outside_zero_to_one_is_refused():
 
     with pytest.raises(InputError, match="max_warmup_fraction"):
         load_train_config(None, ["optim.max_warmup_fraction=1.5"])
+
+
+def tiny_model_and_batches(steps: int):
+    """A TINY dual encoder and `steps` batches of uint8 images and token ids, as InMemoryPairs serves them."""
+    from dataclasses import replace
+
+    from mmlm.models.dual_encoder import DualEncoder
+
+    cfg = load_train_config(None, [*TINY, f"steps={steps}"])
+    torch.manual_seed(0)
+    model = DualEncoder(replace(cfg.model, text=replace(cfg.model.text, vocab_size=300)))
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (steps, 16, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    ids = torch.randint(1, 300, (steps, 16, 24), generator=generator)
+    return cfg, model, list(zip(pixels, ids, strict=True))
+
+
+def test_uint8_batches_normalised_on_the_device_train_as_float_batches(tmp_path):
+    from mmlm.processing.image import ImageProcessor, PixelNormalize
+    from mmlm.train.loop import train
+
+    processor = ImageProcessor.clip(16)
+    table = torch.from_numpy(processor.value_table())  # the float path: normalised in the loader
+    cfg, model, batches = tiny_model_and_batches(3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    as_uint8 = train(cfg, model, iter(batches), tmp_path, normalize=PixelNormalize(processor))
+    model.load_state_dict(start)
+    floats = [(torch.stack([table[c][p[:, c].long()] for c in range(3)], 1), i) for p, i in batches]
+    as_float = train(cfg, model, iter(floats), tmp_path)
+    assert len(as_uint8) == 3
+    for a, b in zip(as_uint8, as_float, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_compiled_model_trains_to_the_eager_losses(tmp_path, monkeypatch, accumulation):
+    from mmlm.models.dual_encoder import DualEncoder
+
+    overrides = [*TINY, "steps=3", f"optim.accumulation={accumulation}", "data.shapes_samples=96"]
+    _, eager = run_clip_training(load_train_config(None, [*overrides, f"out_dir={tmp_path / 'eager'}"]))
+    compiled_cfg = load_train_config(
+        None, [*overrides, "compile=true", "compile_backend=aot_eager", f"out_dir={tmp_path / 'compiled'}"]
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_objects, compile = [], torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda f, **options: compiled_objects.append(f) or compile(f, **options)
+    )
+    _, compiled = run_clip_training(compiled_cfg)
+    assert any(isinstance(f, DualEncoder) for f in compiled_objects)  # the model, not only the loss
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the model's forward and the loss
+    assert len(compiled) == 3
+    for a, b in zip(compiled, eager, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5, rel=0)
+
+
+@pytest.mark.cuda
+def test_in_memory_batches_are_pinned_and_normalise_on_the_gpu_to_the_float_path():
+    from mmlm.processing.image import ImageProcessor, PixelNormalize
+    from mmlm.train.memory_data import InMemoryPairs
+
+    images = [shapes.make_sample(i, 0, image_size=16).image for i in range(8)]
+    processor = ImageProcessor.clip(16)
+    data = InMemoryPairs(images, torch.arange(8)[:, None], processor, batch_size=4, pin_memory=True)
+    pixels, ids = next(iter(data))
+    assert pixels.is_pinned() and ids.is_pinned() and pixels.dtype == torch.uint8
+    on_gpu = PixelNormalize(processor).cuda()(pixels.cuda(non_blocking=True))
+    expected = processor([images[i] for i in ids[:, 0].tolist()])
+    torch.testing.assert_close(on_gpu.cpu(), expected, atol=1e-6, rtol=0)

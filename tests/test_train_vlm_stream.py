@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data as photos
 
 from mmlm.cli import main
 from mmlm.data.conversation_records import ConversationRecords, SampleSkipped, encode_record
-from mmlm.train.mixed_batches import DataWorkerError, MixedBatches, worker_failures_as_errors
+from mmlm.processing.image import PixelNormalize
+from mmlm.processing.vlm_processor import VLMProcessor
+from mmlm.train.mixed_batches import DataWorkerError, MixedBatches, device_batch, worker_failures_as_errors
 from mmlm.train.mixing import MULTIMODAL, EncodedSource, MixingSampler
 from mmlm.train.vlm_config import vlm_config_from_dict
 from mmlm.train.vlm_loop import build_tokenizer, build_vlm, run_vlm_training
@@ -152,3 +155,34 @@ def test_a_worker_that_dies_is_a_clear_error_not_a_hang(tmp_path):
     with pytest.raises(DataWorkerError, match=expected), worker_failures_as_errors():
         for _ in stream:
             pass
+
+
+def test_streamed_uint8_pixels_normalised_on_the_device_equal_the_float_path(tmp_path):
+    path = write_dataset(tmp_path)
+    cfg = config(tmp_path / "run", path)
+    _, processor = build_vlm(cfg, build_tokenizer(cfg, tmp_path / "run", lambda: ["what is the photo"] * 50))
+    streamed = processor.with_uint8_pixels()
+    assert streamed.uint8_pixels and not processor.uint8_pixels  # inference keeps its float pixels
+    records = ConversationRecords(path)
+
+    def first(processor, n: int = 3) -> list:
+        source = EncodedSource(len(records), lambda i: encode_record(processor, records, i))
+        stream = MixedBatches({MULTIMODAL: source}, MixingSampler({MULTIMODAL: 20}, 1.0, 4, 0), processor, 2)
+        return [b["pixel_values"] for b, _ in zip(stream, range(n), strict=False)]
+
+    normalize = PixelNormalize(processor.image_processor)
+    for small, full in zip(first(streamed), first(processor), strict=True):
+        assert small.dtype == torch.uint8 and full.dtype == torch.float32 and small.shape == full.shape
+        assert small.untyped_storage().nbytes() * 4 == full.untyped_storage().nbytes()
+        on_device = device_batch({"pixel_values": small}, torch.device("cpu"), normalize)["pixel_values"]
+        torch.testing.assert_close(on_device, full, atol=1e-6, rtol=0)
+
+
+def test_a_run_on_uint8_pixels_logs_the_losses_of_float_pixels(tmp_path, monkeypatch):
+    path = write_dataset(tmp_path / "data", bad=False)
+    _, uint8_records = run_vlm_training(config(tmp_path / "uint8", path))
+    monkeypatch.setattr(VLMProcessor, "with_uint8_pixels", lambda self: self)  # the float path, as before
+    _, float_records = run_vlm_training(config(tmp_path / "float", path))
+    assert len(uint8_records) == 6
+    for a, b in zip(uint8_records, float_records, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6, rel=0)

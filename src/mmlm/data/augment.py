@@ -1,10 +1,11 @@
 """Image transforms that PairDataset applies: training augmentation, and inference preprocessing for validation.
 
-Both use the inference stack of `mmlm.processing.image`: `load_image` to decode (with JPEG draft mode), PIL
-to resize, and `ImageProcessor.value_table` to rescale and normalise, so a crop of the whole image gives
-exactly the numbers inference gives. No torchvision.
+Both use the inference stack of `mmlm.processing.image`: `load_image` to decode (with JPEG draft mode) and PIL
+to resize. They stop at uint8 pixels: the trainer normalises them on its device (`PixelNormalize`), so loader
+workers, pinned memory and the host-to-device copy carry a quarter of float32's bytes, and a crop of the whole
+image still gives exactly the numbers inference gives. No torchvision.
 
-A transform takes (image, caption, rng) and returns (pixels [3, H, W] float32, caption). It gets the caption
+A transform takes (image, caption, rng) and returns (pixels [3, H, W] uint8, caption). It gets the caption
 because a horizontal flip can make a caption false, and the rng because each sample's randomness comes from
 PairDataset's per-sample generator, which is what makes augmentation deterministic and resumable.
 """
@@ -19,14 +20,7 @@ import torch
 from PIL import Image
 
 from mmlm.errors import InputError
-from mmlm.processing.image import (
-    MAX_PIXELS,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ImageProcessor,
-    ImageSource,
-    load_image,
-)
+from mmlm.processing.image import MAX_PIXELS, ImageProcessor, ImageSource, load_image
 
 # A word that starts with left or right ("left", "rightmost", "left-hand"); also catches "all right" and
 # "rightly", which only costs those samples their flip.
@@ -34,7 +28,7 @@ _SIDE_WORD = re.compile(r"\b(left|right)", re.IGNORECASE)
 
 
 class PairTransform(Protocol):
-    """Turns one image and its caption into (pixels [3, H, W] float32, caption), drawing randomness from rng."""
+    """Turns one image and its caption into (pixels [3, H, W] uint8, caption), drawing randomness from rng."""
 
     def __call__(
         self, image: ImageSource, caption: str, rng: np.random.Generator
@@ -48,7 +42,7 @@ def mentions_side(caption: str) -> bool:
 
 @dataclass
 class TrainTransform:
-    """Random resized crop, optional horizontal flip and normalisation to a float32 [3, H, W] tensor.
+    """Random resized crop and optional horizontal flip, to a uint8 [3, H, W] tensor (normalised on the device).
 
     The crop follows torchvision's RandomResizedCrop: an area fraction in `scale` and a log-uniform aspect
     ratio in `ratio`, ten tries, then a centre crop clamped to `ratio`. The default scale (0.9, 1.0) is
@@ -63,8 +57,6 @@ class TrainTransform:
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = False
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
     resample: int = Image.Resampling.BICUBIC
     # JPEG DCT-domain downscaling (Image.draft): several times faster on big photos; the decoded image stays at
     # least twice the output size, so the bicubic resize still averages over the draft's pixels.
@@ -79,7 +71,6 @@ class TrainTransform:
             raise InputError(f"scale: got {self.scale!r}; expected (min, max) with 0 < min <= max <= 1")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise InputError(f"ratio: got {self.ratio!r}; expected (min, max) with 0 < min <= max")
-        self._table = ImageProcessor(mean=self.mean, std=self.std).value_table()  # [3, 256]
 
     def draft_size(self) -> tuple[int, int] | None:
         """Return the (width, height) a JPEG may be draft-decoded down to, or None without fast_decode."""
@@ -111,7 +102,7 @@ class TrainTransform:
     def __call__(
         self, image: ImageSource, caption: str, rng: np.random.Generator
     ) -> tuple[torch.Tensor, str]:
-        """Return (a random crop of the image, resized and normalised as float32 [3, H, W], the caption)."""
+        """Return (a random crop of the image, resized, as uint8 [3, H, W], the caption)."""
         image = load_image(image, self.max_pixels, self.draft_size())
         left, top, crop_width, crop_height = self.crop_box(image.width, image.height, rng)
         height, width = self.size
@@ -120,17 +111,18 @@ class TrainTransform:
         pixels = np.asarray(image.resize((width, height), resample=self.resample, box=box))  # [H, W, 3] uint8
         if self.flip and rng.random() < 0.5 and not mentions_side(caption):
             pixels = pixels[:, ::-1]
-        return torch.from_numpy(self._table[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]), caption
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy()), caption  # [H, W, 3] -> [3, H, W]
 
 
 @dataclass
 class EvalTransform:
-    """Inference preprocessing (resize, centre crop, normalise) as a PairTransform, for validation sets."""
+    """Inference preprocessing (resize, centre crop) as a PairTransform, for validation sets; normalised on the
+    device like training batches."""
 
     processor: ImageProcessor
 
     def __call__(
         self, image: ImageSource, caption: str, rng: np.random.Generator
     ) -> tuple[torch.Tensor, str]:
-        """Return (the image preprocessed as float32 [3, H, W], the caption); rng is not used."""
-        return self.processor([image])[0], caption
+        """Return (the image resized and cropped as uint8 [3, H, W], the caption); rng is not used."""
+        return self.processor.uint8([image])[0], caption

@@ -26,6 +26,7 @@ Labels are the input ids (not shifted; the model shifts) on assistant answers an
 -100 everywhere else. A sample that `max_length` would cut inside its image or audio tokens is dropped, not cut.
 """
 
+import copy
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -89,7 +90,8 @@ class EncodedSample:
 
     input_ids: torch.Tensor  # [L] long
     labels: torch.Tensor  # [L] long, IGNORE_INDEX outside answers
-    pixel_values: torch.Tensor | None  # [T, 3, H, W] float32, T = sum(image_tiles); None without images
+    # [T, 3, H, W] float32 (uint8 from `with_uint8_pixels`), T = sum(image_tiles); None without images
+    pixel_values: torch.Tensor | None
     image_tiles: list[int] = field(default_factory=list)  # tiles per image, global view included
     image_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) tiled; (0, 0) untiled
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (height, width)
@@ -195,6 +197,21 @@ class VLMProcessor:
         self.eos_token = self.special_tokens.get("eos_token")
         pad = self.special_tokens.get("pad_token") or self.eos_token
         self.pad_token_id = (tokenizer.token_to_id(pad) if pad else None) or 0
+        self.uint8_pixels = False  # a training stream's copy sets it (`with_uint8_pixels`)
+
+    def with_uint8_pixels(self) -> "VLMProcessor":
+        """Return a copy whose pixel_values are uint8, resized and cropped but not normalised; self if it cannot.
+
+        Training streams carry these: loader workers, pinned memory and the copy to the device move a quarter of
+        float32's bytes, and the trainer normalises on the device (`PixelNormalize`) to the numbers __call__
+        gives. Only an `ImageProcessor` has this form, for whole images and anyres tiles alike; NaFlex and
+        Qwen2-VL patches (their own processors) stay float32, and the trainer passes float pixels through.
+        """
+        if not isinstance(self.image_processor, ImageProcessor):
+            return self
+        training = copy.copy(self)
+        training.uint8_pixels = True
+        return training
 
     @classmethod
     def from_pretrained(
@@ -405,14 +422,15 @@ class VLMProcessor:
                 tiles.append(len(tiled.tiles))
                 grids.append(tiled.grid)
                 frames.extend([1] * len(tiled.tiles))
-        return self.image_processor(views), tiles, grids, sizes, frames
+        pixels = self.image_processor.uint8(views) if self.uint8_pixels else self.image_processor(views)
+        return pixels, tiles, grids, sizes, frames
 
     def collate(
         self, samples: Sequence[EncodedSample | None], padding_side: PaddingSide = "right"
     ) -> dict[str, Any]:
         """Return a padded batch of samples (right for training, left for generation); None samples are counted.
 
-        Keys: input_ids, attention_mask, labels [B, L] long; pixel_values [T, 3, H, W] float32 or None;
+        Keys: input_ids, attention_mask, labels [B, L] long; pixel_values [T, 3, H, W] float32 (or uint8) or None;
         image_tiles [I], image_grid [I, 2], image_sizes [I, 2], images_per_sample [B] long; image_frames [S]
         long (pixel_values rows per image slot); audio_features
         [A, n_mels, frames] float32 or None, audio_per_sample [B] long; num_dropped int.

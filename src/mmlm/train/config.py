@@ -80,7 +80,10 @@ class TrainConfig:
     )
     lock_text: int | None = None
     grad_checkpointing: bool = False
+    # torch.compile the model's training forward and the loss (open_clip's --torchcompile) with this backend;
+    # "aot_eager" traces the same graphs without generating kernels (quick on a CPU, for checks)
     compile: bool = False
+    compile_backend: str = "inductor"
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"
     version: int = CONFIG_VERSION  # of this layout, written to the run's config.json

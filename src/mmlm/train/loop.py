@@ -12,6 +12,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.models.dual_encoder import DualEncoder
+from mmlm.processing.image import PixelNormalize
 from mmlm.progress import Progress
 from mmlm.train.accumulation import accumulate_contrastive_gradients
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
@@ -50,12 +51,20 @@ def _all_ranks(state: Any, dist: DistInfo) -> list[Any]:
     return states
 
 
+def _device_batch(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                  normalize: PixelNormalize | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Return (inputs, ids) on the device: uint8 pixels normalised there, log-mels as they come."""
+    inputs, ids = (t.to(device, non_blocking=True) for t in batch)  # non_blocking: from pinned memory, async
+    return (inputs if normalize is None else normalize(inputs, dtype)), ids
+
+
 def _optimizer_step(cfg: TrainConfig, net: torch.nn.Module, model: DualEncoder, batches: Any,
-                    device: torch.device, bf16: bool, loss_fn: Callable, opt: Any, sched: Any) -> torch.Tensor:  # fmt: skip
+                    device: torch.device, normalize: PixelNormalize | None, bf16: bool, loss_fn: Callable,
+                    opt: Any, sched: Any) -> torch.Tensor:  # fmt: skip
     """Take one optimiser step on cfg.optim.accumulation micro-batches with full-batch negatives; return the loss."""
+    dtype = model.logit_scale.dtype
     micro_batches = [
-        (inputs.to(device, non_blocking=True), ids.to(device, non_blocking=True))
-        for inputs, ids in (next(batches) for _ in range(cfg.optim.accumulation))
+        _device_batch(next(batches), device, normalize, dtype) for _ in range(cfg.optim.accumulation)
     ]
     loss = accumulate_contrastive_gradients(
         net, model, micro_batches, partial(loss_fn, model.cfg.family),
@@ -89,14 +98,23 @@ def train(
     evaluate: Callable[[DualEncoder, int], dict[str, float]] | None = None,
     export: Callable[[Path], Any] | None = None,
     dist: DistInfo | None = None,
+    normalize: PixelNormalize | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` for cfg.steps optimiser steps on batches of (pixels or log-mels, ids); return the records.
 
-    SIGTERM or SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
+    Pixels may come as uint8 and are then normalised on the device by `normalize` (the image processor's
+    numbers); log-mels and float pixels are used as they come.
+    SIGTERM or SIGINT stops it after the step in flight (under DDP: at the next multiple of log_every), with a
+    checkpoint, by raising RunStopped.
+
+    Between log steps the host never waits for the device: the copies are non_blocking, the logit-scale clamp
+    and gradient clipping stay on the device. The host syncs only at log steps (the loss and logit scale read,
+    and under DDP the stop question), at evaluation and at checkpoints.
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
     model.to(device).train()
+    normalize = normalize.to(device) if normalize is not None else None
     # lock_image locks whichever non-text tower the model has (a ViT, or an audio tower)
     for tower, lock in ((model.media_tower, cfg.lock_image), (model.text, cfg.lock_text)):
         if lock is not None:
@@ -107,11 +125,17 @@ def train(
         if dist.world_size > 1
         else model
     )
+    if cfg.compile:
+        # open_clip compiles the DDP-wrapped model: DDP's graph splitting then keeps its bucketed all-reduces
+        # overlapping the backward pass. `model` stays the plain module: checkpoints keep their tensor names.
+        net = torch.compile(net, backend=cfg.compile_backend)
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
     step, records = _resume(run_dir, resume, model, opt, sched, data, dist) if resume else (0, [])
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    loss_fn = torch.compile(contrastive_loss) if cfg.compile else contrastive_loss
+    loss_fn = (
+        torch.compile(contrastive_loss, backend=cfg.compile_backend) if cfg.compile else contrastive_loss
+    )
     main = dist.rank == 0
     log = MetricLog(run_dir, cfg.log, dataclasses.asdict(cfg), main)
     batches, progress = iter(data), Progress(cfg.steps, initial=step, desc="train", enabled=main)
@@ -119,7 +143,7 @@ def train(
     last, stopping = time.perf_counter(), False
     with StopSignals() as stop:
         while step < cfg.steps and not stopping:
-            loss = _optimizer_step(cfg, net, model, batches, device, bf16, loss_fn, opt, sched)
+            loss = _optimizer_step(cfg, net, model, batches, device, normalize, bf16, loss_fn, opt, sched)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
@@ -137,9 +161,10 @@ def train(
                 records.append(record)
                 log.write(record)
                 progress.update(step, {k: record[k] for k in ("loss", "lr", "logit_scale", "samples_per_s")})
-            stopping = step < cfg.steps and stop.requested(
-                dist
-            )  # a stop at the last step lets the run finish
+            # under DDP the question is an all-reduce and a host sync, so it waits for a log step (which reads
+            # the loss anyway); every rank asks at the same steps, so all stop together. At the last step: finish.
+            asks = dist.world_size == 1 or step % cfg.log_every == 0
+            stopping = step < cfg.steps and asks and stop.requested(dist)
             if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
                 data_states = _all_ranks(data.state_dict(), dist)
                 if main:

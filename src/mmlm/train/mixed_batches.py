@@ -10,6 +10,9 @@ With `groups` > 1 each sampler draw is a pool of that many batches' samples, cut
 (mmlm.train.length_grouping), and with `pack` each batch's samples are packed into rows (mmlm.processing.packing);
 a worker returns a pool's batches together, and the resume state counts the batches of the current pool taken.
 
+Pixels travel as uint8 where the processor allows (`VLMProcessor.with_uint8_pixels`), in pinned memory on CUDA,
+and `device_batch` normalises them on the device.
+
 Samples that cannot be trained on are skipped and counted by reason (`skipped`, SKIP_REASONS); a run of
 EMPTY_BATCH_LIMIT batches that lost every sample stops with one line, and so does a worker that dies.
 """
@@ -25,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmlm.data.conversation_records import SampleSkipped
 from mmlm.errors import InputError
+from mmlm.processing.image import PixelNormalize
 from mmlm.processing.packing import pack_samples
 from mmlm.processing.vlm_processor import EncodedSample, VLMProcessor
 from mmlm.train.length_grouping import group_by_length
@@ -136,6 +140,16 @@ class BatchStream(IterableDataset):
         return self.processor.collate(samples, "right")
 
 
+def device_batch(
+    batch: dict[str, Any], device: torch.device, normalize: PixelNormalize | None
+) -> dict[str, Any]:
+    """Return a training `batch` on the device, its uint8 pixel_values normalised there (float ones pass unchanged)."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if normalize is not None and batch["pixel_values"] is not None:
+        batch["pixel_values"] = normalize(batch["pixel_values"])  # float32, as the float path gave
+    return batch
+
+
 class MixedBatches:
     """An endless, resumable stream of collated training batches drawn by a MixingSampler from its sources."""
 
@@ -162,7 +176,8 @@ class MixedBatches:
                             timeout=self.timeout if self.workers else 0,
                             worker_init_fn=_one_thread if self.workers else None,
                             # its own generator: the loader's seed draw must not move the run's RNG state
-                            generator=torch.Generator().manual_seed(self.sampler.seed))  # fmt: skip
+                            generator=torch.Generator().manual_seed(self.sampler.seed),
+                            pin_memory=torch.cuda.is_available())  # fmt: skip
         batches, empty = iter(loader), 0  # empty: batches in a row whose every sample was dropped
         while True:
             draw = self._next(batches)

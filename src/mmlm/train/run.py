@@ -25,7 +25,7 @@ from mmlm.inference.audio import whisper_preprocessor
 from mmlm.inference.contrastive import ContrastiveModel
 from mmlm.models.dual_encoder import DualEncoder
 from mmlm.processing.bpe import train_bpe
-from mmlm.processing.image import ImageProcessor
+from mmlm.processing.image import ImageProcessor, PixelNormalize
 from mmlm.processing.tokenizer import HFTokenizer, TextTokenizer, load_tokenizer
 from mmlm.train.checkpoint import find_checkpoint
 from mmlm.train.config import DataConfig, TrainConfig, config_dict
@@ -104,21 +104,23 @@ def build_audio_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, preprocess
 
 
 def build_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, processor: ImageProcessor):
-    """Return (tokenizer, batch stream) for the configured data, preprocessed as `processor` does."""
+    """Return (tokenizer, batch stream) for the configured data: uint8 pixels resized and cropped as `processor`
+    does (or augmented), normalised later on the device."""
     size = cfg.model.vision.image_size
     if cfg.data.source == "shapes":
         pairs = shapes_pairs(cfg.data, size, cfg.seed)
         tokenizer = build_tokenizer(cfg, run_dir, (t for _, t in pairs))
         pairs = pairs[dist.rank :: dist.world_size]
         ids = tokenizer([t for _, t in pairs])
-        return tokenizer, InMemoryPairs([p for p, _ in pairs], ids, processor, cfg.batch_size, cfg.seed)
+        images = [p for p, _ in pairs]
+        pin = torch.cuda.is_available()
+        return tokenizer, InMemoryPairs(images, ids, processor, cfg.batch_size, cfg.seed, pin_memory=pin)
     options = {
         k: v for k in ("image_column", "text_column", "image_root", "split") if (v := getattr(cfg.data, k))
     }
     reader = open_pairs(cfg.data.source, cfg.data.format, **options)
     tokenizer = build_tokenizer(cfg, run_dir, (c for pair in reader for c in pair.captions))
-    transform = TrainTransform(size=size, scale=tuple(cfg.data.crop_scale), flip=cfg.data.flip,
-                               mean=processor.mean, std=processor.std)  # fmt: skip
+    transform = TrainTransform(size=size, scale=tuple(cfg.data.crop_scale), flip=cfg.data.flip)
     dataset = PairDataset(reader, transform, seed=cfg.seed, batch_size=cfg.batch_size, rank=dist.rank,
                           world_size=dist.world_size)  # fmt: skip
     loader = PairLoader(dataset, num_workers=cfg.data.workers, collate=PairCollate(tokenizer),
@@ -187,8 +189,10 @@ def run_clip_training(
         options = {"split": cfg.val_split} if cfg.val_split else {}
         evaluate = manifest_evaluator(cfg.val_data, cfg.val_samples, **options)
     hook = (lambda _, step: evaluate(loaded, step)) if evaluate else None
+    normalize = PixelNormalize(processor) if cfg.model.audio is None else None  # the batches' uint8 pixels
     records = train(cfg, model, data, run_dir, resume=resume, evaluate=hook,
-                    export=lambda folder: loaded.save_pretrained(folder, format="mmlm"), dist=dist)  # fmt: skip
+                    export=lambda folder: loaded.save_pretrained(folder, format="mmlm"), dist=dist,
+                    normalize=normalize)  # fmt: skip
     skipped = getattr(getattr(data, "loader", None), "skipped", None)
     if skipped and dist.rank == 0:
         print(f"skipped {sum(skipped.values())} corrupt samples: {dict(skipped)}")

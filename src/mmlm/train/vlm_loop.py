@@ -6,6 +6,9 @@ stage ends). A stage may unfreeze the ViT's last N blocks from a given step on. 
 gradient and are not in the optimiser, so they stay bitwise equal. The loss is next-token cross-entropy on
 answer tokens, averaged over tokens; it is also logged per modality (`loss_image`, `loss_audio`, `loss_text`).
 
+Batches carry uint8 pixels where the processor allows (`VLMProcessor.with_uint8_pixels`) and are normalised on
+the device by `PixelNormalize`, as the CLIP trainer does; NaFlex and Qwen2-VL patches stay float32.
+
 Checkpoints hold the weights, optimiser, schedule, sampler position, RNG state and the stage, so `--resume`
 continues exactly; under torchrun every rank trains on its own data stream and DDP averages the gradients.
 """
@@ -31,12 +34,13 @@ from mmlm.inference.vlm import GenerativeModel
 from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
 from mmlm.layers.transformer import set_grad_checkpointing
 from mmlm.models.vlm import VisionLanguageModel, causal_lm_loss
+from mmlm.processing.image import PixelNormalize
 from mmlm.progress import Progress
 from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loggers import MetricLog
 from mmlm.train.loop import _all_ranks, resolve_device
-from mmlm.train.mixed_batches import MixedBatches, worker_failures_as_errors
+from mmlm.train.mixed_batches import MixedBatches, device_batch, worker_failures_as_errors
 from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, fused_adamw, no_decay
 from mmlm.train.plots import plot_training
@@ -266,11 +270,11 @@ class RunLog:
 
 def accumulate_gradients(
     net: nn.Module, batches: Iterator[dict[str, Any]], micro_batches: int, device: torch.device, bf16: bool,
-    loss_average: str, interval: IntervalLosses,
+    loss_average: str, interval: IntervalLosses, normalize: PixelNormalize | None = None,
 ) -> None:  # fmt: skip
     """Run `micro_batches` batches forward and backward (gradients add up), their row losses into `interval`."""
     for _ in range(micro_batches):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        batch = device_batch(next(batches), device, normalize)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
                                        batch["pixel_values"], batch["audio_features"],
@@ -304,14 +308,18 @@ def train_vlm(
     evaluate: Callable[[int], dict[str, float]] | None = None,
     on_stage_end: Callable[[str, StageConfig], None] | None = None,
     dist: DistInfo | None = None,
+    normalize: PixelNormalize | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` through cfg.stages in order; return the logged records (one per log_every steps).
+
+    uint8 pixel_values are normalised on the device by `normalize` (the image processor's numbers).
 
     SIGTERM or SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
     model.to(device).train()
+    normalize = normalize.to(device) if normalize is not None else None
     set_grad_checkpointing(model, cfg.grad_checkpointing)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     main = dist.rank == 0
@@ -341,9 +349,8 @@ def train_vlm(
                 if stage.vision_layers and step - first == stage.vision_from_step:
                     set_trainable(model, stage, step - first)
                     net = _wrap(RowLosses(model), dist, device)  # DDP registers what needs gradients anew
-                accumulate_gradients(
-                    net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average, interval
-                )
+                accumulate_gradients(net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average,
+                                     interval, normalize)  # fmt: skip
                 optimizer_step(model, opt, sched, stage.optim.grad_clip)
                 step += 1
                 if step % cfg.log_every == 0 or step == end:
@@ -379,13 +386,15 @@ def train_vlm(
 
 
 @torch.no_grad()
-def patch_feature_sample(model: VisionLanguageModel, batches: MixedBatches, images: int) -> torch.Tensor:
+def patch_feature_sample(model: VisionLanguageModel, batches: MixedBatches, images: int,
+                         normalize: PixelNormalize | None = None) -> torch.Tensor:  # fmt: skip
     """Return the patch features [M, Dv] of about `images` training images (M = 0: the batches had none), for
     a fusion style to fit before training (unified tokens: its codebook)."""
     features, seen = [], 0
     for batch, _ in zip(batches, range(10_000), strict=False):
         if batch["pixel_values"] is not None:
-            features.append(model.patch_features(batch["pixel_values"]).flatten(0, 1))  # [I·N, Dv]
+            pixels = batch["pixel_values"] if normalize is None else normalize(batch["pixel_values"])
+            features.append(model.patch_features(pixels).flatten(0, 1))  # [I·N, Dv]
             seen += len(batch["pixel_values"])
         if seen >= images:
             break
@@ -430,7 +439,9 @@ def run_vlm_training(
     if dist.world_size > 1:
         torch.distributed.barrier()
     model, processor = build_vlm(cfg, build_tokenizer(cfg, run_dir, corpus))
-    loaded = GenerativeModel(model, processor)
+    loaded = GenerativeModel(model, processor)  # its processor keeps giving float pixels, for inference
+    stream_processor = processor.with_uint8_pixels()
+    normalize = PixelNormalize(processor.image_processor) if stream_processor.uint8_pixels else None
     if dist.rank == 0:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         (run_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
@@ -445,7 +456,7 @@ def run_vlm_training(
 
     def batches(index: int, name: str, stage: StageConfig) -> MixedBatches:
         seed = cfg.seed * 1000 + index  # each stage draws its own order
-        return stage_batches(stage.data, processor, cfg.batch_size, seed, pairs, model.cfg.vision.image_size,
+        return stage_batches(stage.data, stream_processor, cfg.batch_size, seed, pairs, model.cfg.vision.image_size,
                              dist.rank, model.cfg.video_pool, cfg.data.workers, cfg.data.timeout,
                              cfg.data.group_by_length, cfg.data.pack)  # fmt: skip
 
@@ -462,11 +473,13 @@ def run_vlm_training(
         if not multimodal:
             return None
         index = multimodal[0]
-        return patch_feature_sample(model, batches(index, *list(cfg.stages.items())[index]), images)
+        return patch_feature_sample(
+            model, batches(index, *list(cfg.stages.items())[index]), images, normalize
+        )
 
     if not resume and (fitted := model.style.initialise(model.connector, patch_features)) is not None:
         print(fitted)
-    records = train_vlm(cfg, model, batches, run_dir, resume, hook, after_stage, dist)
+    records = train_vlm(cfg, model, batches, run_dir, resume, hook, after_stage, dist, normalize)
     if dist.rank == 0:
         loaded.save_pretrained(run_dir / "model")
         plot_training(records, run_dir)
