@@ -136,7 +136,7 @@ def contrastive_training(suite, folder: Path) -> None:
             ids[:, -1] = text.eos_token_id
             batches.append((torch.randn(4, 3, size, size, generator=g), ids))
         stream = iter(batches)
-        return [_optimizer_step(cfg, model, model, stream, device, False, contrastive_loss, opt, sched).item()
+        return [_optimizer_step(cfg, model, model, stream, device, None, False, contrastive_loss, opt, sched).item()
                 for _ in range(TRAIN_STEPS)]  # fmt: skip
 
     def compare() -> dict:
