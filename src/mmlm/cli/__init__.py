@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "mmlm.cli.demo",
     "mmlm.cli.eval",
     "mmlm.cli.index",
+    "mmlm.cli.shard",
     "mmlm.cli.chat",
     "mmlm.cli.budget",
     "mmlm.cli.study",
