@@ -248,7 +248,7 @@ def test_generation_stops_when_the_context_is_full(llama):
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=0), "top_k"),
-        (dict(cache="paged"), "cache: expected 'static' or 'dynamic'"),
+        (dict(cache="paged"), "cache: expected 'static', 'dynamic' or 'graph'"),
         (dict(compile=True), "compile=True needs a CUDA device"),
     ],
 )
