@@ -250,14 +250,25 @@ def test_captured_cuda_graph_replays_the_eager_fixed_step():
         for i in range(12):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
             tokens = b.argmax(-1)
-            torch.cuda.set_sync_debug_mode("error")  # a replay must not wait on the device
-            a = graphed(tokens)
-            torch.cuda.set_sync_debug_mode("default")
+            if i:  # the first call captures the graph, which synchronises; a replay must not
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                a = graphed(tokens)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             b = eager(tokens)
             if i == 0:
                 first, first_eager = a, b.clone()
         torch.testing.assert_close(first, first_eager, rtol=0, atol=1e-4)  # not overwritten by later replays
     assert graphed.graph is not None and eager.graph is None
+    sampled = GenerationSettings(temperature=1.0, top_k=10, top_p=0.9, seed=0)
+    rows, eos = graph_decode.new_rows(sampled, [5], 3, ids.device), torch.tensor([5], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # the loop's token pick and end test stay on the device
+    try:
+        tokens = graph_decode.pick_tokens(rows, a)
+        (tokens[:, None] == eos).any(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     cache = model.new_fixed_cache(3, 7 + 16)
     settings = GenerationSettings(16)
     got = generate_fixed_ids(lm_step(model), cache, settings, [5], ids, attention_mask=mask)

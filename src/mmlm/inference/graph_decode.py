@@ -67,7 +67,7 @@ def decode_on_device(
     for i in range(steps):
         tokens = pick_tokens(rows, logits)
         new[:, i] = tokens
-        finished |= torch.isin(tokens, eos)
+        finished |= (tokens[:, None] == eos).any(-1)
         done = i + 1
         if done == steps or (done % sync_every == 0 and read_back(finished.all())):
             break
