@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from fixtures_gemma3 import write_tiny_gemma3
 from PIL import Image
 
 import mmlm
@@ -207,11 +208,17 @@ def test_too_small_a_cache_and_too_many_steps_raise_input_error():
                            sync_every=0)  # fmt: skip
 
 
-def test_families_and_styles_without_graph_decoding_are_refused(llava, monkeypatch):
-    with pytest.raises(
-        InputError, match=r"^cache: 'graph' decodes CausalLM and LLaVA-style VLMs; this model"
-    ):
-        check_request(GenerationSettings(), "graph")  # what the Gemma 3, Qwen2-VL and Chameleon wrappers call
+def test_families_and_styles_without_graph_decoding_are_refused(llava, monkeypatch, tmp_path):
+    refused = (
+        r"^cache: 'graph' decodes CausalLM and LLaVA-style VLMs; this model takes 'static' or 'dynamic'$"
+    )
+    write_tiny_gemma3(tmp_path)  # Gemma 3's images attend both ways: its own wrapper, static or dynamic only
+    gemma3 = mmlm.load(tmp_path)
+    with pytest.raises(InputError, match=refused):
+        gemma3.generate("hello", max_new_tokens=4, cache="graph")
+    assert isinstance(gemma3.generate("hello", max_new_tokens=4, cache="dynamic"), str)
+    with pytest.raises(InputError, match=refused):
+        check_request(GenerationSettings(), "graph")  # what the Qwen2-VL and Chameleon wrappers call too
     with pytest.raises(InputError, match=r"^cache: expected 'static', 'dynamic' or 'graph', got 'paged'$"):
         check_request(GenerationSettings(), "paged", graph=True)
     mrope = DecoderLM(LMConfig(vocab_size=64, width=32, layers=1, heads=2, kv_heads=1, mlp_dim=64,
