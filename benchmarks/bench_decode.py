@@ -14,8 +14,13 @@ preallocated for prompt + new tokens and transformers `cache_implementation="sta
 mmlm its growing KVCache and transformers its DynamicCache. transformers never compiles here (disable_compile:
 on a GPU a static cache would otherwise switch on torch.compile for transformers alone).
 
+`--cache graph` gives mmlm its fixed-shape decode (FixedDecodeCache, GraphStep, graph_decode.decode_on_device:
+no host read per token; a CUDA graph only on a GPU, so on this CPU the same fixed-shape steps run eagerly), and
+transformers its static cache, the closest setting it has. That loop yields no token as it comes, so the
+benchmark notes the time when each step returns (on a CPU the step's work is done by then).
+
     .venv/bin/python benchmarks/bench_decode.py [--batch 1 4] [--new-tokens 64] [--rounds 5] [--threads N]
-        [--cache static|dynamic] [--clock wall|cpu]
+        [--cache static|dynamic|graph] [--clock wall|cpu]
     .venv/bin/python benchmarks/bench_decode.py --quick    # a 2-layer model, 1 round: checks that it runs
 
 mmlm.load puts the CPU model in its decode layout (DecoderLM.prepare_for_inference); `--layout plain` keeps
@@ -40,7 +45,9 @@ from timing import CLOCKS, alternating_rounds, now, spread, use_clock
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import mmlm
-from mmlm.inference.generation import GenerationSettings, generate_ids, lm_step
+from mmlm.inference.generation import GenerationSettings, generate_ids, lm_step, new_rows
+from mmlm.inference.graph_decode import decode_on_device
+from mmlm.inference.graph_step import GraphStep
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -49,7 +56,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 # --quick: the same family at toy size, so a check that the benchmark runs takes seconds
 TINY_LLAMA = dict(SMOLLM2_135M, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-CACHES = ("static", "dynamic")
+CACHES = ("static", "dynamic", "graph")
 
 
 def write_checkpoint(
@@ -80,8 +87,10 @@ class StepClock(transformers.StoppingCriteria):
 
 
 def transformers_cache_settings(cache: str) -> dict:
-    """Return transformers generate's keyword arguments for a static or a dynamic KV cache, without compiling."""
-    return {"cache_implementation": "static" if cache == "static" else "dynamic", "disable_compile": True}
+    """Return transformers generate's keyword arguments for mmlm's `cache`, without compiling: a static cache
+    for "static" and for "graph" (transformers has no fixed-shape decode outside torch.compile), else dynamic."""
+    implementation = "dynamic" if cache == "dynamic" else "static"
+    return {"cache_implementation": implementation, "disable_compile": True}
 
 
 def transformers_token_times(model, ids: torch.Tensor, new_tokens: int, cache: str) -> list[float]:
@@ -96,15 +105,41 @@ def transformers_token_times(model, ids: torch.Tensor, new_tokens: int, cache: s
 
 
 def mmlm_cache(model, batch: int, length: int, cache: str) -> list:
-    """Return an empty mmlm KV cache: preallocated for `length` positions (static) or growing (dynamic)."""
+    """Return an empty mmlm KV cache: preallocated for `length` positions (static), growing (dynamic), or of
+    fixed shape for `length` slots (graph)."""
+    if cache == "graph":
+        return model.new_fixed_cache(batch, length)
     return model.new_cache(batch, length if cache == "static" else None)
+
+
+class TimedStep(GraphStep):
+    """A GraphStep that notes when the prefill and each step return (on a CPU, when their logits exist)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.times: list[float] = []
+
+    def prefill(self, *args, **kwargs) -> torch.Tensor:
+        logits = super().prefill(*args, **kwargs)
+        self.times.append(now())
+        return logits
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = super().__call__(tokens)
+        self.times.append(now())
+        return logits
 
 
 def mmlm_token_times(lm, ids: torch.Tensor, new_tokens: int, cache: str) -> list[float]:
     """Return the arrival time of each new token in mmlm's greedy generation (no early stop)."""
-    cache = mmlm_cache(lm.model, ids.shape[0], ids.shape[1] + new_tokens, cache)
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    times = [now() for _ in generate_ids(lm_step(lm.model), cache, settings, [], ids)]
+    kv = mmlm_cache(lm.model, ids.shape[0], ids.shape[1] + new_tokens, cache)
+    if cache == "graph":
+        step = TimedStep(lm_step(lm.model), kv)
+        decode_on_device(step, new_rows(settings, [], ids.shape[0], ids.device), settings, [], ids)
+        times = step.times
+    else:
+        times = [now() for _ in generate_ids(lm_step(lm.model), kv, settings, [], ids)]
     assert len(times) == new_tokens
     return times
 
@@ -145,7 +180,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, python {platform.python_version()}, load {os.getloadavg()}", file=sys.stderr)  # fmt: skip
-    print(f"# KV cache: {args.cache} on both sides", file=sys.stderr)
+    if args.cache == "graph":
+        print("# KV cache: mmlm graph (fixed shapes, no host read per token; CUDA graph on a GPU only), "
+              "transformers static (the closest it has)", file=sys.stderr)  # fmt: skip
+    else:
+        print(f"# KV cache: {args.cache} on both sides", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         ref = write_checkpoint(Path(tmp), shapes)
         ours = mmlm.load(tmp)

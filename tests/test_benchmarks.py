@@ -116,6 +116,7 @@ def test_decode_benchmarks_give_both_sides_the_same_kind_of_cache():
     finally:
         sys.path.remove(str(BENCHMARKS))
     from mmlm.layers.attention import KVCache, StaticKVCache
+    from mmlm.layers.fixed_cache import FixedKVCache
     from mmlm.models.decoder_lm import DecoderLM, LMConfig
 
     torch.manual_seed(0)
@@ -125,6 +126,7 @@ def test_decode_benchmarks_give_both_sides_the_same_kind_of_cache():
     expected = {
         "static": (transformers.StaticCache, StaticKVCache),
         "dynamic": (transformers.DynamicCache, KVCache),
+        "graph": (transformers.StaticCache, FixedKVCache),  # transformers' closest: its static cache
     }
     for cache, (theirs, our_kind) in expected.items():
         out = reference.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0,

@@ -12,6 +12,7 @@ from fixtures_lm import one_thread, write_tiny_lm  # noqa: F401 (autouse)
 from mmlm.inference.generation import (
     GenerationSettings,
     TextStream,
+    draw,
     filter_logits,
     generate_ids,
     lm_step,
@@ -224,6 +225,16 @@ def test_seeded_sampling_is_reproducible(llama):
     assert m.generate(PROMPTS, max_new_tokens=20, temperature=0.7, top_p=1e-6, seed=1) == greedy
 
 
+def test_draw_gives_the_tokens_torch_multinomial_draws():
+    logits = filter_logits(torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3, 50, 0.9)
+    probs = logits.softmax(-1)  # zeros outside the top 50 and the nucleus
+    ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    drawn = [draw(probs, ours) for _ in range(20)]
+    assert all(torch.equal(d, torch.multinomial(probs, 1, generator=theirs)[:, 0]) for d in drawn)
+    assert len({tuple(d.tolist()) for d in drawn}) > 1  # the generator moves on between draws
+    assert all(bool(torch.isfinite(logits.gather(1, d[:, None])).all()) for d in drawn)
+
+
 def test_top_k_and_top_p_keep_the_expected_tokens():
     logits = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).log()
     kept = lambda out: torch.isfinite(out[0]).nonzero()[:, 0].tolist()  # noqa: E731
@@ -248,7 +259,7 @@ def test_generation_stops_when_the_context_is_full(llama):
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=0), "top_k"),
-        (dict(cache="paged"), "cache: expected 'static' or 'dynamic'"),
+        (dict(cache="paged"), "cache: expected 'static', 'dynamic' or 'graph'"),
         (dict(compile=True), "compile=True needs a CUDA device"),
     ],
 )

@@ -17,8 +17,12 @@ from mmlm.checkpoints.mmlm_format import check_save_format, write_json, write_mm
 from mmlm.checkpoints.safetensors_io import write_weights
 from mmlm.errors import InputError
 from mmlm.inference.generation import GenerationSettings, generate_texts, stream_text
+from mmlm.inference.graph_decode import generate_fixed_texts, stream_fixed
+from mmlm.layers.fixed_cache import FixedDecodeCache
 
-CacheKind = Literal["static", "dynamic"]
+# static: preallocated, dynamic: growing, graph: fixed shapes, decode steps replayed as a CUDA graph
+# (inference/graph_step.py) with no host synchronisation per token (inference/graph_decode.py)
+CacheKind = Literal["static", "dynamic", "graph"]
 # what a family's prepare returns: (step, KV cache, settings cut to the context, ids or embeddings, mask)
 Prepared = tuple[Callable, list, GenerationSettings, torch.Tensor, torch.Tensor | None]
 
@@ -99,11 +103,16 @@ def generation_settings(
     return GenerationSettings(max_new_tokens, temperature, top_k, top_p, stop, seed)
 
 
-def check_request(settings: GenerationSettings, cache: str) -> None:
-    """Raise InputError unless the settings and the KV-cache kind of a generate/stream call are usable."""
+def check_request(settings: GenerationSettings, cache: str, graph: bool = False) -> None:
+    """Raise InputError unless the settings and the KV-cache kind of a generate/stream call are usable;
+    `graph`: the family decodes with cache="graph" (DecoderLM-based: CausalLM, LLaVA-style VLMs)."""
     settings.check()
+    if cache == "graph" and not graph:
+        raise InputError(
+            "cache: 'graph' decodes CausalLM and LLaVA-style VLMs; this model takes 'static' or 'dynamic'"
+        )
     if cache not in get_args(CacheKind):
-        raise InputError(f"cache: expected 'static' or 'dynamic', got {cache!r}")
+        raise InputError(f"cache: expected 'static', 'dynamic' or 'graph', got {cache!r}")
 
 
 class GenerativeBase(LoadedModel):
@@ -122,9 +131,12 @@ class GenerativeBase(LoadedModel):
         return step, kv, self.decode, settings, self.eos_token_ids, ids, embeds, mask
 
     def _generate_texts(self, prepared: Prepared, drop_finished: bool = True) -> list[str]:
+        if isinstance(prepared[1], FixedDecodeCache):
+            return generate_fixed_texts(*self._loop_inputs(prepared))
         return generate_texts(*self._loop_inputs(prepared), drop_finished=drop_finished)
 
     def _stream_pieces(self, prepared: Prepared) -> Iterator[str]:
-        for pieces in stream_text(*self._loop_inputs(prepared)):
+        loop = stream_fixed if isinstance(prepared[1], FixedDecodeCache) else stream_text
+        for pieces in loop(*self._loop_inputs(prepared)):
             for _, piece in pieces:
                 yield piece

@@ -111,18 +111,21 @@ class CausalLM(GenerativeBase):
         self, texts: list[str], chat: bool, settings: GenerationSettings, cache: CacheKind, compile: bool
     ) -> tuple[Step, list[LayerCache], GenerationSettings, torch.Tensor, torch.Tensor | None]:
         """Return (step, cache, settings cut to the context, prompt ids, mask or None) for a batch of prompts."""
-        check_request(settings, cache)
+        check_request(settings, cache, graph=True)
         ids, mask = self.encode(texts, add_special_tokens=not chat)  # templates write their own bos
         # Prompt and new tokens share the context; generation stops when it is full.
         room = self.config.max_positions - ids.shape[1]
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
-        length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
+        length = ids.shape[1] + settings.max_new_tokens
         step = lm_step(self.model)
         if compile:
             if self.device.type != "cuda" or cache != "static":
                 raise InputError("compile=True needs a CUDA device and cache='static'")
             step = torch.compile(step, dynamic=True)
-        return step, self.model.new_cache(ids.shape[0], length), settings, ids, mask
+        if cache == "graph":
+            return step, self.model.new_fixed_cache(ids.shape[0], length), settings, ids, mask
+        kv = self.model.new_cache(ids.shape[0], length if cache == "static" else None)
+        return step, kv, settings, ids, mask
 
     def generate(
         self,
@@ -141,7 +144,9 @@ class CausalLM(GenerativeBase):
         temperature 0 is greedy; otherwise tokens are drawn at that temperature after top_k / top_p filtering,
         reproducibly for a given `seed`. A sequence ends at an end token, before the first `stop` string, after
         max_new_tokens, or when the context is full. `cache="static"` preallocates the KV cache, "dynamic"
-        grows it; both give the same tokens. `compile=True` (CUDA only) runs the steps through torch.compile.
+        grows it, "graph" decodes with fixed shapes, replaying each step as a CUDA graph on a GPU and reading
+        the device back only every 16 steps (mmlm.inference.graph_decode); all three give the same tokens.
+        `compile=True` (CUDA only, cache="static") runs the steps through torch.compile.
         """
         texts, one, chat = self.prompt_texts(prompt)
         settings = generation_settings(max_new_tokens, temperature, top_k, top_p, stop, seed)
@@ -160,7 +165,10 @@ class CausalLM(GenerativeBase):
         seed: int | None = None,
         cache: CacheKind = "static",
     ) -> Iterator[str]:
-        """Yield the new text in pieces as it is generated; the pieces join to what `generate` returns."""
+        """Yield the new text in pieces as it is generated; the pieces join to what `generate` returns.
+
+        With `cache="graph"` the steps are the graphed fixed-shape ones, and each token is read back as it comes.
+        """
         texts, one, chat = self.prompt_texts(prompt)
         if not one:
             raise InputError("stream: expected one prompt (a string or a conversation), not a batch")

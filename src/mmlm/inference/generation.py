@@ -114,9 +114,20 @@ def make_sampler(settings: GenerationSettings, device: torch.device) -> Sampler:
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         logits = filter_logits(logits.float() / settings.temperature, settings.top_k, settings.top_p)
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        return draw(logits.softmax(-1), generator)
 
     return sample
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Return one token id per row [B] drawn from probabilities [B, V], as torch.multinomial(probs, 1) draws it.
+
+    torch.multinomial's own algorithm for one sample, the Gumbel-max trick: argmax of p / q with q ~ Exp(1), so
+    a generator gives the same tokens. It also checks the probabilities first, reading them back to the host,
+    a synchronisation per token on a GPU; softmax of filtered logits needs no such check.
+    """
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
 
 
 class TextStream:

@@ -126,7 +126,7 @@ class GenerativeModel(GenerativeBase):
                  audio: list[list[Any]] | None = None, sampling_rate: int | None = None,
                  videos: list[list[Any]] | None = None, num_frames: int = 8, video_fps: float | None = None):  # fmt: skip
         """Return (step, cache, settings cut to the context, prompt embeddings, mask or None) for a batch of prompts."""
-        check_request(settings, cache)
+        check_request(settings, cache, graph=True)
         batch = self.processor(prompts, images, add_generation_prompt=True, padding_side="left", audio=audio,
                                sampling_rate=sampling_rate, videos=videos, num_frames=num_frames,
                                video_fps=video_fps, video_pool=self.config.video_pool)  # fmt: skip
@@ -140,8 +140,14 @@ class GenerativeModel(GenerativeBase):
                 frames,
                 batch["image_sizes"],
             )
-        length = ids.shape[1] + settings.max_new_tokens if cache == "static" else None
-        kv = self.model.new_cache(ids.shape[0], length, media)  # the style's media ride in it (see vlm_step)
+        length = ids.shape[1] + settings.max_new_tokens
+        if cache == "graph":
+            if media is not None:
+                raise InputError(f"cache: 'graph' decodes fusion styles that keep no cache of their own; "
+                                 f"{self.model.kind} keeps one, use 'static' or 'dynamic'")  # fmt: skip
+            kv = self.model.lm.new_fixed_cache(ids.shape[0], length)
+        else:  # the style's media ride in the cache (see vlm_step)
+            kv = self.model.new_cache(ids.shape[0], length if cache == "static" else None, media)
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)
 
     def _fit_context(self, batch: dict[str, Any], settings: GenerationSettings) -> tuple[torch.Tensor, torch.Tensor, GenerationSettings]:  # fmt: skip
@@ -200,7 +206,10 @@ class GenerativeModel(GenerativeBase):
         """Return the new text for one prompt and its images, or a list for a batch (a list of image lists).
 
         temperature 0 is greedy; a sequence ends at an end token, before the first `stop` string, after
-        max_new_tokens, or when the context is full. Batches are left-padded and decoded together. `videos`
+        max_new_tokens, or when the context is full. Batches are left-padded and decoded together. `cache`
+        "static" preallocates the KV cache, "dynamic" grows it, "graph" decodes with fixed shapes, each step a
+        CUDA graph replay on a GPU, no host synchronisation per token (fusion styles without a cache of their
+        own; mmlm.inference.graph_decode); all give the same tokens. `videos`
         fill `<video>` placeholders (or video parts) with `num_frames` frames each, uniform or at `video_fps`;
         `audio` clips (paths, bytes, or sample arrays at `sampling_rate`, default 16 kHz) fill `<audio>` ones.
         """

@@ -1,6 +1,6 @@
 """Multi-head attention on F.scaled_dot_product_attention: self or cross, causal or not, grouped KV heads,
-rotary positions, a KV cache (growing or preallocated). Projections are plain nn.Linear modules so LoRA can
-wrap them."""
+rotary positions, a KV cache (growing, preallocated, or of fixed shape: layers/fixed_cache.py). Projections are
+plain nn.Linear modules so LoRA can wrap them."""
 
 from dataclasses import dataclass
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlm.layers.fixed_cache import FixedKVCache
 from mmlm.layers.linear import project
 from mmlm.layers.norm import HeadwiseLayerNorm, make_norm
 from mmlm.layers.rotary import apply_rotary
@@ -147,7 +148,7 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         is_causal: bool = False,
-        cache: KVCache | StaticKVCache | None = None,
+        cache: KVCache | StaticKVCache | FixedKVCache | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Return attention outputs [B, L, dim] for queries `x` [B, L, dim].

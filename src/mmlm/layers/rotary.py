@@ -47,7 +47,7 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
 
 def rope_cos_sin(
     position_ids: torch.Tensor,
-    inv_freq: tuple[float, ...],
+    inv_freq: tuple[float, ...] | torch.Tensor,
     dtype: torch.dtype,
     sections: tuple[int, ...] | list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,9 @@ def rope_cos_sin(
     cycle when there are more sections than axes): M-RoPE (Qwen2-VL, Wang et al. 2024 §2.1) splits the
     frequencies into (temporal, height, width) sections; a 2-D axial rotary is two sections over (h, w).
     """
-    freq = torch.tensor(inv_freq, dtype=torch.float32, device=position_ids.device)
+    freq = inv_freq  # given as a float32 device tensor by a step captured as a CUDA graph: no host copy there
+    if not isinstance(freq, torch.Tensor):
+        freq = torch.tensor(inv_freq, dtype=torch.float32, device=position_ids.device)
     if sections is None:
         angles = position_ids.float()[..., None] * freq  # [B, T, d/2], fp32 like the reference
     else:

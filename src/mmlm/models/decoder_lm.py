@@ -22,6 +22,7 @@ from torch import nn
 
 from mmlm.errors import InputError
 from mmlm.layers.attention import KVCache, StaticKVCache
+from mmlm.layers.fixed_cache import FixedDecodeCache
 from mmlm.layers.init import initialise, normal_init
 from mmlm.layers.linear import DECODE_ROWS, project, rows_times_matrix
 from mmlm.layers.norm import make_norm
@@ -157,6 +158,21 @@ def build_attention_mask(
     return allowed[:, None], False
 
 
+def fixed_cache(
+    cache: list[LayerCache] | None, *positions_and_masks: torch.Tensor | None
+) -> FixedDecodeCache | None:
+    """Return `cache` if it is a FixedDecodeCache, else None; raise InputError if positions or masks are given
+    with one, since it sets them itself."""
+    if not isinstance(cache, FixedDecodeCache):
+        return None
+    if any(x is not None for x in positions_and_masks):
+        raise InputError(
+            "DecoderLM: a fixed-shape cache sets positions and masks; position_ids, image_blocks and "
+            "segment_ids do not apply"
+        )
+    return cache
+
+
 class DecoderLM(nn.Module):
     """Causal LM: logits = head(norm(blocks(embed(ids)))), with rotary positions and an optional KV cache."""
 
@@ -194,10 +210,10 @@ class DecoderLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return token embeddings [B, T, width] for ids [B, T] (the VLM merges image features into these)."""
         x = self.token_embed(input_ids)
-        if (
-            self.cfg.embed_scale
-        ):  # Gemma: √width rounded to the weights' dtype first (55.4256 -> 55.5 in bf16)
-            x = x * torch.tensor(self.cfg.width**0.5, dtype=x.dtype, device=x.device)
+        if self.cfg.embed_scale:
+            # Gemma: √width rounded to the weights' dtype first (55.4256 -> 55.5 in bf16), as a Python number
+            # so that no host-to-device copy lands in a decode step captured as a CUDA graph
+            x = x * float(torch.tensor(self.cfg.width**0.5, dtype=x.dtype))
         return x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -247,6 +263,17 @@ class DecoderLM(nn.Module):
             for _ in self.blocks
         ]
 
+    def new_fixed_cache(self, batch: int, max_length: int) -> FixedDecodeCache:
+        """Return an empty FixedDecodeCache of `max_length` slots: the fixed-shape decode of a CUDA graph."""
+        if self.cfg.mrope_section is not None:
+            raise InputError(
+                "cache: the fixed-shape decode cache keeps one position per token, not M-RoPE's three"
+            )
+        weight = self.token_embed.weight
+        cfg = self.cfg
+        return FixedDecodeCache.empty(batch, cfg.layers, cfg.kv_heads, max_length, cfg.dim_per_head,
+                                      list({self.inv_freq, self.local_inv_freq}), weight.device, weight.dtype)  # fmt: skip
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -269,18 +296,23 @@ class DecoderLM(nn.Module):
         `image_blocks` [B, T] numbers each image's slots (-1 for text) so they attend both ways (Gemma 3).
         `segment_ids` [B, T] numbers the samples packed into each row (training, no cache): attention stays
         inside a sample; pass `position_ids` restarting at 0 per sample with it.
+        A FixedDecodeCache (`new_fixed_cache`) keeps positions and key mask itself: `attention_mask` [B, T] then
+        covers this call's T positions only, and attention reads its whole buffers (see layers/fixed_cache.py).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("DecoderLM: pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = x.shape[:2]
-        past = cache[0].length if cache else 0
+        fixed = fixed_cache(cache, position_ids, image_blocks, segment_ids)
+        past = cache[0].length if cache and fixed is None else 0
         if attention_mask is not None and attention_mask.shape != (batch, past + length):
             raise InputError(
                 f"attention_mask: expected shape [{batch}, {past + length}] (cached + new positions), "
                 f"got {list(attention_mask.shape)}"
             )
-        if position_ids is None:
+        if fixed is not None:
+            position_ids = fixed.write_keys(attention_mask, length)
+        elif position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask, length)
             else:
@@ -292,12 +324,16 @@ class DecoderLM(nn.Module):
             sections = self.cfg.mrope_section
             if sections is not None and position_ids.dim() == 2:
                 position_ids = position_ids.expand(3, *position_ids.shape)  # text: one position on every axis
-            ropes = {self.inv_freq: rope_cos_sin(position_ids, self.inv_freq, x.dtype, sections)}
+            frequencies = fixed.frequencies if fixed is not None else {}  # on the device already, if given
+            freq = frequencies.get(self.inv_freq, self.inv_freq)
+            ropes = {self.inv_freq: rope_cos_sin(position_ids, freq, x.dtype, sections)}
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}  # one per distinct window
         checkpointed = self.grad_checkpointing and self.training
         for i, block in enumerate(self.blocks):
             window = self.cfg.window(i)
-            if window not in masks:
+            if window not in masks and fixed is not None:
+                masks[window] = fixed.attention_mask(length, window), False
+            elif window not in masks:
                 masks[window] = build_attention_mask(
                     attention_mask, past, length, window, x.device, image_blocks, segment_ids
                 )
@@ -306,12 +342,15 @@ class DecoderLM(nn.Module):
             if ropes is not None:
                 inv_freq = self.inv_freq if window is None else self.local_inv_freq
                 if inv_freq not in ropes:
-                    ropes[inv_freq] = rope_cos_sin(position_ids, inv_freq, x.dtype, sections)
+                    freq = frequencies.get(inv_freq, inv_freq)
+                    ropes[inv_freq] = rope_cos_sin(position_ids, freq, x.dtype, sections)
                 rope = ropes[inv_freq]
             if before_block is not None:
                 x = before_block(i, x)
             x = run_block(block, x, checkpointed, mask=mask, is_causal=is_causal,
                           cache=cache[i] if cache else None, rope=rope)  # fmt: skip
+        if fixed is not None:
+            fixed.advance(length)
         if last_only:
             x = x[:, -1:]
         return LMOutput(self.head(self.norm(x)), cache)
