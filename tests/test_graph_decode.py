@@ -19,7 +19,7 @@ from mmlm.fusion import ConnectorConfig
 from mmlm.inference.base import check_request
 from mmlm.inference.generation import GenerationSettings, generate_ids, lm_step
 from mmlm.inference.graph_decode import generate_fixed_ids
-from mmlm.inference.graph_step import GraphStep
+from mmlm.inference.graph_step import GraphPool, GraphStep
 from mmlm.layers.attention import KVCache
 from mmlm.models.decoder_lm import DecoderLM, LMConfig
 from mmlm.models.vlm import VisionLanguageModel
@@ -285,3 +285,70 @@ def test_captured_cuda_graph_replays_the_eager_fixed_step():
         for row, token in step:
             want[row].append(token)
     assert got == want
+
+
+class ReplayedGraph:
+    """Stands in for torch.cuda.CUDAGraph on a CPU: `replay` reruns the captured step into its static output."""
+
+    def __init__(self, run, output):
+        self.run, self.output = run, output
+
+    def replay(self):
+        self.output.copy_(self.run())
+
+
+def fake_capture(captures):
+    """A capture_cuda_graph for CPU tests: records the capture, leaves the cache state as a capture would."""
+
+    def capture(run, state):
+        saved = [t.clone() for t in state]
+        output = run()  # a real capture records the kernels without running them: put the state back
+        for t, s in zip(state, saved, strict=True):
+            t.copy_(s)
+        captures.append(output)
+        return ReplayedGraph(run, output), output
+
+    return capture
+
+
+def test_graph_pool_reuses_a_reset_cache_and_its_graph_across_calls(lm, monkeypatch):
+    """Calls with the same batch size and bucketed length get the same cache back, emptied: a second prompt
+    shorter than the first must not see the first's keys; the graph is captured once for both."""
+    captures = []
+    monkeypatch.setattr("mmlm.inference.graph_step.capture_cuda_graph", fake_capture(captures))
+    monkeypatch.setattr(
+        "mmlm.inference.graph_step.GraphStep.__init__.__defaults__", (True,)
+    )  # capture on CPU
+    pool = GraphPool(lm.model.new_fixed_cache, bucket=64, capacity=2)
+    settings = GenerationSettings(12)
+    outputs = []
+    for prompts in (PROMPTS[1:2], PROMPTS[0:1], PROMPTS[1:2]):
+        ids, mask = lm.encode(prompts)
+        cache = pool.cache(1, ids.shape[1] + settings.max_new_tokens)
+        outputs.append((cache, generate_fixed_ids(lm_step(lm.model), cache, settings, [], ids)))
+        assert outputs[-1][1] == eager_ids(lm, prompts, settings, [], "static")
+    assert outputs[0][0] is outputs[1][0] is outputs[2][0] and cache.max_length == 64
+    assert len(captures) == 1 and outputs[0][1] == outputs[2][1] != outputs[1][1]
+
+
+def test_graph_pool_buckets_lengths_and_drops_the_least_recently_used():
+    made = []
+    pool = GraphPool(lambda batch, length: made.append((batch, length)) or DecoderLM(
+        LMConfig(vocab_size=64, width=32, layers=1, heads=2, kv_heads=1, mlp_dim=64)).new_fixed_cache(batch, length),
+        bucket=256, capacity=2)  # fmt: skip
+    a = pool.cache(1, 10)
+    assert pool.cache(1, 256) is a and a.max_length == 256  # 10 and 256 slots: one bucket
+    b = pool.cache(1, 257)
+    assert b.max_length == 512 and pool.cache(4, 10) is not a  # a third shape: `a`, the oldest, goes
+    assert list(pool.caches) == [(1, 512), (4, 256)] and made == [(1, 256), (1, 512), (4, 256)]
+    assert pool.cache(1, 300) is b
+    with pytest.raises(ValueError, match="bucket and capacity must be positive"):
+        GraphPool(lambda batch, length: None, bucket=0)
+
+
+def test_loaded_models_keep_their_graph_caches_between_generate_calls(lm):
+    first = lm.generate(PROMPTS, 8, cache="graph")
+    key = (len(PROMPTS), 256)  # three prompts, prompt + 8 new tokens in the first 256-slot bucket
+    held = lm._graph_pool.caches[key]
+    assert lm.generate(PROMPTS, 8, cache="graph") == first == lm.generate(PROMPTS, 8, cache="static")
+    assert lm._graph_pool.caches[key] is held

@@ -18,7 +18,9 @@ from mmlm.checkpoints.safetensors_io import write_weights
 from mmlm.errors import InputError
 from mmlm.inference.generation import GenerationSettings, generate_texts, stream_text
 from mmlm.inference.graph_decode import generate_fixed_texts, stream_fixed
+from mmlm.inference.graph_step import GraphPool
 from mmlm.layers.fixed_cache import FixedDecodeCache
+from mmlm.models.decoder_lm import DecoderLM
 
 # static: preallocated, dynamic: growing, graph: fixed shapes, decode steps replayed as a CUDA graph
 # (inference/graph_step.py) with no host synchronisation per token (inference/graph_decode.py)
@@ -120,6 +122,14 @@ class GenerativeBase(LoadedModel):
 
     eos_token_ids: list[int]
     prepares_embeddings: bool  # whether prepare hands the loop input embeddings (True) or token ids
+
+    def _fixed_cache(self, lm: DecoderLM, batch: int, length: int) -> FixedDecodeCache:
+        """Return an empty fixed-shape cache of `lm` for cache="graph", from this model's GraphPool: calls with the
+        same batch size and a similar length reuse one cache and its captured CUDA graph."""
+        pool = getattr(self, "_graph_pool", None)
+        if pool is None:
+            pool = self._graph_pool = GraphPool(lm.new_fixed_cache)
+        return pool.cache(batch, length)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Return the text of token ids, special tokens skipped."""

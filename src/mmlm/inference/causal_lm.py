@@ -123,7 +123,7 @@ class CausalLM(GenerativeBase):
                 raise InputError("compile=True needs a CUDA device and cache='static'")
             step = torch.compile(step, dynamic=True)
         if cache == "graph":
-            return step, self.model.new_fixed_cache(ids.shape[0], length), settings, ids, mask
+            return step, self._fixed_cache(self.model, ids.shape[0], length), settings, ids, mask
         kv = self.model.new_cache(ids.shape[0], length if cache == "static" else None)
         return step, kv, settings, ids, mask
 

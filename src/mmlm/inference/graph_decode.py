@@ -23,7 +23,7 @@ import torch
 
 from mmlm.errors import InputError
 from mmlm.inference.generation import DecodeRow, GenerationSettings, Step, new_rows, pick_tokens
-from mmlm.inference.graph_step import GraphStep
+from mmlm.inference.graph_step import GraphStep, graph_runner
 from mmlm.layers.fixed_cache import FixedDecodeCache
 
 
@@ -98,7 +98,7 @@ def generate_fixed_ids(
     settings.check()
     prompt = input_ids if input_ids is not None else inputs_embeds
     rows = new_rows(settings, eos_token_ids, prompt.shape[0], prompt.device)
-    tokens = decode_on_device(GraphStep(step, cache), rows, settings, eos_token_ids, input_ids, inputs_embeds,
+    tokens = decode_on_device(graph_runner(step, cache), rows, settings, eos_token_ids, input_ids, inputs_embeds,
                               attention_mask, sync_every)  # fmt: skip
     finish_rows(rows, tokens)
     return [row.tokens for row in rows]
@@ -120,7 +120,7 @@ def generate_fixed_texts(
     prompt = input_ids if input_ids is not None else inputs_embeds
     streams = decode if settings.stop else None  # only stop strings need the text as it grows
     rows = new_rows(settings, eos_token_ids, prompt.shape[0], prompt.device, streams)
-    tokens = decode_on_device(GraphStep(step, cache), rows, settings, eos_token_ids, input_ids, inputs_embeds,
+    tokens = decode_on_device(graph_runner(step, cache), rows, settings, eos_token_ids, input_ids, inputs_embeds,
                               attention_mask, sync_every)  # fmt: skip
     finish_rows(rows, tokens)
     if not settings.stop:
@@ -145,7 +145,7 @@ def stream_fixed(
     prompt = input_ids if input_ids is not None else inputs_embeds
     check_room(cache, prompt.shape[1], settings)
     rows = new_rows(settings, eos_token_ids, prompt.shape[0], prompt.device, decode)
-    runner = GraphStep(step, cache)
+    runner = graph_runner(step, cache)
     logits = runner.prefill(input_ids, inputs_embeds, attention_mask)
     while True:
         tokens = pick_tokens(rows, logits)

@@ -60,7 +60,11 @@ class GraphStep:
         self.capture = cache.keys.device.type == "cuda" if capture is None else capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's static output [B, V]
-        self.written = 0  # slots written so far, known on the host without reading the device
+
+    @property
+    def written(self) -> int:
+        """Return the slots written so far (the cache's host-side count)."""
+        return self.cache.written
 
     def prefill(
         self,
@@ -91,4 +95,50 @@ class GraphStep:
                 f"max_length: the fixed-shape cache holds {self.cache.max_length} slots; "
                 f"{self.written} are written and {length} more were asked for"
             )
-        self.written += length
+        self.cache.written += length
+
+
+def graph_runner(step: Step, cache: FixedDecodeCache) -> GraphStep:
+    """Return the GraphStep of `cache`, made on first use: a cache that GraphPool hands out again (reset) keeps
+    its runner and so its captured graph. The graph replays the step it captured; `step` only matters here for
+    a new cache (the same model gives the same step)."""
+    if cache.runner is None:
+        cache.runner = GraphStep(step, cache)
+    return cache.runner
+
+
+class GraphPool:
+    """Fixed-shape caches kept between generate calls, each with its captured graph, so a graph is captured once
+    per shape rather than once per call.
+
+    A cache is keyed by batch size and its length rounded up to a multiple of `bucket` slots (prompt plus new
+    tokens), so prompts of similar length share one graph; the extra slots are masked, never attended. At most
+    `capacity` caches are held, the least recently used dropped first: each holds a whole KV cache of memory.
+    `make(batch, length)` builds a new empty cache (DecoderLM.new_fixed_cache). Not for concurrent calls: two
+    calls at once would share one cache (the loaded models' generate is not thread-safe either).
+    """
+
+    def __init__(
+        self, make: Callable[[int, int], FixedDecodeCache], bucket: int = 256, capacity: int = 2
+    ) -> None:
+        if bucket < 1 or capacity < 1:
+            raise ValueError(f"GraphPool: bucket and capacity must be positive, got {bucket} and {capacity}")
+        self.make, self.bucket, self.capacity = make, bucket, capacity
+        self.caches: dict[tuple[int, int], FixedDecodeCache] = {}  # in order of use, the latest last
+
+    def length(self, needed: int) -> int:
+        """Return the bucketed cache length for `needed` slots."""
+        return -(-needed // self.bucket) * self.bucket
+
+    def cache(self, batch: int, needed: int) -> FixedDecodeCache:
+        """Return an empty cache for `batch` rows and at least `needed` slots: a held one reset, else a new one."""
+        key = (batch, self.length(needed))
+        cache = self.caches.pop(key, None)
+        if cache is None:
+            while len(self.caches) >= self.capacity:  # free the oldest before allocating the new one
+                self.caches.pop(next(iter(self.caches)))
+            cache = self.make(*key)
+        else:
+            cache.reset()
+        self.caches[key] = cache
+        return cache

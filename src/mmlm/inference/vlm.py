@@ -145,7 +145,7 @@ class GenerativeModel(GenerativeBase):
             if media is not None:
                 raise InputError(f"cache: 'graph' decodes fusion styles that keep no cache of their own; "
                                  f"{self.model.kind} keeps one, use 'static' or 'dynamic'")  # fmt: skip
-            kv = self.model.lm.new_fixed_cache(ids.shape[0], length)
+            kv = self._fixed_cache(self.model.lm, ids.shape[0], length)
         else:  # the style's media ride in the cache (see vlm_step)
             kv = self.model.new_cache(ids.shape[0], length if cache == "static" else None, media)
         return vlm_step(self.model), kv, settings, embeds, (None if bool(mask.all()) else mask)

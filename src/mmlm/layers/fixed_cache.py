@@ -17,6 +17,7 @@ outputs equal the growing cache's up to float rounding.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -52,6 +53,10 @@ class FixedDecodeCache(list):
     ) -> None:
         super().__init__(layers)
         self.slot, self.keys, self.positions, self.frequencies = slot, keys, positions, frequencies
+        self.written = 0  # slots written so far, known on the host without reading the device
+        self.runner: Any = (
+            None  # the GraphStep that decodes on this cache (inference/graph_step.py), once made
+        )
 
     @classmethod
     def empty(
@@ -115,6 +120,14 @@ class FixedDecodeCache(list):
         if window is not None:
             allowed = allowed & (key > query - window)
         return (allowed | (key == query))[:, None]
+
+    def reset(self) -> None:
+        """Empty the cache in place for a new batch of prompts: the buffers keep their addresses, so a CUDA graph
+        captured on them replays for the next prompts too (the old keys and values stay, masked out)."""
+        self.slot.zero_()
+        self.keys.zero_()
+        self.positions.zero_()
+        self.written = 0
 
     def advance(self, length: int) -> None:
         """Move `slot` past the `length` slots this call wrote (after every layer has written them)."""
