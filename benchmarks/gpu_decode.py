@@ -4,20 +4,28 @@ transformers builds LlavaForConditionalGeneration (a CLIP ViT-L/14-336 tower, 57
 Llama-2-7B LM) directly on the GPU in bf16, and mmlm's VisionLanguageModel takes the same tensors through
 LLaVA's key map (as `mmlm.load` does for a folder), so no 13-GB folder is written or read. Both decode 128 new
 tokens greedily after a 600-token prompt (bos, 576 image slots, 23 text tokens) at batch 1 and 8, never
-stopping early: mmlm with its preallocated (static) cache, transformers with its default dynamic cache and
-with its static cache (without torch.compile). A side that fails records its error; the others go on.
-Decode tokens/s is batch / the median time between new tokens, time to first token includes the vision
-tower, and peak memory is what one generation allocates above the loaded weights (bench_vlm_decode.py).
+stopping early: mmlm with its preallocated (static) cache and with cache="graph" (fixed shapes, each decode
+step a CUDA graph replay, no host read per token), transformers with its default dynamic cache and with its
+static cache (without torch.compile: GPU.md records its compiled static path failing on LLaVA). A side that
+fails records its error; the others go on. Every side is timed end to end with the device synchronised
+around each call (`end_to_end`): decode tokens/s = batch·127 / (T(128 tokens) − T(1 token)), and time to
+first token T(1 token), vision tower included. Peak memory is what one generation allocates above the loaded
+weights (for mmlm_graph the first call's, which allocates the pooled cache).
 """
+
+from collections.abc import Callable
 
 import torch
 import transformers
-from bench_vlm_decode import mmlm_token_times, rates, transformers_token_times
+from bench_decode import transformers_cache_settings
 from gpu_speed import peak_added_mib
-from timing import alternating_rounds, ratio_of_medians, spread
+from timing import alternating_rounds, now, ratio_of_medians, spread
 
 from mmlm.checkpoints.build import build_from_weights
 from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
+from mmlm.inference.generation import GenerationSettings, generate_ids, lm_step, new_rows
+from mmlm.inference.graph_decode import decode_on_device
+from mmlm.inference.graph_step import GraphPool, graph_runner
 from mmlm.models.vlm import VisionLanguageModel
 
 # LLaVA-1.5-7B: openai/clip-vit-large-patch14-336 and Llama-2-7B with LLaVA's 32064-token vocabulary
@@ -30,8 +38,6 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
                  patch_size=8, hidden_act="quick_gelu")  # fmt: skip
 TINY_LLAMA = dict(LLAMA2_7B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-# mmlm's fastest KV cache of mmlm.inference.base.CacheKind that bench_decode.mmlm_cache builds
-MMLM_CACHE = "static"
 REFERENCE_CACHES = {"transformers_dynamic": "dynamic", "transformers_static": "static"}
 
 
@@ -72,6 +78,64 @@ def prompt(batch: int, image_tokens: int, image_id: int, size: int, length: int,
     return ids.to(device), torch.randn(batch, 3, size, size, generator=g).to(device, dtype)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generators(reference, ours, inputs) -> dict[str, Callable[[int], None]]:
+    """Return, per side, a function that greedily generates n new tokens for the prompt `inputs` (no early stop).
+
+    mmlm with its static cache and with cache="graph" (fixed shapes, CUDA graph replays, a GraphPool so the
+    graph is captured once for all calls of the batch); transformers with its dynamic and its static cache.
+    """
+    ids, pixels = inputs
+    batch = ids.shape[0]
+    pool = GraphPool(ours.lm.new_fixed_cache)
+
+    def mmlm_static(n: int) -> None:
+        embeds = ours.embed_inputs(ids, pixels)
+        kv = ours.lm.new_cache(batch, ids.shape[1] + n)
+        for _ in generate_ids(lm_step(ours.lm), kv, GenerationSettings(n), [], None, embeds):
+            pass
+
+    def mmlm_graph(n: int) -> None:
+        embeds = ours.embed_inputs(ids, pixels)
+        settings = GenerationSettings(n)
+        runner = graph_runner(lm_step(ours.lm), pool.cache(batch, ids.shape[1] + n))
+        decode_on_device(runner, new_rows(settings, [], batch, ids.device), settings, [], None, embeds)
+
+    def reference_side(cache: str) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            out = reference.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                     **transformers_cache_settings(cache))  # fmt: skip
+            assert out.shape[1] == ids.shape[1] + n
+
+        return run
+
+    sides = {"mmlm_static": mmlm_static, "mmlm_graph": mmlm_graph}
+    return sides | {name: reference_side(cache) for name, cache in REFERENCE_CACHES.items()}
+
+
+def end_to_end(
+    run: Callable[[int], None], new_tokens: int, batch: int, device: torch.device
+) -> tuple[float, float]:
+    """Return (decode tokens/s, time to first token) from two synchronised generations of 1 and `new_tokens`
+    tokens: decode rate = batch·(n − 1) / (T(n) − T(1)). The device is synchronised around each call only, so a
+    side that never waits for the host per token is timed as fast as it runs (a per-token clock would see the
+    launches, not the work)."""
+    seconds = []
+    for n in (1, new_tokens):
+        synchronize(device)
+        start = now()
+        run(n)
+        synchronize(device)
+        seconds.append(now() - start)
+    return batch * (new_tokens - 1) / max(seconds[1] - seconds[0], 1e-9), seconds[0]
+
+
 def vlm_decode(suite) -> None:
     """Decode tokens/s, time to first token and peak memory of mmlm and transformers at LLaVA-1.5-7B shapes."""
     smoke = suite.smoke
@@ -96,33 +160,31 @@ def vlm_decode(suite) -> None:
             image_id = reference.config.image_token_index
             inputs = prompt(batch, ours.image_tokens, image_id, vision["image_size"], prompt_tokens, suite.device,
                             dtype)  # fmt: skip
-            sides = {"mmlm": (mmlm_token_times, ours, MMLM_CACHE)}
-            sides.update({name: (transformers_token_times, reference, cache)
-                          for name, cache in REFERENCE_CACHES.items()})  # fmt: skip
+            sides = generators(reference, ours, inputs)
             lines, memory = [], {}
             with torch.inference_mode():
-                for name, (timer, model, cache) in list(sides.items()):  # warm-up, and each side's memory
+                for name, run in list(sides.items()):  # warm-up (and graph capture), and each side's memory
                     try:
-                        memory[name] = peak_added_mib(
-                            lambda t=timer, m=model, c=cache: rates(t, m, inputs, 4, c), suite.device
-                        )
-                    except Exception as error:  # a reference's failure is recorded, not fatal
+                        memory[name] = peak_added_mib(lambda r=run: r(new_tokens), suite.device)
+                        if memory[name] is None:  # on CPU: still warm up
+                            run(4)
+                    except Exception as error:  # a side's failure is recorded, not fatal
                         message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-                        lines.append({"name": f"{name}/batch{batch}", "cache": cache, "error": message})
+                        lines.append({"name": f"{name}/batch{batch}", "error": message})
                         del sides[name]
                 measured = alternating_rounds(
-                    {name: lambda t=timer, m=model, c=cache: rates(t, m, inputs, new_tokens, c)
-                     for name, (timer, model, cache) in sides.items()}, rounds)  # fmt: skip
+                    {name: lambda r=run: end_to_end(r, new_tokens, batch, suite.device)
+                     for name, run in sides.items()}, rounds)  # fmt: skip
             decode = {name: [r[0] for r in rows] for name, rows in measured.items()}
-            for name, (_, _, cache) in sides.items():
-                line = {"name": f"{name}/batch{batch}", "cache": cache, "batch": batch, "prompt_tokens": prompt_tokens,
+            for name in sides:
+                line = {"name": f"{name}/batch{batch}", "batch": batch, "prompt_tokens": prompt_tokens,
                         "new_tokens": new_tokens, "rounds": rounds, "decode_tok_s": spread(decode[name], 2),
                         "ttft_s": spread([r[1] for r in measured[name]], 4), "peak_added_mib": memory[name]}  # fmt: skip
-                if name == "mmlm":
+                if name.startswith("mmlm"):
                     for reference_name in REFERENCE_CACHES:
                         if reference_name in decode:
                             line[f"ratio_to_{reference_name}"] = ratio_of_medians(
-                                decode["mmlm"], decode[reference_name]
+                                decode[name], decode[reference_name]
                             )
                 lines.append(line)
             return lines
