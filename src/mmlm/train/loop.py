@@ -14,11 +14,19 @@ from torch.nn.parallel import DistributedDataParallel
 from mmlm.models.dual_encoder import DualEncoder
 from mmlm.progress import Progress
 from mmlm.train.accumulation import accumulate_contrastive_gradients
-from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
+from mmlm.train.checkpoint import (
+    checkpoint_folder,
+    find_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from mmlm.train.config import TrainConfig
 from mmlm.train.distributed import DistInfo, distributed_clip_loss, distributed_siglip_loss
 from mmlm.train.loggers import MetricLog
 from mmlm.train.optim import build_optimizer, build_scheduler, lock_tower
+from mmlm.train.sharding import full_tensor, gather_full_weights, sharded_copy
 from mmlm.train.stop_signals import StopSignals
 
 
@@ -71,10 +79,14 @@ def _optimizer_step(cfg: TrainConfig, net: torch.nn.Module, model: DualEncoder, 
 
 
 def _resume(run_dir: Path, which: str, model: DualEncoder, opt: Any, sched: Any, data: Any,
-            dist: DistInfo) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
+            dist: DistInfo, sharded: bool) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
     """Load checkpoint `which` into the model, optimiser, schedule and data stream; return (step, records)."""
-    state = load_checkpoint(find_checkpoint(run_dir, which), model)
-    opt.load_state_dict(state["optimizer"])
+    folder = find_checkpoint(run_dir, which)
+    if sharded:
+        state = load_sharded_checkpoint(folder, model, opt)
+    else:
+        state = load_checkpoint(folder, model)
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     data.load_state_dict(state["data"][dist.rank])
     return state["step"], state["records"]
@@ -96,21 +108,24 @@ def train(
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
-    model.to(device).train()
+    fsdp = cfg.parallel == "fsdp"
+    model.to("cpu" if fsdp else device).train()  # fsdp trains a sharded copy (mmlm.train.sharding)
     # lock_image locks whichever non-text tower the model has (a ViT, or an audio tower)
     for tower, lock in ((model.media_tower, cfg.lock_image), (model.text, cfg.lock_text)):
         if lock is not None:
             lock_tower(tower, lock)
         tower.transformer.grad_checkpointing = cfg.grad_checkpointing
-    net = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if dist.world_size > 1
-        else model
-    )
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    unsharded = model
+    if fsdp:
+        net = model = sharded_copy(model, device, bf16)
+    elif dist.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
-    step, records = _resume(run_dir, resume, model, opt, sched, data, dist) if resume else (0, [])
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    step, records = _resume(run_dir, resume, model, opt, sched, data, dist, fsdp) if resume else (0, [])
     loss_fn = torch.compile(contrastive_loss) if cfg.compile else contrastive_loss
     main = dist.rank == 0
     log = MetricLog(run_dir, cfg.log, dataclasses.asdict(cfg), main)
@@ -124,15 +139,14 @@ def train(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 record = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                          "logit_scale": model.logit_scale.exp().item(),
+                          "logit_scale": full_tensor(model.logit_scale).exp().item(),
                           "samples_per_s": cfg.log_every * samples_per_step / (now - last)}  # fmt: skip
-                if (
-                    evaluate
-                    and main
-                    and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
-                ):
-                    record.update(evaluate(model, step))
-                    model.train()
+                if evaluate and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    if fsdp:
+                        gather_full_weights(model, unsharded)
+                    if main:
+                        record.update(evaluate(unsharded, step))
+                        unsharded.train()
                 last = time.perf_counter()
                 records.append(record)
                 log.write(record)
@@ -142,10 +156,14 @@ def train(
             )  # a stop at the last step lets the run finish
             if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
                 data_states = _all_ranks(data.state_dict(), dist)
-                if main:
-                    training_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                      "data": data_states, "records": records}  # fmt: skip
+                training_state = {"scheduler": sched.state_dict(), "data": data_states, "records": records}
+                if fsdp:
+                    save_sharded_checkpoint(run_dir, step, model, opt, training_state)
+                elif main:
+                    training_state["optimizer"] = opt.state_dict()
                     save_checkpoint(run_dir, step, model, training_state, export)
+    if fsdp and not stopping:  # the run's result: the trained weights, in the caller's model on rank 0
+        gather_full_weights(model, unsharded)
     progress.close()
     log.close()
     if stopping:
