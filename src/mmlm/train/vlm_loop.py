@@ -7,7 +7,8 @@ gradient and are not in the optimiser, so they stay bitwise equal. The loss is n
 answer tokens, averaged over tokens; it is also logged per modality (`loss_image`, `loss_audio`, `loss_text`).
 
 Checkpoints hold the weights, optimiser, schedule, sampler position, RNG state and the stage, so `--resume`
-continues exactly; under torchrun every rank trains on its own data stream and DDP averages the gradients.
+continues exactly; under torchrun every rank trains on its own data stream and DDP averages the gradients, or,
+with `parallel: fsdp`, FSDP2 shards weights, gradients and optimiser state over the ranks (mmlm.train.sharding).
 """
 
 import dataclasses
@@ -32,7 +33,14 @@ from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
 from mmlm.layers.transformer import set_grad_checkpointing
 from mmlm.models.vlm import VisionLanguageModel, causal_lm_loss
 from mmlm.progress import Progress
-from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
+from mmlm.train.checkpoint import (
+    checkpoint_folder,
+    find_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loggers import MetricLog
 from mmlm.train.loop import _all_ranks, resolve_device
@@ -41,6 +49,7 @@ from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stag
 from mmlm.train.optim import build_scheduler, fused_adamw, no_decay
 from mmlm.train.plots import plot_training
 from mmlm.train.run import run_info
+from mmlm.train.sharding import check_launch, gather_full_weights, sharded_copy
 from mmlm.train.stop_signals import StopSignals
 from mmlm.train.vlm_build import build_tokenizer, build_vlm
 from mmlm.train.vlm_config import LoRAConfig, StageConfig, VLMTrainConfig
@@ -147,11 +156,13 @@ class RowLosses(nn.Module):
     The ViT and connector run once; the LM runs per length group, each cut to its own longest row. Right
     padding needs no attention mask: causal attention already keeps real tokens off the padding after them.
     Packed rows (mmlm.processing.packing) run as one group, attention kept inside each sample by `segment_ids`.
+    Sharded (`group_by_length=False`), the LM runs once per batch: every rank must gather its blocks equally often.
     """
 
-    def __init__(self, model: VisionLanguageModel) -> None:
+    def __init__(self, model: VisionLanguageModel, group_by_length: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.group_by_length = group_by_length
 
     def forward(
         self,
@@ -175,7 +186,8 @@ class RowLosses(nn.Module):
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
-        for rows in length_groups(lengths.cpu()):
+        groups = length_groups(lengths.cpu()) if self.group_by_length else [torch.arange(len(lengths))]
+        for rows in groups:
             rows = rows.to(embeds.device)
             length = int(lengths[rows].max())
             group_media = None if media is None else media.take(rows, length)
@@ -208,6 +220,14 @@ class RowLosses(nn.Module):
 def add_lora(model: VisionLanguageModel, lora: LoRAConfig) -> list[str]:
     """Wrap the LM's target linear layers in LoRA; return their names."""
     return apply_lora(model.lm, lora.rank, lora.alpha, lora.targets, lora.dropout, lora.rslora)
+
+
+def skippable_parts(model: VisionLanguageModel, stage: StageConfig) -> tuple[str, ...]:
+    """Return the names (under RowLosses) of the parts a batch of `stage` may not run: the media towers and
+    connectors, unless every sample has an image; their blocks stay in FSDP's root group (mmlm.train.sharding)."""
+    if stage.data.multimodal_fraction == 1 and model.cfg.audio is None:
+        return ()
+    return ("model.vision", "model.connector", "model.audio", "model.audio_connector")
 
 
 def _wrap(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
@@ -311,7 +331,8 @@ def train_vlm(
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
-    model.to(device).train()
+    fsdp = cfg.parallel == "fsdp"
+    model.to("cpu" if fsdp else device).train()  # fsdp trains a sharded copy per stage (mmlm.train.sharding)
     set_grad_checkpointing(model, cfg.grad_checkpointing)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     main = dist.rank == 0
@@ -327,45 +348,68 @@ def train_vlm(
                 continue  # finished before the checkpoint (a LoRA stage's update is merged in its weights)
             if "lora" in stage.train:
                 add_lora(model, cfg.lora)
-            opt, data = stage_optimizer(model, stage, device), stage_data(index, name, stage)
+            if fsdp:
+                losses = sharded_copy(RowLosses(model, False), device, bf16, skippable_parts(model, stage))
+            else:
+                losses = RowLosses(model)
+            trained = losses.model
+            opt, data = stage_optimizer(trained, stage, device), stage_data(index, name, stage)
             sched = build_scheduler(opt, stage.optim, stage.steps)
             if state is not None:
-                load_checkpoint(checkpoint, model)  # weights and RNG state
-                opt.load_state_dict(state["optimizer"])
+                if fsdp:
+                    load_sharded_checkpoint(checkpoint, losses, opt)  # this rank's shards and RNG state
+                else:
+                    load_checkpoint(checkpoint, model)  # weights and RNG state
+                    opt.load_state_dict(state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
                 data.load_state_dict(state["data"][dist.rank])
                 state = None
-            set_trainable(model, stage, step - first)
-            net, batches, interval = _wrap(RowLosses(model), dist, device), iter(data), IntervalLosses()
+            set_trainable(trained, stage, step - first)
+            net = losses if fsdp else _wrap(losses, dist, device)
+            batches, interval = iter(data), IntervalLosses()
             while step < end:
                 if stage.vision_layers and step - first == stage.vision_from_step:
-                    set_trainable(model, stage, step - first)
-                    net = _wrap(RowLosses(model), dist, device)  # DDP registers what needs gradients anew
+                    set_trainable(trained, stage, step - first)
+                    if (
+                        not fsdp
+                    ):  # DDP registers what needs gradients anew; FSDP2 reads requires_grad each step
+                        net = _wrap(losses, dist, device)
                 accumulate_gradients(
                     net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average, interval
                 )
-                optimizer_step(model, opt, sched, stage.optim.grad_clip)
+                optimizer_step(trained, opt, sched, stage.optim.grad_clip)
                 step += 1
                 if step % cfg.log_every == 0 or step == end:
                     record = {"step": step, "stage": name, **interval.figures(dist.world_size),
                               "lr": sched.get_last_lr()[0],
                               **{f"skipped_{k}": n for k, n in sorted(data.skipped.items())}}  # fmt: skip
-                    if evaluate and main and (step == cfg.total_steps or every(cfg.eval_every, step)):
-                        record.update(evaluate(step))
-                        model.train()
+                    if evaluate and (step == cfg.total_steps or every(cfg.eval_every, step)):
+                        if fsdp:
+                            gather_full_weights(losses, RowLosses(model))
+                        if main:
+                            record.update(evaluate(step))
+                            model.train()
                     records.append(record)
                     log.write(record)
                     interval = IntervalLosses()
                 stopping = step < cfg.total_steps and stop.requested(dist)  # at the last step: let it finish
                 if stopping or (every(cfg.checkpoint_every, step) and step < cfg.total_steps):
                     data_states = _all_ranks(data.state_dict(), dist)
-                    if main:
-                        save_checkpoint(run_dir, step, model, {
-                            "stage": index, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "data": data_states, "records": records})  # fmt: skip
+                    training_state = {"stage": index, "scheduler": sched.state_dict(), "data": data_states,
+                                      "records": records}  # fmt: skip
+                    if fsdp:
+                        save_sharded_checkpoint(run_dir, step, losses, opt, training_state)
+                    elif main:
+                        save_checkpoint(
+                            run_dir, step, model, {**training_state, "optimizer": opt.state_dict()}
+                        )
                 if stopping:  # before the stage's end hooks: the resumed run runs them
                     log.close()
                     raise stop.stopped(step, checkpoint_folder(run_dir, step), main)
+            if (
+                fsdp
+            ):  # the stage's weights back in `model` on rank 0: the adapter, the merge and the export use it
+                gather_full_weights(losses, RowLosses(model))
             if on_stage_end is not None and main:
                 on_stage_end(name, stage)
             if "lora" in stage.train:
@@ -417,6 +461,7 @@ def run_vlm_training(
     VQA accuracy on cfg.eval_samples test questions is reported.
     """
     dist = init_distributed()
+    check_launch(cfg.parallel)
     run_dir = Path(cfg.out_dir)
     if resume:
         find_checkpoint(run_dir, resume)  # a missing checkpoint fails now, not after the data is built
