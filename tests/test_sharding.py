@@ -5,6 +5,10 @@ trainers' own sharded_copy, on its half of a fixed batch and saves its loss and 
 the tests compare them with one unsharded process on the concatenated batch. Every rank holds the same number
 of answer tokens, so the mean of the rank losses is the whole batch's token-mean loss, as for the contrastive
 losses (mmlm.train.distributed), and FSDP2's averaged gradients are the single-process ones.
+
+The same two processes then run both trainers end to end with parallel=fsdp (runs inside a process cost a
+fraction of a torchrun launch): a CLIP run beside the same run under DDP, and each trainer straight, stopped by
+SIGTERM and resumed from its sharded checkpoint.
 """
 
 import json
@@ -162,7 +166,8 @@ def _clip_config(run_dir: Path, *extra: str) -> TrainConfig:
 
 def _vlm_config(run_dir: Path) -> VLMTrainConfig:
     stages = {"align": {"steps": 2, "train": ["connector"], "data": {"samples": 32}},
-              "instruct": {"steps": 3, "train": ["connector", "lora"], "data": {"samples": 32}}}  # fmt: skip
+              "instruct": {"steps": 3, "train": ["connector", "lora"], "data": {"samples": 32},
+                           "vision_layers": 1, "vision_from_step": 1}}  # fmt: skip
     return vlm_config_from_dict({"model": VLM_MODEL, "stages": stages, "batch_size": 4, "max_length": 64,
                                  "log_every": 1, "eval_samples": 0, "eval_every": 1, "device": "cpu",
                                  "lora": {"rank": 2, "dropout": 0.1}, "data": {"workers": 0},
@@ -184,6 +189,7 @@ def _rank_main(rank: int, ports: list[int], out_dir: str) -> None:
     records = {"ddp": run_clip_training(_clip_config(out / "clip" / "ddp"))[1]}
     fsdp_clip = lambda run_dir: _clip_config(run_dir, "parallel=fsdp")  # noqa: E731
     records["clip"] = _stopped_and_resumed(run_clip_training, fsdp_clip, out / "clip", 3, rank, ports[2:4])
+    # stopped in the LoRA stage, before its ViT unfreezes: the checkpoint has no AdamW state for the ViT
     records["vlm"] = _stopped_and_resumed(run_vlm_training, _vlm_config, out / "vlm", 3, rank, ports[4:6])
     if rank == 0:
         torch.save(records, out / "records.pt")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from mmlm.checkpoints.manifest import MANIFEST, verify_manifest, write_manifest
 from mmlm.checkpoints.safetensors_io import write_weights
@@ -198,11 +198,22 @@ def load_sharded_checkpoint(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Load this rank's shards of the weights and optimiser state of a sharded checkpoint, restore this rank's RNGs,
-    and return the rest of the training state; every rank calls it."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    and return the rest of the training state; every rank calls it.
+
+    A parameter that had no gradient yet when the checkpoint was written (the ViT before it unfreezes) has no
+    AdamW state in it, and gets none here either: AdamW starts its state at its first gradient, as it did in the
+    uninterrupted run.
+    """
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # every trained parameter's state, zeroed
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    optimizer_state["state"] = {
+        name: moments for name, moments in optimizer_state["state"].items()
+        if f"optimizer.state.{name}.step" in saved
+    }  # fmt: skip
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))  # fmt: skip
     training_state = torch.load(folder / "training_state.pt", weights_only=False)  # our own file
     set_rng_state(training_state.pop("rng")[torch_dist.get_rank()])
     return training_state
