@@ -110,8 +110,20 @@ def _clip_run(batch: dict, rows: slice, sharded: bool) -> dict:
     image, text = net(batch["pixels"][rows], batch["text_ids"][rows])
     loss = distributed_clip_loss(image, text, net.logit_scale)  # one process: clip_loss
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(list(net.parameters()), max_norm=1.0)  # on DTensor gradients
+    # on DTensor gradients; the norm is ~130, so the compared gradients are the clipped ones
+    norm = torch.nn.utils.clip_grad_norm_(list(net.parameters()), max_norm=1.0)
     return {"loss": loss.detach(), "norm": full_tensor(norm), "grads": _gradients(net)}
+
+
+def _bf16_clip_run(batch: dict, rows: slice) -> dict:
+    """The fp32 CLIP sharded with bf16 mixed precision: bf16 compute, fp32 gradients on the fp32 shards."""
+    model = _clip_model().float()
+    net = sharded_copy(model, torch.device("cpu"), bf16=True)
+    image, text = net(batch["pixels"][rows].float(), batch["text_ids"][rows])
+    loss = distributed_clip_loss(image, text, net.logit_scale)
+    loss.backward()
+    grads = {p.grad.dtype for p in net.parameters()} | {p.dtype for p in net.parameters()}
+    return {"loss": loss.detach().double(), "embedding_dtype": image.dtype, "shard_dtypes": grads}
 
 
 def _vlm_run(batch: dict, rows: slice, train: list[str], sharded: bool) -> dict:
@@ -180,7 +192,7 @@ def _rank_main(rank: int, ports: list[int], out_dir: str) -> None:
     out = Path(out_dir)
     _join(rank, ports[0])
     batch, rows = _batch(), slice(rank * LOCAL, (rank + 1) * LOCAL)
-    results = {"clip": _clip_run(batch, rows, sharded=True)}
+    results = {"clip": _clip_run(batch, rows, sharded=True), "bf16": _bf16_clip_run(batch, rows)}
     for case, train in VLM_CASES.items():
         results[case] = _vlm_run(batch, rows, train, sharded=True)
     torch.save(results, out / f"rank{rank}.pt")
@@ -243,6 +255,16 @@ def test_sharded_clip_loss_gradients_and_clip_norm_equal_one_process(ranks):
     )
     for result in ranks:
         torch.testing.assert_close(result["clip"]["norm"], single["norm"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_computes_in_bf16_and_keeps_fp32_shards(ranks):
+    single = _clip_run(_batch(), slice(None), sharded=False)
+    for result in ranks:
+        assert result["bf16"]["embedding_dtype"] == torch.bfloat16
+        assert result["bf16"]["shard_dtypes"] == {torch.float32}  # weights and reduced gradients
+    mean = torch.stack([r["bf16"]["loss"] for r in ranks]).mean()
+    torch.testing.assert_close(mean, single["loss"], atol=0.05, rtol=0)  # bf16's 8-bit mantissa
 
 
 @pytest.mark.slow
