@@ -38,6 +38,7 @@ from mmlm.train.distributed import cleanup, distributed_clip_loss, init_distribu
 from mmlm.train.run import run_clip_training
 from mmlm.train.sharding import full_tensor, sharded_copy, transformer_blocks
 from mmlm.train.stop_signals import RunStopped
+from mmlm.train.vlm_build import build_vlm
 from mmlm.train.vlm_config import StageConfig, VLMTrainConfig, vlm_config_from_dict
 from mmlm.train.vlm_loop import RowLosses, batch_loss, run_vlm_training, set_trainable
 
@@ -128,7 +129,11 @@ def _bf16_clip_run(batch: dict, rows: slice) -> dict:
 
 def _vlm_run(batch: dict, rows: slice, train: list[str], sharded: bool) -> dict:
     model = _vlm_model(train)
-    net = sharded_copy(RowLosses(model, False), torch.device("cpu"), False) if sharded else RowLosses(model)
+    net = (
+        sharded_copy(RowLosses(model, group_by_length=False), torch.device("cpu"), False)
+        if sharded
+        else RowLosses(model)
+    )
     row_loss, row_tokens = net(batch["input_ids"][rows], batch["labels"][rows], batch["attention_mask"][rows],
                                batch["pixels"][rows])  # fmt: skip
     loss = batch_loss(row_loss, row_tokens)
@@ -336,3 +341,14 @@ def test_fsdp_without_torchrun_or_an_unknown_parallel_is_one_line(tmp_path, caps
     assert "parallel: expected one of ['ddp', 'fsdp'], got 'zero'" in capsys.readouterr().err
     with pytest.raises(InputError, match="parallel: expected one of"):
         vlm_config_from_dict({"parallel": "zero"})
+
+
+@pytest.mark.slow
+def test_fsdp_vlm_trains_the_vit_blocks_unfrozen_mid_stage(records, out_dir):
+    run = out_dir / "vlm" / "straight"
+    initial = build_vlm(_vlm_config(run), run / "tokenizer")[0].state_dict()
+    trained = mmlm.load(run / "model").model.state_dict()
+    changed = {k for k in initial if k.startswith("vision.") and not torch.equal(initial[k], trained[k])}
+    # FSDP2 picked up requires_grad set after sharding; block 1 lies past the features LLaVA reads (layer -2)
+    assert "vision.transformer.blocks.0.attn.qkv.weight" in changed
+    assert not any(k.startswith("vision.transformer.blocks.1.") for k in changed)

@@ -349,7 +349,8 @@ def train_vlm(
             if "lora" in stage.train:
                 add_lora(model, cfg.lora)
             if fsdp:
-                losses = sharded_copy(RowLosses(model, False), device, bf16, skippable_parts(model, stage))
+                losses = sharded_copy(RowLosses(model, group_by_length=False), device, bf16,
+                                      skippable_parts(model, stage))  # fmt: skip
             else:
                 losses = RowLosses(model)
             trained = losses.model
@@ -370,9 +371,8 @@ def train_vlm(
             while step < end:
                 if stage.vision_layers and step - first == stage.vision_from_step:
                     set_trainable(trained, stage, step - first)
-                    if (
-                        not fsdp
-                    ):  # DDP registers what needs gradients anew; FSDP2 reads requires_grad each step
+                    # DDP registers what needs gradients anew; FSDP2 reads requires_grad at each all-gather
+                    if not fsdp:
                         net = _wrap(losses, dist, device)
                 accumulate_gradients(
                     net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average, interval
