@@ -26,6 +26,7 @@ from mmlm.checkpoints.manifest import MANIFEST, verify_manifest, write_manifest
 from mmlm.checkpoints.safetensors_io import write_weights
 from mmlm.errors import InputError
 from mmlm.json_files import read_json_object
+from mmlm.train.sharding import is_sharded
 
 
 def rng_state() -> dict[str, Any]:
@@ -217,3 +218,25 @@ def load_sharded_checkpoint(
     training_state = torch.load(folder / "training_state.pt", weights_only=False)  # our own file
     set_rng_state(training_state.pop("rng")[torch_dist.get_rank()])
     return training_state
+
+
+def save_training_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             training_state: dict[str, Any], export: Any = None) -> None:  # fmt: skip
+    """Write checkpoint `step-N`; every rank calls it: a sharded model's as shards (save_sharded_checkpoint), any
+    other by the first rank alone, the optimiser state in training_state.pt (save_checkpoint, `export` as there)."""
+    if is_sharded(model):
+        save_sharded_checkpoint(run_dir, step, model, optimizer, training_state)
+    elif not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
+        save_checkpoint(run_dir, step, model, {**training_state, "optimizer": optimizer.state_dict()}, export)
+
+
+def load_training_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load a checkpoint written by save_training_checkpoint into the model and optimiser, restore the RNGs, and
+    return the rest of the training state."""
+    if is_sharded(model):
+        return load_sharded_checkpoint(folder, model, optimizer)
+    state = load_checkpoint(folder, model)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    return state

@@ -17,10 +17,8 @@ from mmlm.train.accumulation import accumulate_contrastive_gradients
 from mmlm.train.checkpoint import (
     checkpoint_folder,
     find_checkpoint,
-    load_checkpoint,
-    load_sharded_checkpoint,
-    save_checkpoint,
-    save_sharded_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
 )
 from mmlm.train.config import TrainConfig
 from mmlm.train.distributed import DistInfo, distributed_clip_loss, distributed_siglip_loss
@@ -79,14 +77,9 @@ def _optimizer_step(cfg: TrainConfig, net: torch.nn.Module, model: DualEncoder, 
 
 
 def _resume(run_dir: Path, which: str, model: DualEncoder, opt: Any, sched: Any, data: Any,
-            dist: DistInfo, sharded: bool) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
+            dist: DistInfo) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
     """Load checkpoint `which` into the model, optimiser, schedule and data stream; return (step, records)."""
-    folder = find_checkpoint(run_dir, which)
-    if sharded:
-        state = load_sharded_checkpoint(folder, model, opt)
-    else:
-        state = load_checkpoint(folder, model)
-        opt.load_state_dict(state["optimizer"])
+    state = load_training_checkpoint(find_checkpoint(run_dir, which), model, opt)
     sched.load_state_dict(state["scheduler"])
     data.load_state_dict(state["data"][dist.rank])
     return state["step"], state["records"]
@@ -125,7 +118,7 @@ def train(
         net = model
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
-    step, records = _resume(run_dir, resume, model, opt, sched, data, dist, fsdp) if resume else (0, [])
+    step, records = _resume(run_dir, resume, model, opt, sched, data, dist) if resume else (0, [])
     loss_fn = torch.compile(contrastive_loss) if cfg.compile else contrastive_loss
     main = dist.rank == 0
     log = MetricLog(run_dir, cfg.log, dataclasses.asdict(cfg), main)
@@ -142,8 +135,7 @@ def train(
                           "logit_scale": full_tensor(model.logit_scale).exp().item(),
                           "samples_per_s": cfg.log_every * samples_per_step / (now - last)}  # fmt: skip
                 if evaluate and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    if fsdp:
-                        gather_full_weights(model, unsharded)
+                    gather_full_weights(model, unsharded)  # sharded: the weights back on rank 0
                     if main:
                         record.update(evaluate(unsharded, step))
                         unsharded.train()
@@ -157,12 +149,8 @@ def train(
             if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
                 data_states = _all_ranks(data.state_dict(), dist)
                 training_state = {"scheduler": sched.state_dict(), "data": data_states, "records": records}
-                if fsdp:
-                    save_sharded_checkpoint(run_dir, step, model, opt, training_state)
-                elif main:
-                    training_state["optimizer"] = opt.state_dict()
-                    save_checkpoint(run_dir, step, model, training_state, export)
-    if fsdp and not stopping:  # the run's result: the trained weights, in the caller's model on rank 0
+                save_training_checkpoint(run_dir, step, model, opt, training_state, export)
+    if not stopping:  # sharded: the run's result, the trained weights, in the caller's model on rank 0
         gather_full_weights(model, unsharded)
     progress.close()
     log.close()

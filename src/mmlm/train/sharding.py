@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from mmlm.errors import InputError
@@ -83,8 +83,16 @@ def sharded_copy(
     return copied
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Return whether `module` was sharded with fully_shard (by sharded_copy)."""
+    return isinstance(module, FSDPModule)
+
+
 def gather_full_weights(sharded: nn.Module, model: nn.Module) -> None:
-    """Load the sharded copy's weights, gathered to rank 0's CPU, into `model` on rank 0; every rank must call it."""
+    """Load the sharded copy's weights, gathered to rank 0's CPU, into `model` on rank 0; every rank must call it.
+    A `sharded` that is not sharded (DDP, one process) trains `model`'s own weights: nothing to do."""
+    if not is_sharded(sharded):
+        return
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(sharded, options=options)  # empty on the other ranks
     if torch_dist.get_rank() == 0:

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,8 @@ from mmlm.progress import Progress
 from mmlm.train.checkpoint import (
     checkpoint_folder,
     find_checkpoint,
-    load_checkpoint,
-    load_sharded_checkpoint,
-    save_checkpoint,
-    save_sharded_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
 )
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loggers import MetricLog
@@ -47,14 +44,15 @@ from mmlm.train.loop import _all_ranks, resolve_device
 from mmlm.train.mixed_batches import MixedBatches, worker_failures_as_errors
 from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, fused_adamw, no_decay
-from mmlm.train.plots import plot_training
+from mmlm.train.plots import plot_modality_losses, plot_training
 from mmlm.train.run import run_info
-from mmlm.train.sharding import check_launch, gather_full_weights, sharded_copy
+from mmlm.train.sharding import check_launch, gather_full_weights, is_sharded, sharded_copy
 from mmlm.train.stop_signals import StopSignals
 from mmlm.train.vlm_build import build_tokenizer, build_vlm
 from mmlm.train.vlm_config import LoRAConfig, StageConfig, VLMTrainConfig
 
 Evaluate = Callable[[GenerativeModel, int], dict[str, float]]
+MEDIA_PARTS = ("model.vision", "model.connector", "model.audio", "model.audio_connector")  # in RowLosses
 
 
 def unfreeze_vision(model: VisionLanguageModel, layers: int) -> None:
@@ -156,7 +154,6 @@ class RowLosses(nn.Module):
     The ViT and connector run once; the LM runs per length group, each cut to its own longest row. Right
     padding needs no attention mask: causal attention already keeps real tokens off the padding after them.
     Packed rows (mmlm.processing.packing) run as one group, attention kept inside each sample by `segment_ids`.
-    Sharded (`group_by_length=False`), the LM runs once per batch: every rank must gather its blocks equally often.
     """
 
     def __init__(self, model: VisionLanguageModel, group_by_length: bool = True) -> None:
@@ -186,8 +183,7 @@ class RowLosses(nn.Module):
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
-        groups = length_groups(lengths.cpu()) if self.group_by_length else [torch.arange(len(lengths))]
-        for rows in groups:
+        for rows in length_groups(lengths.cpu()) if self.group_by_length else [torch.arange(len(lengths))]:
             rows = rows.to(embeds.device)
             length = int(lengths[rows].max())
             group_media = None if media is None else media.take(rows, length)
@@ -222,16 +218,22 @@ def add_lora(model: VisionLanguageModel, lora: LoRAConfig) -> list[str]:
     return apply_lora(model.lm, lora.rank, lora.alpha, lora.targets, lora.dropout, lora.rslora)
 
 
-def skippable_parts(model: VisionLanguageModel, stage: StageConfig) -> tuple[str, ...]:
-    """Return the names (under RowLosses) of the parts a batch of `stage` may not run: the media towers and
-    connectors, unless every sample has an image; their blocks stay in FSDP's root group (mmlm.train.sharding)."""
-    if stage.data.multimodal_fraction == 1 and model.cfg.audio is None:
-        return ()
-    return ("model.vision", "model.connector", "model.audio", "model.audio_connector")
+def stage_losses(
+    model: VisionLanguageModel, stage: StageConfig, cfg: VLMTrainConfig, device: torch.device, bf16: bool
+) -> RowLosses:
+    """Return the stage's training forward pass over `model`, or over a sharded copy of it (`parallel: fsdp`).
+
+    Sharded, the LM runs once per batch, and the towers' and connectors' blocks stay in FSDP's root group unless
+    every sample has an image: every rank must all-gather the same blocks as often (mmlm.train.sharding)."""
+    if cfg.parallel == "ddp":
+        return RowLosses(model)
+    every_sample_has_an_image = stage.data.multimodal_fraction == 1 and model.cfg.audio is None
+    skipped = () if every_sample_has_an_image else MEDIA_PARTS
+    return sharded_copy(RowLosses(model, group_by_length=False), device, bf16, skipped)
 
 
 def _wrap(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
-    if dist.world_size == 1:
+    if dist.world_size == 1 or is_sharded(model):  # FSDP2 reads requires_grad at each all-gather
         return model
     # a text-only batch leaves the ViT and connector without gradients, hence find_unused_parameters
     ids = [device.index] if device.type == "cuda" else None
@@ -331,8 +333,7 @@ def train_vlm(
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
-    fsdp = cfg.parallel == "fsdp"
-    model.to("cpu" if fsdp else device).train()  # fsdp trains a sharded copy per stage (mmlm.train.sharding)
+    model.to("cpu" if cfg.parallel == "fsdp" else device).train()  # fsdp trains a sharded copy per stage
     set_grad_checkpointing(model, cfg.grad_checkpointing)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     main = dist.rank == 0
@@ -348,32 +349,21 @@ def train_vlm(
                 continue  # finished before the checkpoint (a LoRA stage's update is merged in its weights)
             if "lora" in stage.train:
                 add_lora(model, cfg.lora)
-            if fsdp:
-                losses = sharded_copy(RowLosses(model, group_by_length=False), device, bf16,
-                                      skippable_parts(model, stage))  # fmt: skip
-            else:
-                losses = RowLosses(model)
-            trained = losses.model
+            losses = stage_losses(model, stage, cfg, device, bf16)
+            trained, checkpointed = losses.model, (losses if is_sharded(losses) else model)
             opt, data = stage_optimizer(trained, stage, device), stage_data(index, name, stage)
             sched = build_scheduler(opt, stage.optim, stage.steps)
             if state is not None:
-                if fsdp:
-                    load_sharded_checkpoint(checkpoint, losses, opt)  # this rank's shards and RNG state
-                else:
-                    load_checkpoint(checkpoint, model)  # weights and RNG state
-                    opt.load_state_dict(state["optimizer"])
+                load_training_checkpoint(checkpoint, checkpointed, opt)  # and the RNG state
                 sched.load_state_dict(state["scheduler"])
                 data.load_state_dict(state["data"][dist.rank])
                 state = None
             set_trainable(trained, stage, step - first)
-            net = losses if fsdp else _wrap(losses, dist, device)
-            batches, interval = iter(data), IntervalLosses()
+            net, batches, interval = _wrap(losses, dist, device), iter(data), IntervalLosses()
             while step < end:
                 if stage.vision_layers and step - first == stage.vision_from_step:
                     set_trainable(trained, stage, step - first)
-                    # DDP registers what needs gradients anew; FSDP2 reads requires_grad at each all-gather
-                    if not fsdp:
-                        net = _wrap(losses, dist, device)
+                    net = _wrap(losses, dist, device)  # DDP registers what needs gradients anew
                 accumulate_gradients(
                     net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average, interval
                 )
@@ -384,8 +374,7 @@ def train_vlm(
                               "lr": sched.get_last_lr()[0],
                               **{f"skipped_{k}": n for k, n in sorted(data.skipped.items())}}  # fmt: skip
                     if evaluate and (step == cfg.total_steps or every(cfg.eval_every, step)):
-                        if fsdp:
-                            gather_full_weights(losses, RowLosses(model))
+                        gather_full_weights(losses, RowLosses(model))  # sharded: the weights back on rank 0
                         if main:
                             record.update(evaluate(step))
                             model.train()
@@ -394,22 +383,13 @@ def train_vlm(
                     interval = IntervalLosses()
                 stopping = step < cfg.total_steps and stop.requested(dist)  # at the last step: let it finish
                 if stopping or (every(cfg.checkpoint_every, step) and step < cfg.total_steps):
-                    data_states = _all_ranks(data.state_dict(), dist)
-                    training_state = {"stage": index, "scheduler": sched.state_dict(), "data": data_states,
-                                      "records": records}  # fmt: skip
-                    if fsdp:
-                        save_sharded_checkpoint(run_dir, step, losses, opt, training_state)
-                    elif main:
-                        save_checkpoint(
-                            run_dir, step, model, {**training_state, "optimizer": opt.state_dict()}
-                        )
+                    training_state = {"stage": index, "scheduler": sched.state_dict(), "records": records,
+                                      "data": _all_ranks(data.state_dict(), dist)}  # fmt: skip
+                    save_training_checkpoint(run_dir, step, checkpointed, opt, training_state)
                 if stopping:  # before the stage's end hooks: the resumed run runs them
                     log.close()
                     raise stop.stopped(step, checkpoint_folder(run_dir, step), main)
-            if (
-                fsdp
-            ):  # the stage's weights back in `model` on rank 0: the adapter, the merge and the export use it
-                gather_full_weights(losses, RowLosses(model))
+            gather_full_weights(losses, RowLosses(model))  # for the adapter, the merge and the export
             if on_stage_end is not None and main:
                 on_stage_end(name, stage)
             if "lora" in stage.train:
@@ -518,25 +498,3 @@ def run_vlm_training(
         plot_modality_losses(records, run_dir)
     cleanup()
     return loaded, records
-
-
-def plot_modality_losses(records: list[dict[str, Any]], out: Path) -> Path:
-    """Write loss_modality.png: the training loss on image, audio and text-only samples; return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in ("loss_image", "loss_audio", "loss_text"):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points, strict=True), label=key)
-    for boundary in {r["step"] for r, nxt in pairwise(records) if r["stage"] != nxt["stage"]}:
-        ax.axvline(boundary, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="step", ylabel="loss", title="loss per modality (dotted: stage ends)", yscale="log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_modality.png", dpi=110)
-    plt.close(fig)
-    return out / "loss_modality.png"
