@@ -64,11 +64,9 @@ class ImageTiling(Protocol):
 
     def num_tiles(self, height: int, width: int) -> int:
         """Return how many views an image of this size becomes."""
-        ...
 
     def __call__(self, image: Any) -> TiledImage:
         """Return the image's views in prompt order and its grid."""
-        ...
 
 
 class ImagePrompt(Protocol):
@@ -77,11 +75,9 @@ class ImagePrompt(Protocol):
 
     def ids(self, tokenizer: Tokenizer, grid: tuple[int, int]) -> list[int]:
         """Return the ids of one image's expansion; its image tokens fill the model's slots in order."""
-        ...
 
     def image_tokens(self, grid: tuple[int, int], views: int, tokens_per_view: int) -> int:
         """Return the image tokens the model fills for one image of `views` views and this grid."""
-        ...
 
 
 @dataclass
@@ -200,13 +196,9 @@ class VLMProcessor:
         self.uint8_pixels = False  # a training stream's copy sets it (`with_uint8_pixels`)
 
     def with_uint8_pixels(self) -> "VLMProcessor":
-        """Return a copy whose pixel_values are uint8, resized and cropped but not normalised; self if it cannot.
-
-        Training streams carry these: loader workers, pinned memory and the copy to the device move a quarter of
-        float32's bytes, and the trainer normalises on the device (`PixelNormalize`) to the numbers __call__
-        gives. Only an `ImageProcessor` has this form, for whole images and anyres tiles alike; NaFlex and
-        Qwen2-VL patches (their own processors) stay float32, and the trainer passes float pixels through.
-        """
+        """Return a copy whose pixel_values are uint8, not yet normalised (training streams: a quarter of the
+        bytes through workers and to the device, normalised there by `PixelNormalize`); self if it cannot: only an
+        ImageProcessor (whole images, anyres tiles) has this form, NaFlex and Qwen2-VL patches stay float32."""
         if not isinstance(self.image_processor, ImageProcessor):
             return self
         training = copy.copy(self)

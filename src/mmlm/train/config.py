@@ -85,8 +85,18 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    parallel: str = "ddp"  # under torchrun: ddp (a full copy per rank) | fsdp (sharded, mmlm.train.sharding)
     device: str = "auto"
     version: int = CONFIG_VERSION  # of this layout, written to the run's config.json
+
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def check_parallel(value: Any) -> None:
+    """Raise InputError unless `value` names a way to train across ranks."""
+    if value not in PARALLEL:
+        raise InputError(f"parallel: expected one of {list(PARALLEL)}, got {value!r}")
 
 
 def _parse_value(text: str) -> Any:
@@ -143,6 +153,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     fraction = cfg.optim.max_warmup_fraction
     if fraction is not None and not 0 < fraction <= 1:
         raise InputError(f"optim.max_warmup_fraction: got {fraction!r}; expected a share in (0, 1] or null")
+    check_parallel(cfg.parallel)
     check_log_config(cfg.log)  # a missing TensorBoard or W&B package stops the run now, not after the data
     model = cfg.model
     if model.audio is not None and model.audio_embed_dim != model.text.embed_dim:

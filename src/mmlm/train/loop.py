@@ -15,11 +15,17 @@ from mmlm.models.dual_encoder import DualEncoder
 from mmlm.processing.image import PixelNormalize
 from mmlm.progress import Progress
 from mmlm.train.accumulation import accumulate_contrastive_gradients
-from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
+from mmlm.train.checkpoint import (
+    checkpoint_folder,
+    find_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from mmlm.train.config import TrainConfig
 from mmlm.train.distributed import DistInfo, distributed_clip_loss, distributed_siglip_loss
 from mmlm.train.loggers import MetricLog
 from mmlm.train.optim import build_optimizer, build_scheduler, lock_tower
+from mmlm.train.sharding import full_tensor, gather_full_weights, sharded_copy
 from mmlm.train.stop_signals import StopSignals
 
 
@@ -82,11 +88,32 @@ def _optimizer_step(cfg: TrainConfig, net: torch.nn.Module, model: DualEncoder, 
 def _resume(run_dir: Path, which: str, model: DualEncoder, opt: Any, sched: Any, data: Any,
             dist: DistInfo) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
     """Load checkpoint `which` into the model, optimiser, schedule and data stream; return (step, records)."""
-    state = load_checkpoint(find_checkpoint(run_dir, which), model)
-    opt.load_state_dict(state["optimizer"])
+    state = load_training_checkpoint(find_checkpoint(run_dir, which), model, opt)
     sched.load_state_dict(state["scheduler"])
     data.load_state_dict(state["data"][dist.rank])
     return state["step"], state["records"]
+
+
+def _training_modules(cfg: TrainConfig, model: DualEncoder, dist: DistInfo, device: torch.device,
+                      bf16: bool) -> tuple[torch.nn.Module, DualEncoder]:  # fmt: skip
+    """Return (the module the step calls, the model the optimiser steps): towers locked and checkpointed as
+    configured, then the model as is, DDP-wrapped, or (fsdp) a sharded copy; compiled if so configured."""
+    # lock_image locks whichever non-text tower the model has (a ViT, or an audio tower)
+    for tower, lock in ((model.media_tower, cfg.lock_image), (model.text, cfg.lock_text)):
+        if lock is not None:
+            lock_tower(tower, lock)
+        tower.transformer.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.parallel == "fsdp":
+        net = model = sharded_copy(model, device, bf16)
+    elif dist.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
+    if cfg.compile:
+        # open_clip compiles the DDP-wrapped model: DDP's graph splitting then keeps its bucketed all-reduces
+        # overlapping the backward pass. `model` stays the plain module: checkpoints keep their tensor names.
+        net = torch.compile(net, backend=cfg.compile_backend)
+    return net, model
 
 
 def train(
@@ -113,26 +140,15 @@ def train(
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
-    model.to(device).train()
+    # fsdp trains a sharded copy (mmlm.train.sharding); the caller's model waits on the CPU for its weights
+    model.to("cpu" if cfg.parallel == "fsdp" else device).train()
     normalize = normalize.to(device) if normalize is not None else None
-    # lock_image locks whichever non-text tower the model has (a ViT, or an audio tower)
-    for tower, lock in ((model.media_tower, cfg.lock_image), (model.text, cfg.lock_text)):
-        if lock is not None:
-            lock_tower(tower, lock)
-        tower.transformer.grad_checkpointing = cfg.grad_checkpointing
-    net = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if dist.world_size > 1
-        else model
-    )
-    if cfg.compile:
-        # open_clip compiles the DDP-wrapped model: DDP's graph splitting then keeps its bucketed all-reduces
-        # overlapping the backward pass. `model` stays the plain module: checkpoints keep their tensor names.
-        net = torch.compile(net, backend=cfg.compile_backend)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    unsharded = model
+    net, model = _training_modules(cfg, model, dist, device, bf16)
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
     step, records = _resume(run_dir, resume, model, opt, sched, data, dist) if resume else (0, [])
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     loss_fn = (
         torch.compile(contrastive_loss, backend=cfg.compile_backend) if cfg.compile else contrastive_loss
     )
@@ -148,15 +164,13 @@ def train(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 record = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                          "logit_scale": model.logit_scale.exp().item(),
+                          "logit_scale": full_tensor(model.logit_scale).exp().item(),
                           "samples_per_s": cfg.log_every * samples_per_step / (now - last)}  # fmt: skip
-                if (
-                    evaluate
-                    and main
-                    and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
-                ):
-                    record.update(evaluate(model, step))
-                    model.train()
+                if evaluate and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    gather_full_weights(model, unsharded)  # sharded: the weights back on rank 0
+                    if main:
+                        record.update(evaluate(unsharded, step))
+                        unsharded.train()
                 last = time.perf_counter()
                 records.append(record)
                 log.write(record)
@@ -167,10 +181,10 @@ def train(
             stopping = step < cfg.steps and asks and stop.requested(dist)
             if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
                 data_states = _all_ranks(data.state_dict(), dist)
-                if main:
-                    training_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                      "data": data_states, "records": records}  # fmt: skip
-                    save_checkpoint(run_dir, step, model, training_state, export)
+                training_state = {"scheduler": sched.state_dict(), "data": data_states, "records": records}
+                save_training_checkpoint(run_dir, step, model, opt, training_state, export)
+    if not stopping:  # sharded: the run's result, the trained weights, in the caller's model on rank 0
+        gather_full_weights(model, unsharded)
     progress.close()
     log.close()
     if stopping:

@@ -1,5 +1,6 @@
 """PNG plots of a training run: loss, learning rate, and the evaluation curves."""
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,25 @@ def plot_training(records: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / "eval.png")
     return written
+
+
+def plot_modality_losses(records: list[dict[str, Any]], out: Path) -> Path:
+    """Write loss_modality.png: the training loss on image, audio and text-only samples; return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ("loss_image", "loss_audio", "loss_text"):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=key)
+    for boundary in {r["step"] for r, nxt in pairwise(records) if r["stage"] != nxt["stage"]}:
+        ax.axvline(boundary, color="grey", linewidth=0.8, linestyle=":")
+    ax.set(xlabel="step", ylabel="loss", title="loss per modality (dotted: stage ends)", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_modality.png", dpi=110)
+    plt.close(fig)
+    return out / "loss_modality.png"

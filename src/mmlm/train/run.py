@@ -33,6 +33,7 @@ from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loop import train
 from mmlm.train.memory_data import InMemoryPairs
 from mmlm.train.plots import plot_training
+from mmlm.train.sharding import check_launch
 
 
 def shapes_pairs(cfg: DataConfig, image_size: int, seed: int) -> list[tuple[Any, str]]:
@@ -155,6 +156,7 @@ def run_clip_training(
     `evaluate(model, step)` runs every cfg.eval_every steps and at the end; else `val_data` is evaluated.
     """
     dist = init_distributed()
+    check_launch(cfg.parallel)
     run_dir = Path(cfg.out_dir)
     if resume:
         find_checkpoint(run_dir, resume)  # a missing checkpoint fails now, not after the data is built

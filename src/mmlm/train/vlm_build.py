@@ -10,16 +10,21 @@ import torch
 from tokenizers import Tokenizer
 
 import mmlm
+from mmlm.data.synthetic.instructions import make_instruction
+from mmlm.data.synthetic.shapes import World
 from mmlm.errors import InputError
+from mmlm.eval.vqa import answer_questions, vqa_scores
 from mmlm.fusion import fusion_style
 from mmlm.inference.audio import AudioModel, whisper_preprocessor
 from mmlm.inference.contrastive import ContrastiveModel
+from mmlm.inference.vlm import GenerativeModel
 from mmlm.models.audio_encoder import AudioConfig, AudioEncoder
 from mmlm.models.vlm import VisionLanguageModel, VLMConfig
 from mmlm.processing.bpe import BOS, train_bpe
 from mmlm.processing.chat import AUDIO_TOKEN, ChatTemplate, special_tokens_of
-from mmlm.processing.image import ImageProcessor
+from mmlm.processing.image import ImageProcessor, PixelNormalize
 from mmlm.processing.vlm_processor import VLMProcessor, add_image_token
+from mmlm.train.mixed_batches import MixedBatches
 from mmlm.train.vlm_config import VLMTrainConfig
 
 
@@ -111,3 +116,35 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
                              max_length=min(cfg.max_length, lm_cfg.max_positions), special_tokens=specials,
                              **audio)  # fmt: skip
     return model, processor
+
+
+@torch.no_grad()
+def patch_feature_sample(model: VisionLanguageModel, batches: MixedBatches, images: int,
+                         normalize: PixelNormalize | None = None) -> torch.Tensor:  # fmt: skip
+    """Return the patch features [M, Dv] of about `images` training images (M = 0: the batches had none), for
+    a fusion style to fit before training (unified tokens: its codebook)."""
+    features, seen = [], 0
+    for batch, _ in zip(batches, range(10_000), strict=False):
+        if batch["pixel_values"] is not None:
+            pixels = batch["pixel_values"] if normalize is None else normalize(batch["pixel_values"])
+            features.append(model.patch_features(pixels).flatten(0, 1))  # [I·N, Dv]
+            seen += len(batch["pixel_values"])
+        if seen >= images:
+            break
+    return torch.cat(features) if features else torch.zeros(0, 0)
+
+
+def shapes_vqa_evaluator(
+    loaded: GenerativeModel, cfg: VLMTrainConfig, pairs: list[tuple[str, str]] | World, split: str = "test"
+) -> Callable[[int], dict[str, float]]:
+    """Return evaluate(step): VQA accuracy (exact match after normalisation) on shapes questions of `split`."""
+    size = loaded.config.vision.image_size
+    samples = [make_instruction(i, cfg.seed, split=split, pairs=pairs, image_size=size)
+               for i in range(cfg.eval_samples)]  # fmt: skip
+
+    def evaluate(step: int) -> dict[str, float]:
+        predictions = answer_questions(loaded, [s.image for s in samples], [s.question for s in samples])
+        scores = vqa_scores(predictions, [[s.answer] for s in samples], [s.type for s in samples])
+        return {f"vqa_{k}": v for k, v in scores.items()}
+
+    return evaluate

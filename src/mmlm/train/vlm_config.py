@@ -24,7 +24,7 @@ from mmlm.models.audio_encoder import AudioConfig
 from mmlm.models.config import CONFIG_VERSION, config_from_dict
 from mmlm.models.decoder_lm import LMConfig
 from mmlm.models.vision import VisionConfig
-from mmlm.train.config import OptimConfig, apply_overrides, read_config_file
+from mmlm.train.config import OptimConfig, apply_overrides, check_parallel, read_config_file
 from mmlm.train.loggers import LogConfig, check_log_config
 
 TRAINABLE_PARTS = ("connector", "lm", "lora", "audio")  # audio: the audio encoder
@@ -148,6 +148,7 @@ class VLMTrainConfig:
     log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B beside metrics.jsonl
     checkpoint_every: int = 0  # 0: no checkpoints (the model is written at the end)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    parallel: str = "ddp"  # under torchrun: ddp (a full copy per rank) | fsdp (sharded, mmlm.train.sharding)
     # recompute each ViT and LM block's activations in backward: less memory, about one more forward pass
     grad_checkpointing: bool = False
     device: str = "auto"
@@ -246,6 +247,7 @@ def check_config(cfg: VLMTrainConfig) -> None:
             raise InputError(f"{key}: expected an integer >= 0, got {value!r}")
     if cfg.precision not in PRECISIONS:
         raise InputError(f"precision: expected one of {list(PRECISIONS)}, got {cfg.precision!r}")
+    check_parallel(cfg.parallel)
     if not isinstance(cfg.grad_checkpointing, bool):
         raise InputError(f"grad_checkpointing: expected true or false, got {cfg.grad_checkpointing!r}")
     if cfg.loss_average not in ("token", "sample"):

@@ -10,14 +10,14 @@ Batches carry uint8 pixels where the processor allows (`VLMProcessor.with_uint8_
 the device by `PixelNormalize`, as the CLIP trainer does; NaFlex and Qwen2-VL patches stay float32.
 
 Checkpoints hold the weights, optimiser, schedule, sampler position, RNG state and the stage, so `--resume`
-continues exactly; under torchrun every rank trains on its own data stream and DDP averages the gradients.
+continues exactly; under torchrun every rank trains on its own data stream and DDP averages the gradients, or,
+with `parallel: fsdp`, FSDP2 shards weights, gradients and optimiser state over the ranks (mmlm.train.sharding).
 """
 
 import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +26,35 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlm.checkpoints.peft import llama_module_names, save_adapter
-from mmlm.data.synthetic.instructions import make_instruction
-from mmlm.data.synthetic.shapes import World, split_world
+from mmlm.data.synthetic.shapes import split_world
 from mmlm.errors import InputError
-from mmlm.eval.vqa import answer_questions, vqa_scores
 from mmlm.inference.vlm import GenerativeModel
 from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
 from mmlm.layers.transformer import set_grad_checkpointing
 from mmlm.models.vlm import VisionLanguageModel, causal_lm_loss
 from mmlm.processing.image import PixelNormalize
 from mmlm.progress import Progress
-from mmlm.train.checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, save_checkpoint
+from mmlm.train.checkpoint import (
+    checkpoint_folder,
+    find_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
 from mmlm.train.loggers import MetricLog
 from mmlm.train.loop import _all_ranks, resolve_device
 from mmlm.train.mixed_batches import MixedBatches, device_batch, worker_failures_as_errors
 from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, fused_adamw, no_decay
-from mmlm.train.plots import plot_training
+from mmlm.train.plots import plot_modality_losses, plot_training
 from mmlm.train.run import run_info
+from mmlm.train.sharding import check_launch, gather_full_weights, is_sharded, sharded_copy
 from mmlm.train.stop_signals import StopSignals
-from mmlm.train.vlm_build import build_tokenizer, build_vlm
+from mmlm.train.vlm_build import build_tokenizer, build_vlm, patch_feature_sample, shapes_vqa_evaluator
 from mmlm.train.vlm_config import LoRAConfig, StageConfig, VLMTrainConfig
 
 Evaluate = Callable[[GenerativeModel, int], dict[str, float]]
+MEDIA_PARTS = ("model.vision", "model.connector", "model.audio", "model.audio_connector")  # in RowLosses
 
 
 def unfreeze_vision(model: VisionLanguageModel, layers: int) -> None:
@@ -153,9 +158,10 @@ class RowLosses(nn.Module):
     Packed rows (mmlm.processing.packing) run as one group, attention kept inside each sample by `segment_ids`.
     """
 
-    def __init__(self, model: VisionLanguageModel) -> None:
+    def __init__(self, model: VisionLanguageModel, group_by_length: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.group_by_length = group_by_length
 
     def forward(
         self,
@@ -179,7 +185,7 @@ class RowLosses(nn.Module):
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
-        for rows in length_groups(lengths.cpu()):
+        for rows in length_groups(lengths.cpu()) if self.group_by_length else [torch.arange(len(lengths))]:
             rows = rows.to(embeds.device)
             length = int(lengths[rows].max())
             group_media = None if media is None else media.take(rows, length)
@@ -214,8 +220,22 @@ def add_lora(model: VisionLanguageModel, lora: LoRAConfig) -> list[str]:
     return apply_lora(model.lm, lora.rank, lora.alpha, lora.targets, lora.dropout, lora.rslora)
 
 
+def stage_losses(
+    model: VisionLanguageModel, stage: StageConfig, cfg: VLMTrainConfig, device: torch.device, bf16: bool
+) -> RowLosses:
+    """Return the stage's training forward pass over `model`, or over a sharded copy of it (`parallel: fsdp`).
+
+    Sharded, the LM runs once per batch, and the towers' and connectors' blocks stay in FSDP's root group unless
+    every sample has an image: every rank must all-gather the same blocks as often (mmlm.train.sharding)."""
+    if cfg.parallel == "ddp":
+        return RowLosses(model)
+    every_sample_has_an_image = stage.data.multimodal_fraction == 1 and model.cfg.audio is None
+    skipped = () if every_sample_has_an_image else MEDIA_PARTS
+    return sharded_copy(RowLosses(model, group_by_length=False), device, bf16, skipped)
+
+
 def _wrap(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
-    if dist.world_size == 1:
+    if dist.world_size == 1 or is_sharded(model):  # FSDP2 reads requires_grad at each all-gather
         return model
     # a text-only batch leaves the ViT and connector without gradients, hence find_unused_parameters
     ids = [device.index] if device.type == "cuda" else None
@@ -299,6 +319,14 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gra
     sched.step()
 
 
+def _resume_stage(checkpoint: Path, state: dict[str, Any], model: nn.Module, opt: Any, sched: Any, data: Any,
+                  dist: DistInfo) -> None:  # fmt: skip
+    """Load the checkpoint into the stage's model, optimiser (and the RNG state), schedule and data position."""
+    load_training_checkpoint(checkpoint, model, opt)
+    sched.load_state_dict(state["scheduler"])
+    data.load_state_dict(state["data"][dist.rank])
+
+
 def train_vlm(
     cfg: VLMTrainConfig,
     model: VisionLanguageModel,
@@ -312,13 +340,12 @@ def train_vlm(
 ) -> list[dict[str, Any]]:
     """Train `model` through cfg.stages in order; return the logged records (one per log_every steps).
 
-    uint8 pixel_values are normalised on the device by `normalize` (the image processor's numbers).
-
-    SIGTERM or SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
+    uint8 pixel_values are normalised on the device by `normalize` (the image processor's numbers). SIGTERM or
+    SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
-    model.to(device).train()
+    model.to("cpu" if cfg.parallel == "fsdp" else device).train()  # fsdp trains a sharded copy per stage
     normalize = normalize.to(device) if normalize is not None else None
     set_grad_checkpointing(model, cfg.grad_checkpointing)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -335,44 +362,44 @@ def train_vlm(
                 continue  # finished before the checkpoint (a LoRA stage's update is merged in its weights)
             if "lora" in stage.train:
                 add_lora(model, cfg.lora)
-            opt, data = stage_optimizer(model, stage, device), stage_data(index, name, stage)
+            losses = stage_losses(model, stage, cfg, device, bf16)
+            trained, checkpointed = losses.model, (losses if is_sharded(losses) else model)
+            opt, data = stage_optimizer(trained, stage, device), stage_data(index, name, stage)
             sched = build_scheduler(opt, stage.optim, stage.steps)
-            if state is not None:
-                load_checkpoint(checkpoint, model)  # weights and RNG state
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                data.load_state_dict(state["data"][dist.rank])
+            if state is not None:  # the stage the checkpoint was written in
+                _resume_stage(checkpoint, state, checkpointed, opt, sched, data, dist)
                 state = None
-            set_trainable(model, stage, step - first)
-            net, batches, interval = _wrap(RowLosses(model), dist, device), iter(data), IntervalLosses()
+            set_trainable(trained, stage, step - first)
+            net, batches, interval = _wrap(losses, dist, device), iter(data), IntervalLosses()
             while step < end:
                 if stage.vision_layers and step - first == stage.vision_from_step:
-                    set_trainable(model, stage, step - first)
-                    net = _wrap(RowLosses(model), dist, device)  # DDP registers what needs gradients anew
+                    set_trainable(trained, stage, step - first)
+                    net = _wrap(losses, dist, device)  # DDP registers what needs gradients anew
                 accumulate_gradients(net, batches, stage.optim.accumulation, device, bf16, cfg.loss_average,
                                      interval, normalize)  # fmt: skip
-                optimizer_step(model, opt, sched, stage.optim.grad_clip)
+                optimizer_step(trained, opt, sched, stage.optim.grad_clip)
                 step += 1
                 if step % cfg.log_every == 0 or step == end:
                     record = {"step": step, "stage": name, **interval.figures(dist.world_size),
                               "lr": sched.get_last_lr()[0],
                               **{f"skipped_{k}": n for k, n in sorted(data.skipped.items())}}  # fmt: skip
-                    if evaluate and main and (step == cfg.total_steps or every(cfg.eval_every, step)):
-                        record.update(evaluate(step))
-                        model.train()
+                    if evaluate and (step == cfg.total_steps or every(cfg.eval_every, step)):
+                        gather_full_weights(losses, RowLosses(model))  # sharded: the weights back on rank 0
+                        if main:
+                            record.update(evaluate(step))
+                            model.train()
                     records.append(record)
                     log.write(record)
                     interval = IntervalLosses()
                 stopping = step < cfg.total_steps and stop.requested(dist)  # at the last step: let it finish
                 if stopping or (every(cfg.checkpoint_every, step) and step < cfg.total_steps):
-                    data_states = _all_ranks(data.state_dict(), dist)
-                    if main:
-                        save_checkpoint(run_dir, step, model, {
-                            "stage": index, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "data": data_states, "records": records})  # fmt: skip
+                    training_state = {"stage": index, "scheduler": sched.state_dict(), "records": records,
+                                      "data": _all_ranks(data.state_dict(), dist)}  # fmt: skip
+                    save_training_checkpoint(run_dir, step, checkpointed, opt, training_state)
                 if stopping:  # before the stage's end hooks: the resumed run runs them
                     log.close()
                     raise stop.stopped(step, checkpoint_folder(run_dir, step), main)
+            gather_full_weights(losses, RowLosses(model))  # for the adapter, the merge and the export
             if on_stage_end is not None and main:
                 on_stage_end(name, stage)
             if "lora" in stage.train:
@@ -385,38 +412,6 @@ def train_vlm(
 # ---- the data and evaluation of a run (its tokenizer and model: mmlm.train.vlm_build) ----
 
 
-@torch.no_grad()
-def patch_feature_sample(model: VisionLanguageModel, batches: MixedBatches, images: int,
-                         normalize: PixelNormalize | None = None) -> torch.Tensor:  # fmt: skip
-    """Return the patch features [M, Dv] of about `images` training images (M = 0: the batches had none), for
-    a fusion style to fit before training (unified tokens: its codebook)."""
-    features, seen = [], 0
-    for batch, _ in zip(batches, range(10_000), strict=False):
-        if batch["pixel_values"] is not None:
-            pixels = batch["pixel_values"] if normalize is None else normalize(batch["pixel_values"])
-            features.append(model.patch_features(pixels).flatten(0, 1))  # [I·N, Dv]
-            seen += len(batch["pixel_values"])
-        if seen >= images:
-            break
-    return torch.cat(features) if features else torch.zeros(0, 0)
-
-
-def shapes_vqa_evaluator(
-    loaded: GenerativeModel, cfg: VLMTrainConfig, pairs: list[tuple[str, str]] | World, split: str = "test"
-) -> Callable[[int], dict[str, float]]:
-    """Return evaluate(step): VQA accuracy (exact match after normalisation) on shapes questions of `split`."""
-    size = loaded.config.vision.image_size
-    samples = [make_instruction(i, cfg.seed, split=split, pairs=pairs, image_size=size)
-               for i in range(cfg.eval_samples)]  # fmt: skip
-
-    def evaluate(step: int) -> dict[str, float]:
-        predictions = answer_questions(loaded, [s.image for s in samples], [s.question for s in samples])
-        scores = vqa_scores(predictions, [[s.answer] for s in samples], [s.type for s in samples])
-        return {f"vqa_{k}": v for k, v in scores.items()}
-
-    return evaluate
-
-
 def run_vlm_training(
     cfg: VLMTrainConfig, resume: str | None = None, evaluate: Evaluate | None = None
 ) -> tuple[GenerativeModel, list[dict[str, Any]]]:
@@ -426,6 +421,7 @@ def run_vlm_training(
     VQA accuracy on cfg.eval_samples test questions is reported.
     """
     dist = init_distributed()
+    check_launch(cfg.parallel)
     run_dir = Path(cfg.out_dir)
     if resume:
         find_checkpoint(run_dir, resume)  # a missing checkpoint fails now, not after the data is built
@@ -486,25 +482,3 @@ def run_vlm_training(
         plot_modality_losses(records, run_dir)
     cleanup()
     return loaded, records
-
-
-def plot_modality_losses(records: list[dict[str, Any]], out: Path) -> Path:
-    """Write loss_modality.png: the training loss on image, audio and text-only samples; return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in ("loss_image", "loss_audio", "loss_text"):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points, strict=True), label=key)
-    for boundary in {r["step"] for r, nxt in pairwise(records) if r["stage"] != nxt["stage"]}:
-        ax.axvline(boundary, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="step", ylabel="loss", title="loss per modality (dotted: stage ends)", yscale="log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_modality.png", dpi=110)
-    plt.close(fig)
-    return out / "loss_modality.png"
