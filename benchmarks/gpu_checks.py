@@ -15,11 +15,15 @@ weights on the same device:
   `_optimizer_step`, the VLM loop's `RowLosses`, `accumulate_gradients`, `optimizer_step`) in fp32: the losses
   on the device within 1e-4 of the same steps on CPU.
 fp32 on CUDA means fp32: TF32 matmuls and convolutions are switched off for this section.
+Last, the tests marked `cuda` (`pytest -m cuda`: the CUDA graph capture and replay, CUDA training) run in a
+subprocess; with --cpu-smoke they are only collected, which proves that their files import and that they exist.
 """
 
 import contextlib
 import copy
 import math
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -295,3 +299,29 @@ def correctness(suite) -> None:
         lm_checks(suite, root / "llama", references["llama"])
         vlm_checks(suite, root / "llava", references["llava"])
         vlm_training(suite, root / "llava")
+    cuda_tests(suite)
+
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+
+def cuda_tests(suite) -> None:
+    """Run the test files that hold `cuda`-marked tests with `pytest -m cuda` (on CPU: collect them only); the
+    line is ok when they all pass (or, collecting, when at least one is found and nothing fails to import)."""
+
+    def run() -> dict:
+        files = sorted(str(p) for p in TESTS.glob("test_*.py") if "pytest.mark.cuda" in p.read_text())
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
+        if suite.smoke:
+            command.append("--collect-only")
+        done = subprocess.run(command, cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
+        summary = (done.stdout.strip().splitlines() or [""])[-1]
+        # "2 passed, 1 failed in 9.1s", or collecting: "2/48 tests collected (46 deselected) in 3.2s"
+        counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary)}
+        if collected := re.search(r"(\d+)(?:/\d+)? tests? collected", summary):
+            counts["collected"] = int(collected.group(1))
+        found = counts.get("passed", 0) + counts.get("collected", 0)
+        ok = done.returncode == 0 and found > 0 and not counts.get("failed") and not counts.get("errors")
+        return {"ok": ok, "files": [Path(f).name for f in files], "summary": summary[-300:], "counts": counts}
+
+    suite.part("correctness", "pytest_cuda", "-", run, needs_s=0 if suite.smoke else 120)
