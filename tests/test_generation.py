@@ -93,8 +93,10 @@ def test_static_and_dynamic_caches_give_the_same_logits_step_by_step(llama):
     assert static[0].length == dynamic[0].length == mask.shape[1] - 1  # the last column is for the next token
 
 
-def test_decoding_steps_give_transformers_logits(llama):
-    # Decoding runs a few rows at a time, through the decode-only matrix products (rows_times_matrix).
+@pytest.mark.parametrize("rows_times_matrix", [True, False])
+def test_decoding_steps_give_transformers_logits(llama, rows_times_matrix, monkeypatch):
+    # Decoding runs a few rows at a time, through rows_times_matrix where it pays on the CPU, else F.linear.
+    monkeypatch.setattr("mmlm.layers.linear._MEASURED", [rows_times_matrix])
     m, ref = llama
     ids, mask = m.encode(PROMPTS)
     cache = m.model.new_cache(3, ids.shape[1] + 5)

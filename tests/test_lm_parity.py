@@ -12,6 +12,7 @@ import transformers
 from safetensors.torch import save_file
 
 import mmlm
+import mmlm.layers.linear as linear_module
 from fixtures_hub import go_offline, serve_hub
 from fixtures_lm import one_thread, tiny_lm_config, write_lm_tokenizer, write_tiny_lm  # noqa: F401 (autouse)
 from mmlm.inference.causal_lm import CausalLM
@@ -229,15 +230,40 @@ def test_unsupported_rope_scaling_is_one_clear_error(tmp_path):
         mmlm.load(tmp_path)
 
 
+@pytest.mark.parametrize("pays", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 8, 9])
-def test_decode_projection_equals_the_linear_layer(rows):
-    # `project` computes decoding's few rows as (W·xᵀ)ᵀ; it must be the same function as nn.Linear.
+def test_decode_projection_equals_the_linear_layer(rows, pays, monkeypatch):
+    # `project` computes decoding's few rows as (W·xᵀ)ᵀ where that pays; it must be the same function as nn.Linear.
+    monkeypatch.setattr(linear_module, "_MEASURED", [pays])
+    calls = []
+    rows_times_matrix = linear_module.rows_times_matrix
+    monkeypatch.setattr(
+        linear_module, "rows_times_matrix", lambda *a: calls.append(1) or rows_times_matrix(*a)
+    )
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 80)
     x = torch.randn(rows, 1, 48)
     torch.testing.assert_close(project(linear, x), linear(x), atol=1e-6, rtol=0)
+    assert len(calls) == (pays and rows <= 8)
     linear.weight.data = linear.weight.data.t().contiguous().t()  # decode layout: falls back to the module
     torch.testing.assert_close(project(linear, x), linear(x), atol=1e-6, rtol=0)
+    assert len(calls) == (pays and rows <= 8)
+
+
+def test_the_decode_orientation_is_measured_once_and_used_only_with_a_clear_margin(monkeypatch):
+    measure = linear_module.measure_rows_times_matrix
+    assert measure(width=64, out=128, repeats=3) > 0  # a ratio of two positive times
+    speedups = iter([2.0, 1.1])
+    monkeypatch.setattr(linear_module, "measure_rows_times_matrix", lambda: next(speedups))
+    monkeypatch.delenv("MMLM_ROWS_TIMES_MATRIX", raising=False)
+    monkeypatch.setattr(linear_module, "_MEASURED", [])
+    assert linear_module.rows_times_matrix_pays() and linear_module.rows_times_matrix_pays()  # measured once
+    monkeypatch.setattr(linear_module, "_MEASURED", [])
+    assert not linear_module.rows_times_matrix_pays()  # 1.1× is within the margin: F.linear stays
+    for forced, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("MMLM_ROWS_TIMES_MATRIX", forced)
+        monkeypatch.setattr(linear_module, "_MEASURED", [])
+        assert linear_module.rows_times_matrix_pays() is expected
 
 
 def test_folder_without_tokenizer_json_is_one_clear_error(tmp_path):

@@ -2,9 +2,19 @@
 
 Decoding one token is a chain of matrix-vector products, bound by how fast the weights are read; see
 docs/benchmarks.md ("Decoder LM decode speed") for the measurements behind these choices.
+
+Which orientation is fastest depends on the CPU: on the AMD EPYC machines mmlm was tuned on, MKL streams W about
+twice as fast as (W·xᵀ)ᵀ as through F.linear; on an Intel Xeon the same trick made decoding 0.65× as fast. So
+the choice is measured once per process (`rows_times_matrix_pays`), and the trick is used only where it wins by
+a clear margin; `MMLM_ROWS_TIMES_MATRIX=1|0` fixes the choice instead (reproducible runs, tests).
 """
 
+import os
+import statistics
+import time
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Decoding feeds a few rows at a time; up to this many, `project` takes the matrix-times-columns path.
@@ -24,16 +34,54 @@ def rows_times_matrix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+_MEASURED: list[bool] = []  # the process's one measurement, once made
+# rows_times_matrix must be this much faster to be used: a near tie keeps F.linear, so that a noisy measurement
+# does not flip the choice (and with it the last bits of every decode) between runs
+MARGIN = 1.25
+
+
+def _median_seconds(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_rows_times_matrix(width: int = 1024, out: int = 4096, repeats: int = 15) -> float:
+    """Return how many times faster rows_times_matrix is than F.linear for one row times a 16-MB fp32 matrix
+    (larger than the caches, as a model's weights are), at the current thread count: the median of each."""
+    weight, x = torch.randn(out, width), torch.randn(1, width)
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up: page the matrix in, let MKL pick its kernels
+            F.linear(x, weight), rows_times_matrix(x, weight)
+        linear = _median_seconds(lambda: F.linear(x, weight), repeats)
+        rows = _median_seconds(lambda: rows_times_matrix(x, weight), repeats)
+    return linear / rows
+
+
+def rows_times_matrix_pays() -> bool:
+    """Return whether `project` and the LM head should decode through rows_times_matrix on this CPU: the
+    environment's MMLM_ROWS_TIMES_MATRIX (1 or 0) if set, else one measurement per process (MARGIN faster)."""
+    if not _MEASURED:
+        forced = os.environ.get("MMLM_ROWS_TIMES_MATRIX")
+        _MEASURED.append(forced == "1" if forced in ("0", "1") else measure_rows_times_matrix() >= MARGIN)
+    return _MEASURED[0]
+
+
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Return linear(x), through `rows_times_matrix` when decoding a few rows on CPU with a plain nn.Linear.
 
-    Anything else (a LoRA wrapper, many rows, a GPU, a weight in another memory layout) calls the module.
+    Anything else (a LoRA wrapper, many rows, a GPU, a weight in another memory layout, a CPU where the
+    orientation does not pay) calls the module.
     """
     if (
         type(linear) is not nn.Linear
         or x.device.type != "cpu"
         or x.numel() > DECODE_ROWS * x.shape[-1]
         or not linear.weight.is_contiguous()
+        or not rows_times_matrix_pays()
     ):
         return linear(x)
     y = rows_times_matrix(x, linear.weight).contiguous()  # strided queries would push SDPA off its CPU kernel
