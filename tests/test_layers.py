@@ -10,7 +10,7 @@ from mmlm.layers import Attention, Block, KVCache, RMSNorm
 from mmlm.layers.mlp import quick_gelu
 from mmlm.models.config import config_from_dict
 from mmlm.models.dual_encoder import DualEncoderConfig
-from mmlm.models.vision import VisionConfig, VisionTransformer
+from mmlm.models.vision import VisionConfig, VisionTransformer, patch_tokens
 
 
 def reference_attention(q, k, v, causal=False):
@@ -94,3 +94,23 @@ def test_config_ignores_unknown_keys_with_a_warning():
     assert {"from_the_future", "new_knob"} <= {
         k for w in caught for k in ("from_the_future", "new_knob") if k in str(w.message)
     }
+
+
+@pytest.mark.parametrize(
+    "size, patch, bias",
+    [((32, 32), 8, False), ((30, 45), 8, True), ((224, 224), 16, True), ((14, 28), 14, False)],
+)
+def test_patch_tokens_equal_the_strided_convolution(size, patch, bias):
+    """The ViT's patch embedding as one matmul over p×p patches gives the convolution's numbers, remainder rows
+    and columns dropped as the convolution drops them."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, patch, patch, bias=bias)
+    pixels = torch.randn(2, 3, *size)
+    tokens, grid = patch_tokens(pixels, conv)
+    expected = conv(pixels)  # [B, D, rows, columns]
+    assert grid == tuple(expected.shape[2:]) and tokens.is_contiguous()
+    torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    shuffled = torch.nn.Conv2d(3, 24, patch, patch, bias=bias)
+    shuffled.weight.data = conv.weight.data.transpose(2, 3).clone()  # (i, j) swapped: must not pass
+    shuffled.bias = conv.bias
+    assert not torch.allclose(patch_tokens(pixels, shuffled)[0], tokens, atol=1e-3)

@@ -119,6 +119,24 @@ def bucket_position_ids(side: int, grid: tuple[int, int], device: torch.device |
     return (ids[0][:, None] * side + ids[1][None, :]).reshape(-1)
 
 
+def patch_tokens(pixels: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Return the patch embedding [B, N, D] of pixels [B, C, H, W] and its grid (rows, columns): the strided
+    convolution `conv` (kernel = stride = p), computed as one matrix product over the image's p×p patches.
+
+    The same numbers as conv(pixels).flatten(2).transpose(1, 2) up to float summation order (each output is
+    the same C·p·p dot product), with the checkpoint's Conv2d weights as they are. A convolution kernel adds
+    nothing for non-overlapping patches, and on a GPU it may convert layouts (channels-last) around itself; a
+    matmul does not, and its output is already [B, N, D] in memory, where the convolution's needs a transpose.
+    Like the convolution, it drops the rows and columns past the last whole patch.
+    """
+    p = conv.kernel_size[0]
+    b, c, h, w = pixels.shape
+    rows, columns = h // p, w // p
+    patches = pixels[:, :, : rows * p, : columns * p].reshape(b, c, rows, p, columns, p)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * columns, c * p * p)  # (c, i, j) per patch
+    return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias), (rows, columns)
+
+
 class ConvStem(nn.Module):
     """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3×3 stride-2
     convolutions down to the patch grid, then a 1×1 to the width; it trains faster from scratch than one patch
@@ -203,9 +221,13 @@ class VisionTransformer(nn.Module):
             return x + naflex_pos_embed(self.pos_embed, self.cfg.grid, pixels.shapes, x.shape[1])
         if self.cfg.stem == "linear":
             raise InputError("this tower reads NaFlex patches (a PatchBatch), not a [B, C, H, W] image batch")
-        x = self.patch_embed(pixels.to(self.pos_embed.dtype))  # [B, D, H/p, W/p]
-        grid = (x.shape[2], x.shape[3])
-        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        pixels = pixels.to(self.pos_embed.dtype)
+        if isinstance(self.patch_embed, nn.Conv2d):
+            x, grid = patch_tokens(pixels, self.patch_embed)  # [B, N, D]
+        else:  # the convolutional stem
+            x = self.patch_embed(pixels)  # [B, D, H/p, W/p]
+            grid = (x.shape[2], x.shape[3])
+            x = x.flatten(2).transpose(1, 2)  # [B, N, D]
         pos = self.pos_embed
         n_cls = int(self.class_token is not None)
         if self.cfg.positions == "bucket":
