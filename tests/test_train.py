@@ -266,3 +266,33 @@ def test_in_memory_batches_are_pinned_and_normalise_on_the_gpu_to_the_float_path
     on_gpu = PixelNormalize(processor).cuda()(pixels.cuda(non_blocking=True))
     expected = processor([images[i] for i in ids[:, 0].tolist()])
     torch.testing.assert_close(on_gpu.cpu(), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.cuda
+def test_training_steps_between_log_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
+    """With fused AdamW on CUDA, steps between log steps make no synchronising call (torch's sync debug mode
+    raises on one); log steps read the loss, and may."""
+    from dataclasses import replace
+
+    from mmlm.processing.image import ImageProcessor, PixelNormalize
+    from mmlm.train import loop
+
+    cfg, model, batches = tiny_model_and_batches(8)
+    cfg = replace(cfg, log_every=4, device="cuda")
+    steps, optimizer_step = [0], loop._optimizer_step
+
+    def strict_step(*args, **kwargs):
+        steps[0] += 1
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if steps[0] > 1 else "default")  # the first step warms up
+        try:
+            return optimizer_step(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(loop, "_optimizer_step", strict_step)
+    pinned = [(p.pin_memory(), i.pin_memory()) for p, i in batches]
+    records = loop.train(
+        cfg, model, iter(pinned), tmp_path, normalize=PixelNormalize(ImageProcessor.clip(16))
+    )
+    assert [r["step"] for r in records] == [4, 8] and steps[0] == 8
