@@ -70,6 +70,20 @@ def test_stage_one_trains_only_the_connector(tmp_path, tokenizer):
     assert [r["step"] for r in records] == [1, 2, 3] and all("loss_image" in r for r in records)
 
 
+def test_a_text_only_batch_in_a_connector_only_stage_trains_on(tmp_path, tokenizer):
+    """Text-only batches give the connector no gradient path: the step must still run (zero gradients), not
+    fail in backward; with every batch text-only the connector only decays and the LM stays as it was."""
+    text_only = {**ALIGN, "data": {"multimodal_fraction": 0.0, "text_source": "shapes", "text_samples": 32}}
+    cfg = tiny_config(tmp_path, {"align": text_only}, tokenizer)
+    initial = weights(build_vlm(cfg, Path(tokenizer))[0])
+    loaded, records = run_vlm_training(cfg)
+    final = weights(loaded.model)
+    assert [r["step"] for r in records] == [1, 2, 3] and all("loss_text" in r for r in records)
+    assert changed(initial, final) <= {k for k in initial if k.startswith("connector.")}
+    for key in changed(initial, final):  # AdamW's decoupled decay on a zero gradient: w·(1 − lr·wd) each step
+        assert torch.all(final[key].abs() <= initial[key].abs())
+
+
 def test_stage_two_trains_the_lm_and_connector_but_not_the_vit(tmp_path, tokenizer):
     cfg = tiny_config(tmp_path, {"align": ALIGN, "instruct": INSTRUCT}, tokenizer)
     initial = weights(build_vlm(cfg, Path(tokenizer))[0])

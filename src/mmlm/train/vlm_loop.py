@@ -181,7 +181,8 @@ class RowLosses(nn.Module):
         `position_ids` and `sample_index` [R, T]) give them per sample, in `sample_index` order."""
         embeds, media = self.model.prepare(input_ids, pixels, audio_features, image_frames, image_sizes)
         if segment_ids is not None:
-            return self.packed(embeds, media, labels, position_ids, segment_ids, sample_index)
+            row_loss, row_tokens = self.packed(embeds, media, labels, position_ids, segment_ids, sample_index)
+            return self.reaching_trained(row_loss), row_tokens
         lengths = attention_mask.sum(1)
         row_loss = torch.zeros(len(input_ids), device=embeds.device)
         row_tokens = torch.zeros(len(input_ids), dtype=torch.long, device=embeds.device)
@@ -192,7 +193,17 @@ class RowLosses(nn.Module):
             logits = self.model.run_lm(embeds[rows, :length], group_media).logits
             loss, tokens = token_losses(logits, labels[rows, :length])
             row_loss, row_tokens = row_loss.index_put((rows,), loss), row_tokens.index_put((rows,), tokens)
-        return row_loss, row_tokens
+        return self.reaching_trained(row_loss), row_tokens
+
+    def reaching_trained(self, row_loss: torch.Tensor) -> torch.Tensor:
+        """Return the row losses, tied with weight 0 to the trained parameters when none of them took part (a
+        text-only batch in a stage that trains only the connector or tower). Backward then runs as on any
+        batch, in step with the other ranks under DDP and FSDP, and gives those parameters zero gradients, as
+        an unused path would (AdamW's weight decay still applies to them that step)."""
+        trained = [p for p in self.parameters() if p.requires_grad]
+        if row_loss.requires_grad or not trained:
+            return row_loss
+        return row_loss + 0 * sum(p.sum() for p in trained)
 
     def packed(
         self,
