@@ -35,6 +35,7 @@ QUICK_RUNS = {
     "bench_decode.py": (["--threads", "1", "--clock", "cpu"], '"cache": "static"'),
     "bench_guard.py": ([], '"low_contrast"'),
     "bench_index.py": ([], "faiss_ivf"),
+    "bench_lora_step.py": ([], '"mmlm_over_peft"'),
     "bench_retrieval_metrics.py": ([], '"same_recall": true'),
     "bench_serve.py": ([], '"run": "overfill"'),
     "bench_video.py": ([], '"long_seeking_speedup"'),
