@@ -40,6 +40,7 @@ QUICK_RUNS = {
     "bench_serve.py": ([], '"run": "overfill"'),
     "bench_video.py": ([], '"long_seeking_speedup"'),
     "bench_vlm_data_memory.py": ([], '"pass": true'),
+    "bench_vlm_data_wait.py": ([], '"summary": "median data_wait_fraction after warm-up"'),
     "bench_vlm_decode.py": ([], '"cache": "static"'),
     "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "chameleon"'),
     "bench_vlm_packing.py": ([], '"packed_over_unpacked"'),
