@@ -109,7 +109,7 @@ def random_batches(m: dict) -> list[dict[str, torch.Tensor]]:
                 "pixel_values": pixels,
             }
         )
-    return out  # fmt: skip
+    return out
 
 
 def seeded_lora_a(module: str, shape: torch.Size) -> torch.Tensor:
@@ -119,7 +119,7 @@ def seeded_lora_a(module: str, shape: torch.Size) -> torch.Tensor:
 
 
 def build_mmlm(m: dict, weights: dict[str, torch.Tensor]):
-    """Return (model, step(batches) -> loss) for mmlm's VisionLanguageModel as the VLM trainer runs a LoRA stage."""
+    """Return (model, step() -> loss) for mmlm's VisionLanguageModel as the VLM trainer runs a LoRA stage."""
     from mmlm.checkpoints.build import build_from_weights
     from mmlm.checkpoints.hf_llava import llava_key_map, llava_layout, vlm_config_from_llava
     from mmlm.checkpoints.peft import llama_module_names
