@@ -18,7 +18,14 @@ from mmlm.data.synthetic.shapes import split_combinations
 from mmlm.layers.lora import LoRALinear
 from mmlm.train.mixing import MULTIMODAL, TEXT, MixingSampler, corpus_texts
 from mmlm.train.vlm_config import StageData, vlm_config_from_dict
-from mmlm.train.vlm_loop import batch_loss, build_tokenizer, build_vlm, run_vlm_training
+from mmlm.train.vlm_loop import (
+    IntervalLosses,
+    accumulate_gradients,
+    batch_loss,
+    build_tokenizer,
+    build_vlm,
+    run_vlm_training,
+)
 
 TINY_MODEL = {
     "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2, "mlp_dim": 64},
@@ -152,9 +159,45 @@ def test_losses_are_logged_per_modality_with_plots(tmp_path, tokenizer):
     _, records = run_vlm_training(tiny_config(tmp_path, {"instruct": stage}, tokenizer, batch_size=8))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all("loss_image" in r and "loss_text" in r for r in lines)
+    assert all(0 <= r["data_wait_fraction"] <= 1 for r in lines)
     for r in lines:  # the overall loss is the token-weighted mean of the two
         assert min(r["loss_image"], r["loss_text"]) <= r["loss"] <= max(r["loss_image"], r["loss_text"])
     assert (tmp_path / "loss_modality.png").is_file() and (tmp_path / "loss.png").is_file()
+
+
+class SumLosses(torch.nn.Module):
+    """Stands in for RowLosses: a loss per row from one weight, so a step costs next to nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, input_ids, labels, *rest) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight * input_ids.float().sum(1), torch.ones(len(input_ids), dtype=torch.long)
+
+
+def slow_batches(seconds: float):
+    """Yield the same two-row text batch forever, each after `seconds` of waiting (a DataLoader falling behind)."""
+    ids = torch.ones(2, 3, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": ids, "pixel_values": None, "audio_features": None,
+             "image_frames": None, "image_sizes": None, "images_per_sample": torch.zeros(2, dtype=torch.long),
+             "audio_per_sample": torch.zeros(2, dtype=torch.long)}  # fmt: skip
+    while True:
+        time.sleep(seconds)
+        yield batch
+
+
+def test_data_wait_fraction_is_the_share_of_time_spent_drawing_batches():
+    net, cpu = SumLosses(), torch.device("cpu")
+    fractions = {}
+    for wait in (0.0, 0.05):
+        interval = IntervalLosses()
+        accumulate_gradients(net, slow_batches(wait), 4, cpu, False, "token", interval)
+        time.sleep(0.05)  # the optimiser step and logging: time that is not waiting for data
+        fractions[wait] = interval.figures()["data_wait_fraction"]
+    # 0.2 s of waiting in about 0.25 s; without waiting, only the generator's own few microseconds
+    assert 0.6 < fractions[0.05] <= 1 and 0 <= fractions[0.0] < 0.1
+    assert interval.samples == 8 and net.weight.grad is not None
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tokenizer):

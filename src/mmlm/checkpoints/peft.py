@@ -5,10 +5,9 @@ PEFT names each tensor after the transformers module it adapts:
 mmlm's LoRA names (layers/lora.py; fused q/k/v slices named `blocks.0.attn.q` ...) into those modules;
 `llama_module_names` is the one for DecoderLM, with prefixes for an LM inside a VLM.
 
-Checked once against PEFT 0.21.2 with transformers 5.24 on a tiny Llama (PEFT is not a dependency, so this is
-not a test): an adapter PEFT saved loads here, and one saved here loads in PeftModel.from_pretrained, with
-logits equal to PEFT's (max difference 0.0, with and without rsLoRA); merged q/v weights match
-merge_and_unload; an adapter on layer 0 only makes PEFT wrap exactly those modules.
+PEFT is a dev dependency and the reference: tests/test_peft_parity.py loads adapters written here with
+PeftModel.from_pretrained on transformers' LLaVA and checks that PEFT wraps exactly the adapted modules and gives
+mmlm's logits (fp32, 1e-5), over ranks, alphas, targets (fused q/k/v slices among them) and rsLoRA.
 """
 
 import json

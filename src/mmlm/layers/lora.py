@@ -17,7 +17,6 @@ the fused one: `blocks.0.attn.q`, `blocks.0.attn.k`, `blocks.0.attn.v` (and `k`,
 
 import math
 import re
-from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -89,24 +88,28 @@ class LoRALinear(nn.Module):
             delta[start:end] = b.float() @ a.float()
         return self.scale * delta
 
-    def _update(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.dropout > 0:
-            x = F.dropout(x, self.dropout, self.training)
-        return F.linear(F.linear(x, a), b) * self.scale  # [.., in] -> [.., r] -> [.., rows]
+    def up_projection(self) -> torch.Tensor:
+        """Return every slice's B as one matrix [out, n·r]: B_i at its rows and its own r columns, zeros elsewhere.
+
+        One product with it adds all slices' updates at once, where splitting the output at the slices and joining
+        the parts again would copy the whole output (most of the cost of a fused qkv's LoRA on CPU).
+        """
+        if self.slices is None:
+            return self.lora_B
+        blocks = self.lora_B.new_zeros(self.out_features, len(self.row_ranges) * self.rank)
+        for i, ((_, _, b), (start, end)) in enumerate(zip(self.pairs(), self.row_ranges, strict=True)):
+            blocks[start:end, i * self.rank : (i + 1) * self.rank] = b
+        return blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return x Wᵀ + b plus the scaled low-rank update on the adapted rows, [..., out]."""
         y = F.linear(x, self.weight, self.bias)
-        pairs = self.pairs()
-        if self.slices is None:
-            return y + self._update(x, pairs[0][1], pairs[0][2])
-        # split the output at every slice boundary, add each slice's update to its part, join again
-        bounds = sorted({0, self.out_features, *(r for rows in self.row_ranges for r in rows)})
-        parts = list(y.split([end - start for start, end in pairwise(bounds)], dim=-1))
-        for (_, a, b), (start, _) in zip(pairs, self.row_ranges, strict=True):
-            i = bounds.index(start)
-            parts[i] = parts[i] + self._update(x, a, b)
-        return torch.cat(parts, dim=-1)
+        if self.dropout > 0 and self.training:  # each slice draws its own mask, as PEFT's separate layers do
+            low = torch.cat([F.linear(F.dropout(x, self.dropout), a) for _, a, _ in self.pairs()], -1)
+        else:
+            low = F.linear(x, self.lora_A)  # [.., in] -> [.., n·r]: every slice's A in one product
+        # s scales the rank-r activations rather than the output: the same update, r/out of the multiplications
+        return y + F.linear(low * self.scale, self.up_projection())  # [.., n·r] -> [.., out]
 
     def extra_repr(self) -> str:
         """Return sizes, rank, alpha and the adapted slices for print(model)."""

@@ -254,12 +254,16 @@ def _wrap(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
 
 
 class IntervalLosses:
-    """Token-weighted losses and throughput since the last log line, overall and per modality."""
+    """Token-weighted losses, throughput and the share of time spent waiting for batches since the last log line.
+
+    `data_wait` adds up the seconds the loop spent waiting for its next batch: near 0, the DataLoader workers keep
+    ahead of training; near 1, training waits on data, and more `data.workers` would speed it up.
+    """
 
     def __init__(self) -> None:
         self.sums = dict.fromkeys(ROW_MODALITIES, 0.0)
         self.tokens = dict.fromkeys(ROW_MODALITIES, 0)
-        self.samples, self.start = 0, time.perf_counter()
+        self.samples, self.data_wait, self.start = 0, 0.0, time.perf_counter()
 
     def add(self, row_loss: torch.Tensor, row_tokens: torch.Tensor, modality: torch.Tensor) -> None:
         """Add one micro-batch's per-row loss sums and token counts; `modality` indexes ROW_MODALITIES per row."""
@@ -270,13 +274,15 @@ class IntervalLosses:
         self.samples += len(row_loss)
 
     def figures(self, world_size: int = 1) -> dict[str, float]:
-        """Return loss (all answer tokens), loss_image, loss_audio and loss_text (where seen), and samples_per_s."""
-        total = sum(self.tokens.values())
+        """Return loss (all answer tokens), loss_image, loss_audio and loss_text (where seen), samples_per_s and
+        data_wait_fraction (seconds waiting for batches over the interval's wall time)."""
+        total, seconds = sum(self.tokens.values()), time.perf_counter() - self.start
         out = {"loss": sum(self.sums.values()) / max(total, 1)}
         for kind in ROW_MODALITIES:
             if self.tokens[kind]:
                 out[f"loss_{kind}"] = self.sums[kind] / self.tokens[kind]
-        out["samples_per_s"] = self.samples * world_size / (time.perf_counter() - self.start)
+        out["samples_per_s"] = self.samples * world_size / seconds
+        out["data_wait_fraction"] = self.data_wait / seconds
         return out
 
 
@@ -303,9 +309,13 @@ def accumulate_gradients(
     net: nn.Module, batches: Iterator[dict[str, Any]], micro_batches: int, device: torch.device, bf16: bool,
     loss_average: str, interval: IntervalLosses, normalize: PixelNormalize | None = None,
 ) -> None:  # fmt: skip
-    """Run `micro_batches` batches forward and backward (gradients add up), their row losses into `interval`."""
+    """Run `micro_batches` batches forward and backward (gradients add up), their row losses and the time spent
+    waiting for them into `interval`."""
     for _ in range(micro_batches):
-        batch = device_batch(next(batches), device, normalize)
+        asked = time.perf_counter()
+        drawn = next(batches)
+        interval.data_wait += time.perf_counter() - asked
+        batch = device_batch(drawn, device, normalize)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             row_loss, row_tokens = net(batch["input_ids"], batch["labels"], batch["attention_mask"],
                                        batch["pixel_values"], batch["audio_features"],
