@@ -65,4 +65,6 @@ def test_saved_adapter_in_peft_gives_mmlm_logits(tmp_path, name):
     wrapped = {n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert wrapped == {f"base_model.model.{n}" for n in adapted}  # PEFT wraps exactly what mmlm adapted
     assert (expected - base).abs().max() > 1e-2  # the adapter moves the logits, so agreeing means something
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # 1e-4, as test_llava_parity: the towers sum in another order (mmlm's patch embedding is a matmul, theirs a
+    # convolution), which random tiny models carry to a few 1e-5 in the logits; the adapter moves them by > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -33,7 +33,6 @@ from mmlm.layers.lora import LoRALinear, apply_lora, merge_lora
 from mmlm.layers.transformer import set_grad_checkpointing
 from mmlm.models.vlm import VisionLanguageModel, causal_lm_loss
 from mmlm.processing.image import PixelNormalize
-from mmlm.progress import Progress
 from mmlm.train.checkpoint import (
     checkpoint_folder,
     find_checkpoint,
@@ -41,10 +40,9 @@ from mmlm.train.checkpoint import (
     save_training_checkpoint,
 )
 from mmlm.train.distributed import DistInfo, cleanup, init_distributed
-from mmlm.train.loggers import MetricLog
 from mmlm.train.loop import _all_ranks, resolve_device
 from mmlm.train.mixed_batches import MixedBatches, device_batch, worker_failures_as_errors
-from mmlm.train.mixing import ROW_MODALITIES, corpus_texts, row_modalities, stage_batches
+from mmlm.train.mixing import corpus_texts, row_modalities, stage_batches
 from mmlm.train.optim import build_scheduler, fused_adamw, no_decay
 from mmlm.train.plots import plot_modality_losses, plot_training
 from mmlm.train.run import run_info
@@ -52,6 +50,7 @@ from mmlm.train.sharding import check_launch, gather_full_weights, is_sharded, s
 from mmlm.train.stop_signals import StopSignals
 from mmlm.train.vlm_build import build_tokenizer, build_vlm, patch_feature_sample, shapes_vqa_evaluator
 from mmlm.train.vlm_config import LoRAConfig, StageConfig, VLMTrainConfig
+from mmlm.train.vlm_metrics import IntervalLosses, RunLog
 
 Evaluate = Callable[[GenerativeModel, int], dict[str, float]]
 MEDIA_PARTS = ("model.vision", "model.connector", "model.audio", "model.audio_connector")  # in RowLosses
@@ -251,58 +250,6 @@ def _wrap(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
     # a text-only batch leaves the ViT and connector without gradients, hence find_unused_parameters
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-
-
-class IntervalLosses:
-    """Token-weighted losses, throughput and the share of time spent waiting for batches since the last log line.
-
-    `data_wait` adds up the seconds the loop spent waiting for its next batch: near 0, the DataLoader workers keep
-    ahead of training; near 1, training waits on data, and more `data.workers` would speed it up.
-    """
-
-    def __init__(self) -> None:
-        self.sums = dict.fromkeys(ROW_MODALITIES, 0.0)
-        self.tokens = dict.fromkeys(ROW_MODALITIES, 0)
-        self.samples, self.data_wait, self.start = 0, 0.0, time.perf_counter()
-
-    def add(self, row_loss: torch.Tensor, row_tokens: torch.Tensor, modality: torch.Tensor) -> None:
-        """Add one micro-batch's per-row loss sums and token counts; `modality` indexes ROW_MODALITIES per row."""
-        for index, kind in enumerate(ROW_MODALITIES):
-            rows = modality == index
-            self.sums[kind] += float(row_loss[rows].sum())
-            self.tokens[kind] += int(row_tokens[rows].sum())
-        self.samples += len(row_loss)
-
-    def figures(self, world_size: int = 1) -> dict[str, float]:
-        """Return loss (all answer tokens), loss_image, loss_audio and loss_text (where seen), samples_per_s and
-        data_wait_fraction (seconds waiting for batches over the interval's wall time)."""
-        total, seconds = sum(self.tokens.values()), time.perf_counter() - self.start
-        out = {"loss": sum(self.sums.values()) / max(total, 1)}
-        for kind in ROW_MODALITIES:
-            if self.tokens[kind]:
-                out[f"loss_{kind}"] = self.sums[kind] / self.tokens[kind]
-        out["samples_per_s"] = self.samples * world_size / seconds
-        out["data_wait_fraction"] = self.data_wait / seconds
-        return out
-
-
-class RunLog:
-    """metrics.jsonl and the progress display, written by the first process only."""
-
-    def __init__(self, run_dir: Path, cfg: VLMTrainConfig, initial: int, main: bool) -> None:
-        self.file = MetricLog(run_dir, cfg.log, dataclasses.asdict(cfg), main)  # also TensorBoard / W&B
-        self.progress = Progress(cfg.total_steps, initial=initial, desc="train vlm", enabled=main)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record and show its losses."""
-        self.file.write(record)
-        shown = ("loss", "loss_image", "loss_audio", "loss_text", "lr")
-        self.progress.update(record["step"], {k: v for k, v in record.items() if k in shown})
-
-    def close(self) -> None:
-        """Close the file and the progress bar."""
-        self.progress.close()
-        self.file.close()
 
 
 def accumulate_gradients(
