@@ -175,10 +175,8 @@ def train(
                 records.append(record)
                 log.write(record)
                 progress.update(step, {k: record[k] for k in ("loss", "lr", "logit_scale", "samples_per_s")})
-            # under DDP the question is an all-reduce and a host sync, so it waits for a log step (which reads
-            # the loss anyway); every rank asks at the same steps, so all stop together. At the last step: finish.
-            asks = dist.world_size == 1 or step % cfg.log_every == 0
-            stopping = step < cfg.steps and asks and stop.requested(dist)
+            # a stop at the last step lets the run finish; several ranks ask at log steps only
+            stopping = step < cfg.steps and stop.requested_at(dist, step, cfg.log_every)
             if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
                 data_states = _all_ranks(data.state_dict(), dist)
                 training_state = {"scheduler": sched.state_dict(), "data": data_states, "records": records}

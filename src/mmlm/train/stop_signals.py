@@ -69,6 +69,14 @@ class StopSignals:
             self.signum = int(flag.item())
         return bool(flag.item())
 
+    def requested_at(self, dist: DistInfo, step: int, every: int) -> bool:
+        """Return whether to stop after `step`. One process: whenever a signal came. Several: asked only at
+        multiples of `every` (the question is an all-reduce and a host read, so not every step), and every rank
+        asks at the same steps, so all of them stop together."""
+        if dist.world_size > 1 and (not every or step % every):
+            return False
+        return self.requested(dist)
+
     def stopped(self, step: int, checkpoint: Path, main: bool) -> RunStopped:
         """Return the RunStopped to raise after the checkpoint of `step` is written; the first rank logs one line."""
         name = signal.Signals(self.signum).name

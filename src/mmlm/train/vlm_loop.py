@@ -308,8 +308,8 @@ def train_vlm(
 ) -> list[dict[str, Any]]:
     """Train `model` through cfg.stages in order; return the logged records (one per log_every steps).
 
-    uint8 pixel_values are normalised on the device by `normalize` (the image processor's numbers). SIGTERM or
-    SIGINT stops it after the step in flight, with a checkpoint, by raising RunStopped.
+    uint8 pixel_values are normalised on the device by `normalize`. SIGTERM or SIGINT stops it after the step
+    in flight (several ranks: at the next log step), with a checkpoint, by raising RunStopped.
     """
     dist = dist or DistInfo(0, 0, 1, resolve_device(cfg.device))
     device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
@@ -359,7 +359,7 @@ def train_vlm(
                     records.append(record)
                     log.write(record)
                     interval = IntervalLosses()
-                stopping = step < cfg.total_steps and stop.requested(dist)  # at the last step: let it finish
+                stopping = step < cfg.total_steps and stop.requested_at(dist, step, cfg.log_every)
                 if stopping or (every(cfg.checkpoint_every, step) and step < cfg.total_steps):
                     training_state = {"stage": index, "scheduler": sched.state_dict(), "records": records,
                                       "data": _all_ranks(data.state_dict(), dist)}  # fmt: skip

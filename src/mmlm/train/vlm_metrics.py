@@ -22,26 +22,29 @@ class IntervalLosses:
     """
 
     def __init__(self) -> None:
-        self.sums = dict.fromkeys(ROW_MODALITIES, 0.0)
-        self.tokens = dict.fromkeys(ROW_MODALITIES, 0)
+        # loss sums and answer tokens per modality, moved to the batches' device by the first add and read back
+        # once per log line (`figures`), so a step never waits for the device to report them
+        self.sums = torch.zeros(len(ROW_MODALITIES), dtype=torch.float64)
+        self.tokens = torch.zeros(len(ROW_MODALITIES), dtype=torch.long)
         self.samples, self.data_wait, self.start = 0, 0.0, time.perf_counter()
 
     def add(self, row_loss: torch.Tensor, row_tokens: torch.Tensor, modality: torch.Tensor) -> None:
         """Add one micro-batch's per-row loss sums and token counts; `modality` indexes ROW_MODALITIES per row."""
-        for index, kind in enumerate(ROW_MODALITIES):
-            rows = modality == index
-            self.sums[kind] += float(row_loss[rows].sum())
-            self.tokens[kind] += int(row_tokens[rows].sum())
+        modality = modality.to(row_loss.device)
+        self.sums = self.sums.to(row_loss.device).index_add_(0, modality, row_loss.detach().double())
+        self.tokens = self.tokens.to(row_loss.device).index_add_(0, modality, row_tokens.long())
         self.samples += len(row_loss)
 
     def figures(self, world_size: int = 1) -> dict[str, float]:
         """Return loss (all answer tokens), loss_image, loss_audio and loss_text (where seen), samples_per_s and
         data_wait_fraction (seconds waiting for batches over the interval's wall time)."""
-        total, seconds = sum(self.tokens.values()), time.perf_counter() - self.start
-        out = {"loss": sum(self.sums.values()) / max(total, 1)}
+        seconds = time.perf_counter() - self.start
+        sums = dict(zip(ROW_MODALITIES, self.sums.tolist(), strict=True))  # the interval's one host read
+        tokens = dict(zip(ROW_MODALITIES, self.tokens.tolist(), strict=True))
+        out = {"loss": sum(sums.values()) / max(sum(tokens.values()), 1)}
         for kind in ROW_MODALITIES:
-            if self.tokens[kind]:
-                out[f"loss_{kind}"] = self.sums[kind] / self.tokens[kind]
+            if tokens[kind]:
+                out[f"loss_{kind}"] = sums[kind] / tokens[kind]
         out["samples_per_s"] = self.samples * world_size / seconds
         out["data_wait_fraction"] = self.data_wait / seconds
         return out
