@@ -95,6 +95,15 @@ def perturb(model: torch.nn.Module) -> None:
             p.mul_(1.05)
 
 
+def load_pair(suite, folder: Path, reference, torch_dtype: torch.dtype = torch.float32):
+    """Return (mmlm's model of `folder`, a copy of transformers' `reference`), both on the suite's device in
+    `torch_dtype`; mmlm's weights perturbed when the suite injects a mismatch."""
+    loaded = mmlm.load(folder, suite.device, torch_dtype)
+    if suite.inject_mismatch:
+        perturb(loaded.model)
+    return loaded, copy.deepcopy(reference).to(suite.device, torch_dtype)
+
+
 def photo(size: int, seed: int = 0) -> Image.Image:
     """Return a random RGB image."""
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -106,10 +115,7 @@ def contrastive_checks(suite, family: str, folder: Path, reference) -> None:
     for dtype, torch_dtype in DTYPES.items():
 
         def embeddings(torch_dtype=torch_dtype, dtype=dtype) -> dict:
-            loaded = mmlm.load(folder, suite.device, torch_dtype)
-            if suite.inject_mismatch:
-                perturb(loaded.model)
-            ref = copy.deepcopy(reference).to(suite.device, torch_dtype)
+            loaded, ref = load_pair(suite, folder, reference, torch_dtype)
             size = ref.config.vision_config.image_size
             pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
             pixels = pixels.to(suite.device, torch_dtype)
@@ -155,10 +161,7 @@ def lm_checks(suite, folder: Path, reference) -> None:
     for dtype, torch_dtype in DTYPES.items():
 
         def logits(torch_dtype=torch_dtype, dtype=dtype) -> dict:
-            loaded = mmlm.load(folder, suite.device, torch_dtype)
-            if suite.inject_mismatch:
-                perturb(loaded.model)
-            ref = copy.deepcopy(reference).to(suite.device, torch_dtype)
+            loaded, ref = load_pair(suite, folder, reference, torch_dtype)
             ids, _ = loaded.encode([LM_PROMPT])
             with torch.inference_mode():
                 return agreement(ref(ids).logits, loaded.model(ids).logits, dtype)
@@ -166,10 +169,7 @@ def lm_checks(suite, folder: Path, reference) -> None:
         suite.part("correctness", "llama/logits", dtype, logits)
 
     def greedy() -> dict:
-        loaded = mmlm.load(folder, suite.device)
-        if suite.inject_mismatch:
-            perturb(loaded.model)
-        ref = copy.deepcopy(reference).to(suite.device)
+        loaded, ref = load_pair(suite, folder, reference)
         ids, _ = loaded.encode([LM_PROMPT])
         with torch.inference_mode():
             out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
@@ -200,10 +200,7 @@ def vlm_checks(suite, folder: Path, reference) -> None:
     for dtype, torch_dtype in DTYPES.items():
 
         def logits(torch_dtype=torch_dtype, dtype=dtype) -> dict:
-            loaded = mmlm.load(folder, suite.device, torch_dtype)
-            if suite.inject_mismatch:
-                perturb(loaded.model)
-            ref = copy.deepcopy(reference).to(suite.device, torch_dtype)
+            loaded, ref = load_pair(suite, folder, reference, torch_dtype)
             batch = loaded.processor(PROMPT, [image])
             ids, pixels = (
                 batch["input_ids"].to(suite.device),
@@ -216,10 +213,7 @@ def vlm_checks(suite, folder: Path, reference) -> None:
         suite.part("correctness", "llava/logits", dtype, logits)
 
     def greedy() -> dict:
-        loaded = mmlm.load(folder, suite.device)
-        if suite.inject_mismatch:
-            perturb(loaded.model)
-        ref = copy.deepcopy(reference).to(suite.device)
+        loaded, ref = load_pair(suite, folder, reference)
         batch = loaded.processor(PROMPT, [image])
         with torch.inference_mode():
             out = ref.generate(input_ids=batch["input_ids"].to(suite.device), max_new_tokens=NEW_TOKENS,

@@ -84,6 +84,20 @@ def finish_rows(rows: list[DecodeRow], tokens: list[list[int]]) -> None:
                 break
 
 
+def _decoded_rows(step: Step, cache: FixedDecodeCache, settings: GenerationSettings, eos_token_ids: Sequence[int],
+                  input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                  attention_mask: torch.Tensor | None, sync_every: int,
+                  decode: Callable[[list[int]], str] | None = None) -> list[DecodeRow]:  # fmt: skip
+    """Return the prompts' rows, each fed its decoded tokens until it ended (a text stream when `decode`)."""
+    settings.check()
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    rows = new_rows(settings, eos_token_ids, prompt.shape[0], prompt.device, decode)
+    tokens = decode_on_device(graph_runner(step, cache), rows, settings, eos_token_ids, input_ids, inputs_embeds,
+                              attention_mask, sync_every)  # fmt: skip
+    finish_rows(rows, tokens)
+    return rows
+
+
 def generate_fixed_ids(
     step: Step,
     cache: FixedDecodeCache,
@@ -95,12 +109,9 @@ def generate_fixed_ids(
     sync_every: int = 16,
 ) -> list[list[int]]:
     """Return every row's new token ids (end token excluded), decoded with fixed-shape steps on `cache`."""
-    settings.check()
-    prompt = input_ids if input_ids is not None else inputs_embeds
-    rows = new_rows(settings, eos_token_ids, prompt.shape[0], prompt.device)
-    tokens = decode_on_device(graph_runner(step, cache), rows, settings, eos_token_ids, input_ids, inputs_embeds,
-                              attention_mask, sync_every)  # fmt: skip
-    finish_rows(rows, tokens)
+    rows = _decoded_rows(
+        step, cache, settings, eos_token_ids, input_ids, inputs_embeds, attention_mask, sync_every
+    )
     return [row.tokens for row in rows]
 
 
@@ -116,13 +127,9 @@ def generate_fixed_texts(
     sync_every: int = 16,
 ) -> list[str]:
     """Return every row's new text, decoded with fixed-shape steps on `cache` and cut before any stop string."""
-    settings.check()
-    prompt = input_ids if input_ids is not None else inputs_embeds
     streams = decode if settings.stop else None  # only stop strings need the text as it grows
-    rows = new_rows(settings, eos_token_ids, prompt.shape[0], prompt.device, streams)
-    tokens = decode_on_device(graph_runner(step, cache), rows, settings, eos_token_ids, input_ids, inputs_embeds,
-                              attention_mask, sync_every)  # fmt: skip
-    finish_rows(rows, tokens)
+    rows = _decoded_rows(step, cache, settings, eos_token_ids, input_ids, inputs_embeds, attention_mask, sync_every,
+                         streams)  # fmt: skip
     if not settings.stop:
         return [decode(row.tokens) for row in rows]
     return [row.stream.text for row in rows]
