@@ -199,10 +199,10 @@ class RowLosses(nn.Module):
         text-only batch in a stage that trains only the connector or tower). Backward then runs as on any
         batch, in step with the other ranks under DDP and FSDP, and gives those parameters zero gradients, as
         an unused path would (AdamW's weight decay still applies to them that step)."""
-        trained = [p for p in self.parameters() if p.requires_grad]
-        if row_loss.requires_grad or not trained:
+        if row_loss.requires_grad:  # the usual case: no walk over the parameters
             return row_loss
-        return row_loss + 0 * sum(p.sum() for p in trained)
+        trained = [p for p in self.parameters() if p.requires_grad]
+        return row_loss + 0 * sum(p.sum() for p in trained) if trained else row_loss
 
     def packed(
         self,
