@@ -97,16 +97,21 @@ class ServerMetrics:
         """Add generated tokens."""
         if count:
             with self.lock:
+                now = time.monotonic()
                 self.generated_tokens += count
-                self.recent_tokens.append((time.monotonic(), count))
+                self.recent_tokens.append((now, count))
+                # forget here, not only when /metrics is read: a server nobody scrapes would keep every step
+                self._forget_tokens_before(now - self.rate_window_s)
 
     def tokens_per_second(self) -> float:
         """Return tokens generated per second over the last `rate_window_s` seconds."""
         with self.lock:
-            start = time.monotonic() - self.rate_window_s
-            while self.recent_tokens and self.recent_tokens[0][0] < start:
-                self.recent_tokens.popleft()
+            self._forget_tokens_before(time.monotonic() - self.rate_window_s)
             return sum(n for _, n in self.recent_tokens) / self.rate_window_s
+
+    def _forget_tokens_before(self, start: float) -> None:
+        while self.recent_tokens and self.recent_tokens[0][0] < start:
+            self.recent_tokens.popleft()
 
     def mean_request_seconds(self, default: float = 1.0) -> float:
         """Return the mean latency of recent successful requests (or `default` before there are any)."""
