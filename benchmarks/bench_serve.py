@@ -51,9 +51,18 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def start_server(model: str, port: int, extra: list[str], log: Path | None = None) -> subprocess.Popen:
-    """Start `mmlm serve` and wait until /health answers; its stderr goes to `log` (a long run fills a pipe)."""
-    cmd = [sys.executable, "-m", "mmlm", "serve", "--model", model, "--model-name", MODEL_ID, "--port", str(port),
+def start_server(
+    model: str,
+    port: int,
+    extra: list[str],
+    log: Path | None = None,
+    launcher: tuple[str, ...] = ("-m", "mmlm"),
+) -> subprocess.Popen:
+    """Start `mmlm serve` and wait until /health answers; its stderr goes to `log` (a long run fills a pipe).
+
+    `launcher` is what python runs in place of `-m mmlm` (soak_serve.py's --trace-memory wraps the server).
+    """
+    cmd = [sys.executable, *launcher, "serve", "--model", model, "--model-name", MODEL_ID, "--port", str(port),
            *extra]  # fmt: skip
     stderr = log.open("wb") if log is not None else subprocess.PIPE
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ})

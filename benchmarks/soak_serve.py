@@ -14,6 +14,12 @@ window's RSS at most RSS_GROWTH above the first window after warm-up). The first
     .venv/bin/python benchmarks/soak_serve.py                       # 32 clients, 600 s, 60 s windows
     .venv/bin/python benchmarks/soak_serve.py --seconds 60          # a short run
     .venv/bin/python benchmarks/soak_serve.py --quick               # 4 clients, 10 s: checks that it runs
+    .venv/bin/python benchmarks/soak_serve.py --seconds 120 --trace-memory trace.jsonl   # what grows, and where
+
+--trace-memory runs the server under benchmarks/serve_memory_trace.py, which writes, every --window, its RSS,
+glibc's heap over all arenas, and (tracemalloc) the Python source lines and object types that grew since the
+first window. Tracing slows the server, so a traced run's latency means nothing; MMLM_TRACEMALLOC=0 keeps the
+RSS and heap figures at full speed, MMLM_TRIM=1 adds malloc_trim(0) after each window's figures.
 
 It exits 1 when the verdict fails (not with --quick, whose few seconds say nothing about flatness).
 """
@@ -148,6 +154,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=60, help="seconds per reported window")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="4 clients, 10 s, 2.5 s windows")
+    parser.add_argument(
+        "--trace-memory", type=Path, help="write the server's memory growth here (JSON lines)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.clients, args.seconds, args.window = 4, 10.0, 2.5
@@ -159,7 +168,11 @@ def main() -> None:
         port = free_port()
         extra = ["--embed-model", str(CLIP_MODEL), "--embed-model-name", EMBED_ID, "--index", str(index),
                  "--max-queue", str(4 * args.clients)]  # fmt: skip
-        server = start_server(str(QUICK_MODEL), port, extra, log=Path(tmp) / "serve.log")
+        launcher = ("-m", "mmlm")
+        if args.trace_memory:
+            trace = Path(__file__).with_name("serve_memory_trace.py")
+            launcher = (str(trace), str(args.trace_memory.resolve()), str(args.window), "--")
+        server = start_server(str(QUICK_MODEL), port, extra, log=Path(tmp) / "serve.log", launcher=launcher)
         records: list = []
         rss: list = []
         try:

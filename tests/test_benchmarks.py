@@ -5,6 +5,8 @@ the day someone re-measures. `--quick` shrinks every size to seconds; its figure
 checked, only that the script finishes and prints its result. Two scripts run at a time (the machine has 2
 cores and most of each run is start-up).
 
+benchmarks/serve_memory_trace.py is not a script of its own: soak_serve.py's quick run starts the server
+through it (--trace-memory).
 Left out: benchmarks/serve_screenshot.py, which needs `make demo`'s three models and drives chromium for a
 docs image (tests/test_serve_browser.py covers the page itself).
 benchmarks/gpu_suite.py's quick run (`--cpu-smoke`, alias `--quick`) is tests/test_gpu_suite.py's, which also
@@ -46,8 +48,9 @@ QUICK_RUNS = {
     "bench_vlm_packing.py": ([], '"packed_over_unpacked"'),
     "fuzz.py": ([], '"target": "server"'),
     "open_clip_parity.py": ([], '"ok": true'),
-    # no errors; its latency and memory verdict is for the 10-minute run, not 10 s on a busy machine
-    "soak_serve.py": ([], '"errors": 0, "first_errors": []'),
+    # no errors; its latency and memory verdict is for the 10-minute run, not 10 s on a busy machine. Traced:
+    # the server starts through serve_memory_trace.py, so a launcher that cannot start it fails here
+    "soak_serve.py": (["--trace-memory", "soak_memory.jsonl"], '"errors": 0, "first_errors": []'),
     "train_memory.py": ([], '"mode": "lora8"'),
     "vlm_demo_ablation.py": (["lm4"], '"vqa_accuracy"'),
 }
@@ -77,6 +80,7 @@ def test_every_benchmark_script_has_a_quick_run():
     scripts = {p.name for p in BENCHMARKS.glob("*.py")} - {
         "timing.py",
         "serve_screenshot.py",
+        "serve_memory_trace.py",
         "vlm_family_builders.py",
         "gpu_suite.py",
         "gpu_checks.py",
