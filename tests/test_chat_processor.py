@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -178,6 +180,36 @@ def test_answer_spans_follow_what_the_template_does_to_the_content(folders) -> N
     rendered = ChatTemplate.chatml().render(chat)
     ((start, end),) = rendered.answer_spans
     assert start == rendered.text.index("assistant\nred") + len("assistant\n")
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    name=st.sampled_from(["llava_v1", "chatml", "qwen2", "llama3"]),
+    answers=st.lists(st.text(alphabet="ab <>/|\n\ue000\ue0010", max_size=6), min_size=2, max_size=4),
+)
+def test_one_probe_spans_equal_one_probe_per_answer(folders, name, answers) -> None:
+    # The one-render shortcut must give the per-answer probes' spans wherever it answers at all, with answers
+    # that are empty, padded (Llama 3 trims them), or contain the sentinel's characters or end-of-turn markers.
+    template = (
+        getattr(ChatTemplate, name)()
+        if name in ("llava_v1", "chatml")
+        else ChatTemplate.from_pretrained(folders[name])
+    )
+    chat = [m for k, a in enumerate(answers) for m in ({"role": "user", "content": f"q{k}?"},
+                                                        {"role": "assistant", "content": a})]  # fmt: skip
+    text = template.render_text(chat)
+    fast = template._verbatim_spans(chat, text, False)
+    if fast is not None:
+        assert fast == template._probe_spans(chat, text, False)
+    assert template.render(chat).answer_spans == template._probe_spans(chat, text, False)
+
+
+def test_the_one_probe_shortcut_answers_for_verbatim_templates_and_not_for_trimming_ones(folders) -> None:
+    chat = TEXT_CHAT[:3] + [{"role": "assistant", "content": "2"}]
+    text = ChatTemplate.chatml().render_text(chat)
+    assert ChatTemplate.chatml()._verbatim_spans(chat, text, False) is not None
+    llama3 = ChatTemplate.from_pretrained(folders["llama3"])
+    assert llama3._verbatim_spans(TEXT_CHAT, llama3.render_text(TEXT_CHAT), False) is None  # " 2 " -> "2"
 
 
 def test_template_sandbox_and_errors() -> None:

@@ -240,6 +240,15 @@ class ChatTemplate:
         """Return the rendered conversation and the character span of every assistant answer in it."""
         messages = check_messages(messages)
         text = self.render_text(messages, add_generation_prompt, **kwargs)
+        spans = self._verbatim_spans(messages, text, add_generation_prompt, **kwargs)
+        if spans is None:
+            spans = self._probe_spans(messages, text, add_generation_prompt, **kwargs)
+        return RenderedChat(text, spans)
+
+    def _probe_spans(
+        self, messages: Sequence[Message], text: str, add_generation_prompt: bool, **kwargs: Any
+    ) -> tuple[tuple[int, int], ...]:
+        """Return every answer's span, each located by a render with that answer replaced by the sentinel."""
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -260,7 +269,38 @@ class ChatTemplate:
             ):
                 raise InputError(f"chat_template: cannot locate messages[{i}] in the rendered text")
             spans.append((len(before), len(text) - len(after) + self._marker_length(after)))
-        return RenderedChat(text, tuple(spans))
+        return tuple(spans)
+
+    def _verbatim_spans(
+        self, messages: Sequence[Message], text: str, add_generation_prompt: bool, **kwargs: Any
+    ) -> tuple[tuple[int, int], ...] | None:
+        """Return every answer's span from one probe render, or None where this shortcut cannot prove them.
+
+        The probe writes sentinel k in place of the k-th answer; when the rendered text is the probe with each
+        sentinel replaced by its answer verbatim, the spans follow from the probe's pieces. A template that edits
+        answers (strip, case) fails that equality and `render` falls back to one probe per answer, which
+        locates each edited answer on its own. One probe instead of one per answer: the trainer renders every
+        multi-turn sample on every draw.
+        """
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(answers) < 2 or any(not isinstance(messages[i]["content"], str) for i in answers):
+            return None
+        sentinels = [f"{_SENTINEL}{k}{_SENTINEL}" for k in range(len(answers))]
+        probe_messages = list(messages)
+        for i, sentinel in zip(answers, sentinels, strict=True):
+            probe_messages[i] = {**messages[i], "content": sentinel}
+        probe = self.render_text(probe_messages, add_generation_prompt, **kwargs)
+        spans, pieces, rest = [], [], probe
+        for i, sentinel in zip(answers, sentinels, strict=True):
+            if rest.count(sentinel) != 1:
+                return None
+            literal, rest = rest.split(sentinel)
+            start = sum(map(len, pieces)) + len(literal)
+            pieces += [literal, messages[i]["content"]]
+            spans.append((start, start + len(messages[i]["content"])))
+        if _SENTINEL in rest or "".join(pieces) + rest != text:
+            return None
+        return tuple((start, end + self._marker_length(text[end:])) for start, end in spans)
 
     def _marker_length(self, after: str) -> int:
         # An end-of-turn marker right after the answer (optionally after spaces) is part of what it predicts.
