@@ -14,6 +14,7 @@ from mmlm.recipes.demo_ladder import (
     SLOT_FEATURES,
     SLOTS,
     LadderConfig,
+    ladder_data,
     ladder_table,
     oracle_slots,
     run_ladder,
@@ -115,6 +116,30 @@ def test_follow_up_questions_are_distinct_and_true_of_the_same_scene():
             shape = next(s for s in shapes.SHAPES if plural(s) in question)
             assert answer == str(sample.scene.count(shape=shape))
     assert conversation_turns(sample, 1, 0, 3, shapes.all_pairs()) == turns[:1]
+
+
+def test_a_stages_question_types_hold_for_every_follow_up_question():
+    sample = make_instruction(3, 0, type_weights={"count": 1.0})
+    turns = conversation_turns(sample, 4, 0, 3, shapes.all_pairs(), ["count", "color"])
+    assert len(turns) >= 2 and all(q.startswith(("How many ", "What color ")) for q, _ in turns)
+    only_first = conversation_turns(sample, 4, 0, 3, shapes.all_pairs(), ["count", "text"])
+    assert all(q.startswith("How many ") for q, _ in only_first)
+    assert conversation_turns(sample, 4, 0, 3, shapes.all_pairs(), ["text"]) == turns[:1]
+
+
+def test_the_ladders_curriculum_trains_its_first_types_first_and_scores_the_others():
+    cfg = LadderConfig(steps=2, batch_size=4, val_samples=8, width=32, types=("presence",), first_types=("color",),
+                       first_steps=1, turns=2)  # fmt: skip
+    train, val, _ = ladder_data(cfg, cfg.steps * cfg.batch_size)
+    assert (
+        len(train) == 12
+        and {s.type for s in train[:4]} == {"color"}
+        and {s.type for s in train[4:]} == {"presence"}
+    )
+    assert all(q.startswith("What color") for s in train[:4] for q, _ in s.turns)
+    assert {s.type for s in val} == {"presence"}
+    (row,) = run_ladder(cfg, ("oracle",))
+    assert set(row) >= {"presence", "all"} and "color" not in row
 
 
 def test_a_stage_asks_at_least_one_question_per_image():

@@ -30,6 +30,15 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'results.json'}, table.md and fusion.png")
 
 
+def _types(text: str, flag: str) -> tuple[str, ...]:
+    from mmlm.recipes.demo_ladder import LADDER_TYPES
+
+    types = tuple(t.strip() for t in text.split(",") if t.strip())
+    if set(types) - set(LADDER_TYPES):
+        raise InputError(f"{flag}: expected some of {list(LADDER_TYPES)}, got {text!r}")
+    return types
+
+
 def cmd_ladder(args: argparse.Namespace) -> None:
     """Run `mmlm study ladder`: the demo's LM on spelled-out scenes, oracle slots and a real tower."""
     import json
@@ -45,10 +54,16 @@ def cmd_ladder(args: argparse.Namespace) -> None:
         raise InputError("--steps, --val-samples and --layers: expected positive integers")
     if args.lr <= 0:
         raise InputError(f"--lr: expected a positive learning rate, got {args.lr}")
+    types, first_types = _types(args.types, "--types"), _types(args.first_types, "--first-types")
+    if not types or args.first_steps < 0 or (args.first_steps > 0) != bool(first_types):
+        raise InputError(
+            "--types: expected one type or more; --first-types and --first-steps: both or neither"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = LadderConfig(steps=args.steps, lr=args.lr, layers=args.layers, width=args.width,
-                       val_samples=args.val_samples, seed=args.seed)  # fmt: skip
+                       val_samples=args.val_samples, seed=args.seed, types=types, first_types=first_types,
+                       first_steps=args.first_steps)  # fmt: skip
     rows = run_ladder(cfg, rungs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,4 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-samples", type=int, default=300, help="validation questions per rung")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g.add_argument("--types", default="count,color,relation,presence,text,chart", help="question types")
+    g.add_argument("--first-types", default="", help="a curriculum: train on these types first ...")
+    g.add_argument("--first-steps", type=int, default=0, help="... for this many steps, then on --types")
     g.set_defaults(func=cmd_ladder)

@@ -56,6 +56,11 @@ class LadderConfig:
     val_samples: int = 300
     turns: int = 1  # questions per training image (a multi-turn conversation); validation asks one
     seed: int = 0
+    types: tuple[str, ...] = LADDER_TYPES  # the question types trained and scored
+    first_types: tuple[
+        str, ...
+    ] = ()  # a curriculum: first_steps on these types alone, then `steps` on `types`
+    first_steps: int = 0
 
 
 class LadderSample(NamedTuple):
@@ -183,17 +188,20 @@ def ladder_data(
 ) -> tuple[list[LadderSample], list[LadderSample], dict[str, int]]:
     """Return train and validation questions (train colour×shape pairs, separate streams) and the vocabulary."""
     pairs, _ = shapes.split_combinations(cfg.seed)
-    weights = dict.fromkeys(LADDER_TYPES, 1.0)
-    make = lambda i, split: make_instruction(i, cfg.seed, split=split, pairs=pairs,  # noqa: E731
-                                             image_size=cfg.image_size, type_weights=weights)  # fmt: skip
+
+    def make(i: int, split: str, types: tuple[str, ...]) -> Any:
+        return make_instruction(i, cfg.seed, split=split, pairs=pairs, image_size=cfg.image_size,
+                                type_weights=dict.fromkeys(types, 1.0))  # fmt: skip
+
+    first = cfg.first_steps * cfg.batch_size if cfg.first_types else 0
     train = []
-    for i in range(n_train):
-        s = make(i, "train")
-        train.append(
-            LadderSample(s.image, s.scene, s.type, conversation_turns(s, cfg.turns, cfg.seed, i, pairs))
-        )
+    for i in range(first + n_train):  # the curriculum's first samples, then the others (one index stream)
+        types = cfg.first_types if i < first else cfg.types
+        s = make(i, "train", types)
+        turns = conversation_turns(s, cfg.turns, cfg.seed, i, pairs, types)
+        train.append(LadderSample(s.image, s.scene, s.type, turns))
     val = [LadderSample(s.image, s.scene, s.type, ((s.question, s.answer),))
-           for s in (make(i, "val") for i in range(cfg.val_samples))]  # fmt: skip
+           for s in (make(i, "val", cfg.types) for i in range(cfg.val_samples))]  # fmt: skip
     text = " ".join(f"{shapes.describe(s.scene)} {q} {a}" for s in train for q, a in s.turns)
     vocab = {w: i for i, w in enumerate([*SPECIALS, ".", *sorted(set(words(text)) - {"."})])}
     return train, val, vocab
@@ -221,9 +229,10 @@ def run_rung(rung: str, cfg: LadderConfig, data: tuple[list, list, dict]) -> dic
     torch.manual_seed(cfg.seed)
     model = LadderModel(rung, len(vocab), cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = build_scheduler(opt, OptimConfig(warmup_steps=cfg.warmup_steps), cfg.steps)
+    steps = cfg.steps + (cfg.first_steps if cfg.first_types else 0)
+    sched = build_scheduler(opt, OptimConfig(warmup_steps=cfg.warmup_steps), steps)
     start, losses = time.perf_counter(), []
-    for step in range(cfg.steps):
+    for step in range(steps):
         batch = [train[(step * cfg.batch_size + i) % len(train)] for i in range(cfg.batch_size)]
         loss, _ = answer_loss_and_hits(model, batch, vocab)
         loss.backward()
@@ -245,10 +254,11 @@ def run_ladder(cfg: LadderConfig, rungs: tuple[str, ...] = RUNGS) -> list[dict[s
 
 def ladder_table(rows: list[dict[str, Any]]) -> str:
     """Return the rows as a Markdown table: validation accuracy per question type, per rung."""
-    head = ["rung", "all", *LADDER_TYPES, "first loss", "final loss", "seconds"]
+    types = [t for t in LADDER_TYPES if any(t in r for r in rows)]
+    head = ["rung", "all", *types, "first loss", "final loss", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["rung"], *(f"{r.get(k, float('nan')):.2f}" for k in ("all", *LADDER_TYPES))]
+        cells = [r["rung"], *(f"{r.get(k, float('nan')):.2f}" for k in ("all", *types))]
         cells += [f"{r['first_loss']:.2f}", f"{r['final_loss']:.3f}", f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

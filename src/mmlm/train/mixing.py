@@ -69,7 +69,7 @@ def shapes_instructions(
         sample = make_instruction(index, seed, split="train", pairs=pairs, image_size=image_size,
                                   type_weights=weights)  # fmt: skip
         qas = (
-            conversation_turns(sample, turns, seed, index, pairs)
+            conversation_turns(sample, turns, seed, index, pairs, question_types)
             if turns > 1
             else [(sample.question, sample.answer)]
         )

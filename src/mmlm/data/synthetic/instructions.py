@@ -206,15 +206,25 @@ def make_instruction(
 
 
 def conversation_turns(
-    sample: Instruction, turns: int, seed: int, index: int, pairs: Sequence[tuple[str, str]] | World
+    sample: Instruction,
+    turns: int,
+    seed: int,
+    index: int,
+    pairs: Sequence[tuple[str, str]] | World,
+    question_types: Sequence[str] | None = None,
 ) -> tuple[tuple[str, str], ...]:
-    """Return the sample's (question, answer) and up to `turns` - 1 more, distinct, about the same scene.
+    """Return the sample's (question, answer) and up to `turns` - 1 more, distinct, about the same scene, of
+    `question_types` only when given (a curriculum stage's follow-ups stay within its types).
 
     Several questions per image give the LM several supervised answers for one pass of the vision tower.
     """
     rng = np.random.default_rng([seed, _FOLLOW_UP_STREAM, index])
     types, world = FOLLOW_UPS[sample.scene.kind], as_world(pairs)
+    if question_types is not None:
+        types = tuple(t for t in types if t in question_types)
     out = [(sample.question, sample.answer)]
+    if not types:
+        return tuple(out)
     for _ in range(4 * turns):  # a scene may support fewer distinct questions than asked for
         if len(out) >= turns:
             break
