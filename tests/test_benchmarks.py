@@ -52,7 +52,7 @@ QUICK_RUNS = {
     # the server starts through serve_memory_trace.py, so a launcher that cannot start it fails here
     "soak_serve.py": (["--trace-memory", "soak_memory.jsonl"], '"errors": 0, "first_errors": []'),
     "train_memory.py": ([], '"mode": "lora8"'),
-    "vlm_demo_ablation.py": (["lm4"], '"vqa_accuracy"'),
+    "vlm_demo_ablation.py": (["lookup_yesno"], '"vqa_val_accuracy"'),
 }
 
 

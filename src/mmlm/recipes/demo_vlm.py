@@ -65,9 +65,9 @@ class VLMDemoBudget:
     turns: int = (
         3  # questions per training image (the ladder: colour, text and chart learn from far fewer images)
     )
-    lookup_steps: int = (
-        0  # of instruct_steps, first on LOOKUP_TYPES alone (a curriculum; 0: all types throughout)
-    )
+    # a curriculum: (stage name, steps, question types) stages that take their steps from instruct_steps and run
+    # before it, in order; () trains on every type throughout
+    curriculum: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
 
 
 def demo_vlm_config(
@@ -82,18 +82,19 @@ def demo_vlm_config(
     parts = VLMParts(vision_init=None if tower_folder is None else str(tower_folder), vision=vision, lm=lm,
                      connector=ConnectorConfig(kind="mlp"), feature_layers=[-1], vocab_size=512)  # fmt: skip
     text = StageData(multimodal_fraction=0.0, text_source="shapes", text_samples=20_000)
-    instruct = budget.instruct_steps - budget.lookup_steps
-    lookup = StageConfig(steps=budget.lookup_steps, train=["connector", "lm"],
-                         data=StageData(samples=100_000, multimodal_fraction=0.95, text_source="shapes",
-                                        turns=budget.turns, question_types=list(LOOKUP_TYPES)),
-                         optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30))  # fmt: skip
+    instruct = budget.instruct_steps - sum(steps for _, steps, _ in budget.curriculum)
+    curriculum = {name: StageConfig(steps=steps, train=["connector", "lm"],
+                                    data=StageData(samples=100_000, multimodal_fraction=0.95, text_source="shapes",
+                                                   turns=budget.turns, question_types=list(types)),
+                                    optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30))
+                  for name, steps, types in budget.curriculum}  # fmt: skip
     stages = {
         "pretrain": StageConfig(steps=budget.pretrain_steps, train=["lm"], data=text,
                                 optim=OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=15)),
         "align": StageConfig(steps=budget.align_steps, train=["connector"], data=StageData(
                              question_types=["caption"], samples=5_000),
                              optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=10)),
-        **({"lookup": lookup} if budget.lookup_steps else {}),
+        **curriculum,
         "instruct": StageConfig(steps=instruct, train=["connector", "lm"], vision_layers=1,
                                 vision_from_step=instruct * 2 // 3,
                                 data=StageData(samples=100_000, multimodal_fraction=0.95, text_source="shapes",
