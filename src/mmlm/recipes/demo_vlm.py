@@ -15,7 +15,10 @@ harness (see `mmlm.recipes.demo_vlm_eval`).
 What limits it is the LM, not only the pixels: `mmlm study ladder` (docs/demo-ladder.md) trains this LM on the
 scene spelled out as text, on oracle slot features and on a tower. Presence, count and relation stay at the
 answer prior on every rung within this budget, even with the scene given exactly; colour, text and chart
-questions are learnt, and several questions per image learn them from far fewer images.
+questions are learnt, and several questions per image learn them from far fewer images. Presence and relation
+answers are 50/50 yes/no, so neither the image nor the question alone predicts them: a fresh LM sits at a
+saddle there. On oracle slots a curriculum (colour questions, then presence alone) unlocks presence; in this
+recipe, at this budget, it does not yet (`VLMDemoBudget.curriculum`, benchmarks/vlm_demo_ablation.py).
 """
 
 import json
