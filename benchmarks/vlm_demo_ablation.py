@@ -14,6 +14,7 @@ scene-tuned tower (runs/demo/vlm_tower).
                                                                      # text and chart, 400 of presence and
                                                                      # relation, then 500 of every type
     .venv/bin/python benchmarks/vlm_demo_ablation.py lookup_yesno_long  # the same with 200 and 500
+    .venv/bin/python benchmarks/vlm_demo_ablation.py color_presence  # 300 colour, 400 presence, 500 all
     .venv/bin/python benchmarks/vlm_demo_ablation.py lm4 --quick     # 2 steps a stage, 8 eval questions,
                                                                      # a fresh tower: checks that it runs
 """
@@ -40,6 +41,10 @@ YES_NO = ("presence", "relation")
 CURRICULA = {
     "lookup_yesno": (("lookup", 300, LOOKUP_TYPES), ("yesno", 400, YES_NO)),
     "lookup_yesno_long": (("lookup", 200, LOOKUP_TYPES), ("yesno", 500, YES_NO)),
+    "color_presence": (
+        ("colour", 300, ("color",)),
+        ("presence", 400, ("presence",)),
+    ),  # the ladder's curriculum
 }
 VARIANTS = ("baseline", "lm4", "sample_loss", "aligned_tower", *CURRICULA)
 
