@@ -92,6 +92,13 @@ def test_bad_ladder_input_is_one_line(capsys):
     assert main(["study", "ladder", "--rungs", "text,pixels"]) == 2
     err = capsys.readouterr().err
     assert "--rungs" in err and "\n" not in err.strip()
+    for args, flag in (
+        (["--types", "presence,smell"], "--types"),
+        (["--first-types", "color"], "--first-steps"),
+    ):
+        assert main(["study", "ladder", *args]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "\n" not in err.strip()
 
 
 @pytest.mark.slow
