@@ -70,19 +70,24 @@ def rows_times_matrix_pays() -> bool:
     return _MEASURED[0]
 
 
+def decodes_by_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Return whether x·Wᵀ should go through `rows_times_matrix`: a few rows (decoding) on CPU, a contiguous
+    W, and a CPU where that orientation pays (checked last: it may measure once)."""
+    return (
+        x.device.type == "cpu"
+        and x.numel() <= DECODE_ROWS * x.shape[-1]
+        and weight.is_contiguous()
+        and rows_times_matrix_pays()
+    )
+
+
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Return linear(x), through `rows_times_matrix` when decoding a few rows on CPU with a plain nn.Linear.
 
     Anything else (a LoRA wrapper, many rows, a GPU, a weight in another memory layout, a CPU where the
     orientation does not pay) calls the module.
     """
-    if (
-        type(linear) is not nn.Linear
-        or x.device.type != "cpu"
-        or x.numel() > DECODE_ROWS * x.shape[-1]
-        or not linear.weight.is_contiguous()
-        or not rows_times_matrix_pays()
-    ):
+    if type(linear) is not nn.Linear or not decodes_by_rows(x, linear.weight):
         return linear(x)
     y = rows_times_matrix(x, linear.weight).contiguous()  # strided queries would push SDPA off its CPU kernel
     return y if linear.bias is None else y + linear.bias

@@ -24,7 +24,7 @@ from mmlm.errors import InputError
 from mmlm.layers.attention import KVCache, StaticKVCache
 from mmlm.layers.fixed_cache import FixedDecodeCache
 from mmlm.layers.init import initialise, normal_init
-from mmlm.layers.linear import DECODE_ROWS, project, rows_times_matrix, rows_times_matrix_pays
+from mmlm.layers.linear import decodes_by_rows, project, rows_times_matrix
 from mmlm.layers.norm import make_norm
 from mmlm.layers.rotary import rope_cos_sin, rope_frequencies
 from mmlm.layers.transformer import Block, run_block
@@ -222,9 +222,8 @@ class DecoderLM(nn.Module):
             logits = project(self.lm_head, hidden)
         else:
             weight = self.token_embed.weight
-            decoding = hidden.device.type == "cpu" and hidden.numel() <= DECODE_ROWS * hidden.shape[-1]
-            if decoding and weight.is_contiguous() and rows_times_matrix_pays():
-                logits = rows_times_matrix(hidden, weight)  # where it pays on this CPU (layers/linear.py)
+            if decodes_by_rows(hidden, weight):  # where it pays on this CPU (layers/linear.py)
+                logits = rows_times_matrix(hidden, weight)
             else:
                 logits = F.linear(hidden, weight)
         cap = self.cfg.final_logit_softcap
