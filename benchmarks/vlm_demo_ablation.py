@@ -50,8 +50,7 @@ VARIANTS = ("baseline", "lm4", "sample_loss", "aligned_tower", *CURRICULA)
 
 
 def config(variant: str, out: Path, tower: Path, budget: VLMDemoBudget):
-    """Return the demo VLM run with one change."""
-    budget.curriculum = CURRICULA.get(variant, ())
+    """Return the demo VLM run with one change (a curriculum variant's is in `budget`)."""
     cfg = demo_vlm_config(out, None if variant == "aligned_tower" else tower, budget.eval_samples, budget)
     if variant == "lm4":
         cfg.model.lm.layers = 4
@@ -102,7 +101,8 @@ def main() -> None:
     if args.variant == "aligned_tower":
         pretrain_fresh_towers(2 if args.quick else 300)
     start = time.perf_counter()
-    budget = VLMDemoBudget(eval_samples=8, pope_samples=12) if args.quick else VLMDemoBudget()
+    sizes = {"eval_samples": 8, "pope_samples": 12} if args.quick else {}
+    budget = VLMDemoBudget(curriculum=CURRICULA.get(args.variant, ()), **sizes)
     cfg = config(args.variant, out, Path(args.tower), budget)
     if args.quick:
         cfg.model.vision_init = None  # make demo's tower is not needed to check the run

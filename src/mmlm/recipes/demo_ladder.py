@@ -57,9 +57,8 @@ class LadderConfig:
     turns: int = 1  # questions per training image (a multi-turn conversation); validation asks one
     seed: int = 0
     types: tuple[str, ...] = LADDER_TYPES  # the question types trained and scored
-    first_types: tuple[
-        str, ...
-    ] = ()  # a curriculum: first_steps on these types alone, then `steps` on `types`
+    # a curriculum: first_steps on first_types alone, then `steps` on `types`
+    first_types: tuple[str, ...] = ()
     first_steps: int = 0
 
 
