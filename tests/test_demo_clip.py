@@ -1,5 +1,8 @@
 """The CLIP demo's evaluation: validation and test sets are drawn apart, and zero-shot asks only about held-out pairs."""
 
+import re
+
+import numpy as np
 import torch
 
 from mmlm.data.synthetic import shapes
@@ -42,3 +45,24 @@ def test_training_captions_never_name_a_heldout_pair() -> None:
     captions = [text for _, text in shapes_pairs(DataConfig(shapes_samples=400), 32, seed=0)]
     named = [f"{color} {shape}" for color, shape in heldout]
     assert not [c for c in captions if any(n in c for n in named)]
+
+
+def test_colourless_views_show_and_name_no_colour() -> None:
+    pairs = shapes_pairs(DataConfig(shapes_samples=400), 32, seed=0)
+    colourless = [(image, text) for image, text in pairs if not set(text.split()) & set(shapes.COLORS)]
+    assert 0.2 < len(colourless) / len(pairs) < 0.4  # shapes_colourless = 0.3 of the scenes
+    for image, text in colourless:
+        pixels = np.asarray(image)
+        assert (pixels == pixels[..., :1]).all(), text  # greyscale: the three channels are equal
+        assert not re.search(r"\ban [^aeiou]", text), text
+    coloured = [np.asarray(image) for image, text in pairs if (image, text) not in colourless]
+    assert sum(not (p == p[..., :1]).all() for p in coloured) > 0.9 * len(coloured)
+
+
+def test_colourless_drops_colour_words_and_fixes_articles() -> None:
+    scene = shapes.Scene((shapes.ShapeObject("star", "orange", "large", 0.5, 0.2),))
+    image, text = shapes.colourless(shapes.render(scene, 32), "an orange star above two white circles")
+    assert text == "a star above two circles"
+    assert shapes.colourless(image, shapes.describe(scene))[1] == "a large star at the top"
+    assert image.mode == "RGB" and len(set(image.getpixel((16, 6)))) == 1  # the star's pixel, grey
+    assert shapes.render(scene, 32).getpixel((16, 6)) == shapes.COLORS["orange"]

@@ -49,7 +49,8 @@ class DataConfig:
     flip: bool = False  # horizontal flips, never applied to captions that say left/right
     shapes_samples: int = 30_000  # size of the generated shapes world
     shapes_single_object: float = 0.5  # share of generated scenes with one object
-    shapes_partial_captions: float = 0.3  # share of one-object scenes captioned by colour or shape alone
+    shapes_partial_captions: float = 0.0  # share of one-object scenes captioned by colour or shape alone
+    shapes_colourless: float = 0.3  # share of the other scenes shown in greyscale, colour words dropped
 
 
 @dataclass

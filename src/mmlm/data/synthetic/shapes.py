@@ -8,6 +8,7 @@ exactly one image of the set. Every function is deterministic given its seed.
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from mmlm.errors import InputError
 __all__ = [
     "COLORS", "GRID", "KINDS", "RELATION_MARGIN", "RELATIONS", "SHAPES", "SIZES", "WORDS",
     "BarChart", "Sample", "Scene", "ShapeObject", "TextWord", "ZeroShotSet",
-    "all_pairs", "caption", "cell_of", "describe", "generate", "make_sample", "position_name", "relation",
+    "all_pairs", "caption", "cell_of", "colourless", "describe", "generate", "make_sample", "position_name", "relation",
     "relation_holds", "render", "retrieval_set", "sample_scene", "single_object_scene", "split_combinations", "split_world", "World",
     "write_dataset", "write_samples", "zero_shot_set",
 ]  # fmt: skip
@@ -252,6 +253,15 @@ def _relation_caption(scene: Scene, rng: np.random.Generator) -> str | None:
         return _with_article(f"{o.size} {o.color} {o.shape}" if with_size else f"{o.color} {o.shape}")
 
     return f"{refer(a)} {relation(a, b)} {refer(b)}"
+
+
+def colourless(image: Image.Image, text: str) -> tuple[Image.Image, str]:
+    """Return the image in greyscale and the caption with its colour words dropped ("an orange star at the top"
+    becomes "a star at the top"): a view of the scene that names and shows its shapes but not their colours."""
+    for color in COLORS:
+        text = text.replace(f"{color} ", "")
+    text = re.sub(r"\ban (?=[^aeiou])", "a ", text)
+    return image.convert("L").convert("RGB"), text
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
