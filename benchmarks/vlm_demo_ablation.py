@@ -35,6 +35,7 @@ from mmlm.recipes.demo_vlm import (
     demo_vlm_config,
     evaluate_demo_vlm,
     pretrain_tower,
+    tune_clip_tower,
 )
 
 YES_NO = ("presence", "relation")
@@ -92,6 +93,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", choices=VARIANTS)
     parser.add_argument("--tower", default="runs/demo/vlm_tower", help="make demo's scene-tuned CLIP tower")
+    parser.add_argument(
+        "--clip", help="a make demo CLIP (runs/demo/model): tune its tower first, in place of --tower"
+    )
+    parser.add_argument(
+        "--tower-colourless",
+        type=float,
+        default=VLMDemoBudget.tower_colourless,
+        help="with --clip: share of greyscale scene-label images in the tower's tuning",
+    )
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument(
         "--quick", action="store_true", help="a few steps, a fresh tower: a check that it runs"
@@ -103,14 +113,19 @@ def main() -> None:
     start = time.perf_counter()
     sizes = {"eval_samples": 8, "pope_samples": 12} if args.quick else {}
     budget = VLMDemoBudget(curriculum=CURRICULA.get(args.variant, ()), **sizes)
-    cfg = config(args.variant, out, Path(args.tower), budget)
+    tower = Path(args.tower)
+    if args.clip:
+        tower = tune_clip_tower(Path(args.clip), out / "vlm_tower", colourless=args.tower_colourless)
+    cfg = config(args.variant, out, tower, budget)
     if args.quick:
         cfg.model.vision_init = None  # make demo's tower is not needed to check the run
         cfg = shrink(cfg)
     loaded, _ = loop.run_vlm_training(cfg, evaluate=lambda model, step: {})  # scored below, once
     figures = {k: round(v, 3) if isinstance(v, float) else v
                for k, v in evaluate_demo_vlm(loaded, cfg, budget, out).items()}  # fmt: skip
-    print(json.dumps({"variant": args.variant, "seconds": round(time.perf_counter() - start, 1), **figures}))
+    seconds = round(time.perf_counter() - start, 1)
+    print(json.dumps({"variant": args.variant, "clip": args.clip, "tower_colourless": args.tower_colourless,
+                      "seconds": seconds, **figures}))  # fmt: skip
 
 
 if __name__ == "__main__":

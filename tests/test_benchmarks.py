@@ -46,6 +46,7 @@ QUICK_RUNS = {
     "bench_vlm_decode.py": ([], '"cache": "static"'),
     "bench_vlm_families.py": (["--threads", "1", "--clock", "cpu"], '"family": "chameleon"'),
     "bench_vlm_packing.py": ([], '"packed_over_unpacked"'),
+    "clip_demo_ablation.py": ([], '"val_zero_shot_top1"'),
     "fuzz.py": ([], '"target": "server"'),
     "open_clip_parity.py": ([], '"ok": true'),
     # no errors; its latency and memory verdict is for the 10-minute run, not 10 s on a busy machine. Traced:

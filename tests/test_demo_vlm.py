@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mmlm.cli import main
 from mmlm.data.synthetic import shapes
@@ -19,7 +20,14 @@ from mmlm.recipes.demo_ladder import (
     oracle_slots,
     run_ladder,
 )
-from mmlm.recipes.demo_vlm import VLMDemoBudget, run_vlm_demo
+from mmlm.recipes.demo_vlm import (
+    COLOUR_TARGETS,
+    TARGETS,
+    VLMDemoBudget,
+    run_vlm_demo,
+    scene_targets,
+    scene_views,
+)
 from mmlm.recipes.demo_vlm_eval import answer_prior
 from mmlm.train.mixing import corpus_texts
 from mmlm.train.vlm_config import StageData, vlm_config_from_dict
@@ -152,3 +160,17 @@ def test_the_ladders_curriculum_trains_its_first_types_first_and_scores_the_othe
 def test_a_stage_asks_at_least_one_question_per_image():
     with pytest.raises(InputError, match="stages.instruct.data.turns: expected a positive integer"):
         vlm_config_from_dict({"stages": {"instruct": {"data": {"turns": 0}}}})
+
+
+def test_a_greyscale_scene_view_shows_no_colour_and_asks_for_none():
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(rng, shapes.all_pairs(), kind) for kind in ("objects", "objects", "chart")]
+    images, targets = scene_views(scenes, np.array([True, False, True]), 32)
+    coloured = [TARGETS[i][0] for i in range(len(TARGETS)) if COLOUR_TARGETS[i]]
+    assert coloured and all("color" in name for name in coloured)
+    for image, is_grey in zip(images, (True, False, True), strict=True):
+        pixels = np.asarray(image)
+        assert (pixels == pixels[..., :1]).all() == is_grey
+    assert (targets[0, COLOUR_TARGETS] == -100).all() and (targets[2, COLOUR_TARGETS] == -100).all()
+    assert (targets[1, COLOUR_TARGETS][:9] >= 0).all()  # the coloured view keeps its 9 cells' colour targets
+    assert torch.equal(targets[0, ~COLOUR_TARGETS], torch.tensor(scene_targets(scenes[0]))[~COLOUR_TARGETS])

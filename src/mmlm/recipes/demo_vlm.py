@@ -19,6 +19,9 @@ questions are learnt, and several questions per image learn them from far fewer 
 answers are 50/50 yes/no, so neither the image nor the question alone predicts them: a fresh LM sits at a
 saddle there. On oracle slots a curriculum (colour questions, then presence alone) unlocks presence; in this
 recipe, at this budget, it does not yet (`VLMDemoBudget.curriculum`, benchmarks/vlm_demo_ablation.py).
+The pixels mattered too: a CLIP trained only on captions that name colour and shape together learnt each seen
+pair as a whole, and its tower mistook held-out pairs' shapes; greyscale, colour-free views in the CLIP's training
+(`DataConfig.shapes_colourless`) took this VLM's test VQA on seed 0 from 0.374 to 0.448 (docs/benchmarks.md).
 """
 
 import json
@@ -59,6 +62,7 @@ class VLMDemoBudget:
     """The demo VLM's step counts and evaluation sizes (a test shrinks them to run the whole path in seconds)."""
 
     tower_steps: int = TOWER_STEPS
+    tower_colourless: float = 0.0  # share of greyscale scene-label images in the tower's tuning
     pretrain_steps: int = 100
     align_steps: int = 50
     instruct_steps: int = INSTRUCT_STEPS
@@ -112,17 +116,20 @@ def demo_vlm_config(
 
 
 # ---- scene-label pre-training of the vision tower ----
-# The CLIP tower sees colours but hardly shapes (a linear probe on its patch tokens names a lone shape no better
-# than one on a random tower's). As bottom-up-attention VQA models train their detector on object and
-# attribute labels (Anderson et al. 2018), the tower is fine-tuned to read each scene's ground truth from its
-# patch tokens before the VLM is built: per grid cell the shape, colour and size; the word and its colour; each
-# bar's colour and height. Only the train split's colour×shape pairs are used.
+# The CLIP learns from whole-image captions, so its patch tokens need not say what is where (on the 32-px tower
+# of an earlier demo, a linear probe on them named a lone shape no better than one on a random tower's). As
+# bottom-up-attention VQA models train their detector on object and attribute labels (Anderson et al. 2018), the
+# tower is fine-tuned to read each scene's ground truth from its patch tokens before the VLM is built: per grid
+# cell the shape, colour and size; the word and its colour; each bar's colour and height. Only the train split's
+# colour×shape pairs are used. Greyscale views here (`colourless`), unlike in the CLIP's training, lowered the
+# VLM's validation accuracy (0.44 -> 0.38 on seed 0; docs/benchmarks.md), so the demo keeps them off.
 SCENE_KINDS = ("objects", "text", "chart")
 COLOR_NAMES, MAX_BARS = list(shapes.COLORS), 4
 # (name, classes) of each target; class 0 is "empty"/"no bar" where there is one
 TARGETS = ([("kind", 3)] + [(f"shape{c}", 9) for c in range(9)] + [(f"color{c}", 9) for c in range(9)]
            + [(f"size{c}", 3) for c in range(9)] + [("word", len(shapes.WORDS)), ("word_color", 8)]
            + [(f"bar_color{b}", 9) for b in range(MAX_BARS)] + [(f"bar_height{b}", 10) for b in range(MAX_BARS)])  # fmt: skip
+COLOUR_TARGETS = torch.tensor(["color" in name for name, _ in TARGETS])  # masked on greyscale views
 
 
 def scene_targets(scene: shapes.Scene) -> list[int]:
@@ -145,11 +152,26 @@ def scene_targets(scene: shapes.Scene) -> list[int]:
     return targets
 
 
+def scene_views(
+    scenes: list[shapes.Scene], grey: np.ndarray, image_size: int
+) -> tuple[list[Any], torch.Tensor]:
+    """Return the scenes' images, in greyscale where `grey`, and their targets [B, len(TARGETS)] (a greyscale
+    view has no colour target)."""
+    images = [shapes.render(s, image_size) for s in scenes]
+    images = [shapes.greyscale(im) if g else im for im, g in zip(images, grey, strict=True)]
+    targets = torch.tensor([scene_targets(s) for s in scenes])
+    targets[torch.from_numpy(np.asarray(grey, dtype=bool))[:, None] & COLOUR_TARGETS] = -100
+    return images, targets
+
+
 def pretrain_tower(
     tower: nn.Module, image_processor: Any, pairs: list | shapes.World, steps: int, batch_size: int = 128, seed: int = 0,
-    lr: float = 2e-3, feature_layer: int = -1,
+    lr: float = 2e-3, feature_layer: int = -1, colourless: float = 0.0,
 ) -> list[float]:  # fmt: skip
-    """Fine-tune `tower` (a VisionTransformer) to predict scene labels from its patch tokens; return the losses."""
+    """Fine-tune `tower` (a VisionTransformer) to predict scene labels from its patch tokens; return the losses.
+
+    A `colourless` share of the scenes is shown in greyscale with no colour target, as the demo CLIP's captions
+    are (DataConfig.shapes_colourless): shapes, sizes, words and bar heights are then learnt apart from colour."""
     grid = tower.cfg.grid**2
     head = nn.Linear(grid * tower.cfg.width, sum(n for _, n in TARGETS))
     params = [*tower.parameters(), *head.parameters()]
@@ -157,15 +179,14 @@ def pretrain_tower(
     sched = build_scheduler(opt, OptimConfig(warmup_steps=max(1, steps // 10)), steps)
     rng = np.random.default_rng([seed, 17])
     kinds = rng.choice(len(SCENE_KINDS), size=steps * batch_size, p=[0.6, 0.2, 0.2])
+    grey = np.random.default_rng([seed, 19]).random(steps * batch_size) < colourless  # its own stream
     losses = []
     tower.train()
     for step in range(steps):
-        scenes = [
-            shapes.sample_scene(rng, pairs, SCENE_KINDS[k])
-            for k in kinds[step * batch_size : (step + 1) * batch_size]
-        ]
-        pixels = image_processor([shapes.render(s, tower.cfg.image_size) for s in scenes])
-        targets = torch.tensor([scene_targets(s) for s in scenes])  # [B, targets]
+        batch = slice(step * batch_size, (step + 1) * batch_size)
+        scenes = [shapes.sample_scene(rng, pairs, SCENE_KINDS[k]) for k in kinds[batch]]
+        images, targets = scene_views(scenes, grey[batch], tower.cfg.image_size)
+        pixels = image_processor(images)
         features = tower.layer_features(pixels, [feature_layer])[0][:, -grid:].flatten(1)  # [B, N·D]
         logits = head(features).split([n for _, n in TARGETS], dim=-1)
         loss = sum(F.cross_entropy(z, targets[:, i], ignore_index=-100) for i, z in enumerate(logits)) / len(
@@ -185,13 +206,17 @@ def example_scene() -> shapes.Scene:
     return shapes.Scene(word=shapes.TextWord(EXAMPLE_ANSWER, "orange"))
 
 
-def tune_clip_tower(clip_folder: Path, out: Path, steps: int = TOWER_STEPS, seed: int = 0) -> Path:
+def tune_clip_tower(
+    clip_folder: Path, out: Path, steps: int = TOWER_STEPS, seed: int = 0, colourless: float = 0.0
+) -> Path:
     """Write the CLIP at `clip_folder` with its vision tower fine-tuned on scene labels to `out`; return `out`."""
 
     clip = mmlm.load(clip_folder)
     world, _ = shapes.split_world(seed)
     torch.manual_seed(seed)
-    losses = pretrain_tower(clip.model.visual, clip.image_processor, world, steps, seed=seed)
+    losses = pretrain_tower(
+        clip.model.visual, clip.image_processor, world, steps, seed=seed, colourless=colourless
+    )
     print(f"vision tower: scene-label loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f} in {steps} steps")
     clip.save_pretrained(out, format="mmlm")
     return out
@@ -231,7 +256,9 @@ def run_vlm_demo(
     start = time.perf_counter()
     tower = None
     if clip_folder is not None:
-        tower = tune_clip_tower(clip_folder, out / "vlm_tower", budget.tower_steps, seed)
+        tower = tune_clip_tower(
+            clip_folder, out / "vlm_tower", budget.tower_steps, seed, budget.tower_colourless
+        )
     tower_seconds = time.perf_counter() - start
     cfg = demo_vlm_config(out, tower, budget.eval_samples, budget, seed)
     loaded, records = run_vlm_training(cfg, evaluate=lambda model, step: {})  # scored below, once

@@ -48,7 +48,7 @@ from mmlm.errors import InputError
 __all__ = [
     "COLORS", "GRID", "KINDS", "RELATION_MARGIN", "RELATIONS", "SHAPES", "SIZES", "WORDS",
     "BarChart", "Sample", "Scene", "ShapeObject", "TextWord", "ZeroShotSet",
-    "all_pairs", "caption", "cell_of", "colourless", "describe", "generate", "make_sample", "position_name", "relation",
+    "all_pairs", "caption", "cell_of", "colourless", "greyscale", "describe", "generate", "make_sample", "position_name", "relation",
     "relation_holds", "render", "retrieval_set", "sample_scene", "single_object_scene", "split_combinations", "split_world", "World",
     "write_dataset", "write_samples", "zero_shot_set",
 ]  # fmt: skip
@@ -255,13 +255,18 @@ def _relation_caption(scene: Scene, rng: np.random.Generator) -> str | None:
     return f"{refer(a)} {relation(a, b)} {refer(b)}"
 
 
+def greyscale(image: Image.Image) -> Image.Image:
+    """Return the image in greyscale, as RGB: its shapes without their colours."""
+    return image.convert("L").convert("RGB")
+
+
 def colourless(image: Image.Image, text: str) -> tuple[Image.Image, str]:
     """Return the image in greyscale and the caption with its colour words dropped ("an orange star at the top"
     becomes "a star at the top"): a view of the scene that names and shows its shapes but not their colours."""
     for color in COLORS:
         text = text.replace(f"{color} ", "")
     text = re.sub(r"\ban (?=[^aeiou])", "a ", text)
-    return image.convert("L").convert("RGB"), text
+    return greyscale(image), text
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
