@@ -48,7 +48,7 @@ from mmlm.errors import InputError
 __all__ = [
     "COLORS", "GRID", "KINDS", "RELATION_MARGIN", "RELATIONS", "SHAPES", "SIZES", "WORDS",
     "BarChart", "Sample", "Scene", "ShapeObject", "TextWord", "ZeroShotSet",
-    "all_pairs", "caption", "cell_of", "colourless", "greyscale", "describe", "generate", "make_sample", "position_name", "relation",
+    "all_pairs", "caption", "cell_of", "colourless", "describe", "generate", "greyscale", "make_sample", "position_name", "relation",
     "relation_holds", "render", "retrieval_set", "sample_scene", "single_object_scene", "split_combinations", "split_world", "World",
     "write_dataset", "write_samples", "zero_shot_set",
 ]  # fmt: skip
