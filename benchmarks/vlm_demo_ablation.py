@@ -9,6 +9,7 @@ scene-tuned tower (runs/demo/vlm_tower).
     .venv/bin/python benchmarks/vlm_demo_ablation.py lm4             # a 4-layer LM instead of 2
     .venv/bin/python benchmarks/vlm_demo_ablation.py sample_loss     # loss_average: sample
     .venv/bin/python benchmarks/vlm_demo_ablation.py turns5          # 5 questions per training image, not 3
+    .venv/bin/python benchmarks/vlm_demo_ablation.py instruct1700    # 1,700 instruction steps, not 1,200
     .venv/bin/python benchmarks/vlm_demo_ablation.py aligned_tower   # a fresh 48 px tower, 16 px patches on the
                                                                      # 3×3 scene grid, scene-label pre-trained
     .venv/bin/python benchmarks/vlm_demo_ablation.py lookup_yesno    # a curriculum: 300 steps of colour, count,
@@ -48,7 +49,7 @@ CURRICULA = {
         ("presence", 400, ("presence",)),
     ),  # the ladder's curriculum
 }
-VARIANTS = ("baseline", "lm4", "sample_loss", "aligned_tower", "turns5", *CURRICULA)
+VARIANTS = ("baseline", "lm4", "sample_loss", "aligned_tower", "turns5", "instruct1700", *CURRICULA)
 
 
 def config(variant: str, out: Path, tower: Path, budget: VLMDemoBudget):
@@ -115,8 +116,8 @@ def main() -> None:
         pretrain_fresh_towers(2 if args.quick else 300)
     start = time.perf_counter()
     sizes = {"eval_samples": 8, "pope_samples": 12} if args.quick else {}
-    turns = {"turns": 5} if args.variant == "turns5" else {}
-    budget = VLMDemoBudget(curriculum=CURRICULA.get(args.variant, ()), **sizes, **turns)
+    changed = {"turns5": {"turns": 5}, "instruct1700": {"instruct_steps": 1700}}.get(args.variant, {})
+    budget = VLMDemoBudget(curriculum=CURRICULA.get(args.variant, ()), **sizes, **changed)
     tower = Path(args.tower)
     if args.clip:
         tower = tune_clip_tower(Path(args.clip), out / "vlm_tower", colourless=args.tower_colourless)
