@@ -2,6 +2,7 @@
 the written evaluation sets (computed by the run, not copied from anywhere)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -11,7 +12,8 @@ from mmlm.recipes.demo_vlm import VLMDemoBudget
 
 KEYS = (
     "zero_shot_top1", "zero_shot_seen_top1", "retrieval_r1_t2i", "retrieval_r1_i2t", "seed", "steps",
-    "vqa_accuracy", "vqa_val_accuracy", "vqa_blind_accuracy", "vqa_prior_accuracy", "vlm_seed",
+    "vqa_accuracy", "vqa_val_accuracy", "vqa_blind_accuracy", "vqa_text_only_accuracy", "vqa_prior_accuracy",
+    "vqa_accuracy_with_captions", "vlm_seed",
     "pope_f1_random", "pope_f1_popular", "pope_f1_adversarial", "pope_yes_ratio_random", "seconds",
 )  # fmt: skip
 
@@ -53,3 +55,22 @@ def test_the_clip_figures_are_what_mmlm_eval_gets_from_the_written_model_and_set
     retrieval = json.loads(capsys.readouterr().out)
     assert retrieval["text_to_image_R@1"] == pytest.approx(summary["retrieval_r1_t2i"], abs=1e-6)
     assert retrieval["image_to_text_R@1"] == pytest.approx(summary["retrieval_r1_i2t"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_rescoring_the_written_vlm_gives_the_summarys_figures(demo, tmp_path, capsys):
+    out, summary = demo
+    copy = tmp_path / "demo"
+    shutil.copytree(out, copy)
+    assert main(["demo", "--rescore", "--out", str(copy)]) == 0
+    rescored = json.loads((copy / "summary.json").read_text())
+    figures = [k for k in summary if k.startswith(("vqa_", "pope_"))]
+    assert "vqa_text_only_accuracy" in figures and "vqa_accuracy_with_captions" in figures
+    assert {k: rescored[k] for k in figures} == pytest.approx({k: summary[k] for k in figures}, abs=1e-9)
+    assert rescored["zero_shot_top1"] == summary["zero_shot_top1"]  # the CLIP's figures are kept
+
+
+def test_rescoring_a_folder_without_a_demo_vlm_fails_in_one_line(tmp_path, capsys):
+    assert main(["demo", "--rescore", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no demo VLM to score" in err and "\n" not in err

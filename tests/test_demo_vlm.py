@@ -28,7 +28,7 @@ from mmlm.recipes.demo_vlm import (
     scene_targets,
     scene_views,
 )
-from mmlm.recipes.demo_vlm_eval import answer_prior
+from mmlm.recipes.demo_vlm_eval import answer_prior, vqa_figures
 from mmlm.train.mixing import corpus_texts
 from mmlm.train.vlm_config import StageData, vlm_config_from_dict
 
@@ -73,9 +73,43 @@ def test_answer_prior_is_the_most_common_training_answer_per_type():
     make = lambda t, a: type("I", (), {"type": t, "answer": a})()  # noqa: E731
     train = [make("presence", "yes")] * 3 + [make("presence", "no"), make("count", "2")]
     test = [make("presence", "yes"), make("presence", "no"), make("count", "3")]
-    prior = answer_prior(train, test)
+    prior = answer_prior(train, test + [make("caption", "a red star.")])
     assert prior["accuracy_presence"] == 0.5 and prior["accuracy_count"] == 0.0
-    assert prior["accuracy"] == pytest.approx(1 / 3)
+    assert prior["accuracy"] == pytest.approx(1 / 3) and "accuracy_caption" not in prior  # captions aside
+
+
+class ScriptedVLM:
+    """Answers as a test wants: right with the image (captions a word short), "no" without one (in order)."""
+
+    def __init__(self, samples):
+        self.samples, self.asked = samples, 0
+        self.model = torch.nn.Identity()
+        self.config = type("C", (), {"vision": type("V", (), {"image_size": 32})()})()
+        self.prompts = []
+
+    def generate(self, prompts, images, max_new_tokens):
+        self.prompts += prompts
+        batch = [self.samples[(self.asked + i) % len(self.samples)] for i in range(len(prompts))]
+        self.asked += len(prompts)
+        if images is None:
+            return ["no" for _ in batch]
+        return [s.answer.rsplit(" ", 1)[0] if s.type == "caption" else s.answer for s in batch]
+
+
+def test_vqa_figures_score_questions_and_captions_apart_and_the_no_image_probe_has_no_image():
+    samples = [make_instruction(i, 0, split="test") for i in range(40)]
+    described = sum(s.type == "caption" for s in samples)
+    assert 0 < described < len(samples)
+    model = ScriptedVLM(samples)
+    figures = vqa_figures(model, samples)
+    assert figures["accuracy"] == 1.0 and "accuracy_caption" not in figures
+    assert figures["accuracy_with_captions"] == pytest.approx(1 - described / len(samples))
+    assert figures["caption_exact_match"] == 0.0 and 0 < figures["caption_cider"] < 10
+    model.prompts.clear()
+    no_image = vqa_figures(model, samples, "text_only")
+    assert all("<image>" not in p[0]["content"] for p in model.prompts)
+    asked = [s for s in samples if s.type != "caption"]
+    assert no_image["accuracy"] == pytest.approx(sum(s.answer == "no" for s in asked) / len(asked))
 
 
 def test_oracle_slots_are_one_hot_per_cell_word_and_bar():
@@ -116,7 +150,7 @@ def test_the_whole_vlm_demo_runs_at_toy_size_and_writes_its_figures(tmp_path):
     summary = run_vlm_demo(tmp_path, None, seed=1, budget=budget)
     written = json.loads((tmp_path / "vlm_summary.json").read_text())
     assert written == summary and summary["vlm_seed"] == 1 and summary["vlm_steps"] == 5
-    for key in ("vqa_accuracy", "vqa_val_accuracy", "vqa_blind_accuracy", "vqa_prior_accuracy",
+    for key in ("vqa_accuracy", "vqa_val_accuracy", "vqa_blind_accuracy", "vqa_text_only_accuracy", "vqa_prior_accuracy",
                 "pope_f1_random", "pope_f1_popular", "pope_f1_adversarial", "pope_yes_ratio_adversarial"):  # fmt: skip
         assert 0 <= summary[key] <= 1, key
     assert summary["pope_questions"] == 12 and (tmp_path / "vlm" / "config.json").is_file()

@@ -24,6 +24,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
             Path(args.out), frames=args.frames, video_pool=args.video_pool, video_merge=args.video_merge
         )
         return
+    if args.rescore:
+        from mmlm.recipes.demo_vlm import rescore_vlm_demo
+
+        rescore_vlm_demo(Path(args.out))
+        return
     from mmlm.recipes.demo import run_demo
 
     if args.seed < 0:
@@ -36,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="image: the seed of data, splits and weights")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="image: score the demo VLM in --out again with this version's evaluation (no training)",
+    )
     p.add_argument("--frames", type=int, default=8, help="video: frames sampled from each clip")
     p.add_argument("--video-pool", type=int, default=2, help="video: frames merged into one image slot")
     p.add_argument("--video-merge", choices=["mean", "resampler"], default="resampler",

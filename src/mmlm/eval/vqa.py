@@ -148,16 +148,21 @@ def question_messages(question: str) -> list[dict[str, str]]:
 
 def answer_questions(
     model: Any,
-    images: Sequence[Any],
+    images: Sequence[Any] | None,
     questions: Sequence[str],
     batch_size: int = 64,
     max_new_tokens: int = 48,
 ) -> list[str]:
-    """Return a generative model's greedy answers (KV-cached, batched) to one question about each image."""
+    """Return a generative model's greedy answers (KV-cached, batched) to one question about each image, or to
+    the questions alone (no image in the prompt) when `images` is None."""
     model.model.eval()
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
+        if images is None:
+            prompts = [[{"role": "user", "content": q}] for q in questions[chunk]]
+            answers += model.generate(prompts, None, max_new_tokens=max_new_tokens)
+            continue
         prompts = [question_messages(q) for q in questions[chunk]]
         answers += model.generate(prompts, [[im] for im in images[chunk]], max_new_tokens=max_new_tokens)
     return [a.strip() for a in answers]

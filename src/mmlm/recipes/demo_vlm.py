@@ -9,8 +9,8 @@
 Every training sample (and the BPE's text) uses only the train side of `shapes.split_world(seed)`; the figures
 are on images of the held-out side (colour×shape pairs, words and chart bars no training sample showed):
 VQA (greedy, exact match after VQA normalisation) on the validation stream, used while tuning, and on the test
-stream, scored once; the blind probe (grey images) beside the answer prior; POPE through `mmlm eval vlm`'s
-harness (see `mmlm.recipes.demo_vlm_eval`).
+stream, scored once (captions apart, with CIDEr-D); the blind (grey image) and no-image probes beside the answer
+prior; POPE through `mmlm eval vlm`'s harness (see `mmlm.recipes.demo_vlm_eval`).
 
 What limits it is the LM, not only the pixels: `mmlm study ladder` (docs/demo-ladder.md) trains this LM on the
 scene spelled out as text, on oracle slot features and on a tower. Presence, count and relation stay at the
@@ -38,6 +38,7 @@ from torch import nn
 import mmlm
 from mmlm.data.synthetic import shapes
 from mmlm.data.synthetic.instructions import QUESTION_TYPES
+from mmlm.errors import InputError
 from mmlm.eval.tasks import POPE_SPLITS
 from mmlm.eval.vqa import exact_match
 from mmlm.fusion import ConnectorConfig
@@ -223,26 +224,35 @@ def tune_clip_tower(
 
 
 def evaluate_demo_vlm(loaded: Any, cfg: VLMTrainConfig, budget: VLMDemoBudget, out: Path) -> dict[str, Any]:
-    """Return the demo VLM's figures: VQA on the held-out world (val, then test once), blind probe, prior, POPE."""
-    train_world, heldout_world = shapes.split_world(cfg.seed, cfg.holdout_fraction)
+    """Return the demo VLM's figures: VQA on the held-out world (val, then test once), the blind and no-image
+    probes, the answer prior, POPE."""
+    seed = cfg.seed
+    train_world, heldout_world = shapes.split_world(seed, cfg.holdout_fraction)
     size = loaded.config.vision.image_size
-    val = questions(heldout_world, "val", budget.eval_samples, cfg.seed, size)
-    test = questions(heldout_world, "test", budget.eval_samples, cfg.seed, size)
-    train = questions(train_world, "train", 2000, cfg.seed, size)
+    val = questions(heldout_world, "val", budget.eval_samples, seed, size)
+    test = questions(heldout_world, "test", budget.eval_samples, seed, size)
+    train = questions(train_world, "train", 2000, seed, size)
     figures: dict[str, Any] = {f"vqa_val_{k}": v for k, v in vqa_figures(loaded, val).items()}
     figures.update({f"vqa_{k}": v for k, v in vqa_figures(loaded, test).items()})
-    figures.update({f"vqa_blind_{k}": v for k, v in vqa_figures(loaded, test, blind=True).items()})
+    for probe in ("blind", "text_only"):
+        figures.update({f"vqa_{probe}_{k}": v for k, v in vqa_figures(loaded, test, probe).items()})
     figures.update({f"vqa_prior_{k}": v for k, v in answer_prior(train, test).items()})
     figures.update(pope_summary(loaded, out / "eval_data", budget.pope_samples))
     return figures
 
 
 def _summary_lines(figures: dict[str, Any]) -> str:
-    rows = [f"{'question type':<14}{'test':>8}{'val':>8}{'blind':>8}{'prior':>8}"]
-    for t in ("all", *QUESTION_TYPES):
+    rows = [f"{'question type':<14}{'test':>8}{'val':>8}{'blind':>8}{'no image':>9}{'prior':>8}"]
+    for t in ("all", *QUESTION_TYPES[1:]):
         key = "accuracy" if t == "all" else f"accuracy_{t}"
-        cells = [figures.get(f"vqa_{p}{key}", float("nan")) for p in ("", "val_", "blind_", "prior_")]
-        rows.append(f"{t:<14}" + "".join(f"{c:>8.3f}" for c in cells))
+        cells = [
+            figures.get(f"vqa_{p}{key}", float("nan")) for p in ("", "val_", "blind_", "text_only_", "prior_")
+        ]
+        rows.append(f"{t:<14}" + "".join(f"{c:>{9 if i == 3 else 8}.3f}" for i, c in enumerate(cells)))
+    rows.append(
+        f'captions ("Describe the image."): CIDEr-D {figures.get("vqa_caption_cider", float("nan")):.3f}, '
+        f"exact match {figures.get('vqa_caption_exact_match', float('nan')):.3f}"
+    )
     pope = "  ".join(f"{s} F1 {figures[f'pope_f1_{s}']:.3f} yes {figures[f'pope_yes_ratio_{s}']:.2f}"
                      for s in POPE_SPLITS)  # fmt: skip
     return "\n".join([*rows, f"POPE ({figures['pope_questions']} questions): {pope}"])
@@ -271,9 +281,10 @@ def run_vlm_demo(
     reply = loaded.generate([{"role": "user", "content": f"<image>\n{EXAMPLE_QUESTION}"}], [image])
     seconds = time.perf_counter() - start
     print(_summary_lines(figures))
-    print(f"VQA accuracy {figures['vqa_accuracy']:.3f} on {budget.eval_samples} test questions about held-out "
-          f"colour×shape pairs, words and chart bars (exact match after VQA normalisation, greedy); "
-          f"blind {figures['vqa_blind_accuracy']:.3f}, answer prior {figures['vqa_prior_accuracy']:.3f}")  # fmt: skip
+    print(f"VQA accuracy {figures['vqa_accuracy']:.3f} on the questions among {budget.eval_samples} test prompts "
+          f"about held-out colour×shape pairs, words and chart bars (exact match after VQA normalisation, greedy; "
+          f"captions apart); blind (grey image) {figures['vqa_blind_accuracy']:.3f}, no image "
+          f"{figures['vqa_text_only_accuracy']:.3f}, answer prior {figures['vqa_prior_accuracy']:.3f}")  # fmt: skip
     print(f"example: {out / 'vlm_example.png'} {EXAMPLE_QUESTION!r} -> {reply!r}  "
           f"(expected {EXAMPLE_ANSWER!r}: {exact_match(reply, EXAMPLE_ANSWER)})")  # fmt: skip
     print(f"wrote the VLM to {out / 'vlm'}  ({seconds:.1f}s: training {train_seconds:.1f}s)")
@@ -283,3 +294,35 @@ def run_vlm_demo(
                     "vlm_seconds": round(seconds, 1)})  # fmt: skip
     (out / "vlm_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def rescore_vlm_demo(out: Path) -> dict[str, Any]:
+    """Score the VLM an earlier `make demo` wrote to <out>/vlm again, with this version's evaluation (its seed,
+    split and question counts from <out>/vlm_train/config.json and vlm_summary.json); update <out>/vlm_summary.json and
+    <out>/summary.json with the new figures and return them. No training runs."""
+    config_path, model_path = out / "vlm_train" / "config.json", out / "vlm"
+    if not config_path.is_file() or not (model_path / "config.json").is_file():
+        raise InputError(
+            f"{out}: no demo VLM to score (expected {model_path} and {config_path}); run `mmlm demo`"
+        )
+    saved = json.loads(config_path.read_text())
+    cfg = VLMTrainConfig(seed=int(saved["seed"]), holdout_fraction=float(saved["holdout_fraction"]))
+    written = out / "vlm_summary.json"
+    pope = json.loads(written.read_text()).get("pope_questions") if written.is_file() else None
+    budget = VLMDemoBudget(
+        eval_samples=int(saved["eval_samples"]), pope_samples=int(pope or VLMDemoBudget.pope_samples)
+    )
+    figures = evaluate_demo_vlm(mmlm.load(model_path), cfg, budget, out)
+    print(_summary_lines(figures))
+    for name in ("vlm_summary.json", "summary.json"):
+        path = out / name
+        if path.is_file():
+            old = json.loads(path.read_text())
+            kept = {
+                k: v for k, v in old.items() if not k.startswith(("vqa_", "pope_")) or k == "vqa_questions"
+            }
+            path.write_text(json.dumps({**kept, **figures}, indent=2) + "\n")
+    print(
+        f"rescored {model_path}; updated the figures in {out / 'vlm_summary.json'} and {out / 'summary.json'}"
+    )
+    return figures

@@ -1,12 +1,18 @@
-"""How `make demo` scores its VLM: VQA on the held-out world, the blind probe against the answer prior, and POPE.
+"""How `make demo` scores its VLM: VQA on the held-out world, the image probes against the answer prior, and POPE.
 
-VQA      greedy answers to questions about images of the held-out colour×shape pairs, words and chart bars
-         (`shapes.split_world`), exact match after VQA normalisation, overall and per question type. The
-         `val` stream is the one tuned on; `test` is scored once, at the end.
-blind    the same test questions with a grey image: a model that reads the image falls to the answer prior,
-         the accuracy of always giving each question type's most common training answer.
-POPE     `mmlm eval vlm`'s built-in shapes-pope task through the same harness (random, popular and
-         adversarial negatives): F1 and yes-ratio per split.
+VQA        greedy answers to questions about images of the held-out colour×shape pairs, words and chart bars
+           (`shapes.split_world`), exact match after VQA normalisation, overall and per question type. The
+           `val` stream is the one tuned on; `test` is scored once, at the end. "Describe the image." is not a
+           question with one short answer: its replies are scored apart, with CIDEr-D against the scene's
+           canonical description (`caption_*`), and the overall accuracy is over the questions only
+           (`accuracy_with_captions` keeps the exact match over both, as the demo reported it before).
+blind      the same test questions with a grey image (`mmlm eval vlm --blind`'s probe).
+text_only  the same test questions with no image in the prompt (the harness's `text_only` probe, MMStar's
+           "LVLM without visual input"): what the language model answers from the question alone. Both probes
+           sit beside the answer prior, the accuracy of always giving each question type's most common
+           training answer: a model that reads the image falls to or below it without one.
+POPE       `mmlm eval vlm`'s built-in shapes-pope task through the same harness (random, popular and
+           adversarial negatives): F1 and yes-ratio per split.
 """
 
 from collections import Counter
@@ -18,6 +24,7 @@ from PIL import Image
 from mmlm.data.synthetic.instructions import Instruction, make_instruction
 from mmlm.data.synthetic.world import World
 from mmlm.eval.backends import MMLMBackend
+from mmlm.eval.captioning import caption_scores
 from mmlm.eval.harness import evaluate_vlm
 from mmlm.eval.tasks import POPE_SPLITS, load_task
 from mmlm.eval.vqa import answer_questions, normalize_answer, vqa_scores
@@ -31,25 +38,41 @@ def questions(world: World, split: str, n: int, seed: int, image_size: int) -> l
     return [make_instruction(i, seed, split=split, pairs=world, image_size=image_size) for i in range(n)]
 
 
-def vqa_figures(loaded: GenerativeModel, samples: list[Instruction], blind: bool = False) -> dict[str, float]:
-    """Return VQA accuracy overall and per type ("accuracy", "accuracy_count", ...); `blind`: grey images."""
+def vqa_figures(
+    loaded: GenerativeModel, samples: list[Instruction], probe: str = "normal"
+) -> dict[str, float]:
+    """Return VQA accuracy over the questions and per type ("accuracy", "accuracy_count", ...), the exact match
+    over questions and captions together ("accuracy_with_captions") and the captions' CIDEr-D ("caption_cider");
+    `probe`: "normal" (each sample's image), "blind" (a grey image) or "text_only" (no image)."""
     size = loaded.config.vision.image_size
-    images = [Image.new("RGB", (size, size), GREY) if blind else s.image for s in samples]
+    images = {"normal": [s.image for s in samples], "blind": [Image.new("RGB", (size, size), GREY)] * len(samples),
+              "text_only": None}[probe]  # fmt: skip
     answers = answer_questions(loaded, images, [s.question for s in samples])
-    return vqa_scores(answers, [[s.answer] for s in samples], [s.type for s in samples])
+    every = vqa_scores(answers, [[s.answer] for s in samples], [s.type for s in samples])
+    asked = [(a, s) for a, s in zip(answers, samples, strict=True) if s.type != "caption"]
+    figures = vqa_scores([a for a, _ in asked], [[s.answer] for _, s in asked], [s.type for _, s in asked])
+    figures["accuracy_with_captions"] = every["accuracy"]
+    described = [(a, s) for a, s in zip(answers, samples, strict=True) if s.type == "caption"]
+    if described:
+        scores, _ = caption_scores([a for a, _ in described], [[s.answer] for _, s in described])
+        figures.update(caption_cider=float(scores["cider"]), caption_exact_match=every["accuracy_caption"])
+    return figures
 
 
 def answer_prior(train: list[Instruction], test: list[Instruction]) -> dict[str, float]:
-    """Return the accuracy on `test` of answering each type's most common answer in `train`, overall and per type."""
+    """Return the accuracy on `test`'s questions (captions aside, as in vqa_figures) of answering each type's
+    most common answer in `train`, overall and per type."""
     common: dict[str, Counter] = {}
     for s in train:
         common.setdefault(s.type, Counter())[normalize_answer(s.answer)] += 1
     hits: dict[str, list[bool]] = {}
     for s in test:
+        if s.type == "caption":
+            continue
         guess = common[s.type].most_common(1)[0][0] if s.type in common else ""
         hits.setdefault(s.type, []).append(guess == normalize_answer(s.answer))
     figures = {f"accuracy_{t}": sum(h) / len(h) for t, h in sorted(hits.items())}
-    figures["accuracy"] = sum(sum(h) for h in hits.values()) / len(test)
+    figures["accuracy"] = sum(sum(h) for h in hits.values()) / max(1, sum(len(h) for h in hits.values()))
     return figures
 
 
