@@ -8,6 +8,8 @@ scene-tuned tower (runs/demo/vlm_tower).
     .venv/bin/python benchmarks/vlm_demo_ablation.py baseline
     .venv/bin/python benchmarks/vlm_demo_ablation.py lm4             # a 4-layer LM instead of 2
     .venv/bin/python benchmarks/vlm_demo_ablation.py sample_loss     # loss_average: sample
+    .venv/bin/python benchmarks/vlm_demo_ablation.py no_captions     # no captions in the instruction stage
+    .venv/bin/python benchmarks/vlm_demo_ablation.py pixel_shuffle   # Idefics3's connector: 9 image tokens
     .venv/bin/python benchmarks/vlm_demo_ablation.py turns5          # 5 questions per training image, not 3
     .venv/bin/python benchmarks/vlm_demo_ablation.py instruct1700    # 1,700 instruction steps, not 1,200
     .venv/bin/python benchmarks/vlm_demo_ablation.py aligned_tower   # a fresh 48 px tower, 16 px patches on the
@@ -17,6 +19,7 @@ scene-tuned tower (runs/demo/vlm_tower).
                                                                      # relation, then 500 of every type
     .venv/bin/python benchmarks/vlm_demo_ablation.py lookup_yesno_long  # the same with 200 and 500
     .venv/bin/python benchmarks/vlm_demo_ablation.py color_presence  # 300 colour, 400 presence, 500 all
+    .venv/bin/python benchmarks/vlm_demo_ablation.py captions_first  # 300 steps of captions, then 900 of all
     .venv/bin/python benchmarks/vlm_demo_ablation.py lm4 --quick     # 2 steps a stage, 8 eval questions,
                                                                      # a fresh tower: checks that it runs
 """
@@ -30,6 +33,8 @@ import torch
 
 import mmlm.train.vlm_loop as loop
 from mmlm.data.synthetic import shapes
+from mmlm.data.synthetic.instructions import QUESTION_TYPES
+from mmlm.fusion import ConnectorConfig
 from mmlm.models.vision import VisionConfig
 from mmlm.recipes.demo_vlm import (
     LOOKUP_TYPES,
@@ -48,19 +53,41 @@ CURRICULA = {
         ("colour", 300, ("color",)),
         ("presence", 400, ("presence",)),
     ),  # the ladder's curriculum
+    "captions_first": (("describe", 300, ("caption",)),),  # whole-scene descriptions first, LM trained
 }
-VARIANTS = ("baseline", "lm4", "sample_loss", "aligned_tower", "turns5", "instruct1700", *CURRICULA)
+VARIANTS = (
+    "baseline",
+    "lm4",
+    "sample_loss",
+    "no_captions",
+    "pixel_shuffle",
+    "aligned_tower",
+    "turns5",
+    "instruct1700",
+    *CURRICULA,
+)
 
 
-def config(variant: str, out: Path, tower: Path, budget: VLMDemoBudget):
+def config(variant: str, out: Path, tower: Path, budget: VLMDemoBudget, seed: int = 0):
     """Return the demo VLM run with one change (a curriculum variant's is in `budget`)."""
-    cfg = demo_vlm_config(out, None if variant == "aligned_tower" else tower, budget.eval_samples, budget)
+    cfg = demo_vlm_config(
+        out, None if variant == "aligned_tower" else tower, budget.eval_samples, budget, seed
+    )
     if variant == "lm4":
         cfg.model.lm.layers = 4
     elif variant == "turns5":
         cfg.max_length = 192  # 5 questions and answers after the 36 image tokens
     elif variant == "sample_loss":
         cfg.loss_average = "sample"
+    elif (
+        variant == "no_captions"
+    ):  # captions only in the align stage: a caption's ~15 answer tokens, against 1-2
+        cfg.stages["instruct"].data.question_types = list(QUESTION_TYPES[1:])  # for a question, no longer
+        # dominate the instruction stage's token-averaged loss
+    elif (
+        variant == "pixel_shuffle"
+    ):  # each 2×2 block of the 6×6 patch grid, one 16-px cell of the scene's 3×3 grid
+        cfg.model.connector = ConnectorConfig(kind="pixel_shuffle", scale_factor=2)  # 9 image tokens, not 36
     elif variant == "aligned_tower":
         cfg.model.vision = VisionConfig(image_size=48, patch_size=16, width=128, layers=4, heads=4, mlp_dim=512,
                                         act="gelu", embed_dim=None, stem="conv")  # fmt: skip
@@ -106,6 +133,12 @@ def main() -> None:
         default=VLMDemoBudget.tower_colourless,
         help="with --clip: share of greyscale scene-label images in the tower's tuning",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the world's split and the run's seed (match the tower's)"
+    )
+    parser.add_argument(
+        "--instruct-steps", type=int, help="instruction steps (default: the demo's, or the variant's)"
+    )
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument(
         "--quick", action="store_true", help="a few steps, a fresh tower: a check that it runs"
@@ -117,11 +150,15 @@ def main() -> None:
     start = time.perf_counter()
     sizes = {"eval_samples": 8, "pope_samples": 12} if args.quick else {}
     changed = {"turns5": {"turns": 5}, "instruct1700": {"instruct_steps": 1700}}.get(args.variant, {})
+    if args.instruct_steps:
+        changed["instruct_steps"] = args.instruct_steps
     budget = VLMDemoBudget(curriculum=CURRICULA.get(args.variant, ()), **sizes, **changed)
     tower = Path(args.tower)
     if args.clip:
-        tower = tune_clip_tower(Path(args.clip), out / "vlm_tower", colourless=args.tower_colourless)
-    cfg = config(args.variant, out, tower, budget)
+        tower = tune_clip_tower(
+            Path(args.clip), out / "vlm_tower", seed=args.seed, colourless=args.tower_colourless
+        )
+    cfg = config(args.variant, out, tower, budget, args.seed)
     if args.quick:
         cfg.model.vision_init = None  # make demo's tower is not needed to check the run
         cfg = shrink(cfg)
@@ -129,8 +166,9 @@ def main() -> None:
     figures = {k: round(v, 3) if isinstance(v, float) else v
                for k, v in evaluate_demo_vlm(loaded, cfg, budget, out).items()}  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
-    print(json.dumps({"variant": args.variant, "clip": args.clip, "tower_colourless": args.tower_colourless,
-                      "seconds": seconds, **figures}))  # fmt: skip
+    print(json.dumps({"variant": args.variant, "seed": args.seed, "instruct_steps": budget.instruct_steps,
+                      "clip": args.clip, "tower_colourless": args.tower_colourless, "seconds": seconds,
+                      **figures}))  # fmt: skip
 
 
 if __name__ == "__main__":

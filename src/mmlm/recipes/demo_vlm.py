@@ -251,7 +251,7 @@ def _summary_lines(figures: dict[str, Any]) -> str:
         rows.append(f"{t:<14}" + "".join(f"{c:>{9 if i == 3 else 8}.3f}" for i, c in enumerate(cells)))
     rows.append(
         f'captions ("Describe the image."): CIDEr-D {figures.get("vqa_caption_cider", float("nan")):.3f}, '
-        f"exact match {figures.get('vqa_caption_exact_match', float('nan')):.3f}"
+        f"exact match {figures.get('vqa_accuracy_caption', float('nan')):.3f}"
     )
     pope = "  ".join(f"{s} F1 {figures[f'pope_f1_{s}']:.3f} yes {figures[f'pope_yes_ratio_{s}']:.2f}"
                      for s in POPE_SPLITS)  # fmt: skip

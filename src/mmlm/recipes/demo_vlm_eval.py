@@ -4,8 +4,9 @@ VQA        greedy answers to questions about images of the held-out colour×shap
            (`shapes.split_world`), exact match after VQA normalisation, overall and per question type. The
            `val` stream is the one tuned on; `test` is scored once, at the end. "Describe the image." is not a
            question with one short answer: its replies are scored apart, with CIDEr-D against the scene's
-           canonical description (`caption_*`), and the overall accuracy is over the questions only
-           (`accuracy_with_captions` keeps the exact match over both, as the demo reported it before).
+           canonical description (`caption_cider`; `accuracy_caption` is their exact match), and the overall
+           accuracy is over the questions only (`accuracy_with_captions` keeps the exact match over both, as the
+           demo reported it before).
 blind      the same test questions with a grey image (`mmlm eval vlm --blind`'s probe).
 text_only  the same test questions with no image in the prompt (the harness's `text_only` probe, MMStar's
            "LVLM without visual input"): what the language model answers from the question alone. Both probes
@@ -42,7 +43,8 @@ def vqa_figures(
     loaded: GenerativeModel, samples: list[Instruction], probe: str = "normal"
 ) -> dict[str, float]:
     """Return VQA accuracy over the questions and per type ("accuracy", "accuracy_count", ...), the exact match
-    over questions and captions together ("accuracy_with_captions") and the captions' CIDEr-D ("caption_cider");
+    over questions and captions together ("accuracy_with_captions"), and the captions' exact match
+    ("accuracy_caption", not part of "accuracy") and CIDEr-D ("caption_cider");
     `probe`: "normal" (each sample's image), "blind" (a grey image) or "text_only" (no image)."""
     size = loaded.config.vision.image_size
     images = {"normal": [s.image for s in samples], "blind": [Image.new("RGB", (size, size), GREY)] * len(samples),
@@ -55,7 +57,7 @@ def vqa_figures(
     described = [(a, s) for a, s in zip(answers, samples, strict=True) if s.type == "caption"]
     if described:
         scores, _ = caption_scores([a for a, _ in described], [[s.answer] for _, s in described])
-        figures.update(caption_cider=float(scores["cider"]), caption_exact_match=every["accuracy_caption"])
+        figures.update(accuracy_caption=every["accuracy_caption"], caption_cider=float(scores["cider"]))
     return figures
 
 
