@@ -134,6 +134,9 @@ def main() -> None:
         help="with --clip: share of greyscale scene-label images in the tower's tuning",
     )
     parser.add_argument(
+        "--tower-steps", type=int, default=VLMDemoBudget.tower_steps, help="with --clip: tuning steps"
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="the world's split and the run's seed (match the tower's)"
     )
     parser.add_argument(
@@ -156,7 +159,7 @@ def main() -> None:
     tower = Path(args.tower)
     if args.clip:
         tower = tune_clip_tower(
-            Path(args.clip), out / "vlm_tower", seed=args.seed, colourless=args.tower_colourless
+            Path(args.clip), out / "vlm_tower", args.tower_steps, args.seed, args.tower_colourless
         )
     cfg = config(args.variant, out, tower, budget, args.seed)
     if args.quick:
@@ -167,7 +170,7 @@ def main() -> None:
                for k, v in evaluate_demo_vlm(loaded, cfg, budget, out).items()}  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
     print(json.dumps({"variant": args.variant, "seed": args.seed, "instruct_steps": budget.instruct_steps,
-                      "clip": args.clip, "tower_colourless": args.tower_colourless, "seconds": seconds,
+                      "clip": args.clip, "tower_steps": args.tower_steps, "tower_colourless": args.tower_colourless, "seconds": seconds,
                       **figures}))  # fmt: skip
 
 

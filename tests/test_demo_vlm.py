@@ -24,6 +24,7 @@ from mmlm.recipes.demo_vlm import (
     COLOUR_TARGETS,
     TARGETS,
     VLMDemoBudget,
+    cell_accuracy,
     run_vlm_demo,
     scene_targets,
     scene_views,
@@ -208,3 +209,33 @@ def test_a_greyscale_scene_view_shows_no_colour_and_asks_for_none():
     assert (targets[0, COLOUR_TARGETS] == -100).all() and (targets[2, COLOUR_TARGETS] == -100).all()
     assert (targets[1, COLOUR_TARGETS][:9] >= 0).all()  # the coloured view keeps its 9 cells' colour targets
     assert torch.equal(targets[0, ~COLOUR_TARGETS], torch.tensor(scene_targets(scenes[0]))[~COLOUR_TARGETS])
+
+
+class StubTower(torch.nn.Module):
+    """A 'tower' whose patch tokens are zeros: the heads below decide every answer."""
+
+    cfg = type("Cfg", (), {"grid": 2, "width": 1, "image_size": 16})()
+
+    def layer_features(self, pixels, layers):
+        return [torch.zeros(len(pixels), 4, 1)]
+
+
+def test_cell_accuracy_scores_only_occupied_cells():
+    world, _ = shapes.split_world(0)
+    rng = np.random.default_rng([0, 23])  # cell_accuracy's scenes for seed 0
+    targets = torch.tensor([scene_targets(shapes.sample_scene(rng, world, "objects")) for _ in range(20)])
+    widths = [n for _, n in TARGETS]
+    right = torch.cat(
+        [
+            torch.nn.functional.one_hot(t.clamp(min=0), n).float()
+            for t, n in zip(targets.T, widths, strict=True)
+        ],
+        -1,
+    )
+    empty = torch.cat(
+        [torch.nn.functional.one_hot(torch.zeros(20, dtype=torch.long), n).float() for n in widths], -1
+    )
+    processor = lambda images: images  # noqa: E731
+    for head, expected in ((lambda _: right, 1.0), (lambda _: empty, 0.0)):
+        figures = cell_accuracy(StubTower(), head, processor, world, samples=20, seed=0)
+        assert figures == {"shape": expected, "color": expected, "size": expected}

@@ -165,30 +165,71 @@ def scene_views(
     return images, targets
 
 
+def label_head(tower: nn.Module) -> nn.Linear:
+    """Return a fresh linear map from a tower's flattened patch tokens to the logits of every target of TARGETS."""
+    return nn.Linear(tower.cfg.grid**2 * tower.cfg.width, sum(n for _, n in TARGETS))
+
+
+@torch.no_grad()
+def cell_accuracy(
+    tower: nn.Module,
+    head: nn.Linear,
+    image_processor: Any,
+    world: shapes.World,
+    samples: int = 600,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Return how often `head` on `tower`'s patch tokens names each occupied grid cell's shape, colour and size
+    right, over `samples` object scenes of `world` (feature layer -1, as pretrain_tower's default)."""
+    rng = np.random.default_rng([seed, 23])
+    scenes = [shapes.sample_scene(rng, world, "objects") for _ in range(samples)]
+    targets = torch.tensor([scene_targets(s) for s in scenes])
+    tower.eval()
+    grid = tower.cfg.grid**2
+    pixels = image_processor([shapes.render(s, tower.cfg.image_size) for s in scenes])
+    features = tower.layer_features(pixels, [-1])[0][:, -grid:].flatten(1)
+    logits = head(features).split([n for _, n in TARGETS], dim=-1)
+    names = [name for name, _ in TARGETS]
+    out = {}
+    for attribute in ("shape", "color", "size"):
+        hits = total = 0
+        for cell in range(9):
+            i = names.index(f"{attribute}{cell}")
+            occupied = targets[:, i] > 0
+            hits += int((logits[i].argmax(-1)[occupied] == targets[occupied, i]).sum())
+            total += int(occupied.sum())
+        out[attribute] = hits / max(1, total)
+    return out
+
+
 def pretrain_tower(
     tower: nn.Module, image_processor: Any, pairs: list | shapes.World, steps: int, batch_size: int = 128, seed: int = 0,
-    lr: float = 2e-3, feature_layer: int = -1, colourless: float = 0.0,
+    lr: float = 2e-3, feature_layer: int = -1, colourless: float = 0.0, head: nn.Linear | None = None,
+    train_tower: bool = True,
 ) -> list[float]:  # fmt: skip
     """Fine-tune `tower` (a VisionTransformer) to predict scene labels from its patch tokens; return the losses.
 
     A `colourless` share of the scenes is shown in greyscale with no colour target, as the demo CLIP's captions
-    are (DataConfig.shapes_colourless): shapes, sizes, words and bar heights are then learnt apart from colour."""
+    are (DataConfig.shapes_colourless): shapes, sizes, words and bar heights are then learnt apart from colour.
+    `head` (default: a fresh `label_head(tower)`) maps the flattened patch tokens to TARGETS' logits; with
+    `train_tower` False only the head learns (a linear probe of the tower as it is)."""
     grid = tower.cfg.grid**2
-    head = nn.Linear(grid * tower.cfg.width, sum(n for _, n in TARGETS))
-    params = [*tower.parameters(), *head.parameters()]
+    head = head if head is not None else label_head(tower)
+    params = [*(tower.parameters() if train_tower else ()), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = build_scheduler(opt, OptimConfig(warmup_steps=max(1, steps // 10)), steps)
     rng = np.random.default_rng([seed, 17])
     kinds = rng.choice(len(SCENE_KINDS), size=steps * batch_size, p=[0.6, 0.2, 0.2])
     grey = np.random.default_rng([seed, 19]).random(steps * batch_size) < colourless  # its own stream
     losses = []
-    tower.train()
+    tower.train(train_tower)
     for step in range(steps):
         batch = slice(step * batch_size, (step + 1) * batch_size)
         scenes = [shapes.sample_scene(rng, pairs, SCENE_KINDS[k]) for k in kinds[batch]]
         images, targets = scene_views(scenes, grey[batch], tower.cfg.image_size)
         pixels = image_processor(images)
-        features = tower.layer_features(pixels, [feature_layer])[0][:, -grid:].flatten(1)  # [B, N·D]
+        with torch.set_grad_enabled(train_tower):
+            features = tower.layer_features(pixels, [feature_layer])[0][:, -grid:].flatten(1)  # [B, N·D]
         logits = head(features).split([n for _, n in TARGETS], dim=-1)
         loss = sum(F.cross_entropy(z, targets[:, i], ignore_index=-100) for i, z in enumerate(logits)) / len(
             TARGETS
