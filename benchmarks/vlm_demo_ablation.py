@@ -79,15 +79,13 @@ def config(variant: str, out: Path, tower: Path, budget: VLMDemoBudget, seed: in
         cfg.max_length = 192  # 5 questions and answers after the 36 image tokens
     elif variant == "sample_loss":
         cfg.loss_average = "sample"
-    elif (
-        variant == "no_captions"
-    ):  # captions only in the align stage: a caption's ~15 answer tokens, against 1-2
-        cfg.stages["instruct"].data.question_types = list(QUESTION_TYPES[1:])  # for a question, no longer
+    elif variant == "no_captions":
+        # captions only in the align stage: a caption's ~15 answer tokens, against 1-2 for a question, no longer
         # dominate the instruction stage's token-averaged loss
-    elif (
-        variant == "pixel_shuffle"
-    ):  # each 2×2 block of the 6×6 patch grid, one 16-px cell of the scene's 3×3 grid
-        cfg.model.connector = ConnectorConfig(kind="pixel_shuffle", scale_factor=2)  # 9 image tokens, not 36
+        cfg.stages["instruct"].data.question_types = list(QUESTION_TYPES[1:])
+    elif variant == "pixel_shuffle":
+        # each 2×2 block of the 6×6 patch grid, one 16-px cell of the scene's 3×3 grid: 9 image tokens, not 36
+        cfg.model.connector = ConnectorConfig(kind="pixel_shuffle", scale_factor=2)
     elif variant == "aligned_tower":
         cfg.model.vision = VisionConfig(image_size=48, patch_size=16, width=128, layers=4, heads=4, mlp_dim=512,
                                         act="gelu", embed_dim=None, stem="conv")  # fmt: skip
@@ -170,8 +168,8 @@ def main() -> None:
                for k, v in evaluate_demo_vlm(loaded, cfg, budget, out).items()}  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
     print(json.dumps({"variant": args.variant, "seed": args.seed, "instruct_steps": budget.instruct_steps,
-                      "clip": args.clip, "tower_steps": args.tower_steps, "tower_colourless": args.tower_colourless, "seconds": seconds,
-                      **figures}))  # fmt: skip
+                      "clip": args.clip, "tower_steps": args.tower_steps, "tower_colourless": args.tower_colourless,
+                      "seconds": seconds, **figures}))  # fmt: skip
 
 
 if __name__ == "__main__":
