@@ -131,6 +131,8 @@ def main() -> None:
         default=VLMDemoBudget.tower_colourless,
         help="with --clip: share of greyscale scene-label images in the tower's tuning",
     )
+    parser.add_argument("--tower-head", choices=["global", "cell"], default="global",
+                        help="with --clip: the tuning's label head (mmlm.recipes.demo_vlm.label_head)")  # fmt: skip
     parser.add_argument(
         "--tower-steps", type=int, default=VLMDemoBudget.tower_steps, help="with --clip: tuning steps"
     )
@@ -157,7 +159,12 @@ def main() -> None:
     tower = Path(args.tower)
     if args.clip:
         tower = tune_clip_tower(
-            Path(args.clip), out / "vlm_tower", args.tower_steps, args.seed, args.tower_colourless
+            Path(args.clip),
+            out / "vlm_tower",
+            args.tower_steps,
+            args.seed,
+            args.tower_colourless,
+            args.tower_head,
         )
     cfg = config(args.variant, out, tower, budget, args.seed)
     if args.quick:
@@ -168,7 +175,7 @@ def main() -> None:
                for k, v in evaluate_demo_vlm(loaded, cfg, budget, out).items()}  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
     print(json.dumps({"variant": args.variant, "seed": args.seed, "instruct_steps": budget.instruct_steps,
-                      "clip": args.clip, "tower_steps": args.tower_steps, "tower_colourless": args.tower_colourless,
+                      "clip": args.clip, "tower_steps": args.tower_steps, "tower_head": args.tower_head, "tower_colourless": args.tower_colourless,
                       "seconds": seconds, **figures}))  # fmt: skip
 
 

@@ -9,6 +9,7 @@ pairs rest on these tokens.
 
     .venv/bin/python benchmarks/vlm_tower_probe.py --clip runs/demo/model --seed 0
     .venv/bin/python benchmarks/vlm_tower_probe.py --clip runs/demo/model --seed 0 --frozen
+    .venv/bin/python benchmarks/vlm_tower_probe.py --clip runs/demo/model --seed 0 --head cell
     .venv/bin/python benchmarks/vlm_tower_probe.py --clip runs/demo/model --seed 0 --colourless 0.3 --lr 5e-4
     .venv/bin/python benchmarks/vlm_tower_probe.py --quick     # a fresh tiny tower, 2 steps: checks that it runs
 """
@@ -38,6 +39,8 @@ def main() -> None:
         "--colourless", type=float, default=0.0, help="share of greyscale views in the tuning"
     )
     parser.add_argument("--frozen", action="store_true", help="train only the head: a linear probe")
+    parser.add_argument("--head", choices=["global", "cell"], default="global",
+                        help="global: one linear map from all tokens (the demo's); cell: each cell from its own")  # fmt: skip
     parser.add_argument("--samples", type=int, default=600, help="scenes scored on each side")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a fresh tiny tower, 2 steps, 16 scenes")
@@ -46,15 +49,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.quick:
         cfg = VisionConfig(
-            image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64, embed_dim=None
+            image_size=48, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64, embed_dim=None
         )
-        tower, processor = VisionTransformer(cfg), ImageProcessor(size=32, crop_size=(32, 32))
+        tower, processor = VisionTransformer(cfg), ImageProcessor(size=48, crop_size=(48, 48))
         args.steps, args.samples = 2, 16
     else:
         clip = mmlm.load(args.clip)
         tower, processor = clip.model.visual, clip.image_processor
     seen, heldout = shapes.split_world(args.seed)
-    head = label_head(tower)
+    head = label_head(tower, args.head)
     start = time.perf_counter()
     losses = pretrain_tower(tower, processor, seen, args.steps, args.batch_size, seed=args.seed, lr=args.lr,
                             colourless=args.colourless, head=head, train_tower=not args.frozen)  # fmt: skip
@@ -63,7 +66,7 @@ def main() -> None:
         "heldout_pairs": cell_accuracy(tower, head, processor, heldout, args.samples, args.seed),
     }
     print(json.dumps({"clip": None if args.quick else args.clip, "seed": args.seed, "steps": args.steps,
-                      "batch_size": args.batch_size,
+                      "batch_size": args.batch_size, "head": args.head,
                       "lr": args.lr, "colourless": args.colourless, "frozen": args.frozen,
                       "first_loss": round(losses[0], 3), "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
                       "seconds": round(time.perf_counter() - start, 1),

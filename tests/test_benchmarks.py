@@ -54,7 +54,7 @@ QUICK_RUNS = {
     "soak_serve.py": (["--trace-memory", "soak_memory.jsonl"], '"errors": 0, "first_errors": []'),
     "train_memory.py": ([], '"mode": "lora8"'),
     "vlm_demo_ablation.py": (["lookup_yesno"], '"vqa_val_accuracy"'),
-    "vlm_tower_probe.py": ([], '"heldout_pairs"'),
+    "vlm_tower_probe.py": (["--head", "cell"], '"heldout_pairs"'),
 }
 
 

@@ -23,6 +23,7 @@ from mmlm.recipes.demo_ladder import (
 from mmlm.recipes.demo_vlm import (
     COLOUR_TARGETS,
     TARGETS,
+    CellHead,
     VLMDemoBudget,
     cell_accuracy,
     run_vlm_demo,
@@ -239,3 +240,22 @@ def test_cell_accuracy_scores_only_occupied_cells():
     for head, expected in ((lambda _: right, 1.0), (lambda _: empty, 0.0)):
         figures = cell_accuracy(StubTower(), head, processor, world, samples=20, seed=0)
         assert figures == {"shape": expected, "color": expected, "size": expected}
+
+
+def test_the_cell_head_reads_each_cells_shape_from_that_cells_patches_alone():
+    head = CellHead(grid=6, width=4)
+    features = torch.randn(2, 6, 6, 4)
+    logits = head(features.flatten(1))
+    assert logits.shape == (2, sum(n for _, n in TARGETS))
+    moved = features.clone()
+    moved[:, 0:2, 2:4] += 1.0  # the patches over the top-middle cell (row 0, column 1)
+    changed = (head(moved.flatten(1)) - logits).abs().sum(0) > 0
+    names = [name for name, n in TARGETS for _ in range(n)]
+    cell_names = {n for n in names if n[:-1] in ("shape", "color", "size")}
+    assert {n for n, c in zip(names, changed.tolist(), strict=True) if c and n in cell_names} == {
+        "shape1",
+        "color1",
+        "size1",
+    }
+    with pytest.raises(InputError, match="3×3"):
+        CellHead(grid=4, width=4)

@@ -168,15 +168,46 @@ def scene_views(
     return images, targets
 
 
-def label_head(tower: nn.Module) -> nn.Linear:
-    """Return a fresh linear map from a tower's flattened patch tokens to the logits of every target of TARGETS."""
+class CellHead(nn.Module):
+    """Scene labels read locally: each grid cell's shape, colour and size from the patch tokens over that cell
+    alone, through one linear map shared by the 9 cells; the scene's kind, word and bars from all tokens. Its
+    logits come in TARGETS' order, as `label_head`'s do."""
+
+    def __init__(self, grid: int, width: int) -> None:
+        super().__init__()
+        if grid % 3:
+            raise InputError(f"a cell head needs a patch grid in whole 3×3 cells, got {grid}×{grid}")
+        self.grid, self.side = grid, grid // 3  # patches per cell side
+        self.per_cell = [
+            dict(TARGETS)[f"{a}0"] for a in ("shape", "color", "size")
+        ]  # classes, "empty" included
+        self.cell = nn.Linear(self.side**2 * width, sum(self.per_cell))
+        self.kind, self.rest = TARGETS[0][1], sum(n for _, n in TARGETS[1 + 27 :])
+        self.scene = nn.Linear(grid**2 * width, self.kind + self.rest)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, N·D] flattened row-major patch tokens -> [B, sum of TARGETS' classes] logits."""
+        b, k = features.shape[0], self.side
+        tokens = features.reshape(b, 3, k, 3, k, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, 9, -1)
+        shape, colour, size = self.cell(tokens).split(self.per_cell, dim=-1)  # each [B, 9 cells, classes]
+        kind, rest = self.scene(features).split([self.kind, self.rest], dim=-1)
+        return torch.cat([kind, shape.flatten(1), colour.flatten(1), size.flatten(1), rest], dim=-1)
+
+
+def label_head(tower: nn.Module, kind: str = "global") -> nn.Module:
+    """Return a fresh head from a tower's flattened patch tokens to the logits of every target of TARGETS:
+    "global", one linear map from all tokens (the demo's), or "cell", a CellHead."""
+    if kind == "cell":
+        return CellHead(tower.cfg.grid, tower.cfg.width)
+    if kind != "global":
+        raise InputError(f"head: got {kind!r}; expected 'global' or 'cell'")
     return nn.Linear(tower.cfg.grid**2 * tower.cfg.width, sum(n for _, n in TARGETS))
 
 
 @torch.no_grad()
 def cell_accuracy(
     tower: nn.Module,
-    head: nn.Linear,
+    head: nn.Module,
     image_processor: Any,
     world: shapes.World,
     samples: int = 600,
@@ -207,7 +238,7 @@ def cell_accuracy(
 
 def pretrain_tower(
     tower: nn.Module, image_processor: Any, pairs: list | shapes.World, steps: int, batch_size: int = 128, seed: int = 0,
-    lr: float = 2e-3, feature_layer: int = -1, colourless: float = 0.0, head: nn.Linear | None = None,
+    lr: float = 2e-3, feature_layer: int = -1, colourless: float = 0.0, head: nn.Module | None = None,
     train_tower: bool = True,
 ) -> list[float]:  # fmt: skip
     """Fine-tune `tower` (a VisionTransformer) to predict scene labels from its patch tokens; return the losses.
@@ -252,16 +283,19 @@ def example_scene() -> shapes.Scene:
 
 
 def tune_clip_tower(
-    clip_folder: Path, out: Path, steps: int = TOWER_STEPS, seed: int = 0, colourless: float = 0.0
-) -> Path:
-    """Write the CLIP at `clip_folder` with its vision tower fine-tuned on scene labels to `out`; return `out`."""
+    clip_folder: Path, out: Path, steps: int = TOWER_STEPS, seed: int = 0, colourless: float = 0.0,
+    head: str = "global",
+) -> Path:  # fmt: skip
+    """Write the CLIP at `clip_folder` with its vision tower fine-tuned on scene labels to `out`; return `out`
+    (`head`: label_head's kind)."""
 
     clip = mmlm.load(clip_folder)
     world, _ = shapes.split_world(seed)
     torch.manual_seed(seed)
     losses = pretrain_tower(
-        clip.model.visual, clip.image_processor, world, steps, seed=seed, colourless=colourless
-    )
+        clip.model.visual, clip.image_processor, world, steps, seed=seed, colourless=colourless,
+        head=label_head(clip.model.visual, head),
+    )  # fmt: skip
     print(f"vision tower: scene-label loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f} in {steps} steps")
     clip.save_pretrained(out, format="mmlm")
     return out
