@@ -133,6 +133,7 @@ COLOR_NAMES, MAX_BARS = list(shapes.COLORS), 4
 TARGETS = ([("kind", 3)] + [(f"shape{c}", 9) for c in range(9)] + [(f"color{c}", 9) for c in range(9)]
            + [(f"size{c}", 3) for c in range(9)] + [("word", len(shapes.WORDS)), ("word_color", 8)]
            + [(f"bar_color{b}", 9) for b in range(MAX_BARS)] + [(f"bar_height{b}", 10) for b in range(MAX_BARS)])  # fmt: skip
+CELL_ATTRIBUTES = ("shape", "color", "size")  # the per-cell targets, in TARGETS' order
 COLOUR_TARGETS = torch.tensor(["color" in name for name, _ in TARGETS])  # masked on greyscale views
 
 
@@ -177,12 +178,11 @@ class CellHead(nn.Module):
         super().__init__()
         if grid % 3:
             raise InputError(f"a cell head needs a patch grid in whole 3×3 cells, got {grid}×{grid}")
-        self.grid, self.side = grid, grid // 3  # patches per cell side
-        self.per_cell = [
-            dict(TARGETS)[f"{a}0"] for a in ("shape", "color", "size")
-        ]  # classes, "empty" included
+        self.side = grid // 3  # patches per cell side
+        self.per_cell = [dict(TARGETS)[f"{a}0"] for a in CELL_ATTRIBUTES]  # classes, "empty" included
         self.cell = nn.Linear(self.side**2 * width, sum(self.per_cell))
-        self.kind, self.rest = TARGETS[0][1], sum(n for _, n in TARGETS[1 + 27 :])
+        # TARGETS: kind, then 9 cells of each cell attribute, then the word's and the bars' targets
+        self.kind, self.rest = TARGETS[0][1], sum(n for _, n in TARGETS[1 + 9 * len(CELL_ATTRIBUTES) :])
         self.scene = nn.Linear(grid**2 * width, self.kind + self.rest)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -225,7 +225,7 @@ def cell_accuracy(
     logits = head(features).split([n for _, n in TARGETS], dim=-1)
     names = [name for name, _ in TARGETS]
     out = {}
-    for attribute in ("shape", "color", "size"):
+    for attribute in CELL_ATTRIBUTES:
         hits = total = 0
         for cell in range(9):
             i = names.index(f"{attribute}{cell}")

@@ -263,8 +263,7 @@ def greyscale(image: Image.Image) -> Image.Image:
 def colourless(image: Image.Image, text: str) -> tuple[Image.Image, str]:
     """Return the image in greyscale and the caption with its colour words dropped ("an orange star at the top"
     becomes "a star at the top"): a view of the scene that names and shows its shapes but not their colours."""
-    for color in COLORS:
-        text = text.replace(f"{color} ", "")
+    text = re.sub(rf"\b(?:{'|'.join(COLORS)}) ", "", text)
     text = re.sub(r"\ban (?=[^aeiou])", "a ", text)
     return greyscale(image), text
 
