@@ -113,11 +113,14 @@ def test_fixed_number_of_tokens_whatever_the_number_of_features() -> None:
 
 
 def test_queries_attend_to_each_other_bidirectionally() -> None:
+    torch.manual_seed(0)
     connector = build_connector(
         ConnectorConfig(kind="qformer", num_queries=4, depth=1, heads=2, width=8), 6, 6
     )
     feats = torch.randn(1, 3, 6)
     with torch.no_grad():
+        for param in connector.parameters():  # the init's near-uniform attention hides the effect
+            param.normal_(0, 0.5)
         base = connector(feats)
         connector.qformer.query_tokens[0, -1] += torch.randn(8)  # change the last query only
         moved = connector(feats)
