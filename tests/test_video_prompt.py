@@ -12,6 +12,8 @@ from fixtures_vlm import write_tiny_llava
 from mmlm.cli import main
 from mmlm.data.synthetic.videos import make_video, write_video
 from mmlm.errors import InputError
+from mmlm.processing import chat
+from mmlm.processing.chat import ChatTemplate
 from mmlm.processing.video import read_video
 from mmlm.processing.video_prompt import expand_videos
 
@@ -51,6 +53,35 @@ def test_video_parts_in_chat_messages():
         and len(images) == 4
         and [p["type"] for p in out[0]["content"]] == ["image"] * 4 + ["text"]
     )
+
+
+@pytest.mark.parametrize("template", [ChatTemplate.llava_v1(), ChatTemplate.chatml()])
+@pytest.mark.parametrize(
+    "content",
+    [
+        [{"type": "video", "video": "clip"}, {"type": "text", "text": "What moves?"}],  # a video part
+        "<video>\nWhat moves?",  # a placeholder in string content, no image list
+    ],
+)
+def test_a_videos_slots_render_together_as_training_text_writes_them(template, content):
+    # `mmlm train vlm` writes a conversation's "<video>\n" as the slots' tokens, together, then one newline;
+    # chat messages (the harness, `mmlm chat --video`, the server) must give the model the same text
+    out, _ = (
+        expand_videos([{"role": "user", "content": content}], None, [], frames_of)
+        if isinstance(content, list)
+        else expand_videos([{"role": "user", "content": content}], None, ["clip"], frames_of)
+    )
+    trained = template.render_text([{"role": "user", "content": "<image><image><image>\nWhat moves?"}], True)
+    assert template.render_text(out, True) == trained
+
+
+def test_a_template_saved_with_the_old_image_macro_reads_video_slots_together():
+    old = ChatTemplate(chat.LLAVA_V1_TEMPLATE.replace(chat._CONTENT_MACRO, chat._CONTENT_MACRO_V0))
+    assert old.source == chat.LLAVA_V1_TEMPLATE  # read with the current macro
+    out, _ = expand_videos(
+        [{"role": "user", "content": [{"type": "video", "video": "clip"}]}], None, [], frames_of
+    )
+    assert old.render_text(out) == "USER: <image><image><image>\n "
 
 
 @pytest.mark.parametrize(

@@ -39,16 +39,21 @@ _SENTINEL = "\ue000\ue001\ue002"
 Message = dict[str, Any]
 
 # Each content is a string used as written, or a list of parts; an image (audio) part becomes the image (audio)
-# token.
+# token and a newline, but for an image part marked `joined` (a video's frame slots but the last; video_prompt.py):
+# a video's slots sit together with one newline after them, as `<video>\n` in a string prompt expands.
 _CONTENT_MACRO = (
     "{%- macro render_content(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for part in content -%}"
-    "{%- if part.type == 'image' -%}{{ image_token + '\\n' }}"
+    "{%- if part.type == 'image' -%}{{ image_token }}{%- if not part.joined -%}{{ '\\n' }}{%- endif -%}"
     "{%- elif part.type == 'audio' -%}{{ audio_token + '\\n' }}"
     "{%- else -%}{{ part.text }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
+)
+# the macro as mmlm saved it before video slots sat together: a template that has it is read with the current one
+_CONTENT_MACRO_V0 = _CONTENT_MACRO.replace(
+    "{{ image_token }}{%- if not part.joined -%}{{ '\\n' }}{%- endif -%}", "{{ image_token + '\\n' }}"
 )
 # LLaVA v1 ("vicuna_v1"): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:"
 LLAVA_V1_TEMPLATE = _CONTENT_MACRO + (
@@ -173,6 +178,8 @@ class ChatTemplate:
     end_of_turn: tuple[str, ...] = END_OF_TURN  # markers after an answer that belong to it (plus eos_token)
 
     def __post_init__(self) -> None:
+        if _CONTENT_MACRO_V0 in self.source:
+            object.__setattr__(self, "source", self.source.replace(_CONTENT_MACRO_V0, _CONTENT_MACRO))
         try:
             self._template = _environment().from_string(self.source)
         except jinja2.TemplateSyntaxError as error:

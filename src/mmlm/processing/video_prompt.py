@@ -44,6 +44,18 @@ def frame_slots(frames: Sequence[Image.Image], group: int) -> list[Any]:
     return [tuple(frames[i : i + group]) for i in range(0, len(frames), group)]
 
 
+def slot_parts(
+    slots: list[Any], with_sources: bool = True, last_joined: bool = False
+) -> list[dict[str, Any]]:
+    """Return one video's image parts, one per slot (carrying it if `with_sources`). All but the last are marked
+    `joined`, which the built-in chat templates write with no newline after, so the slots sit together as
+    `<video>` in a string prompt expands; `last_joined` marks the last too (the text around them is written as is)."""
+    parts = [{"type": "image", "image": slot} if with_sources else {"type": "image"} for slot in slots]
+    for part in parts if last_joined else parts[:-1]:
+        part["joined"] = True
+    return parts
+
+
 def _expand_text(
     text: str, images: Iterator[Any] | None, videos: Iterator[Any], sample: Sampler, out: list, group: int
 ) -> str:
@@ -64,8 +76,7 @@ def _text_to_parts(text: str, videos: Iterator[Any], sample: Sampler, group: int
     parts: list[dict[str, Any]] = []
     for piece in re.split(f"({re.escape(VIDEO_TOKEN)})", text):
         if piece == VIDEO_TOKEN:
-            slots = frame_slots(sample(_next(videos, "videos")), group)
-            parts += [{"type": "image", "image": slot} for slot in slots]
+            parts += slot_parts(frame_slots(sample(_next(videos, "videos")), group), last_joined=True)
         elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
@@ -114,9 +125,7 @@ def expand_videos(
                     )
                     slots = frame_slots(frames, group)
                     out.extend(slots)
-                    parts += [
-                        {"type": "image", "image": f} if given is None else {"type": "image"} for f in slots
-                    ]
+                    parts += slot_parts(slots, with_sources=given is None)
                 elif kind == "image" and given is not None:
                     out.append(_next(given, "images"))
                     parts.append(part)
