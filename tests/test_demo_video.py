@@ -1,6 +1,7 @@
 """`mmlm demo --modality video`: the clips become conversations and MP4 files, and the whole run works end to end."""
 
 import json
+import shutil
 
 import pytest
 
@@ -82,6 +83,23 @@ def test_the_video_demo_runs_end_to_end(tmp_path, monkeypatch):
         == 2
     )
     assert (tmp_path / "video_vlm" / "config.json").is_file()
+    assert saved["video_start"] == "tower" and 0 <= saved["video_val_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_the_video_demo_goes_on_from_the_image_demos_vlm(tmp_path, monkeypatch):
+    monkeypatch.setattr("mmlm.train.vlm_loop.plot_training", lambda records, out: [])
+    monkeypatch.setattr("mmlm.train.vlm_loop.plot_modality_losses", lambda records, out: out)
+    first = tmp_path / "first"
+    run_video_demo(first, steps=3, train_clips=8, test_clips=4)  # an MLP-connector VLM, as the image demo's
+    shutil.copytree(first / "video_vlm", tmp_path / "vlm")
+    summary = run_video_demo(tmp_path, steps=3, train_clips=8, test_clips=4)
+    assert summary["video_start"] == "image VLM"
+    stages = json.loads((tmp_path / "video_train" / "config.json").read_text())["stages"]
+    assert list(stages) == ["instruct"]  # its connector came with it: nothing to align
+    assert (tmp_path / "video_vlm" / "tokenizer.json").read_bytes() == (
+        tmp_path / "vlm" / "tokenizer.json"
+    ).read_bytes()
 
 
 def test_bad_demo_settings_are_one_line_errors(tmp_path, capsys):

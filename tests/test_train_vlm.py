@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mmlm
 from mmlm.cli import main
 from mmlm.data.synthetic.shapes import split_combinations
+from mmlm.errors import InputError
 from mmlm.layers.lora import LoRALinear
 from mmlm.train.mixing import MULTIMODAL, TEXT, MixingSampler, corpus_texts
 from mmlm.train.vlm_config import StageData, vlm_config_from_dict
@@ -345,3 +347,40 @@ def test_batch_loss_averages_tokens_or_samples():
 def test_missing_config_file_is_one_line(tmp_path, capsys):
     assert main(["train", "vlm", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_vlm(tmp_path_factory, tokenizer) -> Path:
+    """A tiny VLM trained for 3 steps: the folder a run can go on from (model.vlm_init)."""
+    out = tmp_path_factory.mktemp("base_vlm")
+    run_vlm_training(tiny_config(out, {"instruct": INSTRUCT}, tokenizer))[0].save_pretrained(out / "vlm")
+    return out / "vlm"
+
+
+def going_on(out: Path, folder: Path, **model):
+    """A tiny run whose model comes from the VLM `folder`, with `model` settings on top."""
+    data = {"model": {**TINY_MODEL, "vlm_init": str(folder), **model}, "stages": {"instruct": INSTRUCT},
+            "batch_size": 4, "max_length": 96, "eval_samples": 0, "out_dir": str(out), "device": "cpu"}  # fmt: skip
+    return vlm_config_from_dict(data)
+
+
+def test_a_run_goes_on_from_a_vlm_folder(tmp_path, trained_vlm):
+    base = weights(mmlm.load(trained_vlm).model)
+    cfg = going_on(tmp_path, trained_vlm)
+    assert build_tokenizer(cfg, tmp_path, lambda: []) == trained_vlm  # its tokenizer and chat template
+    model, processor = build_vlm(cfg, trained_vlm)
+    started = weights(model)
+    assert set(started) == set(base) and not changed(base, started)  # tower, connector and LM as saved
+    assert processor.max_length == 96  # the LM's rotary positions reach past the 64 it was trained at
+    other = weights(
+        build_vlm(going_on(tmp_path, trained_vlm, connector={"kind": "pixel_shuffle"}), trained_vlm)[0]
+    )
+    assert not changed(base, other, "lm.") and not changed(base, other, "vision.")
+    assert {k for k in other if k.startswith("connector.")} == {"connector.proj.weight"}  # a new connector
+
+
+def test_vlm_init_takes_a_vlm_folder_alone(tmp_path, trained_vlm, model_dir):
+    with pytest.raises(InputError, match="leave vision_init and lm_init unset"):
+        going_on(tmp_path, trained_vlm, vision_init=str(model_dir))
+    with pytest.raises(InputError, match="is not a vision-language model folder"):
+        build_vlm(going_on(tmp_path, model_dir), trained_vlm)

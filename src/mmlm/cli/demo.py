@@ -13,16 +13,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
         run_audio_demo(Path(args.out) / "audio")
         return
+    if args.seed < 0:
+        raise InputError(f"--seed: expected a non-negative integer, got {args.seed}")
     if args.modality == "video":
         from mmlm.recipes.demo_video import run_video_demo
 
-        if args.frames < 1 or args.video_pool < 1:
+        given = {k: v for k, v in (("frames", args.frames), ("video_pool", args.video_pool),
+                                   ("video_merge", args.video_merge)) if v is not None}  # fmt: skip
+        if any(given.get(k, 1) < 1 for k in ("frames", "video_pool")):
             raise InputError(
                 f"--frames and --video-pool: expected at least 1, got {args.frames} and {args.video_pool}"
             )
-        run_video_demo(
-            Path(args.out), frames=args.frames, video_pool=args.video_pool, video_merge=args.video_merge
-        )
+        run_video_demo(Path(args.out), seed=args.seed, **given)
         return
     if args.rescore:
         from mmlm.recipes.demo_vlm import rescore_vlm_demo
@@ -31,8 +33,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
         return
     from mmlm.recipes.demo import run_demo
 
-    if args.seed < 0:
-        raise InputError(f"--seed: expected a non-negative integer, got {args.seed}")
     run_demo(Path(args.out), seed=args.seed)
 
 
@@ -40,16 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `demo` to the command line."""
     p = sub.add_parser("demo", help="the main demo job")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="image: the seed of data, splits and weights")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="image: the seed of data, splits and weights; video: of weights and batches",
+    )
     p.add_argument(
         "--rescore",
         action="store_true",
         help="image: score the demo VLM in --out again with this version's evaluation (no training)",
     )
-    p.add_argument("--frames", type=int, default=8, help="video: frames sampled from each clip")
-    p.add_argument("--video-pool", type=int, default=2, help="video: frames merged into one image slot")
-    p.add_argument("--video-merge", choices=["mean", "resampler"], default="resampler",
-                   help="video: average a slot's frames, or read them with a perceiver's time embeddings")  # fmt: skip
+    p.add_argument("--frames", type=int, help="video: frames sampled from each clip (default 4)")
+    p.add_argument("--video-pool", type=int, help="video: frames merged into one image slot (default 1)")
+    p.add_argument("--video-merge", choices=["mean", "resampler"],
+                   help="video: average a slot's frames (the default), or read them with a perceiver's time "
+                        "embeddings")  # fmt: skip
     p.add_argument("--modality", choices=["image", "video", "audio"], default="image",
                    help="image: CLIP then VLM (make demo); video: a VLM on shapes-world clips; "
                         "audio: an audio-text CLIP on spoken words (espeak-ng)")  # fmt: skip

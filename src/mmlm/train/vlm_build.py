@@ -33,7 +33,7 @@ def build_tokenizer(cfg: VLMTrainConfig, run_dir: Path, corpus: Callable[[], lis
 
     A trained BPE puts bos before every text and nothing after it (a prompt must not end in eos).
     """
-    source = cfg.model.lm_init or cfg.model.tokenizer
+    source = cfg.model.vlm_init or cfg.model.lm_init or cfg.model.tokenizer
     if source is not None:
         return Path(source)
     folder = run_dir / "tokenizer"
@@ -58,23 +58,40 @@ def audio_encoder_of(folder: str) -> tuple[AudioConfig, dict[str, torch.Tensor],
     )
 
 
+def vlm_of(folder: str) -> GenerativeModel:
+    """Return the VLM in `folder` (`model.vlm_init`), or raise a one-line error if it holds another kind."""
+    loaded = mmlm.load(folder)
+    if not isinstance(loaded, GenerativeModel) or not isinstance(loaded.model, VisionLanguageModel):
+        raise InputError(f"model.vlm_init: {folder} is not a vision-language model folder mmlm trains")
+    return loaded
+
+
 def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLanguageModel, VLMProcessor]:
-    """Return a VLM (ViT and LM from their folders, or fresh) and its processor; the connector is new."""
+    """Return a VLM (ViT and LM from their folders, or fresh; or all from a VLM folder) and its processor; the
+    connector is new unless a VLM folder with the same connector config gives it."""
 
     parts = cfg.model
+    base = vlm_of(parts.vlm_init) if parts.vlm_init is not None else None
     tokenizer = Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json"))
     image_token_id = add_image_token(tokenizer)  # may lie past the LM's vocabulary: its slots are overwritten
     with_audio = parts.audio_init is not None or parts.audio is not None
     audio_token_id = add_image_token(tokenizer, AUDIO_TOKEN) if with_audio else None
     specials = special_tokens_of(tokenizer_folder)
-    if parts.vision_init is not None:
+    if base is not None:
+        vision_cfg, image_processor = base.config.vision, base.processor.image_processor
+    elif parts.vision_init is not None:
         tower = mmlm.load(parts.vision_init)
         vision_cfg, image_processor = replace(tower.config.vision, embed_dim=None), tower.image_processor
     else:
         vision_cfg = replace(parts.vision, embed_dim=None)
         image_processor = ImageProcessor.clip(vision_cfg.image_size)
     codes = fusion_style(parts.connector.kind).extra_vocab(parts.connector)  # unified: its image codes
-    if parts.lm_init is not None:
+    if base is not None:
+        own = fusion_style(base.config.connector.kind).extra_vocab(base.config.connector)  # codes it has
+        lm_cfg = replace(base.config.lm, vocab_size=base.config.lm.vocab_size - own + codes)
+        if lm_cfg.positions == "rope":  # rotary positions extend to a longer run (a video's many slots)
+            lm_cfg = replace(lm_cfg, max_positions=max(lm_cfg.max_positions, cfg.max_length))
+    elif parts.lm_init is not None:
         lm = mmlm.load(parts.lm_init)
         lm_cfg = replace(lm.model.cfg, vocab_size=lm.model.cfg.vocab_size + codes)
     else:
@@ -87,8 +104,10 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
         lm_cfg = replace(parts.lm, vocab_size=text_vocab + codes, bos_token_id=ids["bos_token"],
                          eos_token_ids=[ids["eos_token"]] if ids["eos_token"] is not None else [],
                          pad_token_id=ids["pad_token"], max_positions=cfg.max_length)  # fmt: skip
-    vlm_cfg = VLMConfig(vision_cfg, lm_cfg, parts.connector, image_token_id, list(parts.feature_layers),
-                        parts.feature_select, video_pool=parts.video_pool, video_merge=parts.video_merge)  # fmt: skip
+    layers, select = (base.config.feature_layers, base.config.feature_select) if base is not None else (
+        parts.feature_layers, parts.feature_select)  # fmt: skip
+    vlm_cfg = VLMConfig(vision_cfg, lm_cfg, parts.connector, image_token_id, list(layers), select,
+                        video_pool=parts.video_pool, video_merge=parts.video_merge)  # fmt: skip
     audio_tower = audio_encoder_of(parts.audio_init) if parts.audio_init is not None else None
     if audio_tower is not None or parts.audio is not None:
         vlm_cfg = replace(vlm_cfg, audio=audio_tower[0] if audio_tower is not None else parts.audio,
@@ -98,11 +117,15 @@ def build_vlm(cfg: VLMTrainConfig, tokenizer_folder: Path) -> tuple[VisionLangua
     model = VisionLanguageModel(vlm_cfg)
     if audio_tower is not None:
         model.audio.load_state_dict(audio_tower[1])
-    if parts.vision_init is not None:
+    if base is not None:
+        model.vision.load_state_dict(base.model.vision.state_dict())
+        if parts.connector == base.config.connector:
+            model.connector.load_state_dict(base.model.connector.state_dict())
+    elif parts.vision_init is not None:
         ours = model.vision.state_dict()
         model.vision.load_state_dict({k: v for k, v in tower.model.visual.state_dict().items() if k in ours})
-    if parts.lm_init is not None:
-        state = lm.model.state_dict()
+    if base is not None or parts.lm_init is not None:
+        state = base.model.lm.state_dict() if base is not None else lm.model.state_dict()
         if codes:  # the codes' rows (and head rows) start as initialised, after the LM's own
             for key, value in model.lm.state_dict().items():
                 if key in state and state[key].shape != value.shape:

@@ -35,6 +35,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class VLMParts:
     """Where the VLM's tower, connector and LM come from: checkpoint folders, or configs to build fresh ones."""
 
+    # a VLM folder (one mmlm loads) to go on from, as a video model starts from an image one: its tower, LM,
+    # tokenizer and chat template, and its connector when `connector` is the same; not with vision_init or lm_init
+    vlm_init: str | None = None
     vision_init: str | None = None  # a CLIP/SigLIP folder (mmlm or transformers): its vision tower
     lm_init: str | None = None  # a decoder-LM folder (mmlm or transformers): its LM, tokenizer, chat template
     vision: VisionConfig = field(
@@ -260,7 +263,11 @@ def check_config(cfg: VLMTrainConfig) -> None:
             raise InputError(
                 f"lora: expected alpha > 0 and dropout in [0, 1), got {lora.alpha}, {lora.dropout}"
             )
-    for key in ("vision_init", "lm_init", "tokenizer"):
+    if cfg.model.vlm_init is not None and (cfg.model.vision_init or cfg.model.lm_init):
+        raise InputError(
+            "model.vlm_init: the VLM brings its own tower and LM; leave vision_init and lm_init unset"
+        )
+    for key in ("vlm_init", "vision_init", "lm_init", "tokenizer"):
         path = getattr(cfg.model, key)
         if path is not None and not Path(path).is_dir():
             raise InputError(f"model.{key}: {path} is not a folder")

@@ -441,7 +441,9 @@ def run_vlm_training(
             model, batches(index, *list(cfg.stages.items())[index]), images, normalize
         )
 
-    if not resume and (fitted := model.style.initialise(model.connector, patch_features)) is not None:
+    # a run that goes on from a VLM (model.vlm_init) keeps its connector as loaded or as initialised
+    fresh = not resume and cfg.model.vlm_init is None
+    if fresh and (fitted := model.style.initialise(model.connector, patch_features)) is not None:
         print(fitted)
     records = train_vlm(cfg, model, batches, run_dir, resume, hook, after_stage, dist, normalize)
     if dist.rank == 0:
