@@ -201,7 +201,26 @@ def test_one_probe_spans_equal_one_probe_per_answer(folders, name, answers) -> N
     fast = template._verbatim_spans(chat, text, False)
     if fast is not None:
         assert fast == template._probe_spans(chat, text, False)
-    assert template.render(chat).answer_spans == template._probe_spans(chat, text, False)
+    gap = template.answer_gap  # render's spans start where generation starts: the gap before an answer is in
+    expected = tuple((a - len(gap) if gap and text[max(0, a - len(gap)) : a] == gap else a, b)
+                     for a, b in template._probe_spans(chat, text, False))  # fmt: skip
+    assert template.render(chat).answer_spans == expected
+
+
+@pytest.mark.parametrize("name", ["llava_v1", "chatml", "qwen2", "llama3"])
+def test_an_answers_labels_start_where_generation_starts(folders, name) -> None:
+    # LLaVA v1 writes "ASSISTANT: red" but prompts generation with "ASSISTANT:": the space is the model's to
+    # write, so it is labelled (a BPE that makes it a token of its own otherwise never learns to emit it)
+    template = (
+        getattr(ChatTemplate, name)()
+        if name in ("llava_v1", "chatml")
+        else ChatTemplate.from_pretrained(folders[name])
+    )
+    question = {"role": "user", "content": "What colour?"}
+    rendered = template.render([question, {"role": "assistant", "content": "red"}])
+    ((start, _),) = rendered.answer_spans
+    assert rendered.text[:start] == template.render_text([question], add_generation_prompt=True)
+    assert template.answer_gap == (" " if name == "llava_v1" else "")
 
 
 def test_the_one_probe_shortcut_answers_for_verbatim_templates_and_not_for_trimming_ones(folders) -> None:

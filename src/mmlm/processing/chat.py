@@ -11,6 +11,7 @@ token), found by rendering once more with the answer replaced by a sentinel: the
 sentinel is the text before and after the answer, whatever the template does around it.
 """
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -250,7 +251,25 @@ class ChatTemplate:
         spans = self._verbatim_spans(messages, text, add_generation_prompt, **kwargs)
         if spans is None:
             spans = self._probe_spans(messages, text, add_generation_prompt, **kwargs)
+        gap = self.answer_gap
+        if gap:  # the model writes the gap first at inference, so an answer's labels start with it
+            spans = tuple((a - len(gap) if text[max(0, a - len(gap)) : a] == gap else a, b) for a, b in spans)
         return RenderedChat(text, spans)
+
+    @functools.cached_property
+    def answer_gap(self) -> str:
+        """Return the text the template puts between its generation prompt and an answer ("" for most; " " for
+        LLaVA v1's "ASSISTANT: answer" after the generation prompt "ASSISTANT:"). Generation starts before it,
+        so training labels it as LLaVA's masking does; "" where a probe conversation cannot show it."""
+        user = {"role": "user", "content": "x"}
+        try:
+            prompt = self.render_text([user], add_generation_prompt=True)
+            answered = self.render_text([user, {"role": "assistant", "content": _SENTINEL}])
+        except Exception:  # noqa: BLE001 - a template that needs more than one user turn shows no gap
+            return ""
+        if not answered.startswith(prompt) or _SENTINEL not in answered[len(prompt) :]:
+            return ""
+        return answered[len(prompt) : answered.index(_SENTINEL)]
 
     def _probe_spans(
         self, messages: Sequence[Message], text: str, add_generation_prompt: bool, **kwargs: Any

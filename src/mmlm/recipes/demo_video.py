@@ -102,13 +102,14 @@ def demo_video_config(
                         optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=10))  # fmt: skip
     instruct = StageConfig(steps=steps, train=["connector", "lm"], data=data,
                            optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=30))  # fmt: skip
-    reused = base is not None and cfg.model.connector == mmlm.load(base).config.connector
+    base_cfg = mmlm.load(base).config if base is not None else None
+    reused = base_cfg is not None and cfg.model.connector == base_cfg.connector  # nothing to align
     cfg.stages = {"instruct": instruct} if reused else {"align": align, "instruct": instruct}
     slots = -(-frames // video_pool)
     # a slot is the perceiver's 16 latents, or one token per patch of the tower (16 at 32 px, 36 at 48 px);
     # 64 more leave room for the question and answer
-    source = base if base is not None else tower
-    vision = cfg.model.vision if source is None else mmlm.load(source).config.vision
+    vision = base_cfg.vision if base_cfg is not None else cfg.model.vision if tower is None else mmlm.load(
+        tower).config.vision  # fmt: skip
     per_slot = 16 if video_merge == "resampler" else vision.grid**2
     cfg.batch_size, cfg.max_length, cfg.out_dir = 32, 64 + per_slot * slots, str(out / "video_train")
     return cfg
