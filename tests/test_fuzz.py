@@ -120,7 +120,9 @@ def test_every_fuzzed_template_renders_the_seed_conversation():
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     for template in TEMPLATES:
         rendered = template.render(conversation)
-        answer = rendered.text[slice(*rendered.answer_spans[0])]  # from where generation starts: the gap, then it
+        answer = rendered.text[
+            slice(*rendered.answer_spans[0])
+        ]  # from where generation starts: the gap, then it
         assert answer.removeprefix(template.answer_gap).startswith("hello")
 
 
