@@ -120,9 +120,8 @@ def test_every_fuzzed_template_renders_the_seed_conversation():
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     for template in TEMPLATES:
         rendered = template.render(conversation)
-        answer = rendered.text[
-            slice(*rendered.answer_spans[0])
-        ]  # from where generation starts: the gap, then it
+        # the span starts where generation starts: the template's gap, then the answer
+        answer = rendered.text[slice(*rendered.answer_spans[0])]
         assert answer.removeprefix(template.answer_gap).startswith("hello")
 
 
