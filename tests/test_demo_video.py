@@ -6,8 +6,10 @@ import shutil
 import pytest
 
 from mmlm.data.conversations import read_conversations
+from mmlm.data.synthetic.videos import VIDEO_KINDS, make_video
 from mmlm.processing.video import read_video
 from mmlm.recipes.demo_video import (
+    DESCRIBE,
     FRAMES,
     frame_indices,
     run_video_demo,
@@ -30,6 +32,12 @@ def test_training_clips_are_llava_conversations_with_their_frames_as_a_video(tmp
     )
     assert all(p.is_file() for c in conversations for p in c.videos[0]) and not conversations[0].images
     assert conversations[0].messages[0]["content"].startswith("<video>\n")
+    sample = make_video(VIDEO_KINDS[1], seed=1, frames=16)  # the second clip: an object appears
+    turns = [m["content"] for m in conversations[1].messages]
+    question = "<video>\n" + sample.question  # first, so no answer is read off the caption
+    assert turns == [question, sample.answer, DESCRIBE, sample.caption]
+    alone = read_conversations(write_train_set(tmp_path / "alone", clips=1, frames=4, describe=False))
+    assert len(alone[0].messages) == 2
 
 
 def test_extracted_frames_fill_pooled_slots_as_the_video_file_would(tmp_path):
@@ -97,6 +105,9 @@ def test_the_video_demo_goes_on_from_the_image_demos_vlm(tmp_path, monkeypatch):
     assert summary["video_start"] == "image VLM"
     stages = json.loads((tmp_path / "video_train" / "config.json").read_text())["stages"]
     assert list(stages) == ["instruct"]  # its connector came with it: nothing to align
+    metrics = (tmp_path / "video_train" / "metrics.jsonl").read_text().splitlines()
+    skipped = [key for line in metrics for key in json.loads(line) if key.startswith("skipped")]
+    assert not skipped  # both turns fit
     assert (tmp_path / "video_vlm" / "tokenizer.json").read_bytes() == (
         tmp_path / "vlm" / "tokenizer.json"
     ).read_bytes()
@@ -108,3 +119,31 @@ def test_bad_demo_settings_are_one_line_errors(tmp_path, capsys):
     assert main(["demo", "--modality", "video", "--video-pool", "0", "--out", str(tmp_path)]) == 2
     assert "--frames and --video-pool: expected at least 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_both_turns_fit_the_run_with_the_image_demos_bpe(tmp_path):
+    # the video run goes on from the image demo's VLM, so its text is written with that run's BPE, trained on the
+    # shapes world's image conversations, which never say "appears" or "seconds"
+    from tokenizers import Tokenizer
+
+    from mmlm.data.synthetic import shapes
+    from mmlm.processing.bpe import EOS
+    from mmlm.processing.chat import ChatTemplate
+    from mmlm.recipes.demo_video import demo_video_config
+    from mmlm.recipes.demo_vlm import demo_vlm_config
+    from mmlm.train.mixing import corpus_texts
+    from mmlm.train.vlm_build import build_tokenizer
+
+    image_run = demo_vlm_config(tmp_path / "image", None)
+    world, _ = shapes.split_world(0)
+    corpus = lambda: corpus_texts([s.data for s in image_run.stages.values()], 0, world, per_source=1000)  # noqa: E731
+    bpe = Tokenizer.from_file(str(build_tokenizer(image_run, tmp_path / "image", corpus) / "tokenizer.json"))
+    train_json = write_train_set(tmp_path / "clips", clips=200, frames=FRAMES)
+    video_run = demo_video_config(tmp_path / "video", train_json, None, steps=1)
+    text_room = video_run.max_length - FRAMES * video_run.model.vision.grid**2
+    template = ChatTemplate.llava_v1(EOS)
+    lengths = [
+        len(bpe.encode(template.render_text(c.messages).replace("<video>", "")).ids)
+        for c in read_conversations(train_json)
+    ]
+    assert max(lengths) <= text_room and max(lengths) > text_room - 40  # fits, and the room is not idle
