@@ -53,6 +53,7 @@ QUICK_RUNS = {
     # the server starts through serve_memory_trace.py, so a launcher that cannot start it fails here
     "soak_serve.py": (["--trace-memory", "soak_memory.jsonl"], '"errors": 0, "first_errors": []'),
     "train_memory.py": ([], '"mode": "lora8"'),
+    "video_demo_ablation.py": ([], '"accuracy_disappear"'),
     "vlm_demo_ablation.py": (["lookup_yesno"], '"vqa_val_accuracy"'),
     "vlm_tower_probe.py": (["--head", "cell"], '"heldout_pairs"'),
 }
