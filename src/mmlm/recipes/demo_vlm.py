@@ -54,8 +54,9 @@ from mmlm.train.vlm_config import DataLoading, StageConfig, StageData, VLMParts,
 from mmlm.train.vlm_loop import run_vlm_training
 
 EXAMPLE_QUESTION, EXAMPLE_ANSWER = "What word is written?", "cake"
-# 1,200 instruction steps keep the whole `make demo` under 600 s on 2 cores with the 48-px tower (1,700 took 711 s)
-TOWER_STEPS, INSTRUCT_STEPS = 200, 1200
+# 1,050 instruction steps keep the whole `make demo` under 600 s on 2 cores with the 48-px tower: with 1,200 it
+# took 579-628 s over three seeds (the slowest on a machine running 5% slow), with 1,700 711 s
+TOWER_STEPS, INSTRUCT_STEPS = 200, 1050
 # question types whose answer the image alone already hints at (a colour or count in the scene, the word, a bar);
 # presence and relation answers are yes/no drawn 50/50, informative only in the question *and* the image together
 LOOKUP_TYPES = ("color", "count", "text", "chart")
