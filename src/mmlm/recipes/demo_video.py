@@ -35,8 +35,8 @@ VIDEO_POOL, VIDEO_MERGE = 1, "mean"
 # The second turn of every training conversation. A clip's caption names each of its objects' colour and shape,
 # so every clip, not only the appear and disappear quarter, teaches the LM to name a shape from the frames, as
 # video instruction sets mix descriptions with questions (Video-ChatGPT, LLaVA-Video). The question comes first,
-# so no answer is ever read off a caption in the context. Seed 0, validation clips: 0.600 -> 0.710 (appear
-# 0.24 -> 0.36, disappear 0.16 -> 0.48); on 6,000 clips instead of 2,400, 0.655 (docs/audio-video.md).
+# so no answer is ever read off a caption in the context. Seed 0, validation clips: 0.600 -> 0.705 (appear
+# 0.24 -> 0.36, disappear 0.16 -> 0.46); on 6,000 clips instead of 2,400, 0.655 (docs/audio-video.md).
 DESCRIBE = "Describe the video."
 
 
