@@ -49,6 +49,21 @@ def test_the_bar_video_decodes_to_its_frames(bar_video) -> None:
     assert video.frames[0].size == (WIDTH, HEIGHT) and video.frames[0].mode == "RGB"
 
 
+@pytest.mark.parametrize("sampling", [{"fps": 3.0}, {"num_frames": 4}, {"fps": float(FPS)}])
+def test_frames_convert_on_one_thread_so_forked_loader_workers_cannot_hang(bar_video, sampling, monkeypatch):
+    # swscale's slice-thread pool hung a DataLoader worker forked after frames had been converted (make test)
+    calls = []
+    original = av.VideoFrame.to_image
+
+    def to_image(frame, **kwargs):
+        calls.append(kwargs)
+        return original(frame, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "to_image", to_image)
+    video = read_video(bar_video, **sampling)
+    assert video.frames and calls and all(kwargs == {"threads": 1} for kwargs in calls)
+
+
 @pytest.mark.parametrize("fps", [3.0, 4.0, 2.5, 16.0])
 def test_fps_sampling_takes_the_frame_on_screen_at_k_over_fps(bar_video, fps) -> None:
     video = read_video(bar_video, fps=fps)

@@ -174,17 +174,17 @@ def _decode_sequentially(
         while len(frames) < len(times) and times[len(frames)] < time - _TIME_TOLERANCE:
             # the frame on screen at times[i] is the last one that started by then (the first, if none did)
             if previous is not None:
-                shown = shown or previous[1].to_image()
+                shown = shown or _to_image(previous[1])
                 frames.append(shown)
             else:
-                frames.append(frame.to_image())
+                frames.append(_to_image(frame))
         if len(frames) == len(times):
             break
         previous, shown = (time, frame), None
     if previous is None and not frames:
         return []
     if previous is not None:
-        last = shown or previous[1].to_image()
+        last = shown or _to_image(previous[1])
         frames += [last] * (len(times) - len(frames))
     return frames
 
@@ -244,9 +244,19 @@ def _decode_with_seeks(
         if shown is None:
             return frames
         if converted[0] is not shown[1]:
-            converted = (shown[1], shown[1].to_image())
+            converted = (shown[1], _to_image(shown[1]))
         frames.append(converted[1])
     return frames
+
+
+def _to_image(frame: av.VideoFrame) -> Image.Image:
+    """Return the frame as an RGB PIL image, converted by swscale on this thread alone.
+
+    swscale's default runs its slices on a pool of threads. A DataLoader worker forked from a process that had
+    converted frames before hung in that pool's teardown (`avpriv_slicethread_free`, seen in `make test`); with
+    one thread swscale starts no pool, and a frame this small gains nothing from one.
+    """
+    return frame.to_image(threads=1)
 
 
 def _duration(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
