@@ -4,9 +4,10 @@ Clips of an object moving, appearing, disappearing or changing colour (`mmlm.dat
 conversations with `frames` frames each, sampled at segment centres and given to the VLM `video_pool` to an image
 slot. It goes on from the image demo's VLM when `--out` holds one (else the `make demo` tower or a fresh ViT, and
 a fresh 2-layer LM); a slot's frames are averaged into the MLP connector (the default: one frame a slot), or read
-by a perceiver with time embeddings. Each training clip is asked its question, then described. It then answers questions about test clips written as real MP4 files and read back with PyAV. The evaluation harness scores them (as
-`mmlm eval vlm --blind` scores video samples); its blind baseline asks the same questions about a grey video:
-what it gets right comes from the question alone.
+by a perceiver with time embeddings. Each training clip is asked its question, then described. It then answers
+questions about test clips written as real MP4 files and read back with PyAV. The evaluation harness scores them
+(as `mmlm eval vlm --blind` scores video samples); its blind baseline asks the same questions about a grey
+video: what it gets right comes from the question alone.
 """
 
 import json
@@ -115,7 +116,7 @@ def demo_video_config(
     cfg.stages = {"instruct": instruct} if reused else {"align": align, "instruct": instruct}
     slots = -(-frames // video_pool)
     # a slot is the perceiver's 16 latents, or one token per patch of the tower (16 at 32 px, 36 at 48 px);
-    # 96 more leave room for the two turns (at most 80 tokens of text with the image demo's BPE)
+    # 96 more leave room for the two turns (at most 68 tokens of text with the image demo's BPE)
     vision = base_cfg.vision if base_cfg is not None else cfg.model.vision if tower is None else mmlm.load(
         tower).config.vision  # fmt: skip
     per_slot = 16 if video_merge == "resampler" else vision.grid**2
