@@ -181,15 +181,25 @@ def _decode_pyav(stream: io.IOBase, name: str, max_seconds: float | None) -> tup
             _check_duration(name, round(container.duration * rate / 1_000_000), rate, max_seconds)
         # float planar at the stream's own rate and layout; mixing and resampling happen in load_audio
         converter = av.AudioResampler(format="fltp")
-        pieces, frames = [], 0
+        pieces, frames, refused = [], 0, None
         try:
-            for frame in container.decode(audio_stream):
-                for converted in converter.resample(frame):
-                    pieces.append(converted.to_ndarray())  # [C, n]
-                    frames += pieces[-1].shape[1]
+            for packet in container.demux(audio_stream):
+                try:
+                    decoded = packet.decode()
+                except av.InvalidDataError as error:
+                    # a damaged packet is skipped, as the ffmpeg command line skips it; the file fails only
+                    # if nothing in it decodes (FFmpeg 8 refuses packets that FFmpeg 7 concealed)
+                    refused = error
+                    continue
+                for frame in decoded:
+                    for converted in converter.resample(frame):
+                        pieces.append(converted.to_ndarray())  # [C, n]
+                        frames += pieces[-1].shape[1]
                 _check_duration(name, frames, rate, max_seconds)  # headers can lie or be missing
             for converted in converter.resample(None):
                 pieces.append(converted.to_ndarray())
+            if refused is not None and not pieces:
+                raise refused
         except av.FFmpegError as error:
             raise InputError(f"{name}: {error}; expected a complete, uncorrupted audio file") from error
     if not pieces:
