@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mmlm
+from mmlm.data.conversations import llava_record
 from mmlm.data.synthetic.videos import VIDEO_KINDS, make_video, write_video
 from mmlm.eval.backends import MMLMBackend
 from mmlm.eval.harness import evaluate_vlm
@@ -59,10 +60,12 @@ def write_train_set(out: Path, clips: int = TRAIN_CLIPS, frames: int = FRAMES, d
             name = f"clip{i:05d}_{k}.png"
             sample.frames[index].save(out / name)
             names.append(name)
-        turns = [("<video>\n" + sample.question, sample.answer)] + [(DESCRIBE, sample.caption)] * describe
-        records.append({"id": i, "video": [names], "conversations": [
-            message for asked, answer in turns for message in ({"from": "human", "value": asked},
-                                                               {"from": "gpt", "value": answer})]})  # fmt: skip
+        asked = [("<video>\n" + sample.question, sample.answer)]
+        if describe:
+            asked.append((DESCRIBE, sample.caption))
+        messages = [message for question, answer in asked
+                    for message in ({"role": "user", "content": question}, {"role": "assistant", "content": answer})]  # fmt: skip
+        records.append({"id": i, "video": [names], **llava_record(messages)})
     path = out / "conversations.json"
     path.write_text(json.dumps(records) + "\n")
     return path
@@ -116,7 +119,7 @@ def demo_video_config(
     cfg.stages = {"instruct": instruct} if reused else {"align": align, "instruct": instruct}
     slots = -(-frames // video_pool)
     # a slot is the perceiver's 16 latents, or one token per patch of the tower (16 at 32 px, 36 at 48 px);
-    # 96 more leave room for the two turns (at most 68 tokens of text with the image demo's BPE)
+    # 96 more leave room for the two turns (at most 67 tokens of text over the 2,400 clips with `make demo`'s BPE)
     vision = base_cfg.vision if base_cfg is not None else cfg.model.vision if tower is None else mmlm.load(
         tower).config.vision  # fmt: skip
     per_slot = 16 if video_merge == "resampler" else vision.grid**2
