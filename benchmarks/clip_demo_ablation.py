@@ -8,11 +8,13 @@ seen in training, retrieval R@1 both ways). The test sets are not touched: they 
     .venv/bin/python benchmarks/clip_demo_ablation.py --seed 0                           # make demo's settings
     .venv/bin/python benchmarks/clip_demo_ablation.py --seed 0 --colourless 0 --partial 0.3   # the old default
     .venv/bin/python benchmarks/clip_demo_ablation.py --seed 0 --colourless 0.5
+    .venv/bin/python benchmarks/clip_demo_ablation.py --seed 0 --colourless-view greyscale
     .venv/bin/python benchmarks/clip_demo_ablation.py --seed 2 --model runs/demo-seed2/model  # a trained CLIP's
                                                                                          # errors, no training
     .venv/bin/python benchmarks/clip_demo_ablation.py --quick                            # 3 steps: that it runs
 
---colourless: share of scenes shown in greyscale with their colour words dropped (DataConfig.shapes_colourless);
+--colourless: share of scenes shown without their named colours and with their colour words dropped
+(DataConfig.shapes_colourless); --colourless-view: those scenes in random unnamed colours or in greyscale;
 --partial: share of one-object scenes captioned by colour or shape alone (DataConfig.shapes_partial_captions).
 Every run also prints where the zero-shot errors on the validation images of held-out pairs go (kept colour or
 shape, named a seen pair or not, the commonest shape confusions), and how often the shape alone ("a hexagon")
@@ -79,6 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--colourless", type=float, default=DataConfig.shapes_colourless)
+    parser.add_argument("--colourless-view", choices=["unnamed", "greyscale"],
+                        default=DataConfig.shapes_colourless_view)  # fmt: skip
     parser.add_argument("--partial", type=float, default=DataConfig.shapes_partial_captions)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", help="a trained demo CLIP folder: print its error analysis, train nothing")
@@ -92,7 +96,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         cfg = replace(demo_config(Path(tmp), steps=3 if args.quick else 450), seed=args.seed)
-        data = replace(cfg.data, shapes_colourless=args.colourless, shapes_partial_captions=args.partial)
+        data = replace(cfg.data, shapes_colourless=args.colourless, shapes_partial_captions=args.partial,
+                       shapes_colourless_view=args.colourless_view)  # fmt: skip
         if args.quick:
             data = replace(data, shapes_samples=200)
             cfg = replace(cfg, batch_size=32, eval_every=3, log_every=1)
@@ -105,7 +110,8 @@ def main() -> None:
     errors = error_analysis(loaded, args.seed, size, n_per_class=1 if args.quick else 6)
     last = records[-1]
     print(json.dumps({
-        "seed": args.seed, "colourless": args.colourless, "partial": args.partial, "threads": args.threads,
+        "seed": args.seed, "colourless": args.colourless,
+        "colourless_view": args.colourless_view, "partial": args.partial, "threads": args.threads,
         "steps": cfg.steps, "val_zero_shot_top1": round(last["zero_shot_top1"], 3),
         "val_zero_shot_seen_top1": round(last["zero_shot_seen_top1"], 3),
         "val_image_to_text_R@1": round(last["image_to_text_R@1"], 3),

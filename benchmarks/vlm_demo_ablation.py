@@ -129,8 +129,11 @@ def main() -> None:
         "--tower-colourless",
         type=float,
         default=VLMDemoBudget.tower_colourless,
-        help="with --clip: share of greyscale scene-label images in the tower's tuning",
+        help="with --clip: share of scene-label images without their named colours in the tower's tuning",
     )
+    parser.add_argument("--tower-colourless-view", choices=["unnamed", "greyscale"],
+                        default=VLMDemoBudget.tower_colourless_view,
+                        help="with --clip: those images in random unnamed colours or in greyscale")  # fmt: skip
     parser.add_argument("--tower-head", choices=["global", "cell"], default="global",
                         help="with --clip: the tuning's label head (mmlm.recipes.demo_vlm.label_head)")  # fmt: skip
     parser.add_argument(
@@ -165,6 +168,7 @@ def main() -> None:
             args.seed,
             args.tower_colourless,
             args.tower_head,
+            args.tower_colourless_view,
         )
     cfg = config(args.variant, out, tower, budget, args.seed)
     if args.quick:
@@ -176,6 +180,7 @@ def main() -> None:
     seconds = round(time.perf_counter() - start, 1)
     print(json.dumps({"variant": args.variant, "seed": args.seed, "instruct_steps": budget.instruct_steps,
                       "clip": args.clip, "tower_steps": args.tower_steps, "tower_head": args.tower_head, "tower_colourless": args.tower_colourless,
+                      "tower_colourless_view": args.tower_colourless_view,
                       "seconds": seconds, **figures}))  # fmt: skip
 
 

@@ -36,8 +36,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(
-        "--colourless", type=float, default=0.0, help="share of greyscale views in the tuning"
+        "--colourless", type=float, default=0.0, help="share of views without named colours in the tuning"
     )
+    parser.add_argument("--colourless-view", choices=["unnamed", "greyscale"], default="unnamed",
+                        help="those views in random unnamed colours or in greyscale")  # fmt: skip
     parser.add_argument("--frozen", action="store_true", help="train only the head: a linear probe")
     parser.add_argument("--head", choices=["global", "cell"], default="global",
                         help="global: one linear map from all tokens (the demo's); cell: each cell from its own")  # fmt: skip
@@ -60,14 +62,16 @@ def main() -> None:
     head = label_head(tower, args.head)
     start = time.perf_counter()
     losses = pretrain_tower(tower, processor, seen, args.steps, args.batch_size, seed=args.seed, lr=args.lr,
-                            colourless=args.colourless, head=head, train_tower=not args.frozen)  # fmt: skip
+                            colourless=args.colourless, head=head, train_tower=not args.frozen,
+                            colourless_view=args.colourless_view)  # fmt: skip
     figures = {
         "seen_pairs": cell_accuracy(tower, head, processor, seen, args.samples, args.seed),
         "heldout_pairs": cell_accuracy(tower, head, processor, heldout, args.samples, args.seed),
     }
     print(json.dumps({"clip": None if args.quick else args.clip, "seed": args.seed, "steps": args.steps,
                       "batch_size": args.batch_size, "head": args.head,
-                      "lr": args.lr, "colourless": args.colourless, "frozen": args.frozen,
+                      "lr": args.lr, "colourless": args.colourless,
+                      "colourless_view": args.colourless_view, "frozen": args.frozen,
                       "first_loss": round(losses[0], 3), "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
                       "seconds": round(time.perf_counter() - start, 1),
                       **{side: {k: round(v, 3) for k, v in f.items()} for side, f in figures.items()}}))  # fmt: skip

@@ -3,11 +3,13 @@
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from mmlm.data.synthetic import shapes
+from mmlm.errors import InputError
 from mmlm.recipes import demo
-from mmlm.train.config import DataConfig
+from mmlm.train.config import DataConfig, load_train_config
 from mmlm.train.run import shapes_pairs
 
 
@@ -47,23 +49,62 @@ def test_training_captions_never_name_a_heldout_pair() -> None:
     assert not [c for c in captions if any(n in c for n in named)]
 
 
+def named_colour_distance(pixels: np.ndarray) -> np.ndarray:
+    """Return each pixel's RGB distance to the nearest named colour."""
+    named = np.array(list(shapes.COLORS.values()), dtype=np.float64)
+    return np.linalg.norm(pixels.reshape(-1, 1, 3).astype(np.float64) - named, axis=2).min(1)
+
+
 def test_colourless_views_show_and_name_no_colour() -> None:
     pairs = shapes_pairs(DataConfig(shapes_samples=400), 32, seed=0)
     names_colour = [bool(set(text.split()) & set(shapes.COLORS)) for _, text in pairs]
     colourless = [pair for pair, named in zip(pairs, names_colour, strict=True) if not named]
     assert 0.2 < len(colourless) / len(pairs) < 0.4  # shapes_colourless = 0.3 of the scenes
+    seen_colours = set()
     for image, text in colourless:
-        pixels = np.asarray(image)
-        assert (pixels == pixels[..., :1]).all(), text  # greyscale: the three channels are equal
+        pixels = np.asarray(image).reshape(-1, 3)
+        shown = pixels[(pixels != shapes.BACKGROUND).any(1)]
+        assert len(shown) and named_colour_distance(shown).min() >= shapes.UNNAMED_DISTANCE, text
+        seen_colours |= set(map(tuple, shown))
         assert not re.search(r"\ban [^aeiou]", text), text
+    assert len(seen_colours) > len(colourless)  # a fresh draw of unnamed colours for each view
     coloured = [np.asarray(image) for (image, _), named in zip(pairs, names_colour, strict=True) if named]
-    assert sum(not (p == p[..., :1]).all() for p in coloured) > 0.9 * len(coloured)
+    assert all(named_colour_distance(p[(p != shapes.BACKGROUND).any(-1)]).max() == 0 for p in coloured)
+
+
+def test_greyscale_colourless_views_keep_the_old_stream() -> None:
+    cfg = DataConfig(shapes_samples=200, shapes_colourless_view="greyscale")
+    pairs = shapes_pairs(cfg, 32, seed=0)
+    grey = [image for image, text in pairs if not set(text.split()) & set(shapes.COLORS)]
+    assert grey and all((np.asarray(im) == np.asarray(im)[..., :1]).all() for im in grey)
+    with pytest.raises(InputError, match="colourless view: expected 'unnamed' or 'greyscale', got 'sepia'"):
+        shapes_pairs(DataConfig(shapes_samples=50, shapes_colourless_view="sepia"), 32, seed=0)
+    with pytest.raises(InputError, match="data.shapes_colourless_view: got 'sepia'; expected 'unnamed' or"):
+        load_train_config(None, ["data.shapes_colourless_view=sepia"])  # a config names it before any data
+
+
+def test_unnamed_palettes_are_far_from_every_named_colour_and_seeded() -> None:
+    from mmlm.data.synthetic.charts import AXIS_COLOR, GRID_COLOR
+
+    kept = np.array([*shapes.COLORS.values(), shapes.BACKGROUND, AXIS_COLOR, GRID_COLOR], dtype=np.float64)
+    for seed in range(20):
+        palette = shapes.unnamed_palette(np.random.default_rng(seed))
+        assert set(palette) == set(shapes.COLORS)
+        colours = np.array(list(palette.values()), dtype=np.float64)
+        assert np.linalg.norm(colours[:, None] - kept, axis=2).min() >= shapes.UNNAMED_DISTANCE
+    assert shapes.unnamed_palette(np.random.default_rng(3)) == shapes.unnamed_palette(
+        np.random.default_rng(3)
+    )
 
 
 def test_colourless_drops_colour_words_and_fixes_articles() -> None:
     scene = shapes.Scene((shapes.ShapeObject("star", "orange", "large", 0.5, 0.2),))
-    image, text = shapes.colourless(shapes.render(scene, 32), "an orange star above two white circles")
+    rng = np.random.default_rng(0)
+    image, text = shapes.colourless(scene, "an orange star above two white circles", 32, rng)
     assert text == "a star above two circles"
-    assert shapes.colourless(image, shapes.describe(scene))[1] == "a large star at the top"
-    assert image.mode == "RGB" and len(set(image.getpixel((16, 6)))) == 1  # the star's pixel, grey
+    assert shapes.colourless(scene, shapes.describe(scene), 32, rng)[1] == "a large star at the top"
+    star = np.asarray(image.getpixel((16, 6)), dtype=np.float64)  # the star's pixel, in an unnamed colour
+    assert named_colour_distance(star).min() >= shapes.UNNAMED_DISTANCE
+    grey, _ = shapes.colourless(scene, "", 32, rng, "greyscale")
+    assert grey.mode == "RGB" and len(set(grey.getpixel((16, 6)))) == 1
     assert shapes.render(scene, 32).getpixel((16, 6)) == shapes.COLORS["orange"]

@@ -198,15 +198,24 @@ def test_a_stage_asks_at_least_one_question_per_image():
         vlm_config_from_dict({"stages": {"instruct": {"data": {"turns": 0}}}})
 
 
-def test_a_greyscale_scene_view_shows_no_colour_and_asks_for_none():
+@pytest.mark.parametrize("view", ["unnamed", "greyscale"])
+def test_a_colourless_scene_view_shows_no_named_colour_and_asks_for_none(view):
     rng = np.random.default_rng(0)
     scenes = [shapes.sample_scene(rng, shapes.all_pairs(), kind) for kind in ("objects", "objects", "chart")]
-    images, targets = scene_views(scenes, np.array([True, False, True]), 32)
+    without = np.array([True, False, True])
+    images, targets = scene_views(scenes, without, 32, np.random.default_rng(1), view)
     coloured = [TARGETS[i][0] for i in range(len(TARGETS)) if COLOUR_TARGETS[i]]
     assert coloured and all("color" in name for name in coloured)
-    for image, is_grey in zip(images, (True, False, True), strict=True):
-        pixels = np.asarray(image)
-        assert (pixels == pixels[..., :1]).all() == is_grey
+    named = {tuple(c) for c in shapes.COLORS.values()}
+    for image, scene, is_without in zip(images, scenes, without, strict=True):
+        pixels = {tuple(p) for p in np.asarray(image).reshape(-1, 3)}
+        assert (
+            bool(pixels & named) != is_without
+        )  # shapes and bars are painted in named colours only when kept
+        if is_without and view == "greyscale":
+            assert all(len(set(p)) == 1 for p in pixels)
+        if not is_without:
+            assert image.tobytes() == shapes.render(scene, 32).tobytes()
     assert (targets[0, COLOUR_TARGETS] == -100).all() and (targets[2, COLOUR_TARGETS] == -100).all()
     assert (targets[1, COLOUR_TARGETS][:9] >= 0).all()  # the coloured view keeps its 9 cells' colour targets
     assert torch.equal(targets[0, ~COLOUR_TARGETS], torch.tensor(scene_targets(scenes[0]))[~COLOUR_TARGETS])

@@ -67,7 +67,10 @@ class VLMDemoBudget:
     """The demo VLM's step counts and evaluation sizes (a test shrinks them to run the whole path in seconds)."""
 
     tower_steps: int = TOWER_STEPS
-    tower_colourless: float = 0.0  # share of greyscale scene-label images in the tower's tuning
+    tower_colourless: float = (
+        0.0  # share of scene-label images without their named colours in the tower's tuning
+    )
+    tower_colourless_view: str = "unnamed"  # those images in random unnamed colours | greyscale
     pretrain_steps: int = 100
     align_steps: int = 50
     instruct_steps: int = INSTRUCT_STEPS
@@ -159,14 +162,15 @@ def scene_targets(scene: shapes.Scene) -> list[int]:
 
 
 def scene_views(
-    scenes: list[shapes.Scene], grey: np.ndarray, image_size: int
-) -> tuple[list[Any], torch.Tensor]:
-    """Return the scenes' images, in greyscale where `grey`, and their targets [B, len(TARGETS)] (a greyscale
-    view has no colour target)."""
-    images = [shapes.render(s, image_size) for s in scenes]
-    images = [shapes.greyscale(im) if g else im for im, g in zip(images, grey, strict=True)]
+    scenes: list[shapes.Scene], colourless: np.ndarray, image_size: int, rng: np.random.Generator,
+    view: str = "unnamed",
+) -> tuple[list[Any], torch.Tensor]:  # fmt: skip
+    """Return the scenes' images, where `colourless` without their named colours (`shapes.colourless`'s `view`),
+    and their targets [B, len(TARGETS)] (a colourless view has no colour target)."""
+    images = [shapes.colourless(s, "", image_size, rng, view)[0] if c else shapes.render(s, image_size)
+              for s, c in zip(scenes, colourless, strict=True)]  # fmt: skip
     targets = torch.tensor([scene_targets(s) for s in scenes])
-    targets[torch.from_numpy(np.asarray(grey, dtype=bool))[:, None] & COLOUR_TARGETS] = -100
+    targets[torch.from_numpy(np.asarray(colourless, dtype=bool))[:, None] & COLOUR_TARGETS] = -100
     return images, targets
 
 
@@ -240,12 +244,13 @@ def cell_accuracy(
 def pretrain_tower(
     tower: nn.Module, image_processor: Any, pairs: list | shapes.World, steps: int, batch_size: int = 128, seed: int = 0,
     lr: float = 2e-3, feature_layer: int = -1, colourless: float = 0.0, head: nn.Module | None = None,
-    train_tower: bool = True,
+    train_tower: bool = True, colourless_view: str = "unnamed",
 ) -> list[float]:  # fmt: skip
     """Fine-tune `tower` (a VisionTransformer) to predict scene labels from its patch tokens; return the losses.
 
-    A `colourless` share of the scenes is shown in greyscale with no colour target, as the demo CLIP's captions
-    are (DataConfig.shapes_colourless): shapes, sizes, words and bar heights are then learnt apart from colour.
+    A `colourless` share of the scenes is shown without its named colours (`colourless_view`: "unnamed" colours
+    or "greyscale", as `shapes.colourless`) and with no colour target, as some of the demo CLIP's are
+    (DataConfig.shapes_colourless): shapes, sizes, words and bar heights are then learnt apart from colour.
     `head` (default: a fresh `label_head(tower)`) maps the flattened patch tokens to TARGETS' logits; with
     `train_tower` False only the head learns (a linear probe of the tower as it is)."""
     grid = tower.cfg.grid**2
@@ -255,13 +260,16 @@ def pretrain_tower(
     sched = build_scheduler(opt, OptimConfig(warmup_steps=max(1, steps // 10)), steps)
     rng = np.random.default_rng([seed, 17])
     kinds = rng.choice(len(SCENE_KINDS), size=steps * batch_size, p=[0.6, 0.2, 0.2])
-    grey = np.random.default_rng([seed, 19]).random(steps * batch_size) < colourless  # its own stream
+    uncoloured = np.random.default_rng([seed, 19]).random(steps * batch_size) < colourless  # its own stream
+    palettes = np.random.default_rng([seed, 20])
     losses = []
     tower.train(train_tower)
     for step in range(steps):
         batch = slice(step * batch_size, (step + 1) * batch_size)
         scenes = [shapes.sample_scene(rng, pairs, SCENE_KINDS[k]) for k in kinds[batch]]
-        images, targets = scene_views(scenes, grey[batch], tower.cfg.image_size)
+        images, targets = scene_views(
+            scenes, uncoloured[batch], tower.cfg.image_size, palettes, colourless_view
+        )
         pixels = image_processor(images)
         with torch.set_grad_enabled(train_tower):
             features = tower.layer_features(pixels, [feature_layer])[0][:, -grid:].flatten(1)  # [B, N·D]
@@ -285,17 +293,17 @@ def example_scene() -> shapes.Scene:
 
 def tune_clip_tower(
     clip_folder: Path, out: Path, steps: int = TOWER_STEPS, seed: int = 0, colourless: float = 0.0,
-    head: str = "global",
+    head: str = "global", colourless_view: str = "unnamed",
 ) -> Path:  # fmt: skip
     """Write the CLIP at `clip_folder` with its vision tower fine-tuned on scene labels to `out`; return `out`
-    (`head`: label_head's kind)."""
+    (`head`: label_head's kind; `colourless`, `colourless_view`: pretrain_tower's)."""
 
     clip = mmlm.load(clip_folder)
     world, _ = shapes.split_world(seed)
     torch.manual_seed(seed)
     losses = pretrain_tower(
         clip.model.visual, clip.image_processor, world, steps, seed=seed, colourless=colourless,
-        head=label_head(clip.model.visual, head),
+        head=label_head(clip.model.visual, head), colourless_view=colourless_view,
     )  # fmt: skip
     print(f"vision tower: scene-label loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f} in {steps} steps")
     clip.save_pretrained(out, format="mmlm")
@@ -344,9 +352,8 @@ def run_vlm_demo(
     start = time.perf_counter()
     tower = None
     if clip_folder is not None:
-        tower = tune_clip_tower(
-            clip_folder, out / "vlm_tower", budget.tower_steps, seed, budget.tower_colourless
-        )
+        tower = tune_clip_tower(clip_folder, out / "vlm_tower", budget.tower_steps, seed, budget.tower_colourless,
+                                colourless_view=budget.tower_colourless_view)  # fmt: skip
     tower_seconds = time.perf_counter() - start
     cfg = demo_vlm_config(out, tower, budget.eval_samples, budget, seed)
     loaded, records = run_vlm_training(cfg, evaluate=lambda model, step: {})  # scored below, once

@@ -50,7 +50,10 @@ class DataConfig:
     shapes_samples: int = 30_000  # size of the generated shapes world
     shapes_single_object: float = 0.5  # share of generated scenes with one object
     shapes_partial_captions: float = 0.0  # share of one-object scenes captioned by colour or shape alone
-    shapes_colourless: float = 0.3  # share of the other scenes shown in greyscale, colour words dropped
+    shapes_colourless: float = (
+        0.3  # share of the other scenes shown without named colours, colour words dropped
+    )
+    shapes_colourless_view: str = "unnamed"  # those scenes in random unnamed colours | greyscale
 
 
 @dataclass
@@ -155,6 +158,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     if fraction is not None and not 0 < fraction <= 1:
         raise InputError(f"optim.max_warmup_fraction: got {fraction!r}; expected a share in (0, 1] or null")
     check_parallel(cfg.parallel)
+    if cfg.data.shapes_colourless_view not in ("unnamed", "greyscale"):
+        raise InputError(
+            f"data.shapes_colourless_view: got {cfg.data.shapes_colourless_view!r}; expected 'unnamed' or 'greyscale'"
+        )
     check_log_config(cfg.log)  # a missing TensorBoard or W&B package stops the run now, not after the data
     model = cfg.model
     if model.audio is not None and model.audio_embed_dim != model.text.embed_dim:

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mmlm.data.synthetic.charts import (
+    AXIS_COLOR,
+    GRID_COLOR,
     BarChart,
     caption_bar_chart,
     describe_bar_chart,
@@ -48,8 +50,8 @@ from mmlm.errors import InputError
 __all__ = [
     "COLORS", "GRID", "KINDS", "RELATION_MARGIN", "RELATIONS", "SHAPES", "SIZES", "WORDS",
     "BarChart", "Sample", "Scene", "ShapeObject", "TextWord", "ZeroShotSet",
-    "all_pairs", "caption", "cell_of", "colourless", "describe", "generate", "greyscale", "make_sample", "position_name", "relation",
-    "relation_holds", "render", "retrieval_set", "sample_scene", "single_object_scene", "split_combinations", "split_world", "World",
+    "all_pairs", "caption", "cell_of", "colourless", "describe", "drop_colour_words", "generate", "greyscale", "make_sample", "position_name", "relation",
+    "relation_holds", "render", "retrieval_set", "sample_scene", "single_object_scene", "split_combinations", "split_world", "unnamed_palette", "World",
     "write_dataset", "write_samples", "zero_shot_set",
 ]  # fmt: skip
 
@@ -59,6 +61,9 @@ SIZE_RADIUS = {"small": 0.09, "large": 0.14}  # fraction of the image side; GRID
 JITTER = 0.02
 REPEAT_PROBABILITY = 0.3  # a further object copies the previous colour×shape, for counting captions
 WORD_FONT_FRACTION = 0.25
+COLOURLESS_VIEWS = ("unnamed", "greyscale")  # the views `colourless` draws
+# an unnamed colour's least RGB distance from each named one (the two closest named colours are 91 apart)
+UNNAMED_DISTANCE = 90
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _PLURALS = {"cross": "crosses"}
 _STREAMS = {"train": 0, "zero_shot": 1, "retrieval": 2}
@@ -123,13 +128,17 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def render(scene: Scene, image_size: int = 64) -> Image.Image:
-    """Return the scene drawn as an RGB image of image_size × image_size pixels."""
+def render(
+    scene: Scene, image_size: int = 64, palette: dict[str, tuple[int, int, int]] | None = None
+) -> Image.Image:
+    """Return the scene drawn as an RGB image of image_size × image_size pixels, each colour name painted in
+    `palette`'s colour for it (default: COLORS)."""
+    palette = palette or COLORS
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         cx, cy, r = obj.x * image_size, obj.y * image_size, SIZE_RADIUS[obj.size] * image_size
-        fill = COLORS[obj.color]
+        fill = palette[obj.color]
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:
@@ -138,9 +147,9 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
         word = scene.word
         font = _font(max(6, round(WORD_FONT_FRACTION * image_size)))
         xy = (word.x * image_size, word.y * image_size)
-        draw.text(xy, word.word, fill=COLORS[word.color], font=font, anchor="mm")
+        draw.text(xy, word.word, fill=palette[word.color], font=font, anchor="mm")
     if scene.chart is not None:
-        draw_bar_chart(draw, scene.chart, image_size, COLORS)
+        draw_bar_chart(draw, scene.chart, image_size, palette)
     return image
 
 
@@ -260,12 +269,41 @@ def greyscale(image: Image.Image) -> Image.Image:
     return image.convert("L").convert("RGB")
 
 
-def colourless(image: Image.Image, text: str) -> tuple[Image.Image, str]:
-    """Return the image in greyscale and the caption with its colour words dropped ("an orange star at the top"
-    becomes "a star at the top"): a view of the scene that names and shows its shapes but not their colours."""
+def unnamed_palette(rng: np.random.Generator) -> dict[str, tuple[int, int, int]]:
+    """Return a random colour for each colour name, each at least UNNAMED_DISTANCE (Euclidean, in RGB) from every
+    named colour, the background and the chart's grey lines: colours that no caption or answer names."""
+    named = np.array([*COLORS.values(), BACKGROUND, AXIS_COLOR, GRID_COLOR], dtype=np.float64)
+    palette = {}
+    for name in COLORS:
+        while True:  # about one draw in five lands far enough from all eleven
+            colour = rng.integers(0, 256, 3)
+            if np.linalg.norm(named - colour, axis=1).min() >= UNNAMED_DISTANCE:
+                palette[name] = (int(colour[0]), int(colour[1]), int(colour[2]))
+                break
+    return palette
+
+
+def drop_colour_words(text: str) -> str:
+    """Return the caption with its colour words dropped ("an orange star at the top" -> "a star at the top")."""
     text = re.sub(rf"\b(?:{'|'.join(COLORS)}) ", "", text)
-    text = re.sub(r"\ban (?=[^aeiou])", "a ", text)
-    return greyscale(image), text
+    return re.sub(r"\ban (?=[^aeiou])", "a ", text)
+
+
+def colourless(
+    scene: Scene, text: str, image_size: int, rng: np.random.Generator, view: str = "unnamed"
+) -> tuple[Image.Image, str]:
+    """Return a view of the scene that shows and names its shapes but not their colours, and its caption with the
+    colour words dropped. `view` "unnamed" paints every colour name in a random colour that no word names
+    (`unnamed_palette`), "greyscale" renders the scene in greyscale.
+
+    Either way a shape is seen apart from the colours it has in training. The unnamed colours do more: a hexagon
+    is then seen in many colours, so in these views its colour is no sign of its shape, and no held-out
+    colour×shape pair is ever shown (every unnamed colour is far from every named one)."""
+    if view not in COLOURLESS_VIEWS:
+        raise InputError(f"colourless view: expected 'unnamed' or 'greyscale', got {view!r}")
+    palette = unnamed_palette(rng) if view == "unnamed" else None
+    image = render(scene, image_size, palette)
+    return (image if palette else greyscale(image)), drop_colour_words(text)
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
