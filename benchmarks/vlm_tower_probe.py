@@ -11,12 +11,14 @@ pairs rest on these tokens.
     .venv/bin/python benchmarks/vlm_tower_probe.py --clip runs/demo/model --seed 0 --frozen
     .venv/bin/python benchmarks/vlm_tower_probe.py --clip runs/demo/model --seed 0 --head cell
     .venv/bin/python benchmarks/vlm_tower_probe.py --clip runs/demo/model --seed 0 --colourless 0.3 --lr 5e-4
+    .venv/bin/python benchmarks/vlm_tower_probe.py --fresh --steps 400 --colourless 0.3   # a fresh tower, no CLIP
     .venv/bin/python benchmarks/vlm_tower_probe.py --quick     # a fresh tiny tower, 2 steps: checks that it runs
 """
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ import mmlm
 from mmlm.data.synthetic import shapes
 from mmlm.models.vision import VisionConfig, VisionTransformer
 from mmlm.processing.image import ImageProcessor
+from mmlm.recipes.demo import demo_config
 from mmlm.recipes.demo_vlm import TOWER_STEPS, cell_accuracy, label_head, pretrain_tower
 
 
@@ -45,6 +48,8 @@ def main() -> None:
                         help="global: one linear map from all tokens (the demo's); cell: each cell from its own")  # fmt: skip
     parser.add_argument("--samples", type=int, default=600, help="scenes scored on each side")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fresh", action="store_true",
+                        help="tune a freshly initialised tower of the demo CLIP's shape instead of --clip's")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a fresh tiny tower, 2 steps, 16 scenes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,6 +60,10 @@ def main() -> None:
         )
         tower, processor = VisionTransformer(cfg), ImageProcessor(size=48, crop_size=(48, 48))
         args.steps, args.samples = 2, 16
+    elif args.fresh:
+        cfg = demo_config(Path("unused")).model.vision
+        tower = VisionTransformer(cfg)
+        processor = ImageProcessor(size=cfg.image_size, crop_size=(cfg.image_size, cfg.image_size))
     else:
         clip = mmlm.load(args.clip)
         tower, processor = clip.model.visual, clip.image_processor
@@ -68,7 +77,7 @@ def main() -> None:
         "seen_pairs": cell_accuracy(tower, head, processor, seen, args.samples, args.seed),
         "heldout_pairs": cell_accuracy(tower, head, processor, heldout, args.samples, args.seed),
     }
-    print(json.dumps({"clip": None if args.quick else args.clip, "seed": args.seed, "steps": args.steps,
+    print(json.dumps({"clip": None if args.quick or args.fresh else args.clip, "seed": args.seed, "steps": args.steps,
                       "batch_size": args.batch_size, "head": args.head,
                       "lr": args.lr, "colourless": args.colourless,
                       "colourless_view": args.colourless_view, "frozen": args.frozen,

@@ -55,8 +55,8 @@ def named_colour_distance(pixels: np.ndarray) -> np.ndarray:
     return np.linalg.norm(pixels.reshape(-1, 1, 3).astype(np.float64) - named, axis=2).min(1)
 
 
-def test_colourless_views_show_and_name_no_colour() -> None:
-    pairs = shapes_pairs(DataConfig(shapes_samples=400), 32, seed=0)
+def test_unnamed_colourless_views_show_and_name_no_colour() -> None:
+    pairs = shapes_pairs(DataConfig(shapes_samples=400, shapes_colourless_view="unnamed"), 32, seed=0)
     names_colour = [bool(set(text.split()) & set(shapes.COLORS)) for _, text in pairs]
     colourless = [pair for pair, named in zip(pairs, names_colour, strict=True) if not named]
     assert 0.2 < len(colourless) / len(pairs) < 0.4  # shapes_colourless = 0.3 of the scenes
@@ -72,11 +72,11 @@ def test_colourless_views_show_and_name_no_colour() -> None:
     assert all(named_colour_distance(p[(p != shapes.BACKGROUND).any(-1)]).max() == 0 for p in coloured)
 
 
-def test_greyscale_colourless_views_keep_the_old_stream() -> None:
-    cfg = DataConfig(shapes_samples=200, shapes_colourless_view="greyscale")
-    pairs = shapes_pairs(cfg, 32, seed=0)
+def test_greyscale_colourless_views_are_the_default_and_grey() -> None:
+    pairs = shapes_pairs(DataConfig(shapes_samples=200), 32, seed=0)
     grey = [image for image, text in pairs if not set(text.split()) & set(shapes.COLORS)]
-    assert grey and all((np.asarray(im) == np.asarray(im)[..., :1]).all() for im in grey)
+    assert 0.2 < len(grey) / len(pairs) < 0.4
+    assert all((np.asarray(im) == np.asarray(im)[..., :1]).all() for im in grey)
     with pytest.raises(InputError, match="colourless view: expected 'unnamed' or 'greyscale', got 'sepia'"):
         shapes_pairs(DataConfig(shapes_samples=50, shapes_colourless_view="sepia"), 32, seed=0)
     with pytest.raises(InputError, match="data.shapes_colourless_view: got 'sepia'; expected 'unnamed' or"):

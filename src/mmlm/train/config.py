@@ -53,7 +53,7 @@ class DataConfig:
     shapes_colourless: float = (
         0.3  # share of the other scenes shown without named colours, colour words dropped
     )
-    shapes_colourless_view: str = "unnamed"  # those scenes in random unnamed colours | greyscale
+    shapes_colourless_view: str = "greyscale"  # those scenes in greyscale | in random unnamed colours ("unnamed")
 
 
 @dataclass
