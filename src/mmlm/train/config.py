@@ -50,10 +50,10 @@ class DataConfig:
     shapes_samples: int = 30_000  # size of the generated shapes world
     shapes_single_object: float = 0.5  # share of generated scenes with one object
     shapes_partial_captions: float = 0.0  # share of one-object scenes captioned by colour or shape alone
-    shapes_colourless: float = (
-        0.3  # share of the other scenes shown without named colours, colour words dropped
-    )
-    shapes_colourless_view: str = "greyscale"  # those scenes in greyscale | in random unnamed colours ("unnamed")
+    # share of the other scenes shown without their named colours, colour words dropped; those scenes in
+    # greyscale, or in random colours that no word names ("unnamed": shapes.colourless)
+    shapes_colourless: float = 0.3
+    shapes_colourless_view: str = "greyscale"
 
 
 @dataclass

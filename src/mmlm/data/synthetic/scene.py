@@ -22,6 +22,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "cyan": (30, 215, 225),
 }
+BACKGROUND = (24, 24, 24)  # the colour of every image's empty canvas
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "heart")
 SIZES: tuple[str, ...] = ("small", "large")
 WORDS: tuple[str, ...] = (

@@ -8,7 +8,6 @@ exactly one image of the set. Every function is deterministic given its seed.
 
 import json
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,15 +19,21 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mmlm.data.synthetic.charts import (
-    AXIS_COLOR,
-    GRID_COLOR,
     BarChart,
     caption_bar_chart,
     describe_bar_chart,
     draw_bar_chart,
     sample_bar_chart,
 )
+from mmlm.data.synthetic.colours import (
+    COLOURLESS_VIEWS,
+    UNNAMED_DISTANCE,
+    drop_colour_words,
+    greyscale,
+    unnamed_palette,
+)
 from mmlm.data.synthetic.scene import (
+    BACKGROUND,
     COLORS,
     GRID,
     RELATION_MARGIN,
@@ -48,7 +53,7 @@ from mmlm.data.synthetic.world import World, as_world, sample_chart, split_bars,
 from mmlm.errors import InputError
 
 __all__ = [
-    "COLORS", "GRID", "KINDS", "RELATION_MARGIN", "RELATIONS", "SHAPES", "SIZES", "WORDS",
+    "BACKGROUND", "COLORS", "UNNAMED_DISTANCE", "GRID", "KINDS", "RELATION_MARGIN", "RELATIONS", "SHAPES", "SIZES", "WORDS",
     "BarChart", "Sample", "Scene", "ShapeObject", "TextWord", "ZeroShotSet",
     "all_pairs", "caption", "cell_of", "colourless", "describe", "drop_colour_words", "generate", "greyscale", "make_sample", "position_name", "relation",
     "relation_holds", "render", "retrieval_set", "sample_scene", "single_object_scene", "split_combinations", "split_world", "unnamed_palette", "World",
@@ -56,14 +61,10 @@ __all__ = [
 ]  # fmt: skip
 
 KINDS: tuple[str, ...] = ("objects", "text", "chart")
-BACKGROUND = (24, 24, 24)
 SIZE_RADIUS = {"small": 0.09, "large": 0.14}  # fraction of the image side; GRID spacing 0.32 > 2 × 0.14
 JITTER = 0.02
 REPEAT_PROBABILITY = 0.3  # a further object copies the previous colour×shape, for counting captions
 WORD_FONT_FRACTION = 0.25
-COLOURLESS_VIEWS = ("unnamed", "greyscale")  # the views `colourless` draws
-# an unnamed colour's least RGB distance from each named one (the two closest named colours are 91 apart)
-UNNAMED_DISTANCE = 90
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _PLURALS = {"cross": "crosses"}
 _STREAMS = {"train": 0, "zero_shot": 1, "retrieval": 2}
@@ -262,31 +263,6 @@ def _relation_caption(scene: Scene, rng: np.random.Generator) -> str | None:
         return _with_article(f"{o.size} {o.color} {o.shape}" if with_size else f"{o.color} {o.shape}")
 
     return f"{refer(a)} {relation(a, b)} {refer(b)}"
-
-
-def greyscale(image: Image.Image) -> Image.Image:
-    """Return the image in greyscale, as RGB: its shapes without their colours."""
-    return image.convert("L").convert("RGB")
-
-
-def unnamed_palette(rng: np.random.Generator) -> dict[str, tuple[int, int, int]]:
-    """Return a random colour for each colour name, each at least UNNAMED_DISTANCE (Euclidean, in RGB) from every
-    named colour, the background and the chart's grey lines: colours that no caption or answer names."""
-    named = np.array([*COLORS.values(), BACKGROUND, AXIS_COLOR, GRID_COLOR], dtype=np.float64)
-    palette = {}
-    for name in COLORS:
-        while True:  # about one draw in five lands far enough from all eleven
-            colour = rng.integers(0, 256, 3)
-            if np.linalg.norm(named - colour, axis=1).min() >= UNNAMED_DISTANCE:
-                palette[name] = (int(colour[0]), int(colour[1]), int(colour[2]))
-                break
-    return palette
-
-
-def drop_colour_words(text: str) -> str:
-    """Return the caption with its colour words dropped ("an orange star at the top" -> "a star at the top")."""
-    text = re.sub(rf"\b(?:{'|'.join(COLORS)}) ", "", text)
-    return re.sub(r"\ban (?=[^aeiou])", "a ", text)
 
 
 def colourless(
