@@ -55,7 +55,7 @@ QUICK_RUNS = {
     "train_memory.py": ([], '"mode": "lora8"'),
     "video_demo_ablation.py": ([], '"accuracy_disappear"'),
     "vlm_demo_ablation.py": (["lookup_yesno"], '"vqa_val_accuracy"'),
-    "vlm_tower_probe.py": (["--head", "cell"], '"heldout_pairs"'),
+    "vlm_tower_probe.py": (["--head", "cell", "--colourless", "0.5"], '"heldout_pairs"'),
 }
 
 
