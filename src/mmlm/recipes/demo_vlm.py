@@ -68,10 +68,10 @@ class VLMDemoBudget:
     """The demo VLM's step counts and evaluation sizes (a test shrinks them to run the whole path in seconds)."""
 
     tower_steps: int = TOWER_STEPS
-    tower_colourless: float = (
-        0.0  # share of scene-label images without their named colours in the tower's tuning
-    )
-    tower_colourless_view: str = "unnamed"  # those images in random unnamed colours | greyscale
+    # share of scene-label images without their named colours in the tower's tuning, and their view: in random
+    # unnamed colours (which name held-out shapes best in the probe) or greyscale
+    tower_colourless: float = 0.0
+    tower_colourless_view: str = "unnamed"
     pretrain_steps: int = 100
     align_steps: int = 50
     instruct_steps: int = INSTRUCT_STEPS

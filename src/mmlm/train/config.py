@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmlm.data.synthetic.colours import COLOURLESS_VIEWS
 from mmlm.errors import InputError
 from mmlm.models.config import CONFIG_VERSION, config_from_dict
 from mmlm.models.dual_encoder import DualEncoderConfig
@@ -158,10 +159,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     if fraction is not None and not 0 < fraction <= 1:
         raise InputError(f"optim.max_warmup_fraction: got {fraction!r}; expected a share in (0, 1] or null")
     check_parallel(cfg.parallel)
-    if cfg.data.shapes_colourless_view not in ("unnamed", "greyscale"):
-        raise InputError(
-            f"data.shapes_colourless_view: got {cfg.data.shapes_colourless_view!r}; expected 'unnamed' or 'greyscale'"
-        )
+    if (view := cfg.data.shapes_colourless_view) not in COLOURLESS_VIEWS:
+        raise InputError(f"data.shapes_colourless_view: got {view!r}; expected 'unnamed' or 'greyscale'")
     check_log_config(cfg.log)  # a missing TensorBoard or W&B package stops the run now, not after the data
     model = cfg.model
     if model.audio is not None and model.audio_embed_dim != model.text.embed_dim:

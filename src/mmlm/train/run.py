@@ -39,11 +39,12 @@ from mmlm.train.sharding import check_launch
 def shapes_pairs(cfg: DataConfig, image_size: int, seed: int) -> list[tuple[Any, str]]:
     """Return the generated shapes-world training pairs (image, caption); held-out colour×shape pairs excluded.
 
-    A share of the scenes (`shapes_colourless`) is shown in colours that no word names (or in greyscale:
-    `shapes_colourless_view`) with the colour words dropped from its caption ("a large star at the top"), so a
-    shape is learnt apart from the colours it was seen in: without it, the tower learns each seen colour×shape
-    pair as a whole and calls a held-out green hexagon a green circle. A share of one-object scenes can instead be captioned by colour or shape alone
-    (`shapes_partial_captions`, "a red shape", "a star"; off by default, as it lifted held-out zero-shot less).
+    A share of the scenes (`shapes_colourless`) is shown in greyscale (or, with `shapes_colourless_view`
+    "unnamed", in colours that no word names) with the colour words dropped from its caption ("a large star at
+    the top"), so a shape is learnt apart from the colours it was seen in: without it, the tower learns each seen
+    colour×shape pair as a whole and calls a held-out green hexagon a green circle. A share of one-object scenes
+    can instead be captioned by colour or shape alone (`shapes_partial_captions`, "a red shape", "a star"; off by
+    default, as it lifted held-out zero-shot less).
     """
     train_pairs, _ = shapes.split_combinations(seed, holdout_fraction=0.25)
     rng = np.random.default_rng([seed, 7])
