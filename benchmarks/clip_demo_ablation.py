@@ -35,6 +35,7 @@ import torch
 
 import mmlm
 from mmlm.data.synthetic import shapes
+from mmlm.data.synthetic.colours import COLOURLESS_VIEWS
 from mmlm.recipes.demo import TEMPLATES, VALIDATION_STREAMS, demo_config, shapes_evaluation
 from mmlm.train.config import DataConfig
 from mmlm.train.run import run_clip_training
@@ -81,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--colourless", type=float, default=DataConfig.shapes_colourless)
-    parser.add_argument("--colourless-view", choices=["unnamed", "greyscale"],
+    parser.add_argument("--colourless-view", choices=COLOURLESS_VIEWS,
                         default=DataConfig.shapes_colourless_view)  # fmt: skip
     parser.add_argument("--partial", type=float, default=DataConfig.shapes_partial_captions)
     parser.add_argument("--threads", type=int, default=1)

@@ -33,6 +33,7 @@ import torch
 
 import mmlm.train.vlm_loop as loop
 from mmlm.data.synthetic import shapes
+from mmlm.data.synthetic.colours import COLOURLESS_VIEWS
 from mmlm.data.synthetic.instructions import QUESTION_TYPES
 from mmlm.fusion import ConnectorConfig
 from mmlm.models.vision import VisionConfig
@@ -131,7 +132,7 @@ def main() -> None:
         default=VLMDemoBudget.tower_colourless,
         help="with --clip: share of scene-label images without their named colours in the tower's tuning",
     )
-    parser.add_argument("--tower-colourless-view", choices=["unnamed", "greyscale"],
+    parser.add_argument("--tower-colourless-view", choices=COLOURLESS_VIEWS,
                         default=VLMDemoBudget.tower_colourless_view,
                         help="with --clip: those images in random unnamed colours or in greyscale")  # fmt: skip
     parser.add_argument("--tower-head", choices=["global", "cell"], default="global",

@@ -24,6 +24,7 @@ import torch
 
 import mmlm
 from mmlm.data.synthetic import shapes
+from mmlm.data.synthetic.colours import COLOURLESS_VIEWS
 from mmlm.models.vision import VisionConfig, VisionTransformer
 from mmlm.processing.image import ImageProcessor
 from mmlm.recipes.demo import demo_config
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument(
         "--colourless", type=float, default=0.0, help="share of views without named colours in the tuning"
     )
-    parser.add_argument("--colourless-view", choices=["unnamed", "greyscale"], default="unnamed",
+    parser.add_argument("--colourless-view", choices=COLOURLESS_VIEWS, default="unnamed",
                         help="those views in random unnamed colours or in greyscale")  # fmt: skip
     parser.add_argument("--frozen", action="store_true", help="train only the head: a linear probe")
     parser.add_argument("--head", choices=["global", "cell"], default="global",
