@@ -29,6 +29,7 @@ BENCHMARKS = REPO / "benchmarks"
 
 # script -> (extra arguments, a string its output must contain when it finished)
 QUICK_RUNS = {
+    "bench_activation.py": ([], '"reference_over_mmlm"'),
     "bench_audio.py": ([], '"mmlm_over_transformers_call"'),
     "bench_clip_data.py": ([], '"uint8_over_float32"'),
     "bench_clip_embed.py": ([], "ratio"),

@@ -76,6 +76,16 @@ def test_rmsnorm_and_quick_gelu_formulas():
     torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_quick_gelu_gradient_is_the_reference_formulas(dtype):
+    # mmlm computes SiLU(1.702x)/1.702 (fused kernels); OpenAI CLIP and transformers write x·σ(1.702x)
+    x = (torch.randn(4, 64, dtype=torch.float64) * 4).to(dtype).requires_grad_()
+    (ours,) = torch.autograd.grad(quick_gelu(x).sum(), x)
+    (reference,) = torch.autograd.grad((x * torch.sigmoid(1.702 * x)).sum(), x)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x))
+
+
 @pytest.mark.parametrize(("size", "patches"), [(224, 196), (448, 784)])
 def test_patch_count_follows_resolution(size, patches):
     vit = VisionTransformer(
@@ -114,3 +124,43 @@ def test_patch_tokens_equal_the_strided_convolution(size, patch, bias):
     shuffled.weight.data = conv.weight.data.transpose(2, 3).clone()  # (i, j) swapped: must not pass
     shuffled.bias = conv.bias
     assert not torch.allclose(patch_tokens(pixels, shuffled)[0], tokens, atol=1e-3)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "map"])
+def test_patch_dropout_keeps_a_random_subset_per_image_only_in_training(pool):
+    torch.manual_seed(0)
+    cfg = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32, embed_dim=8,
+                       pool=pool, class_token=pool == "cls", patch_dropout=0.5)  # fmt: skip
+    vit = VisionTransformer(cfg).double()
+    pixels = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    seen = []
+    vit.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    vit.train()
+    vit(pixels)
+    tokens = vit.norm_pre(vit.embed(pixels))  # every token before the blocks: 16 patches (+ the class token)
+    n_cls = int(pool == "cls")
+    kept = seen[-1]
+    assert kept.shape == (3, n_cls + 8, 16)  # half of the 16 patches, the class token always
+    torch.testing.assert_close(kept[:, :n_cls], tokens[:, :n_cls])
+    subsets = []
+    for image in range(3):  # every kept token is one of the image's own, each at most once
+        match = (kept[image, n_cls:, None] - tokens[image, None, n_cls:]).abs().sum(-1) < 1e-12  # [8, 16]
+        assert (match.sum(1) == 1).all() and (match.sum(0) <= 1).all()
+        subsets.append(frozenset(match.nonzero()[:, 1].tolist()))
+    assert len(set(subsets)) > 1  # each image draws its own subset
+    vit.eval()  # every patch at evaluation: the same embedding as the tower without dropout
+    plain = VisionTransformer(VisionConfig(**{**vars(cfg), "patch_dropout": 0.0})).double()
+    plain.load_state_dict(vit.state_dict())
+    torch.testing.assert_close(vit(pixels), plain.eval()(pixels))
+    assert seen[-1].shape == (3, n_cls + 16, 16)
+    plain.train()  # without dropout, training sees every patch too
+    torch.testing.assert_close(plain(pixels), vit(pixels))
+
+
+@pytest.mark.parametrize("rate", ["1.0", "-0.1", '"half"'])
+def test_a_bad_patch_dropout_is_refused_in_one_line(rate):
+    from mmlm.errors import InputError
+    from mmlm.train.config import load_train_config
+
+    with pytest.raises(InputError, match=r"model.vision.patch_dropout: got .*; expected a share in \[0, 1\)"):
+        load_train_config(None, [f"model.vision.patch_dropout={rate}"])

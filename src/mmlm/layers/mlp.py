@@ -8,10 +8,17 @@ from torch import nn
 
 from mmlm.layers.linear import project
 
+QUICK_GELU_SCALE = 1.702
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI CLIP's GELU approximation x·σ(1.702x)."""
-    return x * torch.sigmoid(1.702 * x)
+    """OpenAI CLIP's GELU approximation x·σ(1.702x), computed as SiLU(1.702x)/1.702.
+
+    The same function (within float rounding, ~1e-7 relative): SiLU is one fused kernel with a fused backward,
+    where x * sigmoid(1.702x) runs three and keeps their outputs for autograd, so a training step of a small
+    QuickGELU CLIP on the CPU spends about half as long in its activations (benchmarks/bench_activation.py).
+    """
+    return F.silu(x * QUICK_GELU_SCALE) * (1 / QUICK_GELU_SCALE)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

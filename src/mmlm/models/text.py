@@ -20,7 +20,7 @@ class TextConfig:
     layers: int = 12
     heads: int = 8
     mlp_dim: int = 2048
-    act: str = "quick_gelu"
+    act: str = "gelu"  # open_clip's for its own from-scratch configs; loaders set OpenAI CLIP's quick_gelu
     norm_eps: float = 1e-5
     causal: bool = True  # CLIP's text tower is causal; SigLIP's is bidirectional
     pool: str = "eos"  # eos (first end token) | eos_argmax (highest id; old CLIP configs) | last (SigLIP)

@@ -34,7 +34,7 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_dim: int = 3072
-    act: str = "quick_gelu"
+    act: str = "gelu"  # open_clip's for its own from-scratch configs; loaders set OpenAI CLIP's quick_gelu
     norm_eps: float = 1e-5
     channels: int = 3
     class_token: bool = True  # CLIP has one; SigLIP does not
@@ -47,6 +47,10 @@ class VisionConfig:
     embed_dim: int | None = 512  # output projection size; None means no projection (SigLIP)
     proj_bias: bool = False
     merge_tokens: int = 0  # ToMe: tokens merged per block (r); 0 = off (models/token_merging.py)
+    # FLIP (Li et al. 2023, open_clip's patch_dropout): the share of patch tokens each training image drops at
+    # random before the blocks of the pooled embedding (the class token stays); never at eval, for VLM features,
+    # NaFlex patches or ToMe
+    patch_dropout: float = 0.0
     # how a patch grid other than image_size/patch_size finds its positions: interpolate (bicubic resize of the
     # learned grid, CLIP/SigLIP) | bucket (Idefics2/3, after NaViT: fractional coordinates bucketed to the grid) |
     # naflex (SigLIP 2: the grid resized bilinearly, with antialiasing, to each image's own patch grid)
@@ -289,15 +293,28 @@ class VisionTransformer(nn.Module):
             return (patches * weights).sum(1) / weights.sum(1)
         return self.head(tokens, mask)
 
+    def drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return `tokens` [B, N(+1), D] with a random `patch_dropout` share of each image's patch tokens left out
+        (training only; the class token is kept), as open_clip's PatchDropout: each image keeps its own subset."""
+        rate = self.cfg.patch_dropout
+        if not (self.training and rate > 0):
+            return tokens
+        n_cls = int(self.class_token is not None)
+        patches = tokens[:, n_cls:]
+        keep = max(1, int(patches.shape[1] * (1 - rate)))
+        kept = torch.rand(patches.shape[:2], device=tokens.device).topk(keep, dim=1).indices  # [B, keep]
+        patches = patches.gather(1, kept[..., None].expand(-1, -1, patches.shape[-1]))
+        return torch.cat([tokens[:, :n_cls], patches], dim=1)
+
     def forward(self, pixels: torch.Tensor | PatchBatch) -> torch.Tensor:
         """Return the (projected, not normalised) image embedding [B, embed_dim or D]."""
-        # the final norm is per token, so norming only the class token is equal (ToMe: the general path)
-        if self.cfg.pool == "cls" and not self.cfg.merge_tokens:
-            x, _ = self.transformer(self.norm_pre(self.embed(pixels)))
-            pooled = self.norm_post(x[:, 0])
-        else:
+        if isinstance(pixels, PatchBatch) or self.cfg.merge_tokens:  # NaFlex and ToMe: the general path
             mask = pixels.mask if isinstance(pixels, PatchBatch) else None
             pooled = self.pool(self.forward_features(pixels)[0], mask)
+        else:
+            x, _ = self.transformer(self.norm_pre(self.drop_patches(self.embed(pixels))))
+            # the final norm is per token, so norming only the class token is equal
+            pooled = self.norm_post(x[:, 0]) if self.cfg.pool == "cls" else self.pool(self.norm_post(x))
         return self.proj(pooled) if self.proj is not None else pooled
 
 

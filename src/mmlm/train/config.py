@@ -163,6 +163,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
         raise InputError(f"data.shapes_colourless_view: got {view!r}; expected 'unnamed' or 'greyscale'")
     check_log_config(cfg.log)  # a missing TensorBoard or W&B package stops the run now, not after the data
     model = cfg.model
+    rate = model.vision.patch_dropout
+    if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate < 1:
+        raise InputError(f"model.vision.patch_dropout: got {rate!r}; expected a share in [0, 1)")
     if model.audio is not None and model.audio_embed_dim != model.text.embed_dim:
         raise InputError(
             f"model.audio_embed_dim ({model.audio_embed_dim}) must equal model.text.embed_dim "
