@@ -138,6 +138,9 @@ def test_config_of_open_clips_vit_b_32_quickgelu():
     assert (t.eos_token_id, t.pad_token_id, v.norm_eps, t.norm_eps) == (49407, 0, 1e-5, 1e-5)
     assert cfg.family == "clip" and cfg.logit_bias_init is None
     assert open_clip_config({**SMALL, "quick_gelu": False}).text.act == "gelu"  # open_clip's nn.GELU (erf)
+    assert cfg.vision.patch_dropout == 0.0
+    flip = {**SMALL, "vision_cfg": {**SMALL["vision_cfg"], "patch_dropout": 0.5}}  # a FLIP-style config
+    assert open_clip_config(flip).vision.patch_dropout == 0.5  # fine-tuning it drops patches as open_clip does
 
 
 def write_folder(folder, model_cfg, tensors):

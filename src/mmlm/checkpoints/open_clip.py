@@ -113,6 +113,7 @@ def open_clip_config(model_cfg: dict[str, Any], has_logit_bias: bool = False) ->
         mlp_dim=int(width * vision.get("mlp_ratio", 4.0)), act=act, norm_eps=_norm_eps(vision, "vision_cfg"),
         class_token=True, patch_bias=False, pre_norm=not vision.get("no_ln_pre", False),
         pool="mean" if vision.get("pool_type") == "avg" else "cls", embed_dim=embed_dim, proj_bias=False,
+        patch_dropout=float(vision.get("patch_dropout") or 0.0),  # training only, as open_clip applies it
     )  # fmt: skip
 
     width, vocab = text.get("width", 512), text.get("vocab_size", 49408)
