@@ -140,7 +140,8 @@ def test_config_of_open_clips_vit_b_32_quickgelu():
     assert open_clip_config({**SMALL, "quick_gelu": False}).text.act == "gelu"  # open_clip's nn.GELU (erf)
     assert cfg.vision.patch_dropout == 0.0
     flip = {**SMALL, "vision_cfg": {**SMALL["vision_cfg"], "patch_dropout": 0.5}}  # a FLIP-style config
-    assert open_clip_config(flip).vision.patch_dropout == 0.5  # fine-tuning it drops patches as open_clip does
+    # fine-tuning it drops patches as open_clip does
+    assert open_clip_config(flip).vision.patch_dropout == 0.5
 
 
 def write_folder(folder, model_cfg, tensors):
